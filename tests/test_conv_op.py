@@ -1,0 +1,171 @@
+"""torch.ops.tlcore.conv2d_bn_relu against a float64 reference and stock PyTorch."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tlcore
+from numerics import ERROR_FLOOR, POISON, assert_close_to_stock, opcheck_utils, rel_error
+from tlcore.backend import use_backend
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_case(device, dtype, n, c, h, w, k, r, s, residual, layout="channels_last"):
+    """Random conv inputs in `dtype` with x in the given memory layout."""
+    x = torch.randn(n, c, h, w, device=device).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # a non-contiguous view: every other channel and column of a bigger tensor
+        x = torch.randn(n, 2 * c, h, 2 * w, device=device).to(dtype)[:, ::2, :, ::2]
+    weight = (torch.randn(k, c, r, s, device=device) / math.sqrt(c * r * s)).to(dtype)
+    scale = torch.rand(k, device=device) + 0.5
+    shift = torch.randn(k, device=device) * 0.5
+    return x, weight, scale, shift, residual
+
+
+def reference(x, weight, scale, shift, residual, relu, **conv):
+    """float64 conv → scale/shift → + residual → ReLU from the same (low-precision) inputs."""
+    y = F.conv2d(x.double(), weight.double(), **conv)
+    y = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y) if relu else y
+
+
+def stock(x, weight, scale, shift, residual, relu, **conv):
+    """What stock PyTorch computes unfused in x's dtype: conv, BN as scale/shift, add, ReLU."""
+    y = F.conv2d(x, weight, **conv)
+    y = y * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def run_and_compare(device, dtype, n, c, h, w, k, r, s, stride, padding, dilation, with_residual, relu,
+                    layout="channels_last", backend="triton"):
+    conv = dict(stride=stride, padding=padding, dilation=dilation)
+    x, weight, scale, shift, _ = make_case(device, dtype, n, c, h, w, k, r, s, None, layout)
+    ref0 = F.conv2d(x.double(), weight.double(), **conv)
+    residual = torch.randn(ref0.shape, device=device).to(dtype) if with_residual else None
+    with use_backend(backend):
+        out = tlcore.ops.conv2d_bn_relu(x, weight, scale, shift, residual=residual, relu=relu, **conv)
+    assert out.shape == ref0.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref = reference(x, weight, scale, shift, residual, relu, **conv)
+    return assert_close_to_stock(out, stock(x, weight, scale, shift, residual, relu, **conv), ref, dtype,
+                                 what=f"{dtype} n={n} c={c} hw={h}x{w} k={k} rs={r}x{s} {conv} {layout}")
+
+
+CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
+    (1, 3, 17, 19, 16, 7, 7, 2, 3, 1),   # ResNet stem shape family, odd spatial sizes
+    (2, 16, 9, 9, 24, 3, 3, 1, 1, 1),
+    (1, 33, 7, 5, 17, 1, 1, 1, 0, 1),    # 1x1, odd channel counts (partial tiles everywhere)
+    (3, 8, 10, 10, 40, 1, 1, 2, 0, 1),   # strided 1x1 (ResNet downsample)
+    (2, 12, 11, 13, 20, 3, 3, 2, 1, 1),  # strided 3x3
+    (1, 5, 12, 12, 7, 3, 3, 1, 2, 2),    # dilation
+    (2, 6, 9, 14, 10, 1, 3, (1, 2), (0, 1), 1),  # asymmetric kernel and stride
+    (1, 70, 6, 6, 70, 3, 3, 1, 1, 1),    # C beyond one channel block
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_matches_reference(device, dtype, case):
+    run_and_compare(device, dtype, *case, with_residual=True, relu=True)
+
+
+@pytest.mark.parametrize("with_residual,relu", [(False, True), (False, False), (True, False)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_epilogue_variants_and_layouts(device, with_residual, relu, layout):
+    run_and_compare(device, torch.float16, 2, 10, 9, 7, 12, 3, 3, 1, 1, 1, with_residual, relu, layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_backend_matches_reference(device, dtype):
+    run_and_compare(device, dtype, 2, 16, 9, 9, 24, 3, 3, 2, 1, 1, True, True, backend="torch")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 40), hw=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+       k=st.integers(1, 40), rs=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), with_residual=st.booleans(), relu=st.booleans(),
+       layout=st.sampled_from(["channels_last", "contiguous", "strided"]))
+def test_property_random_configs(n, c, hw, k, rs, stride, padding, dilation, with_residual, relu, layout):
+    h, w = hw
+    r, s = rs
+    # only configurations with at least one output pixel
+    if any((size + 2 * p - d * (kk - 1) - 1) < 0 for size, p, d, kk in zip(hw, padding, dilation, rs)):
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(n * 1000 + c)
+    run_and_compare(device, torch.float16, n, c, h, w, k, r, s, stride, padding, dilation, with_residual, relu,
+                    layout)
+
+
+def test_launcher_writes_every_output_element(device):
+    """Poison the output, launch the kernel directly, and find no poison left."""
+    from tlcore.kernels.conv import conv2d_bn_act
+
+    x, weight, scale, shift, _ = make_case(device, torch.float16, 2, 9, 11, 13, 21, 3, 3, None)
+    out = torch.full((2, 21, 6, 7), POISON, dtype=torch.float16, device=device)  # plain NCHW output strides
+    conv2d_bn_act(x, weight, scale, shift, None, out, (2, 2), (1, 1), (1, 1), relu=False, allow_tf32=False)
+    ref = reference(x, weight, scale, shift, None, False, stride=2, padding=1)
+    assert not torch.isnan(out).any()
+    assert rel_error(out, ref) < 4 * ERROR_FLOOR[torch.float16]
+
+
+def test_nan_input_propagates(device):
+    x, weight, scale, shift, _ = make_case(device, torch.float32, 1, 4, 6, 6, 5, 3, 3, None)
+    x[0, 1, 2, 3] = float("nan")
+    with use_backend("triton"):
+        out = tlcore.ops.conv2d_bn_relu(x, weight, scale, shift, padding=1)
+    stock_out = torch.relu(F.conv2d(x, weight, padding=1) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    assert torch.equal(torch.isnan(out), torch.isnan(stock_out))  # the 3x3 neighbourhood, through the ReLU
+    assert torch.isnan(out).sum() == 9 * 5
+
+
+def test_empty_batch_returns_empty(device):
+    x, weight, scale, shift, _ = make_case(device, torch.float16, 1, 4, 6, 6, 5, 3, 3, None)
+    out = tlcore.ops.conv2d_bn_relu(x[:0], weight, scale, shift, padding=1)
+    assert out.shape == (0, 5, 6, 6)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda a: {**a, "x": a["x"][0]}, ValueError, "rank"),
+    (lambda a: {**a, "x": a["x"].double()}, TypeError, "dtype"),
+    (lambda a: {**a, "weight": a["weight"].float()}, TypeError, "weight dtype"),
+    (lambda a: {**a, "weight": a["weight"][:, :2]}, ValueError, "channels"),
+    (lambda a: {**a, "scale": a["scale"][:3]}, ValueError, "scale"),
+    (lambda a: {**a, "shift": a["shift"].half()}, ValueError, "shift"),
+    (lambda a: {**a, "residual": torch.zeros(1, 5, 3, 3, dtype=torch.float16)}, ValueError, "residual"),
+    (lambda a: {**a, "padding": "same"}, ValueError, "padding"),
+    (lambda a: {**a, "stride": 0}, ValueError, "stride"),
+    (lambda a: {**a, "x": a["x"][:, :, :1, :1], "padding": 0}, ValueError, "smaller than"),
+])
+def test_bad_input_raises_clear_error(mutate, error, match):
+    x, weight, scale, shift, _ = make_case("cpu", torch.float16, 1, 4, 6, 6, 5, 3, 3, None)
+    args = dict(x=x, weight=weight, scale=scale, shift=shift, padding=1)
+    args = mutate(args)
+    with pytest.raises(error, match=match):
+        tlcore.ops.conv2d_bn_relu(args.pop("x"), args.pop("weight"), args.pop("scale"), args.pop("shift"), **args)
+
+
+def test_device_mismatch_raises():
+    x, weight, scale, shift, _ = make_case("cpu", torch.float16, 1, 4, 6, 6, 5, 3, 3, None)
+    with pytest.raises(ValueError, match="device"):
+        tlcore.ops.conv2d_bn_relu(x, weight, scale.to("meta"), shift, padding=1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_opcheck(device, backend, with_residual):
+    x, weight, scale, shift, _ = make_case(device, torch.float16, 2, 5, 6, 7, 6, 3, 3, None)
+    residual = torch.randn(2, 6, 3, 4, device=device).to(torch.float16) if with_residual else None
+    args = (x, weight, scale, shift, residual, [2, 2], [1, 1], [1, 1], True)
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.tlcore.conv2d_bn_relu, args, test_utils=opcheck_utils(backend, device))

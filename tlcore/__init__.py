@@ -1,0 +1,10 @@
+"""tlcore: fused conv+BN+ReLU, INT8 inference and stochastic-rounding optimizers for ResNet-family CNNs.
+
+    fast = tlcore.fuse(model)          # conv+BN(+residual)+ReLU as single Triton kernels
+"""
+from tlcore import ops
+from tlcore.backend import use_backend
+from tlcore.fuse import fuse
+
+__version__ = "0.1.0"
+__all__ = ["fuse", "ops", "use_backend", "__version__"]

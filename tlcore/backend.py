@@ -1,0 +1,95 @@
+"""Which kernel implementation an op runs: backend selection and overrides.
+
+Backends:
+    triton  Triton kernels (CUDA tensors; CPU tensors too under TRITON_INTERPRET=1)
+    cuda    CUDA C++ kernels of the compiled extension
+    cpu     C++ CPU kernels of the compiled extension
+    torch   a reference path in plain PyTorch ops (always available)
+
+By default CUDA tensors go to Triton (then CUDA C++, then PyTorch) and CPU tensors go
+to the C++ CPU kernels (then PyTorch). `TLCORE_BACKEND=<name>` or the `use_backend`
+context manager forces one; when the forced backend cannot run an op (the op has no
+such kernel, the device does not fit, the extension is missing) the op falls back to
+its default and says so once.
+"""
+import contextlib
+import contextvars
+import os
+import warnings
+from collections.abc import Collection, Iterator
+
+import torch
+
+from tlcore import _extension
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+_DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tlcore_backend", default=None)
+_warned: set[tuple[str, str, str]] = set()
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown tlcore backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force every tlcore op inside the block to run on backend `name` (None: default)."""
+    token = _override.set(None if name is None else _check_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def forced() -> str | None:
+    """The backend forced by `use_backend` or, failing that, by TLCORE_BACKEND."""
+    name = _override.get()
+    if name is None:
+        name = os.environ.get("TLCORE_BACKEND") or None
+    return None if name is None else _check_name(name)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _why_not(backend: str, device: torch.device) -> str:
+    """Why `backend` cannot run on `device` ('' if it can)."""
+    if backend == "triton":
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            return ""
+        return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"CUDA C++ kernels need a CUDA device, got {device.type}"
+        return "" if _extension.has_cuda_kernels() else _extension.missing_reason()
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"C++ CPU kernels need CPU tensors, got {device.type}"
+        return "" if _extension.loaded() else _extension.missing_reason()
+    return ""
+
+
+def select(op: str, device: torch.device, implemented: Collection[str]) -> str:
+    """The backend op `op` runs on for tensors on `device`.
+
+    `implemented` lists the backends the op has kernels for; "torch" must be one.
+    """
+    wanted = forced()
+    if wanted is not None:
+        reason = _why_not(wanted, device) if wanted in implemented else f"{op} has no {wanted} kernel"
+        if not reason:
+            return wanted
+        key = (op, wanted, device.type)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"tlcore: backend {wanted!r} requested but {reason}; {op} uses its default backend",
+                          stacklevel=3)
+    for backend in _DEFAULT_ORDER.get(device.type, ()):
+        if backend in implemented and not _why_not(backend, device):
+            return backend
+    return "torch"

@@ -1,0 +1,154 @@
+"""`torch.ops.tlcore.conv2d_bn_relu`: conv2d + folded BatchNorm (+ residual) (+ ReLU) in one kernel."""
+from typing import Optional, Sequence  # typing forms: torch.library's schema inference reads them on torch 2.6
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op
+
+from tlcore import backend
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_OP = "conv2d_bn_relu"
+
+
+def _pair(value, name: str) -> list[int]:
+    if isinstance(value, str):
+        raise ValueError(f"tlcore.ops.conv2d_bn_relu: {name}={value!r} is not supported; pass explicit integers")
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"tlcore.ops.conv2d_bn_relu: {name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def conv_unsupported_reason(*, groups: int, padding_mode: str, dtype: torch.dtype, transposed: bool = False) -> str:
+    """Why a conv of this configuration cannot run as conv2d_bn_relu ('' if it can)."""
+    if transposed:
+        return "transposed convolution is not supported"
+    if groups != 1:
+        return f"groups={groups}: only groups=1 is fused"
+    if padding_mode != "zeros":
+        return f"padding_mode={padding_mode!r}: only zero padding is fused"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} is not supported (fp16, bf16, fp32 are)"
+    return ""
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_args(x, weight, scale, shift, residual, stride, padding, dilation) -> tuple[int, int]:
+    """Validate the op's arguments with clear errors; return the output (OH, OW)."""
+    where = "tlcore.ops.conv2d_bn_relu"
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"{where}: x must be (N, C, H, W) and weight (K, C, R, S); "
+                         f"got x of rank {x.dim()} and weight of rank {weight.dim()}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{where}: x has dtype {x.dtype}; supported are fp16, bf16, fp32")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{where}: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    k, c, r, s = weight.shape
+    if x.shape[1] != c:
+        raise ValueError(f"{where}: x has {x.shape[1]} channels but weight expects {c} "
+                         "(grouped convolutions are not supported)")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.shape != (k,) or t.dtype != torch.float32:
+            raise ValueError(f"{where}: {name} must be fp32 of shape ({k},), got {t.dtype} {tuple(t.shape)}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{where}: need stride >= 1, dilation >= 1, padding >= 0; "
+                         f"got stride={stride}, padding={padding}, dilation={dilation}")
+    oh = output_size(x.shape[2], r, stride[0], padding[0], dilation[0])
+    ow = output_size(x.shape[3], s, stride[1], padding[1], dilation[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{where}: input {tuple(x.shape[2:])} is smaller than the (dilated) kernel "
+                         f"{(r, s)} with padding {tuple(padding)}")
+    tensors = [weight, scale, shift] + ([residual] if residual is not None else [])
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"{where}: all tensors must be on x's device {x.device}, got "
+                         f"{[str(t.device) for t in tensors]}")
+    if residual is not None:
+        expected = (x.shape[0], k, oh, ow)
+        if tuple(residual.shape) != expected or residual.dtype != x.dtype:
+            raise ValueError(f"{where}: residual must be {x.dtype} of shape {expected}, "
+                             f"got {residual.dtype} {tuple(residual.shape)}")
+    return oh, ow
+
+
+def _conv2d_bn_act_torch(x, weight, scale, shift, residual, stride, padding, dilation, relu, out):
+    """Reference path in PyTorch ops: conv in x's dtype on GPU (fp32 on CPU), epilogue in fp32."""
+    compute = x.dtype if x.device.type == "cuda" else torch.float32
+    y = F.conv2d(x.to(compute), weight.to(compute), None, stride, padding, dilation).float()
+    y = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.float()
+    if relu:
+        y = torch.relu(y)
+    out.copy_(y)
+
+
+@triton_op("tlcore::conv2d_bn_relu", mutates_args=())
+def _conv2d_bn_relu_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    relu: bool,
+) -> torch.Tensor:
+    out = _conv2d_bn_relu_fake(x, weight, scale, shift, residual, stride, padding, dilation, relu)
+    if out.numel() == 0:
+        return out
+    if backend.select(_OP, x.device, ("triton", "torch")) == "triton":
+        from tlcore.kernels.conv import conv2d_bn_act
+
+        conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilation, relu,
+                      allow_tf32=torch.backends.cudnn.allow_tf32)
+    else:
+        _conv2d_bn_act_torch(x, weight, scale, shift, residual, stride, padding, dilation, relu, out)
+    return out
+
+
+@_conv2d_bn_relu_op.register_fake
+def _conv2d_bn_relu_fake(x, weight, scale, shift, residual, stride, padding, dilation, relu):
+    """Validates and allocates the (N, K, OH, OW) channels_last output; launches nothing.
+
+    triton_op would trace the body instead, but under TRITON_INTERPRET=1 wrap_triton
+    hands back the interpreted kernel, which then runs on fake tensors.
+    """
+    oh, ow = _check_args(x, weight, scale, shift, residual, stride, padding, dilation)
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def conv2d_bn_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+) -> torch.Tensor:
+    """y = act(conv2d(x, weight) * scale[k] + shift[k] + residual), in one pass.
+
+    Args:
+        x: (N, C, H, W) fp16/bf16/fp32, any memory format (channels_last is fastest).
+        weight: (K, C, R, S), x's dtype; groups must be 1.
+        scale, shift: (K,) fp32, the folded BatchNorm (eval statistics).
+        stride, padding, dilation: int or (h, w) pair; zero padding.
+        residual: optional (N, K, OH, OW) in x's dtype, added before the activation.
+        relu: apply ReLU (NaN stays NaN, as in torch.relu).
+
+    Returns:
+        (N, K, OH, OW) in x's dtype, channels_last.
+    """
+    return torch.ops.tlcore.conv2d_bn_relu(
+        x, weight, scale, shift, residual,
+        _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), relu,
+    )
