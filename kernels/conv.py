@@ -54,7 +54,7 @@ def _conv2d_bn_act_fwd_kernel(
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
@@ -101,7 +101,7 @@ def _conv2d_bn_act_fwd_kernel(
         w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c0.to(tl.int64) * swc
         b = tl.load(w_cols[None, :] + w_offset + w_chan[:, None],
                     mask=chan_ok[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST_OPERANDS:
+        if BF16_INTERPRETER:
             # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton#11584);
             # bf16 -> fp32 is exact and so are the products, so the result is unchanged.
             a = a.to(tl.float32)
@@ -121,8 +121,22 @@ def _conv2d_bn_act_fwd_kernel(
         y += tl.load(res_ptr + res_offs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
+    if BF16_INTERPRETER:
+        y = _round_to_bf16_grid(y)
     out_offs = (n64 * son + oh64 * soh + ow64 * sow)[:, None] + (k64 * soc)[None, :]
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _round_to_bf16_grid(y):
+    """fp32 -> nearest bf16 value (ties to even), still held in fp32.
+
+    The interpreter's fp32 -> bf16 cast truncates toward zero, a bias that grows over a
+    deep network; after this rounding its truncation is exact. NaN passes unchanged.
+    """
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
 
 
 def conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilation, relu, allow_tf32):
@@ -143,5 +157,5 @@ def conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilat
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         R=r, S=s, HAS_RESIDUAL=residual is not None, RELU=relu,
         DOT_PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee",
-        UPCAST_OPERANDS=x.dtype == torch.bfloat16 and x.device.type == "cpu",
+        BF16_INTERPRETER=x.dtype == torch.bfloat16 and x.device.type == "cpu",
     )

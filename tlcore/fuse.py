@@ -32,7 +32,7 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
                          "call model.eval() first")
     if not inplace:
         model = copy.deepcopy(model)
-    return _fuse_tree(model)
+    return _fuse_tree(model).eval()  # new modules start in train mode
 
 
 def _fuse_tree(module: nn.Module) -> nn.Module:

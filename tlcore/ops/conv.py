@@ -75,15 +75,21 @@ def _check_args(x, weight, scale, shift, residual, stride, padding, dilation) ->
 
 
 def _conv2d_bn_act_torch(x, weight, scale, shift, residual, stride, padding, dilation, relu, out):
-    """Reference path in PyTorch ops: conv in x's dtype on GPU (fp32 on CPU), epilogue in fp32."""
+    """Reference path in PyTorch ops; returns `out` or a tensor of the same strides.
+
+    The BN scale is folded into the weight in fp32 (so the conv's bias add carries the
+    shift): fewer passes than an fp32 epilogue. Computes in x's dtype on GPU, fp32 on CPU.
+    """
     compute = x.dtype if x.device.type == "cuda" else torch.float32
-    y = F.conv2d(x.to(compute), weight.to(compute), None, stride, padding, dilation).float()
-    y = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    folded = (weight.float() * scale.view(-1, 1, 1, 1)).to(compute)
+    y = F.conv2d(x.to(compute), folded, shift.to(compute), stride, padding, dilation)
     if residual is not None:
-        y = y + residual.float()
+        y += residual
     if relu:
-        y = torch.relu(y)
-    out.copy_(y)
+        y.relu_()
+    if y.dtype == out.dtype and y.stride() == out.stride():
+        return y
+    return out.copy_(y)
 
 
 @triton_op("tlcore::conv2d_bn_relu", mutates_args=())
@@ -106,9 +112,8 @@ def _conv2d_bn_relu_op(
 
         conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilation, relu,
                       allow_tf32=torch.backends.cudnn.allow_tf32)
-    else:
-        _conv2d_bn_act_torch(x, weight, scale, shift, residual, stride, padding, dilation, relu, out)
-    return out
+        return out
+    return _conv2d_bn_act_torch(x, weight, scale, shift, residual, stride, padding, dilation, relu, out)
 
 
 @_conv2d_bn_relu_op.register_fake

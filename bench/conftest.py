@@ -1,0 +1,29 @@
+"""pytest-benchmark cases: `pytest bench/ --benchmark-only --benchmark-json=r.json`.
+
+Each case checks its variant's answer before timing it. On a GPU every call is
+followed by a synchronisation so pytest-benchmark's wall clock sees the kernels;
+`extra_info` also records triton.testing.do_bench's median (CUDA events).
+"""
+import itertools
+
+import pytest
+import torch
+
+from tlcore.benchmark.timing import median_ms
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU benchmark: needs a CUDA device")
+
+
+def run_benchmark(benchmark, fn, inputs, **info):
+    """Time fn over rotating inputs with pytest-benchmark (and do_bench on a GPU)."""
+    cycle = itertools.cycle(inputs)
+    if DEVICE.type == "cuda":
+        call = lambda: (fn(next(cycle)), torch.cuda.synchronize())  # noqa: E731
+        info["do_bench_median_ms"] = median_ms(fn, inputs, DEVICE)
+    else:
+        call = lambda: fn(next(cycle))  # noqa: E731
+    benchmark.extra_info.update(info)
+    with torch.no_grad():
+        call()  # warm-up (compilation, autotuning) outside the timed rounds
+        benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=3)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
+#   bash bench/gpu_run.sh [all|tests|sanitize|bench]...   (default: all)
+# Writes logs and result files to $OUT (or ./gpu-out); copy the result files you keep
+# into bench/results/ unedited.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+stages=${*:-all}
+export PYTHONUNBUFFERED=1
+status=0
+
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember failures
+  local name=$1; shift
+  echo "== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+want() { [[ " $stages " == *" all "* || " $stages " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+step build python -m pip install -q --no-build-isolation --no-deps -e .
+python -c "import tlcore, tlcore._extension as e; print('extension:', e.loaded(), 'cuda kernels:', e.has_cuda_kernels(), e.missing_reason())"
+
+if want tests; then
+  step tests python -m pytest -q -x tests -p no:cacheprovider --durations=15
+fi
+if want sanitize; then
+  # memcheck over the fused conv kernel on odd shapes (out-of-bounds reads/writes, misaligned access)
+  step sanitize compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python -m pytest -q tests/test_conv_op.py -k "matches_reference and float16" -p no:cacheprovider
+fi
+if want bench; then
+  step cli python -m tlcore bench --out "$OUT/tlcore-bench.json" --plot "$OUT/tlcore-bench.png"
+  step pytest-bench python -m pytest -q bench --benchmark-only --benchmark-json="$OUT/pytest-bench.json" \
+    -p no:cacheprovider
+fi
+exit $status

@@ -1,0 +1,70 @@
+"""Each distinct ResNet-50 conv shape: tlcore's fused conv+BN+ReLU against cuDNN's conv alone."""
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tlcore
+from conftest import DEVICE, needs_gpu, run_benchmark
+
+pytestmark = needs_gpu
+
+
+@functools.cache
+def resnet50_conv_shapes():
+    """(C, K, R, S, stride, padding, H, W) of every distinct conv in ResNet-50 at 224x224."""
+    import torchvision
+
+    shapes = []
+    model = torchvision.models.resnet50().eval()
+
+    def record(conv, args, _out):
+        shape = (conv.in_channels, conv.out_channels, *conv.kernel_size, conv.stride[0], conv.padding[0],
+                 *args[0].shape[2:])
+        if shape not in shapes:
+            shapes.append(shape)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+SHAPES = resnet50_conv_shapes()
+
+
+def make_layer(shape, batch, dtype=torch.float16):
+    c, k, r, s, stride, padding, h, w = shape
+    x = [torch.randn(batch, c, h, w, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
+         for _ in range(2)]
+    weight = (torch.randn(k, c, r, s, device=DEVICE) / math.sqrt(c * r * s)).to(dtype)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(k, device=DEVICE) + 0.5, torch.randn(k, device=DEVICE)
+    return x, weight, scale, shift, dict(stride=stride, padding=padding)
+
+
+@pytest.mark.parametrize("batch", [32, 256])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
+@pytest.mark.parametrize("variant", ["tlcore conv+bn+relu", "cudnn conv alone", "eager conv+bn+relu"])
+def test_resnet50_layer(benchmark, variant, shape, batch):
+    x, weight, scale, shift, conv = make_layer(shape, batch)
+    scale16, shift16 = scale.half().view(1, -1, 1, 1), shift.half().view(1, -1, 1, 1)
+    fns = {
+        "tlcore conv+bn+relu": lambda t: tlcore.ops.conv2d_bn_relu(t, weight, scale, shift, **conv),
+        "cudnn conv alone": lambda t: F.conv2d(t, weight, **conv),
+        "eager conv+bn+relu": lambda t: torch.relu(F.conv2d(t, weight, **conv) * scale16 + shift16),
+    }
+    fn = fns[variant]
+    ref = torch.relu(F.conv2d(x[0].float(), weight.float(), **conv) * scale.view(1, -1, 1, 1)
+                     + shift.view(1, -1, 1, 1))
+    if variant != "cudnn conv alone":
+        out = fn(x[0]).float()
+        assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    c, k, r, s, _, _, _, _ = shape
+    oh, ow = ref.shape[2:]
+    flops = 2 * batch * oh * ow * k * c * r * s
+    run_benchmark(benchmark, fn, x, flops=flops, variant=variant, shape=shape, batch=batch)

@@ -1,0 +1,261 @@
+"""tlcore.fuse on torchvision ResNets and arbitrary models: same answers, explained structure."""
+import io
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import tlcore
+from numerics import assert_close_to_stock
+from tlcore.backend import use_backend
+from tlcore.nn import FusedConv2dBNReLU, FusedResidualBlock, StockConv2d
+
+ON_GPU = torch.cuda.is_available()
+# Under the interpreter a model costs 10-40 s; these three cover BasicBlock, Bottleneck
+# and grouped (stock) convs. The deeper and wider ones repeat the same layer kinds and
+# run their fused graphs on the PyTorch backend here, and on the Triton kernels on a GPU.
+INTERPRETED = {"resnet18": 2, "resnet50": 2, "resnext50_32x4d": 1}  # name: batch
+ALL_RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+               "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d"]
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial BN statistics and affine terms, so that folding mistakes show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                k = m.num_features
+                m.running_mean.copy_(torch.randn(k, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(k, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(k, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(k, generator=g) * 0.1)
+    return model
+
+
+def resnet(name: str, device, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batchnorm(getattr(torchvision.models, name)()).eval().to(device, dtype)
+
+
+def check_model(model, fused, x, dtype, backend):
+    with torch.no_grad():
+        ref = _float64_copy(model)(x.double())
+        stock = model(x)
+        with use_backend(backend):
+            out = fused(x)
+    assert out.dtype == x.dtype and out.shape == stock.shape
+    return assert_close_to_stock(out, stock, ref, dtype, what=type(model).__name__)
+
+
+def _float64_copy(model):
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+@pytest.mark.parametrize("name", ALL_RESNETS)
+def test_resnet_matches_stock_fp32(device, name):
+    model = resnet(name, device)
+    fused = tlcore.fuse(model)
+    interpreted = ON_GPU or name in INTERPRETED
+    batch = INTERPRETED.get(name, 2)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    check_model(model, fused, x, torch.float32, "triton" if interpreted else "torch")
+
+
+@pytest.mark.parametrize("name", ALL_RESNETS)
+def test_resnet_every_groups1_conv_is_fused(name):
+    model = resnet(name, "cpu")
+    fused = tlcore.fuse(model)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    fused_convs = [m for m in fused.modules() if isinstance(m, FusedConv2dBNReLU)]
+    stock_convs = [m for m in fused.modules() if isinstance(m, StockConv2d)]
+    assert len(fused_convs) == sum(c.groups == 1 for c in convs)
+    assert len(stock_convs) == sum(c.groups != 1 for c in convs)
+    blocks = [m for m in fused.modules() if isinstance(m, FusedResidualBlock)]
+    assert len(blocks) == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    assert all(b.last.residual and b.last.relu for b in blocks)
+    # the only BatchNorms left follow grouped convs
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == len(stock_convs)
+    assert isinstance(fused, torchvision.models.ResNet)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_resnet18_low_precision(device, dtype):
+    model = resnet("resnet18", device, dtype)
+    x = torch.randn(1, 3, 32, 32, device=device, dtype=dtype)
+    check_model(model, tlcore.fuse(model), x, dtype, "triton")
+
+
+def test_inputs_in_any_memory_format(device):
+    model = resnet("resnet18", device)
+    fused = tlcore.fuse(model)
+    base = torch.randn(1, 3, 32, 64, device=device)
+    with torch.no_grad():
+        expected = model(base[..., ::2])
+        for x in (base[..., ::2], base[..., ::2].contiguous(), base[..., ::2].contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_original_model_untouched_unless_inplace():
+    model = resnet("resnet18", "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = tlcore.fuse(model)
+    assert fused is not model and isinstance(model.layer1[0].bn1, nn.BatchNorm2d)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    same = tlcore.fuse(model, inplace=True)
+    assert same is model and isinstance(model.layer1[0], FusedResidualBlock)
+
+
+def test_print_explains_fused_and_stock_layers():
+    text = repr(tlcore.fuse(resnet("resnext50_32x4d", "cpu")))
+    assert "fused: conv + bn + residual + relu" in text
+    assert "fused: conv + bn + relu" in text
+    assert "fused: conv + bn)" in text  # downsample: no ReLU
+    assert "left stock: groups=32: only groups=1 is fused" in text
+
+
+def test_state_dict_round_trip_with_weights_only():
+    x = torch.randn(2, 3, 32, 32)
+    fused = tlcore.fuse(resnet("resnet18", "cpu"))
+    buffer = io.BytesIO()
+    torch.save(fused.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(123)  # a differently initialised model of the same structure
+    other = tlcore.fuse(randomize_batchnorm(torchvision.models.resnet18(), seed=7).eval())
+    with torch.no_grad():
+        assert not torch.equal(other(x), fused(x))
+        other.load_state_dict(torch.load(buffer, weights_only=True))
+        assert torch.equal(other(x), fused(x))
+
+
+def test_train_mode_is_refused():
+    model = resnet("resnet18", "cpu")
+    with pytest.raises(ValueError, match="eval"):
+        tlcore.fuse(model.train())
+    fused = tlcore.fuse(model.eval())
+    fused.train()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fused(torch.randn(1, 3, 32, 32))
+
+
+def test_float64_model_stays_stock_with_reason():
+    model = resnet("resnet18", "cpu", torch.float64)
+    fused = tlcore.fuse(model)
+    assert not any(isinstance(m, FusedConv2dBNReLU) for m in fused.modules())
+    assert "left stock: dtype torch.float64 is not supported" in repr(fused)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
+
+
+# ---- arbitrary models through torch.fx ----------------------------------------------------------
+
+class ConvNet(nn.Module):
+    """Chains fx must find: Sequential conv-bn-relu, conv-bn-add-relu, conv(bias)-bn, 'same' padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv_a = nn.Conv2d(8, 8, 3, padding="same", bias=False)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.conv_b = nn.Conv2d(8, 6, 1, stride=2, bias=True)
+        self.bn_b = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.bn_a(self.conv_a(x)) + x)
+        x = self.bn_b(self.conv_b(x))
+        return self.head(x.mean((2, 3)))
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values: does not trace with torch.fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.conv(x)))
+
+
+def _fx_model(cls):
+    torch.manual_seed(0)
+    return randomize_batchnorm(cls()).eval()
+
+
+def test_fx_fuses_generic_chains(device):
+    model = _fx_model(ConvNet).to(device)
+    fused = tlcore.fuse(model)
+    kinds = {name: m for name, m in fused.named_modules() if isinstance(m, FusedConv2dBNReLU)}
+    assert set(kinds) == {"stem.0", "conv_a", "conv_b"}
+    assert kinds["conv_a"].residual and kinds["conv_a"].relu and not kinds["conv_b"].relu
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 11, 9, device=device)
+    check_model(model, fused, x, torch.float32, "triton")
+
+
+def test_untraceable_model_stays_stock_and_says_why():
+    model = _fx_model(DataDependent)
+    fused = tlcore.fuse(model)
+    assert isinstance(fused.conv, StockConv2d) and "does not trace with torch.fx" in repr(fused)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
+
+
+def test_shared_conv_is_not_fused():
+    model = _fx_model(SharedConv)
+    fused = tlcore.fuse(model)
+    assert not any(isinstance(m, FusedConv2dBNReLU) for m in fused.modules())
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+
+
+# ---- compilation and export ---------------------------------------------------------------------
+
+def test_export_keeps_the_custom_op():
+    fused = tlcore.fuse(resnet("resnet18", "cpu"))
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(fused, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "tlcore.conv2d_bn_relu.default" in ops
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), fused(x))
+
+
+def test_compile_traces_fullgraph():
+    fused = tlcore.fuse(resnet("resnet18", "cpu"))
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fused(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="torch.compile over Triton ops needs a GPU")
+def test_compile_inductor_on_gpu():
+    model = resnet("resnet50", "cuda", torch.float16)
+    fused = tlcore.fuse(model)
+    x = torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.no_grad():
+        ref = _float64_copy(model)(x.double())
+        assert_close_to_stock(compiled(x), model(x), ref, torch.float16, what="compiled resnet50")

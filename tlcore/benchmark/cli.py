@@ -1,0 +1,87 @@
+"""`python -m tlcore bench`: compare tlcore with stock PyTorch on this machine."""
+import argparse
+
+import torch
+
+from tlcore.benchmark import report, suites
+from tlcore.benchmark.provenance import provenance
+
+MODES = ("fuse", "int8", "optim")
+ALIASES = {"fp16": "fuse", "bf16": "fuse", "all": MODES}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tlcore bench", description=(
+        "Time tlcore against stock PyTorch on the same inputs: eager (fp32; fp16/bf16 channels_last on GPU), "
+        "torch.compile (GPU), torch.ao int8 (CPU), and tlcore fuse / quantize / optim. Every variant is "
+        "checked against the fp32 model before it is timed; one that disagrees is reported failed."))
+    p.add_argument("--model", default=None, help="torchvision ResNet name (default: resnet50 on GPU, resnet18 on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 64 on GPU, 8 on CPU)")
+    p.add_argument("--modes", default="all",
+                   help="comma-separated: fuse (alias fp16), int8, optim, or all (default: all)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="GPU low precision (default: fp16)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="include torch.compile variants (default: on GPU only; slow to compile on CPU)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode for the compiled variants, e.g. max-autotune (default: default)")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per variant (default: 1)")
+    p.add_argument("--out", default=None, help="write results with provenance to this JSON file")
+    p.add_argument("--plot", default=None, help="write a PNG bar chart of speedups to this file")
+    return p
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = []
+    for word in text.split(","):
+        word = word.strip()
+        expanded = ALIASES.get(word, word)
+        for mode in (expanded if isinstance(expanded, tuple) else (expanded,)):
+            if mode not in MODES:
+                raise SystemExit(f"unknown mode {word!r}; choose from fuse, fp16, int8, optim, all")
+            if mode not in modes:
+                modes.append(mode)
+    return modes
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible")
+    on_gpu = device.type == "cuda"
+    model = args.model or ("resnet50" if on_gpu else "resnet18")
+    batch = args.batch or (64 if on_gpu else 8)
+    if batch < 1:
+        raise SystemExit("--batch must be at least 1")
+    dtype = DTYPES[args.dtype]
+    compile_ = on_gpu if args.compile is None else args.compile
+    builders = {
+        "fuse": lambda: suites.fuse_suite(model, batch, device, dtype, compile_, args.compile_mode),
+        "int8": lambda: suites.int8_suite(model, batch, device, dtype),
+        "optim": lambda: suites.optim_suite(model, device, torch.float32),
+    }
+    from tqdm import tqdm
+
+    info = provenance(device)
+    print(f"tlcore bench: {model}, batch {batch}, on {info['device']} ({info['cpu']}), torch {info['torch']}")
+    results = []
+    with tqdm(desc="variants", unit="variant", leave=False) as progress:
+        for mode in parse_modes(args.modes):
+            try:
+                suite = builders[mode]()
+            except Exception as error:  # noqa: BLE001 - report the mode as failed, run the others
+                results.append(suites.Result(mode, model, batch, "(setup)",
+                                             status=f"failed: {type(error).__name__}: {error}"[:200]))
+                continue
+            progress.total = (progress.total or 0) + len(suite.variants)
+            results += suites.run(suite, args.min_time, progress)
+    print(report.table(results))
+    if args.out:
+        report.write_json(args.out, info, results)
+        print(f"wrote {args.out}")
+    if args.plot:
+        report.plot(args.plot, info, results)
+        print(f"wrote {args.plot}")
+    return 0 if all(r.status == "ok" for r in results) else 1

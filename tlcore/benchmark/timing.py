@@ -1,0 +1,49 @@
+"""Median latency of a callable over rotating inputs, with warm-up and device synchronisation."""
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def median_ms(fn: Callable[[object], object], inputs: Sequence[object], device: torch.device,
+              min_run_time_s: float = 1.0) -> float:
+    """Median milliseconds of fn(input), cycling through `inputs` so caches don't flatter.
+
+    GPU: triton.testing.do_bench (CUDA events, L2 flushed between runs). CPU:
+    torch.utils.benchmark (warm-up, then blocked runs for about min_run_time_s).
+    """
+    cycle = itertools.cycle(inputs)
+    call = lambda: fn(next(cycle))  # noqa: E731
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(call, warmup=100, rep=int(min_run_time_s * 1000), return_mode="median"))
+    from torch.utils.benchmark import Timer
+
+    call()  # warm-up: lazy initialisation, first-touch allocation
+    measurement = Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    return measurement.blocked_autorange(min_run_time=min_run_time_s).median * 1e3
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul rate in `dtype` (TFLOP/s, TOP/s for int8): the compute-bound ceiling."""
+    n = 8192 if device.type == "cuda" else 1024
+    if dtype == torch.int8:  # int8 x int8 -> int32 on tensor cores
+        a = torch.randint(-127, 128, (n, n), device=device, dtype=dtype)
+        b = torch.randint(-127, 128, (n, n), device=device, dtype=dtype).t()
+        product = lambda _: torch._int_mm(a, b)  # noqa: E731
+    else:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        product = lambda _: a @ b  # noqa: E731
+    ms = median_ms(product, [None], device, min_run_time_s=0.5)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def copy_peak_gbs(device: torch.device) -> float:
+    """Measured device copy bandwidth (GB/s, bytes read + written): the memory-bound ceiling."""
+    numel = 2**28 if device.type == "cuda" else 2**24
+    src = torch.empty(numel, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda _: dst.copy_(src), [None], device, min_run_time_s=0.5)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
