@@ -169,3 +169,16 @@ def test_opcheck(device, backend, with_residual):
     args = (x, weight, scale, shift, residual, [2, 2], [1, 1], [1, 1], True)
     with use_backend(backend):
         torch.library.opcheck(torch.ops.tlcore.conv2d_bn_relu, args, test_utils=opcheck_utils(backend, device))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2**31-element tensors: GPU only")
+def test_int64_offsets_past_2_to_the_31():
+    n, c, h, w = 9, 64, 2048, 2048  # 2.4e9 elements: 32-bit element offsets would wrap
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(8, c, 1, 1, device="cuda") / 8).half()
+    scale, shift = torch.rand(8, device="cuda") + 0.5, torch.randn(8, device="cuda")
+    out = tlcore.ops.conv2d_bn_relu(x, weight, scale, shift)
+    last = x[-1:, :, -4:, -4:]  # the far end of the tensor, beyond 2**31 elements
+    ref = reference(last, weight, scale, shift, None, True)
+    assert rel_error(out[-1:, :, -4:, -4:], ref) < 4 * ERROR_FLOOR[torch.float16]

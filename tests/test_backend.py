@@ -1,0 +1,53 @@
+"""Backend selection, overrides and the compiled extension's presence."""
+import warnings
+
+import pytest
+import torch
+
+from tlcore import _extension, backend
+
+
+def test_extension_is_built_and_loads():
+    # CI installs with `pip install -e .`, so a broken build must fail here, not fall back silently.
+    assert _extension.loaded(), _extension.missing_reason()
+
+
+def test_defaults_per_device():
+    implemented = ("triton", "cuda", "cpu", "torch")
+    assert backend.select("op", torch.device("cpu"), implemented) == "cpu"
+    assert backend.select("op", torch.device("cpu"), ("triton", "torch")) == "torch"
+
+
+def test_context_manager_overrides_environment(monkeypatch):
+    monkeypatch.setenv("TLCORE_BACKEND", "torch")
+    assert backend.forced() == "torch"
+    with backend.use_backend("cpu"):
+        assert backend.forced() == "cpu"
+        assert backend.select("op", torch.device("cpu"), ("cpu", "torch")) == "cpu"
+    assert backend.forced() == "torch"
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match="unknown tlcore backend"):
+        with backend.use_backend("cudnn"):
+            pass
+    monkeypatch.setenv("TLCORE_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="unknown tlcore backend 'tpu'"):
+        backend.forced()
+
+
+def test_unusable_forced_backend_falls_back_and_warns_once():
+    with backend.use_backend("cuda"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = backend.select("fallback_probe", torch.device("cpu"), ("cuda", "torch"))
+        second = backend.select("fallback_probe", torch.device("cpu"), ("cuda", "torch"))
+    assert first == second == "torch"
+    messages = [str(w.message) for w in caught if "fallback_probe" in str(w.message)]
+    assert len(messages) == 1 and "CUDA C++ kernels need a CUDA device" in messages[0]
+
+
+def test_missing_kernel_for_forced_backend_is_named():
+    with backend.use_backend("cpu"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backend.select("no_cpu_kernel_probe", torch.device("cpu"), ("triton", "torch")) == "torch"
+    assert any("no_cpu_kernel_probe has no cpu kernel" in str(w.message) for w in caught)
