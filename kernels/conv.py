@@ -10,7 +10,8 @@
 The GEMM view: rows m = (n, oh, ow) of the output (M = N*OH*OW), columns are the K
 output channels, and the reduction runs over (r, s, c). The reduction is one flat loop
 over (r, s, channel block) so that Triton software-pipelines all of it, not only the
-innermost channel loop (a 3x3 conv with C=64 has a single channel block per tap).
+innermost channel loop (a 3x3 conv with C=64 has a single channel block per tap); with
+fewer than FLAT_K_BELOW channels it runs over (r, s, c) flattened instead.
 Accumulation is fp32; the epilogue runs on the fp32 accumulator before one rounding.
 """
 import os
@@ -19,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+
+FLAT_K_BELOW = 16  # channel counts below this reduce over (r, s, c) flattened
 
 
 def _configs():
@@ -35,7 +39,7 @@ def _configs():
         (128, 128, 32, 4, 4),
         (64, 64, 64, 4, 4),
         (64, 64, 32, 5, 4),
-        (128, 64, 16, 4, 4),  # the stem: C=3 wastes most of a wide channel block
+        (128, 64, 32, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
@@ -53,7 +57,7 @@ def _conv2d_bn_act_fwd_kernel(
     srn, src, srh, srw,
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R: tl.constexpr, S: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -86,21 +90,38 @@ def _conv2d_bn_act_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(C, BLOCK_K)
-    for step in range(0, R * S * c_blocks):
-        tap = step // c_blocks
-        c0 = (step % c_blocks) * BLOCK_K
-        r = tap // S
-        s = tap % S
-        ih = ih0 + r * dil_h
-        iw = iw0 + s * dil_w
-        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        chan_ok = (c0 + offs_k) < C
-        tap_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw + c0.to(tl.int64) * sxc
-        a = tl.load(x_rows[:, None] + tap_offset + x_chan[None, :],
-                    mask=row_ok[:, None] & chan_ok[None, :], other=0.0)
-        w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c0.to(tl.int64) * swc
-        b = tl.load(w_cols[None, :] + w_offset + w_chan[:, None],
-                    mask=chan_ok[:, None] & mask_n[None, :], other=0.0)
+    steps = tl.cdiv(R * S * C, BLOCK_K) if FLAT_K else R * S * c_blocks
+    for step in range(0, steps):
+        if FLAT_K:
+            # Few channels (the RGB stem): reduce over (r, s, c) flattened, so a block of
+            # BLOCK_K is not mostly padding (C=3 fills 3 of 16+ lanes per tap otherwise).
+            kk = step * BLOCK_K + offs_k
+            k_ok = kk < R * S * C
+            c = kk % C
+            r = (kk // C) // S
+            s = (kk // C) % S
+            ih = ih0[:, None] + (r * dil_h)[None, :]
+            iw = iw0[:, None] + (s * dil_w)[None, :]
+            a_ok = mask_m[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw + c.to(tl.int64) * sxc
+            a = tl.load(x_rows[:, None] + x_offset[None, :], mask=a_ok, other=0.0)
+            w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c.to(tl.int64) * swc
+            b = tl.load(w_cols[None, :] + w_offset[:, None], mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+        else:
+            tap = step // c_blocks
+            c0 = (step % c_blocks) * BLOCK_K
+            r = tap // S
+            s = tap % S
+            ih = ih0 + r * dil_h
+            iw = iw0 + s * dil_w
+            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            chan_ok = (c0 + offs_k) < C
+            tap_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw + c0.to(tl.int64) * sxc
+            a = tl.load(x_rows[:, None] + tap_offset + x_chan[None, :],
+                        mask=row_ok[:, None] & chan_ok[None, :], other=0.0)
+            w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c0.to(tl.int64) * swc
+            b = tl.load(w_cols[None, :] + w_offset + w_chan[:, None],
+                        mask=chan_ok[:, None] & mask_n[None, :], other=0.0)
         if BF16_INTERPRETER:
             # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton#11584);
             # bf16 -> fp32 is exact and so are the products, so the result is unchanged.
@@ -155,7 +176,7 @@ def conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilat
         m, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        R=r, S=s, HAS_RESIDUAL=residual is not None, RELU=relu,
+        R=r, S=s, FLAT_K=c < FLAT_K_BELOW, HAS_RESIDUAL=residual is not None, RELU=relu,
         DOT_PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee",
         BF16_INTERPRETER=x.dtype == torch.bfloat16 and x.device.type == "cpu",
     )
