@@ -51,3 +51,16 @@ def test_missing_kernel_for_forced_backend_is_named():
         warnings.simplefilter("always")
         assert backend.select("no_cpu_kernel_probe", torch.device("cpu"), ("triton", "torch")) == "torch"
     assert any("no_cpu_kernel_probe has no cpu kernel" in str(w.message) for w in caught)
+
+
+def test_missing_extension_falls_back_with_one_message(monkeypatch):
+    monkeypatch.setattr(_extension, "_C", None)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", ImportError("libtlcore broke"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert backend.select("ext_probe", torch.device("cpu"), ("cpu", "torch")) == "torch"
+    messages = [str(w.message) for w in caught if "ext_probe" in str(w.message)]
+    assert len(messages) == 1 and "libtlcore broke" in messages[0]
+    with pytest.raises(RuntimeError, match="needs tlcore's compiled extension.*libtlcore broke"):
+        _extension.require("INT8 on CPU")

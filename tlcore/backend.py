@@ -84,12 +84,20 @@ def select(op: str, device: torch.device, implemented: Collection[str]) -> str:
         reason = _why_not(wanted, device) if wanted in implemented else f"{op} has no {wanted} kernel"
         if not reason:
             return wanted
-        key = (op, wanted, device.type)
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(f"tlcore: backend {wanted!r} requested but {reason}; {op} uses its default backend",
-                          stacklevel=3)
+        _warn_once((op, wanted, device.type),
+                   f"tlcore: backend {wanted!r} requested but {reason}; {op} uses its default backend")
     for backend in _DEFAULT_ORDER.get(device.type, ()):
-        if backend in implemented and not _why_not(backend, device):
+        if backend not in implemented:
+            continue
+        reason = _why_not(backend, device)
+        if not reason:
             return backend
+        if backend in ("cpu", "cuda"):  # the op has a compiled kernel for this device, but no extension
+            _warn_once((op, backend, device.type), f"tlcore: {op} falls back from its {backend} kernel: {reason}")
     return "torch"
+
+
+def _warn_once(key: tuple[str, str, str], message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
