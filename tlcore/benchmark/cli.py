@@ -18,6 +18,7 @@ def parser() -> argparse.ArgumentParser:
         "checked against the fp32 model before it is timed; one that disagrees is reported failed."))
     p.add_argument("--model", default=None, help="torchvision ResNet name (default: resnet50 on GPU, resnet18 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 64 on GPU, 8 on CPU)")
+    p.add_argument("--size", type=int, default=224, help="input height and width (default: 224)")
     p.add_argument("--modes", default="all",
                    help="comma-separated: fuse (alias fp16), int8, optim, or all (default: all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -52,14 +53,14 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda but no CUDA device is visible")
     on_gpu = device.type == "cuda"
     model = args.model or ("resnet50" if on_gpu else "resnet18")
-    batch = args.batch or (64 if on_gpu else 8)
-    if batch < 1:
-        raise SystemExit("--batch must be at least 1")
+    batch = args.batch if args.batch is not None else (64 if on_gpu else 8)
+    if batch < 1 or args.size < 32:
+        raise SystemExit("--batch must be at least 1 and --size at least 32")
     dtype = DTYPES[args.dtype]
     compile_ = on_gpu if args.compile is None else args.compile
     builders = {
-        "fuse": lambda: suites.fuse_suite(model, batch, device, dtype, compile_, args.compile_mode),
-        "int8": lambda: suites.int8_suite(model, batch, device, dtype),
+        "fuse": lambda: suites.fuse_suite(model, batch, device, dtype, compile_, args.compile_mode, args.size),
+        "int8": lambda: suites.int8_suite(model, batch, device, dtype, args.size),
         "optim": lambda: suites.optim_suite(model, device, torch.float32),
     }
     from tqdm import tqdm

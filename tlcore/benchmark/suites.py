@@ -104,8 +104,8 @@ def _model(name: str, device: torch.device) -> torch.nn.Module:
     return getattr(torchvision.models, name)().eval().to(device)
 
 
-def _images(batch: int, device: torch.device, count: int) -> list[torch.Tensor]:
-    return [torch.randn(batch, 3, 224, 224, device=device) for _ in range(count)]
+def _images(batch: int, device: torch.device, count: int, size: int) -> list[torch.Tensor]:
+    return [torch.randn(batch, 3, size, size, device=device) for _ in range(count)]
 
 
 def _forward_flops(model, x) -> float:
@@ -121,10 +121,10 @@ def _channels_last(xs, dtype):
 
 
 def fuse_suite(name: str, batch: int, device: torch.device, dtype: torch.dtype, compile_: bool,
-               compile_mode: str = "default") -> Suite:
+               compile_mode: str = "default", size: int = 224) -> Suite:
     """Forward latency: stock eager (and torch.compile) against tlcore.fuse."""
     model = _model(name, device)
-    inputs = _images(batch, device, ROTATING_INPUTS)
+    inputs = _images(batch, device, ROTATING_INPUTS, size)
     with torch.no_grad():
         reference = model(inputs[0])
     dtype = dtype if device.type == "cuda" else torch.float32  # CPU: fp32 is what people run
@@ -146,11 +146,11 @@ def fuse_suite(name: str, batch: int, device: torch.device, dtype: torch.dtype, 
     return suite
 
 
-def int8_suite(name: str, batch: int, device: torch.device, dtype: torch.dtype) -> Suite:
+def int8_suite(name: str, batch: int, device: torch.device, dtype: torch.dtype, size: int = 224) -> Suite:
     """Forward latency of INT8 models: tlcore.quantize against torch.ao (CPU) and float eager."""
     model = _model(name, device)
-    inputs = _images(batch, device, ROTATING_INPUTS)
-    calibration = _images(batch, device, CALIBRATION_BATCHES)
+    inputs = _images(batch, device, ROTATING_INPUTS, size)
+    calibration = _images(batch, device, CALIBRATION_BATCHES, size)
     with torch.no_grad():
         reference = model(inputs[0])
     suite = Suite("int8", name, batch, device, "eager fp32", reference,

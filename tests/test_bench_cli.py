@@ -1,0 +1,48 @@
+"""`python -m tlcore bench`: modes, checks before timing, JSON, chart."""
+import json
+
+import pytest
+import torch
+
+from tlcore.benchmark import cli, suites
+
+
+def test_fuse_mode_writes_table_json_and_chart(tmp_path, capsys):
+    out, chart = tmp_path / "r.json", tmp_path / "r.png"
+    code = cli.main(["--modes", "fp16", "--model", "resnet18", "--batch", "1", "--size", "32", "--min-time", "0.05",
+                     "--device", "cpu", "--out", str(out), "--plot", str(chart)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "tlcore.fuse fp32" in table and "eager fp32" in table
+    data = json.loads(out.read_text())
+    for key in ("device", "cpu", "torch", "triton", "tlcore_commit", "date"):
+        assert key in data["provenance"]
+    rows = {r["variant"]: r for r in data["results"]}
+    assert rows["eager fp32"]["speedup"] == pytest.approx(1.0)
+    fused = rows["tlcore.fuse fp32"]
+    assert fused["status"] == "ok" and fused["median_ms"] > 0 and fused["rel_error"] < 1e-4
+    assert fused["rate_unit"] == "TFLOP/s" and 0 < fused["peak_share"]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_variant_that_disagrees_is_failed_not_timed():
+    reference = torch.ones(4)
+    suite = suites.Suite("fuse", "toy", 1, torch.device("cpu"), "right", reference, 1.0, "TFLOP/s", 1.0)
+    suite.variants = [suites.Variant("right", lambda x: x, [torch.ones(4)], 1e-3),
+                      suites.Variant("wrong", lambda x: 2 * x, [torch.ones(4)], 1e-3),
+                      suites.Variant("nan", lambda x: x * float("nan"), [torch.ones(4)], 1e-3),
+                      suites.Variant("raises", lambda x: x[99], [torch.ones(4)], 1e-3)]
+    results = {r.variant: r for r in suites.run(suite, min_run_time_s=0.01)}
+    assert results["right"].status == "ok" and results["right"].median_ms > 0
+    for name in ("wrong", "nan", "raises"):
+        assert results[name].status.startswith("failed") and results[name].median_ms is None
+    assert results["raises"].status.startswith("failed: IndexError")
+
+
+def test_modes_and_bad_flags():
+    assert cli.parse_modes("all") == ["fuse", "int8", "optim"]
+    assert cli.parse_modes("fp16,optim,fuse") == ["fuse", "optim"]
+    with pytest.raises(SystemExit, match="unknown mode 'int4'"):
+        cli.parse_modes("int4")
+    with pytest.raises(SystemExit):
+        cli.main(["--batch", "0", "--device", "cpu"])
