@@ -7,8 +7,7 @@
     residual: (N, K, OH, OW)  x's dtype, any strides, optional
     out:      (N, K, OH, OW)  x's dtype, written once: act(conv(x, weight) * scale + shift + residual)
 
-The GEMM view: rows m = (n, oh, ow) of the output (M = N*OH*OW), columns are the K
-output channels, and the reduction runs over (r, s, c). The reduction is one flat loop
+The GEMM view and its index math are in kernels/implicit_gemm.py. The reduction is one loop
 over (r, s, channel block) so that Triton software-pipelines all of it, not only the
 innermost channel loop (a 3x3 conv with C=64 has a single channel block per tap); with
 fewer than FLAT_K_BELOW channels it runs over (r, s, c) flattened instead.
@@ -20,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from tlcore.kernels.implicit_gemm import (flat_block_pointers, grouped_tile, nhwc_offsets, output_pixels,
+                                          tap_block_pointers)
 
 
 FLAT_K_BELOW = 16  # channel counts below this reduce over (r, s, c) flattened
@@ -61,67 +63,30 @@ def _conv2d_bn_act_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < K
-
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    n = offs_m // (OW * OH)
+    n, oh, ow = output_pixels(offs_m, OH, OW)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    # int64: a batch of activations can pass 2**31 elements.
     x_rows = x_ptr + n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
-    x_chan = offs_k.to(tl.int64) * sxc
     w_cols = w_ptr + offs_n.to(tl.int64) * swk
-    w_chan = offs_k.to(tl.int64) * swc
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(C, BLOCK_K)
     steps = tl.cdiv(R * S * C, BLOCK_K) if FLAT_K else R * S * c_blocks
     for step in range(0, steps):
         if FLAT_K:
-            # Few channels (the RGB stem): reduce over (r, s, c) flattened, so a block of
-            # BLOCK_K is not mostly padding (C=3 fills 3 of 16+ lanes per tap otherwise).
-            kk = step * BLOCK_K + offs_k
-            k_ok = kk < R * S * C
-            c = kk % C
-            r = (kk // C) // S
-            s = (kk // C) % S
-            ih = ih0[:, None] + (r * dil_h)[None, :]
-            iw = iw0[:, None] + (s * dil_w)[None, :]
-            a_ok = mask_m[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw + c.to(tl.int64) * sxc
-            a = tl.load(x_rows[:, None] + x_offset[None, :], mask=a_ok, other=0.0)
-            w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c.to(tl.int64) * swc
-            b = tl.load(w_cols[None, :] + w_offset[:, None], mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            a_ptrs, a_mask, b_ptrs, b_mask = flat_block_pointers(
+                step, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
+                C, H, W, R, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
         else:
-            tap = step // c_blocks
-            c0 = (step % c_blocks) * BLOCK_K
-            r = tap // S
-            s = tap % S
-            ih = ih0 + r * dil_h
-            iw = iw0 + s * dil_w
-            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            chan_ok = (c0 + offs_k) < C
-            tap_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw + c0.to(tl.int64) * sxc
-            a = tl.load(x_rows[:, None] + tap_offset + x_chan[None, :],
-                        mask=row_ok[:, None] & chan_ok[None, :], other=0.0)
-            w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c0.to(tl.int64) * swc
-            b = tl.load(w_cols[None, :] + w_offset + w_chan[:, None],
-                        mask=chan_ok[:, None] & mask_n[None, :], other=0.0)
+            a_ptrs, a_mask, b_ptrs, b_mask = tap_block_pointers(
+                step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
+                C, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # zero padding
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if BF16_INTERPRETER:
             # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton#11584);
             # bf16 -> fp32 is exact and so are the products, so the result is unchanged.
@@ -133,18 +98,14 @@ def _conv2d_bn_act_fwd_kernel(
     shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc * scale[None, :] + shift[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
-    n64 = n.to(tl.int64)
-    oh64 = oh.to(tl.int64)
-    ow64 = ow.to(tl.int64)
-    k64 = offs_n.to(tl.int64)
     if HAS_RESIDUAL:
-        res_offs = (n64 * srn + oh64 * srh + ow64 * srw)[:, None] + (k64 * src)[None, :]
+        res_offs = nhwc_offsets(n, oh, ow, offs_n, srn, src, srh, srw)
         y += tl.load(res_ptr + res_offs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
     if BF16_INTERPRETER:
         y = _round_to_bf16_grid(y)
-    out_offs = (n64 * son + oh64 * soh + ow64 * sow)[:, None] + (k64 * soc)[None, :]
+    out_offs = nhwc_offsets(n, oh, ow, offs_n, son, soc, soh, sow)
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 

@@ -1,0 +1,86 @@
+"""Index math shared by the implicit-GEMM conv kernels (kernels/conv.py, kernels/int8_conv.py).
+
+The GEMM view of a conv: rows m = (n, oh, ow) of the output (M = N*OH*OW), columns are
+the K output channels, and the reduction runs over (r, s, c). Tensors are addressed
+through their strides (any memory format), with 64-bit offsets: a batch of activations
+can pass 2**31 elements. These helpers return pointers and masks; each kernel loads
+with the fill value its arithmetic needs.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile(M, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row offsets (BLOCK_M,) and column offsets (BLOCK_N,) of this program's output tile.
+
+    Grouped order: GROUP_M row tiles in a row share each weight column tile while it is in L2.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def output_pixels(offs_m, OH, OW):
+    """(n, oh, ow) of output rows offs_m."""
+    return offs_m // (OW * OH), (offs_m // OW) % OH, offs_m % OW
+
+
+@triton.jit
+def tap_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
+                       C, H, W, S: tl.constexpr, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
+    """Pointers and masks of reduction step `step` = (tap (r, s), channel block).
+
+    x_rows: (BM,) pointers to x[n, 0, ih0, iw0] of each output row; w_cols: (BN,) pointers
+    to weight[k, 0, 0, 0]. Returns A (BM, BK) pointers with an in-image mask and B (BK, BN)
+    pointers with its mask; A's mask is False at padding and past C.
+    """
+    tap = step // c_blocks
+    c0 = (step % c_blocks) * offs_k.shape[0]
+    r = tap // S
+    s = tap % S
+    ih = ih0 + r * dil_h
+    iw = iw0 + s * dil_w
+    row_ok = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    chan = c0 + offs_k
+    chan_ok = chan < C
+    x_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw
+    a_ptrs = x_rows[:, None] + x_offset + (chan.to(tl.int64) * sxc)[None, :]
+    w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws
+    b_ptrs = w_cols[None, :] + w_offset + (chan.to(tl.int64) * swc)[:, None]
+    return a_ptrs, row_ok[:, None] & chan_ok[None, :], b_ptrs, chan_ok[:, None] & col_mask[None, :]
+
+
+@triton.jit
+def flat_block_pointers(step, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
+                        C, H, W, R: tl.constexpr, S: tl.constexpr, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
+    """Like tap_block_pointers, with the reduction over (r, s, c) flattened into blocks.
+
+    For few channels (the RGB stem) a per-tap channel block would be mostly padding.
+    """
+    kk = step * offs_k.shape[0] + offs_k
+    k_ok = kk < R * S * C
+    c = kk % C
+    r = (kk // C) // S
+    s = (kk // C) % S
+    ih = ih0[:, None] + (r * dil_h)[None, :]
+    iw = iw0[:, None] + (s * dil_w)[None, :]
+    a_mask = row_mask[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw + c.to(tl.int64) * sxc
+    w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c.to(tl.int64) * swc
+    return (x_rows[:, None] + x_offset[None, :], a_mask,
+            w_cols[None, :] + w_offset[:, None], k_ok[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def nhwc_offsets(n, oh, ow, offs_n, s_n, s_c, s_h, s_w):
+    """(BM, BN) int64 element offsets of output-shaped tensor entries [n, k, oh, ow]."""
+    rows = n.to(tl.int64) * s_n + oh.to(tl.int64) * s_h + ow.to(tl.int64) * s_w
+    return rows[:, None] + (offs_n.to(tl.int64) * s_c)[None, :]
