@@ -13,7 +13,10 @@ compiler made of it.
 import importlib
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported
 
@@ -41,8 +44,21 @@ def compile_case(case: dict) -> dict:
         "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
         "wgmma": "wgmma" in ptx,
         "mma_sync": "mma.sync" in ptx,
-        "cubin_bytes": len(compiled.asm["cubin"]),
+        **resource_usage(compiled.asm["cubin"]),
     }
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and local memory per thread (spills show as LOCAL or STACK bytes), via cuobjdump."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", report)}
+    return {"registers": usage["REG"], "spill_bytes": usage["STACK"] + usage["LOCAL"]}
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def test_every_autotune_config_compiles_pipelined_on_hopper(monkeypatch):
         assert result["wgmma"], f"{block}: no wgmma, the fp16 dot is not on Hopper's tensor-core path"
         assert result["async_copies"] > 0, f"{block}: loads are not software-pipelined"
         assert result["shared_bytes"] <= HOPPER_SHARED_LIMIT, f"{block}: {result['shared_bytes']} B shared"
+        assert result["spill_bytes"] == 0, f"{block}: {result['spill_bytes']} B of register spills"
 
 
 def test_dtypes_flat_reduction_and_ampere_compile():
@@ -67,6 +68,8 @@ def test_dtypes_flat_reduction_and_ampere_compile():
     ])
     assert results[0]["wgmma"] and results[1]["wgmma"]  # bf16 and tf32 on Hopper tensor cores
     assert not results[2]["wgmma"]  # IEEE fp32 must not use (tf32) tensor cores
-    assert results[3]["cubin_bytes"] > 0
+    # IEEE fp32 runs on FMA units with the whole tile in registers; a few spilled bytes there are
+    # tolerable (cuDNN itself defaults to TF32), anywhere else they are not.
+    assert all(r["spill_bytes"] == 0 for i, r in enumerate(results) if i != 2)
     assert results[4]["mma_sync"] and results[5]["mma_sync"]
     assert all(r["shared_bytes"] <= AMPERE_SHARED_LIMIT for r in results[4:])
