@@ -81,11 +81,12 @@ def _fuse_resnet_block(block: nn.Module) -> nn.Module:
 
 def _fuse_resnet(model: nn.Module) -> nn.Module:
     """The stem (conv1 → bn1 → relu) of a torchvision ResNet, then its blocks."""
-    model.conv1 = _fuse_or_stock(model.conv1, model.bn1, relu=True)
-    if isinstance(model.conv1, FusedConv2dBNReLU):
-        model.bn1, model.relu = nn.Identity(), nn.Identity()  # ResNet.forward calls them after conv1 only
+    reason = fusion_unsupported_reason(model.conv1, model.bn1)
+    if reason:
+        mark_stock(model.conv1, reason)
     else:
-        model.conv1 = model.conv1[0]  # keep the stock stem as it was
+        model.conv1 = FusedConv2dBNReLU.from_modules(model.conv1, model.bn1, relu=True)
+        model.bn1, model.relu = nn.Identity(), nn.Identity()  # ResNet.forward calls them after conv1 only
     for name, child in model.named_children():
         if name not in ("conv1", "bn1", "relu"):
             setattr(model, name, _fuse_tree(child))
