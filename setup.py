@@ -16,7 +16,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Datacenter and workstation GPUs people run ResNets on: A100, A10/3090, L4/4090, H100/H200.
@@ -99,7 +99,7 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=["tlcore", "tlcore.ops", "tlcore.nn", "tlcore.optim", "tlcore.kernels"],
+    packages=find_packages(include=["tlcore", "tlcore.*"]) + ["tlcore.kernels"],
     package_dir={"tlcore": "tlcore", "tlcore.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
