@@ -9,6 +9,8 @@ from tlcore.benchmark.provenance import provenance
 MODES = ("fuse", "int8", "optim")
 ALIASES = {"fp16": "fuse", "bf16": "fuse", "all": MODES}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
+           "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -16,12 +18,13 @@ def parser() -> argparse.ArgumentParser:
         "Time tlcore against stock PyTorch on the same inputs: eager (fp32; fp16/bf16 channels_last on GPU), "
         "torch.compile (GPU), torch.ao int8 (CPU), and tlcore fuse / quantize / optim. Every variant is "
         "checked against the fp32 model before it is timed; one that disagrees is reported failed."))
-    p.add_argument("--model", default=None, help="torchvision ResNet name (default: resnet50 on GPU, resnet18 on CPU)")
+    p.add_argument("--model", default=None, choices=RESNETS, metavar="MODEL",
+                   help=f"torchvision ResNet: {', '.join(RESNETS)} (default: resnet50 on GPU, resnet18 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 64 on GPU, 8 on CPU)")
     p.add_argument("--size", type=int, default=224, help="input height and width (default: 224)")
     p.add_argument("--modes", default="all",
                    help="comma-separated: fuse (alias fp16), int8, optim, or all (default: all)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="GPU low precision (default: fp16)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile variants (default: on GPU only; slow to compile on CPU)")
