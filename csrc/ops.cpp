@@ -8,8 +8,333 @@
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(tlcore, m) {
+// ---- int8 convolution (csrc/int8_conv.h) -------------------------------------------------------
+#include <ATen/ATen.h>
+
+#include "int8_conv.h"
+#ifdef TLCORE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace {
+
+// Checks what the Python op (tlcore/ops/int8.py) already validated, then views the tensors.
+tlcore::Int8ConvArgs int8_conv_args(const at::Tensor& x, int64_t x_zero, const at::Tensor& weight,
+                                    const at::Tensor& multiplier, const at::Tensor& offset, int64_t shift,
+                                    const std::optional<at::Tensor>& residual, int64_t res_multiplier,
+                                    int64_t out_zero, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, const at::Tensor& out) {
+  const auto nhwc = at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kChar && x.is_contiguous(nhwc),
+              "tlcore int8 conv: x must be a channels_last int8 (N, C, H, W) tensor");
+  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kChar && weight.is_contiguous(nhwc) &&
+                  weight.size(1) == x.size(1),
+              "tlcore int8 conv: weight must be a channels_last int8 (K, C, R, S) tensor matching x");
+  const int64_t k = weight.size(0);
+  TORCH_CHECK(multiplier.scalar_type() == at::kInt && multiplier.numel() == k && multiplier.is_contiguous() &&
+                  offset.scalar_type() == at::kLong && offset.numel() == k && offset.is_contiguous(),
+              "tlcore int8 conv: multiplier must be int32 (K,) and offset int64 (K,)");
+  TORCH_CHECK(shift >= 0 && shift <= 62, "tlcore int8 conv: shift must be in [0, 62]");
+  TORCH_CHECK(weight.device() == x.device() && multiplier.device() == x.device() && offset.device() == x.device() &&
+                  (!residual.has_value() || residual->device() == x.device()),
+              "tlcore int8 conv: all tensors must be on x's device");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "tlcore int8 conv: stride, padding and dilation must be pairs");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == at::kChar && residual->is_contiguous(nhwc) &&
+                    residual->sizes() == out.sizes(),
+                "tlcore int8 conv: residual must be channels_last int8 shaped like the output");
+  }
+  return tlcore::Int8ConvArgs{
+      x.data_ptr<int8_t>(), x.size(0), x.size(2), x.size(3), x.size(1), static_cast<int32_t>(x_zero),
+      weight.data_ptr<int8_t>(), k, weight.size(2), weight.size(3),
+      multiplier.data_ptr<int32_t>(), offset.data_ptr<int64_t>(), static_cast<int32_t>(shift),
+      residual.has_value() ? residual->data_ptr<int8_t>() : nullptr, res_multiplier,
+      static_cast<int32_t>(out_zero), relu,
+      stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], out.size(2), out.size(3),
+      out.data_ptr<int8_t>(), nullptr};
 }
+
+at::Tensor int8_conv_out(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2, "tlcore int8 conv: x and weight must be 4-d, stride/padding/dilation pairs");
+  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  return at::empty({x.size(0), weight.size(0), oh, ow},
+                   x.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& weight,
+                         const at::Tensor& multiplier, const at::Tensor& offset, int64_t shift,
+                         const std::optional<at::Tensor>& residual, int64_t res_multiplier, int64_t out_zero,
+                         bool relu, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t out_max, const std::optional<at::Tensor>& packed_weight, int64_t isa) {
+  const auto wanted = static_cast<tlcore::Int8Isa>(isa);
+  TORCH_CHECK(out_max >= out_zero && out_max <= 127, "tlcore int8 conv: need out_zero <= out_max <= 127");
+  TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(wanted),
+              "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
+  at::Tensor out = int8_conv_out(x, weight, stride, padding, dilation);
+  auto args = int8_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
+                             out_zero, relu, stride, padding, dilation, out);
+  args.out_max = static_cast<int32_t>(out_max);
+  if (packed_weight.has_value()) {
+    TORCH_CHECK(packed_weight->scalar_type() == at::kInt && packed_weight->is_contiguous() &&
+                    packed_weight->numel() == tlcore::int8_packed_weight_words(args.k, args.c, args.r, args.s, wanted),
+                "tlcore int8 conv: packed_weight does not match the weight and instruction set; pack it with "
+                "_int8_pack_weight_cpu");
+    args.packed_weight = packed_weight->data_ptr<int32_t>();
+  }
+  if (out.numel() > 0) tlcore::int8_conv2d_cpu(args, wanted);
+  return out;
+}
+
+at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa) {
+  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kChar &&
+                  weight.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "tlcore int8 conv: weight must be a channels_last int8 (K, C, R, S) tensor");
+  const auto wanted = static_cast<tlcore::Int8Isa>(isa);
+  TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(wanted),
+              "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
+  const int64_t k = weight.size(0), c = weight.size(1), r = weight.size(2), s = weight.size(3);
+  at::Tensor packed =
+      at::empty({tlcore::int8_packed_weight_words(k, c, r, s, wanted)}, weight.options().dtype(at::kInt));
+  tlcore::pack_int8_weight_cpu(weight.data_ptr<int8_t>(), k, c, r, s, wanted, packed.data_ptr<int32_t>());
+  return packed;
+}
+
+int64_t int8_cpu_resolve_isa(int64_t isa) {
+  TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa)),
+              "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
+  return static_cast<int64_t>(tlcore::int8_resolve_isa(static_cast<tlcore::Int8Isa>(isa)));
+}
+
+bool int8_cpu_isa_supported(int64_t isa) {
+  return isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa));
+}
+
+#ifdef TLCORE_WITH_CUDA
+at::Tensor int8_conv_cuda(const at::Tensor& x, int64_t x_zero, const at::Tensor& weight,
+                          const at::Tensor& multiplier, const at::Tensor& offset, int64_t shift,
+                          const std::optional<at::Tensor>& residual, int64_t res_multiplier, int64_t out_zero,
+                          bool relu, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                          int64_t out_max) {
+  TORCH_CHECK(out_max >= out_zero && out_max <= 127, "tlcore int8 conv: need out_zero <= out_max <= 127");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = int8_conv_out(x, weight, stride, padding, dilation);
+  auto args = int8_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
+                             out_zero, relu, stride, padding, dilation, out);
+  args.out_max = static_cast<int32_t>(out_max);
+  if (out.numel() > 0) tlcore::int8_conv2d_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
+  return out;
+}
+#endif
+
+}  // namespace
+
+// ---- stochastic-rounding optimizers (csrc/sr_optim.h) ---------------------------------------------
+#include "sr_optim.h"
+#ifdef TLCORE_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace {
+
+int64_t sr_format(at::ScalarType dtype, const char* what) {
+  switch (dtype) {
+    case at::kFloat: return tlcore::sr::kFloat32;
+    case at::kBFloat16: return tlcore::sr::kBFloat16;
+    case at::kHalf: return tlcore::sr::kFloat16;
+    default: TORCH_CHECK(false, "tlcore sr optimizer: ", what, " must be fp32, bf16 or fp16, got ", dtype);
+  }
+}
+
+// A tensor the kernels may walk as numel() consecutive elements from data_ptr().
+void sr_check_dense(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.device() == param.device() && t.sizes() == param.sizes() &&
+                  t.strides() == param.strides() && t.is_non_overlapping_and_dense(),
+              "tlcore sr optimizer: every ", what, " must be a dense ", dtype, " tensor on ", param.device(),
+              " with its parameter's shape and strides");
+}
+
+struct SrGroup {
+  std::vector<tlcore::sr::Slot> slots;
+  int64_t param_format = tlcore::sr::kFloat32;
+  int64_t state_format = tlcore::sr::kFloat32;
+};
+
+// Checks what the Python op (tlcore/ops/optim.py) already validated and builds the slot table.
+SrGroup sr_group(at::TensorList params, at::TensorList grads, at::TensorList state0, at::TensorList state1,
+                 const at::Tensor& hyper, const at::Tensor& counters) {
+  const auto count = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == count &&
+                  (state0.empty() || static_cast<int64_t>(state0.size()) == count) &&
+                  (state1.empty() || static_cast<int64_t>(state1.size()) == count),
+              "tlcore sr optimizer: params, grads and states must be lists of the same length");
+  TORCH_CHECK(hyper.scalar_type() == at::kFloat && hyper.device().is_cpu() && hyper.is_contiguous() &&
+                  hyper.sizes() == at::IntArrayRef({count, tlcore::sr::kHyperColumns}),
+              "tlcore sr optimizer: hyper must be a contiguous fp32 CPU tensor of shape (len(params), 8)");
+  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.device().is_cpu() && counters.is_contiguous() &&
+                  counters.sizes() == at::IntArrayRef({count, 3}),
+              "tlcore sr optimizer: counters must be a contiguous int64 CPU tensor of shape (len(params), 3)");
+  SrGroup group;
+  if (count == 0) return group;
+  const at::ScalarType dtype = params[0].scalar_type();
+  group.param_format = sr_format(dtype, "a parameter");
+  const at::ScalarType state_dtype = state0.empty() ? at::kFloat : state0[0].scalar_type();  // unused without states
+  group.state_format = sr_format(state_dtype, "an optimizer state");
+  const int64_t* counter = counters.data_ptr<int64_t>();
+  for (int64_t t = 0; t < count; ++t) {
+    const at::Tensor& p = params[t];
+    TORCH_CHECK(p.device() == params[0].device(), "tlcore sr optimizer: all parameters must be on one device");
+    sr_check_dense(p, p, dtype, "parameter");
+    sr_check_dense(grads[t], p, dtype, "gradient");
+    if (!state0.empty()) sr_check_dense(state0[t], p, state_dtype, "optimizer state");
+    if (!state1.empty()) sr_check_dense(state1[t], p, state_dtype, "optimizer state");
+    auto address = [](const at::Tensor& x) { return reinterpret_cast<int64_t>(x.data_ptr()); };
+    group.slots.push_back({address(p), address(grads[t]), state0.empty() ? 0 : address(state0[t]),
+                           state1.empty() ? 0 : address(state1[t]), p.numel(), counter[3 * t], counter[3 * t + 1],
+                           counter[3 * t + 2]});
+  }
+  return group;
+}
+
+void sr_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                  at::TensorList exp_avg_sqs, const at::Tensor& hyper, const at::Tensor& counters, int64_t seed,
+                  bool stochastic) {
+  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
+              "tlcore sr AdamW: every parameter needs exp_avg and exp_avg_sq");
+  const SrGroup group = sr_group(params, grads, exp_avgs, exp_avg_sqs, hyper, counters);
+  tlcore::sr_adamw_cpu(group.slots.data(), hyper.data_ptr<float>(), static_cast<int64_t>(group.slots.size()),
+                       group.param_format, group.state_format, static_cast<uint64_t>(seed), stochastic);
+}
+
+void sr_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                const at::Tensor& hyper, const at::Tensor& counters, bool nesterov, int64_t seed, bool stochastic) {
+  const SrGroup group = sr_group(params, grads, momentum_buffers, {}, hyper, counters);
+  tlcore::sr_sgd_cpu(group.slots.data(), hyper.data_ptr<float>(), static_cast<int64_t>(group.slots.size()),
+                     group.param_format, group.state_format, !momentum_buffers.empty(), nesterov,
+                     static_cast<uint64_t>(seed), stochastic);
+}
+
+#ifdef TLCORE_WITH_CUDA
+// Elements per CUDA block: the chunk of the multi-tensor launch.
+constexpr int64_t kSrChunk = 1 << 16;
+
+// The slot, hyper-parameter and chunk tables, packed into one pinned buffer and copied
+// to the device on the current stream (the caching host allocator keeps it alive).
+struct SrDeviceTables {
+  at::Tensor bytes;
+  int64_t num_chunks = 0;
+};
+
+SrDeviceTables sr_device_tables(const SrGroup& group, const at::Tensor& hyper, const at::Device& device) {
+  std::vector<int64_t> chunks;
+  for (size_t t = 0; t < group.slots.size(); ++t) {
+    for (int64_t first = 0; first < group.slots[t].numel; first += kSrChunk) {
+      chunks.push_back(static_cast<int64_t>(t));
+      chunks.push_back(first);
+    }
+  }
+  const size_t slot_bytes = group.slots.size() * sizeof(tlcore::sr::Slot);
+  const size_t hyper_bytes = static_cast<size_t>(hyper.numel()) * sizeof(float);
+  const size_t chunk_bytes = chunks.size() * sizeof(int64_t);
+  at::Tensor host = at::empty({static_cast<int64_t>(slot_bytes + hyper_bytes + chunk_bytes)},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* out = host.data_ptr<uint8_t>();
+  std::memcpy(out, group.slots.data(), slot_bytes);  // slot_bytes is a multiple of 8: the next tables stay aligned
+  std::memcpy(out + slot_bytes, hyper.data_ptr<float>(), hyper_bytes);
+  std::memcpy(out + slot_bytes + hyper_bytes, chunks.data(), chunk_bytes);
+  return {host.to(device, /*non_blocking=*/true), static_cast<int64_t>(chunks.size() / 2)};
+}
+
+void sr_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, const at::Tensor& hyper, const at::Tensor& counters, int64_t seed,
+                   bool stochastic) {
+  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
+              "tlcore sr AdamW: every parameter needs exp_avg and exp_avg_sq");
+  const SrGroup group = sr_group(params, grads, exp_avgs, exp_avg_sqs, hyper, counters);
+  if (group.slots.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const SrDeviceTables tables = sr_device_tables(group, hyper, params[0].device());
+  const auto* base = tables.bytes.data_ptr<uint8_t>();
+  const size_t slot_bytes = group.slots.size() * sizeof(tlcore::sr::Slot);
+  const bool known = tlcore::sr_adamw_cuda(
+      reinterpret_cast<const tlcore::sr::Slot*>(base), reinterpret_cast<const float*>(base + slot_bytes),
+      reinterpret_cast<const int64_t*>(base + slot_bytes + hyper.numel() * sizeof(float)), tables.num_chunks,
+      kSrChunk, group.param_format, group.state_format, static_cast<uint64_t>(seed), stochastic,
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(known, "tlcore sr AdamW: unsupported parameter/state dtypes");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void sr_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 const at::Tensor& hyper, const at::Tensor& counters, bool nesterov, int64_t seed, bool stochastic) {
+  const SrGroup group = sr_group(params, grads, momentum_buffers, {}, hyper, counters);
+  if (group.slots.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const SrDeviceTables tables = sr_device_tables(group, hyper, params[0].device());
+  const auto* base = tables.bytes.data_ptr<uint8_t>();
+  const size_t slot_bytes = group.slots.size() * sizeof(tlcore::sr::Slot);
+  const bool known = tlcore::sr_sgd_cuda(
+      reinterpret_cast<const tlcore::sr::Slot*>(base), reinterpret_cast<const float*>(base + slot_bytes),
+      reinterpret_cast<const int64_t*>(base + slot_bytes + hyper.numel() * sizeof(float)), tables.num_chunks,
+      kSrChunk, group.param_format, group.state_format, !momentum_buffers.empty(), nesterov,
+      static_cast<uint64_t>(seed), stochastic, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(known, "tlcore sr SGD: unsupported parameter/state dtypes");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY(tlcore, m) {
+  // int8 convolution: isa is 0 auto, 1 scalar, 2 avx2, 3 avx-vnni, 4 avx512-vnni, 5 avx2 7-bit (csrc/int8_conv.h).
+  m.def("_int8_conv_cpu(Tensor x, int x_zero, Tensor weight, Tensor multiplier, Tensor offset, int shift, "
+        "Tensor? residual, int res_multiplier, int out_zero, bool relu, int[] stride, int[] padding, "
+        "int[] dilation, int out_max, Tensor? packed_weight, int isa) -> Tensor");
+  m.def("_int8_pack_weight_cpu(Tensor weight, int isa) -> Tensor");
+  m.def("_int8_cpu_resolve_isa(int isa) -> int", &int8_cpu_resolve_isa);
+  m.def("_int8_cpu_isa_supported(int isa) -> bool", &int8_cpu_isa_supported);
+  m.def("_int8_conv_cuda(Tensor x, int x_zero, Tensor weight, Tensor multiplier, Tensor offset, int shift, "
+        "Tensor? residual, int res_multiplier, int out_zero, bool relu, int[] stride, int[] padding, "
+        "int[] dilation, int out_max) -> Tensor");
+  // stochastic-rounding optimizers: hyper is fp32 (T, 8), counters int64 (T, 3) (csrc/sr_optim.h).
+  m.def("_sr_adamw_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor hyper, Tensor counters, int seed, bool stochastic) -> ()");
+  m.def("_sr_sgd_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, "
+        "Tensor counters, bool nesterov, int seed, bool stochastic) -> ()");
+  m.def("_sr_adamw_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor hyper, Tensor counters, int seed, bool stochastic) -> ()");
+  m.def("_sr_sgd_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor hyper, "
+        "Tensor counters, bool nesterov, int seed, bool stochastic) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tlcore, CPU, m) {
+  m.impl("_int8_conv_cpu", &int8_conv_cpu);
+  m.impl("_int8_pack_weight_cpu", &int8_pack_weight_cpu);
+}
+
+#ifdef TLCORE_WITH_CUDA
+TORCH_LIBRARY_IMPL(tlcore, CUDA, m) {
+  m.impl("_int8_conv_cuda", &int8_conv_cuda);
+}
+#endif
+
+TORCH_LIBRARY_IMPL(tlcore, CPU, m) {
+  m.impl("_sr_adamw_cpu", &sr_adamw_cpu);
+  m.impl("_sr_sgd_cpu", &sr_sgd_cpu);
+}
+
+#ifdef TLCORE_WITH_CUDA
+TORCH_LIBRARY_IMPL(tlcore, CUDA, m) {
+  m.impl("_sr_adamw_cuda", &sr_adamw_cuda);
+  m.impl("_sr_sgd_cuda", &sr_sgd_cuda);
+}
+#endif
 
 extern "C" {
 // `import tlcore._C` runs this; registration happens in the static initialisers above.

@@ -2,9 +2,10 @@
 
     fast = tlcore.fuse(model)          # conv+BN(+residual)+ReLU as single Triton kernels
 """
-from tlcore import ops
+from tlcore import ops, optim
 from tlcore.backend import use_backend
 from tlcore.fuse import fuse
+from tlcore.quantize import quantize
 
 __version__ = "0.1.0"
-__all__ = ["fuse", "ops", "use_backend", "__version__"]
+__all__ = ["fuse", "ops", "optim", "quantize", "use_backend", "__version__"]

@@ -1,0 +1,78 @@
+"""CPU INT8 inference at 224x224: tlcore.quantize against fp32 eager and torch.ao's x86 int8, same run.
+
+    pytest bench/test_bench_int8.py --benchmark-only --benchmark-group-by=group
+
+Models are torchvision ResNets with their random initialisation (speed does not depend on
+the weights), calibrated on the same random batches. Each case checks its answer against
+the fp32 model before timing it. Uses torch's intra-op threads (all cores by default).
+"tlcore int8 7-bit" is reduce_range=True (torch.ao's x86 choice too): on AVX2 CPUs without
+VNNI its convs run on vpmaddubsw. To see such a CPU on a VNNI one, cap every library:
+TLCORE_INT8_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2.
+"""
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+import tlcore
+
+CASES = [("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8)]
+VARIANTS = ["fp32 eager", "torch.ao int8 x86", "tlcore int8", "tlcore int8 7-bit"]
+MIN_SQNR_DB = 15.0  # random-weight ResNets quantize less well than trained ones; this catches broken ones
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return (20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-30))).item()
+
+
+@functools.cache
+def _calibration() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(4, 3, 224, 224, generator=g) for _ in range(2))
+
+
+@functools.cache
+def _inputs(batch: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(batch, 3, 224, 224, generator=g) for _ in range(2))
+
+
+@functools.cache
+def _variants(name: str) -> dict:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    calibration = _calibration()
+    variants = {"fp32 eager": model, "tlcore int8": tlcore.quantize(model, calibration, progress=False),
+                "tlcore int8 7-bit": tlcore.quantize(model, calibration, reduce_range=True, progress=False)}
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"),
+                              example_inputs=(calibration[0],))
+        with torch.no_grad():
+            for x in calibration:
+                prepared(x)
+        variants["torch.ao int8 x86"] = convert_fx(prepared)
+    return variants
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model,batch", CASES)
+def test_cpu_int8_forward(benchmark, model, batch, variant):
+    variants = _variants(model)
+    fn, inputs = variants[variant], _inputs(batch)
+    with torch.no_grad():
+        sqnr = _sqnr(variants["fp32 eager"](inputs[0]), fn(inputs[0]))
+    assert variant == "fp32 eager" or sqnr >= MIN_SQNR_DB, f"{variant}: logits SQNR {sqnr:.1f} dB"
+    benchmark.group = f"{model} batch {batch} (CPU, {torch.get_num_threads()} threads)"
+    benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(),
+                                logits_sqnr_db=None if variant == "fp32 eager" else sqnr)
+    turn = iter(range(10**9))
+    with torch.no_grad():
+        benchmark.pedantic(lambda: fn(inputs[next(turn) % len(inputs)]), rounds=10, iterations=1, warmup_rounds=2)

@@ -1,0 +1,410 @@
+// C++ CPU kernel of tlcore's int8 convolution: an implicit GEMM over NHWC int8 with the
+// fused requantize epilogue (the integer math is in csrc/int8_conv.h).
+//
+// Exactness. AVX2's vpmaddubsw (u8 x s8) adds two products into a *saturating* int16
+// (255 * 127 * 2 > 32767), which is why torch.ao's x86 backend keeps activations to 7 bits
+// (reduce_range). Two exact layouts are used instead, both in 4-byte groups of one pixel:
+//   pairs (scalar, AVX2): 2 channels sign-extended to int16, multiplied by vpmaddwd (s16 x s16,
+//     pairs summed into int32; |pair| <= 2 * 128 * 127, nothing saturates).
+//   quads (AVX-VNNI, AVX512-VNNI): 4 channels as uint8 u = x + 128, multiplied by vpdpbusd
+//     (u8 x s8, 4 products summed straight into int32, no 16-bit step); the extra
+//     128 * sum(w[k]) is subtracted from the accumulator before the epilogue.
+// Either way activations keep all 8 bits. The one inexact-prone instruction is used only where
+// it is exact: kAvx2U7 runs the quads layout on AVX2's vpmaddubsw when every input code is <= -1
+// (u <= 127, checked), so a pair sums to at most 2 * 127 * 127 = 32258 < 32767 -- the 7-bit
+// activations of torch.ao's reduce_range, chosen by the model (tlcore.quantize(reduce_range=True)).
+//
+// Layout. The input is copied once into a buffer of groups with the spatial padding written
+// out (x_zero) and channels padded to the group size (met by zero weights), so the inner loop
+// has no bounds checks. Weights are packed per block of 16 output channels as
+// [tap][group][16 channels] 4-byte words: one multiply-add of a broadcast input group with two
+// ymm of weights gives partial sums for 16 channels. The register tile is 6 output pixels x 16
+// channels = 12 ymm accumulators, the outer-product micro-kernel of BLIS (Van Zee & van de
+// Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS Functionality").
+#include "int8_conv.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define TLCORE_X86 1
+#endif
+
+namespace tlcore {
+namespace {
+
+constexpr int kTileM = 6;    // output pixels per micro-tile
+constexpr int kTileN = 16;   // output channels per packed weight block
+constexpr int kChunkM = 8;   // micro-tiles per parallel task: one packed block stays hot in L2
+constexpr int64_t kL2Bytes = 256 * 1024;  // a conservative per-core L2 size
+
+constexpr int64_t kHeaderWords = 16;  // packed weights start with (magic, layout, K, C, R, S), 64 B aligned
+constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
+
+enum class Layout : int32_t { kPairs = 1, kQuads = 2 };
+
+Layout layout_for(Int8Isa isa) {
+  return isa == Int8Isa::kAvx2 || isa == Int8Isa::kScalar ? Layout::kPairs : Layout::kQuads;
+}
+
+int64_t group_size(Layout layout) { return layout == Layout::kPairs ? 2 : 4; }
+
+// One micro-tile's operands; every pointer and offset counts 4-byte groups.
+struct Tile {
+  const int32_t* rows[kTileM];  // each output pixel's input pixel at tap (0, 0), padded buffer
+  const int32_t* weight;        // the packed block of this tile's 16 channels
+  const int64_t* tap_offsets;   // R * S offsets of the taps from a row pointer
+  int64_t taps, groups;         // R * S, groups per pixel
+};
+
+using TileFn = void (*)(const Tile&, int32_t (*acc)[kTileN]);
+
+// The pairs layout in plain C++ (the reference-speed fallback of every CPU).
+void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
+  for (int i = 0; i < kTileM; ++i) std::fill(acc[i], acc[i] + kTileN, 0);
+  const int32_t* b = t.weight;
+  for (int64_t tap = 0; tap < t.taps; ++tap) {
+    for (int64_t g = 0; g < t.groups; ++g, b += kTileN) {
+      int16_t w[kTileN][2];
+      std::memcpy(w, b, sizeof(w));
+      for (int i = 0; i < kTileM; ++i) {
+        int16_t x[2];
+        std::memcpy(x, t.rows[i] + t.tap_offsets[tap] + g, sizeof(x));
+        for (int j = 0; j < kTileN; ++j) acc[i][j] += x[0] * w[j][0] + x[1] * w[j][1];
+      }
+    }
+  }
+}
+
+#ifdef TLCORE_X86
+__attribute__((target("avx2"))) inline __m256i madd_pairs_avx2(__m256i acc, __m256i x, __m256i w) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w));
+}
+__attribute__((target("avx2"))) inline __m256i madd_quads_u7_avx2(__m256i acc, __m256i x, __m256i w) {
+  // u8 x s8 pairs into int16 (exact for u <= 127), then pairs of those into int32.
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)));
+}
+__attribute__((target("avx2,avxvnni"))) inline __m256i madd_quads_avxvnni(__m256i acc, __m256i x, __m256i w) {
+  return _mm256_dpbusd_avx_epi32(acc, x, w);
+}
+__attribute__((target("avx2,avx512vnni,avx512vl"))) inline __m256i madd_quads_avx512vnni(__m256i acc, __m256i x,
+                                                                                         __m256i w) {
+  return _mm256_dpbusd_epi32(acc, x, w);
+}
+
+// The SIMD micro-kernel, instantiated once per instruction set: a function compiled for one
+// target cannot inline helpers of a wider one, so a template cannot share the body.
+#define TLCORE_DEFINE_SIMD_TILE(NAME, TARGET, MADD)                                              \
+  __attribute__((target(TARGET))) void NAME(const Tile& t, int32_t (*acc)[kTileN]) {             \
+    __m256i lo[kTileM], hi[kTileM];                                                              \
+    _Pragma("GCC unroll 6") for (int i = 0; i < kTileM; ++i) lo[i] = hi[i] = _mm256_setzero_si256(); \
+    const int32_t* b = t.weight;                                                                 \
+    for (int64_t tap = 0; tap < t.taps; ++tap) {                                                 \
+      const int64_t offset = t.tap_offsets[tap];                                                 \
+      for (int64_t g = 0; g < t.groups; ++g, b += kTileN) {                                      \
+        const __m256i b_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));            \
+        const __m256i b_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8));        \
+        _Pragma("GCC unroll 6") for (int i = 0; i < kTileM; ++i) {                               \
+          const __m256i a = _mm256_set1_epi32(t.rows[i][offset + g]);                            \
+          lo[i] = MADD(lo[i], a, b_lo);                                                          \
+          hi[i] = MADD(hi[i], a, b_hi);                                                          \
+        }                                                                                        \
+      }                                                                                          \
+    }                                                                                            \
+    for (int i = 0; i < kTileM; ++i) {                                                           \
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[i]), lo[i]);                            \
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[i] + 8), hi[i]);                        \
+    }                                                                                            \
+  }
+
+TLCORE_DEFINE_SIMD_TILE(tile_avx2, "avx2", madd_pairs_avx2)
+TLCORE_DEFINE_SIMD_TILE(tile_avx2u7, "avx2", madd_quads_u7_avx2)
+TLCORE_DEFINE_SIMD_TILE(tile_avxvnni, "avx2,avxvnni", madd_quads_avxvnni)
+TLCORE_DEFINE_SIMD_TILE(tile_avx512vnni, "avx2,avx512vnni,avx512vl", madd_quads_avx512vnni)
+#undef TLCORE_DEFINE_SIMD_TILE
+#endif  // TLCORE_X86
+
+const char* isa_name(Int8Isa isa) {
+  switch (isa) {
+    case Int8Isa::kAuto: return "auto";
+    case Int8Isa::kScalar: return "scalar";
+    case Int8Isa::kAvx2: return "avx2";
+    case Int8Isa::kAvxVnni: return "avxvnni";
+    case Int8Isa::kAvx512Vnni: return "avx512vnni";
+    case Int8Isa::kAvx2U7: return "avx2u7";
+  }
+  return "unknown";
+}
+
+Int8Isa best_isa() {
+  for (Int8Isa isa : {Int8Isa::kAvxVnni, Int8Isa::kAvx512Vnni, Int8Isa::kAvx2}) {
+    if (int8_isa_supported(isa)) return isa;
+  }
+  return Int8Isa::kScalar;
+}
+
+TileFn tile_fn(Int8Isa isa) {
+  switch (isa) {
+#ifdef TLCORE_X86
+    case Int8Isa::kAvx2: return tile_avx2;
+    case Int8Isa::kAvxVnni: return tile_avxvnni;
+    case Int8Isa::kAvx512Vnni: return tile_avx512vnni;
+    case Int8Isa::kAvx2U7: return tile_avx2u7;
+#endif
+    default: return tile_scalar;
+  }
+}
+
+// (N, H, W, C) int8 -> (N, H + 2 pad_h, W + 2 pad_w, groups) groups of the layout; border = x_zero.
+// With `seven_bit`, throws unless every code (and x_zero) is <= -1.
+std::vector<int32_t> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
+                               bool seven_bit) {
+  if (seven_bit && a.x_zero > -1) {
+    throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel needs x_zero <= -1 (7-bit activations)");
+  }
+  std::atomic<bool> eight_bit{false};
+  std::vector<int32_t> padded(static_cast<size_t>(a.n * hp * wp * groups));
+  const std::vector<int8_t> border(static_cast<size_t>(a.c), static_cast<int8_t>(a.x_zero));
+  const size_t pixel_bytes = static_cast<size_t>(groups) * sizeof(int32_t);
+  at::parallel_for(0, a.n * hp, 1, [&](int64_t begin, int64_t end) {
+    // One pixel in the layout's element type; channels past C stay 0 (their weights are 0).
+    std::vector<int16_t> pairs(layout == Layout::kPairs ? 2 * groups : 0, 0);
+    std::vector<uint8_t> quads(layout == Layout::kQuads ? 4 * groups : 0, 0);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / hp, y = row % hp - a.pad_h;
+      int32_t* dst = padded.data() + row * wp * groups;
+      for (int64_t col = 0; col < wp; ++col, dst += groups) {
+        const int64_t x = col - a.pad_w;
+        const bool inside = y >= 0 && y < a.h && x >= 0 && x < a.w;
+        const int8_t* src = inside ? a.x + ((n * a.h + y) * a.w + x) * a.c : border.data();
+        if (layout == Layout::kPairs) {
+          for (int64_t c = 0; c < a.c; ++c) pairs[c] = src[c];
+          std::memcpy(dst, pairs.data(), pixel_bytes);
+        } else {
+          uint8_t high = 0;
+          for (int64_t c = 0; c < a.c; ++c) {
+            quads[c] = static_cast<uint8_t>(src[c] + 128);
+            high |= quads[c];
+          }
+          if (seven_bit && (high & 0x80)) eight_bit.store(true, std::memory_order_relaxed);
+          std::memcpy(dst, quads.data(), pixel_bytes);
+        }
+      }
+    }
+  });
+  if (eight_bit.load()) {
+    throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel got an input code >= 0; it needs 7-bit "
+                                "activations (codes <= -1), where vpmaddubsw cannot saturate");
+  }
+  return padded;
+}
+
+// int32 tile -> int8 outputs: scale, offset, residual, shift, zero point, ReLU, saturate.
+void requantize(const Int8ConvArgs& a, const int32_t (*acc)[kTileN], int64_t m0, int rows, int64_t k0) {
+  const int64_t cols = std::min<int64_t>(kTileN, a.k - k0);
+  const int64_t lo = a.relu ? std::max(a.out_zero, -128) : -128;
+  const int64_t hi = a.out_max;
+  for (int i = 0; i < rows; ++i) {
+    const int64_t m = m0 + i;
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t k = k0 + j;
+      int64_t total = static_cast<int64_t>(acc[i][j]) * a.multiplier[k] + a.offset[k];
+      if (a.residual != nullptr) total += static_cast<int64_t>(a.residual[m * a.k + k]) * a.res_multiplier;
+      const int64_t q = (total >> a.shift) + a.out_zero;  // C++20: >> on a negative value is arithmetic
+      a.out[m * a.k + k] = static_cast<int8_t>(std::clamp<int64_t>(q, lo, hi));
+    }
+  }
+}
+
+#ifdef TLCORE_X86
+// requantize() on 4 outputs per 256-bit step (the scalar epilogue dominated 1x1 convs with few
+// channels). AVX2 has no 64-bit arithmetic shift: |total| < 2**62 (requantization's headroom), so
+// adding 2**62 makes it positive and a logical shift then floors exactly; 2**(62 - shift) comes off after.
+__attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, const int32_t (*acc)[kTileN],
+                                                     int64_t m0, int rows, int64_t k0) {
+  if (k0 + kTileN > a.k) return requantize(a, acc, m0, rows, k0);  // a partial channel block
+  const __m256i bias = _mm256_set1_epi64x(int64_t{1} << 62);
+  const __m256i unbias = _mm256_set1_epi64x((int64_t{1} << (62 - a.shift)) - a.out_zero);
+  const __m128i shift = _mm_cvtsi32_si128(a.shift);
+  const __m256i res_multiplier = _mm256_set1_epi64x(a.res_multiplier);  // |.| < 2**31: mul_epi32 reads 32 bits
+  const __m256i lo = _mm256_set1_epi64x(a.relu ? std::max(a.out_zero, -128) : -128);
+  const __m256i hi = _mm256_set1_epi64x(a.out_max);
+  const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
+  for (int i = 0; i < rows; ++i) {
+    const int64_t row = (m0 + i) * a.k + k0;
+    for (int j = 0; j < kTileN; j += 4) {
+      const __m256i x = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(acc[i] + j)));
+      const __m256i m = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.multiplier + k0 + j)));
+      __m256i total = _mm256_add_epi64(_mm256_mul_epi32(x, m),
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.offset + k0 + j)));
+      if (a.residual != nullptr) {
+        int32_t four;
+        std::memcpy(&four, a.residual + row + j, sizeof(four));
+        const __m256i r = _mm256_cvtepi8_epi64(_mm_cvtsi32_si128(four));
+        total = _mm256_add_epi64(total, _mm256_mul_epi32(r, res_multiplier));
+      }
+      __m256i q = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(total, bias), shift), unbias);
+      q = _mm256_blendv_epi8(q, lo, _mm256_cmpgt_epi64(lo, q));  // clamp in 64 bits, then narrow
+      q = _mm256_blendv_epi8(q, hi, _mm256_cmpgt_epi64(q, hi));
+      __m128i q32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(q, low_halves));
+      q32 = _mm_packs_epi16(_mm_packs_epi32(q32, q32), q32);  // in range already: exact narrowing
+      const int32_t bytes = _mm_cvtsi128_si32(q32);
+      std::memcpy(a.out + row + j, &bytes, sizeof(bytes));
+    }
+  }
+}
+#endif  // TLCORE_X86
+
+}  // namespace
+
+bool int8_isa_supported(Int8Isa isa) {
+  switch (isa) {
+    case Int8Isa::kAuto:
+    case Int8Isa::kScalar:
+      return true;
+#ifdef TLCORE_X86
+    case Int8Isa::kAvx2:
+    case Int8Isa::kAvx2U7:
+      return __builtin_cpu_supports("avx2");
+    case Int8Isa::kAvxVnni:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+    case Int8Isa::kAvx512Vnni:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512vnni") &&
+             __builtin_cpu_supports("avx512vl");
+#endif
+    default:
+      return false;
+  }
+}
+
+Int8Isa int8_resolve_isa(Int8Isa isa) {
+  if (isa == Int8Isa::kAuto) isa = best_isa();
+  if (!int8_isa_supported(isa)) {
+    throw std::invalid_argument(std::string("tlcore int8 conv: this CPU does not support the ") + isa_name(isa) +
+                                " kernel");
+  }
+  return isa;
+}
+
+int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa) {
+  const Layout layout = layout_for(int8_resolve_isa(isa));
+  const int64_t size = group_size(layout), blocks = (k + kTileN - 1) / kTileN;
+  const int64_t correction = layout == Layout::kQuads ? blocks * kTileN : 0;
+  return kHeaderWords + blocks * r * s * ((c + size - 1) / size) * kTileN + correction;
+}
+
+void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa,
+                          int32_t* packed) {
+  const Layout layout = layout_for(int8_resolve_isa(isa));
+  const int64_t size = group_size(layout), groups = (c + size - 1) / size, taps = r * s;
+  const int64_t blocks = (k + kTileN - 1) / kTileN, block_words = taps * groups * kTileN;
+  std::fill(packed, packed + int8_packed_weight_words(k, c, r, s, isa), 0);
+  const int32_t header[] = {kPackedMagic, static_cast<int32_t>(layout), static_cast<int32_t>(k),
+                            static_cast<int32_t>(c), static_cast<int32_t>(r), static_cast<int32_t>(s)};
+  std::copy(std::begin(header), std::end(header), packed);
+  int32_t* words = packed + kHeaderWords;
+  int32_t* correction = words + blocks * block_words;  // quads: 128 * sum(w[k]), see the file comment
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    // One (channel, tap) row in the layout's element type; channels past C stay 0.
+    std::vector<int16_t> pairs(layout == Layout::kPairs ? 2 * groups : 0, 0);
+    std::vector<int8_t> quads(layout == Layout::kQuads ? 4 * groups : 0, 0);
+    const char* row = layout == Layout::kPairs ? reinterpret_cast<const char*>(pairs.data())
+                                               : reinterpret_cast<const char*>(quads.data());
+    for (int64_t block = begin; block < end; ++block) {
+      for (int j = 0; j < kTileN && block * kTileN + j < k; ++j) {
+        const int64_t channel = block * kTileN + j;
+        int32_t sum = 0;
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          const int8_t* src = weight + (channel * taps + tap) * c;
+          if (layout == Layout::kPairs) {
+            std::copy(src, src + c, pairs.begin());
+          } else {
+            std::copy(src, src + c, quads.begin());
+          }
+          for (int64_t i = 0; i < c; ++i) sum += src[i];
+          int32_t* dst = words + block * block_words + tap * groups * kTileN + j;
+          for (int64_t g = 0; g < groups; ++g) std::memcpy(dst + g * kTileN, row + 4 * g, sizeof(int32_t));
+        }
+        if (layout == Layout::kQuads) correction[channel] = 128 * sum;
+      }
+    }
+  });
+}
+
+Int8Isa int8_conv2d_cpu(const Int8ConvArgs& a, Int8Isa isa) {
+  isa = int8_resolve_isa(isa);
+  const Layout layout = layout_for(isa);
+  const int64_t size = group_size(layout), groups = (a.c + size - 1) / size;
+  const int64_t hp = a.h + 2 * a.pad_h, wp = a.w + 2 * a.pad_w;
+  const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = a.r * a.s * groups * kTileN;
+  std::vector<int32_t> packed_here;
+  const int32_t* packed = a.packed_weight;
+  if (packed == nullptr) {
+    packed_here.resize(static_cast<size_t>(int8_packed_weight_words(a.k, a.c, a.r, a.s, isa)));
+    pack_int8_weight_cpu(a.weight, a.k, a.c, a.r, a.s, isa, packed_here.data());
+    packed = packed_here.data();
+  } else if (packed[0] != kPackedMagic || packed[1] != static_cast<int32_t>(layout) || packed[2] != a.k ||
+             packed[3] != a.c || packed[4] != a.r || packed[5] != a.s) {
+    throw std::invalid_argument("tlcore int8 conv: packed_weight was packed for another weight or instruction set");
+  }
+  const int32_t* weight = packed + kHeaderWords;
+  const int32_t* correction = layout == Layout::kQuads ? weight + blocks * block_words : nullptr;
+  const std::vector<int32_t> x = pad_input(a, layout, hp, wp, groups, isa == Int8Isa::kAvx2U7);
+  std::vector<int64_t> tap_offsets(static_cast<size_t>(a.r * a.s));
+  for (int64_t r = 0; r < a.r; ++r) {
+    for (int64_t s = 0; s < a.s; ++s) tap_offsets[r * a.s + s] = (r * a.dil_h * wp + s * a.dil_w) * groups;
+  }
+  const int64_t m_total = a.n * a.oh * a.ow;
+  const int64_t tiles = (m_total + kTileM - 1) / kTileM;
+  const int64_t chunks = (tiles + kChunkM - 1) / kChunkM;
+  const TileFn run_tile = tile_fn(isa);
+#ifdef TLCORE_X86
+  const auto epilogue = isa == Int8Isa::kScalar ? requantize : requantize_avx2;
+#else
+  const auto epilogue = requantize;
+#endif
+
+  // Task = (weight block, chunk of tiles). When all packed weights fit in L2, consecutive tasks
+  // share a chunk of input rows (which then stays in L1); otherwise they share a weight block.
+  const bool rows_outer = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    int32_t acc[kTileM][kTileN];
+    Tile t;
+    t.tap_offsets = tap_offsets.data();
+    t.taps = a.r * a.s;
+    t.groups = groups;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = rows_outer ? task % blocks : task / chunks;
+      const int64_t chunk = rows_outer ? task / blocks : task % chunks;
+      t.weight = weight + block * block_words;
+      const int64_t tile_end = std::min(tiles, (chunk + 1) * kChunkM);
+      for (int64_t tile = chunk * kChunkM; tile < tile_end; ++tile) {
+        const int64_t m0 = tile * kTileM;
+        const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
+        for (int i = 0; i < kTileM; ++i) {
+          // Rows past the end repeat the last one; their results are not stored.
+          const int64_t m = m0 + std::min(i, rows - 1);
+          const int64_t n = m / (a.oh * a.ow), y = (m / a.ow) % a.oh, col = m % a.ow;
+          t.rows[i] = x.data() + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
+        }
+        run_tile(t, acc);
+        if (correction != nullptr) {
+          for (int i = 0; i < kTileM; ++i) {
+            for (int j = 0; j < kTileN; ++j) acc[i][j] -= correction[block * kTileN + j];
+          }
+        }
+        epilogue(a, acc, m0, rows, block * kTileN);
+      }
+    }
+  });
+  return isa;
+}
+
+}  // namespace tlcore

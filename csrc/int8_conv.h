@@ -1,0 +1,64 @@
+// Plain C++ entry points of tlcore's int8 convolution (no torch headers: nvcc includes this too).
+//
+// The integer math, shared bit for bit by every backend (tlcore/ops/int8.py holds the
+// PyTorch reference and the derivation):
+//
+//   acc[m, k]   = sum over (r, s, c) of x[n, ih, iw, c] * w[k, r, s, c]            int32, exact
+//                 where x outside the image reads as x_zero (zero padding in real terms)
+//   total[m, k] = acc * multiplier[k] + offset[k] (+ residual[m, k] * res_multiplier)   int64
+//   out[m, k]   = clamp((total >> shift) + out_zero, relu ? max(out_zero, -128) : -128, out_max)
+//
+// `offset` already holds the bias, the x_zero * sum(w) correction, the residual's zero
+// point and the rounding half (1 << (shift - 1)), so `>>` (arithmetic) rounds half up.
+#pragma once
+
+#include <cstdint>
+
+namespace tlcore {
+
+struct Int8ConvArgs {
+  const int8_t* x;            // (N, H, W, C) contiguous
+  int64_t n, h, w, c;
+  int32_t x_zero;
+  const int8_t* weight;       // (K, R, S, C) contiguous
+  int64_t k, r, s;
+  const int32_t* multiplier;  // (K,)
+  const int64_t* offset;      // (K,)
+  int32_t shift;              // 0..62
+  const int8_t* residual;     // (N, OH, OW, K) contiguous, or nullptr
+  int64_t res_multiplier;
+  int32_t out_zero;
+  bool relu;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t oh, ow;
+  int8_t* out;                // (N, OH, OW, K) contiguous
+  const int32_t* packed_weight = nullptr;  // CPU: pack_int8_weight_cpu's output, or nullptr (pack per call)
+  int32_t out_max = 127;                   // the largest output code (-1 keeps outputs 7-bit, see kAvx2U7)
+};
+
+// Instruction sets of the CPU kernel; kAuto picks the best one the CPU has. kAvx2U7 (AVX2's
+// vpmaddubsw, never picked by kAuto) needs 7-bit inputs, x and x_zero <= -1, and checks them.
+enum class Int8Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvxVnni = 3, kAvx512Vnni = 4, kAvx2U7 = 5 };
+
+bool int8_isa_supported(Int8Isa isa);
+
+// kAuto -> the best supported set; throws std::invalid_argument for an unsupported one.
+Int8Isa int8_resolve_isa(Int8Isa isa);
+
+// The CPU kernel's weight layout for `isa`, so a model packs each weight once instead of on
+// every call: (K, R, S, C) int8 -> int32 words (a header naming the layout and shape, then
+// blocks of 16 channels; see csrc/cpu/int8_conv.cpp).
+int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa);
+void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa,
+                          int32_t* packed);
+
+// Runs the convolution on the CPU with `isa` (threads: ATen's intra-op pool).
+// Returns the instruction set used; throws std::invalid_argument if `isa` is unsupported.
+Int8Isa int8_conv2d_cpu(const Int8ConvArgs& args, Int8Isa isa);
+
+#ifdef TLCORE_WITH_CUDA
+// The same convolution on the GPU (dp4a implicit GEMM), launched on `stream` (a cudaStream_t).
+void int8_conv2d_cuda(const Int8ConvArgs& args, void* stream);
+#endif
+
+}  // namespace tlcore

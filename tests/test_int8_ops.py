@@ -1,0 +1,458 @@
+"""tlcore.ops.int8_conv2d and (de)quantize_per_tensor: every backend bit-exact against the integer reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from numerics import opcheck_utils
+from tlcore import _extension
+from tlcore.backend import use_backend
+from tlcore.ops import int8 as q8
+
+needs_extension = pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+CPU_ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni"]  # avx2u7 needs 7-bit inputs: its own tests
+
+
+def int64_conv(x, x_zero, weight, stride, padding, dilation):
+    """acc (N, K, OH, OW) int64 by unfolding windows and summing products in int64: no float anywhere."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    k, c, r, s = weight.shape
+    xp = F.pad(x.to(torch.int64), (pw, pw, ph, ph), value=x_zero)
+    windows = xp.unfold(2, dh * (r - 1) + 1, sh).unfold(3, dw * (s - 1) + 1, sw)[..., ::dh, ::dw]
+    return torch.einsum("nchwrs,kcrs->nkhw", windows, weight.to(torch.int64))
+
+
+def make_case(n, c, h, w, k, r, s, stride=1, padding=0, dilation=1, residual=True, relu=True, seed=0,
+              x_zero=None, layout="channels_last"):
+    """Random int8 operands and the fixed point of plausible scales (outputs span the int8 range)."""
+    g = torch.Generator().manual_seed(seed)
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    x = torch.randint(-128, 128, (n, c, h, w), generator=g, dtype=torch.int8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randint(-128, 128, (n, 2 * c, h, 2 * w), generator=g, dtype=torch.int8)[:, ::2, :, ::2]
+    weight = torch.randint(-127, 128, (k, c, r, s), generator=g, dtype=torch.int8)
+    if x_zero is None:
+        x_zero = int(torch.randint(-128, 128, (), generator=g))
+    w_scale = torch.rand(k, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(k, generator=g)
+    x_scale = 0.02
+    # Output scale ~ the accumulator's spread, so results are neither all saturated nor all zero.
+    out_scale = x_scale * w_scale.mean().item() * 74 * (c * r * s * (74**2 + x_zero**2)) ** 0.5 / 40
+    oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    res = torch.randint(-128, 128, (n, k, oh, ow), generator=g, dtype=torch.int8) if residual else None
+    multiplier, offset, shift, res_multiplier = q8.requantization(
+        x_scale, x_zero, weight, w_scale, bias, out_scale, -7, 0.2 * out_scale if residual else None, 11)
+    return dict(x=x, x_zero=x_zero, weight=weight, multiplier=multiplier, offset=offset, shift=shift,
+                residual=res, res_multiplier=res_multiplier, out_zero=-7, relu=relu,
+                stride=stride, padding=padding, dilation=dilation, out_max=127, x_max=127)
+
+
+def reference(case):
+    acc = int64_conv(case["x"], case["x_zero"], case["weight"], case["stride"], case["padding"], case["dilation"])
+    return q8.requantize_reference(acc, case["multiplier"], case["offset"], case["shift"], case["residual"],
+                                   case["res_multiplier"], case["out_zero"], case["relu"], case["out_max"])
+
+
+def run(case, backend_name):
+    kwargs = {k: v for k, v in case.items() if k not in ("x", "x_zero", "weight", "multiplier", "offset", "shift")}
+    with use_backend(backend_name):
+        return q8.int8_conv2d(case["x"], case["x_zero"], case["weight"], case["multiplier"], case["offset"],
+                              case["shift"], **kwargs)
+
+
+def assert_bit_exact(out, ref, what):
+    assert out.dtype == torch.int8 and out.shape == ref.shape, f"{what}: {out.dtype} {tuple(out.shape)}"
+    assert out.is_contiguous(memory_format=torch.channels_last), what
+    wrong = (out != ref).sum().item()
+    assert wrong == 0, f"{what}: {wrong} of {ref.numel()} outputs differ from the integer reference"
+    # The case must exercise the epilogue: several distinct codes, not only saturation.
+    assert ref.unique().numel() > min(20, ref.numel() // 4), f"{what}: degenerate case"
+
+
+CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
+    (1, 3, 17, 19, 16, 7, 7, 2, 3, 1),     # ResNet stem family, odd spatial sizes
+    (2, 16, 9, 9, 24, 3, 3, 1, 1, 1),
+    (1, 33, 7, 5, 17, 1, 1, 1, 0, 1),      # 1x1, odd channel counts
+    (3, 8, 10, 10, 40, 1, 1, 2, 0, 1),     # strided 1x1 (downsample)
+    (2, 13, 11, 13, 21, 3, 3, 2, 1, 1),    # strided 3x3, odd channels
+    (1, 5, 12, 12, 7, 3, 3, 1, 2, 2),      # dilation
+    (2, 6, 9, 14, 10, 1, 3, (1, 2), (0, 1), 1),  # asymmetric kernel and stride
+    (1, 512, 5, 5, 19, 3, 3, 1, 1, 1),     # K = 3*3*512 = 4608, the deepest ResNet reduction
+]
+CASE_IDS = ["x".join(map(str, c[:7])) for c in CASES]
+
+
+def isa_or_skip(isa):
+    if not q8.cpu_isa_supported(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    return isa
+
+
+# ---- the reference itself -------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES[:3] + CASES[5:], ids=CASE_IDS[:3] + CASE_IDS[5:])
+def test_float64_accumulation_is_exact(case):
+    """The torch backend's float64 conv equals the int64 unfold + einsum (so it is an integer reference)."""
+    c = make_case(*case)
+    acc = int64_conv(c["x"], c["x_zero"], c["weight"], c["stride"], c["padding"], c["dilation"])
+    ph, pw = c["padding"]
+    xp = F.pad(c["x"].double(), (pw, pw, ph, ph), value=float(c["x_zero"]))
+    acc64 = F.conv2d(xp, c["weight"].double(), stride=c["stride"], dilation=c["dilation"])
+    assert torch.equal(acc64.to(torch.int64), acc)
+
+
+def test_extreme_accumulation_is_exact():
+    """All-(-128) inputs times all-(-127) weights over 4608 taps: the int32 accumulator's largest value."""
+    x = torch.full((1, 512, 3, 3), -128, dtype=torch.int8)
+    w = torch.full((2, 512, 3, 3), -127, dtype=torch.int8)
+    acc = int64_conv(x, 0, w, [1, 1], [0, 0], [1, 1])
+    assert acc.flatten().tolist() == [128 * 127 * 4608] * 2 and acc.max() < 2**31
+
+
+def test_requantization_matches_float_math():
+    """The fixed-point result is the float requantization rounded: within one code of the float64 value."""
+    c = make_case(2, 24, 9, 9, 16, 3, 3, padding=1, residual=True, relu=False, x_zero=-3)
+    g = torch.Generator().manual_seed(1)
+    x_scale, w_scale, bias = 0.02, torch.rand(16, generator=g) * 0.01 + 1e-3, torch.randn(16, generator=g)
+    out_scale, out_zero, res_scale, res_zero = 0.37, 4, 0.21, -9
+    multiplier, offset, shift, res_multiplier = q8.requantization(
+        x_scale, -3, c["weight"], w_scale, bias, out_scale, out_zero, res_scale, res_zero)
+    acc = int64_conv(c["x"], -3, c["weight"], [1, 1], [1, 1], [1, 1])
+    out = q8.requantize_reference(acc, multiplier, offset, shift, c["residual"], res_multiplier, out_zero, False)
+    x_real = x_scale * (c["x"].double() + 3)
+    w_real = w_scale.double().view(-1, 1, 1, 1) * c["weight"].double()
+    y = F.conv2d(x_real, w_real, bias.double(), padding=1) + res_scale * (c["residual"].double() - res_zero)
+    expected = (y / out_scale + out_zero).clamp(-128, 127)
+    assert (out.double() - expected).abs().max() <= 0.5 + 1e-6
+    assert 40 < out.unique().numel()
+
+
+def test_requantization_reduces_shift_for_int64_headroom():
+    weight = torch.full((2, 512, 3, 3), 127, dtype=torch.int8)
+    multiplier, offset, shift, _ = q8.requantization(1e-3, -128, weight, torch.tensor([1e-9, 1e-9]), None, 1.0, 0)
+    worst = 128 * 127 * 4608 * multiplier.abs().max().item() + offset.abs().max().item()
+    assert 0 < shift <= q8.MAX_SHIFT and worst < 2**62
+
+
+# ---- backends against the reference ---------------------------------------------------------
+
+@needs_extension
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cpu_kernel_bit_exact(case, isa, monkeypatch):
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    for residual, relu in ((True, True), (False, False)):
+        c = make_case(*case, residual=residual, relu=relu)
+        assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} {case} residual={residual} relu={relu}")
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_cpu_kernel_any_input_layout(isa, layout, monkeypatch):
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    c = make_case(2, 11, 8, 7, 9, 3, 3, padding=1, layout=layout)
+    assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} {layout}")
+
+
+def seven_bit(case):
+    """The case with 7-bit activations (reduce_range): codes and zero points in [-128, -1], out_max = -1."""
+    g = torch.Generator().manual_seed(3)
+    c = dict(case, out_max=-1, x_max=-1, x_zero=-100, out_zero=-90)
+    c["x"] = torch.randint(-128, 0, case["x"].shape, generator=g, dtype=torch.int8).contiguous(
+        memory_format=torch.channels_last)
+    k = case["weight"].shape[0]
+    w_scale, bias = torch.rand(k, generator=g) * 0.01 + 1e-3, torch.randn(k, generator=g)
+    acc = int64_conv(c["x"], -100, case["weight"], case["stride"], case["padding"], case["dilation"])
+    out_scale = (acc.double() * 0.02 * w_scale.double().view(1, -1, 1, 1)).std().item() / 80
+    c["multiplier"], c["offset"], c["shift"], c["res_multiplier"] = q8.requantization(
+        0.02, -100, case["weight"], w_scale, bias, out_scale, -90,
+        0.2 * out_scale if case["residual"] is not None else None, 3)
+    return c
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["avx2u7", "scalar", "avx2", "avxvnni"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cpu_kernel_seven_bit_bit_exact(case, isa, monkeypatch):
+    """7-bit activations: AVX2's vpmaddubsw kernel is exact on them, and out_max = -1 clamps the output."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    for residual, relu in ((True, True), (False, False)):
+        c = seven_bit(make_case(*case, residual=residual, relu=relu))
+        ref = reference(c)
+        assert ref.max() == -1 and (ref.min() == -90 if relu else ref.min() < -90)  # out_max; ReLU at out_zero
+        out = run(c, "cpu")
+        assert_bit_exact(out, ref, f"cpu/{isa} 7-bit {case} residual={residual} relu={relu}")
+        packed = q8.pack_weight_cpu(c["weight"], c["x_zero"], c["x_max"])
+        assert torch.equal(run(dict(c, packed_weight=packed), "cpu"), ref)
+
+
+def test_seven_bit_other_backends(device):
+    c = seven_bit(make_case(2, 13, 11, 13, 21, 3, 3, 2, 1, 1))
+    ref = reference(c)
+    assert torch.equal(run(c, "torch"), ref)
+    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    assert torch.equal(run(c, "triton").cpu(), ref)
+
+
+@needs_extension
+def test_seven_bit_kernel_rejects_eight_bit_input(monkeypatch):
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2u7"))
+    c = seven_bit(make_case(1, 8, 6, 6, 16, 3, 3, padding=1))
+    c["x"][0, 3, 2, 2] = 0  # one 8-bit code: vpmaddubsw could saturate, so the kernel must refuse
+    with pytest.raises(RuntimeError, match="input code >= 0"):
+        run(c, "cpu")
+    with pytest.raises(RuntimeError, match="x_zero <= -1"):
+        run(dict(seven_bit(make_case(1, 8, 6, 6, 16, 3, 3, padding=1)), x_zero=0, x_max=127), "cpu")
+
+
+@needs_extension
+def test_seven_bit_inputs_pick_vpmaddubsw_only_without_vnni(monkeypatch):
+    monkeypatch.setattr(q8, "_auto_isa", lambda: q8._CPU_ISAS["avx2"])  # an AVX2 CPU without VNNI
+    assert q8.cpu_isa_for(-128, -1) == q8._CPU_ISAS["avx2u7"]
+    assert q8.cpu_isa_for(-128, 127) == q8._CPU_ISAS["auto"]  # 8-bit inputs keep the exact int16 kernel
+    monkeypatch.setattr(q8, "_auto_isa", lambda: q8._CPU_ISAS["avxvnni"])  # VNNI is faster and exact anyway
+    assert q8.cpu_isa_for(-128, -1) == q8._CPU_ISAS["auto"]
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    for case in (CASES[0], CASES[4], CASES[7]):
+        c = make_case(*case)
+        packed = q8.pack_weight_cpu(c["weight"])
+        assert packed.dtype == torch.int32
+        assert_bit_exact(run(dict(c, packed_weight=packed), "cpu"), reference(c), f"prepacked {case}")
+    with pytest.raises(RuntimeError, match="packed_weight does not match"):
+        run(dict(c, packed_weight=packed[:-16]), "cpu")
+    # A weight of another shape with as many words: the packed header tells them apart.
+    lookalike = c["weight"].reshape(*c["weight"].shape[:2], 1, -1)
+    with pytest.raises(RuntimeError, match="packed for another weight"):
+        run(dict(c, packed_weight=q8.pack_weight_cpu(lookalike)), "cpu")
+
+
+@needs_extension
+def test_cpu_kernel_saturates_exactly(monkeypatch):
+    """Extreme operands: the largest accumulators, every output saturated to 127 or -128."""
+    x = torch.full((1, 512, 3, 3), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    w = torch.full((34, 512, 3, 3), -127, dtype=torch.int8)  # 34: full 16-channel blocks and a partial one
+    w[1::2] = 127
+    multiplier, offset, shift, _ = q8.requantization(0.1, 0, w, torch.full((34,), 0.1), None, 0.05, 0)
+    for isa in ("scalar", "avx2"):
+        monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+        with use_backend("cpu"):
+            out = q8.int8_conv2d(x, 0, w, multiplier, offset, shift, padding=1)
+        acc = int64_conv(x, 0, w, [1, 1], [1, 1], [1, 1])
+        ref = q8.requantize_reference(acc, multiplier, offset, shift, None, 0, 0, False)
+        assert torch.equal(out, ref) and ref[0, 0::2].eq(127).all() and ref[0, 1::2].eq(-128).all()
+
+
+@needs_extension
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 40), hw=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+       k=st.integers(1, 40), rs=st.sampled_from([(1, 1), (3, 3), (1, 3), (5, 5)]), stride=st.integers(1, 3),
+       padding=st.integers(0, 2), dilation=st.integers(1, 2), residual=st.booleans(), relu=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_cpu_kernel_random_shapes(n, c, hw, k, rs, stride, padding, dilation, residual, relu, seed):
+    (h, w), (r, s) = hw, rs
+    if h + 2 * padding < dilation * (r - 1) + 1 or w + 2 * padding < dilation * (s - 1) + 1:
+        return  # no output pixel; the error path has its own test
+    c_ = make_case(n, c, h, w, k, r, s, stride, padding, dilation, residual, relu, seed)
+    out, ref = run(c_, "cpu"), reference(c_)
+    assert torch.equal(out, ref), f"{(n, c, h, w, k, r, s, stride, padding, dilation)}"
+
+
+TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], (1, 512, 3, 3, 8, 3, 3, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_triton_kernel_bit_exact(device, case):
+    c = make_case(*case, residual=case[1] != 33, relu=case[1] != 5)
+    ref = reference(c)
+    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    assert_bit_exact(run(c, "triton").cpu(), ref, f"triton {case}")
+
+
+def test_triton_launcher_writes_every_output(device):
+    """Two runs into buffers poisoned with different values must both equal the reference."""
+    from tlcore.kernels.int8_conv import int8_conv2d
+
+    c = make_case(2, 9, 7, 6, 70, 3, 3, padding=1)
+    ref = reference(c)
+    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    for poison in (85, -42):
+        out = torch.full(ref.shape, poison, dtype=torch.int8, device=device).contiguous(
+            memory_format=torch.channels_last)
+        int8_conv2d(c["x"], c["x_zero"], c["weight"], c["multiplier"], c["offset"], c["shift"], c["residual"],
+                    c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"], 127, out)
+        assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_kernel_bit_exact_resnet_shapes_gpu():
+    for case in [(8, 64, 56, 56, 64, 3, 3, 1, 1, 1), (8, 256, 14, 14, 1024, 1, 1, 1, 0, 1),
+                 (4, 512, 7, 7, 512, 3, 3, 1, 1, 1), (4, 3, 224, 224, 64, 7, 7, 2, 3, 1)]:
+        c = make_case(*case)
+        ref = q8._int8_conv2d_torch(*[c[k] for k in ("x", "x_zero", "weight", "multiplier", "offset", "shift",
+                                                      "residual", "res_multiplier", "out_zero", "relu", "stride",
+                                                      "padding", "dilation")])
+        c = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+        assert_bit_exact(run(c, "triton").cpu(), ref, f"triton gpu {case}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not _extension.has_cuda_kernels(),
+                    reason="needs a CUDA device and tlcore's CUDA kernels")
+@pytest.mark.parametrize("case", CASES + [(4, 64, 28, 28, 64, 3, 3, 1, 1, 1), (2, 256, 14, 14, 1024, 1, 1, 1, 0, 1)],
+                         ids=lambda c: "x".join(map(str, c[:7])))
+def test_cuda_kernel_bit_exact_and_equal_to_triton(case):
+    for residual, relu in ((True, True), (False, False)):
+        c = make_case(*case, residual=residual, relu=relu)
+        ref = reference(c) if case[0] * case[2] * case[3] < 5000 else q8._int8_conv2d_torch(*_op_args(c)[:14])
+        c = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+        out = run(c, "cuda")
+        assert_bit_exact(out.cpu(), ref, f"cuda {case} residual={residual} relu={relu}")
+        assert torch.equal(out, run(c, "triton"))
+    torch.library.opcheck(torch.ops.tlcore._int8_conv_cuda.default, _op_args(
+        {k: v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4 else v
+         for k, v in c.items()})[:14])
+
+
+def test_empty_batch():
+    c = make_case(1, 4, 5, 5, 6, 3, 3)
+    c["x"] = c["x"][:0]
+    c["residual"] = c["residual"][:0]
+    for name in ("cpu", "torch"):
+        out = run(c, name)
+        assert out.shape == (0, 6, 3, 3) and out.dtype == torch.int8
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(x=torch.zeros(1, 4, 5, 5)), TypeError, "must be int8"),
+    (dict(weight=torch.zeros(6, 3, 3, 3, dtype=torch.int8)), ValueError, "4 channels but weight expects 3"),
+    (dict(multiplier=torch.zeros(6, dtype=torch.int64)), ValueError, "multiplier must be int32"),
+    (dict(offset=torch.zeros(5, dtype=torch.int64)), ValueError, "offset must be int64 of shape"),
+    (dict(shift=63), ValueError, "shift must be in"),
+    (dict(x_zero=128), ValueError, "x_zero must be in"),
+    (dict(residual=torch.zeros(1, 6, 2, 2, dtype=torch.int8)), ValueError, "residual must be int8 of shape"),
+    (dict(padding=[0, 0], x=torch.zeros(1, 4, 2, 2, dtype=torch.int8)), ValueError, "smaller than"),
+    (dict(stride=[0, 1]), ValueError, "stride >= 1"),
+])
+def test_bad_arguments_raise(change, error, match):
+    c = make_case(1, 4, 5, 5, 6, 3, 3, padding=1)
+    c.update(change)
+    for name in ("cpu", "torch"):
+        with pytest.raises(error, match=match):
+            run(c, name)
+
+
+def test_too_long_reduction_raises():
+    c = make_case(1, 4, 5, 5, 2, 3, 3, padding=1)
+    c["x"] = torch.zeros(1, 14700, 3, 3, dtype=torch.int8)
+    c["weight"] = torch.zeros(2, 14700, 3, 3, dtype=torch.int8)
+    c["residual"] = None
+    with pytest.raises(ValueError, match="int32 accumulation"):
+        run(c, "torch")
+
+
+@needs_extension
+def test_unsupported_isa_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(q8.CPU_ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="TLCORE_INT8_CPU_ISA"):
+        run(make_case(1, 4, 5, 5, 6, 3, 3), "cpu")
+
+
+# ---- opcheck --------------------------------------------------------------------------------
+
+def _op_args(c, packed_weight=None):
+    """tlcore::int8_conv2d's arguments; [:14] ends at out_max (the CUDA op), [:13] at dilation."""
+    return (c["x"], c["x_zero"], c["weight"], c["multiplier"], c["offset"], c["shift"], c["residual"],
+            c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"], c["out_max"],
+            c["x_max"], packed_weight)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "torch", "triton"])
+def test_opcheck_int8_conv2d(backend_name, device):
+    dev = device if backend_name == "triton" else torch.device("cpu")
+    if backend_name == "cpu" and not _extension.loaded():
+        pytest.skip("tlcore._C is not built")
+    c = make_case(1, 5, 6, 6, 7, 3, 3, padding=1)
+    args = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in _op_args(c)]
+    with use_backend(backend_name):
+        torch.library.opcheck(torch.ops.tlcore.int8_conv2d.default, args,
+                              test_utils=opcheck_utils(backend_name, dev))
+
+
+@needs_extension
+def test_opcheck_cpu_kernel_op():
+    c = make_case(1, 5, 6, 6, 7, 3, 3, padding=1)
+    c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)  # the public op's job
+    c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], None, 0))
+    packed = q8.pack_weight_cpu(c["weight"])
+    torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, 0))
+    torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], 0))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_opcheck_quantize_dequantize(backend_name, device):
+    x = torch.randn(2, 3, 4, 5, device=device)
+    q = q8.quantize_per_tensor(x, 0.02, 3)
+    with use_backend(backend_name):
+        torch.library.opcheck(torch.ops.tlcore.quantize_per_tensor.default, (x, 50.0, 3),
+                              test_utils=opcheck_utils(backend_name, device))
+        torch.library.opcheck(torch.ops.tlcore.dequantize_per_tensor.default, (q, 0.02, 3),
+                              test_utils=opcheck_utils(backend_name, device))
+
+
+# ---- quantize / dequantize ------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_quantize_triton_matches_torch(device, layout, dtype):
+    x = torch.randn(3, 5, 7, 9, device=device) * 4
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = (torch.randn(3, 10, 7, 18, device=device) * 4)[:, ::2, :, ::2]
+    x = x.to(dtype)
+    with use_backend("torch"):
+        ref = q8.quantize_per_tensor(x, 0.05, -3)
+    with use_backend("triton"):
+        out = q8.quantize_per_tensor(x, 0.05, -3)
+    assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
+    # Round half up, saturated, and within half a step of x inside the range.
+    real = (ref.float() + 3) * 0.05
+    inside = (x.float() > -125 * 0.05) & (x.float() < 130 * 0.05)
+    assert (real - x.float())[inside].abs().max() <= 0.025 + 1e-6
+    assert ref.min() == -128 and ref.max() == 127
+    with use_backend("torch"):
+        back_ref = q8.dequantize_per_tensor(ref, 0.05, -3)
+    with use_backend("triton"):
+        back = q8.dequantize_per_tensor(ref, 0.05, -3)
+    assert torch.equal(back, back_ref) and back.is_contiguous() and torch.equal(back, real)
+
+
+def test_quantize_nan_and_ties(device):
+    x = torch.tensor([float("nan"), 0.025, -0.025, 0.075, 1e9, -1e9], device=device).view(1, 6, 1, 1)
+    for name in ("torch", "triton"):
+        with use_backend(name):
+            q = q8.quantize_per_tensor(x, 0.05, 2).flatten().tolist()
+        assert q == [2, 3, 2, 4, 127, -128], name  # NaN -> zero point; ties round up
+
+
+@pytest.mark.parametrize("scale, zero", [(0.0, 0), (float("nan"), 0), (-1.0, 0), (0.1, 128)])
+def test_quantize_bad_qparams(scale, zero):
+    with pytest.raises(ValueError):
+        q8.quantize_per_tensor(torch.randn(1, 2, 3, 3), scale, zero)
+    with pytest.raises(ValueError):
+        q8.dequantize_per_tensor(torch.zeros(1, 2, 3, 3, dtype=torch.int8), scale, zero)

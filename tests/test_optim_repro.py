@@ -1,0 +1,258 @@
+"""Bit-identical results: across backends, runs, a save/resume, and DDP replicas."""
+import io
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import tlcore
+from tlcore.backend import use_backend
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+OPTIMIZERS = {
+    "adamw": lambda params, **kw: tlcore.optim.AdamW(params, lr=1e-2, weight_decay=0.05, **kw),
+    "sgd": lambda params, **kw: tlcore.optim.SGD(params, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                                 **kw),
+}
+
+
+def _params(dtype):
+    """Odd sizes, more than one Triton chunk (8192 elements interpreted, 65536 compiled), a
+    channels_last weight and values down to fp16 subnormals."""
+    torch.manual_seed(0)
+    shapes = [(37,), (5, 7, 3), (70_001 if torch.cuda.is_available() else 10_001,), (1,)]
+    params = [torch.randn(s) for s in shapes]
+    params[1] = params[1] * 1e-6  # fp16 subnormals, bf16 small normals
+    params.append(torch.randn(6, 5, 3, 3).to(memory_format=torch.channels_last))
+    return [torch.nn.Parameter(p.to(dtype)) for p in params]
+
+
+def _grads(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen).to(p.dtype).to(memory_format=torch.preserve_format)
+            for p in params]
+
+
+def _run(make, dtype, backend, steps=3, seed=42, params=None, opt=None, first_step=0):
+    params = _params(dtype) if params is None else params
+    opt = make(params, seed=seed) if opt is None else opt
+    for step in range(first_step, first_step + steps):
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = torch.empty_like(p).copy_(g)
+        with use_backend(backend):
+            opt.step()
+    return params, opt
+
+
+def _bits(tensors):
+    return [t.detach().view(torch.uint8) if t.element_size() == 1 else
+            t.detach().contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()]) for t in tensors]
+
+
+def _snapshot(params, opt):
+    states = [v for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
+    return _bits(list(params) + states)
+
+
+def _assert_identical(a, b, what):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, y), f"{what}: tensor {i} differs in {(x != y).sum().item()} of {x.numel()} elements"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_backends_bit_identical(name, dtype):
+    """Interpreted Triton, the C++ CPU kernel and the PyTorch path write the same bits."""
+    results = {backend: _snapshot(*_run(OPTIMIZERS[name], dtype, backend)) for backend in ("torch", "cpu", "triton")}
+    _assert_identical(results["torch"], results["cpu"], "cpu vs torch")
+    _assert_identical(results["torch"], results["triton"], "triton vs torch")
+
+
+@pytest.mark.parametrize("seed", [1, 2**31 + 5, 2**32 + 1, 2**63 - 1])
+def test_seeds_across_the_64_bit_range_agree_across_backends(seed):
+    """Both key words reach every backend (the high word too, and values a JIT might specialise on)."""
+    make = OPTIMIZERS["adamw"]
+    a = _snapshot(*_run(make, torch.bfloat16, "cpu", steps=1, seed=seed))
+    b = _snapshot(*_run(make, torch.bfloat16, "triton", steps=1, seed=seed))
+    _assert_identical(a, b, f"triton vs cpu, seed {seed}")
+    if seed == 2**32 + 1:  # the same low word as seed 1: the high word must change the bits
+        c = _snapshot(*_run(make, torch.bfloat16, "cpu", steps=1, seed=1))
+        assert any(not torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_both_rounding_modes_agree_across_backends(stochastic):
+    make = lambda params, **kw: tlcore.optim.AdamW(params, lr=1e-3, stochastic_rounding=stochastic, **kw)  # noqa: E731
+    a = _snapshot(*_run(make, torch.bfloat16, "cpu"))
+    b = _snapshot(*_run(make, torch.bfloat16, "triton"))
+    _assert_identical(a, b, "triton vs cpu")
+
+
+def test_round_to_nearest_is_deterministic_and_seed_free():
+    make = lambda params, **kw: tlcore.optim.SGD(params, lr=1e-2, stochastic_rounding=False, **kw)  # noqa: E731
+    a = _snapshot(*_run(make, torch.bfloat16, "cpu", seed=1))
+    b = _snapshot(*_run(make, torch.bfloat16, "cpu", seed=2))
+    _assert_identical(a, b, "seed 1 vs 2 with round-to-nearest")
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_same_seed_same_bits_other_seed_other_bits(name):
+    a = _snapshot(*_run(OPTIMIZERS[name], torch.bfloat16, "cpu", seed=7))
+    b = _snapshot(*_run(OPTIMIZERS[name], torch.bfloat16, "cpu", seed=7))
+    c = _snapshot(*_run(OPTIMIZERS[name], torch.bfloat16, "cpu", seed=8))
+    _assert_identical(a, b, "two runs, seed 7")
+    assert any(not torch.equal(x, y) for x, y in zip(a, c)), "seeds 7 and 8 gave identical bits"
+
+
+def test_seed_none_draws_from_torch_generator():
+    torch.manual_seed(123)
+    a = tlcore.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["seed"]
+    torch.manual_seed(123)
+    b = tlcore.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["seed"]
+    c = tlcore.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["seed"]
+    assert a == b != c
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_resume_from_state_dict_is_bit_identical(name, dtype):
+    """5 uninterrupted steps == 2 steps, save, load (weights_only=True) into fresh objects, 3 steps."""
+    make = OPTIMIZERS[name]
+    whole = _snapshot(*_run(make, dtype, "cpu", steps=5))
+
+    params, opt = _run(make, dtype, "cpu", steps=2)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
+    resumed = make(fresh, seed=999)  # the seed comes back from the state dict
+    resumed.load_state_dict(saved["opt"])
+    assert resumed.param_groups[0]["seed"] == 42
+    _assert_identical(whole, _snapshot(*_run(make, dtype, "cpu", steps=3, params=fresh, opt=resumed,
+                                             first_step=2)), "resumed vs uninterrupted")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_grad_scaler_skips_inf_steps_and_unscales(dtype):
+    """fp16 params + GradScaler: an inf gradient skips the step; otherwise the scale is folded in."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    param = torch.nn.Parameter(torch.randn(64).to(dtype))
+    twin = torch.nn.Parameter(param.detach().clone())
+    opt = tlcore.optim.AdamW([param], lr=1e-2, seed=0)
+    ref = tlcore.optim.AdamW([twin], lr=1e-2, seed=0)
+    before = param.detach().clone()
+
+    scaler.scale((param.float() * float("inf")).sum()).backward()  # inf gradients
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(param.detach(), before) and param not in opt.state
+    assert scaler.get_scale() == 512.0
+
+    opt.zero_grad()
+    loss = (param.float() * torch.linspace(-1, 1, 64)).sum()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    twin.grad = torch.linspace(-1, 1, 64).to(dtype)  # the unscaled gradient
+    ref.step()
+    assert not torch.equal(param.detach(), before) and opt.state[param]["step"] == 1
+    assert torch.equal(param.detach(), twin.detach())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same initial weights on both ranks
+        model = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.ReLU(), torch.nn.Linear(17, 3)).to(torch.bfloat16)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = tlcore.optim.AdamW(ddp.parameters(), lr=1e-2, seed=5)
+        torch.manual_seed(rank)  # different data per rank
+        for _ in range(4):
+            x = torch.randn(8, 9).to(torch.bfloat16)
+            opt.zero_grad()
+            ddp(x).float().square().mean().backward()
+            opt.step()
+        torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+        _dtensor_matches_torch(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _dtensor_matches_torch(rank):
+    """FSDP2-style DTensor parameters (rows sharded over the 2 ranks): each rank updates its shard,
+    and with fp32 parameters the shards match torch.optim.AdamW's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    full, grad = torch.randn(11, 3), torch.randn(11, 3)
+    ours, stock = (torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)])) for _ in range(2))
+    for p in (ours, stock):
+        p.grad = distribute_tensor(grad, mesh, [Shard(0)])
+    opt = tlcore.optim.AdamW([ours], lr=1e-2, seed=0)
+    ref = torch.optim.AdamW([stock], lr=1e-2, foreach=False)
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    mine, theirs = ours.to_local(), stock.to_local()
+    assert mine.shape[0] == (6 if rank == 0 else 5)
+    assert torch.allclose(mine, theirs, rtol=1e-6, atol=0), f"rank {rank}: DTensor shard differs"
+    assert not torch.equal(mine, full[:6] if rank == 0 else full[6:])
+
+
+def test_ddp_replicas_stay_identical_and_dtensor_shards_update(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    torch.manual_seed(0)
+    init = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.ReLU(), torch.nn.Linear(17, 3)).to(torch.bfloat16)
+    _assert_identical(_bits(rank0), _bits(rank1), "rank 0 vs rank 1")
+    assert all(not torch.equal(a, b) for a, b in zip(rank0, init.parameters())), "DDP training did not move"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels: GPU only")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_gpu_backends_bit_identical_to_cpu(name, dtype):
+    """Compiled Triton and the CUDA C++ kernel on the GPU write the CPU kernel's bits."""
+    cpu = _snapshot(*_run(OPTIMIZERS[name], dtype, "cpu"))
+    for backend in ("triton", "cuda"):
+        params = [torch.nn.Parameter(p.detach().cuda()) for p in _params(dtype)]
+        opt = OPTIMIZERS[name](params, seed=42)
+        for step in range(3):
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = torch.empty_like(p).copy_(g)
+            with use_backend(backend):
+                opt.step()
+        gpu = [t.cpu() for t in _snapshot(params, opt)]
+        _assert_identical(cpu, gpu, f"{backend} on the GPU vs the CPU kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2**32-element tensors: GPU only")
+def test_gpu_element_index_past_2_to_the_32():
+    """The Philox counter's high word: elements past 2**32 get other bits than their low-word twins."""
+    n = 2**32 + 1024
+    param = torch.nn.Parameter(torch.ones(n, device="cuda", dtype=torch.bfloat16))
+    param.grad = torch.full_like(param, 2**-12)  # a sub-ulp step: each element rounds by its own bits
+    tlcore.optim.SGD([param], lr=1.0, seed=1).step()
+    low, high = param[:1024], param[2**32:]
+    assert not torch.equal(low, high), "elements i and i + 2**32 got the same random bits"
+    cpu_tail = torch.ones(1024, dtype=torch.bfloat16)
+    ref = tlcore.ops.optim.philox_words(1, torch.arange(2**32, n), 0, 1)[0]
+    expected = tlcore.ops.optim.round_to_bits(cpu_tail.float() - 2**-12, ref, torch.bfloat16, True)
+    assert torch.equal(high.cpu(), expected)

@@ -1,0 +1,225 @@
+"""Modules of an INT8 model built by `tlcore.quantize`: int8 NHWC activations between layers.
+
+Every activation tensor is int8 (N, C, H, W) channels_last with one (scale, zero_point)
+per tensor; each module knows the quantization of its input and output. The integer
+parameters are buffers and the per-layer constants are "extra state", so a model rebuilt
+by `tlcore.quantize` loads a saved state_dict with `torch.load(..., weights_only=True)`.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.quantization import PerChannelMinMaxObserver
+
+from tlcore.backend import use_backend
+from tlcore.nn.conv import FusedConv2dBNReLU
+from tlcore.ops.int8 import (WEIGHT_QMAX, cpu_isa_for, dequantize_per_tensor, int8_conv2d, pack_weight_cpu,
+                             quantize_per_tensor, requantization)
+
+
+class QParams(NamedTuple):
+    """The quantization of one activation tensor: x = scale * (q - zero_point), q <= qmax.
+
+    qmax is 127, or -1 for 7-bit activations (reduce_range).
+    """
+
+    scale: float
+    zero_point: int
+    qmax: int = 127
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, C, R, S) float -> (int8 (K, C, R, S) in [-127, 127] channels_last, fp32 (K,) scales).
+
+    Symmetric per output channel: scale[k] = max|w[k]| / 127 (torch.ao's per-channel observer).
+    """
+    observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                        quant_min=-WEIGHT_QMAX, quant_max=WEIGHT_QMAX)
+    observer(weight.detach().float())
+    scale, _ = observer.calculate_qparams()
+    scale = scale.to(weight.device, torch.float32)
+    q = torch.round(weight.detach().float() / scale.view(-1, 1, 1, 1)).clamp(-WEIGHT_QMAX, WEIGHT_QMAX)
+    return q.to(torch.int8).contiguous(memory_format=torch.channels_last), scale
+
+
+class _Int8Module(nn.Module):
+    """Keeps the per-layer constants (ints, floats, bools, lists) in `state` and in the state_dict.
+
+    `backend` forces a tlcore backend for the module's op when the op has it (IMPLEMENTED);
+    otherwise the op picks its default (e.g. quantize on CPU is PyTorch's own vectorised ops).
+    """
+
+    IMPLEMENTED: tuple[str, ...] = ("triton", "torch")
+
+    def __init__(self, **state):
+        super().__init__()
+        self.state = state
+        self.backend: str | None = None  # tlcore backend forced for this module's ops
+
+    def get_extra_state(self) -> dict:
+        return dict(self.state)
+
+    def set_extra_state(self, state: dict) -> None:
+        if set(state) != set(self.state):
+            raise ValueError(f"{type(self).__name__}: state_dict holds {sorted(state)}, expected {sorted(self.state)}"
+                             " (rebuild the model with tlcore.quantize before loading)")
+        self.state = dict(state)
+
+    def _backend(self):
+        return use_backend(self.backend if self.backend in self.IMPLEMENTED else None)
+
+
+class QuantizeInput(_Int8Module):
+    """float (N, C, H, W) -> int8 (N, C, H, W) channels_last with the calibrated input scale."""
+
+    def __init__(self, qparams: QParams):
+        super().__init__(scale=float(qparams.scale), zero_point=int(qparams.zero_point))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.isnan(x).any():
+            raise ValueError("tlcore int8 model: the input contains NaN")
+        with self._backend():
+            return quantize_per_tensor(x, self.state["scale"], self.state["zero_point"])
+
+    def extra_repr(self) -> str:
+        return f"scale={self.state['scale']:.4g}, zero_point={self.state['zero_point']}"
+
+
+class DequantizeOutput(_Int8Module):
+    """int8 (N, C, H, W) -> fp32 (N, C, H, W)."""
+
+    def __init__(self, qparams: QParams):
+        super().__init__(scale=float(qparams.scale), zero_point=int(qparams.zero_point))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        with self._backend():
+            return dequantize_per_tensor(q, self.state["scale"], self.state["zero_point"])
+
+    def extra_repr(self) -> str:
+        return f"scale={self.state['scale']:.4g}, zero_point={self.state['zero_point']}"
+
+
+class Int8Conv2d(_Int8Module):
+    """Quantized conv + folded BN (+ int8 residual) (+ ReLU): int8 in, int8 out, one kernel.
+
+    forward(x: int8 (N, C, H, W), residual: int8 (N, K, OH, OW) or None) -> int8 (N, K, OH, OW) channels_last.
+    Buffers: weight int8 (K, C, R, S) channels_last, w_scale fp32 (K,), multiplier int32 (K,), offset int64 (K,).
+    """
+
+    IMPLEMENTED = ("triton", "cuda", "cpu", "torch")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, **state):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel_size=list(kernel_size), **state)
+        k = out_channels
+        self.register_buffer("weight", torch.zeros(k, in_channels, *kernel_size, dtype=torch.int8).contiguous(
+            memory_format=torch.channels_last))
+        self.register_buffer("w_scale", torch.ones(k))
+        self.register_buffer("multiplier", torch.zeros(k, dtype=torch.int32))
+        self.register_buffer("offset", torch.zeros(k, dtype=torch.int64))
+        self._packed: tuple[tuple, torch.Tensor | None] = ((), None)
+
+    @classmethod
+    def from_fused(cls, fused: FusedConv2dBNReLU, x_q: QParams, out_q: QParams, res_q: QParams | None = None):
+        """Quantize a FusedConv2dBNReLU (BN already folded into scale/shift) for the given activation qparams."""
+        weight = fused.weight.detach().float() * fused.scale.view(-1, 1, 1, 1)
+        weight_q, w_scale = quantize_weight(weight)
+        multiplier, offset, shift, res_multiplier = requantization(
+            x_q.scale, x_q.zero_point, weight_q, w_scale, fused.shift, out_q.scale, out_q.zero_point,
+            None if res_q is None else res_q.scale, 0 if res_q is None else res_q.zero_point)
+        module = cls(fused.in_channels, fused.out_channels, fused.kernel_size,
+                     stride=list(fused.stride), padding=list(fused.padding), dilation=list(fused.dilation),
+                     relu=bool(fused.relu), residual=res_q is not None,
+                     x_scale=float(x_q.scale), x_zero=int(x_q.zero_point),
+                     out_scale=float(out_q.scale), out_zero=int(out_q.zero_point),
+                     res_scale=0.0 if res_q is None else float(res_q.scale),
+                     res_zero=0 if res_q is None else int(res_q.zero_point),
+                     shift=shift, res_multiplier=res_multiplier, out_max=int(out_q.qmax), x_max=int(x_q.qmax))
+        module.to(weight.device)
+        with torch.no_grad():
+            module.weight.copy_(weight_q)
+            module.w_scale.copy_(w_scale)
+            module.multiplier.copy_(multiplier)
+            module.offset.copy_(offset)
+        return module
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.state
+        if (residual is not None) != s["residual"]:
+            raise ValueError(f"Int8Conv2d was calibrated {'with' if s['residual'] else 'without'} a residual")
+        with self._backend():
+            return int8_conv2d(x, s["x_zero"], self.weight, self.multiplier, self.offset, s["shift"],
+                               residual=residual, res_multiplier=s["res_multiplier"], out_zero=s["out_zero"],
+                               relu=s["relu"], stride=s["stride"], padding=s["padding"], dilation=s["dilation"],
+                               out_max=s["out_max"], x_max=s["x_max"], packed_weight=self._packed_weight())
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        """The weight in the C++ CPU kernel's layout, packed again whenever the weight changes."""
+        s = self.state
+        isa = cpu_isa_for(s["x_zero"], s["x_max"]) if self.weight.device.type == "cpu" else None
+        key = (self.weight.device, self.weight.data_ptr(), self.weight._version, isa)
+        if self._packed[0] != key:
+            self._packed = (key, pack_weight_cpu(self.weight, s["x_zero"], s["x_max"]))
+        return self._packed[1]
+
+    def extra_repr(self) -> str:
+        s = self.state
+        epilogue = "bn" + (" + residual" if s["residual"] else "") + (" + relu" if s["relu"] else "")
+        return (f"{s['in_channels']}, {s['out_channels']}, kernel_size={tuple(s['kernel_size'])}, "
+                f"stride={tuple(s['stride'])}, padding={tuple(s['padding'])}, int8 conv + {epilogue}, "
+                f"in scale={s['x_scale']:.3g} zp={s['x_zero']}, out scale={s['out_scale']:.3g} zp={s['out_zero']}"
+                + (", 7-bit out" if s["out_max"] < 0 else ""))
+
+
+class Int8MaxPool2d(nn.Module):
+    """Max-pool on int8 codes: exact, and the output keeps the input's scale and zero point."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = pool.kernel_size, pool.stride, pool.padding
+        self.dilation, self.ceil_mode = pool.dilation, pool.ceil_mode
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        # CUDA has no integer max-pool, and the CPU one rejects an int8 tensor of more than 127
+        # elements per image (an int8-typed size check); fp16 holds every int8 value exactly.
+        y = F.max_pool2d(q.half(), self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        return y.to(torch.int8).contiguous(memory_format=torch.channels_last)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, int8"
+
+
+class Int8ResidualBlock(nn.Module):
+    """A ResNet BasicBlock/Bottleneck in int8: `last(body(x), residual=downsample(x) or x)`.
+
+    forward(x: int8 (N, C, H, W)) -> int8 (N, K, OH, OW); the residual is added in the last
+    conv's epilogue with its own scale.
+    """
+
+    def __init__(self, body: nn.Sequential, last: Int8Conv2d, downsample: Int8Conv2d | None):
+        super().__init__()
+        self.body, self.last, self.downsample = body, last, downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.last(self.body(x), identity)
+
+
+class FloatFallback(nn.Module):
+    """A module left in floating point inside an int8 model: dequantize, run it, quantize.
+
+    forward(q: int8 (N, C, H, W)) -> int8; `reason` says why the module stayed float.
+    """
+
+    def __init__(self, module: nn.Module, in_q: QParams, out_q: QParams, reason: str):
+        super().__init__()
+        self.dequantize, self.module, self.quantize = DequantizeOutput(in_q), module, QuantizeInput(out_q)
+        self.reason = reason
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        x = self.dequantize(q)
+        dtype = next(self.module.parameters(), x).dtype  # the float module's own dtype (fp32/fp16/bf16)
+        return self.quantize(self.module(x.to(dtype)))
+
+    def extra_repr(self) -> str:
+        return f"float: {self.reason}"

@@ -1,0 +1,417 @@
+"""INT8 inference ops: the integer math of tlcore's quantized convolution, defined once.
+
+Representation
+    activation  x = x_scale * (x_q - x_zero)   x_q int8 (N, C, H, W) channels_last; one scale and
+                                               zero point per tensor (asymmetric)
+    weight      w = w_scale[k] * w_q[k]        w_q int8 in [-127, 127]; symmetric, per output channel
+
+Activations are asymmetric: after a ReLU the zero point is -128, so all 256 codes cover
+[0, max] instead of the 128 a symmetric int8 would leave (tests/test_int8_quantize.py
+measures the SQNR gained). Weights are symmetric so the conv needs no weight zero point.
+
+`int8_conv2d`, the contract every backend (torch, cpu, triton, cuda) meets bit for bit:
+
+    acc[m, k]   = sum_{r,s,c} x_q[n, oh*sh + r*dh - ph, ow*sw + s*dw - pw, c] * w_q[k, c, r, s]
+                  (x_q reads as x_zero outside the image)                               int32, exact
+    total[m, k] = acc * multiplier[k] + offset[k] (+ residual_q[m, k] * res_multiplier)     int64
+    out[m, k]   = clamp(floor(total / 2**shift) + out_zero, relu ? max(out_zero, -128) : -128, out_max)
+
+out_max is 127, or -1 for 7-bit activations (tlcore.quantize(reduce_range=True)): then the
+next layer's C++ kernel can use AVX2's vpmaddubsw exactly (csrc/cpu/int8_conv.cpp).
+
+`requantization` turns the float scales into that fixed point: multiplier[k] ~
+x_scale * w_scale[k] / out_scale * 2**shift, and offset folds in the bias, the
+x_zero * sum(w_q[k]) correction, the residual's zero point and the rounding half. Fixed
+point instead of an fp32 multiply because GPU compilers contract multiply-adds into FMAs,
+which would make Triton, CUDA and C++ results differ in the last code.
+"""
+import functools
+import math
+import os
+from typing import Optional, Sequence  # typing forms: torch.library's schema inference reads them on torch 2.6
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op
+
+from tlcore import _extension, backend
+from tlcore.ops.conv import output_size
+
+QMIN, QMAX = -128, 127
+WEIGHT_QMAX = 127  # symmetric weights: -128 is never used, so -w_q always fits
+# |acc| <= 128 * 127 * (R * S * C) must fit int32 (and float64 sums stay exact far beyond).
+MAX_REDUCTION = (2**31 - 1) // (128 * 127)
+MAX_SHIFT = 46
+_INT64_HEADROOM = 2**62
+
+_CONV_OP = "int8_conv2d"
+_CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5}
+CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
+
+
+# ---- float scales -> fixed point --------------------------------------------------------------
+
+def requantization(x_scale: float, x_zero: int, weight_q: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_scale: float, out_zero: int,
+                   res_scale: float | None = None, res_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The fixed-point (multiplier, offset, shift, res_multiplier) of one quantized conv.
+
+    Args:
+        x_scale, x_zero: the input's per-tensor quantization.
+        weight_q: (K, C, R, S) int8 in [-127, 127]; w_scale: (K,) float, its per-channel scales.
+        bias: (K,) float or None, in real units.
+        out_scale, out_zero: the output's quantization.
+        res_scale, res_zero: the int8 residual's quantization, or None without residual.
+
+    Returns:
+        multiplier (K,) int32, offset (K,) int64 (on weight_q's device), shift, res_multiplier.
+        The largest multiplier gets 30 significant bits, unless int64 headroom needs fewer.
+    """
+    k = weight_q.shape[0]
+    device = weight_q.device
+    real = x_scale * w_scale.detach().double().to(device) / out_scale
+    res_real = 0.0 if res_scale is None else res_scale / out_scale
+    largest = max(real.abs().max().item() if k else 0.0, abs(res_real), 2.0**-MAX_SHIFT)
+    if not math.isfinite(largest) or largest >= 2**29:
+        raise ValueError(f"tlcore int8: requantization factor {largest:g} is out of range "
+                         f"(scales x={x_scale:g}, out={out_scale:g}); calibrate with non-degenerate data")
+    wsum = weight_q.detach().to(torch.int64).flatten(1).sum(1)
+    bias_real = torch.zeros(k, dtype=torch.float64, device=device) if bias is None else \
+        bias.detach().double().to(device) / out_scale
+    reduction = weight_q[0].numel() if k else 1
+    for shift in range(min(MAX_SHIFT, 29 - math.floor(math.log2(largest))), 0, -1):
+        multiplier = torch.round(real * 2.0**shift).to(torch.int64)
+        res_multiplier = round(res_real * 2**shift)
+        offset = torch.round(bias_real * 2.0**shift).to(torch.int64) - x_zero * wsum * multiplier \
+            - res_zero * res_multiplier + 2 ** (shift - 1)
+        # Worst case of acc * multiplier + offset + residual * res_multiplier must stay in int64.
+        worst = (128 * 127 * reduction * multiplier.abs() + offset.abs()).max().item() if k else 0
+        if worst + 128 * abs(res_multiplier) < _INT64_HEADROOM:
+            return multiplier.to(torch.int32), offset, shift, res_multiplier
+    raise ValueError(f"tlcore int8: the bias is too large for the output scale {out_scale:g} "
+                     f"(max |bias| / out_scale = {bias_real.abs().max().item():g})")
+
+
+# ---- the convolution ------------------------------------------------------------------------
+
+def _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
+                     stride, padding, dilation, out_max, x_max) -> tuple[int, int]:
+    """Validate int8_conv2d's arguments with clear errors; return the output (OH, OW)."""
+    where = "tlcore.ops.int8_conv2d"
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"{where}: x must be (N, C, H, W) and weight (K, C, R, S); "
+                         f"got ranks {x.dim()} and {weight.dim()}")
+    if x.dtype != torch.int8 or weight.dtype != torch.int8:
+        raise TypeError(f"{where}: x and weight must be int8, got {x.dtype} and {weight.dtype} "
+                        "(quantize floats with tlcore.ops.quantize_per_tensor)")
+    k, c, r, s = weight.shape
+    if x.shape[1] != c:
+        raise ValueError(f"{where}: x has {x.shape[1]} channels but weight expects {c} (groups must be 1)")
+    if c * r * s > MAX_REDUCTION:
+        raise ValueError(f"{where}: C*R*S = {c * r * s} exceeds {MAX_REDUCTION}, where int32 accumulation "
+                         "could overflow")
+    if multiplier.shape != (k,) or multiplier.dtype != torch.int32:
+        raise ValueError(f"{where}: multiplier must be int32 of shape ({k},), got {multiplier.dtype} "
+                         f"{tuple(multiplier.shape)}")
+    if offset.shape != (k,) or offset.dtype != torch.int64:
+        raise ValueError(f"{where}: offset must be int64 of shape ({k},), got {offset.dtype} {tuple(offset.shape)}")
+    if not 0 <= shift <= 62:
+        raise ValueError(f"{where}: shift must be in [0, 62], got {shift}")
+    for name, zero in (("x_zero", x_zero), ("out_zero", out_zero)):
+        if not QMIN <= zero <= QMAX:
+            raise ValueError(f"{where}: {name} must be in [{QMIN}, {QMAX}], got {zero}")
+    if not out_zero <= out_max <= QMAX or not x_zero <= x_max <= QMAX:
+        raise ValueError(f"{where}: need out_zero <= out_max <= {QMAX} and x_zero <= x_max <= {QMAX}; got "
+                         f"out_zero={out_zero}, out_max={out_max}, x_zero={x_zero}, x_max={x_max}")
+    if abs(res_multiplier) >= 2**31:
+        raise ValueError(f"{where}: |res_multiplier| must be below 2**31, got {res_multiplier}")
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2 or \
+            min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{where}: need (h, w) pairs with stride >= 1, dilation >= 1, padding >= 0; "
+                         f"got stride={stride}, padding={padding}, dilation={dilation}")
+    oh = output_size(x.shape[2], r, stride[0], padding[0], dilation[0])
+    ow = output_size(x.shape[3], s, stride[1], padding[1], dilation[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{where}: input {tuple(x.shape[2:])} is smaller than the (dilated) kernel {(r, s)} "
+                         f"with padding {tuple(padding)}")
+    tensors = [weight, multiplier, offset] + ([residual] if residual is not None else [])
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"{where}: all tensors must be on x's device {x.device}, got "
+                         f"{[str(t.device) for t in tensors]}")
+    if residual is not None and (residual.dtype != torch.int8 or tuple(residual.shape) != (x.shape[0], k, oh, ow)):
+        raise ValueError(f"{where}: residual must be int8 of shape {(x.shape[0], k, oh, ow)}, "
+                         f"got {residual.dtype} {tuple(residual.shape)}")
+    return oh, ow
+
+
+def _int8_conv2d_torch(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
+                       stride, padding, dilation, out_max=QMAX):
+    """The reference: exact accumulation, then the int64 epilogue.
+
+    The conv runs in float64: every product and partial sum is an integer below 2**31
+    (MAX_REDUCTION), far inside float64's 2**53 exact range, so the result is exact in
+    any summation order (tests check it against an int64 unfold + einsum).
+    """
+    ph, pw = padding
+    xp = F.pad(x.double(), (pw, pw, ph, ph), value=float(x_zero))
+    acc = F.conv2d(xp, weight.double(), stride=stride, dilation=dilation).to(torch.int64)
+    return requantize_reference(acc, multiplier, offset, shift, residual, res_multiplier, out_zero, relu, out_max)
+
+
+def requantize_reference(acc, multiplier, offset, shift, residual, res_multiplier, out_zero, relu, out_max=QMAX):
+    """int64 epilogue: acc (N, K, OH, OW) int64 -> int8 (N, K, OH, OW) channels_last."""
+    total = acc * multiplier.to(torch.int64).view(1, -1, 1, 1) + offset.view(1, -1, 1, 1)
+    if residual is not None:
+        total = total + residual.to(torch.int64) * res_multiplier
+    q = torch.div(total, 2**shift, rounding_mode="floor") + out_zero
+    q = q.clamp(max(out_zero, QMIN) if relu else QMIN, out_max)
+    return q.to(torch.int8).contiguous(memory_format=torch.channels_last)
+
+
+def selected_cpu_isa() -> int:
+    """The C++ kernel's instruction set selected now (TLCORE_INT8_CPU_ISA, default auto); packed weights depend on it."""
+    name = os.environ.get(CPU_ISA_ENV, "auto")
+    if name not in _CPU_ISAS:
+        raise ValueError(f"{CPU_ISA_ENV}={name!r}; choose one of {', '.join(_CPU_ISAS)}")
+    return _CPU_ISAS[name]
+
+
+def cpu_isa_for(x_zero: int, x_max: int) -> int:
+    """The C++ kernel's instruction set for an input whose codes lie in [-128, x_max].
+
+    Where the kernel would run AVX2 without VNNI (chosen automatically or by
+    TLCORE_INT8_CPU_ISA=avx2), 7-bit inputs (x_max <= -1) take vpmaddubsw, exact for them;
+    otherwise the selected set (VNNI is faster than either).
+    """
+    isa = selected_cpu_isa()
+    if not _extension.loaded():
+        return isa  # no C++ kernel to choose for
+    avx2 = (_auto_isa() if isa == _CPU_ISAS["auto"] else isa) == _CPU_ISAS["avx2"]
+    if avx2 and x_max <= -1 and x_zero <= -1:
+        return _CPU_ISAS["avx2u7"]
+    return isa
+
+
+@functools.cache
+def _auto_isa() -> int:
+    return torch.ops.tlcore._int8_cpu_resolve_isa(_CPU_ISAS["auto"])
+
+
+def cpu_isa_supported(name: str) -> bool:
+    """Whether the C++ int8 kernel can run with instruction set `name` here (see _CPU_ISAS)."""
+    return _extension.loaded() and torch.ops.tlcore._int8_cpu_isa_supported(_CPU_ISAS[name])
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@triton_op("tlcore::int8_conv2d", mutates_args=())
+def _int8_conv2d_op(
+    x: torch.Tensor,
+    x_zero: int,
+    weight: torch.Tensor,
+    multiplier: torch.Tensor,
+    offset: torch.Tensor,
+    shift: int,
+    residual: Optional[torch.Tensor],
+    res_multiplier: int,
+    out_zero: int,
+    relu: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    out_max: int,
+    x_max: int,
+    packed_weight: Optional[torch.Tensor],
+) -> torch.Tensor:
+    out = _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
+                            relu, stride, padding, dilation, out_max, x_max, packed_weight)
+    if out.numel() == 0:
+        return out
+    args = (x_zero, _nhwc(weight), multiplier.contiguous(), offset.contiguous(), shift,
+            None if residual is None else _nhwc(residual), res_multiplier, out_zero, relu,
+            list(stride), list(padding), list(dilation), out_max)
+    chosen = backend.select(_CONV_OP, x.device, ("triton", "cuda", "cpu", "torch"))
+    if chosen == "cpu":
+        return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, cpu_isa_for(x_zero, x_max))
+    if chosen == "cuda":
+        return torch.ops.tlcore._int8_conv_cuda(_nhwc(x), *args)
+    if chosen == "triton":
+        from tlcore.kernels.int8_conv import int8_conv2d as triton_int8_conv2d
+
+        triton_int8_conv2d(x, *args, out)
+        return out
+    return _int8_conv2d_torch(x, *args)
+
+
+@_int8_conv2d_op.register_fake
+def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
+                      stride, padding, dilation, out_max=QMAX, x_max=QMAX, packed_weight=None):
+    """Validates and allocates the (N, K, OH, OW) int8 channels_last output; launches nothing."""
+    oh, ow = _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
+                              stride, padding, dilation, out_max, x_max)
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=torch.int8, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _register_compiled_fakes() -> None:
+    if not _extension.loaded():
+        return
+
+    @torch.library.register_fake("tlcore::_int8_conv_cpu")
+    def _(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
+          stride, padding, dilation, out_max, packed_weight, isa):
+        return _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
+                                 out_zero, relu, stride, padding, dilation, out_max)
+
+    @torch.library.register_fake("tlcore::_int8_pack_weight_cpu")
+    def _(weight, isa):
+        return weight.new_empty((_packed_words(*weight.shape, isa),), dtype=torch.int32)
+
+    torch.library.register_fake("tlcore::_int8_conv_cuda")(_int8_conv2d_fake)
+
+
+def _packed_words(k: int, c: int, r: int, s: int, isa: int) -> int:
+    """int32 words of the C++ kernel's packed weight (csrc/cpu/int8_conv.cpp): header, blocks, correction."""
+    quads = torch.ops.tlcore._int8_cpu_resolve_isa(isa) not in (_CPU_ISAS["scalar"], _CPU_ISAS["avx2"])
+    group, blocks = (4 if quads else 2), -(-k // 16)
+    return 16 + blocks * r * s * -(-c // group) * 16 + (blocks * 16 if quads else 0)
+
+
+_register_compiled_fakes()
+
+
+def _pair(value, name: str) -> list[int]:
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"tlcore.ops.int8_conv2d: {name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def int8_conv2d(
+    x: torch.Tensor,
+    x_zero: int,
+    weight: torch.Tensor,
+    multiplier: torch.Tensor,
+    offset: torch.Tensor,
+    shift: int,
+    *,
+    residual: torch.Tensor | None = None,
+    res_multiplier: int = 0,
+    out_zero: int = QMIN,
+    relu: bool = False,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    out_max: int = QMAX,
+    x_max: int = QMAX,
+    packed_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantized conv2d with the fused requantize (+ residual) (+ ReLU) epilogue (module docstring).
+
+    Args:
+        x: (N, C, H, W) int8, any strides (channels_last avoids a copy); x_zero its zero point.
+        weight: (K, C, R, S) int8 in [-127, 127]; groups must be 1 and C*R*S <= MAX_REDUCTION.
+        multiplier: (K,) int32; offset: (K,) int64; shift: 0..62 (from `requantization`).
+        residual: optional (N, K, OH, OW) int8, added as residual * res_multiplier.
+        out_zero: the output's zero point; relu: clamp at it. out_max: the largest output code.
+        x_max: the largest code x holds (-1 for 7-bit inputs: the C++ kernel may then use vpmaddubsw).
+        stride, padding (zeros in real terms), dilation: int or (h, w) pair.
+        packed_weight: `pack_weight_cpu(weight, x_zero, x_max)`, so the C++ CPU kernel skips
+            packing it on every call; other backends ignore it.
+
+    Returns:
+        (N, K, OH, OW) int8, channels_last.
+    """
+    return torch.ops.tlcore.int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
+                                        out_zero, relu, _pair(stride, "stride"), _pair(padding, "padding"),
+                                        _pair(dilation, "dilation"), out_max, x_max, packed_weight)
+
+
+def pack_weight_cpu(weight: torch.Tensor, x_zero: int = QMIN, x_max: int = QMAX) -> torch.Tensor | None:
+    """weight (K, C, R, S) int8 in the layout of the instruction set the C++ kernel will use for
+    inputs with codes up to x_max (1-d int32), or None without the extension or off the CPU."""
+    if not _extension.loaded() or weight.device.type != "cpu":
+        return None
+    return torch.ops.tlcore._int8_pack_weight_cpu(_nhwc(weight), cpu_isa_for(x_zero, x_max))
+
+
+# ---- quantize / dequantize ------------------------------------------------------------------
+
+def _check_qparams(where: str, scale: float, zero_point: int) -> None:
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{where}: scale must be a positive finite number, got {scale}")
+    if not QMIN <= zero_point <= QMAX:
+        raise ValueError(f"{where}: zero_point must be in [{QMIN}, {QMAX}], got {zero_point}")
+
+
+def _quantize_torch(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch.Tensor:
+    inv = torch.tensor(inv_scale, dtype=torch.float32, device=x.device)
+    t = torch.floor(x.float() * inv + 0.5)  # round half up, the same expression in every backend
+    t = torch.where(torch.isnan(t), 0.0, t)
+    return (t.clamp(QMIN - zero_point, QMAX - zero_point) + zero_point).to(torch.int8) \
+        .contiguous(memory_format=torch.channels_last)
+
+
+@triton_op("tlcore::quantize_per_tensor", mutates_args=())
+def _quantize_op(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch.Tensor:
+    out = _quantize_fake(x, inv_scale, zero_point)
+    if out.numel() == 0:
+        return out
+    if backend.select("quantize_per_tensor", x.device, ("triton", "torch")) == "triton":
+        from tlcore.kernels.int8_conv import quantize_per_tensor as triton_quantize
+
+        triton_quantize(x, inv_scale, zero_point, out)
+        return out
+    return _quantize_torch(x, inv_scale, zero_point)
+
+
+@_quantize_op.register_fake
+def _quantize_fake(x, inv_scale, zero_point):
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"tlcore.ops.quantize_per_tensor: x must be a floating (N, C, H, W) tensor, "
+                         f"got {x.dtype} of rank {x.dim()}")
+    _check_qparams("tlcore.ops.quantize_per_tensor", 1.0 / inv_scale if inv_scale else 0.0, zero_point)
+    return torch.empty(x.shape, dtype=torch.int8, device=x.device, memory_format=torch.channels_last)
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """q = clamp(floor(x * fp32(1 / scale) + 0.5) + zero_point, -128, 127); NaN -> zero_point.
+
+    x: (N, C, H, W) fp32/fp16/bf16, any layout. Returns (N, C, H, W) int8 channels_last.
+    """
+    _check_qparams("tlcore.ops.quantize_per_tensor", scale, zero_point)
+    return torch.ops.tlcore.quantize_per_tensor(x, 1.0 / scale, zero_point)
+
+
+def _dequantize_torch(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    s = torch.tensor(scale, dtype=torch.float32, device=q.device)
+    return ((q.to(torch.float32) - zero_point) * s).contiguous()
+
+
+@triton_op("tlcore::dequantize_per_tensor", mutates_args=())
+def _dequantize_op(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    out = _dequantize_fake(q, scale, zero_point)
+    if out.numel() == 0:
+        return out
+    if backend.select("dequantize_per_tensor", q.device, ("triton", "torch")) == "triton":
+        from tlcore.kernels.int8_conv import dequantize_per_tensor as triton_dequantize
+
+        triton_dequantize(q, scale, zero_point, out)
+        return out
+    return _dequantize_torch(q, scale, zero_point)
+
+
+@_dequantize_op.register_fake
+def _dequantize_fake(q, scale, zero_point):
+    if q.dim() != 4 or q.dtype != torch.int8:
+        raise ValueError(f"tlcore.ops.dequantize_per_tensor: q must be an int8 (N, C, H, W) tensor, "
+                         f"got {q.dtype} of rank {q.dim()}")
+    _check_qparams("tlcore.ops.dequantize_per_tensor", scale, zero_point)
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """x = (q - zero_point) * fp32(scale). q: (N, C, H, W) int8, any layout. Returns fp32 NCHW contiguous."""
+    return torch.ops.tlcore.dequantize_per_tensor(q, scale, zero_point)

@@ -1,0 +1,55 @@
+"""tlcore.optim.AdamW: AdamW on 16-bit parameters and states with stochastic rounding."""
+import math
+from typing import Any, Optional
+
+import torch
+
+from tlcore.ops.optim import sr_adamw_
+from tlcore.optim.base import StochasticRoundingOptimizer
+
+
+class AdamW(StochasticRoundingOptimizer):
+    """torch.optim.AdamW's update (decoupled weight decay) for bf16/fp16/fp32 parameters, no fp32 master copy.
+
+    The update runs in fp32; parameters and 16-bit states are written back with
+    stochastic rounding (E[round(x)] = x), so updates smaller than half an ulp still
+    move the weights on average. fp32 parameters are updated exactly.
+
+    Args:
+        params: parameters or param groups (each group may set lr, betas, eps, weight_decay).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW.
+        stochastic_rounding: False rounds to nearest (even) instead.
+        seed: keys the random stream (with step, parameter index, element); None draws
+            one from torch's default generator. Kept in state_dict() for bit-identical resume.
+        state_dtype: dtype of exp_avg / exp_avg_sq: None picks bf16 for bf16 parameters
+            and fp32 otherwise; torch.float32 or torch.bfloat16 force one.
+
+    State per parameter: "step" (int), "exp_avg", "exp_avg_sq" (parameter-shaped, state_dtype).
+    """
+
+    _op_name = "tlcore.optim.AdamW"
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, stochastic_rounding: bool = True, seed: Optional[int] = None,
+                 state_dtype: Optional[torch.dtype] = None):
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas: {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+                         stochastic_rounding=stochastic_rounding, seed=seed, state_dtype=state_dtype)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _hyper_row(self, group: dict[str, Any], step: int, inv_scale: float) -> list[float]:
+        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+        return [1.0 - lr * group["weight_decay"], lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step),
+                group["eps"], 1.0 - beta1, beta2, 1.0 - beta2, inv_scale]
+
+    def _launch(self, key, tensors, hyper, counters, seed, stochastic) -> None:
+        sr_adamw_(*tensors, hyper, counters, seed, stochastic)

@@ -1,0 +1,170 @@
+"""What tlcore's stochastic-rounding optimizers share: state handling, grouping, AMP scaling.
+
+A subclass says which states a parameter has and how a group's hyper-parameters
+become one row of the op's fp32 table; this base walks the parameters, batches them
+by (device, dtype, state dtype, ...) and makes one fused op call per batch.
+
+Reproducibility: the random bits of a step are keyed by (seed, step, parameter index,
+element), where the parameter index counts parameters across all param groups in
+order (grad-less ones included), so a run resumed from `state_dict()` — which carries
+the seed in every param group and the step in every parameter's state — continues
+bit-identically, and DDP replicas stay identical. DTensor (FSDP2) parameters are
+updated shard by shard through to_local(); the element index is then the position in
+the local shard, so the shards of one parameter draw from the same counters (each
+rounding still sees independent-looking bits for its own value).
+
+With a GradScaler (fp16), step() reads found_inf and the scale on the host (one sync)
+to skip the step or fold 1/scale into the update.
+"""
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+import torch
+
+from tlcore.ops.optim import MAX_SEED, is_dense
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def default_state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """bf16 states for bf16 parameters; fp32 otherwise (fp16's range cannot hold squared gradients)."""
+    return torch.bfloat16 if param_dtype == torch.bfloat16 else torch.float32
+
+
+def draw_seed() -> int:
+    """A seed from torch's default generator (so torch.manual_seed makes it reproducible)."""
+    return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+class StochasticRoundingOptimizer(torch.optim.Optimizer):
+    """Base of tlcore.optim.AdamW and SGD (see the module docstring)."""
+
+    # GradScaler then hands over grad_scale / found_inf instead of unscaling the grads
+    # itself (which it refuses to do for fp16 grads); the scale is folded into the update.
+    _step_supports_amp_scaling = True
+    _op_name = ""  # "tlcore.optim.X", for error messages
+
+    def __init__(self, params, defaults: dict[str, Any], *, stochastic_rounding: bool, seed: Optional[int],
+                 state_dtype: Optional[torch.dtype]):
+        if seed is None:
+            seed = draw_seed()
+        if not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+            raise ValueError(f"{self._op_name}: seed must be an int in [0, 2**63), got {seed!r}")
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(f"{self._op_name}: state_dtype must be None, torch.float32 or torch.bfloat16, got "
+                             f"{state_dtype} (fp16 states cannot hold squared gradients' range)")
+        defaults = dict(defaults, stochastic_rounding=bool(stochastic_rounding), seed=seed, state_dtype=state_dtype)
+        super().__init__(params, defaults)
+
+    # ---- what a subclass provides ----
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """Names of the per-parameter state tensors, in the op's argument order."""
+        raise NotImplementedError
+
+    def _hyper_row(self, group: dict[str, Any], step: int, inv_scale: float) -> list[float]:
+        """The op's 8 fp32 hyper-parameters of this group at `step` (computed in float64)."""
+        raise NotImplementedError
+
+    def _batch_key(self, group: dict[str, Any]) -> tuple:
+        """Extra group settings that must be equal within one fused launch."""
+        return ()
+
+    def _launch(self, key: tuple, tensors: list[list[torch.Tensor]], hyper: torch.Tensor, counters: torch.Tensor,
+                seed: int, stochastic: bool) -> None:
+        raise NotImplementedError
+
+    # ---- the step ----
+
+    def _amp_inv_scale(self) -> Optional[float]:
+        """1 / GradScaler's scale (1.0 without one), or None when the scaler found inf/NaN grads."""
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None and grad_scale is None:
+            return 1.0
+        # one host sync for both (the step needs them on the host to skip or to fill the table)
+        values = torch.stack([t.float().reshape(()).cpu() for t in (found_inf, grad_scale) if t is not None])
+        if found_inf is not None and values[0].item() != 0:
+            return None
+        return 1.0 / values[-1].item() if grad_scale is not None else 1.0
+
+    def _check_grad(self, p: torch.Tensor, grad: torch.Tensor, position: int) -> torch.Tensor:
+        if grad.is_sparse:
+            raise RuntimeError(f"{self._op_name} does not support sparse gradients (parameter {position})")
+        if grad.is_complex() or p.is_complex():
+            raise RuntimeError(f"{self._op_name} does not support complex parameters or gradients "
+                               f"(parameter {position}); view them as real with torch.view_as_real")
+        if grad.dtype != p.dtype:
+            raise TypeError(f"{self._op_name}: parameter {position} is {p.dtype} but its gradient is {grad.dtype}")
+        if grad.stride() != p.stride():  # the kernels pair elements by memory position
+            grad = torch.empty_like(p).copy_(grad)
+        return grad
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
+        dtype = group["state_dtype"] or default_state_dtype(p.dtype)
+        state["step"] = 0
+        for name in self._state_names(group):
+            state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's loading, except that states keep their saved dtype.
+
+        torch.optim casts floating-point states to their parameter's dtype, which would
+        squeeze the fp32 states of fp16 parameters into fp16.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for name, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value):
+                    self.state[p][name] = value.to(device=p.device)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """One optimizer step; a GradScaler step with inf/NaN gradients is skipped entirely."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inv_scale = self._amp_inv_scale()
+        if inv_scale is None:
+            return loss
+        batches: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        position = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                position += 1
+                if p.grad is None:
+                    continue
+                local = _local(p)
+                if not is_dense(local):
+                    raise ValueError(f"{self._op_name}: parameter {position} (strides {local.stride()}) is not "
+                                     "dense; tlcore optimizers need dense parameters")
+                grad = self._check_grad(local, _local(p.grad), position)
+                state = self.state[p]
+                fresh = len(state) == 0
+                if fresh:
+                    self._init_state(group, p, state)
+                state["step"] += 1
+                states = [_local(state[name]) for name in self._state_names(group)]
+                key = (local.device, local.dtype, states[0].dtype if states else None,
+                       group["seed"], group["stochastic_rounding"]) + self._batch_key(group)
+                batch = batches[key]
+                batch["params"].append(local)
+                batch["grads"].append(grad)
+                batch["states"].append(states)
+                batch["hyper"].append(self._hyper_row(group, state["step"], inv_scale))
+                batch["counters"].append([position, state["step"], int(fresh)])
+        for key, batch in batches.items():
+            states = [list(column) for column in zip(*batch["states"])]
+            self._launch(key, [batch["params"], batch["grads"]] + states,
+                         torch.tensor(batch["hyper"], dtype=torch.float32),
+                         torch.tensor(batch["counters"], dtype=torch.int64), key[3], key[4])
+        return loss

@@ -1,0 +1,54 @@
+"""tlcore.optim.SGD: SGD (momentum, Nesterov) on 16-bit parameters with stochastic rounding."""
+from typing import Any, Optional
+
+import torch
+
+from tlcore.ops.optim import sr_sgd_
+from tlcore.optim.base import StochasticRoundingOptimizer
+
+
+class SGD(StochasticRoundingOptimizer):
+    """torch.optim.SGD's update for bf16/fp16/fp32 parameters, no fp32 master copy.
+
+    The update runs in fp32; parameters and 16-bit momentum buffers are written back
+    with stochastic rounding; fp32 parameters are updated exactly.
+
+    Args:
+        params: parameters or param groups.
+        lr, momentum, dampening, weight_decay, nesterov: as torch.optim.SGD.
+        stochastic_rounding, seed, state_dtype: as tlcore.optim.AdamW (state_dtype is the
+            momentum buffer's dtype).
+
+    State per parameter: "step" (int) and, with momentum, "momentum_buffer".
+    """
+
+    _op_name = "tlcore.optim.SGD"
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, stochastic_rounding: bool = True,
+                 seed: Optional[int] = None, state_dtype: Optional[torch.dtype] = None):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov),
+                         stochastic_rounding=stochastic_rounding, seed=seed, state_dtype=state_dtype)
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _hyper_row(self, group: dict[str, Any], step: int, inv_scale: float) -> list[float]:
+        return [float(group["lr"]), group["weight_decay"], group["momentum"], 1.0 - group["dampening"], inv_scale,
+                0.0, 0.0, 0.0]
+
+    def _batch_key(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["nesterov"]),)
+
+    def _launch(self, key, tensors, hyper, counters, seed, stochastic) -> None:
+        params, grads, *buffers = tensors
+        sr_sgd_(params, grads, buffers[0] if buffers else [], hyper, counters, key[-1], seed, stochastic)

@@ -1,0 +1,285 @@
+"""`tlcore.quantize(model, calibration_data)`: post-training INT8 quantization of torchvision ResNets.
+
+    qmodel = tlcore.quantize(model.eval(), calibration_batches)   # a progress bar while it calibrates
+    logits = qmodel(x)                                            # int8 inside, fp32 logits out
+    torch.save(qmodel.state_dict(), "r50-int8.pt")
+    # deploy: rebuild the int8 structure (any calibration batch will do), then load the saved one
+    q2 = tlcore.quantize(model.eval(), calibration_batches[:1])
+    q2.load_state_dict(torch.load("r50-int8.pt", weights_only=True))
+
+Steps: `tlcore.fuse` folds BatchNorm into each conv (FusedConv2dBNReLU); observers from
+torch.ao.quantization record every activation the int8 model will hold (the input, each
+conv output, each block output) while the calibration batches run through the fused
+float model; each fused conv then becomes an Int8Conv2d (per-channel symmetric int8
+weights, fixed-point requantization, the residual add and ReLU in its epilogue) and each
+residual block an Int8ResidualBlock. Between layers activations stay int8 NHWC.
+
+Coverage: the stem conv, the max-pool (on int8 codes) and every BasicBlock / Bottleneck
+run in int8. The average pool and the fc run in fp32 after one dequantize, documented:
+they are ~0.1% of a ResNet's FLOPs and the float tail keeps the logits' full precision.
+A block that cannot run in int8 (a conv tlcore.fuse left stock, e.g. ResNeXt's grouped
+3x3) or that is named in `skip` stays float between a dequantize and a quantize
+(FloatFallback, whose repr says why). Models other than torchvision ResNets raise.
+"""
+import math
+
+import torch
+from torch import nn
+from torch.ao.quantization import HistogramObserver, MinMaxObserver
+from tqdm.auto import tqdm
+
+from tlcore.backend import BACKENDS
+from tlcore.fuse import fuse
+from tlcore.nn.blocks import FusedResidualBlock
+from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d
+from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8MaxPool2d, Int8ResidualBlock,
+                            QParams, QuantizeInput, _Int8Module)
+from tlcore.ops.int8 import MAX_REDUCTION, QMAX, QMIN
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+_OBSERVER_ARGS = dict(dtype=torch.qint8, qscheme=torch.per_tensor_affine, quant_min=QMIN, quant_max=QMAX)
+# reduce_range: 128 codes. torch.ao's observers want a range holding 0, so they compute it as
+# quint8 0..127 and _qparams moves it down to our -128..-1.
+_SEVEN_BIT_ARGS = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=127)
+
+
+class PercentileObserver(HistogramObserver):
+    """Clips the range to the [100 - p, p] percentiles of HistogramObserver's histogram."""
+
+    def __init__(self, percentile: float, **kwargs):
+        super().__init__(**kwargs)
+        self.percentile = percentile
+
+    @torch.jit.ignore
+    def calculate_qparams(self):
+        hist = self.histogram.double()
+        cdf = hist.cumsum(0) / hist.sum()
+        tail = 1.0 - self.percentile / 100.0
+        width = (self.max_val - self.min_val) / self.bins
+        low = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=torch.float64), right=True))
+        high = int(torch.searchsorted(cdf, torch.tensor(1.0 - tail, dtype=torch.float64)))
+        new_min = self.min_val + width * min(low, high)
+        new_max = self.min_val + width * (min(high, self.bins - 1) + 1)
+        return self._calculate_qparams(new_min, new_max)
+
+
+class EntropyObserver(HistogramObserver):
+    """Chooses the clipping threshold that minimises the KL divergence between the histogram and
+    its 256-level quantization (the calibration of TensorRT, Migacz, "8-bit Inference with
+    TensorRT", GTC 2017). It searches the upper threshold of non-negative tensors (post-ReLU,
+    most of a ResNet); signed tensors use HistogramObserver's own L2 search.
+    """
+
+    @torch.jit.ignore
+    def calculate_qparams(self):
+        if self.min_val < 0:
+            return super().calculate_qparams()
+        hist = self.histogram.double().clone()
+        hist[0] = 0  # the ReLU's exact zeros: the zero point holds them exactly whatever the threshold
+        keep = _kl_threshold(hist, self.quant_max - self.quant_min + 1)
+        width = (self.max_val - self.min_val) / self.bins
+        return self._calculate_qparams(self.min_val, self.min_val + width * keep)
+
+
+def _kl_threshold(hist: torch.Tensor, levels: int) -> int:
+    """The number of leading bins to keep that minimises KL(P || Q) (outliers folded into the last bin)."""
+    bins = hist.numel()
+    if bins <= levels or hist.sum() == 0:
+        return bins
+    best, best_keep = math.inf, bins
+    for keep in range(levels, bins + 1, max(1, (bins - levels) // 256)):
+        p = hist[:keep].clone()
+        p[-1] += hist[keep:].sum()
+        level = torch.arange(keep) * levels // keep
+        used = (hist[:keep] > 0).double()
+        level_sum = torch.zeros(levels, dtype=torch.float64).index_add_(0, level, hist[:keep])
+        level_used = torch.zeros(levels, dtype=torch.float64).index_add_(0, level, used)
+        q = used * level_sum[level] / level_used[level].clamp_min(1)
+        p, q = p / p.sum(), q / q.sum().clamp_min(1e-300)
+        mask = p > 0
+        kl = (p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum().item()
+        if kl < best:
+            best, best_keep = kl, keep
+    return best_keep
+
+
+def _make_observer(method: str, percentile: float, reduce_range: bool) -> nn.Module:
+    args = _SEVEN_BIT_ARGS if reduce_range else _OBSERVER_ARGS
+    if method == "minmax":
+        return MinMaxObserver(**args)
+    if method == "mse":
+        return HistogramObserver(**args)  # searches the range with the least L2 quantization error
+    if method == "percentile":
+        return PercentileObserver(percentile, **args)
+    return EntropyObserver(**args)
+
+
+def quantize(model: nn.Module, calibration_data, method: str = "minmax", percentile: float = 99.99,
+             skip=(), backend: str | None = None, reduce_range: bool = False, progress: bool = True) -> nn.Module:
+    """An INT8 copy of a torchvision ResNet, calibrated on `calibration_data`.
+
+    Args:
+        model: a torchvision ResNet (BasicBlock or Bottleneck) in eval mode, on the device the
+            int8 model should run on (CPU: the C++ kernels; CUDA: the Triton kernels).
+        calibration_data: an iterable of input batches, (N, 3, H, W) float tensors or
+            (inputs, labels) pairs such as a DataLoader's; at least one non-empty batch.
+        method: how activation ranges are chosen: "minmax", "percentile" (clip to
+            `percentile`), "entropy" (KL divergence) or "mse" (least L2 error).
+        skip: names of blocks to keep in float ("layer1.0", ...) or "conv1" for the stem.
+        backend: force a tlcore backend for the int8 ops ("cpu", "triton", "cuda", "torch").
+        reduce_range: 7-bit activations between convs (codes -128..-1), like torch.ao's x86
+            backend: half the resolution, but on AVX2 CPUs without VNNI the C++ kernel can then
+            use vpmaddubsw exactly (about 1.4x faster there). Off: full 8 bits.
+        progress: show a progress bar while calibrating.
+
+    Returns:
+        The quantized model: float (N, 3, H, W) in, fp32 logits out. Its state_dict loads
+        with weights_only=True into a model rebuilt by the same call.
+    """
+    if model.training:
+        raise ValueError("tlcore.quantize calibrates an inference model and folds BatchNorm: call model.eval() first")
+    if method not in METHODS:
+        raise ValueError(f"tlcore.quantize: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"tlcore.quantize: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if method == "percentile" and not 50.0 < percentile <= 100.0:
+        raise ValueError(f"tlcore.quantize: percentile must be in (50, 100], got {percentile}")
+    _check_resnet(model)
+    skip = set(skip)
+    known = {"conv1"} | {f"{name}.{i}" for name in _LAYERS for i in range(len(getattr(model, name)))}
+    if skip - known:
+        raise ValueError(f"tlcore.quantize: cannot skip {sorted(skip - known)}; skippable are 'conv1' (the stem) "
+                         "and the blocks 'layer1.0', ... (the pooling and the fc already run in float)")
+    fused = fuse(model)
+    observers = _calibrate(fused, calibration_data, method, percentile, progress, reduce_range)
+    qmodel = _convert_resnet(fused, observers, skip)
+    for module in qmodel.modules():
+        if isinstance(module, _Int8Module):
+            module.backend = backend
+    return qmodel.eval()
+
+
+def _check_resnet(model: nn.Module) -> None:
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+    except ImportError as error:
+        raise ImportError("tlcore.quantize rewrites torchvision ResNets and needs torchvision") from error
+    if type(model) is not ResNet:
+        raise TypeError(f"tlcore.quantize supports torchvision ResNet models (BasicBlock/Bottleneck), got "
+                        f"{type(model).__name__}; other architectures are not covered by its int8 scheme")
+    for name in _LAYERS:
+        for i, block in enumerate(getattr(model, name)):
+            if type(block) not in (BasicBlock, Bottleneck):
+                raise TypeError(f"tlcore.quantize: {name}.{i} is a {type(block).__name__}, not a torchvision "
+                                "BasicBlock or Bottleneck")
+
+
+def _observed_modules(fused: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs the int8 model stores (see _output_of)."""
+    modules = [m for m in fused.modules() if isinstance(m, FusedConv2dBNReLU)] + [fused.maxpool]
+    for name in _LAYERS:
+        modules += [block for block in getattr(fused, name) if not isinstance(block, FusedResidualBlock)]
+    return modules
+
+
+def _calibrate(fused: nn.Module, data, method: str, percentile: float, progress: bool, reduce_range: bool) -> dict:
+    """Run the batches through the fused float model; returns {module or "input": observer}."""
+    param = next(fused.parameters())
+    device, dtype = param.device, param.dtype
+    observers = {"input": _make_observer(method, percentile, reduce_range).to(device)}
+
+    def observe(key, tensor) -> None:  # returns None: a hook's return value would replace the tensor
+        observers[key](tensor.detach().float())
+
+    handles = [fused.register_forward_pre_hook(lambda _, args: observe("input", args[0]))]
+    for module in _observed_modules(fused):
+        observers[module] = _make_observer(method, percentile, reduce_range).to(device)
+        handles.append(module.register_forward_hook(lambda m, _, out: observe(m, out)))
+    batches = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(data, desc="tlcore.quantize: calibrating", unit="batch", disable=not progress):
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"tlcore.quantize: calibration batches must be tensors or (inputs, labels) "
+                                    f"pairs, got {type(x).__name__}")
+                if x.numel() == 0:
+                    continue
+                fused(x.to(device=device, dtype=dtype))
+                batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if batches == 0:
+        raise ValueError("tlcore.quantize: calibration_data yielded no non-empty batch; activation ranges "
+                         "cannot be calibrated without data")
+    for observer in observers.values():
+        if not (torch.isfinite(observer.min_val).all() and torch.isfinite(observer.max_val).all()):
+            raise ValueError("tlcore.quantize: calibration produced non-finite activations (NaN or inf in the "
+                             "calibration data or the model)")
+    return observers
+
+
+def _qparams(observer) -> QParams:
+    """The observer's qparams in our int8 codes (its own range may start at 0, see _SEVEN_BIT_ARGS)."""
+    scale, zero_point = observer.calculate_qparams()
+    shift = QMIN - observer.quant_min
+    return QParams(float(scale), int(zero_point) + shift, int(observer.quant_max) + shift)
+
+
+def _float_reason(block: nn.Module) -> str:
+    """Why a fused block cannot run in int8 ('' if it can)."""
+    convs = list(block.body) + [block.last] if isinstance(block, FusedResidualBlock) else []
+    if isinstance(block, FusedResidualBlock) and block.downsample is not None:
+        convs.append(block.downsample)
+    if not convs or not all(type(conv) is FusedConv2dBNReLU for conv in convs):
+        stock = [m for m in block.modules() if isinstance(m, StockConv2d)]
+        detail = stock[0].tlcore_reason if stock else "its structure is not conv + BN (+ ReLU) stages"
+        return f"not fused, so not quantized ({detail})"
+    for conv in convs:
+        reduction = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        if reduction > MAX_REDUCTION:
+            return f"C*R*S = {reduction} exceeds the int32-exact limit {MAX_REDUCTION}"
+    return ""
+
+
+def _convert_block(block: FusedResidualBlock, in_q: QParams, q) -> Int8ResidualBlock:
+    body, current = [], in_q
+    for conv in block.body:
+        body.append(Int8Conv2d.from_fused(conv, current, q(conv)))
+        current = q(conv)
+    downsample, res_q = None, in_q
+    if block.downsample is not None:
+        downsample = Int8Conv2d.from_fused(block.downsample, in_q, q(block.downsample))
+        res_q = q(block.downsample)
+    last = Int8Conv2d.from_fused(block.last, current, q(block.last), res_q)
+    return Int8ResidualBlock(nn.Sequential(*body), last, downsample)
+
+
+def _convert_resnet(model: nn.Module, observers: dict, skip: set) -> nn.Module:
+    """Swap the fused ResNet's modules for int8 ones, in place; ResNet.forward stays as it is."""
+    q = lambda module: _qparams(observers[module])  # noqa: E731
+    input_q = _qparams(observers["input"])._replace(qmax=QMAX)  # QuantizeInput uses all 8 bits
+    stem = model.conv1
+    if isinstance(stem, FusedConv2dBNReLU) and "conv1" not in skip and type(model.maxpool) is nn.MaxPool2d:
+        current = q(stem)
+        model.conv1 = nn.Sequential(QuantizeInput(input_q), Int8Conv2d.from_fused(stem, input_q, current))
+        model.maxpool = Int8MaxPool2d(model.maxpool)
+    else:  # the stem stays float; activations become int8 after the max-pool
+        current = q(model.maxpool)._replace(qmax=QMAX)
+        model.maxpool = nn.Sequential(model.maxpool, QuantizeInput(current))
+    for name in _LAYERS:
+        layer = getattr(model, name)
+        for i, block in enumerate(layer):
+            reason = "skipped on request" if f"{name}.{i}" in skip else _float_reason(block)
+            out_q = q(block.last) if isinstance(block, FusedResidualBlock) else q(block)
+            if reason:
+                layer[i] = FloatFallback(block, current, out_q, reason)
+                out_q = out_q._replace(qmax=QMAX)  # its QuantizeInput uses all 8 bits
+            else:
+                layer[i] = _convert_block(block, current, q)
+            current = out_q
+    model.avgpool = nn.Sequential(DequantizeOutput(current), model.avgpool)
+    model.fc = model.fc.float()  # the float tail runs in fp32 whatever the model's dtype
+    return model
