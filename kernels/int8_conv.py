@@ -9,7 +9,8 @@
 The integer math is the contract in tlcore/ops/int8.py: tl.dot multiplies int8 tiles into
 an exact int32 accumulator (tensor-core IMMA on GPUs), positions outside the image read as
 x_zero, and the epilogue is int64 fixed point, so results equal the reference bit for bit.
-The GEMM view and the flat (tap, channel block) reduction loop are those of kernels/conv.py.
+The GEMM view, its index math and the flat (tap, channel block) reduction loop are shared
+with kernels/conv.py through kernels/implicit_gemm.py.
 """
 import os
 
@@ -18,14 +19,19 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from tlcore.kernels.implicit_gemm import grouped_tile, nhwc_offsets, output_pixels, tap_block_pointers
+
 
 def _configs():
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); int8 MMA needs BLOCK_K >= 32
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); int8 MMA needs BLOCK_K >= 32. Checked to
+    # compile without register spills on sm_90 (tests/test_kernel_compile.py): 128x256 tiles spill.
+    shapes = [
         (128, 128, 64, 3, 8),
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
+        (128, 128, 128, 4, 8),
+        (64, 256, 128, 3, 8),
+        (256, 64, 128, 3, 8),
         (128, 128, 128, 3, 8),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
@@ -52,66 +58,39 @@ def _int8_conv2d_fwd_kernel(
     R: tl.constexpr, S: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < K
-
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    n = offs_m // (OW * OH)
+    n, oh, ow = output_pixels(offs_m, OH, OW)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     x_rows = x_ptr + n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
-    x_chan = offs_k.to(tl.int64) * sxc
     w_cols = w_ptr + offs_n.to(tl.int64) * swk
-    w_chan = offs_k.to(tl.int64) * swc
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     c_blocks = tl.cdiv(C, BLOCK_K)
     for step in range(0, R * S * c_blocks):
-        tap = step // c_blocks
-        c0 = (step % c_blocks) * BLOCK_K
-        r = tap // S
-        s = tap % S
-        ih = ih0 + r * dil_h
-        iw = iw0 + s * dil_w
-        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        chan_ok = (c0 + offs_k) < C
-        tap_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw + c0.to(tl.int64) * sxc
-        in_image = row_ok[:, None] & chan_ok[None, :]
-        a = tl.load(x_rows[:, None] + tap_offset + x_chan[None, :], mask=in_image, other=0)
+        a_ptrs, in_image, b_ptrs, b_mask = tap_block_pointers(
+            step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
+            C, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+        a = tl.load(a_ptrs, mask=in_image, other=0)
         # Outside the image x reads as its zero point (real zero); past C the weights are zero.
         a = tl.where(in_image, a, x_zero).to(tl.int8)
-        w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c0.to(tl.int64) * swc
-        b = tl.load(w_cols[None, :] + w_offset + w_chan[:, None], mask=chan_ok[:, None] & mask_n[None, :], other=0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0)
         acc = tl.dot(a, b, acc)
 
     multiplier = tl.load(mult_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     offset = tl.load(offset_ptr + offs_n, mask=mask_n, other=0)
     total = acc.to(tl.int64) * multiplier[None, :] + offset[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
-    n64 = n.to(tl.int64)
-    oh64 = oh.to(tl.int64)
-    ow64 = ow.to(tl.int64)
-    k64 = offs_n.to(tl.int64)
     if HAS_RESIDUAL:
-        res_offs = (n64 * srn + oh64 * srh + ow64 * srw)[:, None] + (k64 * src)[None, :]
+        res_offs = nhwc_offsets(n, oh, ow, offs_n, srn, src, srh, srw)
         res = tl.load(res_ptr + res_offs, mask=out_mask, other=0).to(tl.int64)
         total += res * res_multiplier
     q = (total >> shift) + out_zero  # arithmetic shift: floor division by 2**shift
     q = tl.minimum(tl.maximum(q, out_min), out_max)
-    out_offs = (n64 * son + oh64 * soh + ow64 * sow)[:, None] + (k64 * soc)[None, :]
+    out_offs = nhwc_offsets(n, oh, ow, offs_n, son, soc, soh, sow)
     tl.store(out_ptr + out_offs, q.to(tl.int8), mask=out_mask)
 
 

@@ -1,6 +1,8 @@
-"""The Triton kernels compile for sm_80 and sm_90 as a GPU launch would, and compile well.
+"""The Triton conv kernels compile for sm_80 and sm_90 as a GPU launch would, and compile well.
 
-Runs Triton's real compiler (no GPU needed) in a subprocess without the interpreter.
+Runs Triton's real compiler (no GPU needed) in a subprocess without the interpreter:
+every autotune configuration must use the tensor cores (wgmma on Hopper), pipeline its
+loads, fit in shared memory and spill no registers.
 """
 import json
 import os
@@ -8,14 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tlcore.kernels.conv import _configs
+import pytest
+
+from tlcore.kernels import conv, int8_conv
 
 HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 AMPERE_SHARED_LIMIT = 163 * 1024  # on sm_80
 
-CONV = "tlcore.kernels.conv:_conv2d_bn_act_fwd_kernel"
-CONV_DIVISIBLE = ["x_ptr", "w_ptr", "scale_ptr", "shift_ptr", "res_ptr", "out_ptr", "C", "K",
-                  "sxn", "sxh", "sxw", "swk", "swr", "sws", "srn", "srh", "srw", "son", "soh", "sow"]
+# NHWC activations and channels_last weights: unit channel strides, 16-divisible others.
+DIVISIBLE = ["x_ptr", "w_ptr", "res_ptr", "out_ptr", "C", "K", "sxn", "sxh", "sxw", "swk", "swr", "sws",
+             "srn", "srh", "srw", "son", "soh", "sow"]
+UNIT_STRIDES = {"sxc": 1, "swc": 1, "src": 1, "soc": 1}
 
 
 def run_cases(cases):
@@ -28,32 +33,41 @@ def run_cases(cases):
 
 
 def conv_case(dtype, block, target=90, flat=False, residual=True, precision="ieee"):
-    bm, bn, bk, stages, warps = block
     ptr = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
-    return {
-        "kernel": CONV, "target": target, "num_warps": warps, "num_stages": stages,
-        "types": {"x_ptr": ptr, "w_ptr": ptr, "res_ptr": ptr, "out_ptr": ptr, "scale_ptr": "*fp32",
-                  "shift_ptr": "*fp32"},
-        # NHWC activations and channels_last weights: unit channel strides
-        "constexprs": {"R": 1 if flat else 3, "S": 1 if flat else 3, "FLAT_K": flat, "HAS_RESIDUAL": residual,
-                       "RELU": True, "DOT_PRECISION": precision, "BF16_INTERPRETER": False, "BLOCK_M": bm,
-                       "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "sxc": 1, "swc": 1, "src": 1, "soc": 1},
-        "divisible_by_16": CONV_DIVISIBLE,
-    }
+    types = {"x_ptr": ptr, "w_ptr": ptr, "res_ptr": ptr, "out_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
+    constexprs = {"R": 1 if flat else 3, "S": 1 if flat else 3, "FLAT_K": flat, "HAS_RESIDUAL": residual,
+                  "RELU": True, "DOT_PRECISION": precision, "BF16_INTERPRETER": False}
+    return _case("tlcore.kernels.conv:_conv2d_bn_act_fwd_kernel", types, constexprs, block, target,
+                 ["scale_ptr", "shift_ptr"])
 
 
-def production_blocks(monkeypatch):
+def int8_case(block, target=90):
+    types = {"x_ptr": "*i8", "w_ptr": "*i8", "res_ptr": "*i8", "out_ptr": "*i8", "mult_ptr": "*i32",
+             "offset_ptr": "*i64"}
+    return _case("tlcore.kernels.int8_conv:_int8_conv2d_fwd_kernel", types, {"R": 3, "S": 3, "HAS_RESIDUAL": True},
+                 block, target, ["mult_ptr", "offset_ptr"])
+
+
+def _case(kernel, types, constexprs, block, target, extra_divisible):
+    bm, bn, bk, stages, warps = block
+    blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    return {"kernel": kernel, "target": target, "num_warps": warps, "num_stages": stages, "types": types,
+            "constexprs": {**constexprs, **blocks, **UNIT_STRIDES}, "divisible_by_16": DIVISIBLE + extra_divisible}
+
+
+def production_blocks(module, monkeypatch):
     """The autotuner's GPU configurations (the interpreter gets a single one)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
-            for c in _configs()]
+            for c in module._configs()]
 
 
-def test_every_autotune_config_compiles_pipelined_on_hopper(monkeypatch):
-    blocks = production_blocks(monkeypatch)
-    results = run_cases([conv_case("fp16", block) for block in blocks])
-    for block, result in zip(blocks, results):
-        assert result["wgmma"], f"{block}: no wgmma, the fp16 dot is not on Hopper's tensor-core path"
+@pytest.mark.parametrize("module,make_case", [(conv, lambda b: conv_case("fp16", b)), (int8_conv, int8_case)],
+                         ids=["conv_fp16", "int8_conv"])
+def test_every_autotune_config_compiles_well_on_hopper(monkeypatch, module, make_case):
+    blocks = production_blocks(module, monkeypatch)
+    for block, result in zip(blocks, run_cases([make_case(block) for block in blocks])):
+        assert result["wgmma"], f"{block}: no wgmma, the dot is not on Hopper's tensor-core path"
         assert result["async_copies"] > 0, f"{block}: loads are not software-pipelined"
         assert result["shared_bytes"] <= HOPPER_SHARED_LIMIT, f"{block}: {result['shared_bytes']} B shared"
         assert result["spill_bytes"] == 0, f"{block}: {result['spill_bytes']} B of register spills"
@@ -65,11 +79,12 @@ def test_dtypes_flat_reduction_and_ampere_compile():
         conv_case("bf16", block), conv_case("fp32", block, precision="tf32"),
         conv_case("fp32", block, precision="ieee"), conv_case("fp16", block, flat=True, residual=False),
         conv_case("fp16", block, target=80), conv_case("bf16", block, target=80),
+        int8_case((128, 128, 64, 3, 8), target=80),
     ])
     assert results[0]["wgmma"] and results[1]["wgmma"]  # bf16 and tf32 on Hopper tensor cores
     assert not results[2]["wgmma"]  # IEEE fp32 must not use (tf32) tensor cores
+    assert all(r["mma_sync"] for r in results[4:])  # Ampere tensor cores, int8 included
+    assert all(r["shared_bytes"] <= AMPERE_SHARED_LIMIT for r in results[4:])
     # IEEE fp32 runs on FMA units with the whole tile in registers; a few spilled bytes there are
     # tolerable (cuDNN itself defaults to TF32), anywhere else they are not.
     assert all(r["spill_bytes"] == 0 for i, r in enumerate(results) if i != 2)
-    assert results[4]["mma_sync"] and results[5]["mma_sync"]
-    assert all(r["shared_bytes"] <= AMPERE_SHARED_LIMIT for r in results[4:])
