@@ -14,7 +14,9 @@ fall back to Triton or PyTorch with one message naming what is missing.
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -42,6 +44,22 @@ def _cuda_toolkit():
     return None
 
 
+def _toolkit_mismatch(toolkit, torch_cuda):
+    """Why the toolkit cannot build against this torch ('' if it can): a CPU-only torch has no
+    CUDA libraries to link, and torch refuses a toolkit of another major version."""
+    if torch_cuda is None:
+        return "torch is a CPU-only build"
+    try:
+        out = subprocess.run([os.path.join(toolkit, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+        release = re.search(r"release (\d+)\.", out).group(1)
+    except (OSError, subprocess.SubprocessError, AttributeError):
+        return f"cannot run {toolkit}/bin/nvcc"
+    if release != torch_cuda.split(".")[0]:
+        return f"the CUDA toolkit in {toolkit} is CUDA {release}, torch was built with CUDA {torch_cuda}"
+    return ""
+
+
 def _default_jobs():
     try:
         with open("/proc/meminfo") as f:
@@ -60,11 +78,16 @@ def _extensions():
     toolkit = _cuda_toolkit() if want_cuda != "0" else None
     if want_cuda == "1" and toolkit is None:
         raise RuntimeError("TLCORE_CUDA=1 but no CUDA toolkit with lib64/libcudart.so was found; set CUDA_HOME")
+    import torch
+
+    if toolkit and want_cuda != "1":
+        mismatch = _toolkit_mismatch(toolkit, torch.version.cuda)
+        if mismatch:
+            print(f"tlcore: {mismatch}: building the C++ CPU sources only (TLCORE_CUDA=1 forces CUDA)")
+            toolkit = None
     if toolkit:
         os.environ["CUDA_HOME"] = toolkit  # must be set before torch.utils.cpp_extension is imported
     os.environ.setdefault("MAX_JOBS", str(_default_jobs()))
-
-    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -102,5 +125,5 @@ setup(
     package_dir={"tlcore": "tlcore", "tlcore.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

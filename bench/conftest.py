@@ -18,12 +18,12 @@ needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU benchmark: nee
 def run_benchmark(benchmark, fn, inputs, **info):
     """Time fn over rotating inputs with pytest-benchmark (and do_bench on a GPU)."""
     cycle = itertools.cycle(inputs)
-    if DEVICE.type == "cuda":
-        call = lambda: (fn(next(cycle)), torch.cuda.synchronize())  # noqa: E731
-        info["do_bench_median_ms"] = median_ms(fn, inputs, DEVICE)
-    else:
-        call = lambda: fn(next(cycle))  # noqa: E731
-    benchmark.extra_info.update(info)
-    with torch.no_grad():
+    with torch.no_grad():  # inference timing: no autograd graphs (tlcore's fused weights need none)
+        if DEVICE.type == "cuda":
+            call = lambda: (fn(next(cycle)), torch.cuda.synchronize())  # noqa: E731
+            info["do_bench_median_ms"] = median_ms(fn, inputs, DEVICE)
+        else:
+            call = lambda: fn(next(cycle))  # noqa: E731
+        benchmark.extra_info.update(info)
         call()  # warm-up (compilation, autotuning) outside the timed rounds
         benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=3)

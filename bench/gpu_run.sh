@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
-#   bash bench/gpu_run.sh [all|tests|sanitize|bench]...   (default: all)
+#   bash bench/gpu_run.sh [all|tests|sanitize|bench|autotune]...   (default: all but autotune)
 # Writes logs and result files to $OUT (or ./gpu-out); copy the result files you keep
 # into bench/results/ unedited.
 set -uo pipefail
@@ -20,7 +20,7 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember failures
   [ "$rc" -eq 0 ] || status=1
 }
 
-want() { [[ " $stages " == *" all "* || " $stages " == *" $1 "* ]]; }
+want() { [[ ( " $stages " == *" all "* && $1 != autotune ) || " $stages " == *" $1 "* ]]; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 step build python -m pip install -q --no-build-isolation --no-deps -e .
@@ -33,6 +33,11 @@ if want sanitize; then
   # memcheck over the fused conv kernel on odd shapes (out-of-bounds reads/writes, misaligned access)
   step sanitize compute-sanitizer --tool memcheck --error-exitcode 9 \
     python -m pytest -q tests/test_conv_op.py -k "matches_reference and float16" -p no:cacheprovider
+fi
+if want autotune; then
+  # the bar: tlcore.fuse against torch.compile(mode="max-autotune") (long compiles)
+  step autotune python -m tlcore bench --modes fuse --batch 256 --compile-mode max-autotune \
+    --out "$OUT/tlcore-bench-max-autotune.json"
 fi
 if want bench; then
   step cli python -m tlcore bench --out "$OUT/tlcore-bench.json" --plot "$OUT/tlcore-bench.png"

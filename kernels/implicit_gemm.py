@@ -14,7 +14,8 @@ import triton.language as tl
 def grouped_tile(M, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Row offsets (BLOCK_M,) and column offsets (BLOCK_N,) of this program's output tile.
 
-    Grouped order: GROUP_M row tiles in a row share each weight column tile while it is in L2.
+    Grouped order (the L2 trick of Triton's matmul tutorial): GROUP_M row tiles in a row
+    share each weight column tile while it is in L2.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)

@@ -107,6 +107,18 @@ def test_property_random_configs(n, c, hw, k, rs, stride, padding, dilation, wit
                     layout)
 
 
+def test_strided_scale_shift_and_residual(device):
+    """(K,) views with strides and a channels_last residual view: the kernel must honour them."""
+    x, weight, scale, shift, _ = make_case(device, torch.float32, 2, 6, 7, 9, 5, 3, 3, None)
+    scale_view = torch.stack([scale, scale + 1], dim=1)[:, 0]
+    shift_view = torch.stack([shift, shift - 1], dim=1)[:, 0]
+    residual = torch.randn(2, 9, 10, 5, device=device).permute(0, 3, 1, 2)[:, :, :7, :9]  # (2, 5, 7, 9) view
+    with use_backend("triton"):
+        out = tlcore.ops.conv2d_bn_relu(x, weight, scale_view, shift_view, padding=1, residual=residual)
+    ref = reference(x, weight, scale, shift, residual, True, padding=1)
+    assert rel_error(out, ref) < 1e-6
+
+
 def test_launcher_writes_every_output_element(device):
     """Poison the output, launch the kernel directly, and find no poison left."""
     from tlcore.kernels.conv import conv2d_bn_act

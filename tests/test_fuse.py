@@ -93,7 +93,7 @@ def test_inputs_in_any_memory_format(device):
     model = resnet("resnet18", device)
     fused = tlcore.fuse(model)
     base = torch.randn(1, 3, 32, 64, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), use_backend("triton"):
         expected = model(base[..., ::2])
         for x in (base[..., ::2], base[..., ::2].contiguous(), base[..., ::2].contiguous(memory_format=torch.channels_last)):
             torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
@@ -195,6 +195,72 @@ class SharedConv(nn.Module):
         return self.bn(self.conv(self.conv(x)))
 
 
+class SelfAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.relu(y + y)
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class ParentCallsInnerConv(nn.Module):
+    """The parent calls the block's conv directly too: it must stay a plain conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Inner()
+
+    def forward(self, x):
+        return self.block(x) + self.block.conv(x)
+
+
+class ConvOutputUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+@pytest.mark.parametrize("cls,fused_convs,reason", [
+    (SelfAdd, 1, None),
+    (ParentCallsInnerConv, 0, "called from more than one place"),
+    (ConvOutputUsedTwice, 0, "its output is used by more than the BatchNorm"),
+])
+def test_fx_edge_cases_keep_stock_semantics(cls, fused_convs, reason):
+    model = _fx_model(cls)
+    fused = tlcore.fuse(model)
+    assert sum(isinstance(m, FusedConv2dBNReLU) for m in fused.modules()) == fused_convs
+    if reason:
+        assert reason in repr(fused)
+    x = torch.randn(2, 3, 7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_in_train_mode_inside_eval_model_is_refused():
+    model = _fx_model(Inner)
+    model.bn.train()
+    with pytest.raises(ValueError, match="'bn' is in train mode"):
+        tlcore.fuse(model)
+
+
 def _fx_model(cls):
     torch.manual_seed(0)
     return randomize_batchnorm(cls()).eval()
@@ -224,6 +290,7 @@ def test_shared_conv_is_not_fused():
     model = _fx_model(SharedConv)
     fused = tlcore.fuse(model)
     assert not any(isinstance(m, FusedConv2dBNReLU) for m in fused.modules())
+    assert "called from more than one place" in repr(fused)
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x))

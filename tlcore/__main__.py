@@ -4,7 +4,7 @@ import sys
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] != "bench":
+    if not argv or argv[0] != "bench":
         print("usage: python -m tlcore bench [--help | options]\n\n"
               "  bench   time tlcore against stock PyTorch on this machine (table, JSON, chart)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

@@ -9,7 +9,7 @@ log = logging.getLogger("tlcore")
 
 try:
     from tlcore import _C  # registers the torch.ops.tlcore._*_cpu / _*_cuda kernels
-except (ImportError, OSError) as error:  # not built, or built against another torch
+except (ImportError, OSError, RuntimeError) as error:  # not built, built against another torch, bad registration
     _C = None
     LOAD_ERROR: Exception | None = error
     log.info("tlcore: compiled extension not loaded (%s); using Triton/PyTorch paths", error)

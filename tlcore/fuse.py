@@ -2,11 +2,17 @@
 
 torchvision ResNets (BasicBlock, Bottleneck, the stem) are rewritten by handlers that
 keep the model's class and module names; in any other module, Conv2d → BatchNorm2d
-(→ add) (→ ReLU) chains are found in its torch.fx graph. A conv that cannot be fused
-stays stock, and print(model) says why.
+(→ add) (→ ReLU) chains are found in its torch.fx graph, and that module becomes an
+fx.GraphModule (its forward is the traced graph). A conv that cannot be fused stays
+stock, and print(model) says why.
+
+torch.fx records `a += b` as `a + b`: a forward that adds in place into a tensor it reads
+again afterwards traces into a different function, fused or not. torchvision's blocks
+(`out += identity; out = relu(out)`) are not affected, and are not traced anyway.
 """
 import copy
 import operator
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,7 @@ from tlcore.nn.conv import FusedConv2dBNReLU, fusion_unsupported_reason, mark_st
 
 _RELU_CALLS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _ADD_CALLS = {operator.add, operator.iadd, torch.add}
+_SHARED = "called from more than one place (fusing would change the other calls)"
 
 
 def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -25,88 +32,17 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     model: an nn.Module in eval mode (BN running statistics are folded), fp16/bf16/fp32.
     inplace: rewrite `model` itself instead of a deep copy.
     The result computes the same function within the dtype's tolerance; inputs of any
-    memory format work, channels_last is fastest.
+    memory format work, channels_last is fastest. torchvision ResNets keep their class;
+    other models whose chains are found through torch.fx come back as fx.GraphModules.
     """
-    if model.training:
-        raise ValueError("tlcore.fuse folds BatchNorm running statistics and returns an inference model: "
-                         "call model.eval() first")
+    training = next((name or type(model).__name__ for name, m in model.named_modules() if m.training), None)
+    if training is not None:
+        raise ValueError(f"tlcore.fuse folds BatchNorm running statistics and returns an inference model, but "
+                         f"{training!r} is in train mode: call model.eval() first")
     if not inplace:
         model = copy.deepcopy(model)
-    return _fuse_tree(model).eval()  # new modules start in train mode
+    return _Fuser(model).tree(model).eval()  # new modules start in train mode
 
-
-def _fuse_tree(module: nn.Module) -> nn.Module:
-    """Fuse inside `module` bottom-up; returns the module or its replacement."""
-    handler = _handler_for(module)
-    if handler is not None:
-        return handler(module)
-    for name, child in module.named_children():
-        replacement = _fuse_tree(child)
-        if replacement is not child:
-            setattr(module, name, replacement)
-    if _has_conv_bn_children(module):
-        return _fuse_graph(module)
-    return module
-
-
-def _fuse_or_stock(conv, bn, relu: bool, residual: bool = False) -> nn.Module:
-    """A fused module, or stock conv → bn (→ ReLU) with the reason recorded on the conv."""
-    reason = fusion_unsupported_reason(conv, bn)
-    if not reason:
-        return FusedConv2dBNReLU.from_modules(conv, bn, relu=relu, residual=residual)
-    mark_stock(conv, reason)
-    return nn.Sequential(conv, bn, nn.ReLU(inplace=True)) if relu else nn.Sequential(conv, bn)
-
-
-# ---- torchvision ResNets ------------------------------------------------------------------------
-
-def _fuse_resnet_block(block: nn.Module) -> nn.Module:
-    """BasicBlock (conv1, conv2) or Bottleneck (conv1, conv2, conv3) → FusedResidualBlock."""
-    convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
-    bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
-    reason = fusion_unsupported_reason(convs[-1], bns[-1])
-    if reason:  # without the last conv there is nothing to absorb the residual: fuse inside only
-        for conv in convs:
-            mark_stock(conv, reason)
-        return block
-    body = nn.Sequential(*[_fuse_or_stock(conv, bn, relu=True) for conv, bn in zip(convs[:-1], bns[:-1])])
-    last = FusedConv2dBNReLU.from_modules(convs[-1], bns[-1], relu=True, residual=True)
-    downsample = block.downsample
-    if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
-        downsample = _fuse_or_stock(downsample[0], downsample[1], relu=False)
-    elif downsample is not None:
-        downsample = _fuse_tree(downsample)
-    return FusedResidualBlock(body, last, downsample)
-
-
-def _fuse_resnet(model: nn.Module) -> nn.Module:
-    """The stem (conv1 → bn1 → relu) of a torchvision ResNet, then its blocks."""
-    reason = fusion_unsupported_reason(model.conv1, model.bn1)
-    if reason:
-        mark_stock(model.conv1, reason)
-    else:
-        model.conv1 = FusedConv2dBNReLU.from_modules(model.conv1, model.bn1, relu=True)
-        model.bn1, model.relu = nn.Identity(), nn.Identity()  # ResNet.forward calls them after conv1 only
-    for name, child in model.named_children():
-        if name not in ("conv1", "bn1", "relu"):
-            setattr(model, name, _fuse_tree(child))
-    return model
-
-
-def _handler_for(module: nn.Module):
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-    except ImportError:
-        return None
-    kind = type(module)  # exact types: a subclass may have changed forward
-    if kind in (BasicBlock, Bottleneck):
-        return _fuse_resnet_block
-    if kind is ResNet:
-        return _fuse_resnet
-    return None
-
-
-# ---- any other model, through torch.fx ---------------------------------------------------------
 
 class _OneLevelTracer(fx.Tracer):
     """Traces a module's own forward and keeps every child module as a call."""
@@ -115,35 +51,175 @@ class _OneLevelTracer(fx.Tracer):
         return True
 
 
+def _trace(module: nn.Module) -> fx.Graph:
+    return _OneLevelTracer().trace(module)
+
+
+def _shared_modules(model: nn.Module) -> set[int]:
+    """ids of modules called from more than one place in the forwards of model's tree.
+
+    A conv called twice, or called by a parent as well as by its own block, must stay a
+    plain conv for the other callers. Modules whose forward does not trace are not counted.
+    """
+    calls = Counter()
+    for module in model.modules():
+        if next(module.children(), None) is None:
+            continue
+        try:
+            graph = _trace(module)
+        except Exception:  # noqa: BLE001 - untraceable forwards stay stock anyway
+            continue
+        calls.update(id(module.get_submodule(node.target)) for node in graph.nodes if node.op == "call_module")
+    return {ident for ident, count in calls.items() if count > 1}
+
+
+class _Fuser:
+    """One fuse() pass over a model; knows which modules are shared between call sites."""
+
+    def __init__(self, model: nn.Module):
+        self.shared = _shared_modules(model)
+
+    def reason(self, conv: nn.Module, bn: nn.Module) -> str:
+        """Why conv → bn cannot be fused here ('' if it can)."""
+        return _SHARED if id(conv) in self.shared else fusion_unsupported_reason(conv, bn)
+
+    def tree(self, module: nn.Module) -> nn.Module:
+        """Fuse inside `module` bottom-up; returns the module or its replacement."""
+        handler = self.handler_for(module)
+        if handler is not None:
+            return handler(module)
+        for name, child in module.named_children():
+            replacement = self.tree(child)
+            if replacement is not child:
+                setattr(module, name, replacement)
+        if _has_conv_bn_children(module):
+            return self.graph(module)
+        return module
+
+    def fused_or_stock(self, conv, bn, relu: bool) -> nn.Module:
+        """A fused module, or stock conv → bn (→ ReLU) with the reason recorded on the conv."""
+        reason = self.reason(conv, bn)
+        if not reason:
+            return FusedConv2dBNReLU.from_modules(conv, bn, relu=relu)
+        mark_stock(conv, reason)
+        return nn.Sequential(conv, bn, nn.ReLU(inplace=True)) if relu else nn.Sequential(conv, bn)
+
+    # ---- torchvision ResNets --------------------------------------------------------------------
+
+    def handler_for(self, module: nn.Module):
+        try:
+            from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+        except ImportError:
+            return None
+        kind = type(module)  # exact types: a subclass may have changed forward
+        if id(module) in self.shared:
+            return None
+        if kind in (BasicBlock, Bottleneck):
+            return self.resnet_block
+        if kind is ResNet:
+            return self.resnet
+        return None
+
+    def resnet_block(self, block: nn.Module) -> nn.Module:
+        """BasicBlock (conv1, conv2) or Bottleneck (conv1, conv2, conv3) → FusedResidualBlock."""
+        convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+        bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
+        reason = self.reason(convs[-1], bns[-1])
+        if reason:  # nothing would absorb the residual add: the block stays as it is
+            for conv in convs:
+                mark_stock(conv, f"{'this' if conv is convs[-1] else 'the block’s last'} conv: {reason}")
+            return block
+        body = nn.Sequential(*[self.fused_or_stock(conv, bn, relu=True) for conv, bn in zip(convs[:-1], bns[:-1])])
+        last = FusedConv2dBNReLU.from_modules(convs[-1], bns[-1], relu=True, residual=True)
+        downsample = block.downsample
+        if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
+            downsample = self.fused_or_stock(downsample[0], downsample[1], relu=False)
+        elif downsample is not None:
+            downsample = self.tree(downsample)
+        return FusedResidualBlock(body, last, downsample)
+
+    def resnet(self, model: nn.Module) -> nn.Module:
+        """The stem (conv1 → bn1 → relu) of a torchvision ResNet, then its blocks."""
+        reason = self.reason(model.conv1, model.bn1)
+        if reason:
+            mark_stock(model.conv1, reason)
+        else:
+            model.conv1 = FusedConv2dBNReLU.from_modules(model.conv1, model.bn1, relu=True)
+            model.bn1, model.relu = nn.Identity(), nn.Identity()  # ResNet.forward calls them after conv1 only
+        for name, child in model.named_children():
+            if name not in ("conv1", "bn1", "relu"):
+                setattr(model, name, self.tree(child))
+        return model
+
+    # ---- any other model, through torch.fx ------------------------------------------------------
+
+    def graph(self, module: nn.Module) -> nn.Module:
+        """Fuse Conv2d → BN (→ add) (→ ReLU) chains in module's fx graph; stock if it does not trace."""
+        try:
+            graph = _trace(module)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means: leave it stock
+            for child in module.children():
+                if type(child) is nn.Conv2d:
+                    mark_stock(child, f"{type(module).__name__} does not trace with torch.fx "
+                                      f"({type(error).__name__})")
+            return module
+        gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        modules = dict(gm.named_modules())
+        fused_any = False
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and type(modules[node.target]) is nn.Conv2d:
+                fused_any |= self.chain(gm, modules, node)
+        if not fused_any:
+            return module
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return gm
+
+    def chain(self, gm: fx.GraphModule, modules, conv_node: fx.Node) -> bool:
+        """Replace conv_node → bn (→ add residual → relu | → relu) with one fused call."""
+        conv = modules[conv_node.target]
+        bn_users = [u for u in conv_node.users if u.op == "call_module" and _is_batchnorm(modules[u.target])]
+        if not bn_users:
+            return False
+        bn_node = bn_users[0]
+        if len(conv_node.users) > 1:
+            mark_stock(conv, "its output is used by more than the BatchNorm, which cannot be folded into it")
+            return False
+        if len(conv_node.args) != 1 or conv_node.kwargs:
+            return False
+        bn = modules[bn_node.target]
+        reason = self.reason(conv, bn)
+        if reason:
+            mark_stock(conv, reason)
+            return False
+        chain, residual, relu = [conv_node, bn_node], None, False
+        after_bn = _only_user(bn_node)
+        other = _residual_of(after_bn, bn_node)
+        if other is not None and _is_relu(_only_user(after_bn), modules):
+            residual, relu = other, True
+            chain += [after_bn, _only_user(after_bn)]
+        elif _is_relu(after_bn, modules):
+            relu = True
+            chain.append(after_bn)
+        fused = FusedConv2dBNReLU.from_modules(conv, bn, relu=relu, residual=residual is not None)
+        gm.add_submodule(conv_node.target, fused)  # the conv's place in the module tree
+        with gm.graph.inserting_before(chain[-1]):
+            args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
+            new = gm.graph.call_module(conv_node.target, args)
+        chain[-1].replace_all_uses_with(new)
+        for node in reversed(chain):
+            gm.graph.erase_node(node)
+        return True
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
 def _has_conv_bn_children(module: nn.Module) -> bool:
     kinds = {type(child) for child in module.children()}
-    return nn.Conv2d in kinds and bool(kinds & {nn.BatchNorm2d, nn.SyncBatchNorm})
-
-
-def _fuse_graph(module: nn.Module) -> nn.Module:
-    """Fuse Conv2d → BN (→ add) (→ ReLU) chains in module's fx graph; stock if it does not trace."""
-    try:
-        graph = _OneLevelTracer().trace(module)
-    except Exception as error:  # noqa: BLE001 - any tracing failure means: leave it stock
-        for child in module.children():
-            if type(child) is nn.Conv2d:
-                mark_stock(child, f"{type(module).__name__} does not trace with torch.fx "
-                                  f"({type(error).__name__})")
-        return module
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
-    modules = dict(gm.named_modules())
-    calls = [node.target for node in gm.graph.nodes if node.op == "call_module"]
-    fused_any = False
-    for node in list(gm.graph.nodes):
-        # A conv called twice shares its weight across places; fusing one call would change the other.
-        if node.op == "call_module" and type(modules[node.target]) is nn.Conv2d and calls.count(node.target) == 1:
-            fused_any |= _fuse_chain(gm, modules, node)
-    if not fused_any:
-        return module
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+    return nn.Conv2d in kinds and any(_is_batchnorm(child) for child in module.children())
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -160,45 +236,16 @@ def _is_relu(node: fx.Node | None, modules) -> bool:
 
 
 def _residual_of(add: fx.Node | None, bn_node: fx.Node) -> fx.Node | None:
-    """The other operand when `add` is bn_node + tensor (no alpha, no out=)."""
+    """The other operand when `add` is bn_node + tensor (no alpha, no out=), else None."""
     if add is None or add.kwargs or len(add.args) != 2:
         return None
     if not ((add.op == "call_function" and add.target in _ADD_CALLS) or
             (add.op == "call_method" and add.target in ("add", "add_"))):
         return None
-    if add.op == "call_method" and add.args[0] is not bn_node:
-        return None  # other.add_(bn) writes into other, not a plain residual add
+    in_place = add.target in (operator.iadd, "add_")
+    if in_place and add.args[0] is not bn_node:
+        return None  # `other += bn(...)` writes into other, which may be used elsewhere
     other = add.args[1] if add.args[0] is bn_node else add.args[0]
-    return other if isinstance(other, fx.Node) else None
-
-
-def _fuse_chain(gm: fx.GraphModule, modules, conv_node: fx.Node) -> bool:
-    """Replace conv_node → bn (→ add residual → relu | → relu) with one fused call."""
-    conv = modules[conv_node.target]
-    bn_node = _only_user(conv_node)
-    if bn_node is None or bn_node.op != "call_module" or len(conv_node.args) != 1 or conv_node.kwargs:
-        return False
-    bn = modules[bn_node.target]
-    reason = fusion_unsupported_reason(conv, bn)
-    if reason:
-        if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm):
-            mark_stock(conv, reason)
-        return False
-    chain, residual, relu = [conv_node, bn_node], None, False
-    after_bn = _only_user(bn_node)
-    other = _residual_of(after_bn, bn_node)
-    if other is not None and _is_relu(_only_user(after_bn), modules):
-        residual, relu = other, True
-        chain += [after_bn, _only_user(after_bn)]
-    elif _is_relu(after_bn, modules):
-        relu = True
-        chain.append(after_bn)
-    fused = FusedConv2dBNReLU.from_modules(conv, bn, relu=relu, residual=residual is not None)
-    gm.add_submodule(conv_node.target, fused)  # the conv's place in the module tree
-    with gm.graph.inserting_before(chain[-1]):
-        args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
-        new = gm.graph.call_module(conv_node.target, args)
-    chain[-1].replace_all_uses_with(new)
-    for node in reversed(chain):
-        gm.graph.erase_node(node)
-    return True
+    if other is bn_node or not isinstance(other, fx.Node):
+        return None  # bn + bn, or bn + a constant
+    return other

@@ -19,6 +19,8 @@ def _cpu_model() -> str:
 
 def _commit() -> str:
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists() or not (root / "kernels" / "conv.py").exists():
+        return "unknown (not a source checkout)"
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=True).stdout.strip()

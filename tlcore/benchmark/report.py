@@ -24,8 +24,12 @@ def table(results: list[Result]) -> str:
 
 
 def write_json(path: str, provenance: dict, results: list[Result]) -> None:
+    def finite(value):  # NaN (a variant that produced NaN) is not valid JSON
+        return None if isinstance(value, float) and value != value else value
+
+    rows = [{key: finite(value) for key, value in asdict(r).items()} for r in results]
     with open(path, "w") as f:
-        json.dump({"provenance": provenance, "results": [asdict(r) for r in results]}, f, indent=2)
+        json.dump({"provenance": provenance, "results": rows}, f, indent=2)
 
 
 def plot(path: str, provenance: dict, results: list[Result]) -> None:

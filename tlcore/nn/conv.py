@@ -45,7 +45,8 @@ class FusedConv2dBNReLU(nn.Module):
     The conv weight keeps the model's dtype and is stored channels_last; the BN is
     folded in fp32 into a per-channel `scale` and `shift` applied to the fp32
     accumulator, so folding adds no rounding to the low-precision weights.
-    Inference only: the module raises in train mode.
+    Inference only: the module raises in train mode. Casting the module (model.half()
+    after fusing) casts `scale` and `shift` too, rounding the folded BN: cast, then fuse.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, relu: bool,
@@ -96,6 +97,7 @@ class FusedConv2dBNReLU(nn.Module):
                               padding=self.padding, dilation=self.dilation, residual=residual, relu=relu)
 
     def _fits(self, x, residual) -> bool:
+        """Whether residual is the (N, K, OH, OW) tensor of x's dtype the fused epilogue adds."""
         out_hw = [output_size(size, k, st, p, d) for size, k, st, p, d in
                   zip(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation)]
         return residual.dtype == x.dtype and tuple(residual.shape) == (x.shape[0], self.out_channels, *out_hw)

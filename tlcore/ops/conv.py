@@ -34,6 +34,7 @@ def conv_unsupported_reason(*, groups: int, padding_mode: str, dtype: torch.dtyp
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Length of a conv's output along one spatial dimension (as torch.nn.Conv2d computes it)."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
@@ -110,8 +111,9 @@ def _conv2d_bn_relu_op(
     if backend.select(_OP, x.device, ("triton", "torch")) == "triton":
         from tlcore.kernels.conv import conv2d_bn_act
 
-        conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilation, relu,
-                      allow_tf32=torch.backends.cudnn.allow_tf32)
+        # The kernel reads scale and shift as dense vectors; (K,) views of other tensors may not be.
+        conv2d_bn_act(x, weight, scale.contiguous(), shift.contiguous(), residual, out, stride, padding, dilation,
+                      relu, allow_tf32=torch.backends.cudnn.allow_tf32)
         return out
     return _conv2d_bn_act_torch(x, weight, scale, shift, residual, stride, padding, dilation, relu, out)
 
