@@ -13,25 +13,18 @@ innermost channel loop (a 3x3 conv with C=64 has a single channel block per tap)
 fewer than FLAT_K_BELOW channels it runs over (r, s, c) flattened instead.
 Accumulation is fp32; the epilogue runs on the fp32 accumulator before one rounding.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from tlcore.kernels.implicit_gemm import (flat_block_pointers, grouped_tile, nhwc_offsets, output_pixels,
-                                          tap_block_pointers)
-
+from tlcore.kernels.implicit_gemm import (autotune_configs, flat_block_pointers, grouped_tile, nhwc_offsets,
+                                          output_pixels, tap_block_pointers)
 
 FLAT_K_BELOW = 16  # channel counts below this reduce over (r, s, c) flattened
 
 
 def _configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        # The interpreter runs numpy per program: few large tiles are fastest, and
-        # autotuning would only multiply the (slow) runs.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})]
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Checked to compile without register
     # spills on sm_90 (tests/test_kernel_compile.py): 128x256 tiles spill with a residual.
     shapes = [
@@ -46,10 +39,7 @@ def _configs():
         (64, 64, 32, 5, 4),
         (128, 64, 32, 4, 4),
     ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
-        for bm, bn, bk, st, wp in shapes
-    ]
+    return autotune_configs(shapes)
 
 
 @triton.autotune(configs=_configs(), key=["M", "C", "K", "R", "S", "stride_h", "stride_w"])

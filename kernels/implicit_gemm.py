@@ -6,8 +6,22 @@ through their strides (any memory format), with 64-bit offsets: a batch of activ
 can pass 2**31 elements. These helpers return pointers and masks; each kernel loads
 with the fill value its arithmetic needs.
 """
+import os
+
 import triton
 import triton.language as tl
+
+
+def autotune_configs(shapes):
+    """triton.Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) tuples.
+
+    Under TRITON_INTERPRET=1 one config: the interpreter runs numpy per program, so a few
+    large tiles are fastest, and autotuning would only multiply the (slow) runs.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
+            for bm, bn, bk, st, wp in shapes]
 
 
 @triton.jit

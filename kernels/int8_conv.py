@@ -12,19 +12,15 @@ x_zero, and the epilogue is int64 fixed point, so results equal the reference bi
 The GEMM view, its index math and the flat (tap, channel block) reduction loop are shared
 with kernels/conv.py through kernels/implicit_gemm.py.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from tlcore.kernels.implicit_gemm import grouped_tile, nhwc_offsets, output_pixels, tap_block_pointers
+from tlcore.kernels.implicit_gemm import autotune_configs, grouped_tile, nhwc_offsets, output_pixels, tap_block_pointers
 
 
 def _configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})]
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); int8 MMA needs BLOCK_K >= 32. Checked to
     # compile without register spills on sm_90 (tests/test_kernel_compile.py): 128x256 tiles spill.
     shapes = [
@@ -38,10 +34,7 @@ def _configs():
         (64, 64, 64, 4, 4),
         (64, 64, 32, 5, 4),
     ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
-        for bm, bn, bk, st, wp in shapes
-    ]
+    return autotune_configs(shapes)
 
 
 @triton.autotune(configs=_configs(), key=["M", "C", "K", "R", "S", "stride_h", "stride_w"])

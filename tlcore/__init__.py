@@ -1,6 +1,8 @@
 """tlcore: fused conv+BN+ReLU, INT8 inference and stochastic-rounding optimizers for ResNet-family CNNs.
 
-    fast = tlcore.fuse(model)          # conv+BN(+residual)+ReLU as single Triton kernels
+    fast = tlcore.fuse(model)                       # conv+BN(+residual)+ReLU as single Triton kernels
+    qmodel = tlcore.quantize(model, calibration)    # calibrated INT8 inference (GPU and CPU kernels)
+    opt = tlcore.optim.AdamW(params, seed=0)        # 16-bit params and states, stochastic rounding
 """
 from tlcore import ops, optim
 from tlcore.backend import use_backend
