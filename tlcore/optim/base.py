@@ -16,6 +16,7 @@ rounding still sees independent-looking bits for its own value).
 With a GradScaler (fp16), step() reads found_inf and the scale on the host (one sync)
 to skip the step or fold 1/scale into the update.
 """
+import abc
 from collections import defaultdict
 from typing import Any, Callable, Optional
 
@@ -42,7 +43,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-class StochasticRoundingOptimizer(torch.optim.Optimizer):
+class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base of tlcore.optim.AdamW and SGD (see the module docstring)."""
 
     # GradScaler then hands over grad_scale / found_inf instead of unscaling the grads
@@ -64,21 +65,22 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer):
 
     # ---- what a subclass provides ----
 
+    @abc.abstractmethod
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         """Names of the per-parameter state tensors, in the op's argument order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _hyper_row(self, group: dict[str, Any], step: int, inv_scale: float) -> list[float]:
         """The op's 8 fp32 hyper-parameters of this group at `step` (computed in float64)."""
-        raise NotImplementedError
 
     def _batch_key(self, group: dict[str, Any]) -> tuple:
         """Extra group settings that must be equal within one fused launch."""
         return ()
 
+    @abc.abstractmethod
     def _launch(self, key: tuple, tensors: list[list[torch.Tensor]], hyper: torch.Tensor, counters: torch.Tensor,
                 seed: int, stochastic: bool) -> None:
-        raise NotImplementedError
+        """One fused op call over `tensors` (params, grads, then each state list)."""
 
     # ---- the step ----
 
