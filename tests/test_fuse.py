@@ -141,6 +141,19 @@ def test_train_mode_is_refused():
         fused(torch.randn(1, 3, 32, 32))
 
 
+def test_swapped_activations_are_not_fused_as_relu():
+    model = resnet("resnet18", "cpu")
+    model.relu = nn.SiLU()
+    model.layer1[0].relu = nn.LeakyReLU(0.1)
+    fused = tlcore.fuse(model.eval())
+    assert isinstance(fused.conv1, StockConv2d) and isinstance(fused.layer1[0], type(model.layer1[0]))
+    assert isinstance(fused.layer1[1], FusedResidualBlock)
+    assert "the activation is LeakyReLU, not ReLU" in repr(fused)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_float64_model_stays_stock_with_reason():
     model = resnet("resnet18", "cpu", torch.float64)
     fused = tlcore.fuse(model)

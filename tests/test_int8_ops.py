@@ -456,3 +456,16 @@ def test_quantize_bad_qparams(scale, zero):
         q8.quantize_per_tensor(torch.randn(1, 2, 3, 3), scale, zero)
     with pytest.raises(ValueError):
         q8.dequantize_per_tensor(torch.zeros(1, 2, 3, 3, dtype=torch.int8), scale, zero)
+
+
+def test_weights_of_minus_128_at_the_reduction_limit_stay_exact():
+    """The op accepts any int8 weight: at C = MAX_REDUCTION, 128 * 128 products must not wrap."""
+    c = q8.MAX_REDUCTION
+    x = torch.full((1, c, 1, 1), -128, dtype=torch.int8)
+    w = torch.full((1, c, 1, 1), -128, dtype=torch.int8)
+    multiplier, offset = torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
+    exact = (128 * 128 * c) >> 24  # the true sum, shifted: inside int8's range
+    for name in ("torch", "cpu"):
+        with use_backend(name):
+            out = q8.int8_conv2d(x, 0, w, multiplier, offset, 24, out_zero=0)
+        assert out.flatten().tolist() == [exact], name

@@ -177,8 +177,8 @@ def _ddp_worker(rank, world, port, out_dir):
         torch.manual_seed(0)  # same initial weights on both ranks
         model = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.ReLU(), torch.nn.Linear(17, 3)).to(torch.bfloat16)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = tlcore.optim.AdamW(ddp.parameters(), lr=1e-2, seed=5)
-        torch.manual_seed(rank)  # different data per rank
+        torch.manual_seed(rank)  # different data (and generator state) per rank
+        opt = tlcore.optim.AdamW(ddp.parameters(), lr=1e-2)  # seed=None: rank 0's draw is shared
         for _ in range(4):
             x = torch.randn(8, 9).to(torch.bfloat16)
             opt.zero_grad()
@@ -256,3 +256,31 @@ def test_gpu_element_index_past_2_to_the_32():
     ref = tlcore.ops.optim.philox_words(1, torch.arange(2**32, n), 0, 1)[0]
     expected = tlcore.ops.optim.round_to_bits(cpu_tail.float() - 2**-12, ref, torch.bfloat16, True)
     assert torch.equal(high.cpu(), expected)
+
+
+def test_sgd_momentum_switched_on_mid_run_starts_its_buffer():
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(33))
+    twin = torch.nn.Parameter(ours.detach().clone())
+    opt = tlcore.optim.SGD([ours], lr=0.1, momentum=0.0, seed=0)
+    ref = torch.optim.SGD([twin], lr=0.1, momentum=0.0)
+    for step in range(3):
+        if step == 1:
+            opt.param_groups[0]["momentum"] = ref.param_groups[0]["momentum"] = 0.9
+        ours.grad = torch.randn(33)
+        twin.grad = ours.grad.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(ours, twin, rtol=1e-6, atol=1e-7)
+
+
+def test_a_rejected_step_changes_no_state():
+    good = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    bad = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    opt = tlcore.optim.AdamW([good, bad], seed=0)
+    good.grad = torch.randn(4, dtype=torch.bfloat16)
+    bad.grad = torch.randn(4).to_sparse().to(torch.bfloat16)
+    before = good.detach().clone()
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        opt.step()
+    assert len(opt.state[good]) == 0 and torch.equal(good.detach(), before)

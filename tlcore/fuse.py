@@ -124,7 +124,7 @@ class _Fuser:
         """BasicBlock (conv1, conv2) or Bottleneck (conv1, conv2, conv3) → FusedResidualBlock."""
         convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
         bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
-        reason = self.reason(convs[-1], bns[-1])
+        reason = _not_relu(block.relu) or self.reason(convs[-1], bns[-1])
         if reason:  # nothing would absorb the residual add: the block stays as it is
             for conv in convs:
                 mark_stock(conv, f"{'this' if conv is convs[-1] else 'the block’s last'} conv: {reason}")
@@ -140,7 +140,7 @@ class _Fuser:
 
     def resnet(self, model: nn.Module) -> nn.Module:
         """The stem (conv1 → bn1 → relu) of a torchvision ResNet, then its blocks."""
-        reason = self.reason(model.conv1, model.bn1)
+        reason = _not_relu(model.relu) or self.reason(model.conv1, model.bn1)
         if reason:
             mark_stock(model.conv1, reason)
         else:
@@ -211,6 +211,11 @@ class _Fuser:
         for node in reversed(chain):
             gm.graph.erase_node(node)
         return True
+
+
+def _not_relu(activation: nn.Module) -> str:
+    """Why a ResNet's activation module cannot be fused as ReLU ('' if it can)."""
+    return "" if type(activation) is nn.ReLU else f"the activation is {type(activation).__name__}, not ReLU"
 
 
 def _is_batchnorm(module: nn.Module) -> bool:

@@ -157,7 +157,9 @@ class Int8Conv2d(_Int8Module):
         """The weight in the C++ CPU kernel's layout, packed again whenever the weight changes."""
         s = self.state
         isa = cpu_isa_for(s["x_zero"], s["x_max"]) if self.weight.device.type == "cpu" else None
-        key = (self.weight.device, self.weight.data_ptr(), self.weight._version, isa)
+        # Inference tensors (a model built under torch.inference_mode) have no version counter.
+        version = None if self.weight.is_inference() else self.weight._version
+        key = (self.weight.device, self.weight.data_ptr(), version, isa)
         if self._packed[0] != key:
             self._packed = (key, pack_weight_cpu(self.weight, s["x_zero"], s["x_max"]))
         return self._packed[1]

@@ -39,8 +39,9 @@ from tlcore.ops.conv import output_size
 
 QMIN, QMAX = -128, 127
 WEIGHT_QMAX = 127  # symmetric weights: -128 is never used, so -w_q always fits
-# |acc| <= 128 * 127 * (R * S * C) must fit int32 (and float64 sums stay exact far beyond).
-MAX_REDUCTION = (2**31 - 1) // (128 * 127)
+# |acc| <= 128 * 128 * (R * S * C) must fit int32 (and float64 sums stay exact far beyond);
+# 128 * 128, not 128 * 127: the op accepts any int8 weight, -128 included.
+MAX_REDUCTION = (2**31 - 1) // (128 * 128)
 MAX_SHIFT = 46
 _INT64_HEADROOM = 2**62
 

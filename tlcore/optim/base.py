@@ -37,6 +37,18 @@ def draw_seed() -> int:
     return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64))
 
 
+def _same_on_every_rank(seed: int) -> int:
+    """Rank 0's seed when torch.distributed runs: ranks seeded differently (for data
+    augmentation, say) would otherwise round differently and DDP replicas would drift."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [seed]
+        dist.broadcast_object_list(box, src=0)
+        seed = box[0]
+    return seed
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
     to_local = getattr(t, "to_local", None)
@@ -54,7 +66,7 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def __init__(self, params, defaults: dict[str, Any], *, stochastic_rounding: bool, seed: Optional[int],
                  state_dtype: Optional[torch.dtype]):
         if seed is None:
-            seed = draw_seed()
+            seed = _same_on_every_rank(draw_seed())
         if not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
             raise ValueError(f"{self._op_name}: seed must be an int in [0, 2**63), got {seed!r}")
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
@@ -108,11 +120,15 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             grad = torch.empty_like(p).copy_(grad)
         return grad
 
-    def _init_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> bool:
+        """Create the states `p` lacks (all on its first step; SGD's momentum buffer also when
+        momentum is switched on later); True if any was created (the op then starts it fresh)."""
         dtype = group["state_dtype"] or default_state_dtype(p.dtype)
-        state["step"] = 0
-        for name in self._state_names(group):
+        state.setdefault("step", 0)
+        missing = [name for name in self._state_names(group) if name not in state]
+        for name in missing:
             state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return bool(missing)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's loading, except that states keep their saved dtype.
@@ -138,7 +154,8 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         inv_scale = self._amp_inv_scale()
         if inv_scale is None:
             return loss
-        batches: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        # Check every parameter before touching any state: a bad one must not leave a half step.
+        todo = []
         position = -1
         for group in self.param_groups:
             for p in group["params"]:
@@ -149,21 +166,21 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 if not is_dense(local):
                     raise ValueError(f"{self._op_name}: parameter {position} (strides {local.stride()}) is not "
                                      "dense; tlcore optimizers need dense parameters")
-                grad = self._check_grad(local, _local(p.grad), position)
-                state = self.state[p]
-                fresh = len(state) == 0
-                if fresh:
-                    self._init_state(group, p, state)
-                state["step"] += 1
-                states = [_local(state[name]) for name in self._state_names(group)]
-                key = (local.device, local.dtype, states[0].dtype if states else None,
-                       group["seed"], group["stochastic_rounding"]) + self._batch_key(group)
-                batch = batches[key]
-                batch["params"].append(local)
-                batch["grads"].append(grad)
-                batch["states"].append(states)
-                batch["hyper"].append(self._hyper_row(group, state["step"], inv_scale))
-                batch["counters"].append([position, state["step"], int(fresh)])
+                todo.append((group, p, local, self._check_grad(local, _local(p.grad), position), position))
+        batches: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for group, p, local, grad, position in todo:
+            state = self.state[p]
+            fresh = self._init_state(group, p, state)
+            state["step"] += 1
+            states = [_local(state[name]) for name in self._state_names(group)]
+            key = (local.device, local.dtype, states[0].dtype if states else None,
+                   group["seed"], group["stochastic_rounding"]) + self._batch_key(group)
+            batch = batches[key]
+            batch["params"].append(local)
+            batch["grads"].append(grad)
+            batch["states"].append(states)
+            batch["hyper"].append(self._hyper_row(group, state["step"], inv_scale))
+            batch["counters"].append([position, state["step"], int(fresh)])
         for key, batch in batches.items():
             states = [list(column) for column in zip(*batch["states"])]
             self._launch(key, [batch["params"], batch["grads"]] + states,
