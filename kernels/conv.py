@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from tlcore.kernels.implicit_gemm import (autotune_configs, flat_block_pointers, grouped_tile, nhwc_offsets,
-                                          output_pixels, tap_block_pointers)
+from tlcore.kernels.implicit_gemm import (autotune_configs, conv_tile, flat_block_pointers, nhwc_offsets,
+                                          tap_block_pointers)
 
 FLAT_K_BELOW = 16  # channel counts below this reduce over (r, s, c) flattened
 
@@ -56,15 +56,9 @@ def _conv2d_bn_act_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, mask_m, mask_n, n, oh, ow, ih0, iw0, x_rows, w_cols = conv_tile(
+        x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < K
-    n, oh, ow = output_pixels(offs_m, OH, OW)
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
-    x_rows = x_ptr + n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
-    w_cols = w_ptr + offs_n.to(tl.int64) * swk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(C, BLOCK_K)

@@ -49,6 +49,24 @@ def output_pixels(offs_m, OH, OW):
 
 
 @triton.jit
+def conv_tile(x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile and where its reduction starts.
+
+    Returns offs_m (BM,), offs_n (BN,) and their masks; the output pixels (n, oh, ow) and
+    the top-left input corners (ih0, iw0) of the rows; x_rows (BM,) pointers to
+    x[n, 0, ih0, iw0] and w_cols (BN,) pointers to weight[k, 0, 0, 0].
+    """
+    offs_m, offs_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    n, oh, ow = output_pixels(offs_m, OH, OW)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_rows = x_ptr + n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+    w_cols = w_ptr + offs_n.to(tl.int64) * swk
+    return offs_m, offs_n, offs_m < M, offs_n < K, n, oh, ow, ih0, iw0, x_rows, w_cols
+
+
+@triton.jit
 def tap_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
                        C, H, W, S: tl.constexpr, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
     """Pointers and masks of reduction step `step` = (tap (r, s), channel block).
