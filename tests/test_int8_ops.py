@@ -188,7 +188,7 @@ def test_cpu_kernel_seven_bit_bit_exact(case, isa, monkeypatch):
         assert ref.max() == -1 and (ref.min() == -90 if relu else ref.min() < -90)  # out_max; ReLU at out_zero
         out = run(c, "cpu")
         assert_bit_exact(out, ref, f"cpu/{isa} 7-bit {case} residual={residual} relu={relu}")
-        packed = q8.pack_weight_cpu(c["weight"], c["x_zero"], c["x_max"])
+        packed = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"], c["x_zero"], c["x_max"])
         assert torch.equal(run(dict(c, packed_weight=packed), "cpu"), ref)
 
 
@@ -203,12 +203,13 @@ def test_seven_bit_other_backends(device):
 @needs_extension
 def test_seven_bit_kernel_rejects_eight_bit_input(monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2u7"))
-    c = seven_bit(make_case(1, 8, 6, 6, 16, 3, 3, padding=1))
+    # Stride 2: the direct kernel (3x3 stride-1 convs take Winograd's int16 products, exact for any code).
+    c = seven_bit(make_case(1, 8, 6, 6, 16, 3, 3, stride=2, padding=1))
     c["x"][0, 3, 2, 2] = 0  # one 8-bit code: vpmaddubsw could saturate, so the kernel must refuse
     with pytest.raises(RuntimeError, match="input code >= 0"):
         run(c, "cpu")
     with pytest.raises(RuntimeError, match="x_zero <= -1"):
-        run(dict(seven_bit(make_case(1, 8, 6, 6, 16, 3, 3, padding=1)), x_zero=0, x_max=127), "cpu")
+        run(dict(seven_bit(make_case(1, 8, 6, 6, 16, 3, 3, stride=2, padding=1)), x_zero=0, x_max=127), "cpu")
 
 
 @needs_extension
@@ -224,9 +225,9 @@ def test_seven_bit_inputs_pick_vpmaddubsw_only_without_vnni(monkeypatch):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
-    for case in (CASES[0], CASES[4], CASES[7]):
+    for case in (CASES[0], CASES[7], CASES[4]):  # the last, strided 3x3, packs directly
         c = make_case(*case)
-        packed = q8.pack_weight_cpu(c["weight"])
+        packed = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"])
         assert packed.dtype == torch.int32
         assert_bit_exact(run(dict(c, packed_weight=packed), "cpu"), reference(c), f"prepacked {case}")
     with pytest.raises(RuntimeError, match="packed_weight does not match"):
@@ -234,7 +235,7 @@ def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
     # A weight of another shape with as many words: the packed header tells them apart.
     lookalike = c["weight"].reshape(*c["weight"].shape[:2], 1, -1)
     with pytest.raises(RuntimeError, match="packed for another weight"):
-        run(dict(c, packed_weight=q8.pack_weight_cpu(lookalike)), "cpu")
+        run(dict(c, packed_weight=q8.pack_weight_cpu(lookalike, c["stride"], c["dilation"])), "cpu")
 
 
 @needs_extension
@@ -266,6 +267,66 @@ def test_cpu_kernel_random_shapes(n, c, hw, k, rs, stride, padding, dilation, re
     c_ = make_case(n, c, h, w, k, r, s, stride, padding, dilation, residual, relu, seed)
     out, ref = run(c_, "cpu"), reference(c_)
     assert torch.equal(out, ref), f"{(n, c, h, w, k, r, s, stride, padding, dilation)}"
+
+
+WINOGRAD_ISAS = ["scalar", "avx2", "avx2u7"]  # the int16-pairs instruction sets
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", WINOGRAD_ISAS)
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 70), hw=st.tuples(st.integers(1, 13), st.integers(1, 13)),
+       k=st.integers(1, 40), padding=st.integers(0, 2), residual=st.booleans(), relu=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_cpu_winograd_bit_exact(isa, n, c, hw, k, padding, residual, relu, seed):
+    """3x3 stride-1 convs run by Winograd F(2x2, 3x3) (odd sizes: half-empty edge tiles) equal the reference."""
+    h, w = hw
+    if h + 2 * padding < 3 or w + 2 * padding < 3:
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+        case = make_case(n, c, h, w, k, 3, 3, 1, padding, 1, residual, relu, seed)
+        if isa == "avx2u7":
+            case = seven_bit(case)
+        assert q8.cpu_winograd(case["weight"].shape, [1, 1], [1, 1], q8.cpu_isa_for(case["x_zero"], case["x_max"]))
+        assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, padding)
+        packed = q8.pack_weight_cpu(case["weight"], [1, 1], [1, 1], case["x_zero"], case["x_max"])
+        assert torch.equal(run(dict(case, packed_weight=packed), "cpu"), reference(case))
+
+
+@needs_extension
+def test_cpu_winograd_off_and_direct_packing_mismatch(monkeypatch):
+    """TLCORE_INT8_WINOGRAD=off runs the direct kernel; a weight packed for one algorithm is refused by the other."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    c = make_case(2, 16, 9, 9, 24, 3, 3, 1, 1, 1)
+    winograd_packed = q8.pack_weight_cpu(c["weight"], [1, 1], [1, 1])
+    monkeypatch.setenv(q8.WINOGRAD_ENV, "off")
+    assert not q8.cpu_winograd(c["weight"].shape, [1, 1], [1, 1], q8.cpu_isa_for(c["x_zero"], 127))
+    assert_bit_exact(run(c, "cpu"), reference(c), "direct 3x3")
+    with pytest.raises(RuntimeError, match="packed_weight"):
+        run(dict(c, packed_weight=winograd_packed), "cpu")
+    monkeypatch.setenv(q8.WINOGRAD_ENV, "sometimes")
+    with pytest.raises(ValueError, match="auto or off"):
+        run(c, "cpu")
+
+
+@needs_extension
+def test_cpu_winograd_at_its_channel_limit_stays_exact(monkeypatch):
+    """The largest accumulators Winograd accepts (4 * acc just below 2**31): every tap and product at -128."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    limit = (2**31 - 1) // (4 * 128 * 128 * 9)
+    isa = q8.cpu_isa_for(-128, 127)
+    assert q8.cpu_winograd((1, limit, 3, 3), [1, 1], [1, 1], isa)
+    assert not q8.cpu_winograd((1, limit + 1, 3, 3), [1, 1], [1, 1], isa)
+    x = torch.full((1, limit, 2, 2), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    w = torch.full((2, limit, 3, 3), -128, dtype=torch.int8)
+    w[1] = 127
+    multiplier, offset = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
+    with use_backend("cpu"):  # padding reads x_zero = -128 too: acc = 9 * C * (+-128 * 128) everywhere
+        out = q8.int8_conv2d(x, -128, w, multiplier, offset, 24, padding=1, out_zero=0)
+    acc = int64_conv(x, -128, w, [1, 1], [1, 1], [1, 1])
+    assert acc[0, 0].eq(9 * limit * 128 * 128).all()
+    assert torch.equal(out, q8.requantize_reference(acc, multiplier, offset, 24, None, 0, 0, False))
 
 
 TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], (1, 512, 3, 3, 8, 3, 3, 1, 1, 1)]
@@ -397,10 +458,12 @@ def test_opcheck_cpu_kernel_op():
     c = make_case(1, 5, 6, 6, 7, 3, 3, padding=1)
     c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)  # the public op's job
     c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], None, 0))
-    packed = q8.pack_weight_cpu(c["weight"])
-    torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, 0))
-    torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], 0))
+    scalar = q8._CPU_ISAS["scalar"]
+    for isa, winograd in ((0, False), (scalar, False), (scalar, True)):
+        torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], None, isa, winograd))
+        packed = torch.ops.tlcore._int8_pack_weight_cpu(c["weight"], isa, winograd)
+        torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, isa, winograd))
+        torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], isa, winograd))
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])

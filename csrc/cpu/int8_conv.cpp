@@ -21,7 +21,7 @@
 // ymm of weights gives partial sums for 16 channels. The register tile is 6 output pixels x 16
 // channels = 12 ymm accumulators, the outer-product micro-kernel of BLIS (Van Zee & van de
 // Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS Functionality").
-#include "int8_conv.h"
+#include "cpu/int8_cpu.h"
 
 #include <ATen/Parallel.h>
 
@@ -38,33 +38,16 @@
 #endif
 
 namespace tlcore {
+namespace int8_cpu {
 namespace {
 
-constexpr int kTileM = 6;    // output pixels per micro-tile
-constexpr int kTileN = 16;   // output channels per packed weight block
 constexpr int kChunkM = 8;   // micro-tiles per parallel task: one packed block stays hot in L2
-constexpr int64_t kL2Bytes = 256 * 1024;  // a conservative per-core L2 size
-
-constexpr int64_t kHeaderWords = 16;  // packed weights start with (magic, layout, K, C, R, S), 64 B aligned
-constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
-
-enum class Layout : int32_t { kPairs = 1, kQuads = 2 };
 
 Layout layout_for(Int8Isa isa) {
   return isa == Int8Isa::kAvx2 || isa == Int8Isa::kScalar ? Layout::kPairs : Layout::kQuads;
 }
 
-int64_t group_size(Layout layout) { return layout == Layout::kPairs ? 2 : 4; }
-
-// One micro-tile's operands; every pointer and offset counts 4-byte groups.
-struct Tile {
-  const int32_t* rows[kTileM];  // each output pixel's input pixel at tap (0, 0), padded buffer
-  const int32_t* weight;        // the packed block of this tile's 16 channels
-  const int64_t* tap_offsets;   // R * S offsets of the taps from a row pointer
-  int64_t taps, groups;         // R * S, groups per pixel
-};
-
-using TileFn = void (*)(const Tile&, int32_t (*acc)[kTileN]);
+int64_t group_size(Layout layout) { return layout == Layout::kQuads ? 4 : 2; }
 
 // The pairs layout in plain C++ (the reference-speed fallback of every CPU).
 void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
@@ -207,12 +190,12 @@ std::vector<int32_t> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp,
 }
 
 // int32 tile -> int8 outputs: scale, offset, residual, shift, zero point, ReLU, saturate.
-void requantize(const Int8ConvArgs& a, const int32_t (*acc)[kTileN], int64_t m0, int rows, int64_t k0) {
+void requantize(const Int8ConvArgs& a, const int32_t (*acc)[kTileN], const int64_t* ms, int rows, int64_t k0) {
   const int64_t cols = std::min<int64_t>(kTileN, a.k - k0);
   const int64_t lo = a.relu ? std::max(a.out_zero, -128) : -128;
   const int64_t hi = a.out_max;
   for (int i = 0; i < rows; ++i) {
-    const int64_t m = m0 + i;
+    const int64_t m = ms[i];
     for (int64_t j = 0; j < cols; ++j) {
       const int64_t k = k0 + j;
       int64_t total = static_cast<int64_t>(acc[i][j]) * a.multiplier[k] + a.offset[k];
@@ -228,8 +211,8 @@ void requantize(const Int8ConvArgs& a, const int32_t (*acc)[kTileN], int64_t m0,
 // channels). AVX2 has no 64-bit arithmetic shift: |total| < 2**62 (requantization's headroom), so
 // adding 2**62 makes it positive and a logical shift then floors exactly; 2**(62 - shift) comes off after.
 __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, const int32_t (*acc)[kTileN],
-                                                     int64_t m0, int rows, int64_t k0) {
-  if (k0 + kTileN > a.k) return requantize(a, acc, m0, rows, k0);  // a partial channel block
+                                                     const int64_t* ms, int rows, int64_t k0) {
+  if (k0 + kTileN > a.k) return requantize(a, acc, ms, rows, k0);  // a partial channel block
   const __m256i bias = _mm256_set1_epi64x(int64_t{1} << 62);
   const __m256i unbias = _mm256_set1_epi64x((int64_t{1} << (62 - a.shift)) - a.out_zero);
   const __m128i shift = _mm_cvtsi32_si128(a.shift);
@@ -238,7 +221,7 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
   const __m256i hi = _mm256_set1_epi64x(a.out_max);
   const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
   for (int i = 0; i < rows; ++i) {
-    const int64_t row = (m0 + i) * a.k + k0;
+    const int64_t row = ms[i] * a.k + k0;
     for (int j = 0; j < kTileN; j += 4) {
       const __m256i x = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(acc[i] + j)));
       const __m256i m = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.multiplier + k0 + j)));
@@ -263,6 +246,144 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
 #endif  // TLCORE_X86
 
 }  // namespace
+
+TileFn pairs_tile_fn(Int8Isa isa) { return tile_fn(isa == Int8Isa::kScalar ? isa : Int8Isa::kAvx2); }
+
+EpilogueFn epilogue_fn(Int8Isa isa) {
+#ifdef TLCORE_X86
+  if (isa != Int8Isa::kScalar) return requantize_avx2;
+#endif
+  return requantize;
+}
+
+std::vector<int32_t> pad_input_pairs(const Int8ConvArgs& a, int64_t hp, int64_t wp, int64_t groups) {
+  return pad_input(a, Layout::kPairs, hp, wp, groups, false);
+}
+
+void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s) {
+  const int32_t header[] = {kPackedMagic, static_cast<int32_t>(layout), static_cast<int32_t>(k),
+                            static_cast<int32_t>(c), static_cast<int32_t>(r), static_cast<int32_t>(s)};
+  std::fill(packed, packed + kHeaderWords, 0);
+  std::copy(std::begin(header), std::end(header), packed);
+}
+
+bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s) {
+  return packed[0] == kPackedMagic && packed[1] == static_cast<int32_t>(layout) && packed[2] == k &&
+         packed[3] == c && packed[4] == r && packed[5] == s;
+}
+
+namespace {
+
+int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout) {
+  const int64_t size = group_size(layout), blocks = (k + kTileN - 1) / kTileN;
+  const int64_t correction = layout == Layout::kQuads ? blocks * kTileN : 0;
+  return kHeaderWords + blocks * r * s * ((c + size - 1) / size) * kTileN + correction;
+}
+
+void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Layout layout,
+                        int32_t* packed) {
+  const int64_t size = group_size(layout), groups = (c + size - 1) / size, taps = r * s;
+  const int64_t blocks = (k + kTileN - 1) / kTileN, block_words = taps * groups * kTileN;
+  std::fill(packed, packed + direct_packed_words(k, c, r, s, layout), 0);
+  write_header(packed, layout, k, c, r, s);
+  int32_t* words = packed + kHeaderWords;
+  int32_t* correction = words + blocks * block_words;  // quads: 128 * sum(w[k]), see the file comment
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    // One (channel, tap) row in the layout's element type; channels past C stay 0.
+    std::vector<int16_t> pairs(layout == Layout::kPairs ? 2 * groups : 0, 0);
+    std::vector<int8_t> quads(layout == Layout::kQuads ? 4 * groups : 0, 0);
+    const char* row = layout == Layout::kPairs ? reinterpret_cast<const char*>(pairs.data())
+                                               : reinterpret_cast<const char*>(quads.data());
+    for (int64_t block = begin; block < end; ++block) {
+      for (int j = 0; j < kTileN && block * kTileN + j < k; ++j) {
+        const int64_t channel = block * kTileN + j;
+        int32_t sum = 0;
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          const int8_t* src = weight + (channel * taps + tap) * c;
+          if (layout == Layout::kPairs) {
+            std::copy(src, src + c, pairs.begin());
+          } else {
+            std::copy(src, src + c, quads.begin());
+          }
+          for (int64_t i = 0; i < c; ++i) sum += src[i];
+          int32_t* dst = words + block * block_words + tap * groups * kTileN + j;
+          for (int64_t g = 0; g < groups; ++g) std::memcpy(dst + g * kTileN, row + 4 * g, sizeof(int32_t));
+        }
+        if (layout == Layout::kQuads) correction[channel] = 128 * sum;
+      }
+    }
+  });
+}
+
+void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa) {
+  const Layout layout = layout_for(isa);
+  const int64_t size = group_size(layout), groups = (a.c + size - 1) / size;
+  const int64_t hp = a.h + 2 * a.pad_h, wp = a.w + 2 * a.pad_w;
+  const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = a.r * a.s * groups * kTileN;
+  std::vector<int32_t> packed_here;
+  const int32_t* packed = a.packed_weight;
+  if (packed == nullptr) {
+    packed_here.resize(static_cast<size_t>(direct_packed_words(a.k, a.c, a.r, a.s, layout)));
+    pack_direct_weight(a.weight, a.k, a.c, a.r, a.s, layout, packed_here.data());
+    packed = packed_here.data();
+  } else if (!header_matches(packed, layout, a.k, a.c, a.r, a.s)) {
+    throw std::invalid_argument("tlcore int8 conv: packed_weight was packed for another weight, instruction set "
+                                "or algorithm");
+  }
+  const int32_t* weight = packed + kHeaderWords;
+  const int32_t* correction = layout == Layout::kQuads ? weight + blocks * block_words : nullptr;
+  const std::vector<int32_t> x = pad_input(a, layout, hp, wp, groups, isa == Int8Isa::kAvx2U7);
+  std::vector<int64_t> tap_offsets(static_cast<size_t>(a.r * a.s));
+  for (int64_t r = 0; r < a.r; ++r) {
+    for (int64_t s = 0; s < a.s; ++s) tap_offsets[r * a.s + s] = (r * a.dil_h * wp + s * a.dil_w) * groups;
+  }
+  const int64_t m_total = a.n * a.oh * a.ow;
+  const int64_t tiles = (m_total + kTileM - 1) / kTileM;
+  const int64_t chunks = (tiles + kChunkM - 1) / kChunkM;
+  const TileFn run_tile = tile_fn(isa);
+  const EpilogueFn epilogue = epilogue_fn(isa);
+
+  // Task = (weight block, chunk of tiles). When all packed weights fit in L2, consecutive tasks
+  // share a chunk of input rows (which then stays in L1); otherwise they share a weight block.
+  const bool rows_outer = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    int32_t acc[kTileM][kTileN];
+    int64_t ms[kTileM];
+    Tile t;
+    t.tap_offsets = tap_offsets.data();
+    t.taps = a.r * a.s;
+    t.groups = groups;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = rows_outer ? task % blocks : task / chunks;
+      const int64_t chunk = rows_outer ? task / blocks : task % chunks;
+      t.weight = weight + block * block_words;
+      const int64_t tile_end = std::min(tiles, (chunk + 1) * kChunkM);
+      for (int64_t tile = chunk * kChunkM; tile < tile_end; ++tile) {
+        const int64_t m0 = tile * kTileM;
+        const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
+        for (int i = 0; i < kTileM; ++i) {
+          // Rows past the end repeat the last one; their results are not stored.
+          const int64_t m = m0 + std::min(i, rows - 1);
+          const int64_t n = m / (a.oh * a.ow), y = (m / a.ow) % a.oh, col = m % a.ow;
+          t.rows[i] = x.data() + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
+          ms[i] = m;
+        }
+        run_tile(t, acc);
+        if (correction != nullptr) {
+          for (int i = 0; i < kTileM; ++i) {
+            for (int j = 0; j < kTileN; ++j) acc[i][j] -= correction[block * kTileN + j];
+          }
+        }
+        epilogue(a, acc, ms, rows, block * kTileN);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace int8_cpu
+
+using namespace int8_cpu;
 
 bool int8_isa_supported(Int8Isa isa) {
   switch (isa) {
@@ -293,117 +414,31 @@ Int8Isa int8_resolve_isa(Int8Isa isa) {
   return isa;
 }
 
-int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa) {
-  const Layout layout = layout_for(int8_resolve_isa(isa));
-  const int64_t size = group_size(layout), blocks = (k + kTileN - 1) / kTileN;
-  const int64_t correction = layout == Layout::kQuads ? blocks * kTileN : 0;
-  return kHeaderWords + blocks * r * s * ((c + size - 1) / size) * kTileN + correction;
+int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa, bool winograd) {
+  isa = int8_resolve_isa(isa);
+  return winograd ? winograd_packed_words(k, c) : direct_packed_words(k, c, r, s, layout_for(isa));
 }
 
 void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa,
-                          int32_t* packed) {
-  const Layout layout = layout_for(int8_resolve_isa(isa));
-  const int64_t size = group_size(layout), groups = (c + size - 1) / size, taps = r * s;
-  const int64_t blocks = (k + kTileN - 1) / kTileN, block_words = taps * groups * kTileN;
-  std::fill(packed, packed + int8_packed_weight_words(k, c, r, s, isa), 0);
-  const int32_t header[] = {kPackedMagic, static_cast<int32_t>(layout), static_cast<int32_t>(k),
-                            static_cast<int32_t>(c), static_cast<int32_t>(r), static_cast<int32_t>(s)};
-  std::copy(std::begin(header), std::end(header), packed);
-  int32_t* words = packed + kHeaderWords;
-  int32_t* correction = words + blocks * block_words;  // quads: 128 * sum(w[k]), see the file comment
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    // One (channel, tap) row in the layout's element type; channels past C stay 0.
-    std::vector<int16_t> pairs(layout == Layout::kPairs ? 2 * groups : 0, 0);
-    std::vector<int8_t> quads(layout == Layout::kQuads ? 4 * groups : 0, 0);
-    const char* row = layout == Layout::kPairs ? reinterpret_cast<const char*>(pairs.data())
-                                               : reinterpret_cast<const char*>(quads.data());
-    for (int64_t block = begin; block < end; ++block) {
-      for (int j = 0; j < kTileN && block * kTileN + j < k; ++j) {
-        const int64_t channel = block * kTileN + j;
-        int32_t sum = 0;
-        for (int64_t tap = 0; tap < taps; ++tap) {
-          const int8_t* src = weight + (channel * taps + tap) * c;
-          if (layout == Layout::kPairs) {
-            std::copy(src, src + c, pairs.begin());
-          } else {
-            std::copy(src, src + c, quads.begin());
-          }
-          for (int64_t i = 0; i < c; ++i) sum += src[i];
-          int32_t* dst = words + block * block_words + tap * groups * kTileN + j;
-          for (int64_t g = 0; g < groups; ++g) std::memcpy(dst + g * kTileN, row + 4 * g, sizeof(int32_t));
-        }
-        if (layout == Layout::kQuads) correction[channel] = 128 * sum;
-      }
-    }
-  });
+                          bool winograd, int32_t* packed) {
+  isa = int8_resolve_isa(isa);
+  if (!winograd) return pack_direct_weight(weight, k, c, r, s, layout_for(isa), packed);
+  if (!int8_winograd_supported(c, r, s, 1, 1, 1, 1, isa)) {
+    throw std::invalid_argument("tlcore int8 conv: this weight or instruction set has no Winograd packing");
+  }
+  pack_winograd_weight(weight, k, c, packed);
 }
 
 Int8Isa int8_conv2d_cpu(const Int8ConvArgs& a, Int8Isa isa) {
   isa = int8_resolve_isa(isa);
-  const Layout layout = layout_for(isa);
-  const int64_t size = group_size(layout), groups = (a.c + size - 1) / size;
-  const int64_t hp = a.h + 2 * a.pad_h, wp = a.w + 2 * a.pad_w;
-  const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = a.r * a.s * groups * kTileN;
-  std::vector<int32_t> packed_here;
-  const int32_t* packed = a.packed_weight;
-  if (packed == nullptr) {
-    packed_here.resize(static_cast<size_t>(int8_packed_weight_words(a.k, a.c, a.r, a.s, isa)));
-    pack_int8_weight_cpu(a.weight, a.k, a.c, a.r, a.s, isa, packed_here.data());
-    packed = packed_here.data();
-  } else if (packed[0] != kPackedMagic || packed[1] != static_cast<int32_t>(layout) || packed[2] != a.k ||
-             packed[3] != a.c || packed[4] != a.r || packed[5] != a.s) {
-    throw std::invalid_argument("tlcore int8 conv: packed_weight was packed for another weight or instruction set");
+  if (!a.winograd) {
+    int8_conv2d_direct(a, isa);
+  } else if (int8_winograd_supported(a.c, a.r, a.s, a.stride_h, a.stride_w, a.dil_h, a.dil_w, isa)) {
+    int8_conv2d_winograd(a, isa);
+  } else {
+    throw std::invalid_argument("tlcore int8 conv: the Winograd algorithm needs a 3x3 conv with stride 1 and "
+                                "dilation 1 on an int16-pairs instruction set (scalar, avx2, avx2u7)");
   }
-  const int32_t* weight = packed + kHeaderWords;
-  const int32_t* correction = layout == Layout::kQuads ? weight + blocks * block_words : nullptr;
-  const std::vector<int32_t> x = pad_input(a, layout, hp, wp, groups, isa == Int8Isa::kAvx2U7);
-  std::vector<int64_t> tap_offsets(static_cast<size_t>(a.r * a.s));
-  for (int64_t r = 0; r < a.r; ++r) {
-    for (int64_t s = 0; s < a.s; ++s) tap_offsets[r * a.s + s] = (r * a.dil_h * wp + s * a.dil_w) * groups;
-  }
-  const int64_t m_total = a.n * a.oh * a.ow;
-  const int64_t tiles = (m_total + kTileM - 1) / kTileM;
-  const int64_t chunks = (tiles + kChunkM - 1) / kChunkM;
-  const TileFn run_tile = tile_fn(isa);
-#ifdef TLCORE_X86
-  const auto epilogue = isa == Int8Isa::kScalar ? requantize : requantize_avx2;
-#else
-  const auto epilogue = requantize;
-#endif
-
-  // Task = (weight block, chunk of tiles). When all packed weights fit in L2, consecutive tasks
-  // share a chunk of input rows (which then stays in L1); otherwise they share a weight block.
-  const bool rows_outer = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
-  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
-    int32_t acc[kTileM][kTileN];
-    Tile t;
-    t.tap_offsets = tap_offsets.data();
-    t.taps = a.r * a.s;
-    t.groups = groups;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t block = rows_outer ? task % blocks : task / chunks;
-      const int64_t chunk = rows_outer ? task / blocks : task % chunks;
-      t.weight = weight + block * block_words;
-      const int64_t tile_end = std::min(tiles, (chunk + 1) * kChunkM);
-      for (int64_t tile = chunk * kChunkM; tile < tile_end; ++tile) {
-        const int64_t m0 = tile * kTileM;
-        const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
-        for (int i = 0; i < kTileM; ++i) {
-          // Rows past the end repeat the last one; their results are not stored.
-          const int64_t m = m0 + std::min(i, rows - 1);
-          const int64_t n = m / (a.oh * a.ow), y = (m / a.ow) % a.oh, col = m % a.ow;
-          t.rows[i] = x.data() + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
-        }
-        run_tile(t, acc);
-        if (correction != nullptr) {
-          for (int i = 0; i < kTileM; ++i) {
-            for (int j = 0; j < kTileN; ++j) acc[i][j] -= correction[block * kTileN + j];
-          }
-        }
-        epilogue(a, acc, m0, rows, block * kTileN);
-      }
-    }
-  });
   return isa;
 }
 

@@ -14,8 +14,8 @@ from torch.ao.quantization import PerChannelMinMaxObserver
 
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU
-from tlcore.ops.int8 import (WEIGHT_QMAX, cpu_isa_for, dequantize_per_tensor, int8_conv2d, pack_weight_cpu,
-                             quantize_per_tensor, requantization)
+from tlcore.ops.int8 import (WEIGHT_QMAX, cpu_isa_for, cpu_winograd, dequantize_per_tensor, int8_conv2d,
+                             pack_weight_cpu, quantize_per_tensor, requantization)
 
 
 class QParams(NamedTuple):
@@ -154,14 +154,18 @@ class Int8Conv2d(_Int8Module):
                                out_max=s["out_max"], x_max=s["x_max"], packed_weight=self._packed_weight())
 
     def _packed_weight(self) -> torch.Tensor | None:
-        """The weight in the C++ CPU kernel's layout, packed again whenever the weight changes."""
+        """The weight in the C++ CPU kernel's layout, packed again whenever the weight or the
+        kernel's choice (TLCORE_INT8_CPU_ISA, TLCORE_INT8_WINOGRAD) changes."""
         s = self.state
-        isa = cpu_isa_for(s["x_zero"], s["x_max"]) if self.weight.device.type == "cpu" else None
+        algorithm = None
+        if self.weight.device.type == "cpu":
+            isa = cpu_isa_for(s["x_zero"], s["x_max"])
+            algorithm = (isa, cpu_winograd(self.weight.shape, s["stride"], s["dilation"], isa))
         # Inference tensors (a model built under torch.inference_mode) have no version counter.
         version = None if self.weight.is_inference() else self.weight._version
-        key = (self.weight.device, self.weight.data_ptr(), version, isa)
+        key = (self.weight.device, self.weight.data_ptr(), version, algorithm)
         if self._packed[0] != key:
-            self._packed = (key, pack_weight_cpu(self.weight, s["x_zero"], s["x_max"]))
+            self._packed = (key, pack_weight_cpu(self.weight, s["stride"], s["dilation"], s["x_zero"], s["x_max"]))
         return self._packed[1]
 
     def extra_repr(self) -> str:

@@ -48,6 +48,7 @@ _INT64_HEADROOM = 2**62
 _CONV_OP = "int8_conv2d"
 _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5}
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
+WINOGRAD_ENV = "TLCORE_INT8_WINOGRAD"  # "off" keeps the C++ kernel's 3x3 convs direct (tests, benchmarks)
 
 
 # ---- float scales -> fixed point --------------------------------------------------------------
@@ -198,6 +199,27 @@ def _auto_isa() -> int:
     return torch.ops.tlcore._int8_cpu_resolve_isa(_CPU_ISAS["auto"])
 
 
+def cpu_winograd(weight_shape: Sequence[int], stride: Sequence[int], dilation: Sequence[int], isa: int) -> bool:
+    """Whether the C++ kernel runs this conv by exact integer Winograd F(2x2, 3x3) with `isa`.
+
+    Wherever it can (3x3, stride 1, dilation 1, an instruction set without VNNI: there its
+    16 products per 2x2 tile instead of 36 make 3x3 convs about 2x faster) unless
+    TLCORE_INT8_WINOGRAD=off. Results are bit-identical either way.
+    """
+    setting = os.environ.get(WINOGRAD_ENV, "auto")
+    if setting not in ("auto", "off"):
+        raise ValueError(f"{WINOGRAD_ENV}={setting!r}; choose auto or off")
+    if setting == "off" or not _extension.loaded():
+        return False
+    c, r, s = (int(size) for size in weight_shape[1:])  # weight sizes: static even under dynamic-shape tracing
+    return _winograd_supported(c, r, s, tuple(stride), tuple(dilation), isa)
+
+
+@functools.cache
+def _winograd_supported(c: int, r: int, s: int, stride: tuple, dilation: tuple, isa: int) -> bool:
+    return torch.ops.tlcore._int8_cpu_winograd_supported(c, r, s, list(stride), list(dilation), isa)
+
+
 def cpu_isa_supported(name: str) -> bool:
     """Whether the C++ int8 kernel can run with instruction set `name` here (see _CPU_ISAS)."""
     return _extension.loaded() and torch.ops.tlcore._int8_cpu_isa_supported(_CPU_ISAS[name])
@@ -235,7 +257,9 @@ def _int8_conv2d_op(
             list(stride), list(padding), list(dilation), out_max)
     chosen = backend.select(_CONV_OP, x.device, ("triton", "cuda", "cpu", "torch"))
     if chosen == "cpu":
-        return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, cpu_isa_for(x_zero, x_max))
+        isa = cpu_isa_for(x_zero, x_max)
+        return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, isa,
+                                               cpu_winograd(weight.shape, stride, dilation, isa))
     if chosen == "cuda":
         return torch.ops.tlcore._int8_conv_cuda(_nhwc(x), *args)
     if chosen == "triton":
@@ -262,21 +286,26 @@ def _register_compiled_fakes() -> None:
 
     @torch.library.register_fake("tlcore::_int8_conv_cpu")
     def _(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
-          stride, padding, dilation, out_max, packed_weight, isa):
+          stride, padding, dilation, out_max, packed_weight, isa, winograd):
         return _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
                                  out_zero, relu, stride, padding, dilation, out_max)
 
     @torch.library.register_fake("tlcore::_int8_pack_weight_cpu")
-    def _(weight, isa):
-        return weight.new_empty((_packed_words(*weight.shape, isa),), dtype=torch.int32)
+    def _(weight, isa, winograd):
+        return weight.new_empty((_packed_words(*weight.shape, isa, winograd),), dtype=torch.int32)
 
     torch.library.register_fake("tlcore::_int8_conv_cuda")(_int8_conv2d_fake)
 
 
-def _packed_words(k: int, c: int, r: int, s: int, isa: int) -> int:
-    """int32 words of the C++ kernel's packed weight (csrc/cpu/int8_conv.cpp): header, blocks, correction."""
+def _packed_words(k: int, c: int, r: int, s: int, isa: int, winograd: bool) -> int:
+    """int32 words of the C++ kernel's packed weight (csrc/cpu/int8_conv.cpp, int8_winograd.cpp):
+    header, blocks, correction."""
+    blocks = -(-k // 16)
+    if winograd:  # 16 transformed taps of channel pairs, the pairs rounded up to a multiple of 8
+        pairs = -(-c // 2)
+        return 16 + blocks * 16 * (-(-pairs // 8) * 8) * 16
     quads = torch.ops.tlcore._int8_cpu_resolve_isa(isa) not in (_CPU_ISAS["scalar"], _CPU_ISAS["avx2"])
-    group, blocks = (4 if quads else 2), -(-k // 16)
+    group = 4 if quads else 2
     return 16 + blocks * r * s * -(-c // group) * 16 + (blocks * 16 if quads else 0)
 
 
@@ -319,8 +348,8 @@ def int8_conv2d(
         out_zero: the output's zero point; relu: clamp at it. out_max: the largest output code.
         x_max: the largest code x holds (-1 for 7-bit inputs: the C++ kernel may then use vpmaddubsw).
         stride, padding (zeros in real terms), dilation: int or (h, w) pair.
-        packed_weight: `pack_weight_cpu(weight, x_zero, x_max)`, so the C++ CPU kernel skips
-            packing it on every call; other backends ignore it.
+        packed_weight: `pack_weight_cpu(weight, stride, dilation, x_zero, x_max)`, so the C++ CPU
+            kernel skips packing it on every call; other backends ignore it.
 
     Returns:
         (N, K, OH, OW) int8, channels_last.
@@ -330,12 +359,15 @@ def int8_conv2d(
                                         _pair(dilation, "dilation"), out_max, x_max, packed_weight)
 
 
-def pack_weight_cpu(weight: torch.Tensor, x_zero: int = QMIN, x_max: int = QMAX) -> torch.Tensor | None:
-    """weight (K, C, R, S) int8 in the layout of the instruction set the C++ kernel will use for
-    inputs with codes up to x_max (1-d int32), or None without the extension or off the CPU."""
+def pack_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int], x_zero: int = QMIN,
+                    x_max: int = QMAX) -> torch.Tensor | None:
+    """weight (K, C, R, S) int8 in the layout the C++ kernel will use for a conv with this stride
+    and dilation on inputs with codes up to x_max (its instruction set and algorithm), as 1-d
+    int32; None without the extension or off the CPU."""
     if not _extension.loaded() or weight.device.type != "cpu":
         return None
-    return torch.ops.tlcore._int8_pack_weight_cpu(_nhwc(weight), cpu_isa_for(x_zero, x_max))
+    isa = cpu_isa_for(x_zero, x_max)
+    return torch.ops.tlcore._int8_pack_weight_cpu(_nhwc(weight), isa, cpu_winograd(weight.shape, stride, dilation, isa))
 
 
 # ---- quantize / dequantize ------------------------------------------------------------------

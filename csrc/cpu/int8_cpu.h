@@ -1,0 +1,58 @@
+// Internals shared by the C++ CPU int8 convolutions: the direct implicit GEMM
+// (int8_conv.cpp) and the Winograd one (int8_winograd.cpp). Public entry points: csrc/int8_conv.h.
+#pragma once
+
+#include "int8_conv.h"
+
+#include <cstdint>
+#include <vector>
+
+namespace tlcore {
+namespace int8_cpu {
+
+constexpr int kTileM = 6;    // rows (output pixels, or Winograd tiles) per micro-tile
+constexpr int kTileN = 16;   // output channels per packed weight block
+constexpr int64_t kL2Bytes = 256 * 1024;  // a conservative per-core L2 size
+
+constexpr int64_t kHeaderWords = 16;  // packed weights start with (magic, layout, K, C, R, S), 64 B aligned
+constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
+
+// How a packed weight and the padded input group channels into 4-byte words (int8_conv.cpp).
+enum class Layout : int32_t { kPairs = 1, kQuads = 2, kWinogradPairs = 3 };
+
+// One micro-tile's operands; every pointer and offset counts 4-byte groups.
+struct Tile {
+  const int32_t* rows[kTileM];  // each row's first group (an output pixel's tap (0, 0), or a Winograd tile)
+  const int32_t* weight;        // the packed block of this tile's 16 channels
+  const int64_t* tap_offsets;   // offsets of the taps from a row pointer
+  int64_t taps, groups;         // taps, groups per tap
+};
+
+// acc[i][j] = sum over taps and groups of rows[i] . weight (the layout's dot product), int32.
+using TileFn = void (*)(const Tile&, int32_t (*acc)[kTileN]);
+
+// The fused requantize epilogue of int8_conv.h on `rows` rows of acc: row i is output pixel m[i],
+// the columns are output channels k0 .. k0 + 15 (fewer at the end of K).
+using EpilogueFn = void (*)(const Int8ConvArgs&, const int32_t (*acc)[kTileN], const int64_t* m, int rows,
+                            int64_t k0);
+
+TileFn pairs_tile_fn(Int8Isa isa);        // the int16-pairs micro-kernel of `isa` (vpmaddwd, or scalar)
+EpilogueFn epilogue_fn(Int8Isa isa);
+
+// (N, H, W, C) int8 -> (N, hp, wp, groups) int32 words of int16 pairs: pixel (y, x) lands at
+// (y + pad_h, x + pad_w); everything else (the padding, and any extra rows/columns below and to
+// the right) holds x_zero; channels past C are 0.
+std::vector<int32_t> pad_input_pairs(const Int8ConvArgs& a, int64_t hp, int64_t wp, int64_t groups);
+
+// Writes the packed-weight header.
+void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);
+bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);
+
+// ---- Winograd F(2x2, 3x3) (int8_winograd.cpp) ----
+
+int64_t winograd_packed_words(int64_t k, int64_t c);
+void pack_winograd_weight(const int8_t* weight, int64_t k, int64_t c, int32_t* packed);
+void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa);
+
+}  // namespace int8_cpu
+}  // namespace tlcore
