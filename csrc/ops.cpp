@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include "int8_conv.h"
+#include "int8_layers.h"
 #ifdef TLCORE_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -130,6 +131,51 @@ int64_t int8_cpu_resolve_isa(int64_t isa) {
 
 bool int8_cpu_isa_supported(int64_t isa) {
   return isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa));
+}
+
+// ---- the int8 model's other layers (csrc/int8_layers.h) ------------------------------------------
+
+at::Tensor quantize_cpu(const at::Tensor& x, double inv_scale, int64_t zero_point) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "tlcore quantize: x must be a CPU fp32 (N, C, H, W) tensor");
+  TORCH_CHECK(zero_point >= -128 && zero_point <= 127, "tlcore quantize: zero_point must be in [-128, 127]");
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor src = channels_last ? x : x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar).memory_format(at::MemoryFormat::ChannelsLast));
+  tlcore::quantize_to_nhwc_cpu(src.data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3), channels_last,
+                               static_cast<float>(inv_scale), static_cast<int32_t>(zero_point),
+                               out.data_ptr<int8_t>());
+  return out;
+}
+
+int64_t pool_output_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation, bool ceil_mode) {
+  const int64_t span = size + 2 * pad - dilation * (kernel - 1) - 1;
+  int64_t out = (ceil_mode ? (span + stride - 1) / stride : span / stride) + 1;
+  if (ceil_mode && (out - 1) * stride >= size + pad) --out;  // the last window must start inside the image
+  return out;
+}
+
+at::Tensor int8_max_pool_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kChar && x.device().is_cpu(),
+              "tlcore int8 max-pool: x must be a CPU int8 (N, C, H, W) tensor");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "tlcore int8 max-pool: kernel, stride, padding and dilation must be pairs");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(kernel[i] > 0 && stride[i] > 0 && dilation[i] > 0 && padding[i] >= 0 && 2 * padding[i] <= kernel[i],
+                "tlcore int8 max-pool: need kernel, stride, dilation > 0 and 0 <= padding <= kernel / 2");
+  }
+  const at::Tensor src = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t oh = pool_output_size(x.size(2), kernel[0], stride[0], padding[0], dilation[0], ceil_mode);
+  const int64_t ow = pool_output_size(x.size(3), kernel[1], stride[1], padding[1], dilation[1], ceil_mode);
+  TORCH_CHECK(oh > 0 && ow > 0, "tlcore int8 max-pool: the input is smaller than the (dilated) kernel");
+  at::Tensor out = at::empty({x.size(0), x.size(1), oh, ow},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const tlcore::Int8PoolArgs args{src.data_ptr<int8_t>(), x.size(0), x.size(2), x.size(3), x.size(1),
+                                  kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
+                                  dilation[0], dilation[1], oh, ow, out.data_ptr<int8_t>()};
+  if (out.numel() > 0) tlcore::int8_max_pool_cpu(args);
+  return out;
 }
 
 #ifdef TLCORE_WITH_CUDA
@@ -318,6 +364,9 @@ TORCH_LIBRARY(tlcore, m) {
   m.def("_int8_cpu_winograd_supported(int c, int r, int s, int[] stride, int[] dilation, int isa) -> bool",
         &int8_cpu_winograd_supported);
   m.def("_int8_cpu_resolve_isa(int isa) -> int", &int8_cpu_resolve_isa);
+  m.def("_quantize_cpu(Tensor x, float inv_scale, int zero_point) -> Tensor");
+  m.def("_int8_max_pool_cpu(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
+        "-> Tensor");
   m.def("_int8_cpu_isa_supported(int isa) -> bool", &int8_cpu_isa_supported);
   m.def("_int8_conv_cuda(Tensor x, int x_zero, Tensor weight, Tensor multiplier, Tensor offset, int shift, "
         "Tensor? residual, int res_multiplier, int out_zero, bool relu, int[] stride, int[] padding, "
@@ -336,6 +385,8 @@ TORCH_LIBRARY(tlcore, m) {
 TORCH_LIBRARY_IMPL(tlcore, CPU, m) {
   m.impl("_int8_conv_cpu", &int8_conv_cpu);
   m.impl("_int8_pack_weight_cpu", &int8_pack_weight_cpu);
+  m.impl("_quantize_cpu", &quantize_cpu);
+  m.impl("_int8_max_pool_cpu", &int8_max_pool_cpu);
 }
 
 #ifdef TLCORE_WITH_CUDA

@@ -8,14 +8,13 @@ by `tlcore.quantize` loads a saved state_dict with `torch.load(..., weights_only
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import PerChannelMinMaxObserver
 
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU
 from tlcore.ops.int8 import (WEIGHT_QMAX, cpu_isa_for, cpu_winograd, dequantize_per_tensor, int8_conv2d,
-                             pack_weight_cpu, quantize_per_tensor, requantization)
+                             int8_max_pool2d, pack_weight_cpu, quantize_per_tensor, requantization)
 
 
 class QParams(NamedTuple):
@@ -77,7 +76,8 @@ class QuantizeInput(_Int8Module):
         super().__init__(scale=float(qparams.scale), zero_point=int(qparams.zero_point))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.isnan(x).any():
+        # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
+        if not torch.isfinite(x.sum()) and torch.isnan(x).any():
             raise ValueError("tlcore int8 model: the input contains NaN")
         with self._backend():
             return quantize_per_tensor(x, self.state["scale"], self.state["zero_point"])
@@ -186,10 +186,9 @@ class Int8MaxPool2d(nn.Module):
         self.dilation, self.ceil_mode = pool.dilation, pool.ceil_mode
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        # CUDA has no integer max-pool, and the CPU one rejects an int8 tensor of more than 127
-        # elements per image (an int8-typed size check); fp16 holds every int8 value exactly.
-        y = F.max_pool2d(q.half(), self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
-        return y.to(torch.int8).contiguous(memory_format=torch.channels_last)
+        pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+        return int8_max_pool2d(q, pair(self.kernel_size), pair(self.stride), pair(self.padding),
+                               pair(self.dilation), self.ceil_mode)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, int8"

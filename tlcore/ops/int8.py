@@ -296,6 +296,17 @@ def _register_compiled_fakes() -> None:
 
     torch.library.register_fake("tlcore::_int8_conv_cuda")(_int8_conv2d_fake)
 
+    @torch.library.register_fake("tlcore::_quantize_cpu")
+    def _(x, inv_scale, zero_point):
+        return _quantize_fake(x, inv_scale, zero_point)
+
+    @torch.library.register_fake("tlcore::_int8_max_pool_cpu")
+    def _(x, kernel, stride, padding, dilation, ceil_mode):
+        oh, ow = (_pool_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i], ceil_mode)
+                  for i in range(2))
+        return torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=torch.int8, device=x.device,
+                           memory_format=torch.channels_last)
+
 
 def _packed_words(k: int, c: int, r: int, s: int, isa: int, winograd: bool) -> int:
     """int32 words of the C++ kernel's packed weight (csrc/cpu/int8_conv.cpp, int8_winograd.cpp):
@@ -392,11 +403,14 @@ def _quantize_op(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch.Te
     out = _quantize_fake(x, inv_scale, zero_point)
     if out.numel() == 0:
         return out
-    if backend.select("quantize_per_tensor", x.device, ("triton", "torch")) == "triton":
+    chosen = backend.select("quantize_per_tensor", x.device, ("triton", "cpu", "torch"))
+    if chosen == "triton":
         from tlcore.kernels.int8_conv import quantize_per_tensor as triton_quantize
 
         triton_quantize(x, inv_scale, zero_point, out)
         return out
+    if chosen == "cpu" and x.dtype == torch.float32:  # fp16/bf16 inputs take the PyTorch path
+        return torch.ops.tlcore._quantize_cpu(x, inv_scale, zero_point)
     return _quantize_torch(x, inv_scale, zero_point)
 
 
@@ -448,3 +462,30 @@ def _dequantize_fake(q, scale, zero_point):
 def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """x = (q - zero_point) * fp32(scale). q: (N, C, H, W) int8, any layout. Returns fp32 NCHW contiguous."""
     return torch.ops.tlcore.dequantize_per_tensor(q, scale, zero_point)
+
+
+# ---- max-pool -------------------------------------------------------------------------------
+
+def _pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """PyTorch's max-pool output size (the last window starts inside the image or its left padding)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def int8_max_pool2d(q: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                    dilation: Sequence[int], ceil_mode: bool = False) -> torch.Tensor:
+    """Max-pool on int8 codes: exact, and the output keeps the input's scale and zero point.
+
+    q: (N, C, H, W) int8, any layout; kernel_size, stride, padding, dilation: (h, w) pairs.
+    Returns (N, C, OH, OW) int8 channels_last (PyTorch's output size and implicit -inf padding).
+    """
+    if q.device.type == "cpu" and backend.select("int8_max_pool2d", q.device, ("cpu", "torch")) == "cpu":
+        return torch.ops.tlcore._int8_max_pool_cpu(q, list(kernel_size), list(stride), list(padding),
+                                                   list(dilation), ceil_mode)
+    # CUDA has no integer max-pool, and the CPU one rejects an int8 tensor of more than 127
+    # elements per image (an int8-typed size check); fp16 holds every int8 value exactly.
+    y = F.max_pool2d(q.half(), list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode)
+    return y.to(torch.int8).contiguous(memory_format=torch.channels_last)
