@@ -466,8 +466,12 @@ def test_opcheck_cpu_kernel_op():
         torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], isa, winograd))
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("backend_name", ["cpu", "torch", "triton"])
 def test_opcheck_quantize_dequantize(backend_name, device):
+    if backend_name == "cpu":
+        if not _extension.loaded():
+            pytest.skip("tlcore._C is not built")
+        device = torch.device("cpu")
     x = torch.randn(2, 3, 4, 5, device=device)
     q = q8.quantize_per_tensor(x, 0.02, 3)
     with use_backend(backend_name):
@@ -493,6 +497,10 @@ def test_quantize_triton_matches_torch(device, layout, dtype):
     with use_backend("triton"):
         out = q8.quantize_per_tensor(x, 0.05, -3)
     assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
+    if _extension.loaded():  # the C++ CPU kernel (fp32; other dtypes take the PyTorch path)
+        with use_backend("cpu"):
+            out = q8.quantize_per_tensor(x.cpu(), 0.05, -3)
+        assert torch.equal(out, ref.cpu()) and out.is_contiguous(memory_format=torch.channels_last)
     # Round half up, saturated, and within half a step of x inside the range.
     real = (ref.float() + 3) * 0.05
     inside = (x.float() > -125 * 0.05) & (x.float() < 130 * 0.05)
@@ -532,3 +540,34 @@ def test_weights_of_minus_128_at_the_reduction_limit_stay_exact():
         with use_backend(name):
             out = q8.int8_conv2d(x, 0, w, multiplier, offset, 24, out_zero=0)
         assert out.flatten().tolist() == [exact], name
+
+
+# ---- max-pool -------------------------------------------------------------------------------
+
+POOL_CASES = [  # shape, kernel, stride, padding, dilation, ceil_mode
+    ((2, 64, 17, 15), (3, 3), (2, 2), (1, 1), (1, 1), False),  # the ResNet stem's pool, odd sizes
+    ((1, 37, 13, 11), (3, 3), (2, 2), (1, 1), (1, 1), True),
+    ((3, 5, 9, 8), (2, 3), (1, 2), (1, 0), (2, 1), True),
+    ((1, 70, 6, 6), (2, 2), (2, 2), (0, 0), (1, 1), False),
+]
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[0])))
+def test_int8_max_pool_matches_float_pool(case, backend_name):
+    shape, kernel, stride, padding, dilation, ceil_mode = case
+    q = torch.randint(-128, 128, shape, generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    ref = F.max_pool2d(q.double(), kernel, stride, padding, dilation, ceil_mode).to(torch.int8)
+    with use_backend(backend_name):
+        out = q8.int8_max_pool2d(q, kernel, stride, padding, dilation, ceil_mode)
+    assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_extension
+def test_int8_max_pool_op_checks():
+    q = torch.randint(-128, 128, (2, 5, 7, 6), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    torch.library.opcheck(torch.ops.tlcore._int8_max_pool_cpu.default, (q, [3, 3], [2, 2], [1, 1], [1, 1], True))
+    with pytest.raises(RuntimeError, match="padding <= kernel / 2"):
+        torch.ops.tlcore._int8_max_pool_cpu(q, [3, 3], [2, 2], [2, 2], [1, 1], False)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.tlcore._int8_max_pool_cpu(q.float(), [3, 3], [2, 2], [1, 1], [1, 1], False)
