@@ -255,6 +255,25 @@ def test_cpu_kernel_saturates_exactly(monkeypatch):
 
 
 @needs_extension
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_cpu_kernel_exact_when_codes_overflow_int32(isa, monkeypatch):
+    """A requantization factor of 50000: codes before the clamp exceed int32, so the AVX2 epilogue's
+    int32 shortcut does not apply and the int64 path must give the reference's saturated outputs."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-128, 128, (2, 16, 5, 5), generator=g, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-127, 128, (32, 16, 1, 1), generator=g, dtype=torch.int8)
+    x[0, :, 0, 0] = 0  # accumulators of 0 at one pixel: unsaturated outputs too
+    multiplier, offset, shift, _ = q8.requantization(1.0, 0, w, torch.ones(32), None, 2e-5, 0)
+    with use_backend("cpu"):
+        out = q8.int8_conv2d(x, 0, w, multiplier, offset, shift, out_zero=0)
+    acc = int64_conv(x, 0, w, [1, 1], [0, 0], [1, 1])
+    ref = q8.requantize_reference(acc, multiplier, offset, shift, None, 0, 0, False)
+    assert (acc.abs().max() * multiplier.abs().max()) >> shift >= 2**31  # beyond the shortcut
+    assert torch.equal(out, ref) and ref.eq(127).any() and ref.eq(-128).any() and ref.eq(0).any()
+
+
+@needs_extension
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 40), hw=st.tuples(st.integers(1, 12), st.integers(1, 12)),
        k=st.integers(1, 40), rs=st.sampled_from([(1, 1), (3, 3), (1, 3), (5, 5)]), stride=st.integers(1, 3),

@@ -26,6 +26,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
 #include <atomic>
 #include <cstring>
 #include <stdexcept>
@@ -207,41 +210,69 @@ void requantize(const Int8ConvArgs& a, const int32_t (*acc)[kTileN], const int64
 }
 
 #ifdef TLCORE_X86
-// requantize() on 4 outputs per 256-bit step (the scalar epilogue dominated 1x1 convs with few
-// channels). AVX2 has no 64-bit arithmetic shift: |total| < 2**62 (requantization's headroom), so
-// adding 2**62 makes it positive and a logical shift then floors exactly; 2**(62 - shift) comes off after.
+// requantize() on 16 outputs per row in 256-bit steps (the scalar epilogue dominated 1x1 convs with
+// few channels), for convs whose codes before the clamp provably fit int32 (quantized_fits_int32):
+// only the products and the shift need 64 bits, the rest runs on 8 lanes.
+// The int64 products come from vpmuldq on the even and the odd channels of a vector. AVX2 has no
+// 64-bit arithmetic shift: |total| < 2**62 (requantization's headroom), so adding 2**62 makes it
+// positive, a logical shift floors exactly, and 2**(62 - shift) comes off after -- modulo 2**32,
+// which is exact once the result is known to fit int32.
 __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, const int32_t (*acc)[kTileN],
                                                      const int64_t* ms, int rows, int64_t k0) {
   if (k0 + kTileN > a.k) return requantize(a, acc, ms, rows, k0);  // a partial channel block
   const __m256i bias = _mm256_set1_epi64x(int64_t{1} << 62);
-  const __m256i unbias = _mm256_set1_epi64x((int64_t{1} << (62 - a.shift)) - a.out_zero);
+  const __m256i unbias = _mm256_set1_epi32(static_cast<int32_t>(
+      static_cast<uint32_t>((uint64_t{1} << (62 - a.shift)) - static_cast<uint64_t>(static_cast<int64_t>(a.out_zero)))));
   const __m128i shift = _mm_cvtsi32_si128(a.shift);
-  const __m256i res_multiplier = _mm256_set1_epi64x(a.res_multiplier);  // |.| < 2**31: mul_epi32 reads 32 bits
-  const __m256i lo = _mm256_set1_epi64x(a.relu ? std::max(a.out_zero, -128) : -128);
-  const __m256i hi = _mm256_set1_epi64x(a.out_max);
-  const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
+  const __m256i res_multiplier = _mm256_set1_epi64x(a.res_multiplier);  // |.| < 2**31: vpmuldq reads 32 bits
+  const __m256i lo = _mm256_set1_epi32(a.relu ? std::max(a.out_zero, -128) : -128);
+  const __m256i hi = _mm256_set1_epi32(a.out_max);
+  // Per 8 channels: multipliers (vpmuldq reads the even ones; >> 32 brings the odd ones down) and
+  // the offsets of the even and of the odd channels, in lane order.
+  __m256i multiplier[2], offset_even[2], offset_odd[2];
+  for (int h = 0; h < 2; ++h) {
+    multiplier[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.multiplier + k0 + 8 * h));
+    const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.offset + k0 + 8 * h));
+    const __m256i second = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.offset + k0 + 8 * h + 4));
+    offset_even[h] = _mm256_permute4x64_epi64(_mm256_unpacklo_epi64(first, second), 0xd8);
+    offset_odd[h] = _mm256_permute4x64_epi64(_mm256_unpackhi_epi64(first, second), 0xd8);
+  }
   for (int i = 0; i < rows; ++i) {
     const int64_t row = ms[i] * a.k + k0;
-    for (int j = 0; j < kTileN; j += 4) {
-      const __m256i x = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(acc[i] + j)));
-      const __m256i m = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.multiplier + k0 + j)));
-      __m256i total = _mm256_add_epi64(_mm256_mul_epi32(x, m),
-                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.offset + k0 + j)));
+    __m256i q[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[i] + 8 * h));
+      __m256i even = _mm256_add_epi64(_mm256_mul_epi32(x, multiplier[h]), offset_even[h]);
+      __m256i odd = _mm256_add_epi64(
+          _mm256_mul_epi32(_mm256_srli_epi64(x, 32), _mm256_srli_epi64(multiplier[h], 32)), offset_odd[h]);
       if (a.residual != nullptr) {
-        int32_t four;
-        std::memcpy(&four, a.residual + row + j, sizeof(four));
-        const __m256i r = _mm256_cvtepi8_epi64(_mm_cvtsi32_si128(four));
-        total = _mm256_add_epi64(total, _mm256_mul_epi32(r, res_multiplier));
+        const __m256i r = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.residual + row + 8 * h)));
+        even = _mm256_add_epi64(even, _mm256_mul_epi32(r, res_multiplier));
+        odd = _mm256_add_epi64(odd, _mm256_mul_epi32(_mm256_srli_epi64(r, 32), res_multiplier));
       }
-      __m256i q = _mm256_sub_epi64(_mm256_srl_epi64(_mm256_add_epi64(total, bias), shift), unbias);
-      q = _mm256_blendv_epi8(q, lo, _mm256_cmpgt_epi64(lo, q));  // clamp in 64 bits, then narrow
-      q = _mm256_blendv_epi8(q, hi, _mm256_cmpgt_epi64(q, hi));
-      __m128i q32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(q, low_halves));
-      q32 = _mm_packs_epi16(_mm_packs_epi32(q32, q32), q32);  // in range already: exact narrowing
-      const int32_t bytes = _mm_cvtsi128_si32(q32);
-      std::memcpy(a.out + row + j, &bytes, sizeof(bytes));
+      even = _mm256_srl_epi64(_mm256_add_epi64(even, bias), shift);
+      odd = _mm256_srl_epi64(_mm256_add_epi64(odd, bias), shift);
+      const __m256i codes = _mm256_sub_epi32(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xaa), unbias);
+      q[h] = _mm256_min_epi32(_mm256_max_epi32(codes, lo), hi);
     }
+    // 16 int32 -> 16 int8 in channel order (packs works within 128-bit lanes: reorder once).
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xd8);
+    const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.out + row), bytes);
   }
+}
+
+// Whether every code before the clamp, floor(total / 2**shift) + out_zero, fits int32 for any
+// accumulator this conv can produce (|acc| <= 128 * 128 * C * R * S): requantize_avx2's condition.
+bool quantized_fits_int32(const Int8ConvArgs& a) {
+  int64_t multiplier = 0, offset = 0;
+  for (int64_t k = 0; k < a.k; ++k) {
+    multiplier = std::max<int64_t>(multiplier, std::abs(static_cast<int64_t>(a.multiplier[k])));
+    offset = std::max<int64_t>(offset, a.offset[k] == INT64_MIN ? INT64_MAX : std::abs(a.offset[k]));
+  }
+  const double total = 128.0 * 128.0 * static_cast<double>(a.c * a.r * a.s) * static_cast<double>(multiplier) +
+                       static_cast<double>(offset) + 128.0 * std::abs(static_cast<double>(a.res_multiplier));
+  return std::ldexp(total, -a.shift) + 256.0 < std::ldexp(1.0, 30);  // a wide margin over double rounding
 }
 #endif  // TLCORE_X86
 
@@ -249,9 +280,9 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
 
 TileFn pairs_tile_fn(Int8Isa isa) { return tile_fn(isa == Int8Isa::kScalar ? isa : Int8Isa::kAvx2); }
 
-EpilogueFn epilogue_fn(Int8Isa isa) {
+EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a) {
 #ifdef TLCORE_X86
-  if (isa != Int8Isa::kScalar) return requantize_avx2;
+  if (isa != Int8Isa::kScalar && quantized_fits_int32(a)) return requantize_avx2;
 #endif
   return requantize;
 }
@@ -341,7 +372,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa) {
   const int64_t tiles = (m_total + kTileM - 1) / kTileM;
   const int64_t chunks = (tiles + kChunkM - 1) / kChunkM;
   const TileFn run_tile = tile_fn(isa);
-  const EpilogueFn epilogue = epilogue_fn(isa);
+  const EpilogueFn epilogue = epilogue_fn(isa, a);
 
   // Task = (weight block, chunk of tiles). When all packed weights fit in L2, consecutive tasks
   // share a chunk of input rows (which then stays in L1); otherwise they share a weight block.

@@ -37,7 +37,7 @@ using EpilogueFn = void (*)(const Int8ConvArgs&, const int32_t (*acc)[kTileN], c
                             int64_t k0);
 
 TileFn pairs_tile_fn(Int8Isa isa);        // the int16-pairs micro-kernel of `isa` (vpmaddwd, or scalar)
-EpilogueFn epilogue_fn(Int8Isa isa);
+EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a);  // the fastest exact one for a
 
 // (N, H, W, C) int8 -> (N, hp, wp, groups) int32 words of int16 pairs: pixel (y, x) lands at
 // (y + pad_h, x + pad_w); everything else (the padding, and any extra rows/columns below and to

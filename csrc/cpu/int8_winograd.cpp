@@ -182,7 +182,7 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
   const int64_t splits = std::clamp<int64_t>((4 * threads + chunks - 1) / chunks, 1, blocks);
   const int64_t blocks_per_split = (blocks + splits - 1) / splits;
   const TileFn run_tile = pairs_tile_fn(isa);
-  const EpilogueFn epilogue = epilogue_fn(isa);
+  const EpilogueFn epilogue = epilogue_fn(isa, a);
   const Transforms transform = transforms_for(isa);
 
   at::parallel_for(0, chunks * splits, 1, [&](int64_t begin, int64_t end) {
