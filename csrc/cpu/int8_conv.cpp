@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -148,49 +149,79 @@ TileFn tile_fn(Int8Isa isa) {
   }
 }
 
-// (N, H, W, C) int8 -> (N, H + 2 pad_h, W + 2 pad_w, groups) groups of the layout; border = x_zero.
-// With `seven_bit`, throws unless every code (and x_zero) is <= -1.
-std::vector<int32_t> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
-                               bool seven_bit) {
+typedef int16_t AliasingInt16 __attribute__((may_alias));  // int16 elements of the int32 words
+
+// Rows [begin, end) of pad_input's buffer, in one source for every target (the conversion loops
+// vectorize); returns whether a quads code had its top bit set (an 8-bit input code >= 0).
+__attribute__((always_inline)) inline bool pad_rows(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp,
+                                                    int64_t groups, const int8_t* border, int64_t begin,
+                                                    int64_t end, int32_t* padded) {
+  const int64_t width = group_size(layout) * groups;  // elements per padded pixel; past C they are 0
+  uint8_t high = 0;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / hp, y = row % hp - a.pad_h;
+    int32_t* dst = padded + row * wp * groups;
+    for (int64_t col = 0; col < wp; ++col, dst += groups) {
+      const int64_t x = col - a.pad_w;
+      const bool inside = y >= 0 && y < a.h && x >= 0 && x < a.w;
+      const int8_t* src = inside ? a.x + ((n * a.h + y) * a.w + x) * a.c : border;
+      if (layout == Layout::kPairs) {
+        AliasingInt16* pairs = reinterpret_cast<AliasingInt16*>(dst);
+        for (int64_t c = 0; c < a.c; ++c) pairs[c] = src[c];
+        for (int64_t c = a.c; c < width; ++c) pairs[c] = 0;
+      } else {
+        uint8_t* quads = reinterpret_cast<uint8_t*>(dst);
+        for (int64_t c = 0; c < a.c; ++c) {
+          quads[c] = static_cast<uint8_t>(src[c] + 128);
+          high |= quads[c];
+        }
+        for (int64_t c = a.c; c < width; ++c) quads[c] = 0;
+      }
+    }
+  }
+  return high & 0x80;
+}
+
+bool pad_rows_generic(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
+                      const int8_t* border, int64_t begin, int64_t end, int32_t* padded) {
+  return pad_rows(a, layout, hp, wp, groups, border, begin, end, padded);
+}
+#ifdef TLCORE_X86
+__attribute__((target("avx2"))) bool pad_rows_avx2(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp,
+                                                   int64_t groups, const int8_t* border, int64_t begin, int64_t end,
+                                                   int32_t* padded) {
+  return pad_rows(a, layout, hp, wp, groups, border, begin, end, padded);
+}
+#endif
+
+}  // namespace
+
+std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
+                                     bool seven_bit) {
   if (seven_bit && a.x_zero > -1) {
     throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel needs x_zero <= -1 (7-bit activations)");
   }
+  auto rows = pad_rows_generic;
+#ifdef TLCORE_X86
+  if (__builtin_cpu_supports("avx2")) rows = pad_rows_avx2;
+#endif
   std::atomic<bool> eight_bit{false};
-  std::vector<int32_t> padded(static_cast<size_t>(a.n * hp * wp * groups));
+  // Every word is written below: no zero-filling pass first.
+  std::unique_ptr<int32_t[]> padded(new int32_t[static_cast<size_t>(a.n * hp * wp * groups)]);
   const std::vector<int8_t> border(static_cast<size_t>(a.c), static_cast<int8_t>(a.x_zero));
-  const size_t pixel_bytes = static_cast<size_t>(groups) * sizeof(int32_t);
   at::parallel_for(0, a.n * hp, 1, [&](int64_t begin, int64_t end) {
-    // One pixel in the layout's element type; channels past C stay 0 (their weights are 0).
-    std::vector<int16_t> pairs(layout == Layout::kPairs ? 2 * groups : 0, 0);
-    std::vector<uint8_t> quads(layout == Layout::kQuads ? 4 * groups : 0, 0);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / hp, y = row % hp - a.pad_h;
-      int32_t* dst = padded.data() + row * wp * groups;
-      for (int64_t col = 0; col < wp; ++col, dst += groups) {
-        const int64_t x = col - a.pad_w;
-        const bool inside = y >= 0 && y < a.h && x >= 0 && x < a.w;
-        const int8_t* src = inside ? a.x + ((n * a.h + y) * a.w + x) * a.c : border.data();
-        if (layout == Layout::kPairs) {
-          for (int64_t c = 0; c < a.c; ++c) pairs[c] = src[c];
-          std::memcpy(dst, pairs.data(), pixel_bytes);
-        } else {
-          uint8_t high = 0;
-          for (int64_t c = 0; c < a.c; ++c) {
-            quads[c] = static_cast<uint8_t>(src[c] + 128);
-            high |= quads[c];
-          }
-          if (seven_bit && (high & 0x80)) eight_bit.store(true, std::memory_order_relaxed);
-          std::memcpy(dst, quads.data(), pixel_bytes);
-        }
-      }
+    if (rows(a, layout, hp, wp, groups, border.data(), begin, end, padded.get())) {
+      eight_bit.store(true, std::memory_order_relaxed);
     }
   });
-  if (eight_bit.load()) {
+  if (seven_bit && eight_bit.load()) {
     throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel got an input code >= 0; it needs 7-bit "
                                 "activations (codes <= -1), where vpmaddubsw cannot saturate");
   }
   return padded;
 }
+
+namespace {
 
 // int32 tile -> int8 outputs: scale, offset, residual, shift, zero point, ReLU, saturate.
 void requantize(const Int8ConvArgs& a, const int32_t (*acc)[kTileN], const int64_t* ms, int rows, int64_t k0) {
@@ -287,10 +318,6 @@ EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a) {
   return requantize;
 }
 
-std::vector<int32_t> pad_input_pairs(const Int8ConvArgs& a, int64_t hp, int64_t wp, int64_t groups) {
-  return pad_input(a, Layout::kPairs, hp, wp, groups, false);
-}
-
 void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s) {
   const int32_t header[] = {kPackedMagic, static_cast<int32_t>(layout), static_cast<int32_t>(k),
                             static_cast<int32_t>(c), static_cast<int32_t>(r), static_cast<int32_t>(s)};
@@ -363,7 +390,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa) {
   }
   const int32_t* weight = packed + kHeaderWords;
   const int32_t* correction = layout == Layout::kQuads ? weight + blocks * block_words : nullptr;
-  const std::vector<int32_t> x = pad_input(a, layout, hp, wp, groups, isa == Int8Isa::kAvx2U7);
+  const std::unique_ptr<int32_t[]> x = pad_input(a, layout, hp, wp, groups, isa == Int8Isa::kAvx2U7);
   std::vector<int64_t> tap_offsets(static_cast<size_t>(a.r * a.s));
   for (int64_t r = 0; r < a.r; ++r) {
     for (int64_t s = 0; s < a.s; ++s) tap_offsets[r * a.s + s] = (r * a.dil_h * wp + s * a.dil_w) * groups;
@@ -396,7 +423,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa) {
           // Rows past the end repeat the last one; their results are not stored.
           const int64_t m = m0 + std::min(i, rows - 1);
           const int64_t n = m / (a.oh * a.ow), y = (m / a.ow) % a.oh, col = m % a.ow;
-          t.rows[i] = x.data() + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
+          t.rows[i] = x.get() + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
           ms[i] = m;
         }
         run_tile(t, acc);

@@ -5,7 +5,7 @@
 #include "int8_conv.h"
 
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 namespace tlcore {
 namespace int8_cpu {
@@ -39,10 +39,12 @@ using EpilogueFn = void (*)(const Int8ConvArgs&, const int32_t (*acc)[kTileN], c
 TileFn pairs_tile_fn(Int8Isa isa);        // the int16-pairs micro-kernel of `isa` (vpmaddwd, or scalar)
 EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a);  // the fastest exact one for a
 
-// (N, H, W, C) int8 -> (N, hp, wp, groups) int32 words of int16 pairs: pixel (y, x) lands at
-// (y + pad_h, x + pad_w); everything else (the padding, and any extra rows/columns below and to
-// the right) holds x_zero; channels past C are 0.
-std::vector<int32_t> pad_input_pairs(const Int8ConvArgs& a, int64_t hp, int64_t wp, int64_t groups);
+// (N, H, W, C) int8 -> (N, hp, wp, groups) int32 words of the layout (int16 pairs, or quads of
+// u = x + 128): pixel (y, x) lands at (y + pad_h, x + pad_w); everything else (the padding, and
+// any extra rows/columns below and to the right) holds x_zero; channels past C are 0. With
+// `seven_bit` (the avx2u7 kernel), throws unless every code and x_zero are <= -1.
+std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
+                                     bool seven_bit);
 
 // Writes the packed-weight header.
 void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);

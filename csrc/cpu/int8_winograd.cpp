@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -171,7 +172,7 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
                                 "or algorithm");
   }
   const int32_t* weight = packed + kHeaderWords;
-  const std::vector<int32_t> x = pad_input_pairs(a, hp, wp, groups);
+  const std::unique_ptr<int32_t[]> x = pad_input(a, Layout::kPairs, hp, wp, groups, false);
 
   // A chunk's transformed tiles (16 * groups words each) take at most half of L2.
   const int64_t fit = kL2Bytes / 2 / (kPositions * groups * static_cast<int64_t>(sizeof(int32_t)));
@@ -203,7 +204,7 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
       for (int64_t i = 0; i < count; ++i) {
         const int64_t tile = first + i, n = tile / (tiles_h * tiles_w);
         const int64_t ty = tile / tiles_w % tiles_h, tx = tile % tiles_w;
-        transform.input(x.data() + ((n * hp + 2 * ty) * wp + 2 * tx) * groups, wp * groups, groups,
+        transform.input(x.get() + ((n * hp + 2 * ty) * wp + 2 * tx) * groups, wp * groups, groups,
                         v.data() + i * kPositions * groups);
       }
       for (int64_t block = block_begin; block < block_end; ++block) {
