@@ -15,14 +15,14 @@
 //
 // Work: the 16 products of a tile position (xi, nu) form a GEMM [tiles x C] x [C x K], run by the
 // direct kernel's pairs micro-kernel (int8_conv.cpp) with one tap. A task transforms a chunk of
-// tiles that fits in L2, then runs every 16-channel weight block of its share of K over it.
+// tiles that fits in L2 (reading the int8 input directly: no padded copy), then runs every
+// 16-channel weight block of its share of K over it.
 #include "cpu/int8_cpu.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
-#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -36,6 +36,7 @@ constexpr int kMaxChunkTiles = 48;
 
 // GCC vector extensions: one source for every target; inlined into an AVX2 function they
 // become ymm instructions, elsewhere SSE2 pairs. Unsigned sums wrap by definition.
+typedef int8_t I8x16 __attribute__((vector_size(16)));
 typedef int16_t I16x16 __attribute__((vector_size(32)));
 typedef uint32_t U32x8 __attribute__((vector_size(32)));
 typedef int32_t I32x8 __attribute__((vector_size(32)));
@@ -52,14 +53,30 @@ __attribute__((always_inline)) inline void store(void* p, V v) {
 
 int64_t padded_groups(int64_t c) { return ((c + 1) / 2 + kVectorWords - 1) / kVectorWords * kVectorWords; }
 
-// d: the tile's top-left pixel in the padded pairs buffer (row: words per padded row);
-// v: its transformed tile, (16 positions, groups) words.
-__attribute__((always_inline)) inline void input_transform(const int32_t* d, int64_t row, int64_t groups,
-                                                           int32_t* v) {
+// Input pixel (y, x) of image n, channels c0 .. c0 + 15, as int16: x_zero outside the image (the
+// zero padding in real terms); channels past C hold anything finite (their weights are 0).
+__attribute__((always_inline)) inline void input_pixel(const Int8ConvArgs& a, int64_t n, int64_t y, int64_t x,
+                                                       int64_t c0, I16x16& pixel) {
+  I8x16 bytes;
+  if (y < 0 || y >= a.h || x < 0 || x >= a.w) {
+    bytes = I8x16{} + static_cast<int8_t>(a.x_zero);
+  } else if (c0 + 16 <= a.c) {
+    std::memcpy(&bytes, a.x + ((n * a.h + y) * a.w + x) * a.c + c0, sizeof(bytes));
+  } else {  // the last, partial vector of channels: do not read past the tensor
+    bytes = I8x16{};
+    std::memcpy(&bytes, a.x + ((n * a.h + y) * a.w + x) * a.c + c0, static_cast<size_t>(std::max<int64_t>(0, a.c - c0)));
+  }
+  pixel = __builtin_convertvector(bytes, I16x16);
+}
+
+// The transformed tile V = B^T d B of the 4x4 input tile d whose top-left pixel is (y0, x0) in
+// image n (read straight from the int8 NHWC input): v is (16 positions, groups) words.
+__attribute__((always_inline)) inline void input_transform(const Int8ConvArgs& a, int64_t n, int64_t y0, int64_t x0,
+                                                           int64_t groups, int32_t* v) {
   for (int64_t g = 0; g < groups; g += kVectorWords) {
     I16x16 x[4][4], t[4][4];
     for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) load(x[i][j], d + i * row + j * groups + g);
+      for (int j = 0; j < 4; ++j) input_pixel(a, n, y0 + i, x0 + j, 2 * g, x[i][j]);
     }
     for (int j = 0; j < 4; ++j) {  // t = B^T d
       t[0][j] = x[0][j] - x[2][j];
@@ -99,17 +116,20 @@ __attribute__((always_inline)) inline void output_transform(const int32_t (*m)[k
 }
 
 struct Transforms {
-  void (*input)(const int32_t*, int64_t, int64_t, int32_t*);
+  void (*input)(const Int8ConvArgs&, int64_t, int64_t, int64_t, int64_t, int32_t*);
   void (*output)(const int32_t (*)[kTileM][kTileN], int, int32_t (*)[kTileN]);
 };
 
-void input_generic(const int32_t* d, int64_t row, int64_t groups, int32_t* v) { input_transform(d, row, groups, v); }
+void input_generic(const Int8ConvArgs& a, int64_t n, int64_t y0, int64_t x0, int64_t groups, int32_t* v) {
+  input_transform(a, n, y0, x0, groups, v);
+}
 void output_generic(const int32_t (*m)[kTileM][kTileN], int tile, int32_t (*y)[kTileN]) {
   output_transform(m, tile, y);
 }
 #if defined(__x86_64__) || defined(__i386__)
-__attribute__((target("avx2"))) void input_avx2(const int32_t* d, int64_t row, int64_t groups, int32_t* v) {
-  input_transform(d, row, groups, v);
+__attribute__((target("avx2"))) void input_avx2(const Int8ConvArgs& a, int64_t n, int64_t y0, int64_t x0,
+                                                int64_t groups, int32_t* v) {
+  input_transform(a, n, y0, x0, groups, v);
 }
 __attribute__((target("avx2"))) void output_avx2(const int32_t (*m)[kTileM][kTileN], int tile, int32_t (*y)[kTileN]) {
   output_transform(m, tile, y);
@@ -159,7 +179,6 @@ void pack_winograd_weight(const int8_t* weight, int64_t k, int64_t c, int32_t* p
 void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
   const int64_t groups = padded_groups(a.c);
   const int64_t tiles_h = (a.oh + 1) / 2, tiles_w = (a.ow + 1) / 2, tiles = a.n * tiles_h * tiles_w;
-  const int64_t hp = 2 * tiles_h + 2, wp = 2 * tiles_w + 2;  // room for the last tile of odd sizes
   const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = kPositions * groups * kTileN;
   std::vector<int32_t> packed_here;
   const int32_t* packed = a.packed_weight;
@@ -172,7 +191,6 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
                                 "or algorithm");
   }
   const int32_t* weight = packed + kHeaderWords;
-  const std::unique_ptr<int32_t[]> x = pad_input(a, Layout::kPairs, hp, wp, groups, false);
 
   // A chunk's transformed tiles (16 * groups words each) take at most half of L2.
   const int64_t fit = kL2Bytes / 2 / (kPositions * groups * static_cast<int64_t>(sizeof(int32_t)));
@@ -204,8 +222,7 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
       for (int64_t i = 0; i < count; ++i) {
         const int64_t tile = first + i, n = tile / (tiles_h * tiles_w);
         const int64_t ty = tile / tiles_w % tiles_h, tx = tile % tiles_w;
-        transform.input(x.get() + ((n * hp + 2 * ty) * wp + 2 * tx) * groups, wp * groups, groups,
-                        v.data() + i * kPositions * groups);
+        transform.input(a, n, 2 * ty - a.pad_h, 2 * tx - a.pad_w, groups, v.data() + i * kPositions * groups);
       }
       for (int64_t block = block_begin; block < block_end; ++block) {
         for (int64_t g0 = 0; g0 < count; g0 += kTileM) {
