@@ -34,7 +34,7 @@ struct Int8ConvArgs {
   int8_t* out;                // (N, OH, OW, K) contiguous
   const int32_t* packed_weight = nullptr;  // CPU: pack_int8_weight_cpu's output, or nullptr (pack per call)
   int32_t out_max = 127;                   // the largest output code (-1 keeps outputs 7-bit, see kAvx2U7)
-  bool winograd = false;                   // CPU: Winograd F(2x2, 3x3) (int8_winograd_supported) instead of direct
+  int32_t algorithm = 0;                   // CPU: an Int8Algorithm (int8_algorithm_supported)
 };
 
 // Instruction sets of the CPU kernel; kAuto picks the best one the CPU has. kAvx2U7 (AVX2's
@@ -46,22 +46,34 @@ bool int8_isa_supported(Int8Isa isa);
 // kAuto -> the best supported set; throws std::invalid_argument for an unsupported one.
 Int8Isa int8_resolve_isa(Int8Isa isa);
 
-// Whether the CPU kernel can run a conv of this shape with the exact integer Winograd F(2x2, 3x3)
-// algorithm on `isa` (csrc/cpu/int8_winograd.cpp): 3x3, stride 1, dilation 1, an int16-pairs
-// instruction set (scalar, avx2, avx2u7), and C small enough that 4 * acc stays in int32.
-bool int8_winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w,
-                             int64_t dil_h, int64_t dil_w, Int8Isa isa);
+// How the CPU kernel runs a conv; every algorithm gives the same bits.
+//   kDirect    implicit GEMM over (tap, channel); each padded input pixel holds its channels
+//              (csrc/cpu/int8_conv.cpp)
+//   kWinograd  exact integer Winograd F(2x2, 3x3) (csrc/cpu/int8_winograd.cpp): 3x3, stride 1,
+//              dilation 1, an int16-pairs instruction set (scalar, avx2, avx2u7), and C small
+//              enough that 4 * acc stays in int32
+//   kRows      kDirect with each padded input row stored as one run of (column, channel) int16
+//              values, so a tap row reduces over (s, c) without rounding C up to a pair: for odd
+//              C (the RGB stem). Needs dilation_w 1, C * stride_w even, an int16-pairs set (scalar, avx2)
+enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2 };
+
+bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int64_t s, int64_t stride_h,
+                              int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa);
+
+// The fastest supported algorithm for a conv of this shape on `isa` (resolved).
+Int8Algorithm int8_best_algorithm(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w,
+                                  int64_t dil_h, int64_t dil_w, Int8Isa isa);
 
 // The CPU kernel's weight layout for `isa` and the algorithm, so a model packs each weight once
 // instead of on every call: (K, R, S, C) int8 -> int32 words (a header naming the layout and
 // shape, then blocks of 16 channels; see csrc/cpu/int8_conv.cpp).
-int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa, bool winograd);
+int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa, Int8Algorithm algorithm);
 void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa,
-                          bool winograd, int32_t* packed);
+                          Int8Algorithm algorithm, int32_t* packed);
 
-// Runs the convolution on the CPU with `isa` (threads: ATen's intra-op pool), by the Winograd
-// algorithm if args.winograd. Returns the instruction set used; throws std::invalid_argument if
-// `isa` is unsupported or Winograd was asked for a conv it cannot run.
+// Runs the convolution on the CPU with `isa` (threads: ATen's intra-op pool) and args.algorithm.
+// Returns the instruction set used; throws std::invalid_argument if `isa` is unsupported or the
+// algorithm cannot run this conv.
 Int8Isa int8_conv2d_cpu(const Int8ConvArgs& args, Int8Isa isa);
 
 #ifdef TLCORE_WITH_CUDA

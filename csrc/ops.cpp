@@ -72,7 +72,7 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
                          const std::optional<at::Tensor>& residual, int64_t res_multiplier, int64_t out_zero,
                          bool relu, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                          int64_t out_max, const std::optional<at::Tensor>& packed_weight, int64_t isa,
-                         bool winograd) {
+                         int64_t algorithm) {
   const auto wanted = static_cast<tlcore::Int8Isa>(isa);
   TORCH_CHECK(out_max >= out_zero && out_max <= 127, "tlcore int8 conv: need out_zero <= out_max <= 127");
   TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(wanted),
@@ -81,15 +81,18 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
   auto args = int8_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
                              out_zero, relu, stride, padding, dilation, out);
   args.out_max = static_cast<int32_t>(out_max);
-  args.winograd = winograd;
-  TORCH_CHECK(!winograd || tlcore::int8_winograd_supported(args.c, args.r, args.s, args.stride_h, args.stride_w,
-                                                           args.dil_h, args.dil_w, tlcore::int8_resolve_isa(wanted)),
-              "tlcore int8 conv: the Winograd algorithm needs a 3x3 conv with stride 1 and dilation 1 on an "
-              "int16-pairs instruction set (scalar, avx2, avx2u7)");
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 2 &&
+                  tlcore::int8_algorithm_supported(static_cast<tlcore::Int8Algorithm>(algorithm), args.c, args.r,
+                                                   args.s, args.stride_h, args.stride_w, args.dil_h, args.dil_w,
+                                                   tlcore::int8_resolve_isa(wanted)),
+              "tlcore int8 conv: algorithm ", algorithm, " cannot run this conv on this instruction set (see "
+              "Int8Algorithm in csrc/int8_conv.h)");
+  args.algorithm = static_cast<int32_t>(algorithm);
   if (packed_weight.has_value()) {
     TORCH_CHECK(packed_weight->scalar_type() == at::kInt && packed_weight->is_contiguous() &&
                     packed_weight->numel() ==
-                        tlcore::int8_packed_weight_words(args.k, args.c, args.r, args.s, wanted, winograd),
+                        tlcore::int8_packed_weight_words(args.k, args.c, args.r, args.s, wanted,
+                                                         static_cast<tlcore::Int8Algorithm>(algorithm)),
                 "tlcore int8 conv: packed_weight does not match the weight and instruction set; pack it with "
                 "_int8_pack_weight_cpu");
     args.packed_weight = packed_weight->data_ptr<int32_t>();
@@ -98,7 +101,7 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
   return out;
 }
 
-at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, bool winograd) {
+at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, int64_t algorithm) {
   TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kChar &&
                   weight.is_contiguous(at::MemoryFormat::ChannelsLast),
               "tlcore int8 conv: weight must be a channels_last int8 (K, C, R, S) tensor");
@@ -106,21 +109,21 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, bool wino
   TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(wanted),
               "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
   const int64_t k = weight.size(0), c = weight.size(1), r = weight.size(2), s = weight.size(3);
-  TORCH_CHECK(!winograd || tlcore::int8_winograd_supported(c, r, s, 1, 1, 1, 1, tlcore::int8_resolve_isa(wanted)),
-              "tlcore int8 conv: no Winograd packing for this weight and instruction set");
-  at::Tensor packed = at::empty({tlcore::int8_packed_weight_words(k, c, r, s, wanted, winograd)},
-                                weight.options().dtype(at::kInt));
-  tlcore::pack_int8_weight_cpu(weight.data_ptr<int8_t>(), k, c, r, s, wanted, winograd, packed.data_ptr<int32_t>());
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "tlcore int8 conv: unknown algorithm ", algorithm);
+  const auto chosen = static_cast<tlcore::Int8Algorithm>(algorithm);
+  at::Tensor packed =
+      at::empty({tlcore::int8_packed_weight_words(k, c, r, s, wanted, chosen)}, weight.options().dtype(at::kInt));
+  tlcore::pack_int8_weight_cpu(weight.data_ptr<int8_t>(), k, c, r, s, wanted, chosen, packed.data_ptr<int32_t>());
   return packed;
 }
 
-bool int8_cpu_winograd_supported(int64_t c, int64_t r, int64_t s, at::IntArrayRef stride, at::IntArrayRef dilation,
-                                 int64_t isa) {
+int64_t int8_cpu_best_algorithm(int64_t c, int64_t r, int64_t s, at::IntArrayRef stride, at::IntArrayRef dilation,
+                                int64_t isa) {
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2, "tlcore int8 conv: stride and dilation must be pairs");
   TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa)),
               "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
-  return tlcore::int8_winograd_supported(c, r, s, stride[0], stride[1], dilation[0], dilation[1],
-                                         tlcore::int8_resolve_isa(static_cast<tlcore::Int8Isa>(isa)));
+  return static_cast<int64_t>(tlcore::int8_best_algorithm(c, r, s, stride[0], stride[1], dilation[0], dilation[1],
+                                                          tlcore::int8_resolve_isa(static_cast<tlcore::Int8Isa>(isa))));
 }
 
 int64_t int8_cpu_resolve_isa(int64_t isa) {
@@ -356,13 +359,14 @@ void sr_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mom
 }  // namespace
 
 TORCH_LIBRARY(tlcore, m) {
-  // int8 convolution: isa is 0 auto, 1 scalar, 2 avx2, 3 avx-vnni, 4 avx512-vnni, 5 avx2 7-bit (csrc/int8_conv.h).
+  // int8 convolution: isa is 0 auto, 1 scalar, 2 avx2, 3 avx-vnni, 4 avx512-vnni, 5 avx2 7-bit; algorithm
+  // 0 direct, 1 Winograd, 2 rows (csrc/int8_conv.h).
   m.def("_int8_conv_cpu(Tensor x, int x_zero, Tensor weight, Tensor multiplier, Tensor offset, int shift, "
         "Tensor? residual, int res_multiplier, int out_zero, bool relu, int[] stride, int[] padding, "
-        "int[] dilation, int out_max, Tensor? packed_weight, int isa, bool winograd) -> Tensor");
-  m.def("_int8_pack_weight_cpu(Tensor weight, int isa, bool winograd) -> Tensor");
-  m.def("_int8_cpu_winograd_supported(int c, int r, int s, int[] stride, int[] dilation, int isa) -> bool",
-        &int8_cpu_winograd_supported);
+        "int[] dilation, int out_max, Tensor? packed_weight, int isa, int algorithm) -> Tensor");
+  m.def("_int8_pack_weight_cpu(Tensor weight, int isa, int algorithm) -> Tensor");
+  m.def("_int8_cpu_best_algorithm(int c, int r, int s, int[] stride, int[] dilation, int isa) -> int",
+        &int8_cpu_best_algorithm);
   m.def("_int8_cpu_resolve_isa(int isa) -> int", &int8_cpu_resolve_isa);
   m.def("_quantize_cpu(Tensor x, float inv_scale, int zero_point) -> Tensor");
   m.def("_int8_max_pool_cpu(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "

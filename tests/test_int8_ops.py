@@ -225,7 +225,7 @@ def test_seven_bit_inputs_pick_vpmaddubsw_only_without_vnni(monkeypatch):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
-    for case in (CASES[0], CASES[7], CASES[4]):  # the last, strided 3x3, packs directly
+    for case in (CASES[0], CASES[7], CASES[4]):
         c = make_case(*case)
         packed = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"])
         assert packed.dtype == torch.int32
@@ -233,6 +233,7 @@ def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
     with pytest.raises(RuntimeError, match="packed_weight does not match"):
         run(dict(c, packed_weight=packed[:-16]), "cpu")
     # A weight of another shape with as many words: the packed header tells them apart.
+    c = make_case(2, 14, 11, 13, 21, 3, 3, 2, 1, 1)  # even C, strided: the direct layout
     lookalike = c["weight"].reshape(*c["weight"].shape[:2], 1, -1)
     with pytest.raises(RuntimeError, match="packed for another weight"):
         run(dict(c, packed_weight=q8.pack_weight_cpu(lookalike, c["stride"], c["dilation"])), "cpu")
@@ -307,25 +308,50 @@ def test_cpu_winograd_bit_exact(isa, n, c, hw, k, padding, residual, relu, seed)
         case = make_case(n, c, h, w, k, 3, 3, 1, padding, 1, residual, relu, seed)
         if isa == "avx2u7":
             case = seven_bit(case)
-        assert q8.cpu_winograd(case["weight"].shape, [1, 1], [1, 1], q8.cpu_isa_for(case["x_zero"], case["x_max"]))
+        isa = q8.cpu_isa_for(case["x_zero"], case["x_max"])
+        assert q8.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], isa) == q8.CPU_ALGORITHMS["winograd"]
         assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, padding)
         packed = q8.pack_weight_cpu(case["weight"], [1, 1], [1, 1], case["x_zero"], case["x_max"])
         assert torch.equal(run(dict(case, packed_weight=packed), "cpu"), reference(case))
 
 
 @needs_extension
-def test_cpu_winograd_off_and_direct_packing_mismatch(monkeypatch):
-    """TLCORE_INT8_WINOGRAD=off runs the direct kernel; a weight packed for one algorithm is refused by the other."""
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 2), c=st.sampled_from([1, 3, 5, 7]), hw=st.tuples(st.integers(1, 15), st.integers(1, 15)),
+       k=st.integers(1, 40), rs=st.tuples(st.integers(1, 7), st.integers(2, 7)), stride=st.tuples(st.integers(1, 3),
+       st.sampled_from([2, 4])), padding=st.tuples(st.integers(0, 3), st.integers(0, 3)), dilation_h=st.integers(1, 2),
+       residual=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_cpu_rows_layout_bit_exact(isa, n, c, hw, k, rs, stride, padding, dilation_h, residual, relu, seed):
+    """Odd C with an even stride_w * C (the RGB stem's 7x7/2) runs the rows layout and equals the reference."""
+    (h, w), (r, s) = hw, rs
+    if h + 2 * padding[0] < dilation_h * (r - 1) + 1 or w + 2 * padding[1] < s:
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+        case = make_case(n, c, h, w, k, r, s, stride, padding, (dilation_h, 1), residual, relu, seed)
+        algorithm = q8.cpu_algorithm(case["weight"].shape, case["stride"], case["dilation"], q8._CPU_ISAS[isa])
+        assert algorithm == q8.CPU_ALGORITHMS["rows"]
+        assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, r, s, stride, padding, dilation_h)
+
+
+@needs_extension
+def test_cpu_algorithm_direct_and_packing_mismatch(monkeypatch):
+    """TLCORE_INT8_CPU_ALGORITHM=direct runs the direct kernel; a weight packed for one algorithm is refused by another."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
-    c = make_case(2, 16, 9, 9, 24, 3, 3, 1, 1, 1)
-    winograd_packed = q8.pack_weight_cpu(c["weight"], [1, 1], [1, 1])
-    monkeypatch.setenv(q8.WINOGRAD_ENV, "off")
-    assert not q8.cpu_winograd(c["weight"].shape, [1, 1], [1, 1], q8.cpu_isa_for(c["x_zero"], 127))
-    assert_bit_exact(run(c, "cpu"), reference(c), "direct 3x3")
-    with pytest.raises(RuntimeError, match="packed_weight"):
-        run(dict(c, packed_weight=winograd_packed), "cpu")
-    monkeypatch.setenv(q8.WINOGRAD_ENV, "sometimes")
-    with pytest.raises(ValueError, match="auto or off"):
+    for case, algorithm in (((2, 16, 9, 9, 24, 3, 3, 1, 1, 1), "winograd"), ((1, 3, 17, 19, 16, 7, 7, 2, 3, 1), "rows")):
+        c = make_case(*case)
+        assert q8.cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], q8._CPU_ISAS["avx2"]) == \
+            q8.CPU_ALGORITHMS[algorithm]
+        packed = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"])
+        monkeypatch.setenv(q8.ALGORITHM_ENV, "direct")
+        assert q8.cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], q8._CPU_ISAS["avx2"]) == 0
+        assert_bit_exact(run(c, "cpu"), reference(c), f"direct {case}")
+        with pytest.raises(RuntimeError, match="packed_weight"):
+            run(dict(c, packed_weight=packed), "cpu")
+        monkeypatch.delenv(q8.ALGORITHM_ENV)
+    monkeypatch.setenv(q8.ALGORITHM_ENV, "sometimes")
+    with pytest.raises(ValueError, match="auto or direct"):
         run(c, "cpu")
 
 
@@ -335,8 +361,8 @@ def test_cpu_winograd_at_its_channel_limit_stays_exact(monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
     limit = (2**31 - 1) // (4 * 128 * 128 * 9)
     isa = q8.cpu_isa_for(-128, 127)
-    assert q8.cpu_winograd((1, limit, 3, 3), [1, 1], [1, 1], isa)
-    assert not q8.cpu_winograd((1, limit + 1, 3, 3), [1, 1], [1, 1], isa)
+    assert q8.cpu_algorithm((1, limit, 3, 3), [1, 1], [1, 1], isa) == q8.CPU_ALGORITHMS["winograd"]
+    assert q8.cpu_algorithm((1, limit + 1, 3, 3), [1, 1], [1, 1], isa) != q8.CPU_ALGORITHMS["winograd"]
     x = torch.full((1, limit, 2, 2), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
     w = torch.full((2, limit, 3, 3), -128, dtype=torch.int8)
     w[1] = 127
@@ -478,11 +504,17 @@ def test_opcheck_cpu_kernel_op():
     c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)  # the public op's job
     c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
     scalar = q8._CPU_ISAS["scalar"]
-    for isa, winograd in ((0, False), (scalar, False), (scalar, True)):
-        torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], None, isa, winograd))
-        packed = torch.ops.tlcore._int8_pack_weight_cpu(c["weight"], isa, winograd)
-        torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, isa, winograd))
-        torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], isa, winograd))
+    for isa, algorithm in ((0, 0), (scalar, 0), (scalar, 1)):
+        torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], None, isa, algorithm))
+        packed = torch.ops.tlcore._int8_pack_weight_cpu(c["weight"], isa, algorithm)
+        torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, isa, algorithm))
+        torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], isa, algorithm))
+    c = make_case(1, 3, 9, 8, 7, 3, 5, stride=2, padding=1)  # the rows layout (odd C, even C * stride)
+    c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)
+    c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
+    packed = torch.ops.tlcore._int8_pack_weight_cpu(c["weight"], scalar, 2)
+    torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, scalar, 2))
+    torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], scalar, 2))
 
 
 @pytest.mark.parametrize("backend_name", ["cpu", "torch", "triton"])

@@ -223,6 +223,57 @@ std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64
 
 namespace {
 
+// pad_input for the rows layout: (N, H, W, C) int8 -> (N, hp, row_words) words, padded row (n, y)
+// as one run of wp * C int16 values (pixel (y, x) at (y + pad_h, x + pad_w), x_zero elsewhere),
+// then zeros to the row's end. One source for every target.
+__attribute__((always_inline)) inline void pad_flat_rows(const Int8ConvArgs& a, int64_t hp, int64_t wp,
+                                                         int64_t row_words, int64_t begin, int64_t end,
+                                                         int32_t* padded) {
+  const int64_t used = wp * a.c, inside = a.w * a.c, left = a.pad_w * a.c;
+  const int16_t zero = static_cast<int16_t>(a.x_zero);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / hp, y = row % hp - a.pad_h;
+    AliasingInt16* values = reinterpret_cast<AliasingInt16*>(padded + row * row_words);
+    if (y < 0 || y >= a.h) {
+      for (int64_t e = 0; e < used; ++e) values[e] = zero;
+    } else {
+      const int8_t* src = a.x + (n * a.h + y) * inside;
+      for (int64_t e = 0; e < left; ++e) values[e] = zero;
+      for (int64_t e = 0; e < inside; ++e) values[left + e] = src[e];
+      for (int64_t e = left + inside; e < used; ++e) values[e] = zero;
+    }
+    for (int64_t e = used; e < 2 * row_words; ++e) values[e] = 0;
+  }
+}
+
+void pad_flat_rows_generic(const Int8ConvArgs& a, int64_t hp, int64_t wp, int64_t row_words, int64_t begin,
+                           int64_t end, int32_t* padded) {
+  pad_flat_rows(a, hp, wp, row_words, begin, end, padded);
+}
+#ifdef TLCORE_X86
+__attribute__((target("avx2"))) void pad_flat_rows_avx2(const Int8ConvArgs& a, int64_t hp, int64_t wp,
+                                                        int64_t row_words, int64_t begin, int64_t end,
+                                                        int32_t* padded) {
+  pad_flat_rows(a, hp, wp, row_words, begin, end, padded);
+}
+#endif
+
+std::unique_ptr<int32_t[]> pad_input_rows(const Int8ConvArgs& a, int64_t hp, int64_t wp, int64_t row_words) {
+  auto rows = pad_flat_rows_generic;
+#ifdef TLCORE_X86
+  if (__builtin_cpu_supports("avx2")) rows = pad_flat_rows_avx2;
+#endif
+  std::unique_ptr<int32_t[]> padded(new int32_t[static_cast<size_t>(a.n * hp * row_words)]);
+  at::parallel_for(0, a.n * hp, 1, [&](int64_t begin, int64_t end) {
+    rows(a, hp, wp, row_words, begin, end, padded.get());
+  });
+  return padded;
+}
+
+}  // namespace
+
+namespace {
+
 // int32 tile -> int8 outputs: scale, offset, residual, shift, zero point, ReLU, saturate.
 void requantize(const Int8ConvArgs& a, const int32_t (*acc)[kTileN], const int64_t* ms, int rows, int64_t k0) {
   const int64_t cols = std::min<int64_t>(kTileN, a.k - k0);
@@ -333,6 +384,8 @@ bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, 
 namespace {
 
 int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout) {
+  // The rows layout packs a (K, R, S, C) weight as the (K, R, 1, S * C) one: a tap row's (s, c) run.
+  if (layout == Layout::kRowPairs) return direct_packed_words(k, s * c, r, 1, Layout::kPairs);
   const int64_t size = group_size(layout), blocks = (k + kTileN - 1) / kTileN;
   const int64_t correction = layout == Layout::kQuads ? blocks * kTileN : 0;
   return kHeaderWords + blocks * r * s * ((c + size - 1) / size) * kTileN + correction;
@@ -340,6 +393,10 @@ int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout l
 
 void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Layout layout,
                         int32_t* packed) {
+  if (layout == Layout::kRowPairs) {
+    pack_direct_weight(weight, k, s * c, r, 1, Layout::kPairs, packed);
+    return write_header(packed, Layout::kRowPairs, k, c, r, s);
+  }
   const int64_t size = group_size(layout), groups = (c + size - 1) / size, taps = r * s;
   const int64_t blocks = (k + kTileN - 1) / kTileN, block_words = taps * groups * kTileN;
   std::fill(packed, packed + direct_packed_words(k, c, r, s, layout), 0);
@@ -373,11 +430,29 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
   });
 }
 
-void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa) {
-  const Layout layout = layout_for(isa);
-  const int64_t size = group_size(layout), groups = (a.c + size - 1) / size;
+void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
+  const Layout layout = rows_layout ? Layout::kRowPairs : layout_for(isa);
   const int64_t hp = a.h + 2 * a.pad_h, wp = a.w + 2 * a.pad_w;
-  const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = a.r * a.s * groups * kTileN;
+  // The padded input in words: one of its rows, one output column's step, and per tap the offset
+  // from a tile row's pointer and the groups it reduces over.
+  int64_t row_words, column_words, groups;
+  std::vector<int64_t> tap_offsets;
+  if (rows_layout) {
+    row_words = (wp * a.c + 2) / 2;  // + 1 element: the last window's final pair may reach one past the row
+    column_words = a.stride_w * a.c / 2;
+    groups = (a.s * a.c + 1) / 2;
+    for (int64_t r = 0; r < a.r; ++r) tap_offsets.push_back(r * a.dil_h * row_words);
+  } else {
+    const int64_t size = group_size(layout);
+    groups = (a.c + size - 1) / size;
+    row_words = wp * groups;
+    column_words = a.stride_w * groups;
+    for (int64_t r = 0; r < a.r; ++r) {
+      for (int64_t s = 0; s < a.s; ++s) tap_offsets.push_back(r * a.dil_h * row_words + s * a.dil_w * groups);
+    }
+  }
+  const int64_t taps = static_cast<int64_t>(tap_offsets.size());
+  const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = taps * groups * kTileN;
   std::vector<int32_t> packed_here;
   const int32_t* packed = a.packed_weight;
   if (packed == nullptr) {
@@ -390,11 +465,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa) {
   }
   const int32_t* weight = packed + kHeaderWords;
   const int32_t* correction = layout == Layout::kQuads ? weight + blocks * block_words : nullptr;
-  const std::unique_ptr<int32_t[]> x = pad_input(a, layout, hp, wp, groups, isa == Int8Isa::kAvx2U7);
-  std::vector<int64_t> tap_offsets(static_cast<size_t>(a.r * a.s));
-  for (int64_t r = 0; r < a.r; ++r) {
-    for (int64_t s = 0; s < a.s; ++s) tap_offsets[r * a.s + s] = (r * a.dil_h * wp + s * a.dil_w) * groups;
-  }
+  const std::unique_ptr<int32_t[]> x = rows_layout ? pad_input_rows(a, hp, wp, row_words)
+                                                   : pad_input(a, layout, hp, wp, groups, isa == Int8Isa::kAvx2U7);
   const int64_t m_total = a.n * a.oh * a.ow;
   const int64_t tiles = (m_total + kTileM - 1) / kTileM;
   const int64_t chunks = (tiles + kChunkM - 1) / kChunkM;
@@ -409,7 +481,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa) {
     int64_t ms[kTileM];
     Tile t;
     t.tap_offsets = tap_offsets.data();
-    t.taps = a.r * a.s;
+    t.taps = taps;
     t.groups = groups;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = rows_outer ? task % blocks : task / chunks;
@@ -423,7 +495,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa) {
           // Rows past the end repeat the last one; their results are not stored.
           const int64_t m = m0 + std::min(i, rows - 1);
           const int64_t n = m / (a.oh * a.ow), y = (m / a.ow) % a.oh, col = m % a.ow;
-          t.rows[i] = x.get() + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
+          t.rows[i] = x.get() + (n * hp + y * a.stride_h) * row_words + col * column_words;
           ms[i] = m;
         }
         run_tile(t, acc);
@@ -472,30 +544,67 @@ Int8Isa int8_resolve_isa(Int8Isa isa) {
   return isa;
 }
 
-int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa, bool winograd) {
+bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int64_t s, int64_t stride_h,
+                              int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa) {
+  switch (algorithm) {
+    case Int8Algorithm::kDirect:
+      return true;
+    case Int8Algorithm::kWinograd:
+      return winograd_supported(c, r, s, stride_h, stride_w, dil_h, dil_w, isa);
+    case Int8Algorithm::kRows:  // pairs must start on a word: every window start, stride_w * C elements apart
+      return (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2) && dil_w == 1 && (c * stride_w) % 2 == 0;
+  }
+  return false;
+}
+
+Int8Algorithm int8_best_algorithm(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w,
+                                  int64_t dil_h, int64_t dil_w, Int8Isa isa) {
+  const auto supported = [&](Int8Algorithm algorithm) {
+    return int8_algorithm_supported(algorithm, c, r, s, stride_h, stride_w, dil_h, dil_w, isa);
+  };
+  if (supported(Int8Algorithm::kWinograd)) return Int8Algorithm::kWinograd;
+  // Odd C wastes a pair slot per pixel in the direct layout; the rows layout wastes at most one per tap row.
+  if (c % 2 == 1 && s > 1 && supported(Int8Algorithm::kRows)) return Int8Algorithm::kRows;
+  return Int8Algorithm::kDirect;
+}
+
+int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa, Int8Algorithm algorithm) {
   isa = int8_resolve_isa(isa);
-  return winograd ? winograd_packed_words(k, c) : direct_packed_words(k, c, r, s, layout_for(isa));
+  switch (algorithm) {
+    case Int8Algorithm::kWinograd: return winograd_packed_words(k, c);
+    case Int8Algorithm::kRows: return direct_packed_words(k, c, r, s, Layout::kRowPairs);
+    default: return direct_packed_words(k, c, r, s, layout_for(isa));
+  }
 }
 
 void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa,
-                          bool winograd, int32_t* packed) {
+                          Int8Algorithm algorithm, int32_t* packed) {
   isa = int8_resolve_isa(isa);
-  if (!winograd) return pack_direct_weight(weight, k, c, r, s, layout_for(isa), packed);
-  if (!int8_winograd_supported(c, r, s, 1, 1, 1, 1, isa)) {
-    throw std::invalid_argument("tlcore int8 conv: this weight or instruction set has no Winograd packing");
+  // Stride and dilation only restrict which convs may use a packing, not the packing itself.
+  const bool packable = algorithm == Int8Algorithm::kDirect ||
+                        (algorithm == Int8Algorithm::kWinograd && winograd_supported(c, r, s, 1, 1, 1, 1, isa)) ||
+                        (algorithm == Int8Algorithm::kRows && (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2));
+  if (!packable) {
+    throw std::invalid_argument("tlcore int8 conv: no packing of this algorithm for this weight and instruction set");
   }
-  pack_winograd_weight(weight, k, c, packed);
+  switch (algorithm) {
+    case Int8Algorithm::kWinograd: return pack_winograd_weight(weight, k, c, packed);
+    case Int8Algorithm::kRows: return pack_direct_weight(weight, k, c, r, s, Layout::kRowPairs, packed);
+    default: return pack_direct_weight(weight, k, c, r, s, layout_for(isa), packed);
+  }
 }
 
 Int8Isa int8_conv2d_cpu(const Int8ConvArgs& a, Int8Isa isa) {
   isa = int8_resolve_isa(isa);
-  if (!a.winograd) {
-    int8_conv2d_direct(a, isa);
-  } else if (int8_winograd_supported(a.c, a.r, a.s, a.stride_h, a.stride_w, a.dil_h, a.dil_w, isa)) {
+  const auto algorithm = static_cast<Int8Algorithm>(a.algorithm);
+  if (!int8_algorithm_supported(algorithm, a.c, a.r, a.s, a.stride_h, a.stride_w, a.dil_h, a.dil_w, isa)) {
+    throw std::invalid_argument("tlcore int8 conv: this algorithm cannot run this conv on this instruction set "
+                                "(see Int8Algorithm in csrc/int8_conv.h)");
+  }
+  if (algorithm == Int8Algorithm::kWinograd) {
     int8_conv2d_winograd(a, isa);
   } else {
-    throw std::invalid_argument("tlcore int8 conv: the Winograd algorithm needs a 3x3 conv with stride 1 and "
-                                "dilation 1 on an int16-pairs instruction set (scalar, avx2, avx2u7)");
+    int8_conv2d_direct(a, isa, algorithm == Int8Algorithm::kRows);
   }
   return isa;
 }

@@ -18,7 +18,7 @@ constexpr int64_t kHeaderWords = 16;  // packed weights start with (magic, layou
 constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
 
 // How a packed weight and the padded input group channels into 4-byte words (int8_conv.cpp).
-enum class Layout : int32_t { kPairs = 1, kQuads = 2, kWinogradPairs = 3 };
+enum class Layout : int32_t { kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4 };
 
 // One micro-tile's operands; every pointer and offset counts 4-byte groups.
 struct Tile {
@@ -51,6 +51,9 @@ void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t 
 bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);
 
 // ---- Winograd F(2x2, 3x3) (int8_winograd.cpp) ----
+
+bool winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w, int64_t dil_h,
+                        int64_t dil_w, Int8Isa isa);  // isa resolved
 
 int64_t winograd_packed_words(int64_t k, int64_t c);
 void pack_winograd_weight(const int8_t* weight, int64_t k, int64_t c, int32_t* packed);

@@ -254,10 +254,8 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
   });
 }
 
-}  // namespace int8_cpu
-
-bool int8_winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w, int64_t dil_h,
-                             int64_t dil_w, Int8Isa isa) {
+bool winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w, int64_t dil_h,
+                        int64_t dil_w, Int8Isa isa) {
   // 4 * |acc| <= 4 * 128 * 128 * 9 * C must stay below 2**31 (see the file comment).
   constexpr int64_t kMaxChannels = ((int64_t{1} << 31) - 1) / (4 * 128 * 128 * 9);
   const bool pairs = isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2 || isa == Int8Isa::kAvx2U7;
@@ -265,4 +263,5 @@ bool int8_winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, 
          c <= kMaxChannels;
 }
 
+}  // namespace int8_cpu
 }  // namespace tlcore

@@ -13,7 +13,7 @@ from torch.ao.quantization import PerChannelMinMaxObserver
 
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU
-from tlcore.ops.int8 import (WEIGHT_QMAX, cpu_isa_for, cpu_winograd, dequantize_per_tensor, int8_conv2d,
+from tlcore.ops.int8 import (WEIGHT_QMAX, cpu_algorithm, cpu_isa_for, dequantize_per_tensor, int8_conv2d,
                              int8_max_pool2d, pack_weight_cpu, quantize_per_tensor, requantization)
 
 
@@ -155,12 +155,12 @@ class Int8Conv2d(_Int8Module):
 
     def _packed_weight(self) -> torch.Tensor | None:
         """The weight in the C++ CPU kernel's layout, packed again whenever the weight or the
-        kernel's choice (TLCORE_INT8_CPU_ISA, TLCORE_INT8_WINOGRAD) changes."""
+        kernel's choice (TLCORE_INT8_CPU_ISA, TLCORE_INT8_CPU_ALGORITHM) changes."""
         s = self.state
         algorithm = None
         if self.weight.device.type == "cpu":
             isa = cpu_isa_for(s["x_zero"], s["x_max"])
-            algorithm = (isa, cpu_winograd(self.weight.shape, s["stride"], s["dilation"], isa))
+            algorithm = (isa, cpu_algorithm(self.weight.shape, s["stride"], s["dilation"], isa))
         # Inference tensors (a model built under torch.inference_mode) have no version counter.
         version = None if self.weight.is_inference() else self.weight._version
         key = (self.weight.device, self.weight.data_ptr(), version, algorithm)

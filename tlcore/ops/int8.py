@@ -48,7 +48,8 @@ _INT64_HEADROOM = 2**62
 _CONV_OP = "int8_conv2d"
 _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5}
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
-WINOGRAD_ENV = "TLCORE_INT8_WINOGRAD"  # "off" keeps the C++ kernel's 3x3 convs direct (tests, benchmarks)
+ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct" turns off the C++ kernel's Winograd and rows (tests, benchmarks)
+CPU_ALGORITHMS = {"direct": 0, "winograd": 1, "rows": 2}  # csrc/int8_conv.h's Int8Algorithm
 
 
 # ---- float scales -> fixed point --------------------------------------------------------------
@@ -199,25 +200,26 @@ def _auto_isa() -> int:
     return torch.ops.tlcore._int8_cpu_resolve_isa(_CPU_ISAS["auto"])
 
 
-def cpu_winograd(weight_shape: Sequence[int], stride: Sequence[int], dilation: Sequence[int], isa: int) -> bool:
-    """Whether the C++ kernel runs this conv by exact integer Winograd F(2x2, 3x3) with `isa`.
+def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: Sequence[int], isa: int) -> int:
+    """How the C++ kernel runs this conv with `isa` (CPU_ALGORITHMS; the results are the same bits).
 
-    Wherever it can (3x3, stride 1, dilation 1, an instruction set without VNNI: there its
-    16 products per 2x2 tile instead of 36 make 3x3 convs about 2x faster) unless
-    TLCORE_INT8_WINOGRAD=off. Results are bit-identical either way.
+    The fastest it supports: exact integer Winograd F(2x2, 3x3) for 3x3 stride-1 convs on
+    instruction sets without VNNI (16 products per 2x2 tile instead of 36: about 2x faster
+    there), the rows layout for odd channel counts (the RGB stem), else direct.
+    TLCORE_INT8_CPU_ALGORITHM=direct keeps every conv direct.
     """
-    setting = os.environ.get(WINOGRAD_ENV, "auto")
-    if setting not in ("auto", "off"):
-        raise ValueError(f"{WINOGRAD_ENV}={setting!r}; choose auto or off")
-    if setting == "off" or not _extension.loaded():
-        return False
+    setting = os.environ.get(ALGORITHM_ENV, "auto")
+    if setting not in ("auto", "direct"):
+        raise ValueError(f"{ALGORITHM_ENV}={setting!r}; choose auto or direct")
+    if setting == "direct" or not _extension.loaded():
+        return CPU_ALGORITHMS["direct"]
     c, r, s = (int(size) for size in weight_shape[1:])  # weight sizes: static even under dynamic-shape tracing
-    return _winograd_supported(c, r, s, tuple(stride), tuple(dilation), isa)
+    return _best_algorithm(c, r, s, tuple(stride), tuple(dilation), isa)
 
 
 @functools.cache
-def _winograd_supported(c: int, r: int, s: int, stride: tuple, dilation: tuple, isa: int) -> bool:
-    return torch.ops.tlcore._int8_cpu_winograd_supported(c, r, s, list(stride), list(dilation), isa)
+def _best_algorithm(c: int, r: int, s: int, stride: tuple, dilation: tuple, isa: int) -> int:
+    return torch.ops.tlcore._int8_cpu_best_algorithm(c, r, s, list(stride), list(dilation), isa)
 
 
 def cpu_isa_supported(name: str) -> bool:
@@ -259,7 +261,7 @@ def _int8_conv2d_op(
     if chosen == "cpu":
         isa = cpu_isa_for(x_zero, x_max)
         return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, isa,
-                                               cpu_winograd(weight.shape, stride, dilation, isa))
+                                               cpu_algorithm(weight.shape, stride, dilation, isa))
     if chosen == "cuda":
         return torch.ops.tlcore._int8_conv_cuda(_nhwc(x), *args)
     if chosen == "triton":
@@ -286,13 +288,13 @@ def _register_compiled_fakes() -> None:
 
     @torch.library.register_fake("tlcore::_int8_conv_cpu")
     def _(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
-          stride, padding, dilation, out_max, packed_weight, isa, winograd):
+          stride, padding, dilation, out_max, packed_weight, isa, algorithm):
         return _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
                                  out_zero, relu, stride, padding, dilation, out_max)
 
     @torch.library.register_fake("tlcore::_int8_pack_weight_cpu")
-    def _(weight, isa, winograd):
-        return weight.new_empty((_packed_words(*weight.shape, isa, winograd),), dtype=torch.int32)
+    def _(weight, isa, algorithm):
+        return weight.new_empty((_packed_words(*weight.shape, isa, algorithm),), dtype=torch.int32)
 
     torch.library.register_fake("tlcore::_int8_conv_cuda")(_int8_conv2d_fake)
 
@@ -308,13 +310,15 @@ def _register_compiled_fakes() -> None:
                            memory_format=torch.channels_last)
 
 
-def _packed_words(k: int, c: int, r: int, s: int, isa: int, winograd: bool) -> int:
+def _packed_words(k: int, c: int, r: int, s: int, isa: int, algorithm: int) -> int:
     """int32 words of the C++ kernel's packed weight (csrc/cpu/int8_conv.cpp, int8_winograd.cpp):
-    header, blocks, correction."""
+    header, blocks of 16 channels (taps x channel groups x 16 words), correction."""
     blocks = -(-k // 16)
-    if winograd:  # 16 transformed taps of channel pairs, the pairs rounded up to a multiple of 8
+    if algorithm == CPU_ALGORITHMS["winograd"]:  # 16 transformed taps; channel pairs rounded up to 8
         pairs = -(-c // 2)
         return 16 + blocks * 16 * (-(-pairs // 8) * 8) * 16
+    if algorithm == CPU_ALGORITHMS["rows"]:  # R taps, each a run of S * C values in pairs
+        return 16 + blocks * r * -(-(s * c) // 2) * 16
     quads = torch.ops.tlcore._int8_cpu_resolve_isa(isa) not in (_CPU_ISAS["scalar"], _CPU_ISAS["avx2"])
     group = 4 if quads else 2
     return 16 + blocks * r * s * -(-c // group) * 16 + (blocks * 16 if quads else 0)
@@ -378,7 +382,8 @@ def pack_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Seque
     if not _extension.loaded() or weight.device.type != "cpu":
         return None
     isa = cpu_isa_for(x_zero, x_max)
-    return torch.ops.tlcore._int8_pack_weight_cpu(_nhwc(weight), isa, cpu_winograd(weight.shape, stride, dilation, isa))
+    return torch.ops.tlcore._int8_pack_weight_cpu(_nhwc(weight), isa,
+                                                  cpu_algorithm(weight.shape, stride, dilation, isa))
 
 
 # ---- quantize / dequantize ------------------------------------------------------------------
