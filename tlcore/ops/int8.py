@@ -49,6 +49,9 @@ _CONV_OP = "int8_conv2d"
 _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5}
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
 WINOGRAD_ENV = "TLCORE_INT8_WINOGRAD"  # "off" keeps the C++ kernel's 3x3 convs direct (tests, benchmarks)
+# "dp4a" or "mma" forces the CUDA kernel (tests, benchmarks); auto/unset: mma (tensor cores) on
+# compute capability >= 8.0, dp4a below. Read by the C++ launcher on every call (csrc/int8_conv.h).
+CUDA_KERNEL_ENV = "TLCORE_INT8_CUDA_KERNEL"
 
 
 # ---- float scales -> fixed point --------------------------------------------------------------
