@@ -77,8 +77,17 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
 Int8Isa int8_conv2d_cpu(const Int8ConvArgs& args, Int8Isa isa);
 
 #ifdef TLCORE_WITH_CUDA
-// The same convolution on the GPU (dp4a implicit GEMM), launched on `stream` (a cudaStream_t).
+// Forces the CUDA kernel (tests, benchmarks): "dp4a", "mma" (tensor cores, sm_80+) or "auto"/unset
+// (mma where it can run, else dp4a). Read on every launch.
+constexpr const char* kInt8CudaKernelEnv = "TLCORE_INT8_CUDA_KERNEL";
+
+// The same convolution on the GPU (csrc/cuda/int8_conv.cu: an implicit GEMM on mma.sync s8 tensor
+// cores on compute capability >= 8.0, on dp4a otherwise), launched on `stream` (a cudaStream_t) for
+// the current device. Throws std::invalid_argument for a bad kInt8CudaKernelEnv value.
 void int8_conv2d_cuda(const Int8ConvArgs& args, void* stream);
+
+// The kernel int8_conv2d_cuda would launch on the current device now: "mma" or "dp4a".
+const char* int8_cuda_kernel_name();
 #endif
 
 }  // namespace tlcore

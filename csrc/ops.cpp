@@ -196,6 +196,9 @@ at::Tensor int8_conv_cuda(const at::Tensor& x, int64_t x_zero, const at::Tensor&
   if (out.numel() > 0) tlcore::int8_conv2d_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }
+
+// Which kernel _int8_conv_cuda launches on the current device now ("mma" or "dp4a"; tests).
+std::string int8_cuda_kernel() { return tlcore::int8_cuda_kernel_name(); }
 #endif
 
 }  // namespace
@@ -375,6 +378,9 @@ TORCH_LIBRARY(tlcore, m) {
   m.def("_int8_conv_cuda(Tensor x, int x_zero, Tensor weight, Tensor multiplier, Tensor offset, int shift, "
         "Tensor? residual, int res_multiplier, int out_zero, bool relu, int[] stride, int[] padding, "
         "int[] dilation, int out_max) -> Tensor");
+#ifdef TLCORE_WITH_CUDA
+  m.def("_int8_cuda_kernel() -> str", &int8_cuda_kernel);  // TLCORE_INT8_CUDA_KERNEL resolved (csrc/int8_conv.h)
+#endif
   // stochastic-rounding optimizers: hyper is fp32 (T, 8), counters int64 (T, 3) (csrc/sr_optim.h).
   m.def("_sr_adamw_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor hyper, Tensor counters, int seed, bool stochastic) -> ()");

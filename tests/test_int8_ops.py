@@ -413,22 +413,58 @@ def test_triton_kernel_bit_exact_resnet_shapes_gpu():
         assert_bit_exact(run(c, "triton").cpu(), ref, f"triton gpu {case}")
 
 
+# CASES, ResNet-like tiles, and deep reductions (C = 512, 3x3: K = 4608) over several 128-row
+# m-tiles, a partial 64-channel n-tile and a strided window.
+CUDA_CASES = CASES + [(4, 64, 28, 28, 64, 3, 3, 1, 1, 1), (2, 256, 14, 14, 1024, 1, 1, 1, 0, 1),
+                      (2, 512, 12, 12, 96, 3, 3, 1, 1, 1), (1, 512, 14, 14, 130, 3, 3, 2, 1, 1)]
+needs_cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available() or not _extension.has_cuda_kernels(),
+                                        reason="needs a CUDA device and tlcore's CUDA kernels")
+
+
+def cuda_kernels():
+    """The CUDA kernels this device runs: dp4a everywhere, the mma.sync (IMMA) one from sm_80."""
+    return ["dp4a", "mma"] if torch.cuda.get_device_capability()[0] >= 8 else ["dp4a"]
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or not _extension.has_cuda_kernels(),
-                    reason="needs a CUDA device and tlcore's CUDA kernels")
-@pytest.mark.parametrize("case", CASES + [(4, 64, 28, 28, 64, 3, 3, 1, 1, 1), (2, 256, 14, 14, 1024, 1, 1, 1, 0, 1)],
-                         ids=lambda c: "x".join(map(str, c[:7])))
-def test_cuda_kernel_bit_exact_and_equal_to_triton(case):
+@needs_cuda_kernels
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_cuda_kernel_bit_exact_and_equal_to_triton(case, monkeypatch):
+    """Every CUDA kernel (dp4a, mma) equals the integer reference and the Triton kernel bit for bit."""
     for residual, relu in ((True, True), (False, False)):
         c = make_case(*case, residual=residual, relu=relu)
         ref = reference(c) if case[0] * case[2] * case[3] < 5000 else q8._int8_conv2d_torch(*_op_args(c)[:14])
         c = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
-        out = run(c, "cuda")
-        assert_bit_exact(out.cpu(), ref, f"cuda {case} residual={residual} relu={relu}")
-        assert torch.equal(out, run(c, "triton"))
+        triton_out = run(c, "triton")
+        for kernel in cuda_kernels():
+            monkeypatch.setenv(q8.CUDA_KERNEL_ENV, kernel)
+            assert torch.ops.tlcore._int8_cuda_kernel() == kernel
+            out = run(c, "cuda")
+            assert_bit_exact(out.cpu(), ref, f"cuda {kernel} {case} residual={residual} relu={relu}")
+            assert torch.equal(out, triton_out), f"cuda {kernel} {case}: differs from triton"
+    monkeypatch.delenv(q8.CUDA_KERNEL_ENV)
     torch.library.opcheck(torch.ops.tlcore._int8_conv_cuda.default, _op_args(
         {k: v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4 else v
          for k, v in c.items()})[:14])
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_cuda_kernel_choice(monkeypatch):
+    """auto runs the tensor-core kernel from sm_80 on; a bad or impossible forced choice raises."""
+    monkeypatch.delenv(q8.CUDA_KERNEL_ENV, raising=False)
+    assert torch.ops.tlcore._int8_cuda_kernel() == cuda_kernels()[-1]
+    monkeypatch.setenv(q8.CUDA_KERNEL_ENV, "auto")
+    assert torch.ops.tlcore._int8_cuda_kernel() == cuda_kernels()[-1]
+    c = make_case(1, 5, 6, 6, 7, 3, 3, padding=1)
+    c = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    monkeypatch.setenv(q8.CUDA_KERNEL_ENV, "wmma")
+    with pytest.raises((RuntimeError, ValueError), match="choose auto, dp4a or mma"):
+        run(c, "cuda")
+    if "mma" not in cuda_kernels():
+        monkeypatch.setenv(q8.CUDA_KERNEL_ENV, "mma")
+        with pytest.raises((RuntimeError, ValueError), match="compute capability"):
+            run(c, "cuda")
 
 
 def test_empty_batch():

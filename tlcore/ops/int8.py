@@ -50,6 +50,9 @@ _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
 ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct" turns off the C++ kernel's Winograd and rows (tests, benchmarks)
 CPU_ALGORITHMS = {"direct": 0, "winograd": 1, "rows": 2}  # csrc/int8_conv.h's Int8Algorithm
+# "dp4a" or "mma" forces the CUDA kernel (tests, benchmarks); auto/unset: mma (tensor cores) on
+# compute capability >= 8.0, dp4a below. Read by the C++ launcher on every call (csrc/int8_conv.h).
+CUDA_KERNEL_ENV = "TLCORE_INT8_CUDA_KERNEL"
 
 
 # ---- float scales -> fixed point --------------------------------------------------------------
