@@ -83,6 +83,8 @@ CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (1, 5, 12, 12, 7, 3, 3, 1, 2, 2),      # dilation
     (2, 6, 9, 14, 10, 1, 3, (1, 2), (0, 1), 1),  # asymmetric kernel and stride
     (1, 512, 5, 5, 19, 3, 3, 1, 1, 1),     # K = 3*3*512 = 4608, the deepest ResNet reduction
+    (1, 3, 7, 9, 48, 3, 3, 1, 1, 1),       # avx512vnni: C <= 4; a 32-channel tile and a 16-channel tail, 63 rows
+    (2, 12, 5, 7, 64, 1, 1, 1, 0, 1),      # avx512vnni: two full 32-channel tiles
 ]
 CASE_IDS = ["x".join(map(str, c[:7])) for c in CASES]
 
