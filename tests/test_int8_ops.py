@@ -171,7 +171,9 @@ def seven_bit(case):
     k = case["weight"].shape[0]
     w_scale, bias = torch.rand(k, generator=g) * 0.01 + 1e-3, torch.randn(k, generator=g)
     acc = int64_conv(c["x"], -100, case["weight"], case["stride"], case["padding"], case["dilation"])
-    out_scale = (acc.double() * 0.02 * w_scale.double().view(1, -1, 1, 1)).std().item() / 80
+    real = acc.double() * 0.02 * w_scale.double().view(1, -1, 1, 1)
+    spread = real.std(correction=0).item() or real.abs().max().item() or 1.0  # a single output has no spread
+    out_scale = spread / 80
     c["multiplier"], c["offset"], c["shift"], c["res_multiplier"] = q8.requantization(
         0.02, -100, case["weight"], w_scale, bias, out_scale, -90,
         0.2 * out_scale if case["residual"] is not None else None, 3)
@@ -206,10 +208,11 @@ def test_seven_bit_other_backends(device):
 def test_seven_bit_kernel_rejects_eight_bit_input(monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2u7"))
     # Stride 2: the direct kernel (3x3 stride-1 convs take Winograd's int16 products, exact for any code).
-    c = seven_bit(make_case(1, 8, 6, 6, 16, 3, 3, stride=2, padding=1))
-    c["x"][0, 3, 2, 2] = 0  # one 8-bit code: vpmaddubsw could saturate, so the kernel must refuse
-    with pytest.raises(RuntimeError, match="input code >= 0"):
-        run(c, "cpu")
+    for kernel, stride, padding in ((3, 2, 1), (1, 1, 0)):  # a padded copy; a 1x1 conv's per-task conversion
+        c = seven_bit(make_case(1, 8, 6, 6, 16, kernel, kernel, stride=stride, padding=padding))
+        c["x"][0, 3, 2, 2] = 0  # one 8-bit code: vpmaddubsw could saturate, so the kernel must refuse
+        with pytest.raises(RuntimeError, match="input code >= 0"):
+            run(c, "cpu")
     with pytest.raises(RuntimeError, match="x_zero <= -1"):
         run(dict(seven_bit(make_case(1, 8, 6, 6, 16, 3, 3, stride=2, padding=1)), x_zero=0, x_max=127), "cpu")
 

@@ -215,10 +215,30 @@ typedef int16_t AliasingInt16 __attribute__((may_alias));  // int16 elements of 
 
 // Rows [begin, end) of pad_input's buffer, in one source for every target (the conversion loops
 // vectorize); returns whether a quads code had its top bit set (an 8-bit input code >= 0).
+// One pixel's C int8 codes -> `groups` words of the layout (int16 pairs, or quads of u = x + 128),
+// 0 past C; returns the OR of the quads (its top bit: an input code >= 0).
+__attribute__((always_inline)) inline uint8_t convert_pixel(const int8_t* src, int64_t c, Layout layout,
+                                                            int64_t groups, int32_t* dst) {
+  const int64_t width = group_size(layout) * groups;
+  uint8_t high = 0;
+  if (layout == Layout::kPairs) {
+    AliasingInt16* pairs = reinterpret_cast<AliasingInt16*>(dst);
+    for (int64_t i = 0; i < c; ++i) pairs[i] = src[i];
+    for (int64_t i = c; i < width; ++i) pairs[i] = 0;
+  } else {
+    uint8_t* quads = reinterpret_cast<uint8_t*>(dst);
+    for (int64_t i = 0; i < c; ++i) {
+      quads[i] = static_cast<uint8_t>(src[i] + 128);
+      high |= quads[i];
+    }
+    for (int64_t i = c; i < width; ++i) quads[i] = 0;
+  }
+  return high;
+}
+
 __attribute__((always_inline)) inline bool pad_rows(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp,
                                                     int64_t groups, const int8_t* border, int64_t begin,
                                                     int64_t end, int32_t* padded) {
-  const int64_t width = group_size(layout) * groups;  // elements per padded pixel; past C they are 0
   uint8_t high = 0;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / hp, y = row % hp - a.pad_h;
@@ -226,23 +246,38 @@ __attribute__((always_inline)) inline bool pad_rows(const Int8ConvArgs& a, Layou
     for (int64_t col = 0; col < wp; ++col, dst += groups) {
       const int64_t x = col - a.pad_w;
       const bool inside = y >= 0 && y < a.h && x >= 0 && x < a.w;
-      const int8_t* src = inside ? a.x + ((n * a.h + y) * a.w + x) * a.c : border;
-      if (layout == Layout::kPairs) {
-        AliasingInt16* pairs = reinterpret_cast<AliasingInt16*>(dst);
-        for (int64_t c = 0; c < a.c; ++c) pairs[c] = src[c];
-        for (int64_t c = a.c; c < width; ++c) pairs[c] = 0;
-      } else {
-        uint8_t* quads = reinterpret_cast<uint8_t*>(dst);
-        for (int64_t c = 0; c < a.c; ++c) {
-          quads[c] = static_cast<uint8_t>(src[c] + 128);
-          high |= quads[c];
-        }
-        for (int64_t c = a.c; c < width; ++c) quads[c] = 0;
-      }
+      high |= convert_pixel(inside ? a.x + ((n * a.h + y) * a.w + x) * a.c : border, a.c, layout, groups, dst);
     }
   }
   return high & 0x80;
 }
+
+// The input pixels of output pixels first .. first + count - 1 of a pointwise (1x1, unpadded)
+// conv, converted to the layout: (count, groups) words. Returns whether a code was >= 0 (quads).
+__attribute__((always_inline)) inline bool convert_rows(const Int8ConvArgs& a, Layout layout, int64_t groups,
+                                                        int64_t first, int64_t count, int32_t* dst) {
+  int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
+  uint8_t high = 0;
+  for (int64_t i = 0; i < count; ++i, dst += groups) {
+    high |= convert_pixel(a.x + ((n * a.h + y * a.stride_h) * a.w + col * a.stride_w) * a.c, a.c, layout, groups, dst);
+    if (++col == a.ow) {
+      col = 0;
+      if (++y == a.oh) y = 0, ++n;
+    }
+  }
+  return high & 0x80;
+}
+
+bool convert_rows_generic(const Int8ConvArgs& a, Layout layout, int64_t groups, int64_t first, int64_t count,
+                          int32_t* dst) {
+  return convert_rows(a, layout, groups, first, count, dst);
+}
+#ifdef TLCORE_X86
+__attribute__((target("avx2"))) bool convert_rows_avx2(const Int8ConvArgs& a, Layout layout, int64_t groups,
+                                                       int64_t first, int64_t count, int32_t* dst) {
+  return convert_rows(a, layout, groups, first, count, dst);
+}
+#endif
 
 bool pad_rows_generic(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
                       const int8_t* border, int64_t begin, int64_t end, int32_t* padded) {
@@ -256,6 +291,13 @@ __attribute__((target("avx2"))) bool pad_rows_avx2(const Int8ConvArgs& a, Layout
 }
 #endif
 
+}  // namespace
+
+namespace {
+[[noreturn]] void throw_eight_bit_input() {
+  throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel got an input code >= 0; it needs 7-bit "
+                              "activations (codes <= -1), where vpmaddubsw cannot saturate");
+}
 }  // namespace
 
 std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
@@ -276,10 +318,7 @@ std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64
       eight_bit.store(true, std::memory_order_relaxed);
     }
   });
-  if (seven_bit && eight_bit.load()) {
-    throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel got an input code >= 0; it needs 7-bit "
-                                "activations (codes <= -1), where vpmaddubsw cannot saturate");
-  }
+  if (seven_bit && eight_bit.load()) throw_eight_bit_input();
   return padded;
 }
 
@@ -492,6 +531,14 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
   });
 }
 
+template <int M>
+void repeat_last(int count, const int32_t* (&rows)[M], int64_t (&ms)[M]) {
+  for (int i = std::max(count, 1); i < M; ++i) {
+    rows[i] = rows[i - 1];
+    ms[i] = ms[i - 1];
+  }
+}
+
 // A tile's input rows: the tap-(0, 0) pointers of output pixels m0 .. m0 + count - 1 in the padded
 // input (hp rows of row_words words, column_words per output column) and their indices. Rows past
 // count repeat the last one (computed, never stored). (n, y, col) is stepped from m0's: one
@@ -508,10 +555,18 @@ void tile_rows(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t row_
       if (++y == a.oh) y = 0, ++n;
     }
   }
-  for (int i = std::max(count, 1); i < M; ++i) {
-    rows[i] = rows[i - 1];
-    ms[i] = ms[i - 1];
+  repeat_last(count, rows, ms);
+}
+
+// tile_rows for a pointwise conv's converted chunk: output pixel m0 + i reads row `offset + i` of it.
+template <int M>
+void chunk_rows(const int32_t* chunk, int64_t groups, int64_t offset, int64_t m0, int count,
+                const int32_t* (&rows)[M], int64_t (&ms)[M]) {
+  for (int i = 0; i < count; ++i) {
+    rows[i] = chunk + (offset + i) * groups;
+    ms[i] = m0 + i;
   }
+  repeat_last(count, rows, ms);
 }
 
 void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
@@ -549,8 +604,38 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   }
   const int32_t* weight = packed + kHeaderWords;
   const int32_t* correction = layout == Layout::kQuads ? weight + blocks * block_words : nullptr;
-  const std::unique_ptr<int32_t[]> x = rows_layout ? pad_input_rows(a, hp, wp, row_words)
-                                                   : pad_input(a, layout, hp, wp, groups, isa == Int8Isa::kAvx2U7);
+  // A pointwise conv (1x1, unpadded) reads each input pixel once, so a converted copy of the whole
+  // input costs as much memory traffic as its GEMM takes time (int16 pairs: twice the input's size).
+  // Instead each task converts the pixels of its own chunk of rows, which then stay in L1.
+  const bool pointwise = !rows_layout && a.r == 1 && a.s == 1 && a.pad_h == 0 && a.pad_w == 0;
+  const bool seven_bit = isa == Int8Isa::kAvx2U7;
+  if (seven_bit && a.x_zero > -1) {
+    throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel needs x_zero <= -1 (7-bit activations)");
+  }
+  std::unique_ptr<int32_t[]> x;
+  if (rows_layout) {
+    x = pad_input_rows(a, hp, wp, row_words);
+  } else if (!pointwise) {
+    x = pad_input(a, layout, hp, wp, groups, seven_bit);
+  }
+  auto convert = convert_rows_generic;
+#ifdef TLCORE_X86
+  if (__builtin_cpu_supports("avx2")) convert = convert_rows_avx2;
+#endif
+  constexpr int64_t kChunkRows = kChunkM * kTileM;
+  std::atomic<bool> eight_bit{false};
+  // The rows of chunk `chunk` into `buffer` (once per run of tasks on it); returns the buffer.
+  const auto converted_chunk = [&](int64_t chunk, int64_t& current, std::vector<int32_t>& buffer) {
+    if (chunk != current) {
+      buffer.resize(static_cast<size_t>(kChunkRows * groups));
+      const int64_t first = chunk * kChunkRows;
+      if (convert(a, layout, groups, first, std::min(kChunkRows, a.n * a.oh * a.ow - first), buffer.data())) {
+        eight_bit.store(true, std::memory_order_relaxed);
+      }
+      current = chunk;
+    }
+    return buffer.data();
+  };
   const int64_t m_total = a.n * a.oh * a.ow;
   const int64_t tiles = (m_total + kTileM - 1) / kTileM;
   const int64_t chunks = (tiles + kChunkM - 1) / kChunkM;
@@ -571,6 +656,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
       alignas(64) int32_t acc[2 * M][kTileN];
       int64_t ms[M];
       const int32_t* rows[M];
+      std::vector<int32_t> buffer;
+      int64_t current = -1;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t unit = rows_outer ? task % units : task / zmm_chunks;
         const int64_t chunk = rows_outer ? task / units : task % zmm_chunks;
@@ -582,7 +669,11 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
         for (int64_t tile = chunk * kZmmChunkM; tile < tile_end; ++tile) {
           const int64_t m0 = tile * M;
           const int count = static_cast<int>(std::min<int64_t>(M, m_total - m0));
-          tile_rows(a, x.get(), hp, row_words, column_words, m0, count, rows, ms);
+          if (pointwise) {
+            chunk_rows(converted_chunk(chunk, current, buffer), groups, m0 - chunk * kChunkRows, m0, count, rows, ms);
+          } else {
+            tile_rows(a, x.get(), hp, row_words, column_words, m0, count, rows, ms);
+          }
           if (n_blocks == 2) {
             tile_avx512vnni_zmm<M, 2>(rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc);
           } else {
@@ -604,6 +695,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
     int32_t acc[kTileM][kTileN];
     int64_t ms[kTileM];
+    std::vector<int32_t> buffer;
+    int64_t current = -1;
     Tile t;
     t.tap_offsets = tap_offsets.data();
     t.taps = taps;
@@ -616,7 +709,11 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
       for (int64_t tile = chunk * kChunkM; tile < tile_end; ++tile) {
         const int64_t m0 = tile * kTileM;
         const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
-        tile_rows(a, x.get(), hp, row_words, column_words, m0, rows, t.rows, ms);
+        if (pointwise) {
+          chunk_rows(converted_chunk(chunk, current, buffer), groups, m0 - chunk * kChunkRows, m0, rows, t.rows, ms);
+        } else {
+          tile_rows(a, x.get(), hp, row_words, column_words, m0, rows, t.rows, ms);
+        }
         run_tile(t, acc);
         if (correction != nullptr) {
           for (int i = 0; i < kTileM; ++i) {
@@ -627,6 +724,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
       }
     }
   });
+  if (seven_bit && eight_bit.load()) throw_eight_bit_input();
 }
 
 }  // namespace
