@@ -63,6 +63,9 @@ at::Tensor int8_conv_out(const at::Tensor& x, const at::Tensor& weight, at::IntA
                   dilation.size() == 2, "tlcore int8 conv: x and weight must be 4-d, stride/padding/dilation pairs");
   const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
   const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(oh > 0 && ow > 0 && x.size(2) + 2 * padding[0] >= dilation[0] * (weight.size(2) - 1) + 1 &&
+                  x.size(3) + 2 * padding[1] >= dilation[1] * (weight.size(3) - 1) + 1,
+              "tlcore int8 conv: the input is smaller than the (dilated) kernel with this padding");
   return at::empty({x.size(0), weight.size(0), oh, ow},
                    x.options().memory_format(at::MemoryFormat::ChannelsLast));
 }

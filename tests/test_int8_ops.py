@@ -512,6 +512,15 @@ def test_too_long_reduction_raises():
 
 
 @needs_extension
+def test_cpu_kernel_op_rejects_an_input_smaller_than_the_kernel():
+    """The C++ op (which Int8Conv2d calls directly on CPU) checks what the public op's Python checks do."""
+    c = make_case(1, 4, 2, 2, 8, 3, 3, padding=0)
+    c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="smaller than the"):
+        torch.ops.tlcore._int8_conv_cpu(*_op_args(dict(c, residual=None))[:14], None, 0, 0)
+
+
+@needs_extension
 def test_unsupported_isa_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, "sse9")
     with pytest.raises(ValueError, match="TLCORE_INT8_CPU_ISA"):

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.ao.quantization import PerChannelMinMaxObserver
 
+from tlcore import backend
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU
-from tlcore.ops.int8 import (WEIGHT_QMAX, cpu_algorithm, cpu_isa_for, dequantize_per_tensor, int8_conv2d,
+from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cpu_algorithm, cpu_isa_for, dequantize_per_tensor, int8_conv2d,
                              int8_max_pool2d, pack_weight_cpu, quantize_per_tensor, requantization)
 
 
@@ -117,7 +118,7 @@ class Int8Conv2d(_Int8Module):
         self.register_buffer("w_scale", torch.ones(k))
         self.register_buffer("multiplier", torch.zeros(k, dtype=torch.int32))
         self.register_buffer("offset", torch.zeros(k, dtype=torch.int64))
-        self._packed: tuple[tuple, torch.Tensor | None] = ((), None)
+        self._packed: tuple[tuple, tuple] = ((), (None, None, None))
 
     @classmethod
     def from_fused(cls, fused: FusedConv2dBNReLU, x_q: QParams, out_q: QParams, res_q: QParams | None = None):
@@ -148,24 +149,38 @@ class Int8Conv2d(_Int8Module):
         if (residual is not None) != s["residual"]:
             raise ValueError(f"Int8Conv2d was calibrated {'with' if s['residual'] else 'without'} a residual")
         with self._backend():
+            if x.device.type == "cpu" and backend.select(CONV_OP, x.device, self.IMPLEMENTED) == "cpu":
+                return self._forward_cpu(x, residual)
             return int8_conv2d(x, s["x_zero"], self.weight, self.multiplier, self.offset, s["shift"],
                                residual=residual, res_multiplier=s["res_multiplier"], out_zero=s["out_zero"],
                                relu=s["relu"], stride=s["stride"], padding=s["padding"], dilation=s["dilation"],
-                               out_max=s["out_max"], x_max=s["x_max"], packed_weight=self._packed_weight())
+                               out_max=s["out_max"], x_max=s["x_max"], packed_weight=self._packed_weight()[2])
 
-    def _packed_weight(self) -> torch.Tensor | None:
-        """The weight in the C++ CPU kernel's layout, packed again whenever the weight or the
-        kernel's choice (TLCORE_INT8_CPU_ISA, TLCORE_INT8_CPU_ALGORITHM) changes."""
+    def _forward_cpu(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The C++ kernel straight from its op: the public op's Python checks of arguments this
+        module built itself cost as much as a batch-1 conv (the C++ op checks x and residual)."""
         s = self.state
-        algorithm = None
+        isa, algorithm, packed = self._packed_weight()
+        nhwc = torch.channels_last
+        return torch.ops.tlcore._int8_conv_cpu(
+            x.contiguous(memory_format=nhwc), s["x_zero"], self.weight, self.multiplier, self.offset, s["shift"],
+            None if residual is None else residual.contiguous(memory_format=nhwc), s["res_multiplier"],
+            s["out_zero"], s["relu"], s["stride"], s["padding"], s["dilation"], s["out_max"], packed, isa, algorithm)
+
+    def _packed_weight(self) -> tuple[int | None, int | None, torch.Tensor | None]:
+        """(isa, algorithm, the weight in that C++ CPU kernel's layout), packed again whenever the
+        weight or the kernel's choice (TLCORE_INT8_CPU_ISA, TLCORE_INT8_CPU_ALGORITHM) changes."""
+        s = self.state
+        isa = algorithm = None
         if self.weight.device.type == "cpu":
             isa = cpu_isa_for(s["x_zero"], s["x_max"])
-            algorithm = (isa, cpu_algorithm(self.weight.shape, s["stride"], s["dilation"], isa))
+            algorithm = cpu_algorithm(self.weight.shape, s["stride"], s["dilation"], isa)
         # Inference tensors (a model built under torch.inference_mode) have no version counter.
         version = None if self.weight.is_inference() else self.weight._version
-        key = (self.weight.device, self.weight.data_ptr(), version, algorithm)
+        key = (self.weight.device, self.weight.data_ptr(), version, isa, algorithm)
         if self._packed[0] != key:
-            self._packed = (key, pack_weight_cpu(self.weight, s["stride"], s["dilation"], s["x_zero"], s["x_max"]))
+            packed = pack_weight_cpu(self.weight, s["stride"], s["dilation"], s["x_zero"], s["x_max"])
+            self._packed = (key, (isa, algorithm, packed))
         return self._packed[1]
 
     def extra_repr(self) -> str:

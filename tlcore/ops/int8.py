@@ -45,7 +45,7 @@ MAX_REDUCTION = (2**31 - 1) // (128 * 128)
 MAX_SHIFT = 46
 _INT64_HEADROOM = 2**62
 
-_CONV_OP = "int8_conv2d"
+CONV_OP = "int8_conv2d"
 _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5}
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
 ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct" turns off the C++ kernel's Winograd and rows (tests, benchmarks)
@@ -260,7 +260,7 @@ def _int8_conv2d_op(
     args = (x_zero, _nhwc(weight), multiplier.contiguous(), offset.contiguous(), shift,
             None if residual is None else _nhwc(residual), res_multiplier, out_zero, relu,
             list(stride), list(padding), list(dilation), out_max)
-    chosen = backend.select(_CONV_OP, x.device, ("triton", "cuda", "cpu", "torch"))
+    chosen = backend.select(CONV_OP, x.device, ("triton", "cuda", "cpu", "torch"))
     if chosen == "cpu":
         isa = cpu_isa_for(x_zero, x_max)
         return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, isa,
