@@ -61,7 +61,7 @@ Layout layout_for(Int8Isa isa) {
 int64_t group_size(Layout layout) { return layout == Layout::kQuads ? 4 : 2; }
 
 // The pairs layout in plain C++ (the reference-speed fallback of every CPU).
-void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
+void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {  // pairs: no correction
   for (int i = 0; i < kTileM; ++i) std::fill(acc[i], acc[i] + kTileN, 0);
   const int32_t* b = t.weight;
   for (int64_t tap = 0; tap < t.taps; ++tap) {
@@ -93,8 +93,12 @@ __attribute__((target("avx2,avxvnni"))) inline __m256i madd_quads_avxvnni(__m256
 // target cannot inline helpers of a wider one, so a template cannot share the body.
 #define TLCORE_DEFINE_SIMD_TILE(NAME, TARGET, MADD)                                              \
   __attribute__((target(TARGET))) void NAME(const Tile& t, int32_t (*acc)[kTileN]) {             \
-    __m256i lo[kTileM], hi[kTileM];                                                              \
-    _Pragma("GCC unroll 6") for (int i = 0; i < kTileM; ++i) lo[i] = hi[i] = _mm256_setzero_si256(); \
+    __m256i lo[kTileM], hi[kTileM], start_lo = _mm256_setzero_si256(), start_hi = start_lo;        \
+    if (t.correction != nullptr) { /* quads: start at -128 * sum(w), see the file comment */      \
+      start_lo = _mm256_sub_epi32(start_lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.correction))); \
+      start_hi = _mm256_sub_epi32(start_hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.correction + 8))); \
+    }                                                                                            \
+    _Pragma("GCC unroll 6") for (int i = 0; i < kTileM; ++i) lo[i] = start_lo, hi[i] = start_hi; \
     const int32_t* b = t.weight;                                                                 \
     for (int64_t tap = 0; tap < t.taps; ++tap) {                                                 \
       const int64_t offset = t.tap_offsets[tap];                                                 \
@@ -705,6 +709,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
       const int64_t block = rows_outer ? task % blocks : task / chunks;
       const int64_t chunk = rows_outer ? task / blocks : task % chunks;
       t.weight = weight + block * block_words;
+      t.correction = correction == nullptr ? nullptr : correction + block * kTileN;
       const int64_t tile_end = std::min(tiles, (chunk + 1) * kChunkM);
       for (int64_t tile = chunk * kChunkM; tile < tile_end; ++tile) {
         const int64_t m0 = tile * kTileM;
@@ -715,11 +720,6 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
           tile_rows(a, x.get(), hp, row_words, column_words, m0, rows, t.rows, ms);
         }
         run_tile(t, acc);
-        if (correction != nullptr) {
-          for (int i = 0; i < kTileM; ++i) {
-            for (int j = 0; j < kTileN; ++j) acc[i][j] -= correction[block * kTileN + j];
-          }
-        }
         epilogue(a, acc, ms, rows, block * kTileN);
       }
     }

@@ -214,6 +214,7 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
     t.tap_offsets = &no_offset;
     t.taps = 1;
     t.groups = groups;
+    t.correction = nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first = task / splits * chunk_tiles, count = std::min(chunk_tiles, tiles - first);
       const int64_t block_begin = task % splits * blocks_per_split;
