@@ -11,6 +11,7 @@ TLCORE_INT8_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 """
 import copy
 import functools
+import os
 import warnings
 
 import pytest
@@ -22,6 +23,9 @@ import tlcore
 CASES = [("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8)]
 VARIANTS = ["fp32 eager", "torch.ao int8 x86", "tlcore int8", "tlcore int8 7-bit"]
 MIN_SQNR_DB = 15.0  # random-weight ResNets quantize less well than trained ones; this catches broken ones
+# The caps that make a VNNI CPU behave like an AVX2-only one, recorded with every result.
+ISA_CAPS = ("TLCORE_INT8_CPU_ISA", "TLCORE_INT8_CPU_ALGORITHM", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
+            "ATEN_CPU_CAPABILITY")
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -62,6 +66,16 @@ def _variants(name: str) -> dict:
     return variants
 
 
+def _tlcore_isa() -> str:
+    """The instruction set tlcore's C++ kernel resolves to here for 8-bit inputs."""
+    from tlcore.ops import int8 as q8
+
+    if not q8.cpu_isa_supported("scalar"):
+        return "no C++ extension"
+    resolved = torch.ops.tlcore._int8_cpu_resolve_isa(q8.selected_cpu_isa())
+    return next(name for name, value in q8._CPU_ISAS.items() if value == resolved)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("model,batch", CASES)
 def test_cpu_int8_forward(benchmark, model, batch, variant):
@@ -72,7 +86,8 @@ def test_cpu_int8_forward(benchmark, model, batch, variant):
     assert variant == "fp32 eager" or sqnr >= MIN_SQNR_DB, f"{variant}: logits SQNR {sqnr:.1f} dB"
     benchmark.group = f"{model} batch {batch} (CPU, {torch.get_num_threads()} threads)"
     benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(),
-                                logits_sqnr_db=None if variant == "fp32 eager" else sqnr)
+                                logits_sqnr_db=None if variant == "fp32 eager" else sqnr,
+                                tlcore_cpu_isa=_tlcore_isa(), env={name: os.environ.get(name) for name in ISA_CAPS})
     turn = iter(range(10**9))
     with torch.no_grad():
         benchmark.pedantic(lambda: fn(inputs[next(turn) % len(inputs)]), rounds=10, iterations=1, warmup_rounds=2)
