@@ -261,7 +261,7 @@ def test_cpu_kernel_saturates_exactly(monkeypatch):
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
 def test_cpu_kernel_exact_when_codes_overflow_int32(isa, monkeypatch):
     """A requantization factor of 50000: codes before the clamp exceed int32, so the AVX2 epilogue's
     int32 shortcut does not apply and the int64 path must give the reference's saturated outputs."""
@@ -277,6 +277,28 @@ def test_cpu_kernel_exact_when_codes_overflow_int32(isa, monkeypatch):
     ref = q8.requantize_reference(acc, multiplier, offset, shift, None, 0, 0, False)
     assert (acc.abs().max() * multiplier.abs().max()) >> shift >= 2**31  # beyond the shortcut
     assert torch.equal(out, ref) and ref.eq(127).any() and ref.eq(-128).any() and ref.eq(0).any()
+
+
+@needs_extension
+@pytest.mark.parametrize("relu", [False, True])
+def test_avx512_epilogue_saturates_with_residual(relu, monkeypatch):
+    """avx512vnni's AVX-512 epilogue (codes fit int32): a tenth of make_case's output scale saturates
+    many outputs at 127 and at -128 (or the ReLU floor, out_zero -7), with a residual added; K = 40
+    ends in a partial 16-channel block and 2 * 63 output pixels in a partial 12-row tile."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx512vnni"))
+    c = make_case(2, 8, 7, 9, 40, 3, 3, padding=1, residual=True, relu=relu, x_zero=5)
+    g = torch.Generator().manual_seed(3)
+    w_scale, bias = torch.rand(40, generator=g) * 0.01 + 1e-3, torch.randn(40, generator=g) * 5
+    out_scale = 0.02 * w_scale.mean().item() * 74 * (8 * 9 * (74**2 + 25)) ** 0.5 / 400
+    multiplier, offset, shift, res_multiplier = q8.requantization(0.02, 5, c["weight"], w_scale, bias, out_scale,
+                                                                  -7, 3 * out_scale, 11)
+    c.update(multiplier=multiplier, offset=offset, shift=shift, res_multiplier=res_multiplier)
+    ref = reference(c)
+    floor = -7 if relu else -128
+    assert ref.eq(127).float().mean() > 0.1 and ref.eq(floor).float().mean() > 0.1 and ref.min() == floor
+    assert_bit_exact(run(c, "cpu"), ref, f"avx512 epilogue relu={relu}")
+    packed = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"])
+    assert_bit_exact(run(dict(c, packed_weight=packed), "cpu"), ref, f"avx512 epilogue prepacked relu={relu}")
 
 
 @needs_extension

@@ -48,9 +48,9 @@ namespace int8_cpu {
 namespace {
 
 constexpr int kChunkM = 8;   // micro-tiles per parallel task: one packed block stays hot in L2
-// The AVX512-VNNI zmm kernel's micro-tile: 12 rows (2 * kTileM, so the epilogue takes it in two
-// kTileM-row pieces) x 32 channels = 24 zmm accumulators. 6, 8 and 12 rows ran within noise of
-// each other on ResNet-18 layers (AMD EPYC, 1 thread); 12 halves the weight loads of 6.
+// The AVX512-VNNI zmm kernel's micro-tile: 12 rows x 32 channels = 24 zmm accumulators. 6, 8 and
+// 12 rows ran within noise of each other on ResNet-18 layers (AMD EPYC, 1 thread); 12 halves the
+// weight loads of 6.
 constexpr int kZmmTileM = 2 * kTileM;
 constexpr int kZmmChunkM = kChunkM * kTileM / kZmmTileM;  // its tiles per task: the same 48 rows
 
@@ -240,20 +240,43 @@ __attribute__((always_inline)) inline uint8_t convert_pixel(const int8_t* src, i
   return high;
 }
 
+// The border pixel (x_zero) is converted once, into `border` (groups words), and copied; an image
+// row's pixels are converted in one run. With one group per pixel (C <= 4, the RGB stem) a quads
+// word is the pixel's C bytes read at once, + 128 each (xor 0x80), the bytes past C masked to 0:
+// the per-pixel loops of convert_pixel cost about half as much as the stem's kernel.
 __attribute__((always_inline)) inline bool pad_rows(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp,
-                                                    int64_t groups, const int8_t* border, int64_t begin,
+                                                    int64_t groups, const int32_t* border, int64_t begin,
                                                     int64_t end, int32_t* padded) {
+  const bool one_quad = layout == Layout::kQuads && groups == 1;
+  const uint32_t mask = a.c >= 4 ? ~0u : (1u << (8 * a.c)) - 1;
+  // Pixels whose 4-byte read stays inside their image row: c * x + 4 <= c * w.
+  const int64_t word_pixels = one_quad && a.c * a.w >= 4 ? (a.c * a.w - 4) / a.c + 1 : 0;
   uint8_t high = 0;
+  uint32_t high_words = 0;
+  const auto fill = [&](int32_t* dst, int64_t pixels) {
+    for (int64_t p = 0; p < pixels; ++p, dst += groups) std::copy(border, border + groups, dst);
+  };
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / hp, y = row % hp - a.pad_h;
     int32_t* dst = padded + row * wp * groups;
-    for (int64_t col = 0; col < wp; ++col, dst += groups) {
-      const int64_t x = col - a.pad_w;
-      const bool inside = y >= 0 && y < a.h && x >= 0 && x < a.w;
-      high |= convert_pixel(inside ? a.x + ((n * a.h + y) * a.w + x) * a.c : border, a.c, layout, groups, dst);
+    if (y < 0 || y >= a.h) {
+      fill(dst, wp);
+      continue;
     }
+    fill(dst, a.pad_w);
+    dst += a.pad_w * groups;
+    const int8_t* src = a.x + (n * a.h + y) * a.w * a.c;
+    for (int64_t x = 0; x < word_pixels; ++x) {
+      uint32_t word;
+      std::memcpy(&word, src + x * a.c, sizeof(word));
+      word = (word ^ 0x80808080u) & mask;
+      high_words |= word;
+      dst[x] = static_cast<int32_t>(word);
+    }
+    for (int64_t x = word_pixels; x < a.w; ++x) high |= convert_pixel(src + x * a.c, a.c, layout, groups, dst + x * groups);
+    fill(dst + a.w * groups, wp - a.pad_w - a.w);
   }
-  return high & 0x80;
+  return ((high | high_words | high_words >> 8 | high_words >> 16 | high_words >> 24) & 0x80) != 0;
 }
 
 // The input pixels of output pixels first .. first + count - 1 of a pointwise (1x1, unpadded)
@@ -284,12 +307,12 @@ __attribute__((target("avx2"))) bool convert_rows_avx2(const Int8ConvArgs& a, La
 #endif
 
 bool pad_rows_generic(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
-                      const int8_t* border, int64_t begin, int64_t end, int32_t* padded) {
+                      const int32_t* border, int64_t begin, int64_t end, int32_t* padded) {
   return pad_rows(a, layout, hp, wp, groups, border, begin, end, padded);
 }
 #ifdef TLCORE_X86
 __attribute__((target("avx2"))) bool pad_rows_avx2(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp,
-                                                   int64_t groups, const int8_t* border, int64_t begin, int64_t end,
+                                                   int64_t groups, const int32_t* border, int64_t begin, int64_t end,
                                                    int32_t* padded) {
   return pad_rows(a, layout, hp, wp, groups, border, begin, end, padded);
 }
@@ -316,7 +339,9 @@ std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64
   std::atomic<bool> eight_bit{false};
   // Every word is written below: no zero-filling pass first.
   std::unique_ptr<int32_t[]> padded(new int32_t[static_cast<size_t>(a.n * hp * wp * groups)]);
-  const std::vector<int8_t> border(static_cast<size_t>(a.c), static_cast<int8_t>(a.x_zero));
+  const std::vector<int8_t> zeros(static_cast<size_t>(a.c), static_cast<int8_t>(a.x_zero));
+  std::vector<int32_t> border(static_cast<size_t>(groups));
+  convert_pixel(zeros.data(), a.c, layout, groups, border.data());  // x_zero's code is checked above
   at::parallel_for(0, a.n * hp, 1, [&](int64_t begin, int64_t end) {
     if (rows(a, layout, hp, wp, groups, border.data(), begin, end, padded.get())) {
       eight_bit.store(true, std::memory_order_relaxed);
@@ -449,6 +474,53 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
   }
 }
 
+// requantize_avx2's math on 512 bits for the AVX512-VNNI path, where requantize_avx2 took two thirds
+// as long as the zmm kernel on the stem (its 64-bit shift emulation and 128-bit-lane narrowing):
+// vpsraq shifts the int64 totals directly, the low 32 bits of each are its code
+// (quantized_fits_int32, as for requantize_avx2), and vpmovdb narrows the clamped codes. Masks
+// handle a partial channel block, so it takes any K and any `rows` (a whole zmm tile per call).
+// GCC 12's avx512fintrin.h fills its "undefined" vectors as `__m512i __Y = __Y;` (GCC bug 105593),
+// which -Wall reports as uninitialized once inlined here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2"))) void requantize_avx512(
+    const Int8ConvArgs& a, const int32_t (*acc)[kTileN], const int64_t* ms, int rows, int64_t k0) {
+  const int cols = static_cast<int>(std::min<int64_t>(kTileN, a.k - k0));
+  const __mmask16 valid = static_cast<__mmask16>((1u << cols) - 1);
+  const __m128i shift = _mm_cvtsi32_si128(a.shift);
+  const __m512i out_zero = _mm512_set1_epi32(a.out_zero);
+  const __m512i res_multiplier = _mm512_set1_epi64(a.res_multiplier);  // |.| < 2**31: vpmuldq reads 32 bits
+  const __m512i lo = _mm512_set1_epi32(a.relu ? std::max(a.out_zero, -128) : -128);
+  const __m512i hi = _mm512_set1_epi32(a.out_max);
+  // vpmuldq multiplies the even channels (and the odd ones once shifted down 32 bits): the offsets
+  // of the even and of the odd channels, one per 64-bit lane in that order.
+  const __m512i multiplier = _mm512_maskz_loadu_epi32(valid, a.multiplier + k0);
+  const __m512i multiplier_odd = _mm512_srli_epi64(multiplier, 32);
+  const __m512i first = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid), a.offset + k0);
+  const __m512i second = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid >> 8), a.offset + k0 + 8);
+  const __m512i offset_even =
+      _mm512_permutex2var_epi64(first, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), second);
+  const __m512i offset_odd = _mm512_permutex2var_epi64(first, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), second);
+  for (int i = 0; i < rows; ++i) {
+    const int64_t row = ms[i] * a.k + k0;
+    const __m512i x = _mm512_loadu_si512(static_cast<const void*>(acc[i]));
+    __m512i even = _mm512_add_epi64(_mm512_mul_epi32(x, multiplier), offset_even);
+    __m512i odd = _mm512_add_epi64(_mm512_mul_epi32(_mm512_srli_epi64(x, 32), multiplier_odd), offset_odd);
+    if (a.residual != nullptr) {
+      const __m512i r = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(valid, a.residual + row));
+      even = _mm512_add_epi64(even, _mm512_mul_epi32(r, res_multiplier));
+      odd = _mm512_add_epi64(odd, _mm512_mul_epi32(_mm512_srli_epi64(r, 32), res_multiplier));
+    }
+    even = _mm512_sra_epi64(even, shift);
+    odd = _mm512_slli_epi64(_mm512_sra_epi64(odd, shift), 32);  // its code into the odd int32 lane
+    const __m512i codes = _mm512_add_epi32(_mm512_mask_blend_epi32(0xaaaa, even, odd), out_zero);
+    const __m512i q = _mm512_min_epi32(_mm512_max_epi32(codes, lo), hi);
+    _mm_mask_storeu_epi8(a.out + row, valid, _mm512_cvtepi32_epi8(q));
+  }
+}
+#pragma GCC diagnostic pop
+
 // Whether every code before the clamp, floor(total / 2**shift) + out_zero, fits int32 for any
 // accumulator this conv can produce (|acc| <= 128 * 128 * C * R * S): requantize_avx2's condition.
 bool quantized_fits_int32(const Int8ConvArgs& a) {
@@ -469,7 +541,9 @@ TileFn pairs_tile_fn(Int8Isa isa) { return tile_fn(isa == Int8Isa::kScalar ? isa
 
 EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a) {
 #ifdef TLCORE_X86
-  if (isa != Int8Isa::kScalar && quantized_fits_int32(a)) return requantize_avx2;
+  if (isa != Int8Isa::kScalar && quantized_fits_int32(a)) {
+    return isa == Int8Isa::kAvx512Vnni ? requantize_avx512 : requantize_avx2;
+  }
 #endif
   return requantize;
 }
@@ -683,12 +757,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
           } else {
             tile_avx512vnni_zmm<M, 1>(rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc);
           }
-          // The epilogue takes 16 channels and at most kTileM rows at a time.
-          for (int j = 0; j < n_blocks; ++j) {
-            for (int i0 = 0; i0 < count; i0 += kTileM) {
-              epilogue(a, acc + j * M + i0, ms + i0, std::min(kTileM, count - i0), (block + j) * kTileN);
-            }
-          }
+          // The epilogue takes one block's 16 channels, all the tile's rows at once.
+          for (int j = 0; j < n_blocks; ++j) epilogue(a, acc + j * M, ms, count, (block + j) * kTileN);
         }
       }
     });
