@@ -1,4 +1,5 @@
-"""CPU INT8 inference at 224x224: tlcore.quantize against fp32 eager and torch.ao's x86 int8, same run.
+"""CPU INT8 inference at 224x224: tlcore.quantize against fp32 eager and torch.ao's x86 int8, same run;
+and per layer, tlcore's int8 conv op against torch.ao's quantized conv on ResNet-18's conv shapes.
 
     pytest bench/test_bench_int8.py --benchmark-only --benchmark-group-by=group
 
@@ -91,3 +92,45 @@ def test_cpu_int8_forward(benchmark, model, batch, variant):
     turn = iter(range(10**9))
     with torch.no_grad():
         benchmark.pedantic(lambda: fn(inputs[next(turn) % len(inputs)]), rounds=10, iterations=1, warmup_rounds=2)
+
+
+# (C, K, H, kernel, stride): ResNet-18's distinct conv shapes at 224x224
+LAYERS = [(3, 64, 224, 7, 2), (64, 64, 56, 3, 1), (64, 128, 56, 3, 2), (64, 128, 56, 1, 2), (128, 128, 28, 3, 1),
+          (128, 256, 28, 3, 2), (256, 256, 14, 3, 1), (256, 512, 14, 3, 2), (512, 512, 7, 3, 1)]
+LAYER_BATCH = 8
+
+
+@pytest.mark.parametrize("variant", ["torch.ao", "tlcore"])
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda shape: "C{}-K{}-H{}-{}x{}s{}".format(*shape[:4], *shape[3:]))
+def test_cpu_int8_conv_layer(benchmark, layer, variant):
+    """One conv + requantize + ReLU, int8 NHWC in and out; both sides get prepacked weights."""
+    from tlcore.ops import int8 as q8
+
+    c, k, h, r, stride = layer
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-128, 128, (LAYER_BATCH, c, h, h), generator=g, dtype=torch.int8)
+    weight = torch.randint(-127, 128, (k, c, r, r), generator=g, dtype=torch.int8)
+    x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
+    if variant == "tlcore":
+        multiplier, offset, shift, _ = q8.requantization(0.02, -128, weight, torch.full((k,), 0.01), None, 0.5, -128)
+        packed = q8.pack_weight_cpu(weight, [stride, stride], [1, 1])
+        run = lambda: q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride,  # noqa: E731
+                                     padding=r // 2, relu=True, packed_weight=packed)
+        benchmark.extra_info.update(tlcore_cpu_isa=_tlcore_isa(), algorithm=q8.cpu_algorithm(
+            weight.shape, [stride, stride], [1, 1], q8.cpu_isa_for(-128, 127)))
+    else:
+        torch.backends.quantized.engine = "x86"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+            qx = torch.quantize_per_tensor(x.float().add(128).mul(0.02), 0.02, 0, torch.quint8)
+            qw = torch.quantize_per_channel(weight.float() * 0.01, torch.full((k,), 0.01), torch.zeros(k, dtype=torch.long),
+                                            0, torch.qint8)
+            packed = torch.ops.quantized.conv2d_prepack(qw, None, [stride, stride], [r // 2, r // 2], [1, 1], 1)
+        run = lambda: torch.ops.quantized.conv2d_relu(qx, packed, 0.5, 0)  # noqa: E731
+    out = run()
+    assert out.shape == (LAYER_BATCH, k, (h + 2 * (r // 2) - r) // stride + 1, (h + 2 * (r // 2) - r) // stride + 1)
+    macs = LAYER_BATCH * out.shape[2] * out.shape[3] * k * c * r * r
+    benchmark.group = f"int8 conv C{c} K{k} H{h} {r}x{r}/{stride} batch {LAYER_BATCH} (CPU)"
+    benchmark.extra_info.update(layer=list(layer), batch=LAYER_BATCH, macs=macs,
+                                env={name: os.environ.get(name) for name in ISA_CAPS})
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=3)
