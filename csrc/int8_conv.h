@@ -37,8 +37,14 @@ struct Int8ConvArgs {
   int32_t algorithm = 0;                   // CPU: an Int8Algorithm (int8_algorithm_supported)
 };
 
+// Whether every total = acc * multiplier[k] + offset[k] (+ residual * res_multiplier) this conv can
+// produce (|acc| <= 128 * 128 * C * R * S) stays below 2**62, the headroom the epilogues assume
+// and tlcore.ops.requantization guarantees. Reads multiplier and offset: host memory only.
+bool int8_requantization_in_range(const Int8ConvArgs& args);
+
 // Instruction sets of the CPU kernel; kAuto picks the best one the CPU has. kAvx2U7 (AVX2's
-// vpmaddubsw, never picked by kAuto) needs 7-bit inputs, x and x_zero <= -1, and checks them.
+// vpmaddubsw, never picked by kAuto) needs 7-bit inputs, x and x_zero <= -1, and checks them
+// where it runs vpmaddubsw (Winograd's int16 products are exact for any code).
 enum class Int8Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvxVnni = 3, kAvx512Vnni = 4, kAvx2U7 = 5 };
 
 bool int8_isa_supported(Int8Isa isa);

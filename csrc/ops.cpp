@@ -20,7 +20,8 @@
 
 namespace {
 
-// Checks what the Python op (tlcore/ops/int8.py) already validated, then views the tensors.
+// Checks the arguments (Int8Conv2d calls the CPU op directly, without the Python op's checks in
+// tlcore/ops/int8.py), then views the tensors.
 tlcore::Int8ConvArgs int8_conv_args(const at::Tensor& x, int64_t x_zero, const at::Tensor& weight,
                                     const at::Tensor& multiplier, const at::Tensor& offset, int64_t shift,
                                     const std::optional<at::Tensor>& residual, int64_t res_multiplier,
@@ -37,6 +38,13 @@ tlcore::Int8ConvArgs int8_conv_args(const at::Tensor& x, int64_t x_zero, const a
                   offset.scalar_type() == at::kLong && offset.numel() == k && offset.is_contiguous(),
               "tlcore int8 conv: multiplier must be int32 (K,) and offset int64 (K,)");
   TORCH_CHECK(shift >= 0 && shift <= 62, "tlcore int8 conv: shift must be in [0, 62]");
+  TORCH_CHECK(x_zero >= -128 && x_zero <= 127 && out_zero >= -128 && out_zero <= 127,
+              "tlcore int8 conv: x_zero and out_zero must be in [-128, 127]");
+  TORCH_CHECK(res_multiplier > -(int64_t{1} << 31) && res_multiplier < (int64_t{1} << 31),
+              "tlcore int8 conv: |res_multiplier| must be below 2**31");
+  // |acc| <= 128 * 128 * C * R * S must fit int32 (tlcore.ops.int8.MAX_REDUCTION).
+  TORCH_CHECK(weight.size(1) * weight.size(2) * weight.size(3) <= (int64_t{1} << 31) / (128 * 128) - 1,
+              "tlcore int8 conv: C*R*S exceeds the int32-exact reduction limit");
   TORCH_CHECK(weight.device() == x.device() && multiplier.device() == x.device() && offset.device() == x.device() &&
                   (!residual.has_value() || residual->device() == x.device()),
               "tlcore int8 conv: all tensors must be on x's device");
@@ -61,6 +69,9 @@ at::Tensor int8_conv_out(const at::Tensor& x, const at::Tensor& weight, at::IntA
                          at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2, "tlcore int8 conv: x and weight must be 4-d, stride/padding/dilation pairs");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0,
+              "tlcore int8 conv: need stride >= 1, dilation >= 1 and padding >= 0");
   const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
   const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(oh > 0 && ow > 0 && x.size(2) + 2 * padding[0] >= dilation[0] * (weight.size(2) - 1) + 1 &&
@@ -156,6 +167,7 @@ at::Tensor quantize_cpu(const at::Tensor& x, double inv_scale, int64_t zero_poin
 
 int64_t pool_output_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation, bool ceil_mode) {
   const int64_t span = size + 2 * pad - dilation * (kernel - 1) - 1;
+  TORCH_CHECK(span >= 0, "tlcore int8 max-pool: the input is smaller than the (dilated) kernel with this padding");
   int64_t out = (ceil_mode ? (span + stride - 1) / stride : span / stride) + 1;
   if (ceil_mode && (out - 1) * stride >= size + pad) --out;  // the last window must start inside the image
   return out;
@@ -174,7 +186,6 @@ at::Tensor int8_max_pool_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::In
   const at::Tensor src = x.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t oh = pool_output_size(x.size(2), kernel[0], stride[0], padding[0], dilation[0], ceil_mode);
   const int64_t ow = pool_output_size(x.size(3), kernel[1], stride[1], padding[1], dilation[1], ceil_mode);
-  TORCH_CHECK(oh > 0 && ow > 0, "tlcore int8 max-pool: the input is smaller than the (dilated) kernel");
   at::Tensor out = at::empty({x.size(0), x.size(1), oh, ow},
                              x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const tlcore::Int8PoolArgs args{src.data_ptr<int8_t>(), x.size(0), x.size(2), x.size(3), x.size(1),

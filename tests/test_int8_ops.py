@@ -449,8 +449,9 @@ needs_cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available() or not _ex
 
 
 def cuda_kernels():
-    """The CUDA kernels this device runs: dp4a everywhere, the mma.sync (IMMA) one from sm_80."""
-    return ["dp4a", "mma"] if torch.cuda.get_device_capability()[0] >= 8 else ["dp4a"]
+    """The CUDA kernels this device and build run: dp4a everywhere, and the mma.sync (IMMA) one
+    where the launcher picks it by default (sm_80+ code for an sm_80+ device)."""
+    return ["dp4a", "mma"] if torch.ops.tlcore._int8_cuda_kernel() == "mma" else ["dp4a"]
 
 
 @pytest.mark.gpu
@@ -478,11 +479,13 @@ def test_cuda_kernel_bit_exact_and_equal_to_triton(case, monkeypatch):
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_cuda_kernel_choice(monkeypatch):
-    """auto runs the tensor-core kernel from sm_80 on; a bad or impossible forced choice raises."""
+    """auto runs the tensor-core kernel from sm_80 on (the default build has sm_80+ code); a bad or
+    impossible forced choice raises."""
+    expected = "mma" if torch.cuda.get_device_capability()[0] >= 8 else "dp4a"
     monkeypatch.delenv(q8.CUDA_KERNEL_ENV, raising=False)
-    assert torch.ops.tlcore._int8_cuda_kernel() == cuda_kernels()[-1]
+    assert torch.ops.tlcore._int8_cuda_kernel() == expected
     monkeypatch.setenv(q8.CUDA_KERNEL_ENV, "auto")
-    assert torch.ops.tlcore._int8_cuda_kernel() == cuda_kernels()[-1]
+    assert torch.ops.tlcore._int8_cuda_kernel() == expected
     c = make_case(1, 5, 6, 6, 7, 3, 3, padding=1)
     c = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
     monkeypatch.setenv(q8.CUDA_KERNEL_ENV, "wmma")
@@ -534,12 +537,26 @@ def test_too_long_reduction_raises():
 
 
 @needs_extension
-def test_cpu_kernel_op_rejects_an_input_smaller_than_the_kernel():
-    """The C++ op (which Int8Conv2d calls directly on CPU) checks what the public op's Python checks do."""
-    c = make_case(1, 4, 2, 2, 8, 3, 3, padding=0)
+@pytest.mark.parametrize("change, match", [
+    (dict(x=torch.zeros(1, 4, 2, 2, dtype=torch.int8), padding=[0, 0], residual=None), "smaller than the"),
+    (dict(padding=[-1, -1]), "padding >= 0"),
+    (dict(stride=[0, 1]), "stride >= 1"),
+    (dict(dilation=[1, 0]), "dilation >= 1"),
+    (dict(x_zero=128), "x_zero and out_zero"),
+    (dict(out_zero=-129, out_max=127), "x_zero and out_zero"),
+    (dict(res_multiplier=2**31), "res_multiplier"),
+    (dict(offset=torch.full((8,), -(2**62 + 2**50), dtype=torch.int64)), "2\\*\\*62"),
+])
+def test_cpu_kernel_op_validates_its_arguments(change, match):
+    """The C++ op, which Int8Conv2d calls directly on CPU, checks its arguments itself: clear errors,
+    no crash (a negative padding used to write before the padded buffer, a zero stride to divide by 0)."""
+    c = make_case(1, 4, 5, 5, 8, 3, 3, padding=1)
     c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)
-    with pytest.raises(RuntimeError, match="smaller than the"):
-        torch.ops.tlcore._int8_conv_cpu(*_op_args(dict(c, residual=None))[:14], None, 0, 0)
+    c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
+    c.update(change)
+    c["x"] = c["x"].contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.tlcore._int8_conv_cpu(*_op_args(c)[:14], None, 0, 0)
 
 
 @needs_extension
@@ -637,11 +654,14 @@ def test_quantize_triton_matches_torch(device, layout, dtype):
 
 
 def test_quantize_nan_and_ties(device):
-    x = torch.tensor([float("nan"), 0.025, -0.025, 0.075, 1e9, -1e9], device=device).view(1, 6, 1, 1)
-    for name in ("torch", "triton"):
+    values = [float("nan"), 0.025, -0.025, 0.075, 1e9, -1e9, float("inf"), float("-inf")]
+    expected = [2, 3, 2, 4, 127, -128, 127, -128]  # NaN -> zero point; ties round up; saturation
+    # 8 values fill the C++ kernel's AVX2 body, the 9th and 10th its scalar tail.
+    x = torch.tensor(values + values[:2], device=device).view(1, 10, 1, 1)
+    for name in ("torch", "triton") + (("cpu",) if _extension.loaded() else ()):
         with use_backend(name):
-            q = q8.quantize_per_tensor(x, 0.05, 2).flatten().tolist()
-        assert q == [2, 3, 2, 4, 127, -128], name  # NaN -> zero point; ties round up
+            q = q8.quantize_per_tensor(x if name != "cpu" else x.cpu(), 0.05, 2).flatten().tolist()
+        assert q == expected + expected[:2], name
 
 
 @pytest.mark.parametrize("scale, zero", [(0.0, 0), (float("nan"), 0), (-1.0, 0), (0.1, 128)])
@@ -692,5 +712,11 @@ def test_int8_max_pool_op_checks():
     torch.library.opcheck(torch.ops.tlcore._int8_max_pool_cpu.default, (q, [3, 3], [2, 2], [1, 1], [1, 1], True))
     with pytest.raises(RuntimeError, match="padding <= kernel / 2"):
         torch.ops.tlcore._int8_max_pool_cpu(q, [3, 3], [2, 2], [2, 2], [1, 1], False)
+    small = q[:, :, :2, :2]  # a 3x3 window does not fit: PyTorch refuses, so do the op and its fake
+    for ceil_mode in (False, True):
+        with pytest.raises(RuntimeError, match="smaller than the"):
+            torch.ops.tlcore._int8_max_pool_cpu(small, [3, 3], [2, 2], [0, 0], [1, 1], ceil_mode)
+        with pytest.raises(ValueError, match="smaller than the"):
+            q8._pool_output_size(2, 3, 2, 0, 1, ceil_mode)
     with pytest.raises(RuntimeError, match="int8"):
         torch.ops.tlcore._int8_max_pool_cpu(q.float(), [3, 3], [2, 2], [1, 1], [1, 1], False)

@@ -61,8 +61,10 @@ Layout layout_for(Int8Isa isa) {
 int64_t group_size(Layout layout) { return layout == Layout::kQuads ? 4 : 2; }
 
 // The pairs layout in plain C++ (the reference-speed fallback of every CPU).
-void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {  // pairs: no correction
-  for (int i = 0; i < kTileM; ++i) std::fill(acc[i], acc[i] + kTileN, 0);
+void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
+  for (int i = 0; i < kTileM; ++i) {
+    for (int j = 0; j < kTileN; ++j) acc[i][j] = t.correction == nullptr ? 0 : -t.correction[j];
+  }
   const int32_t* b = t.weight;
   for (int64_t tap = 0; tap < t.taps; ++tap) {
     for (int64_t g = 0; g < t.groups; ++g, b += kTileN) {
@@ -217,8 +219,6 @@ TileFn tile_fn(Int8Isa isa) {
 
 typedef int16_t AliasingInt16 __attribute__((may_alias));  // int16 elements of the int32 words
 
-// Rows [begin, end) of pad_input's buffer, in one source for every target (the conversion loops
-// vectorize); returns whether a quads code had its top bit set (an 8-bit input code >= 0).
 // One pixel's C int8 codes -> `groups` words of the layout (int16 pairs, or quads of u = x + 128),
 // 0 past C; returns the OR of the quads (its top bit: an input code >= 0).
 __attribute__((always_inline)) inline uint8_t convert_pixel(const int8_t* src, int64_t c, Layout layout,
@@ -329,9 +329,6 @@ namespace {
 
 std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
                                      bool seven_bit) {
-  if (seven_bit && a.x_zero > -1) {
-    throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel needs x_zero <= -1 (7-bit activations)");
-  }
   auto rows = pad_rows_generic;
 #ifdef TLCORE_X86
   if (__builtin_cpu_supports("avx2")) rows = pad_rows_avx2;
@@ -419,6 +416,18 @@ void requantize(const Int8ConvArgs& a, const int32_t (*acc)[kTileN], const int64
       a.out[m * a.k + k] = static_cast<int8_t>(std::clamp<int64_t>(q, lo, hi));
     }
   }
+}
+
+// An upper bound of |total| over every accumulator this conv can produce (|acc| <= 128 * 128 * C * R * S),
+// in double: a bound, not an exact value, so callers keep a margin.
+double largest_total(const Int8ConvArgs& a) {
+  double multiplier = 0.0, offset = 0.0;
+  for (int64_t k = 0; k < a.k; ++k) {
+    multiplier = std::max(multiplier, std::abs(static_cast<double>(a.multiplier[k])));
+    offset = std::max(offset, std::abs(static_cast<double>(a.offset[k])));
+  }
+  return 128.0 * 128.0 * static_cast<double>(a.c * a.r * a.s) * multiplier + offset +
+         128.0 * std::abs(static_cast<double>(a.res_multiplier));
 }
 
 #ifdef TLCORE_X86
@@ -524,14 +533,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2"))) void requantize_avx512
 // Whether every code before the clamp, floor(total / 2**shift) + out_zero, fits int32 for any
 // accumulator this conv can produce (|acc| <= 128 * 128 * C * R * S): requantize_avx2's condition.
 bool quantized_fits_int32(const Int8ConvArgs& a) {
-  int64_t multiplier = 0, offset = 0;
-  for (int64_t k = 0; k < a.k; ++k) {
-    multiplier = std::max<int64_t>(multiplier, std::abs(static_cast<int64_t>(a.multiplier[k])));
-    offset = std::max<int64_t>(offset, a.offset[k] == INT64_MIN ? INT64_MAX : std::abs(a.offset[k]));
-  }
-  const double total = 128.0 * 128.0 * static_cast<double>(a.c * a.r * a.s) * static_cast<double>(multiplier) +
-                       static_cast<double>(offset) + 128.0 * std::abs(static_cast<double>(a.res_multiplier));
-  return std::ldexp(total, -a.shift) + 256.0 < std::ldexp(1.0, 30);  // a wide margin over double rounding
+  return std::ldexp(largest_total(a), -a.shift) + 256.0 < std::ldexp(1.0, 30);  // a wide margin over rounding
 }
 #endif  // TLCORE_X86
 
@@ -802,6 +804,10 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
 
 using namespace int8_cpu;
 
+bool int8_requantization_in_range(const Int8ConvArgs& a) {
+  return largest_total(a) < 0.99 * std::ldexp(1.0, 62);
+}
+
 bool int8_isa_supported(Int8Isa isa) {
   switch (isa) {
     case Int8Isa::kAuto:
@@ -814,7 +820,8 @@ bool int8_isa_supported(Int8Isa isa) {
     case Int8Isa::kAvxVnni:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
     case Int8Isa::kAvx512Vnni:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512vnni") &&
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
              __builtin_cpu_supports("avx512vl");
 #endif
     default:
@@ -883,6 +890,11 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
 
 Int8Isa int8_conv2d_cpu(const Int8ConvArgs& a, Int8Isa isa) {
   isa = int8_resolve_isa(isa);
+  if (!int8_requantization_in_range(a)) {
+    throw std::invalid_argument("tlcore int8 conv: |acc * multiplier + offset (+ residual * res_multiplier)| can "
+                                "reach 2**62, beyond the int64 headroom of the epilogue; build the constants with "
+                                "tlcore.ops.requantization");
+  }
   const auto algorithm = static_cast<Int8Algorithm>(a.algorithm);
   if (!int8_algorithm_supported(algorithm, a.c, a.r, a.s, a.stride_h, a.stride_w, a.dil_h, a.dil_w, isa)) {
     throw std::invalid_argument("tlcore int8 conv: this algorithm cannot run this conv on this instruction set "

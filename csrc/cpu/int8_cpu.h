@@ -43,7 +43,7 @@ EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a);  // the fastest exac
 // (N, H, W, C) int8 -> (N, hp, wp, groups) int32 words of the layout (int16 pairs, or quads of
 // u = x + 128): pixel (y, x) lands at (y + pad_h, x + pad_w); everything else (the padding, and
 // any extra rows/columns below and to the right) holds x_zero; channels past C are 0. With
-// `seven_bit` (the avx2u7 kernel), throws unless every code and x_zero are <= -1.
+// `seven_bit` (the avx2u7 kernel, whose caller checks x_zero), throws unless every code is <= -1.
 std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
                                      bool seven_bit);
 

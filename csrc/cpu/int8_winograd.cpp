@@ -10,7 +10,7 @@
 // U = G' g G'^T (|U| <= 9 * 128) and V = B^T d B (|V| <= 4 * 128) are int16, so vpmaddwd
 // multiplies them exactly, and A^T M A = 4 * acc. Everything after the products is a sum; int32
 // sums wrap modulo 2**32, so 4 * acc comes out exact whenever |4 * acc| < 2**31, which
-// int8_winograd_supported's bound on C guarantees (it also keeps each M = sum_c U V in int32).
+// winograd_supported's bound on C guarantees (it also keeps each M = sum_c U V in int32).
 // The result is bit-identical to the direct kernel's.
 //
 // Work: the 16 products of a tile position (xi, nu) form a GEMM [tiles x C] x [C x K], run by the

@@ -163,7 +163,8 @@ class Int8Conv2d(_Int8Module):
         isa, algorithm, packed = self._packed_weight()
         nhwc = torch.channels_last
         return torch.ops.tlcore._int8_conv_cpu(
-            x.contiguous(memory_format=nhwc), s["x_zero"], self.weight, self.multiplier, self.offset, s["shift"],
+            x.contiguous(memory_format=nhwc), s["x_zero"], self.weight.contiguous(memory_format=nhwc),
+            self.multiplier.contiguous(), self.offset.contiguous(), s["shift"],
             None if residual is None else residual.contiguous(memory_format=nhwc), s["res_multiplier"],
             s["out_zero"], s["relu"], s["stride"], s["padding"], s["dilation"], s["out_max"], packed, isa, algorithm)
 
