@@ -383,22 +383,29 @@ def test_cpu_algorithm_direct_and_packing_mismatch(monkeypatch):
 
 
 @needs_extension
-def test_cpu_winograd_at_its_channel_limit_stays_exact(monkeypatch):
-    """The largest accumulators Winograd accepts (4 * acc just below 2**31): every tap and product at -128."""
-    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
-    limit = (2**31 - 1) // (4 * 128 * 128 * 9)
-    isa = q8.cpu_isa_for(-128, 127)
-    assert q8.cpu_algorithm((1, limit, 3, 3), [1, 1], [1, 1], isa) == q8.CPU_ALGORITHMS["winograd"]
-    assert q8.cpu_algorithm((1, limit + 1, 3, 3), [1, 1], [1, 1], isa) != q8.CPU_ALGORITHMS["winograd"]
-    x = torch.full((1, limit, 2, 2), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
-    w = torch.full((2, limit, 3, 3), -128, dtype=torch.int8)
-    w[1] = 127
-    multiplier, offset = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
-    with use_backend("cpu"):  # padding reads x_zero = -128 too: acc = 9 * C * (+-128 * 128) everywhere
-        out = q8.int8_conv2d(x, -128, w, multiplier, offset, 24, padding=1, out_zero=0)
-    acc = int64_conv(x, -128, w, [1, 1], [1, 1], [1, 1])
-    assert acc[0, 0].eq(9 * limit * 128 * 128).all()
-    assert torch.equal(out, q8.requantize_reference(acc, multiplier, offset, 24, None, 0, 0, False))
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("tiles", ["2x4", "2x2"])
+def test_cpu_winograd_at_its_channel_limits_stays_exact(tiles, isa, monkeypatch):
+    """The largest accumulators each Winograd tile shape accepts (its Y' = 48 or 4 * acc recovered from
+    wrapped int32 sums): every tap and product at +-128 * 128, at C = 910 (2x4) and C = 3640 (2x2)."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    wide = q8.WINOGRAD_WIDE_MAX_CHANNELS
+    limit = wide if tiles == "2x4" else (2**31 - 1) // (4 * 128 * 128 * 9)
+    isa_code = q8.cpu_isa_for(-128, 127)
+    assert q8.cpu_algorithm((1, limit, 3, 3), [1, 1], [1, 1], isa_code) == q8.CPU_ALGORITHMS["winograd"]
+    if tiles == "2x2":
+        assert q8.cpu_algorithm((1, limit + 1, 3, 3), [1, 1], [1, 1], isa_code) != q8.CPU_ALGORITHMS["winograd"]
+    sizes = [limit] if tiles == "2x2" else [limit, limit + 1]  # 911: the first C the 2x2 tiles take over
+    for c in sizes:
+        x = torch.full((1, c, 2, 5), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+        w = torch.full((2, c, 3, 3), -128, dtype=torch.int8)
+        w[1] = 127
+        multiplier, offset = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
+        with use_backend("cpu"):  # padding reads x_zero = -128 too: acc = 9 * C * (+-128 * 128) everywhere
+            out = q8.int8_conv2d(x, -128, w, multiplier, offset, 24, padding=1, out_zero=0)
+        acc = int64_conv(x, -128, w, [1, 1], [1, 1], [1, 1])
+        assert acc[0, 0].eq(9 * c * 128 * 128).all()
+        assert torch.equal(out, q8.requantize_reference(acc, multiplier, offset, 24, None, 0, 0, False))
 
 
 TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], (1, 512, 3, 3, 8, 3, 3, 1, 1, 1)]

@@ -73,7 +73,11 @@ void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
       for (int i = 0; i < kTileM; ++i) {
         int16_t x[2];
         std::memcpy(x, t.rows[i] + t.tap_offsets[tap] + g, sizeof(x));
-        for (int j = 0; j < kTileN; ++j) acc[i][j] += x[0] * w[j][0] + x[1] * w[j][1];
+        // Wrapping sums (unsigned), like vpaddd: Winograd's position sums may wrap (int8_winograd.cpp).
+        for (int j = 0; j < kTileN; ++j) {
+          acc[i][j] = static_cast<int32_t>(static_cast<uint32_t>(acc[i][j]) +
+                                           static_cast<uint32_t>(x[0] * w[j][0] + x[1] * w[j][1]));
+        }
       }
     }
   }

@@ -18,7 +18,7 @@ constexpr int64_t kHeaderWords = 16;  // packed weights start with (magic, layou
 constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
 
 // How a packed weight and the padded input group channels into 4-byte words (int8_conv.cpp).
-enum class Layout : int32_t { kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4 };
+enum class Layout : int32_t { kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4, kWinograd24Pairs = 5 };
 
 // One micro-tile's operands; every pointer and offset counts 4-byte groups.
 struct Tile {

@@ -1,22 +1,33 @@
-// Exact integer Winograd F(2x2, 3x3) for the C++ CPU int8 conv: 3x3 stride-1 convs on CPUs whose
+// Exact integer Winograd convolution for the C++ CPU int8 conv: 3x3 stride-1 convs on CPUs whose
 // exact int8 dot product runs on int16 pairs (AVX2 without VNNI: vpmaddwd, 16 multiply-adds per
 // instruction; torch.ao's vpmaddubsw + vpmaddwd does no better per multiply). The algorithm is
 // Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016).
 //
-// A 2x2 output tile is Y = A^T [ (G g G^T) . (B^T d B) ] A for the 4x4 input tile d around it:
-// 16 products per channel instead of 36. With G' = 2G every matrix is an integer one:
-//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]   G' = [2 0 0; 1 1 1; 1 -1 1; 0 0 2]
-//   A^T = [1 1 1 0; 0 1 -1 -1]
-// U = G' g G'^T (|U| <= 9 * 128) and V = B^T d B (|V| <= 4 * 128) are int16, so vpmaddwd
-// multiplies them exactly, and A^T M A = 4 * acc. Everything after the products is a sum; int32
-// sums wrap modulo 2**32, so 4 * acc comes out exact whenever |4 * acc| < 2**31, which
-// winograd_supported's bound on C guarantees (it also keeps each M = sum_c U V in int32).
-// The result is bit-identical to the direct kernel's.
+// An output tile of TH x TW is Y = A_h^T [ (G_h g G_w^T) . (B_h^T d B_w) ] A_w for the
+// (TH + 2) x (TW + 2) input tile d around it: (TH + 2)(TW + 2) products per channel instead of
+// 9 TH TW. Two tile shapes:
+//   F(2x4, 3x3): 24 products per 8 outputs (3 each), for C <= 910 (every ResNet 3x3 conv);
+//   F(2x2, 3x3): 16 per 4 outputs (4 each), for C <= 3640 (wide ResNets' last stage).
+// 1-d transforms, each G row scaled by s to make it integer (G'' = diag(s) G) and each A^T column
+// by L / s to undo that (L the largest s): then every matrix is an integer one --
+//   F(2,3): B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]       s = (1, 2, 2, 1), L = 2
+//           G'' = [1 0 0; 1 1 1; 1 -1 1; 0 0 1]                 A'^T = [2 1 1 0; 0 1 -1 -2]
+//   F(4,3): B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+//           G'' = [1 0 0; -1 -1 -1; -1 1 -1; 1 2 4; 1 -2 4; 0 0 1]   s = (4, 6, 6, 24, 24, 1), L = 24
+//           A'^T = [6 4 4 1 1 0; 0 4 -4 2 -2 0; 0 4 4 4 4 0; 0 4 -4 8 -8 24]
+// -- and Y' = L_h L_w acc. U = G''g G''^T (|U| <= 21 * 128) and V = B^T d B (|V| <= 20 * 128)
+// are int16, so vpmaddwd multiplies them exactly. Everything after the products is a sum with
+// integer coefficients, done in int32 arithmetic that wraps: it yields Y' modulo 2**32. With
+// L_h L_w = 2**k * odd (4 = 2**2 * 1, 48 = 2**4 * 3), Y' >> k (logical) is (odd * acc) mod 2**(32-k),
+// times the inverse of odd modulo 2**32 it is acc mod 2**(32-k), and sign-extending those 32-k
+// bits gives acc exactly whenever |acc| <= 128 * 128 * 9 * C < 2**(31-k): the C bounds above.
+// The result is bit-identical to the direct kernel's (tools: an exact Python model of this
+// arithmetic checked it, C = 910 with every operand -128 included; the tests check the kernel).
 //
-// Work: the 16 products of a tile position (xi, nu) form a GEMM [tiles x C] x [C x K], run by the
-// direct kernel's pairs micro-kernel (int8_conv.cpp) with one tap. A task transforms a chunk of
-// tiles that fits in L2 (reading the int8 input directly: no padded copy), then runs every
-// 16-channel weight block of its share of K over it.
+// Work: the products of one tile position form a GEMM [tiles x C] x [C x K], run by the direct
+// kernel's pairs micro-kernel (int8_conv.cpp) with one tap. A task transforms a chunk of tiles
+// that fits in L2 (reading the int8 input directly: no padded copy), then runs every 16-channel
+// weight block of its share of K over it.
 #include "cpu/int8_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -30,9 +41,47 @@ namespace tlcore {
 namespace int8_cpu {
 namespace {
 
-constexpr int kPositions = 16;    // the 4 x 4 positions (xi, nu) of a transformed tile
 constexpr int64_t kVectorWords = 8;  // 16 int16 channels: the transforms' vector; groups round up to it
 constexpr int kMaxChunkTiles = 48;
+constexpr int64_t kAccLimit = int64_t{128} * 128 * 9;  // |acc| <= kAccLimit * C
+
+// 1-d integer transforms F(m, 3) (file comment): m outputs from m + 2 inputs.
+template <int M>
+struct Transform1d;
+template <>
+struct Transform1d<2> {
+  static constexpr int kB[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr int kG[4][3] = {{1, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 1}};
+  static constexpr int kA[2][4] = {{2, 1, 1, 0}, {0, 1, -1, -2}};
+  static constexpr int kScale = 2;
+};
+template <>
+struct Transform1d<4> {
+  static constexpr int kB[6][6] = {{4, 0, -5, 0, 1, 0}, {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                                   {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+  static constexpr int kG[6][3] = {{1, 0, 0}, {-1, -1, -1}, {-1, 1, -1}, {1, 2, 4}, {1, -2, 4}, {0, 0, 1}};
+  static constexpr int kA[4][6] = {{6, 4, 4, 1, 1, 0}, {0, 4, -4, 2, -2, 0}, {0, 4, 4, 4, 4, 0}, {0, 4, -4, 8, -8, 24}};
+  static constexpr int kScale = 24;
+};
+
+// F(TH x TW, 3x3): Y' = kScale * acc = 2**kShift * kOdd * acc.
+template <int TH, int TW>
+struct Winograd {
+  using H = Transform1d<TH>;
+  using W = Transform1d<TW>;
+  static constexpr int kRows = TH + 2, kCols = TW + 2, kPositions = kRows * kCols, kOutputs = TH * TW;
+  static constexpr int kScale = H::kScale * W::kScale;
+  static constexpr int kShift = __builtin_ctz(kScale);
+  static constexpr uint32_t kOddInverse = [] {  // the inverse of kScale >> kShift modulo 2**32 (Newton)
+    const uint32_t odd = kScale >> kShift;
+    uint32_t inverse = odd;
+    for (int i = 0; i < 5; ++i) inverse *= 2u - odd * inverse;
+    return inverse;
+  }();
+  static constexpr int64_t kMaxChannels = ((int64_t{1} << (31 - kShift)) - 1) / kAccLimit;
+};
+using Wide = Winograd<2, 4>;    // F(2x4, 3x3)
+using Narrow = Winograd<2, 2>;  // F(2x2, 3x3), for C past Wide's bound
 
 // GCC vector extensions: one source for every target; inlined into an AVX2 function they
 // become ymm instructions, elsewhere SSE2 pairs. Unsigned sums wrap by definition.
@@ -69,48 +118,64 @@ __attribute__((always_inline)) inline void input_pixel(const Int8ConvArgs& a, in
   pixel = __builtin_convertvector(bytes, I16x16);
 }
 
-// The transformed tile V = B^T d B of the 4x4 input tile d whose top-left pixel is (y0, x0) in
-// image n (read straight from the int8 NHWC input): v is (16 positions, groups) words.
+// The transformed tile V = B_h^T d B_w of the input tile d whose top-left pixel is (y0, x0) in
+// image n (read straight from the int8 NHWC input): v is (positions, groups) words.
+template <class F>
 __attribute__((always_inline)) inline void input_transform(const Int8ConvArgs& a, int64_t n, int64_t y0, int64_t x0,
                                                            int64_t groups, int32_t* v) {
   for (int64_t g = 0; g < groups; g += kVectorWords) {
-    I16x16 x[4][4], t[4][4];
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) input_pixel(a, n, y0 + i, x0 + j, 2 * g, x[i][j]);
+    I16x16 x[F::kRows][F::kCols], t[F::kRows][F::kCols];
+    for (int i = 0; i < F::kRows; ++i) {
+      for (int j = 0; j < F::kCols; ++j) input_pixel(a, n, y0 + i, x0 + j, 2 * g, x[i][j]);
     }
-    for (int j = 0; j < 4; ++j) {  // t = B^T d
-      t[0][j] = x[0][j] - x[2][j];
-      t[1][j] = x[1][j] + x[2][j];
-      t[2][j] = x[2][j] - x[1][j];
-      t[3][j] = x[1][j] - x[3][j];
+    for (int r = 0; r < F::kRows; ++r) {  // t = B_h^T d (the products by constants fold away)
+      for (int j = 0; j < F::kCols; ++j) {
+        t[r][j] = I16x16{};
+        for (int i = 0; i < F::kRows; ++i) {
+          if (F::H::kB[r][i] != 0) t[r][j] += static_cast<int16_t>(F::H::kB[r][i]) * x[i][j];
+        }
+      }
     }
-    for (int i = 0; i < 4; ++i) {  // V = t B
-      int32_t* out = v + 4 * i * groups + g;
-      store(out, t[i][0] - t[i][2]);
-      store(out + groups, t[i][1] + t[i][2]);
-      store(out + 2 * groups, t[i][2] - t[i][1]);
-      store(out + 3 * groups, t[i][1] - t[i][3]);
+    for (int r = 0; r < F::kRows; ++r) {  // V = t B_w
+      for (int c = 0; c < F::kCols; ++c) {
+        I16x16 sum{};
+        for (int j = 0; j < F::kCols; ++j) {
+          if (F::W::kB[c][j] != 0) sum += static_cast<int16_t>(F::W::kB[c][j]) * t[r][j];
+        }
+        store(v + (r * F::kCols + c) * groups + g, sum);
+      }
     }
   }
 }
 
-// m: one tile's 16 positions, each 16 channels; y: its 2x2 outputs (acc = A^T M A / 4).
+// m: one tile's positions, each 16 channels; y: its TH x TW outputs, acc = (A_h^T M A_w) / kScale
+// recovered from the wrapped int32 sums (file comment).
+template <class F>
 __attribute__((always_inline)) inline void output_transform(const int32_t (*m)[kTileM][kTileN], int tile,
                                                             int32_t (*y)[kTileN]) {
+  constexpr int th = F::kRows - 2, tw = F::kCols - 2;
   for (int h = 0; h < kTileN; h += 8) {
-    U32x8 a[2][4];
-    for (int j = 0; j < 4; ++j) {  // a = A^T M
-      U32x8 m0, m1, m2, m3;
-      load(m0, m[j][tile] + h);
-      load(m1, m[4 + j][tile] + h);
-      load(m2, m[8 + j][tile] + h);
-      load(m3, m[12 + j][tile] + h);
-      a[0][j] = m0 + m1 + m2;
-      a[1][j] = m1 - m2 - m3;
+    U32x8 z[th][F::kCols];
+    for (int i = 0; i < th; ++i) {  // z = A_h^T M
+      for (int c = 0; c < F::kCols; ++c) {
+        z[i][c] = U32x8{};
+        for (int r = 0; r < F::kRows; ++r) {
+          if (F::H::kA[i][r] == 0) continue;
+          U32x8 value;
+          load(value, m[r * F::kCols + c][tile] + h);
+          z[i][c] += static_cast<uint32_t>(F::H::kA[i][r]) * value;
+        }
+      }
     }
-    for (int i = 0; i < 2; ++i) {  // a A, then / 4: exact, 4 * acc is a multiple of 4
-      store(y[2 * i] + h, (I32x8)(a[i][0] + a[i][1] + a[i][2]) >> 2);
-      store(y[2 * i + 1] + h, (I32x8)(a[i][1] - a[i][2] - a[i][3]) >> 2);
+    for (int i = 0; i < th; ++i) {  // z A_w, then acc from Y' = kScale * acc modulo 2**32
+      for (int j = 0; j < tw; ++j) {
+        U32x8 sum{};
+        for (int c = 0; c < F::kCols; ++c) {
+          if (F::W::kA[j][c] != 0) sum += static_cast<uint32_t>(F::W::kA[j][c]) * z[i][c];
+        }
+        const U32x8 residue = (sum >> F::kShift) * F::kOddInverse;  // acc modulo 2**(32 - kShift)
+        store(y[i * tw + j] + h, (I32x8)(residue << F::kShift) >> F::kShift);  // sign-extended
+      }
     }
   }
 }
@@ -120,80 +185,72 @@ struct Transforms {
   void (*output)(const int32_t (*)[kTileM][kTileN], int, int32_t (*)[kTileN]);
 };
 
+template <class F>
 void input_generic(const Int8ConvArgs& a, int64_t n, int64_t y0, int64_t x0, int64_t groups, int32_t* v) {
-  input_transform(a, n, y0, x0, groups, v);
+  input_transform<F>(a, n, y0, x0, groups, v);
 }
+template <class F>
 void output_generic(const int32_t (*m)[kTileM][kTileN], int tile, int32_t (*y)[kTileN]) {
-  output_transform(m, tile, y);
+  output_transform<F>(m, tile, y);
 }
 #if defined(__x86_64__) || defined(__i386__)
+template <class F>
 __attribute__((target("avx2"))) void input_avx2(const Int8ConvArgs& a, int64_t n, int64_t y0, int64_t x0,
                                                 int64_t groups, int32_t* v) {
-  input_transform(a, n, y0, x0, groups, v);
+  input_transform<F>(a, n, y0, x0, groups, v);
 }
+template <class F>
 __attribute__((target("avx2"))) void output_avx2(const int32_t (*m)[kTileM][kTileN], int tile, int32_t (*y)[kTileN]) {
-  output_transform(m, tile, y);
+  output_transform<F>(m, tile, y);
 }
 #endif
 
+template <class F>
 Transforms transforms_for(Int8Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (isa != Int8Isa::kScalar) return {input_avx2, output_avx2};
+  if (isa != Int8Isa::kScalar) return {input_avx2<F>, output_avx2<F>};
 #endif
-  return {input_generic, output_generic};
+  return {input_generic<F>, output_generic<F>};
 }
 
-}  // namespace
+bool wide(int64_t c) { return c <= Wide::kMaxChannels; }
+int positions(int64_t c) { return wide(c) ? Wide::kPositions : Narrow::kPositions; }
+Layout layout(int64_t c) { return wide(c) ? Layout::kWinograd24Pairs : Layout::kWinogradPairs; }
 
-int64_t winograd_packed_words(int64_t k, int64_t c) {
-  return kHeaderWords + (k + kTileN - 1) / kTileN * kPositions * padded_groups(c) * kTileN;
-}
-
-void pack_winograd_weight(const int8_t* weight, int64_t k, int64_t c, int32_t* packed) {
-  static constexpr int kG[4][3] = {{2, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 2}};  // G' = 2G
+template <class F>
+void pack(const int8_t* weight, int64_t k, int64_t c, int32_t* packed) {
   const int64_t groups = padded_groups(c);
   std::fill(packed, packed + winograd_packed_words(k, c), 0);
-  write_header(packed, Layout::kWinogradPairs, k, c, 3, 3);
+  write_header(packed, layout(c), k, c, 3, 3);
   int32_t* words = packed + kHeaderWords;
   at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
     std::vector<int16_t> u(static_cast<size_t>(2 * groups));  // one position of U for every channel c
     for (int64_t channel = begin; channel < end; ++channel) {
       const int8_t* g = weight + channel * 9 * c;  // (3, 3, C)
-      for (int xi = 0; xi < 4; ++xi) {
-        for (int nu = 0; nu < 4; ++nu) {
-          for (int64_t ci = 0; ci < c; ++ci) {
-            int32_t sum = 0;
-            for (int r = 0; r < 3; ++r) {
-              for (int s = 0; s < 3; ++s) sum += kG[xi][r] * kG[nu][s] * g[(r * 3 + s) * c + ci];
-            }
-            u[ci] = static_cast<int16_t>(sum);
+      for (int p = 0; p < F::kPositions; ++p) {
+        const int xi = p / F::kCols, nu = p % F::kCols;
+        for (int64_t ci = 0; ci < c; ++ci) {
+          int32_t sum = 0;
+          for (int r = 0; r < 3; ++r) {
+            for (int s = 0; s < 3; ++s) sum += F::H::kG[xi][r] * F::W::kG[nu][s] * g[(r * 3 + s) * c + ci];
           }
-          int32_t* dst = words + ((channel / kTileN * kPositions + xi * 4 + nu) * groups) * kTileN + channel % kTileN;
-          for (int64_t gi = 0; gi < groups; ++gi) std::memcpy(dst + gi * kTileN, u.data() + 2 * gi, sizeof(int32_t));
+          u[ci] = static_cast<int16_t>(sum);
         }
+        int32_t* dst = words + ((channel / kTileN * F::kPositions + p) * groups) * kTileN + channel % kTileN;
+        for (int64_t gi = 0; gi < groups; ++gi) std::memcpy(dst + gi * kTileN, u.data() + 2 * gi, sizeof(int32_t));
       }
     }
   });
 }
 
-void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
+template <class F>
+void conv(const Int8ConvArgs& a, Int8Isa isa, const int32_t* weight) {
+  constexpr int th = F::kRows - 2, tw = F::kCols - 2;
   const int64_t groups = padded_groups(a.c);
-  const int64_t tiles_h = (a.oh + 1) / 2, tiles_w = (a.ow + 1) / 2, tiles = a.n * tiles_h * tiles_w;
-  const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = kPositions * groups * kTileN;
-  std::vector<int32_t> packed_here;
-  const int32_t* packed = a.packed_weight;
-  if (packed == nullptr) {
-    packed_here.resize(static_cast<size_t>(winograd_packed_words(a.k, a.c)));
-    pack_winograd_weight(a.weight, a.k, a.c, packed_here.data());
-    packed = packed_here.data();
-  } else if (!header_matches(packed, Layout::kWinogradPairs, a.k, a.c, a.r, a.s)) {
-    throw std::invalid_argument("tlcore int8 conv: packed_weight was packed for another weight, instruction set "
-                                "or algorithm");
-  }
-  const int32_t* weight = packed + kHeaderWords;
-
-  // A chunk's transformed tiles (16 * groups words each) take at most half of L2.
-  const int64_t fit = kL2Bytes / 2 / (kPositions * groups * static_cast<int64_t>(sizeof(int32_t)));
+  const int64_t tiles_h = (a.oh + th - 1) / th, tiles_w = (a.ow + tw - 1) / tw, tiles = a.n * tiles_h * tiles_w;
+  const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = F::kPositions * groups * kTileN;
+  // A chunk's transformed tiles (positions * groups words each) take at most half of L2.
+  const int64_t fit = kL2Bytes / 2 / (F::kPositions * groups * static_cast<int64_t>(sizeof(int32_t)));
   const int64_t chunk_tiles = std::clamp<int64_t>(fit / kTileM * kTileM, kTileM, kMaxChunkTiles);
   const int64_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
   // Few chunks (small images): split K too, so every thread gets work; each split transforms its own copy.
@@ -202,13 +259,13 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
   const int64_t blocks_per_split = (blocks + splits - 1) / splits;
   const TileFn run_tile = pairs_tile_fn(isa);
   const EpilogueFn epilogue = epilogue_fn(isa, a);
-  const Transforms transform = transforms_for(isa);
+  const Transforms transform = transforms_for<F>(isa);
 
   at::parallel_for(0, chunks * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> v(static_cast<size_t>(chunk_tiles * kPositions * groups));
-    alignas(32) int32_t m[kPositions][kTileM][kTileN];
-    alignas(32) int32_t acc[4 * kTileM][kTileN];
-    int64_t ms[4 * kTileM];
+    std::vector<int32_t> v(static_cast<size_t>(chunk_tiles * F::kPositions * groups));
+    alignas(32) int32_t m[F::kPositions][kTileM][kTileN];
+    alignas(32) int32_t acc[F::kOutputs * kTileM][kTileN];
+    int64_t ms[F::kOutputs * kTileM];
     const int64_t no_offset = 0;
     Tile t;
     t.tap_offsets = &no_offset;
@@ -223,27 +280,27 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
       for (int64_t i = 0; i < count; ++i) {
         const int64_t tile = first + i, n = tile / (tiles_h * tiles_w);
         const int64_t ty = tile / tiles_w % tiles_h, tx = tile % tiles_w;
-        transform.input(a, n, 2 * ty - a.pad_h, 2 * tx - a.pad_w, groups, v.data() + i * kPositions * groups);
+        transform.input(a, n, th * ty - a.pad_h, tw * tx - a.pad_w, groups, v.data() + i * F::kPositions * groups);
       }
       for (int64_t block = block_begin; block < block_end; ++block) {
         for (int64_t g0 = 0; g0 < count; g0 += kTileM) {
           const int rows = static_cast<int>(std::min<int64_t>(kTileM, count - g0));
-          for (int p = 0; p < kPositions; ++p) {
+          for (int p = 0; p < F::kPositions; ++p) {
             for (int i = 0; i < kTileM; ++i) {  // rows past the end repeat the last tile, not stored
-              t.rows[i] = v.data() + ((g0 + std::min(i, rows - 1)) * kPositions + p) * groups;
+              t.rows[i] = v.data() + ((g0 + std::min(i, rows - 1)) * F::kPositions + p) * groups;
             }
             t.weight = weight + block * block_words + p * groups * kTileN;
             run_tile(t, m[p]);
           }
           int outputs = 0;
           for (int i = 0; i < rows; ++i) {
-            int32_t y[4][kTileN];
+            int32_t y[F::kOutputs][kTileN];
             transform.output(m, i, y);
             const int64_t tile = first + g0 + i, n = tile / (tiles_h * tiles_w);
-            const int64_t oy = 2 * (tile / tiles_w % tiles_h), ox = 2 * (tile % tiles_w);
-            for (int q = 0; q < 4; ++q) {
-              const int64_t yy = oy + q / 2, xx = ox + q % 2;
-              if (yy >= a.oh || xx >= a.ow) continue;  // the far half of an edge tile of an odd size
+            const int64_t oy = th * (tile / tiles_w % tiles_h), ox = tw * (tile % tiles_w);
+            for (int q = 0; q < F::kOutputs; ++q) {
+              const int64_t yy = oy + q / tw, xx = ox + q % tw;
+              if (yy >= a.oh || xx >= a.ow) continue;  // the part of an edge tile past the image
               std::memcpy(acc[outputs], y[q], sizeof(y[q]));
               ms[outputs++] = (n * a.oh + yy) * a.ow + xx;
             }
@@ -255,13 +312,35 @@ void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
   });
 }
 
+}  // namespace
+
+int64_t winograd_packed_words(int64_t k, int64_t c) {
+  return kHeaderWords + (k + kTileN - 1) / kTileN * positions(c) * padded_groups(c) * kTileN;
+}
+
+void pack_winograd_weight(const int8_t* weight, int64_t k, int64_t c, int32_t* packed) {
+  wide(c) ? pack<Wide>(weight, k, c, packed) : pack<Narrow>(weight, k, c, packed);
+}
+
+void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
+  std::vector<int32_t> packed_here;
+  const int32_t* packed = a.packed_weight;
+  if (packed == nullptr) {
+    packed_here.resize(static_cast<size_t>(winograd_packed_words(a.k, a.c)));
+    pack_winograd_weight(a.weight, a.k, a.c, packed_here.data());
+    packed = packed_here.data();
+  } else if (!header_matches(packed, layout(a.c), a.k, a.c, a.r, a.s)) {
+    throw std::invalid_argument("tlcore int8 conv: packed_weight was packed for another weight, instruction set "
+                                "or algorithm");
+  }
+  wide(a.c) ? conv<Wide>(a, isa, packed + kHeaderWords) : conv<Narrow>(a, isa, packed + kHeaderWords);
+}
+
 bool winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w, int64_t dil_h,
                         int64_t dil_w, Int8Isa isa) {
-  // 4 * |acc| <= 4 * 128 * 128 * 9 * C must stay below 2**31 (see the file comment).
-  constexpr int64_t kMaxChannels = ((int64_t{1} << 31) - 1) / (4 * 128 * 128 * 9);
   const bool pairs = isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2 || isa == Int8Isa::kAvx2U7;
   return pairs && r == 3 && s == 3 && stride_h == 1 && stride_w == 1 && dil_h == 1 && dil_w == 1 && c >= 1 &&
-         c <= kMaxChannels;
+         c <= Narrow::kMaxChannels;
 }
 
 }  // namespace int8_cpu

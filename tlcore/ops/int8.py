@@ -50,6 +50,8 @@ _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
 ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct" turns off the C++ kernel's Winograd and rows (tests, benchmarks)
 CPU_ALGORITHMS = {"direct": 0, "winograd": 1, "rows": 2}  # csrc/int8_conv.h's Int8Algorithm
+# Winograd tiles: F(2x4, 3x3) while 48 * acc stays int32-recoverable (|acc| < 2**27), else F(2x2, 3x3).
+WINOGRAD_WIDE_MAX_CHANNELS = (2**27 - 1) // (128 * 128 * 9)
 # "dp4a" or "mma" forces the CUDA kernel (tests, benchmarks); auto/unset: mma (tensor cores) on
 # compute capability >= 8.0, dp4a below. Read by the C++ launcher on every call (csrc/int8_conv.h).
 CUDA_KERNEL_ENV = "TLCORE_INT8_CUDA_KERNEL"
@@ -317,9 +319,9 @@ def _packed_words(k: int, c: int, r: int, s: int, isa: int, algorithm: int) -> i
     """int32 words of the C++ kernel's packed weight (csrc/cpu/int8_conv.cpp, int8_winograd.cpp):
     header, blocks of 16 channels (taps x channel groups x 16 words), correction."""
     blocks = -(-k // 16)
-    if algorithm == CPU_ALGORITHMS["winograd"]:  # 16 transformed taps; channel pairs rounded up to 8
-        pairs = -(-c // 2)
-        return 16 + blocks * 16 * (-(-pairs // 8) * 8) * 16
+    if algorithm == CPU_ALGORITHMS["winograd"]:  # 24 (F(2x4, 3x3), C <= 910) or 16 (F(2x2, 3x3)) positions
+        pairs, positions = -(-c // 2), 24 if c <= WINOGRAD_WIDE_MAX_CHANNELS else 16
+        return 16 + blocks * positions * (-(-pairs // 8) * 8) * 16
     if algorithm == CPU_ALGORITHMS["rows"]:  # R taps, each a run of S * C values in pairs
         return 16 + blocks * r * -(-(s * c) // 2) * 16
     quads = torch.ops.tlcore._int8_cpu_resolve_isa(isa) not in (_CPU_ISAS["scalar"], _CPU_ISAS["avx2"])
