@@ -326,7 +326,7 @@ WINOGRAD_ISAS = ["scalar", "avx2", "avx2u7"]  # the int16-pairs instruction sets
        k=st.integers(1, 40), padding=st.integers(0, 2), residual=st.booleans(), relu=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_cpu_winograd_bit_exact(isa, n, c, hw, k, padding, residual, relu, seed):
-    """3x3 stride-1 convs run by Winograd F(2x2, 3x3) (odd sizes: half-empty edge tiles) equal the reference."""
+    """3x3 stride-1 convs run by Winograd (F(2x4, 3x3) here; odd sizes: partly empty edge tiles) equal the reference."""
     h, w = hw
     if h + 2 * padding < 3 or w + 2 * padding < 3:
         return

@@ -51,7 +51,7 @@ std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64
 void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);
 bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);
 
-// ---- Winograd F(2x2, 3x3) (int8_winograd.cpp) ----
+// ---- Winograd F(2x4, 3x3) and F(2x2, 3x3) (int8_winograd.cpp) ----
 
 bool winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w, int64_t dil_h,
                         int64_t dil_w, Int8Isa isa);  // isa resolved
