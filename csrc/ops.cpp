@@ -20,6 +20,13 @@
 
 namespace {
 
+// The op's isa argument (0 auto .. 5 avx2 7-bit), checked to be one this CPU runs.
+tlcore::Int8Isa checked_isa(int64_t isa) {
+  TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa)),
+              "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
+  return static_cast<tlcore::Int8Isa>(isa);
+}
+
 // Checks the arguments (Int8Conv2d calls the CPU op directly, without the Python op's checks in
 // tlcore/ops/int8.py), then views the tensors.
 tlcore::Int8ConvArgs int8_conv_args(const at::Tensor& x, int64_t x_zero, const at::Tensor& weight,
@@ -87,10 +94,8 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
                          bool relu, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                          int64_t out_max, const std::optional<at::Tensor>& packed_weight, int64_t isa,
                          int64_t algorithm) {
-  const auto wanted = static_cast<tlcore::Int8Isa>(isa);
+  const tlcore::Int8Isa wanted = checked_isa(isa);
   TORCH_CHECK(out_max >= out_zero && out_max <= 127, "tlcore int8 conv: need out_zero <= out_max <= 127");
-  TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(wanted),
-              "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
   at::Tensor out = int8_conv_out(x, weight, stride, padding, dilation);
   auto args = int8_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
                              out_zero, relu, stride, padding, dilation, out);
@@ -119,9 +124,7 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, int64_t a
   TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kChar &&
                   weight.is_contiguous(at::MemoryFormat::ChannelsLast),
               "tlcore int8 conv: weight must be a channels_last int8 (K, C, R, S) tensor");
-  const auto wanted = static_cast<tlcore::Int8Isa>(isa);
-  TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(wanted),
-              "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
+  const tlcore::Int8Isa wanted = checked_isa(isa);
   const int64_t k = weight.size(0), c = weight.size(1), r = weight.size(2), s = weight.size(3);
   TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "tlcore int8 conv: unknown algorithm ", algorithm);
   const auto chosen = static_cast<tlcore::Int8Algorithm>(algorithm);
@@ -134,16 +137,12 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, int64_t a
 int64_t int8_cpu_best_algorithm(int64_t c, int64_t r, int64_t s, at::IntArrayRef stride, at::IntArrayRef dilation,
                                 int64_t isa) {
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2, "tlcore int8 conv: stride and dilation must be pairs");
-  TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa)),
-              "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
   return static_cast<int64_t>(tlcore::int8_best_algorithm(c, r, s, stride[0], stride[1], dilation[0], dilation[1],
-                                                          tlcore::int8_resolve_isa(static_cast<tlcore::Int8Isa>(isa))));
+                                                          tlcore::int8_resolve_isa(checked_isa(isa))));
 }
 
 int64_t int8_cpu_resolve_isa(int64_t isa) {
-  TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa)),
-              "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
-  return static_cast<int64_t>(tlcore::int8_resolve_isa(static_cast<tlcore::Int8Isa>(isa)));
+  return static_cast<int64_t>(tlcore::int8_resolve_isa(checked_isa(isa)));
 }
 
 bool int8_cpu_isa_supported(int64_t isa) {

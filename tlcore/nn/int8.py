@@ -202,9 +202,7 @@ class Int8MaxPool2d(nn.Module):
         self.dilation, self.ceil_mode = pool.dilation, pool.ceil_mode
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
-        return int8_max_pool2d(q, pair(self.kernel_size), pair(self.stride), pair(self.padding),
-                               pair(self.dilation), self.ceil_mode)
+        return int8_max_pool2d(q, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, int8"

@@ -332,10 +332,10 @@ def _packed_words(k: int, c: int, r: int, s: int, isa: int, algorithm: int) -> i
 _register_compiled_fakes()
 
 
-def _pair(value, name: str) -> list[int]:
+def _pair(value, name: str, op: str = "int8_conv2d") -> list[int]:
     pair = [value, value] if isinstance(value, int) else list(value)
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise ValueError(f"tlcore.ops.int8_conv2d: {name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"tlcore.ops.{op}: {name} must be an int or a pair of ints, got {value!r}")
     return pair
 
 
@@ -487,17 +487,19 @@ def _pool_output_size(size: int, kernel: int, stride: int, padding: int, dilatio
     return out
 
 
-def int8_max_pool2d(q: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                    dilation: Sequence[int], ceil_mode: bool = False) -> torch.Tensor:
+def int8_max_pool2d(q: torch.Tensor, kernel_size: int | Sequence[int], stride: int | Sequence[int],
+                    padding: int | Sequence[int], dilation: int | Sequence[int],
+                    ceil_mode: bool = False) -> torch.Tensor:
     """Max-pool on int8 codes: exact, and the output keeps the input's scale and zero point.
 
-    q: (N, C, H, W) int8, any layout; kernel_size, stride, padding, dilation: (h, w) pairs.
+    q: (N, C, H, W) int8, any layout; kernel_size, stride, padding, dilation: int or (h, w) pair.
     Returns (N, C, OH, OW) int8 channels_last (PyTorch's output size and implicit -inf padding).
     """
+    kernel_size, stride, padding, dilation = (_pair(value, name, "int8_max_pool2d") for value, name in (
+        (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     if q.device.type == "cpu" and backend.select("int8_max_pool2d", q.device, ("cpu", "torch")) == "cpu":
-        return torch.ops.tlcore._int8_max_pool_cpu(q, list(kernel_size), list(stride), list(padding),
-                                                   list(dilation), ceil_mode)
+        return torch.ops.tlcore._int8_max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode)
     # CUDA has no integer max-pool, and the CPU one rejects an int8 tensor of more than 127
     # elements per image (an int8-typed size check); fp16 holds every int8 value exactly.
-    y = F.max_pool2d(q.half(), list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode)
+    y = F.max_pool2d(q.half(), kernel_size, stride, padding, dilation, ceil_mode)
     return y.to(torch.int8).contiguous(memory_format=torch.channels_last)
