@@ -280,6 +280,32 @@ def test_cpu_kernel_exact_when_codes_overflow_int32(isa, monkeypatch):
 
 
 @needs_extension
+@pytest.mark.parametrize("algorithm", ["direct", "winograd"])
+@pytest.mark.parametrize("shift", [31, 32, 36])
+def test_avx2_epilogue_both_shift_routes(shift, algorithm, monkeypatch):
+    """The AVX2 epilogue floors total / 2**shift from the int64 total's high word when shift >= 32 and
+    by a biased logical shift below: both bit-exact with residual, ReLU and outputs in every regime
+    (saturated high and low, in range). K = 32 (full blocks: the AVX2 epilogue, not the scalar tail)
+    and 2 * 7 * 9 = 126 output pixels (two 48-row chunks of the direct kernel and a partial one)."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(q8.ALGORITHM_ENV, "auto" if algorithm == "winograd" else "direct")
+    g = torch.Generator().manual_seed(shift)
+    c = make_case(2, 10, 7, 9, 32, 3, 3, padding=1, residual=True, relu=True, x_zero=3)
+    acc = int64_conv(c["x"], 3, c["weight"], [1, 1], [1, 1], [1, 1])
+    # Codes ~ +-60 per standard deviation of acc, offsets of up to +-100 codes, a residual of up to +-32.
+    factor = 2.0**shift * 60 / acc.double().std().item()
+    multiplier = (factor * (0.5 + torch.rand(32, generator=g, dtype=torch.float64))).round().to(torch.int32)
+    multiplier[::5] *= -1
+    offset = (2.0**shift * 100 * (2 * torch.rand(32, generator=g, dtype=torch.float64) - 1)).to(torch.int64)
+    c.update(multiplier=multiplier, offset=offset, shift=shift, res_multiplier=min(2 ** (shift - 2), 2**31 - 1),
+             out_zero=-7)
+    assert q8.cpu_algorithm(c["weight"].shape, [1, 1], [1, 1], q8.cpu_isa_for(3, 127)) == q8.CPU_ALGORITHMS[algorithm]
+    ref = reference(c)
+    assert ref.eq(127).any() and ref.eq(-7).any() and ((ref > -7) & (ref < 127)).float().mean() > 0.3
+    assert_bit_exact(run(c, "cpu"), ref, f"avx2 epilogue shift={shift} {algorithm}")
+
+
+@needs_extension
 @pytest.mark.parametrize("relu", [False, True])
 def test_avx512_epilogue_saturates_with_residual(relu, monkeypatch):
     """avx512vnni's AVX-512 epilogue (codes fit int32): a tenth of make_case's output scale saturates
