@@ -280,6 +280,17 @@ def test_cpu_kernel_exact_when_codes_overflow_int32(isa, monkeypatch):
 
 
 @needs_extension
+@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
+def test_cpu_pointwise_with_weights_beyond_l2(isa, monkeypatch):
+    """A 1x1 conv whose packed weights exceed the kernel's L2 budget (1024 x 160 int16 pairs: 320 KB)
+    over 2 * 13 * 15 = 390 output pixels, 9 chunks of 48 rows: the task order that streams every
+    weight block past each converted chunk of rows."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    c = make_case(2, 1024, 13, 15, 160, 1, 1, residual=True, relu=True)
+    assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} pointwise 1024 -> 160")
+
+
+@needs_extension
 @pytest.mark.parametrize("algorithm", ["direct", "winograd"])
 @pytest.mark.parametrize("shift", [31, 32, 36])
 def test_avx2_epilogue_both_shift_routes(shift, algorithm, monkeypatch):
