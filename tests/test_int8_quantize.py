@@ -13,7 +13,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 import tlcore
 from digits import digits_loaders, digits_tensors
 from tlcore import _extension
-from tlcore.nn import FloatFallback, Int8Conv2d, Int8ResidualBlock
+from tlcore.nn import DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8ResidualBlock
+from tlcore.nn.int8 import QParams
 from tlcore.ops import int8 as q8
 
 EPOCHS = 5
@@ -221,6 +222,30 @@ def test_small_models_quantize_closely():
             assert sqnr(model(x), qmodel(x)) > 25
         convs = 1 + 4 * 2 + 3 if block is BasicBlock else 1 + 4 * 3 + 4  # stem, blocks, downsamples
         assert sum(isinstance(m, Int8Conv2d) for m in qmodel.modules()) == convs
+
+
+@pytest.mark.parametrize("shape", [(1, 2048, 7, 7), (3, 37, 5, 9), (2, 8, 1, 1)])
+def test_global_avg_pool_from_int8_codes(shape):
+    """Int8GlobalAvgPool (exact int32 sums, one scaling) against the mean in float64 of the dequantized
+    codes, and against the dequantize + fp32 pool it replaces; a non-contiguous input and bad input too."""
+    g = torch.Generator().manual_seed(shape[1])
+    q = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    qparams = QParams(0.0371, -93)
+    pool = Int8GlobalAvgPool(qparams)
+    ref = ((q.double() - qparams.zero_point) * qparams.scale).mean(dim=(2, 3), keepdim=True)
+    out = pool(q)
+    assert out.dtype == torch.float32 and out.shape == (*shape[:2], 1, 1)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
+    stock = nn.AdaptiveAvgPool2d(1)(DequantizeOutput(qparams)(q))
+    assert torch.allclose(out, stock, rtol=1e-5, atol=1e-6)
+    assert torch.equal(pool(q.contiguous()), out) and torch.equal(pool(q.transpose(2, 3)), out)
+    with pytest.raises(ValueError, match="int8"):
+        pool(q.float())
+
+
+def test_quantized_resnet_pools_int8_codes():
+    qmodel = tlcore.quantize(small_resnet(), batches(), progress=False)
+    assert isinstance(qmodel.avgpool, Int8GlobalAvgPool)
 
 
 @pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")

@@ -15,8 +15,9 @@ weights, fixed-point requantization, the residual add and ReLU in its epilogue) 
 residual block an Int8ResidualBlock. Between layers activations stay int8 NHWC.
 
 Coverage: the stem conv, the max-pool (on int8 codes) and every BasicBlock / Bottleneck
-run in int8. The average pool and the fc run in fp32 after one dequantize, documented:
-they are ~0.1% of a ResNet's FLOPs and the float tail keeps the logits' full precision.
+run in int8. The average pool sums the int8 codes exactly and dequantizes the (N, C) means;
+the fc runs in fp32, documented: it is ~0.1% of a ResNet's FLOPs and the float tail keeps
+the logits' full precision.
 A block that cannot run in int8 (a conv tlcore.fuse left stock, e.g. ResNeXt's grouped
 3x3) or that is named in `skip` stays float between a dequantize and a quantize
 (FloatFallback, whose repr says why). Models other than torchvision ResNets raise.
@@ -32,8 +33,8 @@ from tlcore.backend import BACKENDS
 from tlcore.fuse import fuse
 from tlcore.nn.blocks import FusedResidualBlock
 from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d
-from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8MaxPool2d, Int8ResidualBlock,
-                            QParams, QuantizeInput, _Int8Module)
+from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8MaxPool2d,
+                            Int8ResidualBlock, QParams, QuantizeInput, _Int8Module)
 from tlcore.ops.int8 import MAX_REDUCTION, QMAX, QMIN
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -280,6 +281,10 @@ def _convert_resnet(model: nn.Module, observers: dict, skip: set) -> nn.Module:
             else:
                 layer[i] = _convert_block(block, current, q)
             current = out_q
-    model.avgpool = nn.Sequential(DequantizeOutput(current), model.avgpool)
+    pool = model.avgpool
+    if type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)):  # torchvision's
+        model.avgpool = Int8GlobalAvgPool(current)
+    else:
+        model.avgpool = nn.Sequential(DequantizeOutput(current), pool)
     model.fc = model.fc.float()  # the float tail runs in fp32 whatever the model's dtype
     return model
