@@ -442,16 +442,20 @@ double largest_total(const Int8ConvArgs& a) {
 #ifdef TLCORE_X86
 // requantize() on 16 outputs per row in 256-bit steps (the scalar epilogue dominated 1x1 convs with
 // few channels), for convs whose codes before the clamp provably fit int32 (quantized_fits_int32):
-// only the products need 64 bits, the rest runs on 8 lanes.
+// only the products need 64 bits, the rest runs on 8 lanes, and the clamp on the packed bytes
+// (the saturating packs clamp to [-128, 127] already; ReLU's floor and out_max remain).
 // The int64 totals come from vpmuldq on the even and the odd channels of a vector. AVX2 has no
 // 64-bit arithmetic shift, so the floor division by 2**shift takes one of two routes:
-//   kHighWord (shift >= 32, the usual case: requantization gives the largest multiplier 30
+//   kHighWord (32 <= shift <= 54, the usual case: requantization gives the largest multiplier 30
 //     significant bits, so shift >= 32 unless some x_scale * w_scale / out_scale reaches 1/4): the
 //     high 32 bits of a total are floor(total / 2**32), and an arithmetic int32 shift by shift - 32
-//     finishes the floor; four instructions fewer per 8 outputs than the other route.
+//     finishes the floor. out_zero * 2**shift joins the offsets (|total| < 2**62 + 2**61 < 2**63),
+//     so the floor lands on the code itself.
 //   otherwise: |total| < 2**62 (requantization's headroom), so adding 2**62 makes it positive, a
-//     logical shift floors exactly, and 2**(62 - shift) comes off after -- modulo 2**32, which is
-//     exact once the result is known to fit int32.
+//     logical shift floors exactly, and 2**(62 - shift) - out_zero comes off after -- modulo 2**32,
+//     which is exact once the result is known to fit int32.
+constexpr int32_t kHighWordMaxShift = 54;
+
 template <bool kHighWord>
 __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, const int32_t (*acc)[kTileN],
                                                      const int64_t* ms, int rows, int64_t k0) {
@@ -460,24 +464,24 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
   const __m256i unbias = _mm256_set1_epi32(static_cast<int32_t>(
       static_cast<uint32_t>((uint64_t{1} << (62 - a.shift)) - static_cast<uint64_t>(static_cast<int64_t>(a.out_zero)))));
   const __m128i shift = _mm_cvtsi32_si128(kHighWord ? a.shift - 32 : a.shift);
-  const __m256i out_zero = _mm256_set1_epi32(a.out_zero);
   const __m256i res_multiplier = _mm256_set1_epi64x(a.res_multiplier);  // |.| < 2**31: vpmuldq reads 32 bits
-  const __m256i lo = _mm256_set1_epi32(a.relu ? std::max(a.out_zero, -128) : -128);
-  const __m256i hi = _mm256_set1_epi32(a.out_max);
+  const __m128i lo = _mm_set1_epi8(static_cast<char>(a.relu ? std::max(a.out_zero, -128) : -128));
+  const __m128i hi = _mm_set1_epi8(static_cast<char>(a.out_max));
   // Per 8 channels: multipliers (vpmuldq reads the even ones; >> 32 brings the odd ones down) and
   // the offsets of the even and of the odd channels, in lane order.
+  const __m256i zero_offset = _mm256_set1_epi64x(kHighWord ? int64_t{a.out_zero} * (int64_t{1} << a.shift) : 0);
   __m256i multiplier[2], multiplier_odd[2], offset_even[2], offset_odd[2];
   for (int h = 0; h < 2; ++h) {
     multiplier[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.multiplier + k0 + 8 * h));
     multiplier_odd[h] = _mm256_srli_epi64(multiplier[h], 32);
     const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.offset + k0 + 8 * h));
     const __m256i second = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.offset + k0 + 8 * h + 4));
-    offset_even[h] = _mm256_permute4x64_epi64(_mm256_unpacklo_epi64(first, second), 0xd8);
-    offset_odd[h] = _mm256_permute4x64_epi64(_mm256_unpackhi_epi64(first, second), 0xd8);
+    offset_even[h] = _mm256_add_epi64(_mm256_permute4x64_epi64(_mm256_unpacklo_epi64(first, second), 0xd8), zero_offset);
+    offset_odd[h] = _mm256_add_epi64(_mm256_permute4x64_epi64(_mm256_unpackhi_epi64(first, second), 0xd8), zero_offset);
   }
   for (int i = 0; i < rows; ++i) {
     const int64_t row = ms[i] * a.k + k0;
-    __m256i q[2];
+    __m256i codes[2];
     for (int h = 0; h < 2; ++h) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc[i] + 8 * h));
       __m256i even = _mm256_add_epi64(_mm256_mul_epi32(x, multiplier[h]), offset_even[h]);
@@ -487,21 +491,18 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
         even = _mm256_add_epi64(even, _mm256_mul_epi32(r, res_multiplier));
         odd = _mm256_add_epi64(odd, _mm256_mul_epi32(_mm256_srli_epi64(r, 32), res_multiplier));
       }
-      __m256i codes;
       if constexpr (kHighWord) {  // the even totals' high words moved down, the odd ones' in place
-        codes = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xaa);
-        codes = _mm256_add_epi32(_mm256_sra_epi32(codes, shift), out_zero);
+        codes[h] = _mm256_sra_epi32(_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xaa), shift);
       } else {
         even = _mm256_srl_epi64(_mm256_add_epi64(even, bias), shift);
         odd = _mm256_srl_epi64(_mm256_add_epi64(odd, bias), shift);
-        codes = _mm256_sub_epi32(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xaa), unbias);
+        codes[h] = _mm256_sub_epi32(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xaa), unbias);
       }
-      q[h] = _mm256_min_epi32(_mm256_max_epi32(codes, lo), hi);
     }
     // 16 int32 -> 16 int8 in channel order (packs works within 128-bit lanes: reorder once).
-    const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xd8);
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(codes[0], codes[1]), 0xd8);
     const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.out + row), bytes);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.out + row), _mm_min_epi8(_mm_max_epi8(bytes, lo), hi));
   }
 }
 
@@ -567,7 +568,8 @@ EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a) {
 #ifdef TLCORE_X86
   if (isa != Int8Isa::kScalar && quantized_fits_int32(a)) {
     if (isa == Int8Isa::kAvx512Vnni) return requantize_avx512;
-    return a.shift >= 32 ? requantize_avx2<true> : requantize_avx2<false>;
+    const bool high_word = a.shift >= 32 && a.shift <= kHighWordMaxShift;
+    return high_word ? requantize_avx2<true> : requantize_avx2<false>;
   }
 #endif
   return requantize;
