@@ -61,13 +61,16 @@ Int8Isa int8_resolve_isa(Int8Isa isa);
 //   kRows      kDirect with each padded input row stored as one run of (column, channel) int16
 //              values, so a tap row reduces over (s, c) without rounding C up to a pair: for odd
 //              C (the RGB stem). Needs dilation_w 1, C * stride_w even, an int16-pairs set (scalar, avx2)
-enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2 };
+//   kStrideTwoWinograd  exact integer Winograd for 3x3 stride-2 convs (else as kWinograd): 2x2 output
+//              tiles, the even input rows and columns as F(2, 2) and the odd ones direct (25
+//              products per channel instead of 36; no wrapped sums to recover)
+enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2, kStrideTwoWinograd = 3 };
 
 bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int64_t s, int64_t stride_h,
                               int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa);
 
 // The fastest supported algorithm for a conv of this shape on `isa` (resolved).
-Int8Algorithm int8_best_algorithm(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w,
+Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w,
                                   int64_t dil_h, int64_t dil_w, Int8Isa isa);
 
 // The CPU kernel's weight layout for `isa` and the algorithm, so a model packs each weight once

@@ -100,7 +100,7 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
   auto args = int8_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
                              out_zero, relu, stride, padding, dilation, out);
   args.out_max = static_cast<int32_t>(out_max);
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 2 &&
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 3 &&
                   tlcore::int8_algorithm_supported(static_cast<tlcore::Int8Algorithm>(algorithm), args.c, args.r,
                                                    args.s, args.stride_h, args.stride_w, args.dil_h, args.dil_w,
                                                    tlcore::int8_resolve_isa(wanted)),
@@ -126,7 +126,7 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, int64_t a
               "tlcore int8 conv: weight must be a channels_last int8 (K, C, R, S) tensor");
   const tlcore::Int8Isa wanted = checked_isa(isa);
   const int64_t k = weight.size(0), c = weight.size(1), r = weight.size(2), s = weight.size(3);
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "tlcore int8 conv: unknown algorithm ", algorithm);
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 3, "tlcore int8 conv: unknown algorithm ", algorithm);
   const auto chosen = static_cast<tlcore::Int8Algorithm>(algorithm);
   at::Tensor packed =
       at::empty({tlcore::int8_packed_weight_words(k, c, r, s, wanted, chosen)}, weight.options().dtype(at::kInt));
@@ -134,10 +134,10 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, int64_t a
   return packed;
 }
 
-int64_t int8_cpu_best_algorithm(int64_t c, int64_t r, int64_t s, at::IntArrayRef stride, at::IntArrayRef dilation,
-                                int64_t isa) {
+int64_t int8_cpu_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, at::IntArrayRef stride,
+                                at::IntArrayRef dilation, int64_t isa) {
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2, "tlcore int8 conv: stride and dilation must be pairs");
-  return static_cast<int64_t>(tlcore::int8_best_algorithm(c, r, s, stride[0], stride[1], dilation[0], dilation[1],
+  return static_cast<int64_t>(tlcore::int8_best_algorithm(k, c, r, s, stride[0], stride[1], dilation[0], dilation[1],
                                                           tlcore::int8_resolve_isa(checked_isa(isa))));
 }
 
@@ -376,12 +376,12 @@ void sr_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mom
 
 TORCH_LIBRARY(tlcore, m) {
   // int8 convolution: isa is 0 auto, 1 scalar, 2 avx2, 3 avx-vnni, 4 avx512-vnni, 5 avx2 7-bit; algorithm
-  // 0 direct, 1 Winograd, 2 rows (csrc/int8_conv.h).
+  // 0 direct, 1 Winograd, 2 rows, 3 stride-2 Winograd (csrc/int8_conv.h).
   m.def("_int8_conv_cpu(Tensor x, int x_zero, Tensor weight, Tensor multiplier, Tensor offset, int shift, "
         "Tensor? residual, int res_multiplier, int out_zero, bool relu, int[] stride, int[] padding, "
         "int[] dilation, int out_max, Tensor? packed_weight, int isa, int algorithm) -> Tensor");
   m.def("_int8_pack_weight_cpu(Tensor weight, int isa, int algorithm) -> Tensor");
-  m.def("_int8_cpu_best_algorithm(int c, int r, int s, int[] stride, int[] dilation, int isa) -> int",
+  m.def("_int8_cpu_best_algorithm(int k, int c, int r, int s, int[] stride, int[] dilation, int isa) -> int",
         &int8_cpu_best_algorithm);
   m.def("_int8_cpu_resolve_isa(int isa) -> int", &int8_cpu_resolve_isa);
   m.def("_quantize_cpu(Tensor x, float inv_scale, int zero_point) -> Tensor");

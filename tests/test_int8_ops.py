@@ -207,7 +207,7 @@ def test_seven_bit_other_backends(device):
 @needs_extension
 def test_seven_bit_kernel_rejects_eight_bit_input(monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2u7"))
-    # Stride 2: the direct kernel (3x3 stride-1 convs take Winograd's int16 products, exact for any code).
+    monkeypatch.setenv(q8.ALGORITHM_ENV, "direct")  # Winograd's int16 products are exact for any code
     for kernel, stride, padding in ((3, 2, 1), (1, 1, 0)):  # a padded copy; a 1x1 conv's per-task conversion
         c = seven_bit(make_case(1, 8, 6, 6, 16, kernel, kernel, stride=stride, padding=padding))
         c["x"][0, 3, 2, 2] = 0  # one 8-bit code: vpmaddubsw could saturate, so the kernel must refuse
@@ -238,7 +238,8 @@ def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
     with pytest.raises(RuntimeError, match="packed_weight does not match"):
         run(dict(c, packed_weight=packed[:-16]), "cpu")
     # A weight of another shape with as many words: the packed header tells them apart.
-    c = make_case(2, 14, 11, 13, 21, 3, 3, 2, 1, 1)  # even C, strided: the direct layout
+    monkeypatch.setenv(q8.ALGORITHM_ENV, "direct")
+    c = make_case(2, 14, 11, 13, 21, 3, 3, 2, 1, 1)  # even C: the direct layout's words as the 1 x 9 weight's
     lookalike = c["weight"].reshape(*c["weight"].shape[:2], 1, -1)
     with pytest.raises(RuntimeError, match="packed for another weight"):
         run(dict(c, packed_weight=q8.pack_weight_cpu(lookalike, c["stride"], c["dilation"])), "cpu")
@@ -358,25 +359,50 @@ WINOGRAD_ISAS = ["scalar", "avx2", "avx2u7"]  # the int16-pairs instruction sets
 
 @needs_extension
 @pytest.mark.parametrize("isa", WINOGRAD_ISAS)
+@pytest.mark.parametrize("stride", [1, 2])
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 70), hw=st.tuples(st.integers(1, 13), st.integers(1, 13)),
        k=st.integers(1, 40), padding=st.integers(0, 2), residual=st.booleans(), relu=st.booleans(),
        seed=st.integers(0, 2**16))
-def test_cpu_winograd_bit_exact(isa, n, c, hw, k, padding, residual, relu, seed):
-    """3x3 stride-1 convs run by Winograd (F(2x4, 3x3) here; odd sizes: partly empty edge tiles) equal the reference."""
+def test_cpu_winograd_bit_exact(isa, stride, n, c, hw, k, padding, residual, relu, seed):
+    """3x3 convs run by Winograd (stride 1: F(2x4, 3x3) here; stride 2: its 2x2 tiles; odd sizes: partly
+    empty edge tiles) equal the reference."""
     h, w = hw
     if h + 2 * padding < 3 or w + 2 * padding < 3:
         return
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
-        case = make_case(n, c, h, w, k, 3, 3, 1, padding, 1, residual, relu, seed)
+        case = make_case(n, c, h, w, k, 3, 3, stride, padding, 1, residual, relu, seed)
         if isa == "avx2u7":
             case = seven_bit(case)
         isa = q8.cpu_isa_for(case["x_zero"], case["x_max"])
-        assert q8.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], isa) == q8.CPU_ALGORITHMS["winograd"]
+        algorithm = "winograd" if stride == 1 else "winograd_stride2"
+        assert q8.cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], isa) == q8.CPU_ALGORITHMS[algorithm]
         assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, padding)
-        packed = q8.pack_weight_cpu(case["weight"], [1, 1], [1, 1], case["x_zero"], case["x_max"])
+        packed = q8.pack_weight_cpu(case["weight"], case["stride"], [1, 1], case["x_zero"], case["x_max"])
         assert torch.equal(run(dict(case, packed_weight=packed), "cpu"), reference(case))
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_cpu_stride_two_winograd_at_the_reduction_limit(isa, monkeypatch):
+    """Stride-2 Winograd at the largest C int32 accumulation allows (9 C * 128 * 128 < 2**31): its
+    position sums wrap int32, the output transform's sums come back to acc exactly. Every tap and
+    product at +-128 * 128; and past C * K = 256 * 256 the direct kernel takes over."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    c = q8.MAX_REDUCTION // 9
+    isa_code = q8.cpu_isa_for(-128, 127)
+    assert q8.cpu_algorithm((2, c, 3, 3), [2, 2], [1, 1], isa_code) == q8.CPU_ALGORITHMS["winograd_stride2"]
+    assert q8.cpu_algorithm((256, 258, 3, 3), [2, 2], [1, 1], isa_code) == q8.CPU_ALGORITHMS["direct"]
+    x = torch.full((1, c, 4, 5), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    w = torch.full((2, c, 3, 3), -128, dtype=torch.int8)
+    w[1] = 127
+    multiplier, offset = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
+    with use_backend("cpu"):  # padding reads x_zero = -128 too: acc = 9 * C * (+-128 * 128) everywhere
+        out = q8.int8_conv2d(x, -128, w, multiplier, offset, 24, stride=2, padding=1, out_zero=0)
+    acc = int64_conv(x, -128, w, [2, 2], [1, 1], [1, 1])
+    assert acc[0, 0].eq(9 * c * 128 * 128).all() and acc.abs().max() < 2**31
+    assert torch.equal(out, q8.requantize_reference(acc, multiplier, offset, 24, None, 0, 0, False))
 
 
 @needs_extension

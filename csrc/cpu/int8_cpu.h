@@ -18,7 +18,9 @@ constexpr int64_t kHeaderWords = 16;  // packed weights start with (magic, layou
 constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
 
 // How a packed weight and the padded input group channels into 4-byte words (int8_conv.cpp).
-enum class Layout : int32_t { kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4, kWinograd24Pairs = 5 };
+enum class Layout : int32_t {
+  kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4, kWinograd24Pairs = 5, kWinogradStrideTwoPairs = 6
+};
 
 // One micro-tile's operands; every pointer and offset counts 4-byte groups.
 struct Tile {
@@ -51,13 +53,13 @@ std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64
 void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);
 bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);
 
-// ---- Winograd F(2x4, 3x3) and F(2x2, 3x3) (int8_winograd.cpp) ----
+// ---- Winograd F(2x4, 3x3) and F(2x2, 3x3), and the stride-2 one (int8_winograd.cpp) ----
 
 bool winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w, int64_t dil_h,
-                        int64_t dil_w, Int8Isa isa);  // isa resolved
+                        int64_t dil_w, Int8Isa isa);  // isa resolved; stride 1 or 2
 
-int64_t winograd_packed_words(int64_t k, int64_t c);
-void pack_winograd_weight(const int8_t* weight, int64_t k, int64_t c, int32_t* packed);
+int64_t winograd_packed_words(int64_t k, int64_t c, bool stride_two);
+void pack_winograd_weight(const int8_t* weight, int64_t k, int64_t c, bool stride_two, int32_t* packed);
 void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa);
 
 }  // namespace int8_cpu

@@ -24,6 +24,12 @@
 // The result is bit-identical to the direct kernel's (tools: an exact Python model of this
 // arithmetic checked it, C = 910 with every operand -128 included; the tests check the kernel).
 //
+// Stride 2 (StrideTwoTransform1d): an output reads inputs 2o, 2o + 1, 2o + 2, so the even inputs
+// meet taps (w0, w2) as a stride-1 2-tap filter -- F(2, 2), 3 products for 2 outputs -- and the odd
+// ones tap w1 alone: 5 products per 2 outputs instead of 6, 25 per 2x2 tile instead of 36. Its
+// matrices are 0/+-1 (|U| <= 4 * 127, |V| <= 4 * 128: int16), so kScale = 1 and the int32 sums,
+// wrapped or not, end at acc itself.
+//
 // Work: the products of one tile position form a GEMM [tiles x C] x [C x K], run by the direct
 // kernel's pairs micro-kernel (int8_conv.cpp) with one tap. A task transforms a chunk of tiles
 // that fits in L2 (reading the int8 input directly: no padded copy), then runs every 16-channel
@@ -45,11 +51,14 @@ constexpr int64_t kVectorWords = 8;  // 16 int16 channels: the transforms' vecto
 constexpr int kMaxChunkTiles = 48;
 constexpr int64_t kAccLimit = int64_t{128} * 128 * 9;  // |acc| <= kAccLimit * C
 
-// 1-d integer transforms F(m, 3) (file comment): m outputs from m + 2 inputs.
+// 1-d integer transforms (file comment): kOutputs outputs from kInputs inputs through kPositions
+// products. B^T is (positions x inputs), G (positions x 3 taps), A^T (outputs x positions).
+// F(m, 3), stride 1: m outputs from m + 2 inputs, m + 2 products.
 template <int M>
 struct Transform1d;
 template <>
 struct Transform1d<2> {
+  static constexpr int kInputs = 4, kPositions = 4, kOutputs = 2, kStride = 1;
   static constexpr int kB[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
   static constexpr int kG[4][3] = {{1, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 1}};
   static constexpr int kA[2][4] = {{2, 1, 1, 0}, {0, 1, -1, -2}};
@@ -57,19 +66,35 @@ struct Transform1d<2> {
 };
 template <>
 struct Transform1d<4> {
+  static constexpr int kInputs = 6, kPositions = 6, kOutputs = 4, kStride = 1;
   static constexpr int kB[6][6] = {{4, 0, -5, 0, 1, 0}, {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
                                    {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
   static constexpr int kG[6][3] = {{1, 0, 0}, {-1, -1, -1}, {-1, 1, -1}, {1, 2, 4}, {1, -2, 4}, {0, 0, 1}};
   static constexpr int kA[4][6] = {{6, 4, 4, 1, 1, 0}, {0, 4, -4, 2, -2, 0}, {0, 4, 4, 4, 4, 0}, {0, 4, -4, 8, -8, 24}};
   static constexpr int kScale = 24;
 };
+// Stride 2, 2 outputs from inputs d0..d4 (output o reads d[2o], d[2o+1], d[2o+2]): the even inputs
+// see taps (w0, w2) as a stride-1 2-tap conv, run as F(2, 2) -- (d0 - d2) w0, d2 (w0 + w2),
+// (d4 - d2) w2 -- and the odd ones tap w1: d1 w1, d3 w1. 5 products instead of 6 per 2 outputs,
+// 25 instead of 36 per 2x2 tile; every matrix is 0/+-1, so kScale = 1 and nothing needs recovery.
+struct StrideTwoTransform1d {
+  static constexpr int kInputs = 5, kPositions = 5, kOutputs = 2, kStride = 2;
+  static constexpr int kB[5][5] = {{1, 0, -1, 0, 0}, {0, 0, 1, 0, 0}, {0, 0, -1, 0, 1}, {0, 1, 0, 0, 0}, {0, 0, 0, 1, 0}};
+  static constexpr int kG[5][3] = {{1, 0, 0}, {1, 0, 1}, {0, 0, 1}, {0, 1, 0}, {0, 1, 0}};
+  static constexpr int kA[2][5] = {{1, 1, 0, 1, 0}, {0, 1, 1, 0, 1}};
+  static constexpr int kScale = 1;
+};
 
-// F(TH x TW, 3x3): Y' = kScale * acc = 2**kShift * kOdd * acc.
-template <int TH, int TW>
+// The 2-d algorithm of transforms H (rows) and W (columns): Y' = kScale * acc = 2**kShift * kOdd * acc.
+template <class HT, class WT>
 struct Winograd {
-  using H = Transform1d<TH>;
-  using W = Transform1d<TW>;
-  static constexpr int kRows = TH + 2, kCols = TW + 2, kPositions = kRows * kCols, kOutputs = TH * TW;
+  using H = HT;
+  using W = WT;
+  static_assert(H::kStride == W::kStride, "one stride for both dimensions");
+  static constexpr int kStride = H::kStride;
+  static constexpr int kInRows = H::kInputs, kInCols = W::kInputs;  // the input tile
+  static constexpr int kRows = H::kPositions, kCols = W::kPositions, kPositions = kRows * kCols;
+  static constexpr int kTileH = H::kOutputs, kTileW = W::kOutputs, kOutputs = kTileH * kTileW;
   static constexpr int kScale = H::kScale * W::kScale;
   static constexpr int kShift = __builtin_ctz(kScale);
   static constexpr uint32_t kOddInverse = [] {  // the inverse of kScale >> kShift modulo 2**32 (Newton)
@@ -80,8 +105,9 @@ struct Winograd {
   }();
   static constexpr int64_t kMaxChannels = ((int64_t{1} << (31 - kShift)) - 1) / kAccLimit;
 };
-using Wide = Winograd<2, 4>;    // F(2x4, 3x3)
-using Narrow = Winograd<2, 2>;  // F(2x2, 3x3), for C past Wide's bound
+using Wide = Winograd<Transform1d<2>, Transform1d<4>>;    // F(2x4, 3x3)
+using Narrow = Winograd<Transform1d<2>, Transform1d<2>>;  // F(2x2, 3x3), for C past Wide's bound
+using StrideTwo = Winograd<StrideTwoTransform1d, StrideTwoTransform1d>;  // 2x2 outputs of a stride-2 3x3 conv
 
 // GCC vector extensions: one source for every target; inlined into an AVX2 function they
 // become ymm instructions, elsewhere SSE2 pairs. Unsigned sums wrap by definition.
@@ -124,14 +150,14 @@ template <class F>
 __attribute__((always_inline)) inline void input_transform(const Int8ConvArgs& a, int64_t n, int64_t y0, int64_t x0,
                                                            int64_t groups, int32_t* v) {
   for (int64_t g = 0; g < groups; g += kVectorWords) {
-    I16x16 x[F::kRows][F::kCols], t[F::kRows][F::kCols];
-    for (int i = 0; i < F::kRows; ++i) {
-      for (int j = 0; j < F::kCols; ++j) input_pixel(a, n, y0 + i, x0 + j, 2 * g, x[i][j]);
+    I16x16 x[F::kInRows][F::kInCols], t[F::kRows][F::kInCols];
+    for (int i = 0; i < F::kInRows; ++i) {
+      for (int j = 0; j < F::kInCols; ++j) input_pixel(a, n, y0 + i, x0 + j, 2 * g, x[i][j]);
     }
     for (int r = 0; r < F::kRows; ++r) {  // t = B_h^T d (the products by constants fold away)
-      for (int j = 0; j < F::kCols; ++j) {
+      for (int j = 0; j < F::kInCols; ++j) {
         t[r][j] = I16x16{};
-        for (int i = 0; i < F::kRows; ++i) {
+        for (int i = 0; i < F::kInRows; ++i) {
           if (F::H::kB[r][i] != 0) t[r][j] += static_cast<int16_t>(F::H::kB[r][i]) * x[i][j];
         }
       }
@@ -139,7 +165,7 @@ __attribute__((always_inline)) inline void input_transform(const Int8ConvArgs& a
     for (int r = 0; r < F::kRows; ++r) {  // V = t B_w
       for (int c = 0; c < F::kCols; ++c) {
         I16x16 sum{};
-        for (int j = 0; j < F::kCols; ++j) {
+        for (int j = 0; j < F::kInCols; ++j) {
           if (F::W::kB[c][j] != 0) sum += static_cast<int16_t>(F::W::kB[c][j]) * t[r][j];
         }
         store(v + (r * F::kCols + c) * groups + g, sum);
@@ -153,7 +179,7 @@ __attribute__((always_inline)) inline void input_transform(const Int8ConvArgs& a
 template <class F>
 __attribute__((always_inline)) inline void output_transform(const int32_t (*m)[kTileM][kTileN], int tile,
                                                             int32_t (*y)[kTileN]) {
-  constexpr int th = F::kRows - 2, tw = F::kCols - 2;
+  constexpr int th = F::kTileH, tw = F::kTileW;
   for (int h = 0; h < kTileN; h += 8) {
     U32x8 z[th][F::kCols];
     for (int i = 0; i < th; ++i) {  // z = A_h^T M
@@ -214,14 +240,19 @@ Transforms transforms_for(Int8Isa isa) {
 }
 
 bool wide(int64_t c) { return c <= Wide::kMaxChannels; }
-int positions(int64_t c) { return wide(c) ? Wide::kPositions : Narrow::kPositions; }
-Layout layout(int64_t c) { return wide(c) ? Layout::kWinograd24Pairs : Layout::kWinogradPairs; }
+int positions(int64_t c, bool stride_two) {
+  return stride_two ? StrideTwo::kPositions : wide(c) ? Wide::kPositions : Narrow::kPositions;
+}
+Layout layout(int64_t c, bool stride_two) {
+  return stride_two ? Layout::kWinogradStrideTwoPairs : wide(c) ? Layout::kWinograd24Pairs : Layout::kWinogradPairs;
+}
 
 template <class F>
 void pack(const int8_t* weight, int64_t k, int64_t c, int32_t* packed) {
+  constexpr bool stride_two = F::kStride == 2;
   const int64_t groups = padded_groups(c);
-  std::fill(packed, packed + winograd_packed_words(k, c), 0);
-  write_header(packed, layout(c), k, c, 3, 3);
+  std::fill(packed, packed + winograd_packed_words(k, c, stride_two), 0);
+  write_header(packed, layout(c, stride_two), k, c, 3, 3);
   int32_t* words = packed + kHeaderWords;
   at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
     std::vector<int16_t> u(static_cast<size_t>(2 * groups));  // one position of U for every channel c
@@ -245,7 +276,7 @@ void pack(const int8_t* weight, int64_t k, int64_t c, int32_t* packed) {
 
 template <class F>
 void conv(const Int8ConvArgs& a, Int8Isa isa, const int32_t* weight) {
-  constexpr int th = F::kRows - 2, tw = F::kCols - 2;
+  constexpr int th = F::kTileH, tw = F::kTileW;
   const int64_t groups = padded_groups(a.c);
   const int64_t tiles_h = (a.oh + th - 1) / th, tiles_w = (a.ow + tw - 1) / tw, tiles = a.n * tiles_h * tiles_w;
   const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = F::kPositions * groups * kTileN;
@@ -280,7 +311,8 @@ void conv(const Int8ConvArgs& a, Int8Isa isa, const int32_t* weight) {
       for (int64_t i = 0; i < count; ++i) {
         const int64_t tile = first + i, n = tile / (tiles_h * tiles_w);
         const int64_t ty = tile / tiles_w % tiles_h, tx = tile % tiles_w;
-        transform.input(a, n, th * ty - a.pad_h, tw * tx - a.pad_w, groups, v.data() + i * F::kPositions * groups);
+        transform.input(a, n, F::kStride * th * ty - a.pad_h, F::kStride * tw * tx - a.pad_w, groups,
+                        v.data() + i * F::kPositions * groups);
       }
       for (int64_t block = block_begin; block < block_end; ++block) {
         for (int64_t g0 = 0; g0 < count; g0 += kTileM) {
@@ -314,33 +346,39 @@ void conv(const Int8ConvArgs& a, Int8Isa isa, const int32_t* weight) {
 
 }  // namespace
 
-int64_t winograd_packed_words(int64_t k, int64_t c) {
-  return kHeaderWords + (k + kTileN - 1) / kTileN * positions(c) * padded_groups(c) * kTileN;
+int64_t winograd_packed_words(int64_t k, int64_t c, bool stride_two) {
+  return kHeaderWords + (k + kTileN - 1) / kTileN * positions(c, stride_two) * padded_groups(c) * kTileN;
 }
 
-void pack_winograd_weight(const int8_t* weight, int64_t k, int64_t c, int32_t* packed) {
+void pack_winograd_weight(const int8_t* weight, int64_t k, int64_t c, bool stride_two, int32_t* packed) {
+  if (stride_two) return pack<StrideTwo>(weight, k, c, packed);
   wide(c) ? pack<Wide>(weight, k, c, packed) : pack<Narrow>(weight, k, c, packed);
 }
 
 void int8_conv2d_winograd(const Int8ConvArgs& a, Int8Isa isa) {
+  const bool stride_two = a.stride_h == 2;
   std::vector<int32_t> packed_here;
   const int32_t* packed = a.packed_weight;
   if (packed == nullptr) {
-    packed_here.resize(static_cast<size_t>(winograd_packed_words(a.k, a.c)));
-    pack_winograd_weight(a.weight, a.k, a.c, packed_here.data());
+    packed_here.resize(static_cast<size_t>(winograd_packed_words(a.k, a.c, stride_two)));
+    pack_winograd_weight(a.weight, a.k, a.c, stride_two, packed_here.data());
     packed = packed_here.data();
-  } else if (!header_matches(packed, layout(a.c), a.k, a.c, a.r, a.s)) {
+  } else if (!header_matches(packed, layout(a.c, stride_two), a.k, a.c, a.r, a.s)) {
     throw std::invalid_argument("tlcore int8 conv: packed_weight was packed for another weight, instruction set "
                                 "or algorithm");
   }
-  wide(a.c) ? conv<Wide>(a, isa, packed + kHeaderWords) : conv<Narrow>(a, isa, packed + kHeaderWords);
+  const int32_t* weight = packed + kHeaderWords;
+  if (stride_two) return conv<StrideTwo>(a, isa, weight);
+  wide(a.c) ? conv<Wide>(a, isa, weight) : conv<Narrow>(a, isa, weight);
 }
 
 bool winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w, int64_t dil_h,
                         int64_t dil_w, Int8Isa isa) {
   const bool pairs = isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2 || isa == Int8Isa::kAvx2U7;
-  return pairs && r == 3 && s == 3 && stride_h == 1 && stride_w == 1 && dil_h == 1 && dil_w == 1 && c >= 1 &&
-         c <= Narrow::kMaxChannels;
+  const bool stride_one = stride_h == 1 && stride_w == 1, stride_two = stride_h == 2 && stride_w == 2;
+  const int64_t max_channels = stride_two ? StrideTwo::kMaxChannels : Narrow::kMaxChannels;
+  return pairs && r == 3 && s == 3 && (stride_one || stride_two) && dil_h == 1 && dil_w == 1 && c >= 1 &&
+         c <= max_channels;
 }
 
 }  // namespace int8_cpu

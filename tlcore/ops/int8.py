@@ -49,7 +49,7 @@ CONV_OP = "int8_conv2d"
 _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5}
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
 ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct" turns off the C++ kernel's Winograd and rows (tests, benchmarks)
-CPU_ALGORITHMS = {"direct": 0, "winograd": 1, "rows": 2}  # csrc/int8_conv.h's Int8Algorithm
+CPU_ALGORITHMS = {"direct": 0, "winograd": 1, "rows": 2, "winograd_stride2": 3}  # csrc/int8_conv.h's Int8Algorithm
 # Winograd tiles: F(2x4, 3x3) while 48 * acc stays int32-recoverable (|acc| < 2**27), else F(2x2, 3x3).
 WINOGRAD_WIDE_MAX_CHANNELS = (2**27 - 1) // (128 * 128 * 9)
 # "dp4a" or "mma" forces the CUDA kernel (tests, benchmarks); auto/unset: mma (tensor cores) on
@@ -210,6 +210,7 @@ def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: 
 
     The fastest it supports: exact integer Winograd for 3x3 stride-1 convs on instruction sets
     without VNNI (F(2x4, 3x3) tiles: 3 products per output instead of 9; 1.5-2x faster there),
+    and for 3x3 stride-2 convs with C * K <= 256 * 256 (25 products per 2x2 tile instead of 36),
     the rows layout for odd channel counts (the RGB stem), else direct.
     TLCORE_INT8_CPU_ALGORITHM=direct keeps every conv direct.
     """
@@ -218,13 +219,13 @@ def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: 
         raise ValueError(f"{ALGORITHM_ENV}={setting!r}; choose auto or direct")
     if setting == "direct" or not _extension.loaded():
         return CPU_ALGORITHMS["direct"]
-    c, r, s = (int(size) for size in weight_shape[1:])  # weight sizes: static even under dynamic-shape tracing
-    return _best_algorithm(c, r, s, tuple(stride), tuple(dilation), isa)
+    k, c, r, s = (int(size) for size in weight_shape)  # weight sizes: static even under dynamic-shape tracing
+    return _best_algorithm(k, c, r, s, tuple(stride), tuple(dilation), isa)
 
 
 @functools.cache
-def _best_algorithm(c: int, r: int, s: int, stride: tuple, dilation: tuple, isa: int) -> int:
-    return torch.ops.tlcore._int8_cpu_best_algorithm(c, r, s, list(stride), list(dilation), isa)
+def _best_algorithm(k: int, c: int, r: int, s: int, stride: tuple, dilation: tuple, isa: int) -> int:
+    return torch.ops.tlcore._int8_cpu_best_algorithm(k, c, r, s, list(stride), list(dilation), isa)
 
 
 def cpu_isa_supported(name: str) -> bool:
@@ -319,9 +320,13 @@ def _packed_words(k: int, c: int, r: int, s: int, isa: int, algorithm: int) -> i
     """int32 words of the C++ kernel's packed weight (csrc/cpu/int8_conv.cpp, int8_winograd.cpp):
     header, blocks of 16 channels (taps x channel groups x 16 words), correction."""
     blocks = -(-k // 16)
-    if algorithm == CPU_ALGORITHMS["winograd"]:  # 24 (F(2x4, 3x3), C <= 910) or 16 (F(2x2, 3x3)) positions
-        pairs, positions = -(-c // 2), 24 if c <= WINOGRAD_WIDE_MAX_CHANNELS else 16
-        return 16 + blocks * positions * (-(-pairs // 8) * 8) * 16
+    if algorithm in (CPU_ALGORITHMS["winograd"], CPU_ALGORITHMS["winograd_stride2"]):
+        # positions: 24 (F(2x4, 3x3), C <= 910) or 16 (F(2x2, 3x3)); 25 for stride 2
+        positions = 25 if algorithm == CPU_ALGORITHMS["winograd_stride2"] else \
+            24 if c <= WINOGRAD_WIDE_MAX_CHANNELS else 16
+        pairs = -(-c // 2)
+        groups = -(-pairs // 8) * 8  # rounded up to whole vectors of 8 pairs
+        return 16 + blocks * positions * groups * 16
     if algorithm == CPU_ALGORITHMS["rows"]:  # R taps, each a run of S * C values in pairs
         return 16 + blocks * r * -(-(s * c) // 2) * 16
     quads = torch.ops.tlcore._int8_cpu_resolve_isa(isa) not in (_CPU_ISAS["scalar"], _CPU_ISAS["avx2"])
