@@ -27,8 +27,7 @@
 // Stride 2 (StrideTwoTransform1d): an output reads inputs 2o, 2o + 1, 2o + 2, so the even inputs
 // meet taps (w0, w2) as a stride-1 2-tap filter -- F(2, 2), 3 products for 2 outputs -- and the odd
 // ones tap w1 alone: 5 products per 2 outputs instead of 6, 25 per 2x2 tile instead of 36. Its
-// matrices are 0/+-1 (|U| <= 4 * 127, |V| <= 4 * 128: int16), so kScale = 1 and the int32 sums,
-// wrapped or not, end at acc itself.
+// matrices are 0/+-1 (|U|, |V| <= 4 * 128: int16), so kScale = 1 and the int32 sums end at acc itself.
 //
 // Work: the products of one tile position form a GEMM [tiles x C] x [C x K], run by the direct
 // kernel's pairs micro-kernel (int8_conv.cpp) with one tap. A task transforms a chunk of tiles
