@@ -675,12 +675,15 @@ def test_opcheck_cpu_kernel_op():
         packed = torch.ops.tlcore._int8_pack_weight_cpu(c["weight"], isa, algorithm)
         torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, isa, algorithm))
         torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], isa, algorithm))
-    c = make_case(1, 3, 9, 8, 7, 3, 5, stride=2, padding=1)  # the rows layout (odd C, even C * stride)
-    c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)
-    c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
-    packed = torch.ops.tlcore._int8_pack_weight_cpu(c["weight"], scalar, 2)
-    torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, scalar, 2))
-    torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], scalar, 2))
+    for case, algorithm in (((1, 3, 9, 8, 7, 3, 5, 2, 1), "rows"),  # odd C, even C * stride
+                            ((1, 6, 9, 8, 7, 3, 3, 2, 1), "winograd_stride2")):
+        c = make_case(*case)
+        c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)
+        c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
+        code = q8.CPU_ALGORITHMS[algorithm]
+        packed = torch.ops.tlcore._int8_pack_weight_cpu(c["weight"], scalar, code)
+        torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, scalar, code))
+        torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], scalar, code))
 
 
 @pytest.mark.parametrize("backend_name", ["cpu", "torch", "triton"])
