@@ -637,7 +637,7 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
 }
 
 template <int M>
-void repeat_last(int count, const int32_t* (&rows)[M], int64_t (&ms)[M]) {
+void repeat_last(int count, const int32_t* (&rows)[M], int64_t* ms) {
   for (int i = std::max(count, 1); i < M; ++i) {
     rows[i] = rows[i - 1];
     ms[i] = ms[i - 1];
@@ -645,12 +645,12 @@ void repeat_last(int count, const int32_t* (&rows)[M], int64_t (&ms)[M]) {
 }
 
 // A tile's input rows: the tap-(0, 0) pointers of output pixels m0 .. m0 + count - 1 in the padded
-// input (hp rows of row_words words, column_words per output column) and their indices. Rows past
-// count repeat the last one (computed, never stored). (n, y, col) is stepped from m0's: one
+// input (hp rows of row_words words, column_words per output column) and their indices, M of each
+// (ms: the next M slots of an array). Rows past count repeat the last one (computed, never stored). (n, y, col) is stepped from m0's: one
 // division per tile, not three per row (they cost as much as the kernel on a 1x1 conv with few channels).
 template <int M>
 void tile_rows(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t row_words, int64_t column_words,
-               int64_t m0, int count, const int32_t* (&rows)[M], int64_t (&ms)[M]) {
+               int64_t m0, int count, const int32_t* (&rows)[M], int64_t* ms) {
   int64_t n = m0 / (a.oh * a.ow), y = (m0 / a.ow) % a.oh, col = m0 % a.ow;
   for (int i = 0; i < count; ++i) {
     rows[i] = x + (n * hp + y * a.stride_h) * row_words + col * column_words;
@@ -666,7 +666,7 @@ void tile_rows(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t row_
 // tile_rows for a pointwise conv's converted chunk: output pixel m0 + i reads row `offset + i` of it.
 template <int M>
 void chunk_rows(const int32_t* chunk, int64_t groups, int64_t offset, int64_t m0, int count,
-                const int32_t* (&rows)[M], int64_t (&ms)[M]) {
+                const int32_t* (&rows)[M], int64_t* ms) {
   for (int i = 0; i < count; ++i) {
     rows[i] = chunk + (offset + i) * groups;
     ms[i] = m0 + i;
@@ -801,7 +801,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
     // The epilogue runs once per chunk, on all its tiles' rows: its per-block setup (constants
     // loaded and shuffled) cost a third as much as its per-row work when it ran per tile.
     alignas(32) int32_t acc[kChunkRows][kTileN];
-    int64_t ms[kChunkRows], tile_ms[kTileM];
+    int64_t ms[kChunkRows];  // the chunk's output pixels, each tile's written by its rows helper
     std::vector<int32_t> buffer;
     int64_t current = -1;
     Tile t;
@@ -817,17 +817,17 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
       for (int64_t tile = first_tile; tile < tile_end; ++tile) {
         const int64_t m0 = tile * kTileM;
         const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
+        const int64_t slot = (tile - first_tile) * kTileM;
         if (pointwise) {
           chunk_rows(converted_chunk(chunk, current, buffer), groups, m0 - chunk * kChunkRows, m0, rows, t.rows,
-                     tile_ms);
+                     ms + slot);
         } else {
-          tile_rows(a, x.get(), hp, row_words, column_words, m0, rows, t.rows, tile_ms);
+          tile_rows(a, x.get(), hp, row_words, column_words, m0, rows, t.rows, ms + slot);
         }
-        run_tile(t, acc + (tile - first_tile) * kTileM);
+        run_tile(t, acc + slot);
       }
-      const int64_t m_first = first_tile * kTileM;
-      const int rows = static_cast<int>(std::min<int64_t>(kChunkRows, m_total - m_first));
-      for (int i = 0; i < rows; ++i) ms[i] = m_first + i;
+      // Only the chunk's last tile can be partial, so its first `rows` slots are its pixels in order.
+      const int rows = static_cast<int>(std::min<int64_t>(kChunkRows, m_total - first_tile * kTileM));
       epilogue(a, acc, ms, rows, block * kTileN);
     }
   });

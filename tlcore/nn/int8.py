@@ -101,7 +101,7 @@ class DequantizeOutput(_Int8Module):
         return f"scale={self.state['scale']:.4g}, zero_point={self.state['zero_point']}"
 
 
-class Int8GlobalAvgPool(_Int8Module):
+class Int8GlobalAvgPool(DequantizeOutput):
     """A ResNet's average pool on its int8 features, into fp32 for the float fc.
 
     forward(q: int8 (N, C, H, W)) -> fp32 (N, C, 1, 1) = scale * (mean of the codes - zero_point).
@@ -109,18 +109,12 @@ class Int8GlobalAvgPool(_Int8Module):
     dequantizing a full fp32 copy first: a tenth of the time (ResNet-50's 2048 x 7 x 7 features).
     """
 
-    def __init__(self, qparams: QParams):
-        super().__init__(scale=float(qparams.scale), zero_point=int(qparams.zero_point))
-
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         if q.dtype != torch.int8 or q.dim() != 4:
             raise ValueError(f"Int8GlobalAvgPool: expected int8 (N, C, H, W) codes, got {q.dtype} of rank {q.dim()}")
         pixels = q.shape[2] * q.shape[3]
         sums = q.sum(dim=(2, 3), keepdim=True, dtype=torch.int32) - pixels * self.state["zero_point"]
         return sums.float() * (self.state["scale"] / pixels)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.state['scale']:.4g}, zero_point={self.state['zero_point']}"
 
 
 class Int8Conv2d(_Int8Module):
