@@ -711,16 +711,30 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   const int32_t* correction = layout == Layout::kQuads ? weight + blocks * block_words : nullptr;
   // A pointwise conv (1x1, unpadded) reads each input pixel once, so a converted copy of the whole
   // input costs as much memory traffic as its GEMM takes time (int16 pairs: twice the input's size).
-  // Instead each task converts the pixels of its own chunk of rows, which then stay in L1.
+  // Instead, where tasks run chunk by chunk (rows_outer below), each converts the pixels of its own
+  // chunk of rows, which then stay in L1.
   const bool pointwise = !rows_layout && a.r == 1 && a.s == 1 && a.pad_h == 0 && a.pad_w == 0;
   const bool seven_bit = isa == Int8Isa::kAvx2U7;
   if (seven_bit && a.x_zero > -1) {
     throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel needs x_zero <= -1 (7-bit activations)");
   }
+  const int64_t m_total = a.n * a.oh * a.ow;
+  const int64_t tiles = (m_total + kTileM - 1) / kTileM;
+  const int64_t chunks = (tiles + kChunkM - 1) / kChunkM;
+  // Task = (weight block, chunk of tiles). When all packed weights fit in L2, consecutive tasks
+  // share a chunk of input rows (which then stays in L1); otherwise they share a weight block --
+  // except for a pointwise conv with many chunks: sharing a block makes every task convert its
+  // chunk again, and streaming all weights per chunk instead ran ResNet-50's 1x1 convs 5-20% faster
+  // at batch 8 (AVX2, AMD EPYC). With few chunks (batch 1) the threads would split the rows unevenly,
+  // so those tasks share a block, and convert the whole input once first (converting each task's
+  // chunk again cost 8% of ResNet-50's 256 -> 1024 1x1 at 14x14, batch 1, 2 threads).
+  const bool weights_fit_l2 = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
+  const bool rows_outer = weights_fit_l2 || (pointwise && chunks >= 4 * at::get_num_threads());
+  const bool convert_chunks = pointwise && rows_outer;
   std::unique_ptr<int32_t[]> x;
   if (rows_layout) {
     x = pad_input_rows(a, hp, wp, row_words);
-  } else if (!pointwise) {
+  } else if (!convert_chunks) {
     x = pad_input(a, layout, hp, wp, groups, seven_bit);
   }
   auto convert = convert_rows_generic;
@@ -741,18 +755,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
     }
     return buffer.data();
   };
-  const int64_t m_total = a.n * a.oh * a.ow;
-  const int64_t tiles = (m_total + kTileM - 1) / kTileM;
-  const int64_t chunks = (tiles + kChunkM - 1) / kChunkM;
   const EpilogueFn epilogue = epilogue_fn(isa, a);
 
-  // Task = (weight block, chunk of tiles). When all packed weights fit in L2, consecutive tasks
-  // share a chunk of input rows (which then stays in L1); otherwise they share a weight block --
-  // except for a pointwise conv with many chunks: sharing a block makes every task convert its
-  // chunk again, and streaming all weights per chunk instead ran ResNet-50's 1x1 convs 5-20% faster
-  // at batch 8 (AVX2, AMD EPYC). With few chunks (batch 1) the threads would split the rows unevenly.
-  const bool weights_fit_l2 = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
-  const bool rows_outer = weights_fit_l2 || (pointwise && chunks >= 4 * at::get_num_threads());
 #ifdef TLCORE_X86
   if (isa == Int8Isa::kAvx512Vnni) {
     // The zmm kernel: a task's unit of channels is a pair of blocks (32 channels), or the last
@@ -778,7 +782,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
         for (int64_t tile = chunk * kZmmChunkM; tile < tile_end; ++tile) {
           const int64_t m0 = tile * M;
           const int count = static_cast<int>(std::min<int64_t>(M, m_total - m0));
-          if (pointwise) {
+          if (convert_chunks) {
             chunk_rows(converted_chunk(chunk, current, buffer), groups, m0 - chunk * kChunkRows, m0, count, rows, ms);
           } else {
             tile_rows(a, x.get(), hp, row_words, column_words, m0, count, rows, ms);
@@ -818,7 +822,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
         const int64_t m0 = tile * kTileM;
         const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
         const int64_t slot = (tile - first_tile) * kTileM;
-        if (pointwise) {
+        if (convert_chunks) {
           chunk_rows(converted_chunk(chunk, current, buffer), groups, m0 - chunk * kChunkRows, m0, rows, t.rows,
                      ms + slot);
         } else {
