@@ -27,6 +27,21 @@ def test_context_manager_overrides_environment(monkeypatch):
     assert backend.forced() == "torch"
 
 
+def test_context_manager_nests_and_reenters():
+    """Inner blocks win and each exit restores the enclosing choice, also for one object entered twice
+    (quantized modules keep theirs and enter it on every forward)."""
+    cpu = backend.use_backend("cpu")
+    with cpu:
+        with backend.use_backend("torch"):
+            assert backend.forced() == "torch"
+        with cpu:
+            with backend.use_backend(None):
+                assert backend.forced() is None
+            assert backend.forced() == "cpu"
+        assert backend.forced() == "cpu"
+    assert backend.forced() is None
+
+
 def test_unknown_backend_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="unknown tlcore backend"):
         with backend.use_backend("cudnn"):
