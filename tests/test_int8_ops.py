@@ -89,6 +89,15 @@ CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
 CASE_IDS = ["x".join(map(str, c[:7])) for c in CASES]
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, whatever the machine's cores: the task orders some tests pin depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def isa_or_skip(isa):
     if not q8.cpu_isa_supported(isa):
         pytest.skip(f"this CPU has no {isa}")
@@ -284,7 +293,7 @@ def test_cpu_kernel_exact_when_codes_overflow_int32(isa, monkeypatch):
 @pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
 @pytest.mark.parametrize("image", [(2, 13, 15, 1), (1, 7, 9, 1), (1, 13, 15, 2)],
                          ids=["chunk-major", "block-major", "block-major-stride2"])
-def test_cpu_pointwise_with_weights_beyond_l2(isa, image, monkeypatch):
+def test_cpu_pointwise_with_weights_beyond_l2(isa, image, monkeypatch, two_threads):
     """A 1x1 conv whose packed weights exceed the kernel's L2 budget (1024 x 160 int16 pairs: 320 KB), on
     2 threads. Over 2 * 13 * 15 = 390 output pixels (9 chunks of 48 rows, >= 4 per thread) each chunk of
     rows is converted once and every weight block streams past it; over 63 or 49 output pixels (2 chunks)
@@ -292,12 +301,7 @@ def test_cpu_pointwise_with_weights_beyond_l2(isa, image, monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
     n, h, w, stride = image
     c = make_case(n, 1024, h, w, 160, 1, 1, stride=stride, residual=True, relu=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} pointwise 1024 -> 160 on {image}")
-    finally:
-        torch.set_num_threads(threads)
+    assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} pointwise 1024 -> 160 on {image}")
 
 
 @needs_extension
@@ -395,7 +399,7 @@ def test_cpu_winograd_bit_exact(isa, stride, n, c, hw, k, padding, residual, rel
 @needs_extension
 @pytest.mark.parametrize("shape", [(1, 64, 7, 7, 40), (1, 512, 12, 16, 20), (3, 16, 66, 70, 24)],
                          ids=["one-chunk-per-thread", "k-split-chunks", "many-chunks"])
-def test_cpu_winograd_task_layouts(shape, monkeypatch):
+def test_cpu_winograd_task_layouts(shape, monkeypatch, two_threads):
     """Each way the Winograd kernel splits its work over 2 threads equals the reference: a small image's
     tiles as one chunk with K split per thread (transformed tiles <= 512 KB), few chunks with K split
     (C = 512 at 12x16: 590 KB of transformed tiles), and many chunks (1,782 tiles of C = 16: 11 chunks)."""
@@ -403,12 +407,7 @@ def test_cpu_winograd_task_layouts(shape, monkeypatch):
     n, c, h, w, k = shape
     case = make_case(n, c, h, w, k, 3, 3, padding=1, residual=True, relu=True, seed=c)
     assert q8.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], q8._CPU_ISAS["avx2"]) == q8.CPU_ALGORITHMS["winograd"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert_bit_exact(run(case, "cpu"), reference(case), f"winograd {shape}")
-    finally:
-        torch.set_num_threads(threads)
+    assert_bit_exact(run(case, "cpu"), reference(case), f"winograd {shape}")
 
 
 @needs_extension
