@@ -28,8 +28,7 @@ def test_context_manager_overrides_environment(monkeypatch):
 
 
 def test_context_manager_nests_and_reenters():
-    """Inner blocks win and each exit restores the enclosing choice, also for one object entered twice
-    (quantized modules keep theirs and enter it on every forward)."""
+    """Inner blocks win and each exit restores the enclosing choice, also for one object entered twice."""
     cpu = backend.use_backend("cpu")
     with cpu:
         with backend.use_backend("torch"):

@@ -294,14 +294,15 @@ def test_cpu_kernel_exact_when_codes_overflow_int32(isa, monkeypatch):
 @pytest.mark.parametrize("image", [(2, 13, 15, 1), (1, 7, 9, 1), (1, 13, 15, 2)],
                          ids=["chunk-major", "block-major", "block-major-stride2"])
 def test_cpu_pointwise_with_weights_beyond_l2(isa, image, monkeypatch, two_threads):
-    """A 1x1 conv whose packed weights exceed the kernel's L2 budget (1024 x 160 int16 pairs: 320 KB), on
-    2 threads. Over 2 * 13 * 15 = 390 output pixels (9 chunks of 48 rows, >= 4 per thread) each chunk of
-    rows is converted once and every weight block streams past it; over 63 or 49 output pixels (2 chunks)
-    the threads share out the weight blocks, reading one converted copy of the whole (strided) input."""
+    """A 1x1 conv whose packed weights exceed the kernel's L2 budget of 256 KB (1024 x 272: 557 KB as
+    int16 pairs, 279 KB as quads), on 2 threads. Over 2 * 13 * 15 = 390 output pixels (9 chunks of 48
+    rows, >= 4 per thread) each chunk of rows is converted once and every weight block streams past it;
+    over 63 or 56 output pixels (2 chunks) the threads share out the weight blocks, reading one converted
+    copy of the whole (strided) input."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
     n, h, w, stride = image
-    c = make_case(n, 1024, h, w, 160, 1, 1, stride=stride, residual=True, relu=True)
-    assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} pointwise 1024 -> 160 on {image}")
+    c = make_case(n, 1024, h, w, 272, 1, 1, stride=stride, residual=True, relu=True)
+    assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} pointwise 1024 -> 272 on {image}")
 
 
 @needs_extension
@@ -402,7 +403,7 @@ def test_cpu_winograd_bit_exact(isa, stride, n, c, hw, k, padding, residual, rel
 def test_cpu_winograd_task_layouts(shape, monkeypatch, two_threads):
     """Each way the Winograd kernel splits its work over 2 threads equals the reference: a small image's
     tiles as one chunk with K split per thread (transformed tiles <= 512 KB), few chunks with K split
-    (C = 512 at 12x16: 590 KB of transformed tiles), and many chunks (1,782 tiles of C = 16: 11 chunks)."""
+    (C = 512 at 12x16: 590 KB of transformed tiles), and many chunks (1,782 tiles of C = 16: 38 chunks of 48)."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
     n, c, h, w, k = shape
     case = make_case(n, c, h, w, k, 3, 3, padding=1, residual=True, relu=True, seed=c)
