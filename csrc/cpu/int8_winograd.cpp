@@ -280,21 +280,20 @@ void conv(const Int8ConvArgs& a, Int8Isa isa, const int32_t* weight) {
   const int64_t tiles_h = (a.oh + th - 1) / th, tiles_w = (a.ow + tw - 1) / tw, tiles = a.n * tiles_h * tiles_w;
   const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = F::kPositions * groups * kTileN;
   // A chunk's transformed tiles (positions * groups words each) take at most half of L2.
-  const int64_t fit = kL2Bytes / 2 / (F::kPositions * groups * static_cast<int64_t>(sizeof(int32_t)));
-  int64_t chunk_tiles = std::clamp<int64_t>(fit / kTileM * kTileM, kTileM, kMaxChunkTiles);
-  int64_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
-  // Few chunks (small images): split K too, so every thread gets work; each split transforms its own copy.
+  const int64_t tile_bytes = F::kPositions * groups * static_cast<int64_t>(sizeof(int32_t));
+  const int64_t l2_chunk_tiles = std::clamp<int64_t>(kL2Bytes / 2 / tile_bytes / kTileM * kTileM, kTileM, kMaxChunkTiles);
   const int64_t threads = at::get_num_threads();
-  int64_t splits = std::clamp<int64_t>((4 * threads + chunks - 1) / chunks, 1, blocks);
-  // When the whole image's transformed tiles are small, one chunk per thread's share of K instead: each
-  // block's transformed weights then stream from memory once, not once per chunk (at batch 1 the
-  // 14x14 and 7x7 layers' weights, 3-13 MB each, are what these convs wait for). ResNet-50 at batch 1,
-  // AVX2, AMD EPYC: its 7x7 3x3 convs ~30% faster, the 14x14 ones ~5%.
-  if (chunks < 4 * threads && tiles * F::kPositions * groups * static_cast<int64_t>(sizeof(int32_t)) <= 2 * kL2Bytes) {
-    chunk_tiles = tiles;
-    chunks = 1;
-    splits = std::min(threads, blocks);
-  }
+  // Few chunks (small images): split K too, so every thread gets work; each split transforms its own
+  // copy. When the whole image's transformed tiles are small, they form one chunk and each thread takes
+  // a share of K: every block's transformed weights then stream from memory once, not once per chunk
+  // (at batch 1 the 14x14 and 7x7 layers' weights, 3-13 MB each, are what these convs wait for).
+  // ResNet-50 at batch 1, AVX2, AMD EPYC: its 7x7 3x3 convs ~30% faster, the 14x14 ones ~5%.
+  const bool few_chunks = (tiles + l2_chunk_tiles - 1) / l2_chunk_tiles < 4 * threads;
+  const bool one_chunk = few_chunks && tiles * tile_bytes <= 2 * kL2Bytes;
+  const int64_t chunk_tiles = one_chunk ? tiles : l2_chunk_tiles;
+  const int64_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
+  const int64_t splits = one_chunk ? std::min(threads, blocks)
+                                   : std::clamp<int64_t>((4 * threads + chunks - 1) / chunks, 1, blocks);
   const int64_t blocks_per_split = (blocks + splits - 1) / splits;
   const TileFn run_tile = pairs_tile_fn(isa);
   const EpilogueFn epilogue = epilogue_fn(isa, a);
