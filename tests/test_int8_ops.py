@@ -255,6 +255,34 @@ def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
 
 
 @needs_extension
+def test_cpu_op_packs_each_weight_once(monkeypatch):
+    """Without a packed_weight (as in a compiled or exported model) the CPU op packs a weight on its
+    first call only, and again after an in-place change of it or under another instruction set."""
+    packs = []
+    pack = torch.ops.tlcore._int8_pack_weight_cpu
+    monkeypatch.setattr(torch.ops.tlcore, "_int8_pack_weight_cpu", lambda *args: packs.append(args) or pack(*args))
+    c = make_case(*CASES[4])
+    c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        assert_bit_exact(run(c, "cpu"), reference(c), "cached packing")
+    assert len(packs) == 1
+    with torch.no_grad():
+        c["weight"].copy_(-c["weight"])  # in place: same tensor, new version
+    assert_bit_exact(run(c, "cpu"), reference(c), "after an in-place change")
+    assert len(packs) == 2
+    monkeypatch.setenv(q8.CPU_ISA_ENV, "scalar")
+    assert_bit_exact(run(c, "cpu"), reference(c), "scalar")
+    assert len(packs) == 3
+    other = dict(c, weight=c["weight"].clone())  # another tensor with the same values: its own entry
+    assert_bit_exact(run(other, "cpu"), reference(other), "another weight")
+    assert len(packs) == 4
+    torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu_cached.default,
+                          (c["x"], c["weight"], c["multiplier"], c["offset"], c["residual"], c["x_zero"], c["shift"],
+                           c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"],
+                           c["out_max"], c["x_max"]))
+
+
+@needs_extension
 def test_cpu_kernel_saturates_exactly(monkeypatch):
     """Extreme operands: the largest accumulators, every output saturated to 127 or -128."""
     x = torch.full((1, 512, 3, 3), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)

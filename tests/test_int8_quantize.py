@@ -369,6 +369,53 @@ def test_nan_input_raises():
         qmodel(x)
 
 
+# ---- compilation and export ---------------------------------------------------------------------
+
+def test_quantized_model_exports():
+    """torch.export keeps tlcore's ops (the instruction set is chosen where the program runs), gives
+    the same codes, and the NaN check becomes an assertion in the graph."""
+    qmodel = tlcore.quantize(small_resnet(Bottleneck), batches(), progress=False)
+    x = batches(1, seed=11)[0]
+    exported = torch.export.export(qmodel, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {"tlcore.int8_conv2d.default", "tlcore.quantize_per_tensor.default"} <= ops
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), qmodel(x))
+        x[0, 0, 1, 2] = float("nan")
+        with pytest.raises(RuntimeError, match="NaN"):
+            exported.module()(x)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_quantized_model_compiles_fullgraph(compiler):
+    qmodel = tlcore.quantize(small_resnet(), batches(), progress=False)
+    x = batches(1, seed=12)[0]
+    compiled = torch.compile(qmodel, backend=compiler, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), qmodel(x))
+        x[1, 2, 3, 4] = float("nan")
+        with pytest.raises(RuntimeError, match="NaN"):
+            compiled(x)
+
+
+def test_forced_module_backend_is_a_clear_error_when_traced():
+    qmodel = tlcore.quantize(small_resnet(), batches(), backend="torch", progress=False)
+    with pytest.raises(RuntimeError, match="TLCORE_BACKEND"):
+        torch.export.export(qmodel, (batches(1)[0],))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile over Triton ops needs a GPU")
+def test_quantized_model_compiles_with_inductor_on_gpu():
+    model = small_resnet(Bottleneck).cuda()
+    qmodel = tlcore.quantize(model, [b.cuda() for b in batches()], progress=False)
+    x = batches(1, seed=13)[0].cuda()
+    compiled = torch.compile(qmodel, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), qmodel(x))
+
+
 def test_uncovered_model_raises():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
     with pytest.raises(TypeError, match="supports torchvision ResNet"):

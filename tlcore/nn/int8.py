@@ -5,6 +5,7 @@ per tensor; each module knows the quantization of its input and output. The inte
 parameters are buffers and the per-layer constants are "extra state", so a model rebuilt
 by `tlcore.quantize` loads a saved state_dict with `torch.load(..., weights_only=True)`.
 """
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,9 @@ from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU
 from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cpu_algorithm, cpu_isa_for, dequantize_per_tensor, int8_conv2d,
                              int8_max_pool2d, pack_weight_cpu, quantize_per_tensor, requantization)
+
+
+NAN_INPUT = "tlcore int8 model: the input contains NaN"
 
 
 class QParams(NamedTuple):
@@ -67,6 +71,13 @@ class _Int8Module(nn.Module):
         self.state = dict(state)
 
     def _backend(self):
+        if torch.compiler.is_compiling():
+            # torch.compile / torch.export trace the public ops, which pick their backend at trace
+            # time (TLCORE_BACKEND); a per-module override would need the context manager traced too.
+            if self.backend is not None:
+                raise RuntimeError(f"{type(self).__name__}.backend={self.backend!r} does not apply inside "
+                                   "torch.compile or torch.export: set TLCORE_BACKEND instead")
+            return contextlib.nullcontext()
         return use_backend(self.backend if self.backend in self.IMPLEMENTED else None)
 
 
@@ -77,9 +88,12 @@ class QuantizeInput(_Int8Module):
         super().__init__(scale=float(qparams.scale), zero_point=int(qparams.zero_point))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # A traced graph cannot branch on data: the check is an assertion op in the graph.
+            torch._assert_async(~torch.isnan(x).any(), NAN_INPUT)
         # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
-        if not torch.isfinite(x.sum()) and torch.isnan(x).any():
-            raise ValueError("tlcore int8 model: the input contains NaN")
+        elif not torch.isfinite(x.sum()) and torch.isnan(x).any():
+            raise ValueError(NAN_INPUT)
         with self._backend():
             return quantize_per_tensor(x, self.state["scale"], self.state["zero_point"])
 
@@ -165,12 +179,16 @@ class Int8Conv2d(_Int8Module):
         if (residual is not None) != s["residual"]:
             raise ValueError(f"Int8Conv2d was calibrated {'with' if s['residual'] else 'without'} a residual")
         with self._backend():
-            if x.device.type == "cpu" and backend.select(CONV_OP, x.device, self.IMPLEMENTED) == "cpu":
+            # Traced (torch.compile, torch.export): the public op, which packs CPU weights itself
+            # (cached per weight) and picks the instruction set where the graph runs.
+            traced = torch.compiler.is_compiling()
+            if not traced and x.device.type == "cpu" and backend.select(CONV_OP, x.device, self.IMPLEMENTED) == "cpu":
                 return self._forward_cpu(x, residual)
             return int8_conv2d(x, s["x_zero"], self.weight, self.multiplier, self.offset, s["shift"],
                                residual=residual, res_multiplier=s["res_multiplier"], out_zero=s["out_zero"],
                                relu=s["relu"], stride=s["stride"], padding=s["padding"], dilation=s["dilation"],
-                               out_max=s["out_max"], x_max=s["x_max"], packed_weight=self._packed_weight()[2])
+                               out_max=s["out_max"], x_max=s["x_max"],
+                               packed_weight=None if traced else self._packed_weight()[2])
 
     def _forward_cpu(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The C++ kernel straight from its op: the public op's Python checks of arguments this

@@ -28,6 +28,7 @@ which would make Triton, CUDA and C++ results differ in the last code.
 import functools
 import math
 import os
+import weakref
 from typing import Optional, Sequence  # typing forms: torch.library's schema inference reads them on torch 2.6
 
 import torch
@@ -264,6 +265,10 @@ def _int8_conv2d_op(
             None if residual is None else _nhwc(residual), res_multiplier, out_zero, relu,
             list(stride), list(padding), list(dilation), out_max)
     chosen = backend.select(CONV_OP, x.device, ("triton", "cuda", "cpu", "torch"))
+    if chosen == "cpu" and packed_weight is None:
+        return torch.ops.tlcore._int8_conv_cpu_cached(x, weight, multiplier, offset, residual, x_zero, shift,
+                                                      res_multiplier, out_zero, relu, list(stride), list(padding),
+                                                      list(dilation), out_max, x_max)
     if chosen == "cpu":
         isa = cpu_isa_for(x_zero, x_max)
         return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, isa,
@@ -286,6 +291,44 @@ def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, re
                               stride, padding, dilation, out_max, x_max)
     return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=torch.int8, device=x.device,
                        memory_format=torch.channels_last)
+
+
+# The C++ kernel's packed weights by id(weight): (weakref to the weight, (its version, isa, algorithm),
+# packed). Entries leave with their weight. (A WeakKeyDictionary would compare tensors with ==.)
+_packed_weights: dict[int, tuple] = {}
+
+
+@torch.library.custom_op("tlcore::_int8_conv_cpu_cached", mutates_args=())
+def _int8_conv_cpu_cached(x: torch.Tensor, weight: torch.Tensor, multiplier: torch.Tensor, offset: torch.Tensor,
+                          residual: Optional[torch.Tensor], x_zero: int, shift: int, res_multiplier: int,
+                          out_zero: int, relu: bool, stride: Sequence[int], padding: Sequence[int],
+                          dilation: Sequence[int], out_max: int, x_max: int) -> torch.Tensor:
+    """The C++ CPU conv with the weight packed once per weight tensor (and again after an in-place
+    change or a new TLCORE_INT8_CPU_ISA / _ALGORITHM), not on every call: what int8_conv2d runs
+    without a packed_weight, e.g. inside a torch.compile'd or exported model. Opaque to tracing,
+    so the instruction set is chosen where the graph runs and the packed tensor never leaves it.
+    """
+    isa = cpu_isa_for(x_zero, x_max)
+    algorithm = cpu_algorithm(weight.shape, stride, dilation, isa)
+    # Inference tensors (made under torch.inference_mode) have no version counter.
+    key = (None if weight.is_inference() else weight._version, isa, algorithm)
+    cached = _packed_weights.get(id(weight))
+    if cached is None or cached[0]() is not weight or cached[1] != key:
+        if cached is None or cached[0]() is not weight:
+            weakref.finalize(weight, _packed_weights.pop, id(weight), None)
+        cached = (weakref.ref(weight), key, torch.ops.tlcore._int8_pack_weight_cpu(_nhwc(weight), isa, algorithm))
+        _packed_weights[id(weight)] = cached
+    return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), x_zero, _nhwc(weight), multiplier.contiguous(),
+                                           offset.contiguous(), shift, None if residual is None else _nhwc(residual),
+                                           res_multiplier, out_zero, relu, list(stride), list(padding),
+                                           list(dilation), out_max, cached[2], isa, algorithm)
+
+
+@_int8_conv_cpu_cached.register_fake
+def _(x, weight, multiplier, offset, residual, x_zero, shift, res_multiplier, out_zero, relu, stride, padding,
+      dilation, out_max, x_max):
+    return _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
+                             relu, stride, padding, dilation, out_max, x_max)
 
 
 def _register_compiled_fakes() -> None:
