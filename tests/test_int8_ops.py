@@ -259,8 +259,8 @@ def test_cpu_op_packs_each_weight_once(monkeypatch):
     """Without a packed_weight (as in a compiled or exported model) the CPU op packs a weight on its
     first call only, and again after an in-place change of it or under another instruction set."""
     packs = []
-    pack = torch.ops.tlcore._int8_pack_weight_cpu
-    monkeypatch.setattr(torch.ops.tlcore, "_int8_pack_weight_cpu", lambda *args: packs.append(args) or pack(*args))
+    pack = q8.pack_weight_cpu
+    monkeypatch.setattr(q8, "pack_weight_cpu", lambda *args: packs.append(args) or pack(*args))
     c = make_case(*CASES[4])
     c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)
     for _ in range(3):
@@ -276,6 +276,9 @@ def test_cpu_op_packs_each_weight_once(monkeypatch):
     other = dict(c, weight=c["weight"].clone())  # another tensor with the same values: its own entry
     assert_bit_exact(run(other, "cpu"), reference(other), "another weight")
     assert len(packs) == 4
+    other["weight"].data = -other["weight"]  # new storage, same tensor and version
+    assert_bit_exact(run(other, "cpu"), reference(other), "new storage")
+    assert len(packs) == 5
     torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu_cached.default,
                           (c["x"], c["weight"], c["multiplier"], c["offset"], c["residual"], c["x_zero"], c["shift"],
                            c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"],

@@ -16,10 +16,7 @@ from tlcore import backend
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU
 from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cpu_algorithm, cpu_isa_for, dequantize_per_tensor, int8_conv2d,
-                             int8_max_pool2d, pack_weight_cpu, quantize_per_tensor, requantization)
-
-
-NAN_INPUT = "tlcore int8 model: the input contains NaN"
+                             int8_max_pool2d, pack_weight_cpu, quantize_input, requantization)
 
 
 class QParams(NamedTuple):
@@ -88,14 +85,8 @@ class QuantizeInput(_Int8Module):
         super().__init__(scale=float(qparams.scale), zero_point=int(qparams.zero_point))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # A traced graph cannot branch on data: the check is an assertion op in the graph.
-            torch._assert_async(~torch.isnan(x).any(), NAN_INPUT)
-        # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
-        elif not torch.isfinite(x.sum()) and torch.isnan(x).any():
-            raise ValueError(NAN_INPUT)
         with self._backend():
-            return quantize_per_tensor(x, self.state["scale"], self.state["zero_point"])
+            return quantize_input(x, self.state["scale"], self.state["zero_point"])
 
     def extra_repr(self) -> str:
         return f"scale={self.state['scale']:.4g}, zero_point={self.state['zero_point']}"

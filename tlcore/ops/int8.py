@@ -310,14 +310,16 @@ def _int8_conv_cpu_cached(x: torch.Tensor, weight: torch.Tensor, multiplier: tor
     """
     isa = cpu_isa_for(x_zero, x_max)
     algorithm = cpu_algorithm(weight.shape, stride, dilation, isa)
-    # Inference tensors (made under torch.inference_mode) have no version counter.
-    key = (None if weight.is_inference() else weight._version, isa, algorithm)
+    # As for Int8Conv2d's own cache: the storage (`w.data = ...`) and the version (in-place changes;
+    # inference tensors, made under torch.inference_mode, have none and count as unchanging).
+    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, isa, algorithm)
     cached = _packed_weights.get(id(weight))
-    if cached is None or cached[0]() is not weight or cached[1] != key:
-        if cached is None or cached[0]() is not weight:
-            weakref.finalize(weight, _packed_weights.pop, id(weight), None)
-        cached = (weakref.ref(weight), key, torch.ops.tlcore._int8_pack_weight_cpu(_nhwc(weight), isa, algorithm))
+    new_entry = cached is None or cached[0]() is not weight
+    if new_entry or cached[1] != key:
+        cached = (weakref.ref(weight), key, pack_weight_cpu(weight, stride, dilation, x_zero, x_max))
         _packed_weights[id(weight)] = cached
+        if new_entry:
+            weakref.finalize(weight, _packed_weights.pop, id(weight), None)
     return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), x_zero, _nhwc(weight), multiplier.contiguous(),
                                            offset.contiguous(), shift, None if residual is None else _nhwc(residual),
                                            res_multiplier, out_zero, relu, list(stride), list(padding),
@@ -479,6 +481,28 @@ def _quantize_fake(x, inv_scale, zero_point):
                          f"got {x.dtype} of rank {x.dim()}")
     _check_qparams("tlcore.ops.quantize_per_tensor", 1.0 / inv_scale if inv_scale else 0.0, zero_point)
     return torch.empty(x.shape, dtype=torch.int8, device=x.device, memory_format=torch.channels_last)
+
+
+NAN_INPUT = "tlcore int8 model: the input contains NaN"
+
+
+@torch.library.custom_op("tlcore::quantize_input", mutates_args=())
+def quantize_input(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """quantize_per_tensor for an int8 model's input, which must hold no NaN (ValueError).
+
+    One op, opaque to tracing, so the check survives torch.compile and torch.export (inductor
+    on torch 2.6 drops an _assert_async from the graph). x: (N, C, H, W) float.
+    """
+    # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
+    if not torch.isfinite(x.sum()) and torch.isnan(x).any():
+        raise ValueError(NAN_INPUT)
+    return quantize_per_tensor(x, scale, zero_point)
+
+
+@quantize_input.register_fake
+def _(x, scale, zero_point):
+    _check_qparams("tlcore.ops.quantize_input", scale, zero_point)
+    return _quantize_fake(x, 1.0 / scale, zero_point)
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
