@@ -15,8 +15,8 @@ from torch.ao.quantization import PerChannelMinMaxObserver
 from tlcore import backend
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU
-from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cpu_algorithm, cpu_isa_for, dequantize_per_tensor, int8_conv2d,
-                             int8_max_pool2d, pack_weight_cpu, quantize_input, requantization)
+from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cached_packed_weight_cpu, dequantize_per_tensor, int8_conv2d,
+                             int8_max_pool2d, quantize_input, requantization)
 
 
 class QParams(NamedTuple):
@@ -139,7 +139,6 @@ class Int8Conv2d(_Int8Module):
         self.register_buffer("w_scale", torch.ones(k))
         self.register_buffer("multiplier", torch.zeros(k, dtype=torch.int32))
         self.register_buffer("offset", torch.zeros(k, dtype=torch.int64))
-        self._packed: tuple[tuple, tuple] = ((), (None, None, None))
 
     @classmethod
     def from_fused(cls, fused: FusedConv2dBNReLU, x_q: QParams, out_q: QParams, res_q: QParams | None = None):
@@ -194,20 +193,10 @@ class Int8Conv2d(_Int8Module):
             s["out_zero"], s["relu"], s["stride"], s["padding"], s["dilation"], s["out_max"], packed, isa, algorithm)
 
     def _packed_weight(self) -> tuple[int | None, int | None, torch.Tensor | None]:
-        """(isa, algorithm, the weight in that C++ CPU kernel's layout), packed again whenever the
-        weight or the kernel's choice (TLCORE_INT8_CPU_ISA, TLCORE_INT8_CPU_ALGORITHM) changes."""
-        s, weight = self.state, self._buffers["weight"]  # one buffer lookup, not six (~0.5 us each)
-        isa = algorithm = None
-        if weight.device.type == "cpu":
-            isa = cpu_isa_for(s["x_zero"], s["x_max"])
-            algorithm = cpu_algorithm(weight.shape, s["stride"], s["dilation"], isa)
-        # Inference tensors (a model built under torch.inference_mode) have no version counter.
-        version = None if weight.is_inference() else weight._version
-        key = (weight.device, weight.data_ptr(), version, isa, algorithm)
-        if self._packed[0] != key:
-            packed = pack_weight_cpu(weight, s["stride"], s["dilation"], s["x_zero"], s["x_max"])
-            self._packed = (key, (isa, algorithm, packed))
-        return self._packed[1]
+        """(isa, algorithm, the weight in that C++ CPU kernel's layout): cached_packed_weight_cpu."""
+        s = self.state
+        # One buffer lookup (nn.Module attribute lookups of buffers cost ~0.5 us each).
+        return cached_packed_weight_cpu(self._buffers["weight"], s["stride"], s["dilation"], s["x_zero"], s["x_max"])
 
     def extra_repr(self) -> str:
         s = self.state

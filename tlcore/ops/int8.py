@@ -293,25 +293,23 @@ def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, re
                        memory_format=torch.channels_last)
 
 
-# The C++ kernel's packed weights by id(weight): (weakref to the weight, (its version, isa, algorithm),
-# packed). Entries leave with their weight. (A WeakKeyDictionary would compare tensors with ==.)
+# The C++ kernel's packed weights by id(weight): (weakref to the weight, (its storage, version, isa,
+# algorithm), packed). Entries leave with their weight. (A WeakKeyDictionary would compare tensors with ==.)
 _packed_weights: dict[int, tuple] = {}
 
 
-@torch.library.custom_op("tlcore::_int8_conv_cpu_cached", mutates_args=())
-def _int8_conv_cpu_cached(x: torch.Tensor, weight: torch.Tensor, multiplier: torch.Tensor, offset: torch.Tensor,
-                          residual: Optional[torch.Tensor], x_zero: int, shift: int, res_multiplier: int,
-                          out_zero: int, relu: bool, stride: Sequence[int], padding: Sequence[int],
-                          dilation: Sequence[int], out_max: int, x_max: int) -> torch.Tensor:
-    """The C++ CPU conv with the weight packed once per weight tensor (and again after an in-place
-    change or a new TLCORE_INT8_CPU_ISA / _ALGORITHM), not on every call: what int8_conv2d runs
-    without a packed_weight, e.g. inside a torch.compile'd or exported model. Opaque to tracing,
-    so the instruction set is chosen where the graph runs and the packed tensor never leaves it.
+def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int],
+                             x_zero: int = QMIN, x_max: int = QMAX) -> tuple[int | None, int | None, torch.Tensor | None]:
+    """(isa, algorithm, pack_weight_cpu(weight, ...)) for a conv on inputs with codes up to x_max,
+    packed once per weight tensor and again when its storage (`w.data = ...`), its version (an
+    in-place change) or the kernel's choice (TLCORE_INT8_CPU_ISA, _ALGORITHM) changes. Inference
+    tensors (made under torch.inference_mode) have no version and count as unchanging.
+    (None, None, None) without the extension or off the CPU.
     """
+    if not _extension.loaded() or weight.device.type != "cpu":
+        return None, None, None
     isa = cpu_isa_for(x_zero, x_max)
     algorithm = cpu_algorithm(weight.shape, stride, dilation, isa)
-    # As for Int8Conv2d's own cache: the storage (`w.data = ...`) and the version (in-place changes;
-    # inference tensors, made under torch.inference_mode, have none and count as unchanging).
     key = (weight.data_ptr(), None if weight.is_inference() else weight._version, isa, algorithm)
     cached = _packed_weights.get(id(weight))
     new_entry = cached is None or cached[0]() is not weight
@@ -320,10 +318,23 @@ def _int8_conv_cpu_cached(x: torch.Tensor, weight: torch.Tensor, multiplier: tor
         _packed_weights[id(weight)] = cached
         if new_entry:
             weakref.finalize(weight, _packed_weights.pop, id(weight), None)
+    return isa, algorithm, cached[2]
+
+
+@torch.library.custom_op("tlcore::_int8_conv_cpu_cached", mutates_args=())
+def _int8_conv_cpu_cached(x: torch.Tensor, weight: torch.Tensor, multiplier: torch.Tensor, offset: torch.Tensor,
+                          residual: Optional[torch.Tensor], x_zero: int, shift: int, res_multiplier: int,
+                          out_zero: int, relu: bool, stride: Sequence[int], padding: Sequence[int],
+                          dilation: Sequence[int], out_max: int, x_max: int) -> torch.Tensor:
+    """The C++ CPU conv on cached_packed_weight_cpu(weight): what int8_conv2d runs without a
+    packed_weight, e.g. inside a torch.compile'd or exported model. Opaque to tracing, so the
+    instruction set is chosen where the graph runs and the packed tensor never leaves it.
+    """
+    isa, algorithm, packed = cached_packed_weight_cpu(weight, stride, dilation, x_zero, x_max)
     return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), x_zero, _nhwc(weight), multiplier.contiguous(),
                                            offset.contiguous(), shift, None if residual is None else _nhwc(residual),
                                            res_multiplier, out_zero, relu, list(stride), list(padding),
-                                           list(dilation), out_max, cached[2], isa, algorithm)
+                                           list(dilation), out_max, packed, isa, algorithm)
 
 
 @_int8_conv_cpu_cached.register_fake
