@@ -399,7 +399,37 @@ def test_cpu_kernel_random_shapes(n, c, hw, k, rs, stride, padding, dilation, re
     assert torch.equal(out, ref), f"{(n, c, h, w, k, r, s, stride, padding, dilation)}"
 
 
+@needs_extension
+@pytest.mark.parametrize("isa", CPU_ISAS + ["avx2u7"])
+@pytest.mark.parametrize("kernel", [(1, 0), (3, 1)], ids=["1x1", "3x3"])
+def test_cpu_kernel_every_last_tile_size(isa, kernel, monkeypatch):
+    """1 to 13 and 49 output pixels: every partial last tile of the 6-row (AVX2, scalar) and the 12-row
+    (AVX-512 VNNI) micro-kernels, which compute only the rows a tile has."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(q8.ALGORITHM_ENV, "direct")
+    r, padding = kernel
+    for pixels in [*range(1, 14), 49]:
+        case = make_case(1, 10, 1, pixels, 36, r, r, padding=padding, relu=False, seed=pixels)
+        if isa == "avx2u7":
+            case = seven_bit(case)
+        assert_bit_exact(run(case, "cpu"), reference(case), f"cpu/{isa} {r}x{r} on {pixels} pixels")
+
+
 WINOGRAD_ISAS = ["scalar", "avx2", "avx2u7"]  # the int16-pairs instruction sets
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", WINOGRAD_ISAS)
+def test_cpu_winograd_every_last_tile_size(isa, monkeypatch):
+    """1 to 7 and 13 Winograd tiles (2x4 outputs each): every partial last micro-tile of 6."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    for tiles in [*range(1, 8), 13]:
+        case = make_case(1, 12, 2, 4 * tiles, 36, 3, 3, padding=1, relu=False, seed=tiles)
+        if isa == "avx2u7":
+            case = seven_bit(case)
+        isa_code = q8.cpu_isa_for(case["x_zero"], case["x_max"])
+        assert q8.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], isa_code) == q8.CPU_ALGORITHMS["winograd"]
+        assert_bit_exact(run(case, "cpu"), reference(case), f"winograd/{isa} {tiles} tiles")
 
 
 @needs_extension

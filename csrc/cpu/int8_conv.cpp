@@ -66,7 +66,7 @@ int64_t group_size(Layout layout) { return layout == Layout::kQuads ? 4 : 2; }
 
 // The pairs layout in plain C++ (the reference-speed fallback of every CPU).
 void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
-  for (int i = 0; i < kTileM; ++i) {
+  for (int i = 0; i < t.count; ++i) {
     for (int j = 0; j < kTileN; ++j) acc[i][j] = t.correction == nullptr ? 0 : -t.correction[j];
   }
   const int32_t* b = t.weight;
@@ -74,7 +74,7 @@ void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
     for (int64_t g = 0; g < t.groups; ++g, b += kTileN) {
       int16_t w[kTileN][2];
       std::memcpy(w, b, sizeof(w));
-      for (int i = 0; i < kTileM; ++i) {
+      for (int i = 0; i < t.count; ++i) {
         int16_t x[2];
         std::memcpy(x, t.rows[i] + t.tap_offsets[tap] + g, sizeof(x));
         // Wrapping sums (unsigned), like vpaddd: Winograd's position sums may wrap (int8_winograd.cpp).
@@ -100,15 +100,18 @@ __attribute__((target("avx2,avxvnni"))) inline __m256i madd_quads_avxvnni(__m256
 }
 
 // The SIMD micro-kernel, instantiated once per instruction set: a function compiled for one
-// target cannot inline helpers of a wider one, so a template cannot share the body.
+// target cannot inline helpers of a wider one, so a template cannot share the body. NAME runs
+// NAME##_rows<M> with M = t.count: a conv's last tile is often short (49 rows at 7x7 are 8 tiles of
+// 6 and one of 1), and computing all 6 rows there cost ~10% of ResNet-50's 7x7 layers at batch 1.
 #define TLCORE_DEFINE_SIMD_TILE(NAME, TARGET, MADD)                                              \
-  __attribute__((target(TARGET))) void NAME(const Tile& t, int32_t (*acc)[kTileN]) {             \
-    __m256i lo[kTileM], hi[kTileM], start_lo = _mm256_setzero_si256(), start_hi = start_lo;        \
+  template <int M>                                                                               \
+  __attribute__((target(TARGET))) void NAME##_rows(const Tile& t, int32_t (*acc)[kTileN]) {      \
+    __m256i lo[M], hi[M], start_lo = _mm256_setzero_si256(), start_hi = start_lo;                \
     if (t.correction != nullptr) { /* quads: start at -128 * sum(w), see the file comment */      \
       start_lo = _mm256_sub_epi32(start_lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.correction))); \
       start_hi = _mm256_sub_epi32(start_hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.correction + 8))); \
     }                                                                                            \
-    _Pragma("GCC unroll 6") for (int i = 0; i < kTileM; ++i) lo[i] = start_lo, hi[i] = start_hi; \
+    _Pragma("GCC unroll 6") for (int i = 0; i < M; ++i) lo[i] = start_lo, hi[i] = start_hi;      \
     const int32_t* b = t.weight;                                                                 \
     for (int64_t tap = 0; tap < t.taps; ++tap) {                                                 \
       const int64_t offset = t.tap_offsets[tap];                                                 \
@@ -116,16 +119,27 @@ __attribute__((target("avx2,avxvnni"))) inline __m256i madd_quads_avxvnni(__m256
         const __m256i b_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));            \
         const __m256i b_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8));        \
         _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchWords), _MM_HINT_T0);            \
-        _Pragma("GCC unroll 6") for (int i = 0; i < kTileM; ++i) {                               \
+        _Pragma("GCC unroll 6") for (int i = 0; i < M; ++i) {                                    \
           const __m256i a = _mm256_set1_epi32(t.rows[i][offset + g]);                            \
           lo[i] = MADD(lo[i], a, b_lo);                                                          \
           hi[i] = MADD(hi[i], a, b_hi);                                                          \
         }                                                                                        \
       }                                                                                          \
     }                                                                                            \
-    for (int i = 0; i < kTileM; ++i) {                                                           \
+    for (int i = 0; i < M; ++i) {                                                                \
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[i]), lo[i]);                            \
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[i] + 8), hi[i]);                        \
+    }                                                                                            \
+  }                                                                                              \
+  void NAME(const Tile& t, int32_t (*acc)[kTileN]) {                                             \
+    static_assert(kTileM == 6, "one case per row count");                                        \
+    switch (t.count) {                                                                           \
+      case 1: return NAME##_rows<1>(t, acc);                                                     \
+      case 2: return NAME##_rows<2>(t, acc);                                                     \
+      case 3: return NAME##_rows<3>(t, acc);                                                     \
+      case 4: return NAME##_rows<4>(t, acc);                                                     \
+      case 5: return NAME##_rows<5>(t, acc);                                                     \
+      default: return NAME##_rows<6>(t, acc);                                                    \
     }                                                                                            \
   }
 
@@ -192,6 +206,26 @@ __attribute__((target(TLCORE_ZMM_TARGET))) void tile_avx512vnni_zmm(
   }
 }
 #undef TLCORE_ZMM_TARGET
+
+// tile_avx512vnni_zmm on a tile of `count` rows (rows[0 .. kZmmTileM - 1], those past count repeating
+// the last) with the fewest rows of 4, 8 or 12 that covers them: 49 rows at 7x7 are four tiles of
+// 12 and one of 4, not five of 12. Returns that M: block j's results are acc[j * M .. j * M + count - 1].
+template <int B>
+int zmm_tile(int count, const int32_t* const* rows, const int32_t* weight, int64_t block_words,
+             const int64_t* tap_offsets, int64_t taps, int64_t groups, const int32_t* correction,
+             int32_t (*acc)[kTileN]) {
+  static_assert(kZmmTileM == 12, "one variant per third of a tile");
+  if (count <= 4) {
+    tile_avx512vnni_zmm<4, B>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
+    return 4;
+  }
+  if (count <= 8) {
+    tile_avx512vnni_zmm<8, B>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
+    return 8;
+  }
+  tile_avx512vnni_zmm<12, B>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
+  return 12;
+}
 #endif  // TLCORE_X86
 
 const char* isa_name(Int8Isa isa) {
@@ -646,7 +680,8 @@ void repeat_last(int count, const int32_t* (&rows)[M], int64_t* ms) {
 
 // A tile's input rows: the tap-(0, 0) pointers of output pixels m0 .. m0 + count - 1 in the padded
 // input (hp rows of row_words words, column_words per output column) and their indices, M of each
-// (ms: the next M slots of an array). Rows past count repeat the last one (computed, never stored). (n, y, col) is stepped from m0's: one
+// (ms: the next M slots of an array). Rows past count repeat the last one (never stored; a kernel variant
+// covering more rows than count may compute them). (n, y, col) is stepped from m0's: one
 // division per tile, not three per row (they cost as much as the kernel on a 1x1 conv with few channels).
 template <int M>
 void tile_rows(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t row_words, int64_t column_words,
@@ -787,13 +822,11 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
           } else {
             tile_rows(a, x.get(), hp, row_words, column_words, m0, count, rows, ms);
           }
-          if (n_blocks == 2) {
-            tile_avx512vnni_zmm<M, 2>(rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc);
-          } else {
-            tile_avx512vnni_zmm<M, 1>(rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc);
-          }
+          const int used = n_blocks == 2
+                               ? zmm_tile<2>(count, rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc)
+                               : zmm_tile<1>(count, rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc);
           // The epilogue takes one block's 16 channels, all the tile's rows at once.
-          for (int j = 0; j < n_blocks; ++j) epilogue(a, acc + j * M, ms, count, (block + j) * kTileN);
+          for (int j = 0; j < n_blocks; ++j) epilogue(a, acc + j * used, ms, count, (block + j) * kTileN);
         }
       }
     });
@@ -828,6 +861,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
         } else {
           tile_rows(a, x.get(), hp, row_words, column_words, m0, rows, t.rows, ms + slot);
         }
+        t.count = rows;
         run_tile(t, acc + slot);
       }
       // Only the chunk's last tile can be partial, so its first `rows` slots are its pixels in order.

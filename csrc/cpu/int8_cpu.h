@@ -29,9 +29,11 @@ struct Tile {
   const int64_t* tap_offsets;   // offsets of the taps from a row pointer
   int64_t taps, groups;         // taps, groups per tap
   const int32_t* correction;    // quads layouts: the block's 16 values of 128 * sum(w), subtracted; else nullptr
+  int count = kTileM;           // rows computed (1 .. kTileM); acc rows past it are left unwritten
 };
 
-// acc[i][j] = sum over taps and groups of rows[i] . weight (the layout's dot product) - correction[j], int32.
+// acc[i][j] = sum over taps and groups of rows[i] . weight (the layout's dot product) - correction[j], int32,
+// for i < count.
 using TileFn = void (*)(const Tile&, int32_t (*acc)[kTileN]);
 
 // The fused requantize epilogue of int8_conv.h on `rows` rows of acc: row i is output pixel m[i],

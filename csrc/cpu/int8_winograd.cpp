@@ -324,10 +324,9 @@ void conv(const Int8ConvArgs& a, Int8Isa isa, const int32_t* weight) {
       for (int64_t block = block_begin; block < block_end; ++block) {
         for (int64_t g0 = 0; g0 < count; g0 += kTileM) {
           const int rows = static_cast<int>(std::min<int64_t>(kTileM, count - g0));
+          t.count = rows;
           for (int p = 0; p < F::kPositions; ++p) {
-            for (int i = 0; i < kTileM; ++i) {  // rows past the end repeat the last tile, not stored
-              t.rows[i] = v.data() + ((g0 + std::min(i, rows - 1)) * F::kPositions + p) * groups;
-            }
+            for (int i = 0; i < rows; ++i) t.rows[i] = v.data() + ((g0 + i) * F::kPositions + p) * groups;
             t.weight = weight + block * block_words + p * groups * kTileN;
             run_tile(t, m[p]);
           }
