@@ -102,7 +102,7 @@ __attribute__((target("avx2,avxvnni"))) inline __m256i madd_quads_avxvnni(__m256
 // The SIMD micro-kernel, instantiated once per instruction set: a function compiled for one
 // target cannot inline helpers of a wider one, so a template cannot share the body. NAME runs
 // NAME##_rows<M> with M = t.count: a conv's last tile is often short (49 rows at 7x7 are 8 tiles of
-// 6 and one of 1), and computing all 6 rows there cost ~10% of ResNet-50's 7x7 layers at batch 1.
+// 6 and one of 1): computing all 6 rows there made ResNet-50's 7x7 layers 8-30% slower at batch 1.
 #define TLCORE_DEFINE_SIMD_TILE(NAME, TARGET, MADD)                                              \
   template <int M>                                                                               \
   __attribute__((target(TARGET))) void NAME##_rows(const Tile& t, int32_t (*acc)[kTileN]) {      \
@@ -208,8 +208,8 @@ __attribute__((target(TLCORE_ZMM_TARGET))) void tile_avx512vnni_zmm(
 #undef TLCORE_ZMM_TARGET
 
 // tile_avx512vnni_zmm on a tile of `count` rows (rows[0 .. kZmmTileM - 1], those past count repeating
-// the last) with the fewest rows of 4, 8 or 12 that covers them: 49 rows at 7x7 are four tiles of
-// 12 and one of 4, not five of 12. Returns that M: block j's results are acc[j * M .. j * M + count - 1].
+// the last: computed, never stored) with the fewest rows of 4, 8 or 12 that covers them: 49 rows at
+// 7x7 are four tiles of 12 and one of 4, not five of 12. Returns that M: block j's results are acc[j * M .. j * M + count - 1].
 template <int B>
 int zmm_tile(int count, const int32_t* const* rows, const int32_t* weight, int64_t block_words,
              const int64_t* tap_offsets, int64_t taps, int64_t groups, const int32_t* correction,
@@ -670,18 +670,9 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
   });
 }
 
-template <int M>
-void repeat_last(int count, const int32_t* (&rows)[M], int64_t* ms) {
-  for (int i = std::max(count, 1); i < M; ++i) {
-    rows[i] = rows[i - 1];
-    ms[i] = ms[i - 1];
-  }
-}
-
 // A tile's input rows: the tap-(0, 0) pointers of output pixels m0 .. m0 + count - 1 in the padded
-// input (hp rows of row_words words, column_words per output column) and their indices, M of each
-// (ms: the next M slots of an array). Rows past count repeat the last one (never stored; a kernel variant
-// covering more rows than count may compute them). (n, y, col) is stepped from m0's: one
+// input (hp rows of row_words words, column_words per output column) and their indices (ms: the
+// next count slots of an array). (n, y, col) is stepped from m0's: one
 // division per tile, not three per row (they cost as much as the kernel on a 1x1 conv with few channels).
 template <int M>
 void tile_rows(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t row_words, int64_t column_words,
@@ -695,7 +686,6 @@ void tile_rows(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t row_
       if (++y == a.oh) y = 0, ++n;
     }
   }
-  repeat_last(count, rows, ms);
 }
 
 // tile_rows for a pointwise conv's converted chunk: output pixel m0 + i reads row `offset + i` of it.
@@ -706,7 +696,6 @@ void chunk_rows(const int32_t* chunk, int64_t groups, int64_t offset, int64_t m0
     rows[i] = chunk + (offset + i) * groups;
     ms[i] = m0 + i;
   }
-  repeat_last(count, rows, ms);
 }
 
 void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
@@ -822,6 +811,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
           } else {
             tile_rows(a, x.get(), hp, row_words, column_words, m0, count, rows, ms);
           }
+          for (int i = count; i < M; ++i) rows[i] = rows[count - 1];  // zmm_tile may compute up to M rows
           const int used = n_blocks == 2
                                ? zmm_tile<2>(count, rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc)
                                : zmm_tile<1>(count, rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc);
