@@ -151,16 +151,50 @@ bool int8_cpu_isa_supported(int64_t isa) {
 
 // ---- the int8 model's other layers (csrc/int8_layers.h) ------------------------------------------
 
-at::Tensor quantize_cpu(const at::Tensor& x, double inv_scale, int64_t zero_point) {
+// reject_nan: raise ValueError if x holds a NaN (the int8 model's input check, found in the same pass).
+at::Tensor quantize_cpu(const at::Tensor& x, double inv_scale, int64_t zero_point, bool reject_nan) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "tlcore quantize: x must be a CPU fp32 (N, C, H, W) tensor");
   TORCH_CHECK(zero_point >= -128 && zero_point <= 127, "tlcore quantize: zero_point must be in [-128, 127]");
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor src = channels_last ? x : x.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar).memory_format(at::MemoryFormat::ChannelsLast));
-  tlcore::quantize_to_nhwc_cpu(src.data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3), channels_last,
-                               static_cast<float>(inv_scale), static_cast<int32_t>(zero_point),
-                               out.data_ptr<int8_t>());
+  const bool nan = tlcore::quantize_to_nhwc_cpu(src.data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3),
+                                                channels_last, static_cast<float>(inv_scale),
+                                                static_cast<int32_t>(zero_point), out.data_ptr<int8_t>());
+  TORCH_CHECK_VALUE(!(reject_nan && nan), "tlcore int8 model: the input contains NaN");
+  return out;
+}
+
+// q: int8 (N, C, H, W), any layout -> fp32 (N, C, 1, 1) means of the dequantized codes.
+at::Tensor int8_global_avg_pool_cpu(const at::Tensor& q, double scale, int64_t zero_point) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kChar && q.device().is_cpu(),
+              "tlcore int8 global average pool: q must be a CPU int8 (N, C, H, W) tensor");
+  TORCH_CHECK(q.size(2) * q.size(3) > 0, "tlcore int8 global average pool: the feature map is empty");
+  const at::Tensor src = q.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({q.size(0), q.size(1), 1, 1}, q.options().dtype(at::kFloat));
+  tlcore::int8_global_avg_pool_cpu(src.data_ptr<int8_t>(), q.size(0), q.size(2) * q.size(3), q.size(1), scale,
+                                   static_cast<int32_t>(zero_point), out.data_ptr<float>());
+  return out;
+}
+
+// x: fp32 (N, C); weight: int8 (K, C); w_scale, bias: fp32 (K,) -> fp32 (N, K). plain: no SIMD.
+at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
+                                  const at::Tensor& bias, bool plain) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "tlcore int8 linear: x must be a CPU fp32 (N, C) tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.size(1) == x.size(1),
+              "tlcore int8 linear: weight must be int8 (K, C) with x's C");
+  const int64_t k = weight.size(0);
+  for (const at::Tensor* t : {&w_scale, &bias}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == k && t->scalar_type() == at::kFloat,
+                "tlcore int8 linear: w_scale and bias must be fp32 (K,)");
+  }
+  const at::Tensor xs = x.contiguous(), ws = weight.contiguous(), scales = w_scale.contiguous(), b = bias.contiguous();
+  at::Tensor out = at::empty({x.size(0), k}, x.options());
+  const tlcore::Int8LinearArgs args{xs.data_ptr<float>(), x.size(0), x.size(1), ws.data_ptr<int8_t>(), k,
+                                    scales.data_ptr<float>(), b.data_ptr<float>(), out.data_ptr<float>()};
+  if (out.numel() > 0) tlcore::int8_weight_linear_cpu(args, plain);
   return out;
 }
 
@@ -384,7 +418,9 @@ TORCH_LIBRARY(tlcore, m) {
   m.def("_int8_cpu_best_algorithm(int k, int c, int r, int s, int[] stride, int[] dilation, int isa) -> int",
         &int8_cpu_best_algorithm);
   m.def("_int8_cpu_resolve_isa(int isa) -> int", &int8_cpu_resolve_isa);
-  m.def("_quantize_cpu(Tensor x, float inv_scale, int zero_point) -> Tensor");
+  m.def("_quantize_cpu(Tensor x, float inv_scale, int zero_point, bool reject_nan=False) -> Tensor");
+  m.def("_int8_global_avg_pool_cpu(Tensor q, float scale, int zero_point) -> Tensor");
+  m.def("_int8_weight_linear_cpu(Tensor x, Tensor weight, Tensor w_scale, Tensor bias, bool plain=False) -> Tensor");
   m.def("_int8_max_pool_cpu(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
         "-> Tensor");
   m.def("_int8_cpu_isa_supported(int isa) -> bool", &int8_cpu_isa_supported);
@@ -410,6 +446,8 @@ TORCH_LIBRARY_IMPL(tlcore, CPU, m) {
   m.impl("_int8_pack_weight_cpu", &int8_pack_weight_cpu);
   m.impl("_quantize_cpu", &quantize_cpu);
   m.impl("_int8_max_pool_cpu", &int8_max_pool_cpu);
+  m.impl("_int8_global_avg_pool_cpu", &int8_global_avg_pool_cpu);
+  m.impl("_int8_weight_linear_cpu", &int8_weight_linear_cpu);
 }
 
 #ifdef TLCORE_WITH_CUDA

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from numerics import opcheck_utils
+from numerics import opcheck_utils, rel_error
 from tlcore import _extension
 from tlcore.backend import use_backend
 from tlcore.ops import int8 as q8
@@ -828,6 +828,36 @@ def test_quantize_nan_and_ties(device):
         assert q == expected + expected[:2], name
 
 
+@needs_extension
+@pytest.mark.parametrize("shape", [(2, 3, 37, 41), (1, 3, 4, 4), (1, 3, 5, 3), (1, 4, 23, 29)])
+def test_quantize_cpu_from_nchw_matches_torch(shape):
+    """The C++ kernel's NCHW -> NHWC path: RGB inputs by byte shuffles (16 pixels a step, a short
+    tail, blocks of 512 pixels), other channel counts byte by byte."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[3])) * 4
+    with use_backend("torch"):
+        ref = q8.quantize_per_tensor(x, 0.05, -3)
+    with use_backend("cpu"):
+        out = q8.quantize_per_tensor(x, 0.05, -3)
+    assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_quantize_input_rejects_nan_only(backend_name, layout):
+    """quantize_input raises on a NaN anywhere (the C++ kernel's vector body or scalar tail, any
+    block, either layout) and quantizes infinities like quantize_per_tensor."""
+    x = torch.randn(2, 3, 13, 11, generator=torch.Generator().manual_seed(3))
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    x[0, 0, 0, 0], x[1, 2, 12, 10] = float("inf"), float("-inf")
+    with use_backend(backend_name):
+        assert torch.equal(q8.quantize_input(x, 0.05, -3), q8.quantize_per_tensor(x, 0.05, -3))
+        for position in [(0, 0, 0, 0), (0, 1, 5, 7), (1, 2, 12, 10), (1, 2, 12, 3)]:
+            bad = x.clone()
+            bad[position] = float("nan")
+            with pytest.raises(ValueError, match="contains NaN"):
+                q8.quantize_input(bad, 0.05, -3)
+
+
 @pytest.mark.parametrize("scale, zero", [(0.0, 0), (float("nan"), 0), (-1.0, 0), (0.1, 128)])
 def test_quantize_bad_qparams(scale, zero):
     with pytest.raises(ValueError):
@@ -884,3 +914,80 @@ def test_int8_max_pool_op_checks():
             q8._pool_output_size(2, 3, 2, 0, 1, ceil_mode)
     with pytest.raises(RuntimeError, match="int8"):
         torch.ops.tlcore._int8_max_pool_cpu(q.float(), [3, 3], [2, 2], [1, 1], [1, 1], False)
+
+
+# ---- global average pool and fc ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+@pytest.mark.parametrize("shape", [(1, 2048, 7, 7), (3, 300, 5, 9), (2, 8, 1, 1)])
+def test_int8_global_avg_pool_against_float64(shape, backend_name):
+    """Exact int32 sums scaled once: against the float64 mean of the dequantized codes, the same
+    bits on every backend and layout; a chunk of 256 channels and a short one (300)."""
+    q = torch.randint(-128, 128, shape, generator=torch.Generator().manual_seed(shape[1]), dtype=torch.int8)
+    q = q.contiguous(memory_format=torch.channels_last)
+    ref = ((q.double() + 93) * 0.0371).mean(dim=(2, 3), keepdim=True)
+    with use_backend(backend_name):
+        out = q8.int8_global_avg_pool(q, 0.0371, -93)
+        assert torch.equal(q8.int8_global_avg_pool(q.contiguous(), 0.0371, -93), out)
+        assert torch.equal(q8.int8_global_avg_pool(q.transpose(2, 3), 0.0371, -93), out)
+    with use_backend("torch"):
+        assert torch.equal(q8.int8_global_avg_pool(q, 0.0371, -93), out)
+    assert out.dtype == torch.float32 and out.shape == (*shape[:2], 1, 1)
+    assert rel_error(out, ref) < 1e-6
+
+
+def test_int8_global_avg_pool_bad_input():
+    q = torch.randint(-128, 128, (1, 4, 3, 3), dtype=torch.int8)
+    for bad in (q.float(), q[0], q[:, :, :0]):
+        with pytest.raises(ValueError, match="int8 \\(N, C, H, W\\)|empty"):
+            q8.int8_global_avg_pool(bad, 0.1, 0)
+    with pytest.raises(ValueError, match="scale"):
+        q8.int8_global_avg_pool(q, 0.0, 0)
+
+
+LINEAR_CASES = [(1, 2048, 1000), (8, 512, 10), (3, 37, 11), (2, 7, 1), (5, 64, 6)]  # N, C, K
+
+
+def linear_case(n: int, c: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + n * c + k)
+    x = torch.randn(n, c, generator=g)
+    weight = torch.randint(-127, 128, (k, c), generator=g, dtype=torch.int8)
+    return x, weight, torch.rand(k, generator=g) * 0.01 + 1e-3, torch.randn(k, generator=g)
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+@pytest.mark.parametrize("n, c, k", LINEAR_CASES, ids=lambda v: str(v))
+def test_int8_weight_linear_against_float64(n, c, k, backend_name, isa, monkeypatch):
+    """Random sizes (channels not a multiple of 8, weight rows not a multiple of 4, odd batches),
+    a transposed x; as accurate as stock fp32 F.linear on the dequantized weight (2x its error)."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa)
+    x, weight, w_scale, bias = linear_case(n, c, k)
+    dequantized = weight.double() * w_scale.double()[:, None]
+    ref = x.double() @ dequantized.T + bias.double()
+    stock = F.linear(x, dequantized.float(), bias)
+    with use_backend(backend_name):
+        out = q8.int8_weight_linear(x, weight, w_scale, bias)
+        strided = q8.int8_weight_linear(x.T.contiguous().T, weight, w_scale, bias)
+    assert out.dtype == torch.float32 and out.shape == (n, k)
+    assert torch.equal(strided, out) or backend_name == "torch"  # the C++ kernel reads a contiguous copy
+    for result in (out, strided):
+        assert rel_error(result, ref) <= 2 * rel_error(stock, ref) + 1e-7
+
+
+def test_int8_weight_linear_bad_input():
+    x, weight, w_scale, bias = linear_case(2, 16, 3)
+    for args in [(x.double(), weight), (x, weight.float()), (x[0], weight), (x, weight[:, :15])]:
+        with pytest.raises(ValueError, match="int8 linear"):
+            q8.int8_weight_linear(*args, w_scale, bias)
+
+
+@needs_extension
+def test_tail_op_checks():
+    q = torch.randint(-128, 128, (2, 5, 7, 6), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    torch.library.opcheck(torch.ops.tlcore._int8_global_avg_pool_cpu.default, (q, 0.1, -5))
+    x, weight, w_scale, bias = linear_case(3, 37, 11)
+    torch.library.opcheck(torch.ops.tlcore._int8_weight_linear_cpu.default, (x, weight, w_scale, bias, False))
+    torch.library.opcheck(torch.ops.tlcore._quantize_cpu.default, (torch.randn(2, 3, 5, 4), 20.0, -3, True))
+    with pytest.raises(RuntimeError, match="w_scale and bias"):
+        torch.ops.tlcore._int8_weight_linear_cpu(x, weight, w_scale[:5], bias)

@@ -12,8 +12,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import tlcore
 from digits import digits_loaders, digits_tensors
+from numerics import rel_error
 from tlcore import _extension
-from tlcore.nn import DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8ResidualBlock
+from tlcore.nn import DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear, Int8ResidualBlock
 from tlcore.nn.int8 import QParams
 from tlcore.ops import int8 as q8
 
@@ -243,9 +244,33 @@ def test_global_avg_pool_from_int8_codes(shape):
         pool(q.float())
 
 
-def test_quantized_resnet_pools_int8_codes():
-    qmodel = tlcore.quantize(small_resnet(), batches(), progress=False)
-    assert isinstance(qmodel.avgpool, Int8GlobalAvgPool)
+def test_quantized_resnet_pools_int8_codes_into_an_int8_weight_fc():
+    model = small_resnet()
+    qmodel = tlcore.quantize(model, batches(), progress=False)
+    assert isinstance(qmodel.avgpool, Int8GlobalAvgPool) and isinstance(qmodel.fc, Int8Linear)
+    dequantized = qmodel.fc.weight.float() * qmodel.fc.w_scale[:, None]  # within half a step per row
+    assert ((dequantized - model.fc.weight).abs() <= qmodel.fc.w_scale[:, None] / 2 + 1e-7).all()
+    assert qmodel.fc.weight.abs().amax(dim=1).eq(127).all()
+    assert torch.equal(qmodel.fc.bias, model.fc.bias)
+
+
+def features_and_logits(qmodel: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 model's pooled features (the end of its integer path) and its logits."""
+    features = []
+    hook = qmodel.avgpool.register_forward_hook(lambda module, inputs, output: features.append(output))
+    try:
+        with torch.no_grad():
+            logits = qmodel(x)
+    finally:
+        hook.remove()
+    return features[0], logits
+
+
+def assert_same_model_outputs(got: tuple[torch.Tensor, torch.Tensor], expected: tuple[torch.Tensor, torch.Tensor],
+                              name: str = "") -> None:
+    """Pooled features bit for bit; the logits within fp32 rounding (each backend's fc sums in its own order)."""
+    assert torch.equal(got[0], expected[0]), name
+    assert rel_error(got[1], expected[1]) < 1e-6, name
 
 
 @pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
@@ -254,14 +279,12 @@ def test_backends_are_bit_identical_through_the_model(monkeypatch):
     x = batches(1, size=16, batch=2, seed=7)[0]
     outputs = {}
     for name in ("torch", "cpu", "triton"):
-        qmodel = tlcore.quantize(model, batches(size=16), backend=name, progress=False)
-        with torch.no_grad():
-            outputs[name] = qmodel(x)
+        outputs[name] = features_and_logits(tlcore.quantize(model, batches(size=16), backend=name, progress=False), x)
     monkeypatch.setenv(q8.CPU_ISA_ENV, "scalar")
-    with torch.no_grad():
-        outputs["cpu-scalar"] = tlcore.quantize(model, batches(size=16), backend="cpu", progress=False)(x)
+    outputs["cpu-scalar"] = features_and_logits(
+        tlcore.quantize(model, batches(size=16), backend="cpu", progress=False), x)
     for name, out in outputs.items():
-        assert torch.equal(out, outputs["torch"]), name
+        assert_same_model_outputs(out, outputs["torch"], name)
 
 
 @pytest.mark.skipif(not _extension.loaded() or not q8.cpu_isa_supported("avx2u7"), reason="needs tlcore._C and AVX2")
@@ -275,10 +298,10 @@ def test_seven_bit_model_runs_vpmaddubsw_bit_identically(monkeypatch):
     assert convs[0].state["x_max"] == 127 and all(m.state["x_max"] == -1 for m in convs[1:])
     assert all(m.state["out_max"] == -1 for m in convs)
     monkeypatch.setattr(q8, "_auto_isa", lambda: q8._CPU_ISAS["avx2"])  # as on an AVX2 CPU without VNNI
+    expected = features_and_logits(reference, x)
+    assert_same_model_outputs(features_and_logits(qmodel, x), expected)
     with torch.no_grad():
-        expected = reference(x)
-        assert torch.equal(qmodel(x), expected)
-        assert sqnr(model(x), expected) > 20
+        assert sqnr(model(x), expected[1]) > 20
 
 
 def test_state_dict_round_trip_weights_only():
@@ -299,9 +322,10 @@ def test_state_dict_round_trip_weights_only():
 def test_skip_keeps_blocks_float():
     model = small_resnet()
     x = batches(1, seed=5)[0]
-    qmodel = tlcore.quantize(model, batches(), skip=("conv1", "layer2.0"), progress=False)
+    qmodel = tlcore.quantize(model, batches(), skip=("conv1", "layer2.0", "fc"), progress=False)
     assert isinstance(qmodel.layer2[0], FloatFallback) and "skipped on request" in repr(qmodel.layer2[0])
     assert not isinstance(qmodel.conv1, nn.Sequential)  # the stem stayed float
+    assert type(qmodel.fc) is nn.Linear and torch.equal(qmodel.fc.weight, model.fc.weight)
     assert isinstance(qmodel.layer1[0], Int8ResidualBlock)
     with torch.no_grad():
         assert sqnr(model(x), qmodel(x)) > 25
@@ -442,7 +466,7 @@ def test_uncovered_model_raises():
     (dict(method="kl"), "unknown method"),
     (dict(backend="gpu"), "unknown backend"),
     (dict(method="percentile", percentile=20.0), "percentile must be"),
-    (dict(skip=("fc",)), "cannot skip"),
+    (dict(skip=("avgpool",)), "cannot skip"),
     (dict(skip=("layer9.0",)), "cannot skip"),
 ])
 def test_bad_options_raise(kwargs, match):

@@ -16,8 +16,8 @@ residual block an Int8ResidualBlock. Between layers activations stay int8 NHWC.
 
 Coverage: the stem conv, the max-pool (on int8 codes) and every BasicBlock / Bottleneck
 run in int8. The average pool sums the int8 codes exactly and dequantizes the (N, C) means;
-the fc runs in fp32, documented: it is ~0.1% of a ResNet's FLOPs and the float tail keeps
-the logits' full precision.
+the fc keeps its weights in int8 (per output row) and its math in fp32 (Int8Linear): a batch-1
+fc waits for its weights, and the fp32 features keep the logits' precision.
 A block that cannot run in int8 (a conv tlcore.fuse left stock, e.g. ResNeXt's grouped
 3x3) or that is named in `skip` stays float between a dequantize and a quantize
 (FloatFallback, whose repr says why). Models other than torchvision ResNets raise.
@@ -33,8 +33,8 @@ from tlcore.backend import BACKENDS
 from tlcore.fuse import fuse
 from tlcore.nn.blocks import FusedResidualBlock
 from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d
-from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8MaxPool2d,
-                            Int8ResidualBlock, QParams, QuantizeInput, _Int8Module)
+from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear,
+                            Int8MaxPool2d, Int8ResidualBlock, QParams, QuantizeInput, _Int8Module)
 from tlcore.ops.int8 import MAX_REDUCTION, QMAX, QMIN
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -127,7 +127,8 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
             (inputs, labels) pairs such as a DataLoader's; at least one non-empty batch.
         method: how activation ranges are chosen: "minmax", "percentile" (clip to
             `percentile`), "entropy" (KL divergence) or "mse" (least L2 error).
-        skip: names of blocks to keep in float ("layer1.0", ...) or "conv1" for the stem.
+        skip: names of blocks to keep in float ("layer1.0", ...), "conv1" for the stem, "fc" for
+            the fc (then its weights stay fp32).
         backend: force a tlcore backend for the int8 ops ("cpu", "triton", "cuda", "torch").
         reduce_range: 7-bit activations between convs (codes -128..-1), like torch.ao's x86
             backend: half the resolution, but on AVX2 CPUs without VNNI the C++ kernel can then
@@ -148,10 +149,10 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
         raise ValueError(f"tlcore.quantize: percentile must be in (50, 100], got {percentile}")
     _check_resnet(model)
     skip = set(skip)
-    known = {"conv1"} | {f"{name}.{i}" for name in _LAYERS for i in range(len(getattr(model, name)))}
+    known = {"conv1", "fc"} | {f"{name}.{i}" for name in _LAYERS for i in range(len(getattr(model, name)))}
     if skip - known:
-        raise ValueError(f"tlcore.quantize: cannot skip {sorted(skip - known)}; skippable are 'conv1' (the stem) "
-                         "and the blocks 'layer1.0', ... (the pooling and the fc already run in float)")
+        raise ValueError(f"tlcore.quantize: cannot skip {sorted(skip - known)}; skippable are 'conv1' (the stem), "
+                         "the blocks 'layer1.0', ... and 'fc'")
     fused = fuse(model)
     observers = _calibrate(fused, calibration_data, method, percentile, progress, reduce_range)
     qmodel = _convert_resnet(fused, observers, skip)
@@ -286,5 +287,8 @@ def _convert_resnet(model: nn.Module, observers: dict, skip: set) -> nn.Module:
         model.avgpool = Int8GlobalAvgPool(current)
     else:
         model.avgpool = nn.Sequential(DequantizeOutput(current), pool)
-    model.fc = model.fc.float()  # the float tail runs in fp32 whatever the model's dtype
+    if type(model.fc) is nn.Linear and "fc" not in skip:
+        model.fc = Int8Linear.from_float(model.fc)
+    else:
+        model.fc = model.fc.float()  # a float fc runs in fp32 whatever the model's dtype
     return model

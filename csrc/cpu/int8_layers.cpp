@@ -1,12 +1,14 @@
-// The int8 model's input quantization and max-pool on the CPU (csrc/int8_layers.h).
-// Both are memory-bound passes; before them the model spent more time converting layouts and
-// dtypes around PyTorch's ops (fp32 NCHW -> int8 NHWC in five passes, fp16 round trips for the
-// max-pool, whose CPU kernel has no int8 path) than in its stem conv.
+// The int8 model's layers around the convolutions on the CPU (csrc/int8_layers.h): the input
+// quantization, the max-pool, the global average pool and the fc on int8 weights. All are
+// memory-bound passes; before them the model spent more time converting layouts and dtypes around
+// PyTorch's ops (fp32 NCHW -> int8 NHWC in five passes, fp16 round trips for the max-pool, whose
+// CPU kernel has no int8 path) than in its stem conv, and its fp32 fc read 8 MB per forward.
 #include "int8_layers.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -22,43 +24,104 @@ namespace {
 constexpr int64_t kBlock = 512;  // pixels quantized per step of the NCHW -> NHWC transpose
 
 // No fused multiply-add: x * inv_scale is rounded to fp32 before + 0.5, as on every backend.
-__attribute__((optimize("fp-contract=off"))) void quantize_span_scalar(const float* x, int64_t count, float inv,
+// Each span returns whether it met a NaN.
+__attribute__((optimize("fp-contract=off"))) bool quantize_span_scalar(const float* x, int64_t count, float inv,
                                                                         int32_t zero, int8_t* out) {
   const float lo = static_cast<float>(-128 - zero), hi = static_cast<float>(127 - zero);
+  bool nan = false;
   for (int64_t i = 0; i < count; ++i) {
     const float product = x[i] * inv;
     float t = std::floor(product + 0.5f);
+    nan |= std::isnan(t);
     t = std::isnan(t) ? 0.0f : std::min(std::max(t, lo), hi);
     out[i] = static_cast<int8_t>(static_cast<int32_t>(t) + zero);
   }
+  return nan;
 }
 
 #ifdef TLCORE_X86
-__attribute__((target("avx2"))) void quantize_span_avx2(const float* x, int64_t count, float inv, int32_t zero,
+__attribute__((target("avx2"))) bool quantize_span_avx2(const float* x, int64_t count, float inv, int32_t zero,
                                                         int8_t* out) {
   const __m256 scale = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f);
   const __m256 lo = _mm256_set1_ps(static_cast<float>(-128 - zero)), hi = _mm256_set1_ps(static_cast<float>(127 - zero));
   const __m256i zero_point = _mm256_set1_epi32(zero);
+  __m256 ordered = _mm256_cmp_ps(half, half, _CMP_EQ_OQ);  // all lanes set; a NaN clears its lane
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     __m256 t = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), scale), half));
-    t = _mm256_and_ps(t, _mm256_cmp_ps(t, t, _CMP_ORD_Q));  // NaN -> 0
+    const __m256 not_nan = _mm256_cmp_ps(t, t, _CMP_ORD_Q);
+    ordered = _mm256_and_ps(ordered, not_nan);
+    t = _mm256_and_ps(t, not_nan);  // NaN -> 0
     t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
     const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(t), zero_point);  // integral already: exact
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packs_epi16(q16, q16));
   }
-  quantize_span_scalar(x + i, count - i, inv, zero, out + i);
+  const bool nan = _mm256_movemask_ps(ordered) != 0xFF;
+  return quantize_span_scalar(x + i, count - i, inv, zero, out + i) || nan;
 }
 #endif
 
-using QuantizeSpan = void (*)(const float*, int64_t, float, int32_t, int8_t*);
+using QuantizeSpan = bool (*)(const float*, int64_t, float, int32_t, int8_t*);
 
 QuantizeSpan quantize_span() {
 #ifdef TLCORE_X86
   if (__builtin_cpu_supports("avx2")) return quantize_span_avx2;
 #endif
   return quantize_span_scalar;
+}
+
+// (C, block) planes of codes -> `count` pixels of C codes (NCHW -> NHWC within a block).
+void interleave_generic(const int8_t* planes, int64_t c, int64_t count, int8_t* dst) {
+  for (int64_t p = 0; p < count; ++p) {
+    for (int64_t ci = 0; ci < c; ++ci) dst[p * c + ci] = planes[ci * kBlock + p];
+  }
+}
+
+#ifdef TLCORE_X86
+// Three planes (an RGB input, the common case, where the byte-by-byte loop cost more than the
+// quantization itself): 16 pixels per step, each 16-byte output word gathered from the three
+// planes by byte shuffles. kRgbShuffle[word][plane][byte]: which pixel of that plane goes there (-128: none).
+struct RgbShuffle {
+  int8_t index[3][3][16];
+  constexpr RgbShuffle() : index() {
+    for (int word = 0; word < 3; ++word) {
+      for (int plane = 0; plane < 3; ++plane) {
+        for (int byte = 0; byte < 16; ++byte) {
+          const int position = 16 * word + byte;
+          index[word][plane][byte] = static_cast<int8_t>(position % 3 == plane ? position / 3 : -128);
+        }
+      }
+    }
+  }
+};
+constexpr RgbShuffle kRgbShuffle;
+
+__attribute__((target("avx2"))) void interleave_rgb_avx2(const int8_t* planes, int64_t c, int64_t count, int8_t* dst) {
+  int64_t p = 0;
+  for (; p + 16 <= count; p += 16) {
+    __m128i plane[3];
+    for (int i = 0; i < 3; ++i) plane[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes + i * kBlock + p));
+    for (int word = 0; word < 3; ++word) {
+      __m128i bytes = _mm_setzero_si128();
+      for (int i = 0; i < 3; ++i) {
+        const __m128i index = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kRgbShuffle.index[word][i]));
+        bytes = _mm_or_si128(bytes, _mm_shuffle_epi8(plane[i], index));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 3 * p + 16 * word), bytes);
+    }
+  }
+  interleave_generic(planes + p, c, count - p, dst + 3 * p);
+}
+#endif
+
+using Interleave = void (*)(const int8_t*, int64_t, int64_t, int8_t*);
+
+Interleave interleave(int64_t c) {
+#ifdef TLCORE_X86
+  if (c == 3 && __builtin_cpu_supports("avx2")) return interleave_rgb_avx2;
+#endif
+  return interleave_generic;
 }
 
 // dst = max(dst, src) over c int8 codes; the vector type makes one source for every target.
@@ -101,33 +164,108 @@ __attribute__((target("avx2"))) void max_pool_rows_avx2(const Int8PoolArgs& a, i
 }
 #endif
 
+// ---- the fc on int8 weights ----
+
+// One block of the fc: rows k0 .. k0 + KR of the weight against rows n0 .. n0 + NR of x. Plain C++.
+template <int KR, int NR>
+void linear_block_generic(const Int8LinearArgs& a, int64_t k0, int64_t n0) {
+  for (int i = 0; i < KR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      const float* x = a.x + (n0 + j) * a.c;
+      const int8_t* w = a.w + (k0 + i) * a.c;
+      float sum = 0.0f;
+      for (int64_t c = 0; c < a.c; ++c) sum += x[c] * static_cast<float>(w[c]);
+      a.out[(n0 + j) * a.k + k0 + i] = sum * a.w_scale[k0 + i] + a.bias[k0 + i];
+    }
+  }
+}
+
+#ifdef TLCORE_X86
+__attribute__((target("avx2"))) inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The same block with 8 channels per step: each weight vector is widened once and used for NR rows
+// of x; KR * NR independent accumulators keep the FMA pipes fed at batch 1 (KR = 4).
+template <int KR, int NR>
+__attribute__((target("avx2,fma"))) void linear_block_avx2(const Int8LinearArgs& a, int64_t k0, int64_t n0) {
+  __m256 acc[KR][NR];
+  for (int i = 0; i < KR; ++i) {
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  }
+  int64_t c = 0;
+  for (; c + 8 <= a.c; c += 8) {
+    __m256 x[NR];
+    for (int j = 0; j < NR; ++j) x[j] = _mm256_loadu_ps(a.x + (n0 + j) * a.c + c);
+    for (int i = 0; i < KR; ++i) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.w + (k0 + i) * a.c + c));
+      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(w, x[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < KR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      const float* x = a.x + (n0 + j) * a.c;
+      const int8_t* w = a.w + (k0 + i) * a.c;
+      float sum = horizontal_sum(acc[i][j]);
+      for (int64_t r = c; r < a.c; ++r) sum += x[r] * static_cast<float>(w[r]);
+      a.out[(n0 + j) * a.k + k0 + i] = sum * a.w_scale[k0 + i] + a.bias[k0 + i];
+    }
+  }
+}
+#endif
+
+constexpr int kLinearRows = 4;  // weight rows per block
+constexpr int kLinearBatch = 2;  // rows of x per block
+
+struct LinearBlocks {
+  void (*full)(const Int8LinearArgs&, int64_t, int64_t);      // kLinearRows x kLinearBatch
+  void (*short_x)(const Int8LinearArgs&, int64_t, int64_t);   // kLinearRows x 1
+  void (*one_row)(const Int8LinearArgs&, int64_t, int64_t);   // 1 x 1
+};
+
+LinearBlocks linear_blocks(bool plain) {
+#ifdef TLCORE_X86
+  if (!plain && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {linear_block_avx2<kLinearRows, kLinearBatch>, linear_block_avx2<kLinearRows, 1>,
+            linear_block_avx2<1, 1>};
+  }
+#endif
+  return {linear_block_generic<kLinearRows, kLinearBatch>, linear_block_generic<kLinearRows, 1>,
+          linear_block_generic<1, 1>};
+}
+
 }  // namespace
 
-void quantize_to_nhwc_cpu(const float* x, int64_t n, int64_t c, int64_t hw, bool channels_last, float inv_scale,
+bool quantize_to_nhwc_cpu(const float* x, int64_t n, int64_t c, int64_t hw, bool channels_last, float inv_scale,
                           int32_t zero_point, int8_t* out) {
   const QuantizeSpan span = quantize_span();
+  std::atomic<bool> nan{false};
   if (channels_last || c == 1) {  // the same element order in and out
     const int64_t total = n * hw * c;
     at::parallel_for(0, (total + kBlock - 1) / kBlock, 16, [&](int64_t begin, int64_t end) {
       const int64_t first = begin * kBlock, last = std::min(total, end * kBlock);
-      span(x + first, last - first, inv_scale, zero_point, out + first);
+      if (span(x + first, last - first, inv_scale, zero_point, out + first)) nan.store(true, std::memory_order_relaxed);
     });
-    return;
+    return nan.load();
   }
+  const Interleave to_pixels = interleave(c);
   const int64_t blocks = (hw + kBlock - 1) / kBlock;
   at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> planes(static_cast<size_t>(c * kBlock));  // (C, block) codes, then transposed
+    bool found = false;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / blocks, first = task % blocks * kBlock, count = std::min(kBlock, hw - first);
       for (int64_t ci = 0; ci < c; ++ci) {
-        span(x + (image * c + ci) * hw + first, count, inv_scale, zero_point, planes.data() + ci * kBlock);
+        found |= span(x + (image * c + ci) * hw + first, count, inv_scale, zero_point, planes.data() + ci * kBlock);
       }
-      int8_t* dst = out + (image * hw + first) * c;
-      for (int64_t p = 0; p < count; ++p) {
-        for (int64_t ci = 0; ci < c; ++ci) dst[p * c + ci] = planes[ci * kBlock + p];
-      }
+      to_pixels(planes.data(), c, count, out + (image * hw + first) * c);
     }
+    if (found) nan.store(true, std::memory_order_relaxed);
   });
+  return nan.load();
 }
 
 void int8_max_pool_cpu(const Int8PoolArgs& args) {
@@ -136,6 +274,46 @@ void int8_max_pool_cpu(const Int8PoolArgs& args) {
   if (__builtin_cpu_supports("avx2")) rows = max_pool_rows_avx2;
 #endif
   at::parallel_for(0, args.n * args.oh, 1, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+}
+
+void int8_global_avg_pool_cpu(const int8_t* q, int64_t n, int64_t hw, int64_t c, double scale, int32_t zero_point,
+                              float* out) {
+  constexpr int64_t kChannels = 256;  // one task's int32 sums, on the stack
+  const int64_t chunks = (c + kChannels - 1) / kChannels;
+  const float factor = static_cast<float>(scale / static_cast<double>(hw));
+  at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t image = task / chunks, first = task % chunks * kChannels, width = std::min(kChannels, c - first);
+      int32_t sums[kChannels] = {};
+      for (int64_t p = 0; p < hw; ++p) {
+        const int8_t* codes = q + (image * hw + p) * c + first;
+        for (int64_t i = 0; i < width; ++i) sums[i] += codes[i];
+      }
+      for (int64_t i = 0; i < width; ++i) {
+        out[image * c + first + i] = static_cast<float>(sums[i] - hw * zero_point) * factor;
+      }
+    }
+  });
+}
+
+void int8_weight_linear_cpu(const Int8LinearArgs& args, bool plain) {
+  const LinearBlocks blocks = linear_blocks(plain);
+  const int64_t row_blocks = (args.k + kLinearRows - 1) / kLinearRows;
+  // Split the weight rows between threads: at batch 1 the fc is one pass over its weight.
+  at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t k0 = block * kLinearRows;
+      if (k0 + kLinearRows > args.k) {  // the last, short block: row by row
+        for (int64_t k = k0; k < args.k; ++k) {
+          for (int64_t n = 0; n < args.n; ++n) blocks.one_row(args, k, n);
+        }
+        continue;
+      }
+      int64_t n = 0;
+      for (; n + kLinearBatch <= args.n; n += kLinearBatch) blocks.full(args, k0, n);
+      for (; n < args.n; ++n) blocks.short_x(args, k0, n);
+    }
+  });
 }
 
 }  // namespace tlcore

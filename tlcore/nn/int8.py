@@ -16,7 +16,8 @@ from tlcore import backend
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU
 from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cached_packed_weight_cpu, dequantize_per_tensor, int8_conv2d,
-                             int8_max_pool2d, quantize_input, requantization)
+                             int8_global_avg_pool, int8_max_pool2d, int8_weight_linear, quantize_input,
+                             requantization)
 
 
 class QParams(NamedTuple):
@@ -31,7 +32,8 @@ class QParams(NamedTuple):
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, C, R, S) float -> (int8 (K, C, R, S) in [-127, 127] channels_last, fp32 (K,) scales).
+    """(K, ...) float -> (int8 (K, ...) in [-127, 127], fp32 (K,) scales); a conv's (K, C, R, S)
+    comes back channels_last, an fc's (K, C) contiguous.
 
     Symmetric per output channel: scale[k] = max|w[k]| / 127 (torch.ao's per-channel observer).
     """
@@ -40,8 +42,9 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     observer(weight.detach().float())
     scale, _ = observer.calculate_qparams()
     scale = scale.to(weight.device, torch.float32)
-    q = torch.round(weight.detach().float() / scale.view(-1, 1, 1, 1)).clamp(-WEIGHT_QMAX, WEIGHT_QMAX)
-    return q.to(torch.int8).contiguous(memory_format=torch.channels_last), scale
+    per_channel = scale.view(-1, *[1] * (weight.dim() - 1))
+    q = torch.round(weight.detach().float() / per_channel).clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+    return (q.contiguous(memory_format=torch.channels_last) if q.dim() == 4 else q), scale
 
 
 class _Int8Module(nn.Module):
@@ -107,19 +110,53 @@ class DequantizeOutput(_Int8Module):
 
 
 class Int8GlobalAvgPool(DequantizeOutput):
-    """A ResNet's average pool on its int8 features, into fp32 for the float fc.
+    """A ResNet's average pool on its int8 features, into fp32 for the fc.
 
     forward(q: int8 (N, C, H, W)) -> fp32 (N, C, 1, 1) = scale * (mean of the codes - zero_point).
-    The codes are summed in int32 (exact: |sum| <= 128 * H * W) and scaled once, instead of
-    dequantizing a full fp32 copy first: a tenth of the time (ResNet-50's 2048 x 7 x 7 features).
+    The codes are summed in int32 (exact) and scaled once, instead of dequantizing a full fp32
+    copy first: a tenth of the time (ResNet-50's 2048 x 7 x 7 features).
     """
 
+    IMPLEMENTED = ("cpu", "torch")
+
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        if q.dtype != torch.int8 or q.dim() != 4:
-            raise ValueError(f"Int8GlobalAvgPool: expected int8 (N, C, H, W) codes, got {q.dtype} of rank {q.dim()}")
-        pixels = q.shape[2] * q.shape[3]
-        sums = q.sum(dim=(2, 3), keepdim=True, dtype=torch.int32) - pixels * self.state["zero_point"]
-        return sums.float() * (self.state["scale"] / pixels)
+        with self._backend():
+            return int8_global_avg_pool(q, self.state["scale"], self.state["zero_point"])
+
+
+class Int8Linear(_Int8Module):
+    """A ResNet's fc on int8 weights (symmetric per output row); fp32 features in, fp32 logits out.
+
+    forward(x: fp32 (N, C)) -> fp32 (N, K) = x @ (w_scale[:, None] * weight).T + bias.
+    Buffers: weight int8 (K, C), w_scale fp32 (K,), bias fp32 (K,).
+    """
+
+    IMPLEMENTED = ("cpu", "torch")
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features=in_features, out_features=out_features)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
+        weight_q, w_scale = quantize_weight(linear.weight)
+        module = cls(linear.in_features, linear.out_features).to(linear.weight.device)
+        with torch.no_grad():
+            module.weight.copy_(weight_q)
+            module.w_scale.copy_(w_scale)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.float())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buffers = self._buffers  # nn.Module attribute lookups of buffers cost ~0.5 us each
+        with self._backend():
+            return int8_weight_linear(x, buffers["weight"], buffers["w_scale"], buffers["bias"])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.state['in_features']}, out_features={self.state['out_features']}, int8 weights"
 
 
 class Int8Conv2d(_Int8Module):

@@ -361,8 +361,16 @@ def _register_compiled_fakes() -> None:
     torch.library.register_fake("tlcore::_int8_conv_cuda")(_int8_conv2d_fake)
 
     @torch.library.register_fake("tlcore::_quantize_cpu")
-    def _(x, inv_scale, zero_point):
+    def _(x, inv_scale, zero_point, reject_nan=False):
         return _quantize_fake(x, inv_scale, zero_point)
+
+    @torch.library.register_fake("tlcore::_int8_global_avg_pool_cpu")
+    def _(q, scale, zero_point):
+        return q.new_empty((q.shape[0], q.shape[1], 1, 1), dtype=torch.float32)
+
+    @torch.library.register_fake("tlcore::_int8_weight_linear_cpu")
+    def _(x, weight, w_scale, bias, plain=False):
+        return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("tlcore::_int8_max_pool_cpu")
     def _(x, kernel, stride, padding, dilation, ceil_mode):
@@ -452,6 +460,11 @@ def pack_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Seque
                                                   cpu_algorithm(weight.shape, stride, dilation, isa))
 
 
+def _runs_cpu_kernel(op: str, t: torch.Tensor) -> bool:
+    """Whether `op` on tensor t runs its C++ CPU kernel (rather than its PyTorch path)."""
+    return t.device.type == "cpu" and backend.select(op, t.device, ("cpu", "torch")) == "cpu"
+
+
 # ---- quantize / dequantize ------------------------------------------------------------------
 
 def _check_qparams(where: str, scale: float, zero_point: int) -> None:
@@ -469,12 +482,15 @@ def _quantize_torch(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch
         .contiguous(memory_format=torch.channels_last)
 
 
+QUANTIZE_BACKENDS = ("triton", "cpu", "torch")
+
+
 @triton_op("tlcore::quantize_per_tensor", mutates_args=())
 def _quantize_op(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch.Tensor:
     out = _quantize_fake(x, inv_scale, zero_point)
     if out.numel() == 0:
         return out
-    chosen = backend.select("quantize_per_tensor", x.device, ("triton", "cpu", "torch"))
+    chosen = backend.select("quantize_per_tensor", x.device, QUANTIZE_BACKENDS)
     if chosen == "triton":
         from tlcore.kernels.int8_conv import quantize_per_tensor as triton_quantize
 
@@ -504,6 +520,9 @@ def quantize_input(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
     One op, opaque to tracing, so the check survives torch.compile and torch.export (inductor
     on torch 2.6 drops an _assert_async from the graph). x: (N, C, H, W) float.
     """
+    if x.dtype == torch.float32 and x.numel() > 0 and x.device.type == "cpu" \
+            and backend.select("quantize_per_tensor", x.device, QUANTIZE_BACKENDS) == "cpu":
+        return torch.ops.tlcore._quantize_cpu(x, 1.0 / scale, zero_point, True)  # checks for NaN in its pass
     # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
     if not torch.isfinite(x.sum()) and torch.isnan(x).any():
         raise ValueError(NAN_INPUT)
@@ -580,9 +599,48 @@ def int8_max_pool2d(q: torch.Tensor, kernel_size: int | Sequence[int], stride: i
     """
     kernel_size, stride, padding, dilation = (_pair(value, name, "int8_max_pool2d") for value, name in (
         (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    if q.device.type == "cpu" and backend.select("int8_max_pool2d", q.device, ("cpu", "torch")) == "cpu":
+    if _runs_cpu_kernel("int8_max_pool2d", q):
         return torch.ops.tlcore._int8_max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode)
     # CUDA has no integer max-pool, and the CPU one rejects an int8 tensor of more than 127
     # elements per image (an int8-typed size check); fp16 holds every int8 value exactly.
     y = F.max_pool2d(q.half(), kernel_size, stride, padding, dilation, ceil_mode)
     return y.to(torch.int8).contiguous(memory_format=torch.channels_last)
+
+
+# ---- the tail: global average pool and fc -------------------------------------------------------
+
+def int8_global_avg_pool(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """A ResNet's average pool on int8 codes: fp32 scale * (mean of the codes - zero_point).
+
+    q: (N, C, H, W) int8, any layout. Returns fp32 (N, C, 1, 1). The codes are summed in int32
+    (exact: |sum| <= 255 * H * W) and scaled once, by fp32(scale / (H * W)), on every backend.
+    """
+    if q.dtype != torch.int8 or q.dim() != 4:
+        raise ValueError(f"tlcore int8 global average pool: expected int8 (N, C, H, W) codes, got {q.dtype} "
+                         f"of rank {q.dim()}")
+    _check_qparams("tlcore int8 global average pool", scale, zero_point)
+    pixels = q.shape[2] * q.shape[3]
+    if pixels == 0:
+        raise ValueError("tlcore int8 global average pool: the feature map is empty")
+    if _runs_cpu_kernel("int8_global_avg_pool", q):
+        return torch.ops.tlcore._int8_global_avg_pool_cpu(q, scale, zero_point)
+    sums = q.sum(dim=(2, 3), keepdim=True, dtype=torch.int32) - pixels * zero_point
+    return sums.float() * (scale / pixels)
+
+
+def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+    """An fc on int8 weights: x @ (w_scale[:, None] * weight).T + bias, in fp32.
+
+    x: fp32 (N, C); weight: int8 (K, C); w_scale, bias: fp32 (K,). Returns fp32 (N, K). Only the
+    weights are quantized (a quarter of fp32's memory traffic, which a batch-1 fc waits for); the
+    pooled features and the sums stay fp32, so the logits keep the precision the int8 body gives them.
+    """
+    if x.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.int8 or weight.dim() != 2 \
+            or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"tlcore int8 linear: expected fp32 x (N, C) and int8 weight (K, C), got {x.dtype} "
+                         f"{tuple(x.shape)} and {weight.dtype} {tuple(weight.shape)}")
+    if _runs_cpu_kernel("int8_weight_linear", x):
+        plain = selected_cpu_isa() == _CPU_ISAS["scalar"]  # TLCORE_INT8_CPU_ISA=scalar: no SIMD here either
+        return torch.ops.tlcore._int8_weight_linear_cpu(x, weight, w_scale, bias, plain)
+    return torch.addmm(bias, x, (weight.float() * w_scale[:, None]).T)
