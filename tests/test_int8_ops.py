@@ -862,6 +862,9 @@ def test_quantize_input_rejects_nan_only(backend_name, layout):
 def test_quantize_bad_qparams(scale, zero):
     with pytest.raises(ValueError):
         q8.quantize_per_tensor(torch.randn(1, 2, 3, 3), scale, zero)
+    for name in ("cpu", "torch"):
+        with use_backend(name), pytest.raises(ValueError, match="scale|zero_point"):
+            q8.quantize_input(torch.randn(1, 2, 3, 3), scale, zero)
     with pytest.raises(ValueError):
         q8.dequantize_per_tensor(torch.zeros(1, 2, 3, 3, dtype=torch.int8), scale, zero)
 

@@ -319,6 +319,21 @@ def test_state_dict_round_trip_weights_only():
         assert torch.equal(rebuilt(x), expected)
 
 
+def test_float_fc_state_dict_loads_into_the_int8_fc():
+    """A state_dict whose fc is float (skip=("fc",), or saved before the fc was int8) loads into
+    Int8Linear, quantized exactly as tlcore.quantize quantizes it."""
+    model = small_resnet(Bottleneck)
+    x = batches(1, seed=4)[0]
+    expected = tlcore.quantize(model, batches(), progress=False)
+    buffer = io.BytesIO()
+    torch.save(tlcore.quantize(model, batches(), skip=("fc",), progress=False).state_dict(), buffer)
+    buffer.seek(0)
+    rebuilt = tlcore.quantize(model, batches(n=1, seed=3), method="percentile", progress=False)
+    rebuilt.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), expected(x))
+
+
 def test_skip_keeps_blocks_float():
     model = small_resnet()
     x = batches(1, seed=5)[0]
@@ -432,11 +447,12 @@ def test_quantized_model_exports(monkeypatch):
 
 @pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_quantized_model_compiles_fullgraph(compiler, monkeypatch):
+@pytest.mark.parametrize("compiler, dynamic", [("aot_eager", None), ("inductor", None), ("aot_eager", True)])
+def test_quantized_model_compiles_fullgraph(compiler, dynamic, monkeypatch):
     qmodel = tlcore.quantize(small_resnet(), batches(), progress=False)
     x = batches(1, seed=12)[0]
-    assert_traced_model_matches(torch.compile(qmodel, backend=compiler, fullgraph=True), qmodel, x, monkeypatch)
+    compiled = torch.compile(qmodel, backend=compiler, fullgraph=True, dynamic=dynamic)
+    assert_traced_model_matches(compiled, qmodel, x, monkeypatch)
 
 
 def test_forced_module_backend_is_a_clear_error_when_traced():

@@ -150,6 +150,16 @@ class Int8Linear(_Int8Module):
                 module.bias.copy_(linear.bias.float())
         return module
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # An fc saved in float (tlcore.quantize(skip=("fc",)), or an int8 model saved before its fc
+        # was int8) loads quantized, exactly as from_float would have made it.
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.is_floating_point() and prefix + "w_scale" not in state_dict:
+            state_dict[prefix + "weight"], state_dict[prefix + "w_scale"] = quantize_weight(weight)
+            state_dict.setdefault(prefix + "bias", torch.zeros(weight.shape[0]))
+            state_dict.setdefault(prefix + "_extra_state", dict(self.state))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         buffers = self._buffers  # nn.Module attribute lookups of buffers cost ~0.5 us each
         with self._backend():

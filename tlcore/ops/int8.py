@@ -520,7 +520,8 @@ def quantize_input(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
     One op, opaque to tracing, so the check survives torch.compile and torch.export (inductor
     on torch 2.6 drops an _assert_async from the graph). x: (N, C, H, W) float.
     """
-    if x.dtype == torch.float32 and x.numel() > 0 and x.device.type == "cpu" \
+    _check_qparams("tlcore.ops.quantize_input", scale, zero_point)
+    if x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0 and x.device.type == "cpu" \
             and backend.select("quantize_per_tensor", x.device, QUANTIZE_BACKENDS) == "cpu":
         return torch.ops.tlcore._quantize_cpu(x, 1.0 / scale, zero_point, True)  # checks for NaN in its pass
     # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
@@ -618,7 +619,8 @@ def int8_global_avg_pool(q: torch.Tensor, scale: float, zero_point: int) -> torc
     if q.dtype != torch.int8 or q.dim() != 4:
         raise ValueError(f"tlcore int8 global average pool: expected int8 (N, C, H, W) codes, got {q.dtype} "
                          f"of rank {q.dim()}")
-    _check_qparams("tlcore int8 global average pool", scale, zero_point)
+    if not torch.compiler.is_compiling():  # traced with dynamic=True, scale is symbolic (math.isfinite fails)
+        _check_qparams("tlcore int8 global average pool", scale, zero_point)
     pixels = q.shape[2] * q.shape[3]
     if pixels == 0:
         raise ValueError("tlcore int8 global average pool: the feature map is empty")
@@ -641,6 +643,8 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Ten
         raise ValueError(f"tlcore int8 linear: expected fp32 x (N, C) and int8 weight (K, C), got {x.dtype} "
                          f"{tuple(x.shape)} and {weight.dtype} {tuple(weight.shape)}")
     if _runs_cpu_kernel("int8_weight_linear", x):
-        plain = selected_cpu_isa() == _CPU_ISAS["scalar"]  # TLCORE_INT8_CPU_ISA=scalar: no SIMD here either
+        # TLCORE_INT8_CPU_ISA=scalar: no SIMD here either (read when traced, unlike the convs' setting:
+        # it only serves tests and benchmarks of the plain kernel).
+        plain = selected_cpu_isa() == _CPU_ISAS["scalar"]
         return torch.ops.tlcore._int8_weight_linear_cpu(x, weight, w_scale, bias, plain)
     return torch.addmm(bias, x, (weight.float() * w_scale[:, None]).T)
