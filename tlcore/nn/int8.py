@@ -12,12 +12,11 @@ import torch
 from torch import nn
 from torch.ao.quantization import PerChannelMinMaxObserver
 
-from tlcore import backend
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU
 from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cached_packed_weight_cpu, dequantize_per_tensor, int8_conv2d,
                              int8_global_avg_pool, int8_max_pool2d, int8_weight_linear, quantize_input,
-                             requantization)
+                             requantization, runs_cpu_kernel)
 
 
 class QParams(NamedTuple):
@@ -219,7 +218,7 @@ class Int8Conv2d(_Int8Module):
             # Traced (torch.compile, torch.export): the public op, which packs CPU weights itself
             # (cached per weight) and picks the instruction set where the graph runs.
             traced = torch.compiler.is_compiling()
-            if not traced and x.device.type == "cpu" and backend.select(CONV_OP, x.device, self.IMPLEMENTED) == "cpu":
+            if not traced and runs_cpu_kernel(CONV_OP, x, self.IMPLEMENTED):
                 return self._forward_cpu(x, residual)
             return int8_conv2d(x, s["x_zero"], self.weight, self.multiplier, self.offset, s["shift"],
                                residual=residual, res_multiplier=s["res_multiplier"], out_zero=s["out_zero"],

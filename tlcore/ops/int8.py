@@ -460,9 +460,9 @@ def pack_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Seque
                                                   cpu_algorithm(weight.shape, stride, dilation, isa))
 
 
-def _runs_cpu_kernel(op: str, t: torch.Tensor) -> bool:
-    """Whether `op` on tensor t runs its C++ CPU kernel (rather than its PyTorch path)."""
-    return t.device.type == "cpu" and backend.select(op, t.device, ("cpu", "torch")) == "cpu"
+def runs_cpu_kernel(op: str, t: torch.Tensor, implemented: Sequence[str] = ("cpu", "torch")) -> bool:
+    """Whether `op` (with kernels for the `implemented` backends) runs its C++ CPU kernel on tensor t."""
+    return t.device.type == "cpu" and backend.select(op, t.device, implemented) == "cpu"
 
 
 # ---- quantize / dequantize ------------------------------------------------------------------
@@ -521,8 +521,8 @@ def quantize_input(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
     on torch 2.6 drops an _assert_async from the graph). x: (N, C, H, W) float.
     """
     _check_qparams("tlcore.ops.quantize_input", scale, zero_point)
-    if x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0 and x.device.type == "cpu" \
-            and backend.select("quantize_per_tensor", x.device, QUANTIZE_BACKENDS) == "cpu":
+    if x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0 \
+            and runs_cpu_kernel("quantize_per_tensor", x, QUANTIZE_BACKENDS):
         return torch.ops.tlcore._quantize_cpu(x, 1.0 / scale, zero_point, True)  # checks for NaN in its pass
     # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
     if not torch.isfinite(x.sum()) and torch.isnan(x).any():
@@ -600,7 +600,7 @@ def int8_max_pool2d(q: torch.Tensor, kernel_size: int | Sequence[int], stride: i
     """
     kernel_size, stride, padding, dilation = (_pair(value, name, "int8_max_pool2d") for value, name in (
         (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    if _runs_cpu_kernel("int8_max_pool2d", q):
+    if runs_cpu_kernel("int8_max_pool2d", q):
         return torch.ops.tlcore._int8_max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode)
     # CUDA has no integer max-pool, and the CPU one rejects an int8 tensor of more than 127
     # elements per image (an int8-typed size check); fp16 holds every int8 value exactly.
@@ -624,7 +624,7 @@ def int8_global_avg_pool(q: torch.Tensor, scale: float, zero_point: int) -> torc
     pixels = q.shape[2] * q.shape[3]
     if pixels == 0:
         raise ValueError("tlcore int8 global average pool: the feature map is empty")
-    if _runs_cpu_kernel("int8_global_avg_pool", q):
+    if runs_cpu_kernel("int8_global_avg_pool", q):
         return torch.ops.tlcore._int8_global_avg_pool_cpu(q, scale, zero_point)
     sums = q.sum(dim=(2, 3), keepdim=True, dtype=torch.int32) - pixels * zero_point
     return sums.float() * (scale / pixels)
@@ -642,7 +642,7 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Ten
             or weight.shape[1] != x.shape[1]:
         raise ValueError(f"tlcore int8 linear: expected fp32 x (N, C) and int8 weight (K, C), got {x.dtype} "
                          f"{tuple(x.shape)} and {weight.dtype} {tuple(weight.shape)}")
-    if _runs_cpu_kernel("int8_weight_linear", x):
+    if runs_cpu_kernel("int8_weight_linear", x):
         # TLCORE_INT8_CPU_ISA=scalar: no SIMD here either (read when traced, unlike the convs' setting:
         # it only serves tests and benchmarks of the plain kernel).
         plain = selected_cpu_isa() == _CPU_ISAS["scalar"]
