@@ -3,7 +3,8 @@
 // The integer math, shared bit for bit by every backend (tlcore/ops/int8.py holds the
 // PyTorch reference and the derivation):
 //
-//   acc[m, k]   = sum over (r, s, c) of x[n, ih, iw, c] * w[k, r, s, c]            int32, exact
+//   acc[m, k]   = sum over (r, s, c) of x[n, ih, iw, g * C / G + c] * w[k, r, s, c]     int32, exact
+//                 where c < C / G and g = k / (K / G) is output channel k's conv group
 //                 where x outside the image reads as x_zero (zero padding in real terms)
 //   total[m, k] = acc * multiplier[k] + offset[k] (+ residual[m, k] * res_multiplier)   int64
 //   out[m, k]   = clamp((total >> shift) + out_zero, relu ? max(out_zero, -128) : -128, out_max)
@@ -20,7 +21,7 @@ struct Int8ConvArgs {
   const int8_t* x;            // (N, H, W, C) contiguous
   int64_t n, h, w, c;
   int32_t x_zero;
-  const int8_t* weight;       // (K, R, S, C) contiguous
+  const int8_t* weight;       // (K, R, S, C / conv_groups) contiguous
   int64_t k, r, s;
   const int32_t* multiplier;  // (K,)
   const int64_t* offset;      // (K,)
@@ -35,6 +36,7 @@ struct Int8ConvArgs {
   const int32_t* packed_weight = nullptr;  // CPU: pack_int8_weight_cpu's output, or nullptr (pack per call)
   int32_t out_max = 127;                   // the largest output code (-1 keeps outputs 7-bit, see kAvx2U7)
   int32_t algorithm = 0;                   // CPU: an Int8Algorithm (int8_algorithm_supported)
+  int64_t conv_groups = 1;                 // G, dividing C and K (ResNeXt's grouped 3x3 convs)
 };
 
 // Whether every total = acc * multiplier[k] + offset[k] (+ residual * res_multiplier) this conv can
@@ -64,21 +66,23 @@ Int8Isa int8_resolve_isa(Int8Isa isa);
 //   kStrideTwoWinograd  exact integer Winograd for 3x3 stride-2 convs (else as kWinograd): 2x2 output
 //              tiles, the even input rows and columns as F(2, 2) and the odd ones direct (25
 //              products per channel instead of 36; no wrapped sums to recover)
+// Grouped convs (conv_groups > 1) run kDirect only.
 enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2, kStrideTwoWinograd = 3 };
 
 bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int64_t s, int64_t stride_h,
-                              int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa);
+                              int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa, int64_t conv_groups = 1);
 
 // The fastest supported algorithm for a conv of this shape on `isa` (resolved).
 Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w,
-                                  int64_t dil_h, int64_t dil_w, Int8Isa isa);
+                                  int64_t dil_h, int64_t dil_w, Int8Isa isa, int64_t conv_groups = 1);
 
 // The CPU kernel's weight layout for `isa` and the algorithm, so a model packs each weight once
-// instead of on every call: (K, R, S, C) int8 -> int32 words (a header naming the layout and
-// shape, then blocks of 16 channels; see csrc/cpu/int8_conv.cpp).
-int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa, Int8Algorithm algorithm);
+// instead of on every call: (K, R, S, C / conv_groups) int8 -> int32 words (a header naming the
+// layout and shape, then blocks of 16 channels; see csrc/cpu/int8_conv.cpp). c: the input's channels.
+int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa, Int8Algorithm algorithm,
+                                 int64_t conv_groups = 1);
 void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa,
-                          Int8Algorithm algorithm, int32_t* packed);
+                          Int8Algorithm algorithm, int32_t* packed, int64_t conv_groups = 1);
 
 // Runs the convolution on the CPU with `isa` (threads: ATen's intra-op pool) and args.algorithm.
 // Returns the instruction set used; throws std::invalid_argument if `isa` is unsupported or the

@@ -33,13 +33,15 @@ tlcore::Int8ConvArgs int8_conv_args(const at::Tensor& x, int64_t x_zero, const a
                                     const at::Tensor& multiplier, const at::Tensor& offset, int64_t shift,
                                     const std::optional<at::Tensor>& residual, int64_t res_multiplier,
                                     int64_t out_zero, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-                                    at::IntArrayRef dilation, const at::Tensor& out) {
+                                    at::IntArrayRef dilation, const at::Tensor& out, int64_t groups = 1) {
   const auto nhwc = at::MemoryFormat::ChannelsLast;
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kChar && x.is_contiguous(nhwc),
               "tlcore int8 conv: x must be a channels_last int8 (N, C, H, W) tensor");
-  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kChar && weight.is_contiguous(nhwc) &&
-                  weight.size(1) == x.size(1),
-              "tlcore int8 conv: weight must be a channels_last int8 (K, C, R, S) tensor matching x");
+  TORCH_CHECK(groups >= 1 && weight.dim() == 4 && weight.size(0) % groups == 0,
+              "tlcore int8 conv: groups must be >= 1 and divide the output channels");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(nhwc) &&
+                  weight.size(1) * groups == x.size(1),
+              "tlcore int8 conv: weight must be a channels_last int8 (K, C / groups, R, S) tensor matching x");
   const int64_t k = weight.size(0);
   TORCH_CHECK(multiplier.scalar_type() == at::kInt && multiplier.numel() == k && multiplier.is_contiguous() &&
                   offset.scalar_type() == at::kLong && offset.numel() == k && offset.is_contiguous(),
@@ -69,7 +71,7 @@ tlcore::Int8ConvArgs int8_conv_args(const at::Tensor& x, int64_t x_zero, const a
       residual.has_value() ? residual->data_ptr<int8_t>() : nullptr, res_multiplier,
       static_cast<int32_t>(out_zero), relu,
       stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], out.size(2), out.size(3),
-      out.data_ptr<int8_t>(), nullptr};
+      out.data_ptr<int8_t>(), nullptr, 127, 0, groups};
 }
 
 at::Tensor int8_conv_out(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
@@ -93,17 +95,17 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
                          const std::optional<at::Tensor>& residual, int64_t res_multiplier, int64_t out_zero,
                          bool relu, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                          int64_t out_max, const std::optional<at::Tensor>& packed_weight, int64_t isa,
-                         int64_t algorithm) {
+                         int64_t algorithm, int64_t groups) {
   const tlcore::Int8Isa wanted = checked_isa(isa);
   TORCH_CHECK(out_max >= out_zero && out_max <= 127, "tlcore int8 conv: need out_zero <= out_max <= 127");
   at::Tensor out = int8_conv_out(x, weight, stride, padding, dilation);
   auto args = int8_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
-                             out_zero, relu, stride, padding, dilation, out);
+                             out_zero, relu, stride, padding, dilation, out, groups);
   args.out_max = static_cast<int32_t>(out_max);
   TORCH_CHECK(algorithm >= 0 && algorithm <= 3 &&
                   tlcore::int8_algorithm_supported(static_cast<tlcore::Int8Algorithm>(algorithm), args.c, args.r,
                                                    args.s, args.stride_h, args.stride_w, args.dil_h, args.dil_w,
-                                                   tlcore::int8_resolve_isa(wanted)),
+                                                   tlcore::int8_resolve_isa(wanted), groups),
               "tlcore int8 conv: algorithm ", algorithm, " cannot run this conv on this instruction set (see "
               "Int8Algorithm in csrc/int8_conv.h)");
   args.algorithm = static_cast<int32_t>(algorithm);
@@ -111,7 +113,7 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
     TORCH_CHECK(packed_weight->scalar_type() == at::kInt && packed_weight->is_contiguous() &&
                     packed_weight->numel() ==
                         tlcore::int8_packed_weight_words(args.k, args.c, args.r, args.s, wanted,
-                                                         static_cast<tlcore::Int8Algorithm>(algorithm)),
+                                                         static_cast<tlcore::Int8Algorithm>(algorithm), groups),
                 "tlcore int8 conv: packed_weight does not match the weight and instruction set; pack it with "
                 "_int8_pack_weight_cpu");
     args.packed_weight = packed_weight->data_ptr<int32_t>();
@@ -120,25 +122,37 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
   return out;
 }
 
-at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, int64_t algorithm) {
+at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, int64_t algorithm, int64_t groups) {
   TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kChar &&
                   weight.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "tlcore int8 conv: weight must be a channels_last int8 (K, C, R, S) tensor");
+              "tlcore int8 conv: weight must be a channels_last int8 (K, C / groups, R, S) tensor");
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0,
+              "tlcore int8 conv: groups must be >= 1 and divide the output channels");
   const tlcore::Int8Isa wanted = checked_isa(isa);
-  const int64_t k = weight.size(0), c = weight.size(1), r = weight.size(2), s = weight.size(3);
+  const int64_t k = weight.size(0), c = weight.size(1) * groups, r = weight.size(2), s = weight.size(3);
   TORCH_CHECK(algorithm >= 0 && algorithm <= 3, "tlcore int8 conv: unknown algorithm ", algorithm);
   const auto chosen = static_cast<tlcore::Int8Algorithm>(algorithm);
-  at::Tensor packed =
-      at::empty({tlcore::int8_packed_weight_words(k, c, r, s, wanted, chosen)}, weight.options().dtype(at::kInt));
-  tlcore::pack_int8_weight_cpu(weight.data_ptr<int8_t>(), k, c, r, s, wanted, chosen, packed.data_ptr<int32_t>());
+  at::Tensor packed = at::empty({tlcore::int8_packed_weight_words(k, c, r, s, wanted, chosen, groups)},
+                                weight.options().dtype(at::kInt));
+  tlcore::pack_int8_weight_cpu(weight.data_ptr<int8_t>(), k, c, r, s, wanted, chosen, packed.data_ptr<int32_t>(),
+                               groups);
   return packed;
 }
 
+// c: the input's channels (C / groups per weight row).
 int64_t int8_cpu_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, at::IntArrayRef stride,
-                                at::IntArrayRef dilation, int64_t isa) {
+                                at::IntArrayRef dilation, int64_t isa, int64_t groups) {
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2, "tlcore int8 conv: stride and dilation must be pairs");
   return static_cast<int64_t>(tlcore::int8_best_algorithm(k, c, r, s, stride[0], stride[1], dilation[0], dilation[1],
-                                                          tlcore::int8_resolve_isa(checked_isa(isa))));
+                                                          tlcore::int8_resolve_isa(checked_isa(isa)), groups));
+}
+
+// The packed weight's size in int32 words (the fake of _int8_pack_weight_cpu); c: the input's channels.
+int64_t int8_cpu_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, int64_t isa, int64_t algorithm,
+                              int64_t groups) {
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 3, "tlcore int8 conv: unknown algorithm ", algorithm);
+  return tlcore::int8_packed_weight_words(k, c, r, s, checked_isa(isa), static_cast<tlcore::Int8Algorithm>(algorithm),
+                                          groups);
 }
 
 int64_t int8_cpu_resolve_isa(int64_t isa) {
@@ -413,10 +427,12 @@ TORCH_LIBRARY(tlcore, m) {
   // 0 direct, 1 Winograd, 2 rows, 3 stride-2 Winograd (csrc/int8_conv.h).
   m.def("_int8_conv_cpu(Tensor x, int x_zero, Tensor weight, Tensor multiplier, Tensor offset, int shift, "
         "Tensor? residual, int res_multiplier, int out_zero, bool relu, int[] stride, int[] padding, "
-        "int[] dilation, int out_max, Tensor? packed_weight, int isa, int algorithm) -> Tensor");
-  m.def("_int8_pack_weight_cpu(Tensor weight, int isa, int algorithm) -> Tensor");
-  m.def("_int8_cpu_best_algorithm(int k, int c, int r, int s, int[] stride, int[] dilation, int isa) -> int",
-        &int8_cpu_best_algorithm);
+        "int[] dilation, int out_max, Tensor? packed_weight, int isa, int algorithm, int groups=1) -> Tensor");
+  m.def("_int8_pack_weight_cpu(Tensor weight, int isa, int algorithm, int groups=1) -> Tensor");
+  m.def("_int8_cpu_best_algorithm(int k, int c, int r, int s, int[] stride, int[] dilation, int isa, "
+        "int groups=1) -> int", &int8_cpu_best_algorithm);
+  m.def("_int8_cpu_packed_words(int k, int c, int r, int s, int isa, int algorithm, int groups=1) -> int",
+        &int8_cpu_packed_words);
   m.def("_int8_cpu_resolve_isa(int isa) -> int", &int8_cpu_resolve_isa);
   m.def("_quantize_cpu(Tensor x, float inv_scale, int zero_point, bool reject_nan=False) -> Tensor");
   m.def("_int8_global_avg_pool_cpu(Tensor q, float scale, int zero_point) -> Tensor");

@@ -1,7 +1,7 @@
 """Int8 implicit-GEMM conv with the fused requantize epilogue, and per-tensor (de)quantize, in Triton.
 
     x:          (N, C, H, W)    int8, any strides (NHWC reads are the fast ones)
-    weight:     (K, C, R, S)    int8 in [-127, 127], any strides
+    weight:     (K, C / G, R, S) int8 in [-127, 127], any strides (G: conv groups)
     multiplier: (K,)            int32      offset: (K,) int64
     residual:   (N, K, OH, OW)  int8, any strides, optional
     out:        (N, K, OH, OW)  int8, written once
@@ -11,7 +11,14 @@ an exact int32 accumulator (tensor-core IMMA on GPUs), positions outside the ima
 x_zero, and the epilogue is int64 fixed point, so results equal the reference bit for bit.
 The GEMM view, its index math and the flat (tap, channel block) reduction loop are shared
 with kernels/conv.py through kernels/implicit_gemm.py.
+
+Grouped convs (ResNeXt): a tile of BLOCK_N output channels reduces over the input channels of
+the groups it covers, with zero weights where a column's group does not reach. With groups
+narrower than BLOCK_N (ResNeXt-50's first stage: 4 channels) that multiplies zeros, on layers
+that hold a few percent of the model's products.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -37,7 +44,7 @@ def _configs():
     return autotune_configs(shapes)
 
 
-@triton.autotune(configs=_configs(), key=["M", "C", "K", "R", "S", "stride_h", "stride_w"])
+@triton.autotune(configs=_configs(), key=["M", "C", "K", "R", "S", "stride_h", "stride_w", "C_GROUP", "K_GROUP"])
 @triton.jit
 def _int8_conv2d_fwd_kernel(
     x_ptr, w_ptr, mult_ptr, offset_ptr, res_ptr, out_ptr,
@@ -47,20 +54,36 @@ def _int8_conv2d_fwd_kernel(
     srn, src, srh, srw,
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    x_zero, shift, res_multiplier, out_zero, out_min, out_max,
-    R: tl.constexpr, S: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    x_zero, shift, res_multiplier, out_zero, out_min, out_max, C_GROUP, K_GROUP,
+    R: tl.constexpr, S: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr, GROUP_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n, mask_m, mask_n, n, oh, ow, ih0, iw0, x_rows, w_cols = conv_tile(
         x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
+    # Grouped: this tile's groups' input channels [c_first, c_first + c_window). x_rows start there,
+    # and each column's weights start where its group does, group_start channels in (negative
+    # pointer offsets for a later group's columns: masked off below, never read). Both are multiples
+    # of C_GROUP, which GROUP_ALIGN (a power of two dividing it) tells the compiler: without it the
+    # loads are not vectorized and 128x128 tiles spill (tests/test_kernel_compile.py).
+    c_first, c_window, group_start = 0, C, offs_n * 0
+    if GROUPED:
+        n_first = tl.min(offs_n, axis=0)
+        c_first = tl.multiple_of((n_first // K_GROUP) * C_GROUP, GROUP_ALIGN)
+        c_window = ((tl.minimum(n_first + BLOCK_N, K) - 1) // K_GROUP + 1) * C_GROUP - c_first
+        group_start = tl.multiple_of((offs_n // K_GROUP) * C_GROUP - c_first, GROUP_ALIGN)
+        x_rows += c_first.to(tl.int64) * sxc
+        w_cols -= group_start.to(tl.int64) * swc
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    c_blocks = tl.cdiv(C, BLOCK_K)
+    c_blocks = tl.cdiv(c_window, BLOCK_K)
     for step in range(0, R * S * c_blocks):
         a_ptrs, in_image, b_ptrs, b_mask = tap_block_pointers(
             step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
-            C, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+            c_window, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+        if GROUPED:
+            chan = (step % c_blocks) * BLOCK_K + offs_k
+            b_mask &= (chan[:, None] >= group_start[None, :]) & (chan[:, None] < group_start[None, :] + C_GROUP)
         a = tl.load(a_ptrs, mask=in_image, other=0)
         # Outside the image x reads as its zero point (real zero); past C the weights are zero.
         a = tl.where(in_image, a, x_zero).to(tl.int8)
@@ -82,10 +105,10 @@ def _int8_conv2d_fwd_kernel(
 
 
 def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
-                stride, padding, dilation, out_max, out):
+                stride, padding, dilation, out_max, out, groups=1):
     """Launch the int8 conv kernel, writing `out` (shapes in the module docstring)."""
     n, c, h, w = x.shape
-    k, _, r, s = weight.shape
+    k, c_group, r, s = weight.shape
     _, _, oh, ow = out.shape
     m = n * oh * ow
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
@@ -95,8 +118,9 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
         m, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        x_zero, shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max,
-        R=r, S=s, HAS_RESIDUAL=residual is not None,
+        x_zero, shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max, c_group,
+        k // groups, R=r, S=s, HAS_RESIDUAL=residual is not None, GROUPED=groups > 1,
+        GROUP_ALIGN=math.gcd(c_group, 16),
     )
 
 

@@ -14,17 +14,19 @@ needs_extension = pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C 
 CPU_ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni"]  # avx2u7 needs 7-bit inputs: its own tests
 
 
-def int64_conv(x, x_zero, weight, stride, padding, dilation):
+def int64_conv(x, x_zero, weight, stride, padding, dilation, groups=1):
     """acc (N, K, OH, OW) int64 by unfolding windows and summing products in int64: no float anywhere."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     k, c, r, s = weight.shape
     xp = F.pad(x.to(torch.int64), (pw, pw, ph, ph), value=x_zero)
     windows = xp.unfold(2, dh * (r - 1) + 1, sh).unfold(3, dw * (s - 1) + 1, sw)[..., ::dh, ::dw]
-    return torch.einsum("nchwrs,kcrs->nkhw", windows, weight.to(torch.int64))
+    windows = windows.unflatten(1, (groups, c))  # (N, G, C / G, OH, OW, R, S)
+    acc = torch.einsum("ngchwrs,gkcrs->ngkhw", windows, weight.to(torch.int64).unflatten(0, (groups, k // groups)))
+    return acc.flatten(1, 2)
 
 
 def make_case(n, c, h, w, k, r, s, stride=1, padding=0, dilation=1, residual=True, relu=True, seed=0,
-              x_zero=None, layout="channels_last"):
+              x_zero=None, layout="channels_last", groups=1):
     """Random int8 operands and the fixed point of plausible scales (outputs span the int8 range)."""
     g = torch.Generator().manual_seed(seed)
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
@@ -34,26 +36,28 @@ def make_case(n, c, h, w, k, r, s, stride=1, padding=0, dilation=1, residual=Tru
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x = torch.randint(-128, 128, (n, 2 * c, h, 2 * w), generator=g, dtype=torch.int8)[:, ::2, :, ::2]
-    weight = torch.randint(-127, 128, (k, c, r, s), generator=g, dtype=torch.int8)
+    weight = torch.randint(-127, 128, (k, c // groups, r, s), generator=g, dtype=torch.int8)
     if x_zero is None:
         x_zero = int(torch.randint(-128, 128, (), generator=g))
     w_scale = torch.rand(k, generator=g) * 0.01 + 1e-3
     bias = torch.randn(k, generator=g)
     x_scale = 0.02
     # Output scale ~ the accumulator's spread, so results are neither all saturated nor all zero.
-    out_scale = x_scale * w_scale.mean().item() * 74 * (c * r * s * (74**2 + x_zero**2)) ** 0.5 / 40
+    out_scale = x_scale * w_scale.mean().item() * 74 * (c // groups * r * s * (74**2 + x_zero**2)) ** 0.5 / 40
     oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     res = torch.randint(-128, 128, (n, k, oh, ow), generator=g, dtype=torch.int8) if residual else None
     multiplier, offset, shift, res_multiplier = q8.requantization(
         x_scale, x_zero, weight, w_scale, bias, out_scale, -7, 0.2 * out_scale if residual else None, 11)
-    return dict(x=x, x_zero=x_zero, weight=weight, multiplier=multiplier, offset=offset, shift=shift,
+    case = dict(x=x, x_zero=x_zero, weight=weight, multiplier=multiplier, offset=offset, shift=shift,
                 residual=res, res_multiplier=res_multiplier, out_zero=-7, relu=relu,
                 stride=stride, padding=padding, dilation=dilation, out_max=127, x_max=127)
+    return case if groups == 1 else dict(case, groups=groups)
 
 
 def reference(case):
-    acc = int64_conv(case["x"], case["x_zero"], case["weight"], case["stride"], case["padding"], case["dilation"])
+    acc = int64_conv(case["x"], case["x_zero"], case["weight"], case["stride"], case["padding"], case["dilation"],
+                     case.get("groups", 1))
     return q8.requantize_reference(acc, case["multiplier"], case["offset"], case["shift"], case["residual"],
                                    case["res_multiplier"], case["out_zero"], case["relu"], case["out_max"])
 
@@ -179,7 +183,8 @@ def seven_bit(case):
         memory_format=torch.channels_last)
     k = case["weight"].shape[0]
     w_scale, bias = torch.rand(k, generator=g) * 0.01 + 1e-3, torch.randn(k, generator=g)
-    acc = int64_conv(c["x"], -100, case["weight"], case["stride"], case["padding"], case["dilation"])
+    acc = int64_conv(c["x"], -100, case["weight"], case["stride"], case["padding"], case["dilation"],
+                     case.get("groups", 1))
     real = acc.double() * 0.02 * w_scale.double().view(1, -1, 1, 1)
     spread = real.std(correction=0).item() or real.abs().max().item() or 1.0  # a single output has no spread
     out_scale = spread / 80

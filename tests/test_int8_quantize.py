@@ -319,6 +319,21 @@ def test_state_dict_round_trip_weights_only():
         assert torch.equal(rebuilt(x), expected)
 
 
+def test_state_dict_saved_before_grouped_convs_loads():
+    """Int8Conv2d's extra state gained "groups"; a state_dict saved without it loads as groups=1."""
+    model = small_resnet(Bottleneck)
+    x = batches(1, seed=9)[0]
+    state = tlcore.quantize(model, batches(), progress=False).state_dict()
+    old = {key: {k: v for k, v in value.items() if k != "groups"} if key.endswith("_extra_state") else value
+           for key, value in state.items()}
+    assert sum("groups" in value for key, value in state.items() if key.endswith("_extra_state")) == 17
+    rebuilt = tlcore.quantize(model, batches(n=1, seed=3), method="percentile", progress=False)
+    rebuilt.load_state_dict(old)
+    expected = tlcore.quantize(model, batches(), progress=False)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), expected(x))
+
+
 def test_float_fc_state_dict_loads_into_the_int8_fc():
     """A state_dict whose fc is float (skip=("fc",), or saved before the fc was int8) loads into
     Int8Linear, quantized exactly as tlcore.quantize quantizes it."""
@@ -346,13 +361,33 @@ def test_skip_keeps_blocks_float():
         assert sqnr(model(x), qmodel(x)) > 25
 
 
-def test_grouped_conv_block_falls_back_to_float():
-    """ResNeXt's grouped 3x3 is not covered: its block runs in float and says why."""
-    model = small_resnet(Bottleneck, groups=2, width_per_group=32)
+def test_grouped_convs_run_in_int8():
+    """ResNeXt's grouped 3x3 convs, which tlcore.fuse leaves stock, fold and run in int8 like the
+    others, on every backend with the same bits."""
+    model = small_resnet(Bottleneck, groups=4, width_per_group=8)
+    x = batches(1, size=16, batch=2, seed=5)[0]
+    outputs = {}
+    for name in ("torch", "cpu", "triton") if _extension.loaded() else ("torch", "triton"):
+        qmodel = tlcore.quantize(model, batches(size=16), backend=name, progress=False)
+        grouped = [m for m in qmodel.modules() if isinstance(m, Int8Conv2d) and m.state["groups"] == 4]
+        assert len(grouped) == 4 and "groups=4" in repr(grouped[0])
+        assert not any(isinstance(m, FloatFallback) for m in qmodel.modules())
+        outputs[name] = features_and_logits(qmodel, x)
+        with torch.no_grad():
+            assert sqnr(model(x), outputs[name][1]) > 25, name
+    for name, got in outputs.items():
+        assert_same_model_outputs(got, outputs["torch"], name)
+
+
+def test_uncovered_conv_falls_back_to_float():
+    """A conv the int8 scheme does not cover (here reflection padding) keeps its block float, and says why."""
+    model = small_resnet(Bottleneck)
+    model.layer2[0].conv2.padding_mode = "reflect"
     x = batches(1, seed=5)[0]
     qmodel = tlcore.quantize(model, batches(), progress=False)
     fallbacks = [m for m in qmodel.modules() if isinstance(m, FloatFallback)]
-    assert len(fallbacks) == 4 and all("groups=2" in m.reason for m in fallbacks)
+    assert len(fallbacks) == 1 and "padding_mode" in fallbacks[0].reason
+    assert qmodel.layer2[0] is fallbacks[0] and isinstance(qmodel.layer3[0], Int8ResidualBlock)
     with torch.no_grad():
         assert sqnr(model(x), qmodel(x)) > 25
 

@@ -41,11 +41,12 @@ def conv_case(dtype, block, target=90, flat=False, residual=True, precision="iee
                  ["scale_ptr", "shift_ptr"])
 
 
-def int8_case(block, target=90):
+def int8_case(block, target=90, grouped=False):
     types = {"x_ptr": "*i8", "w_ptr": "*i8", "res_ptr": "*i8", "out_ptr": "*i8", "mult_ptr": "*i32",
              "offset_ptr": "*i64"}
-    return _case("tlcore.kernels.int8_conv:_int8_conv2d_fwd_kernel", types, {"R": 3, "S": 3, "HAS_RESIDUAL": True},
-                 block, target, ["mult_ptr", "offset_ptr"])
+    return _case("tlcore.kernels.int8_conv:_int8_conv2d_fwd_kernel", types,
+                 {"R": 3, "S": 3, "HAS_RESIDUAL": True, "GROUPED": grouped, "GROUP_ALIGN": 16}, block, target,
+                 ["mult_ptr", "offset_ptr"])
 
 
 def _case(kernel, types, constexprs, block, target, extra_divisible):
@@ -79,12 +80,14 @@ def test_dtypes_flat_reduction_and_ampere_compile():
         conv_case("bf16", block), conv_case("fp32", block, precision="tf32"),
         conv_case("fp32", block, precision="ieee"), conv_case("fp16", block, flat=True, residual=False),
         conv_case("fp16", block, target=80), conv_case("bf16", block, target=80),
-        int8_case((128, 128, 64, 3, 8), target=80),
+        int8_case((128, 128, 64, 3, 8), target=80), int8_case((128, 128, 64, 3, 8), grouped=True),
     ])
     assert results[0]["wgmma"] and results[1]["wgmma"]  # bf16 and tf32 on Hopper tensor cores
     assert not results[2]["wgmma"]  # IEEE fp32 must not use (tf32) tensor cores
-    assert all(r["mma_sync"] for r in results[4:])  # Ampere tensor cores, int8 included
-    assert all(r["shared_bytes"] <= AMPERE_SHARED_LIMIT for r in results[4:])
+    assert all(r["mma_sync"] for r in results[4:7]) and results[7]["wgmma"]  # int8 too, grouped included
+    # Not asserted: the grouped kernel's loads are not cp.async-pipelined (its per-column weight
+    # offsets), an open tuning item for ResNeXt on GPUs (bench/NOTES.md).
+    assert all(r["shared_bytes"] <= AMPERE_SHARED_LIMIT for r in results[4:7])
     # IEEE fp32 runs on FMA units with the whole tile in registers; a few spilled bytes there are
     # tolerable (cuDNN itself defaults to TF32), anywhere else they are not.
     assert all(r["spill_bytes"] == 0 for i, r in enumerate(results) if i != 2)

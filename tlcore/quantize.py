@@ -15,12 +15,14 @@ weights, fixed-point requantization, the residual add and ReLU in its epilogue) 
 residual block an Int8ResidualBlock. Between layers activations stay int8 NHWC.
 
 Coverage: the stem conv, the max-pool (on int8 codes) and every BasicBlock / Bottleneck
-run in int8. The average pool sums the int8 codes exactly and dequantizes the (N, C) means;
-the fc keeps its weights in int8 (per output row) and its math in fp32 (Int8Linear): a batch-1
-fc waits for its weights, and the fp32 features keep the logits' precision.
-A block that cannot run in int8 (a conv tlcore.fuse left stock, e.g. ResNeXt's grouped
-3x3) or that is named in `skip` stays float between a dequantize and a quantize
-(FloatFallback, whose repr says why). Models other than torchvision ResNets raise.
+run in int8, ResNeXt's grouped 3x3 convs included (tlcore.fuse leaves those stock, as its
+fp16 kernel has no groups; here they fold like the others). The average pool sums the int8
+codes exactly and dequantizes the (N, C) means; the fc keeps its weights in int8 (per output
+row) and its math in fp32 (Int8Linear): a batch-1 fc waits for its weights, and the fp32
+features keep the logits' precision.
+A block that cannot run in int8 (a conv stage fold_conv_stage does not cover) or that is
+named in `skip` stays float between a dequantize and a quantize (FloatFallback, whose repr
+says why). Models other than torchvision ResNets raise.
 """
 import math
 
@@ -34,7 +36,7 @@ from tlcore.fuse import fuse
 from tlcore.nn.blocks import FusedResidualBlock
 from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d
 from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear,
-                            Int8MaxPool2d, Int8ResidualBlock, QParams, QuantizeInput, _Int8Module)
+                            Int8MaxPool2d, Int8ResidualBlock, QParams, QuantizeInput, _Int8Module, fold_conv_stage)
 from tlcore.ops.int8 import MAX_REDUCTION, QMAX, QMIN
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -178,8 +180,9 @@ def _check_resnet(model: nn.Module) -> None:
 
 
 def _observed_modules(fused: nn.Module) -> list[nn.Module]:
-    """The modules whose outputs the int8 model stores (see _output_of)."""
-    modules = [m for m in fused.modules() if isinstance(m, FusedConv2dBNReLU)] + [fused.maxpool]
+    """The modules whose outputs the int8 model stores: each conv stage, the max-pool, and the
+    output of each block left float."""
+    modules = [m for m in fused.modules() if fold_conv_stage(m) is not None] + [fused.maxpool]
     for name in _LAYERS:
         modules += [block for block in getattr(fused, name) if not isinstance(block, FusedResidualBlock)]
     return modules
@@ -232,15 +235,16 @@ def _qparams(observer) -> QParams:
 
 def _float_reason(block: nn.Module) -> str:
     """Why a fused block cannot run in int8 ('' if it can)."""
-    convs = list(block.body) + [block.last] if isinstance(block, FusedResidualBlock) else []
+    stages = list(block.body) + [block.last] if isinstance(block, FusedResidualBlock) else []
     if isinstance(block, FusedResidualBlock) and block.downsample is not None:
-        convs.append(block.downsample)
-    if not convs or not all(type(conv) is FusedConv2dBNReLU for conv in convs):
+        stages.append(block.downsample)
+    folded = [fold_conv_stage(stage) for stage in stages]
+    if not stages or any(f is None for f in folded):
         stock = [m for m in block.modules() if isinstance(m, StockConv2d)]
         detail = stock[0].tlcore_reason if stock else "its structure is not conv + BN (+ ReLU) stages"
-        return f"not fused, so not quantized ({detail})"
-    for conv in convs:
-        reduction = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        return f"not quantized: a stage is not conv + BatchNorm (+ ReLU) with zero padding ({detail})"
+    for f in folded:
+        reduction = f.weight[0].numel()
         if reduction > MAX_REDUCTION:
             return f"C*R*S = {reduction} exceeds the int32-exact limit {MAX_REDUCTION}"
     return ""
@@ -248,14 +252,14 @@ def _float_reason(block: nn.Module) -> str:
 
 def _convert_block(block: FusedResidualBlock, in_q: QParams, q) -> Int8ResidualBlock:
     body, current = [], in_q
-    for conv in block.body:
-        body.append(Int8Conv2d.from_fused(conv, current, q(conv)))
-        current = q(conv)
+    for stage in block.body:
+        body.append(Int8Conv2d.from_folded(fold_conv_stage(stage), current, q(stage)))
+        current = q(stage)
     downsample, res_q = None, in_q
     if block.downsample is not None:
-        downsample = Int8Conv2d.from_fused(block.downsample, in_q, q(block.downsample))
+        downsample = Int8Conv2d.from_folded(fold_conv_stage(block.downsample), in_q, q(block.downsample))
         res_q = q(block.downsample)
-    last = Int8Conv2d.from_fused(block.last, current, q(block.last), res_q)
+    last = Int8Conv2d.from_folded(fold_conv_stage(block.last), current, q(block.last), res_q)
     return Int8ResidualBlock(nn.Sequential(*body), last, downsample)
 
 
@@ -266,7 +270,8 @@ def _convert_resnet(model: nn.Module, observers: dict, skip: set) -> nn.Module:
     stem = model.conv1
     if isinstance(stem, FusedConv2dBNReLU) and "conv1" not in skip and type(model.maxpool) is nn.MaxPool2d:
         current = q(stem)
-        model.conv1 = nn.Sequential(QuantizeInput(input_q), Int8Conv2d.from_fused(stem, input_q, current))
+        model.conv1 = nn.Sequential(QuantizeInput(input_q), Int8Conv2d.from_folded(fold_conv_stage(stem), input_q,
+                                                                                   current))
         model.maxpool = Int8MaxPool2d(model.maxpool)
     else:  # the stem stays float; activations become int8 after the max-pool
         current = q(model.maxpool)._replace(qmax=QMAX)

@@ -461,7 +461,7 @@ void requantize(const Int8ConvArgs& a, const int32_t (*acc)[kTileN], const int64
   }
 }
 
-// An upper bound of |total| over every accumulator this conv can produce (|acc| <= 128 * 128 * C * R * S),
+// An upper bound of |total| over every accumulator this conv can produce (|acc| <= 128 * 128 * C / G * R * S),
 // in double: a bound, not an exact value, so callers keep a margin.
 double largest_total(const Int8ConvArgs& a) {
   double multiplier = 0.0, offset = 0.0;
@@ -469,7 +469,7 @@ double largest_total(const Int8ConvArgs& a) {
     multiplier = std::max(multiplier, std::abs(static_cast<double>(a.multiplier[k])));
     offset = std::max(offset, std::abs(static_cast<double>(a.offset[k])));
   }
-  return 128.0 * 128.0 * static_cast<double>(a.c * a.r * a.s) * multiplier + offset +
+  return 128.0 * 128.0 * static_cast<double>(a.c / a.conv_groups * a.r * a.s) * multiplier + offset +
          128.0 * std::abs(static_cast<double>(a.res_multiplier));
 }
 
@@ -609,42 +609,77 @@ EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a) {
   return requantize;
 }
 
-void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s) {
+void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s,
+                  int64_t conv_groups) {
   const int32_t header[] = {kPackedMagic, static_cast<int32_t>(layout), static_cast<int32_t>(k),
-                            static_cast<int32_t>(c), static_cast<int32_t>(r), static_cast<int32_t>(s)};
+                            static_cast<int32_t>(c), static_cast<int32_t>(r), static_cast<int32_t>(s),
+                            static_cast<int32_t>(conv_groups)};
   std::fill(packed, packed + kHeaderWords, 0);
   std::copy(std::begin(header), std::end(header), packed);
 }
 
-bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s) {
+bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s,
+                    int64_t conv_groups) {
   return packed[0] == kPackedMagic && packed[1] == static_cast<int32_t>(layout) && packed[2] == k &&
-         packed[3] == c && packed[4] == r && packed[5] == s;
+         packed[3] == c && packed[4] == r && packed[5] == s && packed[6] == conv_groups;
 }
 
 namespace {
 
-int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout) {
-  // The rows layout packs a (K, R, S, C) weight as the (K, R, 1, S * C) one: a tap row's (s, c) run.
-  if (layout == Layout::kRowPairs) return direct_packed_words(k, s * c, r, 1, Layout::kPairs);
-  const int64_t size = group_size(layout), blocks = (k + kTileN - 1) / kTileN;
-  const int64_t correction = layout == Layout::kQuads ? blocks * kTileN : 0;
-  return kHeaderWords + blocks * r * s * ((c + size - 1) / size) * kTileN + correction;
+// The input words each block of 16 output channels reduces over, per tap. A grouped conv's block
+// needs only its own groups' channels: a window of `words` words (the same for every block, so
+// blocks stay equally sized) starting `start[block]` words into a pixel; the block's weights are
+// zero in the window's other channels. ResNeXt-50's 4-channel groups put 4 groups in a block, so
+// its first stage's grouped convs multiply 4x the needed products (all grouped convs: ~5% of its own).
+// Ungrouped: all of a pixel's words.
+struct ChannelWindows {
+  int64_t words;
+  std::vector<int64_t> start;
+};
+
+ChannelWindows channel_windows(int64_t k, int64_t c, int64_t conv_groups, Layout layout) {
+  const int64_t size = group_size(layout), pixel_words = (c + size - 1) / size;
+  const int64_t blocks = (k + kTileN - 1) / kTileN;
+  ChannelWindows windows{conv_groups == 1 ? pixel_words : 0, std::vector<int64_t>(static_cast<size_t>(blocks), 0)};
+  if (conv_groups == 1) return windows;
+  const int64_t k_group = k / conv_groups, c_group = c / conv_groups;
+  std::vector<int64_t> end(static_cast<size_t>(blocks));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t first = b * kTileN / k_group, last = (std::min(k, (b + 1) * kTileN) - 1) / k_group;
+    windows.start[b] = first * c_group / size;
+    end[b] = ((last + 1) * c_group + size - 1) / size;
+    windows.words = std::max(windows.words, end[b] - windows.start[b]);
+  }
+  // A narrower window moves left to keep inside the pixel (its extra channels get zero weights).
+  for (int64_t& start : windows.start) start = std::min(start, pixel_words - windows.words);
+  return windows;
 }
 
+int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout, int64_t conv_groups = 1) {
+  // The rows layout packs a (K, R, S, C) weight as the (K, R, 1, S * C) one: a tap row's (s, c) run.
+  if (layout == Layout::kRowPairs) return direct_packed_words(k, s * c, r, 1, Layout::kPairs);
+  const int64_t blocks = (k + kTileN - 1) / kTileN;
+  const int64_t correction = layout == Layout::kQuads ? blocks * kTileN : 0;
+  return kHeaderWords + blocks * r * s * channel_windows(k, c, conv_groups, layout).words * kTileN + correction;
+}
+
+// weight: (K, R, S, C / conv_groups); c: the input's channels.
 void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Layout layout,
-                        int32_t* packed) {
+                        int32_t* packed, int64_t conv_groups = 1) {
   if (layout == Layout::kRowPairs) {
     pack_direct_weight(weight, k, s * c, r, 1, Layout::kPairs, packed);
     return write_header(packed, Layout::kRowPairs, k, c, r, s);
   }
-  const int64_t size = group_size(layout), groups = (c + size - 1) / size, taps = r * s;
+  const ChannelWindows windows = channel_windows(k, c, conv_groups, layout);
+  const int64_t size = group_size(layout), groups = windows.words, taps = r * s;
+  const int64_t c_group = c / conv_groups, k_group = k / conv_groups;
   const int64_t blocks = (k + kTileN - 1) / kTileN, block_words = taps * groups * kTileN;
-  std::fill(packed, packed + direct_packed_words(k, c, r, s, layout), 0);
-  write_header(packed, layout, k, c, r, s);
+  std::fill(packed, packed + direct_packed_words(k, c, r, s, layout, conv_groups), 0);
+  write_header(packed, layout, k, c, r, s, conv_groups);
   int32_t* words = packed + kHeaderWords;
   int32_t* correction = words + blocks * block_words;  // quads: 128 * sum(w[k]), see the file comment
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    // One (channel, tap) row in the layout's element type; channels past C stay 0.
+    // One (channel, tap) row of the window in the layout's element type; other channels stay 0.
     std::vector<int16_t> pairs(layout == Layout::kPairs ? 2 * groups : 0, 0);
     std::vector<int8_t> quads(layout == Layout::kQuads ? 4 * groups : 0, 0);
     const char* row = layout == Layout::kPairs ? reinterpret_cast<const char*>(pairs.data())
@@ -652,18 +687,22 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
     for (int64_t block = begin; block < end; ++block) {
       for (int j = 0; j < kTileN && block * kTileN + j < k; ++j) {
         const int64_t channel = block * kTileN + j;
+        // Where this channel's group starts in the block's window, in elements.
+        const int64_t first = channel / k_group * c_group - windows.start[block] * size;
         int32_t sum = 0;
         for (int64_t tap = 0; tap < taps; ++tap) {
-          const int8_t* src = weight + (channel * taps + tap) * c;
+          const int8_t* src = weight + (channel * taps + tap) * c_group;
           if (layout == Layout::kPairs) {
-            std::copy(src, src + c, pairs.begin());
+            std::copy(src, src + c_group, pairs.begin() + first);
           } else {
-            std::copy(src, src + c, quads.begin());
+            std::copy(src, src + c_group, quads.begin() + first);
           }
-          for (int64_t i = 0; i < c; ++i) sum += src[i];
+          for (int64_t i = 0; i < c_group; ++i) sum += src[i];
           int32_t* dst = words + block * block_words + tap * groups * kTileN + j;
           for (int64_t g = 0; g < groups; ++g) std::memcpy(dst + g * kTileN, row + 4 * g, sizeof(int32_t));
         }
+        std::fill(pairs.begin(), pairs.end(), 0);  // the next channel's group may sit elsewhere
+        std::fill(quads.begin(), quads.end(), 0);
         if (layout == Layout::kQuads) correction[channel] = 128 * sum;
       }
     }
@@ -701,22 +740,26 @@ void chunk_rows(const int32_t* chunk, int64_t groups, int64_t offset, int64_t m0
 void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   const Layout layout = rows_layout ? Layout::kRowPairs : layout_for(isa);
   const int64_t hp = a.h + 2 * a.pad_h, wp = a.w + 2 * a.pad_w;
-  // The padded input in words: one of its rows, one output column's step, and per tap the offset
-  // from a tile row's pointer and the groups it reduces over.
-  int64_t row_words, column_words, groups;
+  // The padded input in words: one pixel, one row, one output column's step, and per tap the
+  // offset from a tile row's pointer; `groups`: the words a block reduces over per tap, from its
+  // window's start (channel_windows: all of a pixel's words unless the conv is grouped).
+  int64_t pixel_words, row_words, column_words, groups;
   std::vector<int64_t> tap_offsets;
+  ChannelWindows windows{0, std::vector<int64_t>(static_cast<size_t>((a.k + kTileN - 1) / kTileN), 0)};
   if (rows_layout) {
     row_words = (wp * a.c + 2) / 2;  // + 1 element: the last window's final pair may reach one past the row
     column_words = a.stride_w * a.c / 2;
-    groups = (a.s * a.c + 1) / 2;
+    pixel_words = groups = (a.s * a.c + 1) / 2;
     for (int64_t r = 0; r < a.r; ++r) tap_offsets.push_back(r * a.dil_h * row_words);
   } else {
     const int64_t size = group_size(layout);
-    groups = (a.c + size - 1) / size;
-    row_words = wp * groups;
-    column_words = a.stride_w * groups;
+    pixel_words = (a.c + size - 1) / size;
+    windows = channel_windows(a.k, a.c, a.conv_groups, layout);
+    groups = windows.words;
+    row_words = wp * pixel_words;
+    column_words = a.stride_w * pixel_words;
     for (int64_t r = 0; r < a.r; ++r) {
-      for (int64_t s = 0; s < a.s; ++s) tap_offsets.push_back(r * a.dil_h * row_words + s * a.dil_w * groups);
+      for (int64_t s = 0; s < a.s; ++s) tap_offsets.push_back(r * a.dil_h * row_words + s * a.dil_w * pixel_words);
     }
   }
   const int64_t taps = static_cast<int64_t>(tap_offsets.size());
@@ -724,10 +767,10 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   std::vector<int32_t> packed_here;
   const int32_t* packed = a.packed_weight;
   if (packed == nullptr) {
-    packed_here.resize(static_cast<size_t>(direct_packed_words(a.k, a.c, a.r, a.s, layout)));
-    pack_direct_weight(a.weight, a.k, a.c, a.r, a.s, layout, packed_here.data());
+    packed_here.resize(static_cast<size_t>(direct_packed_words(a.k, a.c, a.r, a.s, layout, a.conv_groups)));
+    pack_direct_weight(a.weight, a.k, a.c, a.r, a.s, layout, packed_here.data(), a.conv_groups);
     packed = packed_here.data();
-  } else if (!header_matches(packed, layout, a.k, a.c, a.r, a.s)) {
+  } else if (!header_matches(packed, layout, a.k, a.c, a.r, a.s, a.conv_groups)) {
     throw std::invalid_argument("tlcore int8 conv: packed_weight was packed for another weight, instruction set "
                                 "or algorithm");
   }
@@ -759,7 +802,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   if (rows_layout) {
     x = pad_input_rows(a, hp, wp, row_words);
   } else if (!convert_chunks) {
-    x = pad_input(a, layout, hp, wp, groups, seven_bit);
+    x = pad_input(a, layout, hp, wp, pixel_words, seven_bit);
   }
   auto convert = convert_rows_generic;
 #ifdef TLCORE_X86
@@ -770,9 +813,9 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   // The rows of chunk `chunk` into `buffer` (once per run of tasks on it); returns the buffer.
   const auto converted_chunk = [&](int64_t chunk, int64_t& current, std::vector<int32_t>& buffer) {
     if (chunk != current) {
-      buffer.resize(static_cast<size_t>(kChunkRows * groups));
+      buffer.resize(static_cast<size_t>(kChunkRows * pixel_words));
       const int64_t first = chunk * kChunkRows;
-      if (convert(a, layout, groups, first, std::min(kChunkRows, a.n * a.oh * a.ow - first), buffer.data())) {
+      if (convert(a, layout, pixel_words, first, std::min(kChunkRows, a.n * a.oh * a.ow - first), buffer.data())) {
         eight_bit.store(true, std::memory_order_relaxed);
       }
       current = chunk;
@@ -784,9 +827,11 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
 #ifdef TLCORE_X86
   if (isa == Int8Isa::kAvx512Vnni) {
     // The zmm kernel: a task's unit of channels is a pair of blocks (32 channels), or the last
-    // block alone when their number is odd; tiles are kZmmTileM rows.
+    // block alone when their number is odd; tiles are kZmmTileM rows. A grouped conv's blocks read
+    // different channel windows, so there a unit is one block.
     constexpr int M = kZmmTileM;
-    const int64_t units = (blocks + 1) / 2;
+    const int64_t unit_blocks = a.conv_groups == 1 ? 2 : 1;
+    const int64_t units = (blocks + unit_blocks - 1) / unit_blocks;
     const int64_t zmm_tiles = (m_total + M - 1) / M;
     const int64_t zmm_chunks = (zmm_tiles + kZmmChunkM - 1) / kZmmChunkM;
     at::parallel_for(0, units * zmm_chunks, 1, [&](int64_t begin, int64_t end) {
@@ -798,8 +843,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t unit = rows_outer ? task % units : task / zmm_chunks;
         const int64_t chunk = rows_outer ? task / units : task % zmm_chunks;
-        const int64_t block = 2 * unit;
-        const int n_blocks = block + 1 < blocks ? 2 : 1;
+        const int64_t block = unit_blocks * unit;
+        const int n_blocks = block + 1 < blocks && unit_blocks == 2 ? 2 : 1;
         const int32_t* w = weight + block * block_words;
         const int32_t* corr = correction + block * kTileN;
         const int64_t tile_end = std::min(zmm_tiles, (chunk + 1) * kZmmChunkM);
@@ -807,10 +852,12 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
           const int64_t m0 = tile * M;
           const int count = static_cast<int>(std::min<int64_t>(M, m_total - m0));
           if (convert_chunks) {
-            chunk_rows(converted_chunk(chunk, current, buffer), groups, m0 - chunk * kChunkRows, m0, count, rows, ms);
+            chunk_rows(converted_chunk(chunk, current, buffer), pixel_words, m0 - chunk * kChunkRows, m0, count,
+                       rows, ms);
           } else {
             tile_rows(a, x.get(), hp, row_words, column_words, m0, count, rows, ms);
           }
+          for (int i = 0; i < count; ++i) rows[i] += windows.start[block];
           for (int i = count; i < M; ++i) rows[i] = rows[count - 1];  // zmm_tile may compute up to M rows
           const int used = n_blocks == 2
                                ? zmm_tile<2>(count, rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc)
@@ -846,11 +893,12 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
         const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
         const int64_t slot = (tile - first_tile) * kTileM;
         if (convert_chunks) {
-          chunk_rows(converted_chunk(chunk, current, buffer), groups, m0 - chunk * kChunkRows, m0, rows, t.rows,
-                     ms + slot);
+          chunk_rows(converted_chunk(chunk, current, buffer), pixel_words, m0 - chunk * kChunkRows, m0, rows,
+                     t.rows, ms + slot);
         } else {
           tile_rows(a, x.get(), hp, row_words, column_words, m0, rows, t.rows, ms + slot);
         }
+        for (int i = 0; i < rows; ++i) t.rows[i] += windows.start[block];
         t.count = rows;
         run_tile(t, acc + slot);
       }
@@ -902,7 +950,8 @@ Int8Isa int8_resolve_isa(Int8Isa isa) {
 }
 
 bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int64_t s, int64_t stride_h,
-                              int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa) {
+                              int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa, int64_t conv_groups) {
+  if (conv_groups != 1) return algorithm == Int8Algorithm::kDirect;
   switch (algorithm) {
     case Int8Algorithm::kDirect:
       return true;
@@ -917,9 +966,9 @@ bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int
 }
 
 Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w,
-                                  int64_t dil_h, int64_t dil_w, Int8Isa isa) {
+                                  int64_t dil_h, int64_t dil_w, Int8Isa isa, int64_t conv_groups) {
   const auto supported = [&](Int8Algorithm algorithm) {
-    return int8_algorithm_supported(algorithm, c, r, s, stride_h, stride_w, dil_h, dil_w, isa);
+    return int8_algorithm_supported(algorithm, c, r, s, stride_h, stride_w, dil_h, dil_w, isa, conv_groups);
   };
   if (supported(Int8Algorithm::kWinograd)) return Int8Algorithm::kWinograd;
   // Stride 2 saves a third of the products but has 25 / 9 as many weights to stream: measured (AVX2,
@@ -931,19 +980,26 @@ Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, in
   return Int8Algorithm::kDirect;
 }
 
-int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa, Int8Algorithm algorithm) {
+int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa, Int8Algorithm algorithm,
+                                 int64_t conv_groups) {
   isa = int8_resolve_isa(isa);
   switch (algorithm) {
     case Int8Algorithm::kWinograd: return winograd_packed_words(k, c, false);
     case Int8Algorithm::kStrideTwoWinograd: return winograd_packed_words(k, c, true);
     case Int8Algorithm::kRows: return direct_packed_words(k, c, r, s, Layout::kRowPairs);
-    default: return direct_packed_words(k, c, r, s, layout_for(isa));
+    default: return direct_packed_words(k, c, r, s, layout_for(isa), conv_groups);
   }
 }
 
 void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa,
-                          Int8Algorithm algorithm, int32_t* packed) {
+                          Int8Algorithm algorithm, int32_t* packed, int64_t conv_groups) {
   isa = int8_resolve_isa(isa);
+  if (conv_groups < 1 || c % conv_groups != 0 || k % conv_groups != 0) {
+    throw std::invalid_argument("tlcore int8 conv: groups must divide the input and output channels");
+  }
+  if (conv_groups != 1 && algorithm != Int8Algorithm::kDirect) {
+    throw std::invalid_argument("tlcore int8 conv: grouped convs are packed for the direct algorithm only");
+  }
   // Stride and dilation only restrict which convs may use a packing, not the packing itself.
   const bool packable = algorithm == Int8Algorithm::kDirect ||
                         (algorithm == Int8Algorithm::kWinograd && winograd_supported(c, r, s, 1, 1, 1, 1, isa)) ||
@@ -956,19 +1012,23 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
     case Int8Algorithm::kWinograd: return pack_winograd_weight(weight, k, c, false, packed);
     case Int8Algorithm::kStrideTwoWinograd: return pack_winograd_weight(weight, k, c, true, packed);
     case Int8Algorithm::kRows: return pack_direct_weight(weight, k, c, r, s, Layout::kRowPairs, packed);
-    default: return pack_direct_weight(weight, k, c, r, s, layout_for(isa), packed);
+    default: return pack_direct_weight(weight, k, c, r, s, layout_for(isa), packed, conv_groups);
   }
 }
 
 Int8Isa int8_conv2d_cpu(const Int8ConvArgs& a, Int8Isa isa) {
   isa = int8_resolve_isa(isa);
+  if (a.conv_groups < 1 || a.c % a.conv_groups != 0 || a.k % a.conv_groups != 0) {
+    throw std::invalid_argument("tlcore int8 conv: groups must divide the input and output channels");
+  }
   if (!int8_requantization_in_range(a)) {
     throw std::invalid_argument("tlcore int8 conv: |acc * multiplier + offset (+ residual * res_multiplier)| can "
                                 "reach 2**62, beyond the int64 headroom of the epilogue; build the constants with "
                                 "tlcore.ops.requantization");
   }
   const auto algorithm = static_cast<Int8Algorithm>(a.algorithm);
-  if (!int8_algorithm_supported(algorithm, a.c, a.r, a.s, a.stride_h, a.stride_w, a.dil_h, a.dil_w, isa)) {
+  if (!int8_algorithm_supported(algorithm, a.c, a.r, a.s, a.stride_h, a.stride_w, a.dil_h, a.dil_w, isa,
+                                a.conv_groups)) {
     throw std::invalid_argument("tlcore int8 conv: this algorithm cannot run this conv on this instruction set "
                                 "(see Int8Algorithm in csrc/int8_conv.h)");
   }

@@ -14,7 +14,7 @@ constexpr int kTileM = 6;    // rows (output pixels, or Winograd tiles) per micr
 constexpr int kTileN = 16;   // output channels per packed weight block
 constexpr int64_t kL2Bytes = 256 * 1024;  // a conservative per-core L2 size
 
-constexpr int64_t kHeaderWords = 16;  // packed weights start with (magic, layout, K, C, R, S), 64 B aligned
+constexpr int64_t kHeaderWords = 16;  // packed weights start with (magic, layout, K, C, R, S, G), 64 B aligned
 constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
 
 // How a packed weight and the padded input group channels into 4-byte words (int8_conv.cpp).
@@ -52,8 +52,10 @@ std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64
                                      bool seven_bit);
 
 // Writes the packed-weight header.
-void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);
-bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s);
+void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s,
+                  int64_t conv_groups = 1);
+bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s,
+                    int64_t conv_groups = 1);
 
 // ---- Winograd F(2x4, 3x3) and F(2x2, 3x3), and the stride-2 one (int8_winograd.cpp) ----
 

@@ -11,9 +11,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.ao.quantization import PerChannelMinMaxObserver
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from tlcore.backend import use_backend
-from tlcore.nn.conv import FusedConv2dBNReLU
+from tlcore.nn.conv import FusedConv2dBNReLU, explicit_padding
 from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cached_packed_weight_cpu, dequantize_per_tensor, int8_conv2d,
                              int8_global_avg_pool, int8_max_pool2d, int8_weight_linear, quantize_input,
                              requantization, runs_cpu_kernel)
@@ -168,41 +169,82 @@ class Int8Linear(_Int8Module):
         return f"in_features={self.state['in_features']}, out_features={self.state['out_features']}, int8 weights"
 
 
+class FoldedConv(NamedTuple):
+    """A conv with its BatchNorm folded in, in fp32: weight (K, C / groups, R, S), bias (K,)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    relu: bool
+
+
+def fold_conv_stage(stage: nn.Module) -> FoldedConv | None:
+    """`stage` folded, if it is a conv stage the int8 scheme covers, else None.
+
+    Covered: a FusedConv2dBNReLU, and a conv -> BatchNorm2d (-> ReLU) nn.Sequential that tlcore.fuse
+    left stock only because its fp16 kernel has no grouped convs (ResNeXt's grouped 3x3): zero
+    padding, BN with running statistics. The BN folding is torch.nn.utils.fusion's.
+    """
+    if isinstance(stage, FusedConv2dBNReLU):
+        return FoldedConv(stage.weight.detach().float() * stage.scale.view(-1, 1, 1, 1), stage.shift.detach().float(),
+                          stage.stride, stage.padding, stage.dilation, 1, bool(stage.relu))
+    if not (isinstance(stage, nn.Sequential) and len(stage) in (2, 3) and isinstance(stage[0], nn.Conv2d)):
+        return None
+    conv, bn, relu = stage[0], stage[1], len(stage) == 3
+    if (type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or bn.running_mean is None or
+            bn.num_features != conv.out_channels or conv.padding_mode != "zeros" or explicit_padding(conv) is None or
+            (relu and type(stage[2]) is not nn.ReLU)):
+        return None
+    optional = lambda t: None if t is None else t.detach().float()  # noqa: E731
+    weight, bias = fuse_conv_bn_weights(conv.weight.detach().float(), optional(conv.bias), bn.running_mean.float(),
+                                        bn.running_var.float(), bn.eps, optional(bn.weight), optional(bn.bias))
+    return FoldedConv(weight.detach(), bias.detach(), tuple(conv.stride), explicit_padding(conv),
+                      tuple(conv.dilation), conv.groups, relu)
+
+
 class Int8Conv2d(_Int8Module):
     """Quantized conv + folded BN (+ int8 residual) (+ ReLU): int8 in, int8 out, one kernel.
 
     forward(x: int8 (N, C, H, W), residual: int8 (N, K, OH, OW) or None) -> int8 (N, K, OH, OW) channels_last.
-    Buffers: weight int8 (K, C, R, S) channels_last, w_scale fp32 (K,), multiplier int32 (K,), offset int64 (K,).
+    Buffers: weight int8 (K, C / groups, R, S) channels_last, w_scale fp32 (K,), multiplier int32 (K,),
+    offset int64 (K,).
     """
 
     IMPLEMENTED = ("triton", "cuda", "cpu", "torch")
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, **state):
-        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel_size=list(kernel_size), **state)
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, groups: int = 1, **state):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, kernel_size=list(kernel_size),
+                         groups=groups, **state)
         k = out_channels
-        self.register_buffer("weight", torch.zeros(k, in_channels, *kernel_size, dtype=torch.int8).contiguous(
+        self.register_buffer("weight", torch.zeros(k, in_channels // groups, *kernel_size, dtype=torch.int8).contiguous(
             memory_format=torch.channels_last))
         self.register_buffer("w_scale", torch.ones(k))
         self.register_buffer("multiplier", torch.zeros(k, dtype=torch.int32))
         self.register_buffer("offset", torch.zeros(k, dtype=torch.int64))
 
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state({"groups": 1, **state})  # saved before grouped convs were covered
+
     @classmethod
-    def from_fused(cls, fused: FusedConv2dBNReLU, x_q: QParams, out_q: QParams, res_q: QParams | None = None):
-        """Quantize a FusedConv2dBNReLU (BN already folded into scale/shift) for the given activation qparams."""
-        weight = fused.weight.detach().float() * fused.scale.view(-1, 1, 1, 1)
-        weight_q, w_scale = quantize_weight(weight)
+    def from_folded(cls, folded: FoldedConv, x_q: QParams, out_q: QParams, res_q: QParams | None = None):
+        """Quantize a folded conv (fold_conv_stage) for the given activation qparams."""
+        weight_q, w_scale = quantize_weight(folded.weight)
         multiplier, offset, shift, res_multiplier = requantization(
-            x_q.scale, x_q.zero_point, weight_q, w_scale, fused.shift, out_q.scale, out_q.zero_point,
+            x_q.scale, x_q.zero_point, weight_q, w_scale, folded.bias, out_q.scale, out_q.zero_point,
             None if res_q is None else res_q.scale, 0 if res_q is None else res_q.zero_point)
-        module = cls(fused.in_channels, fused.out_channels, fused.kernel_size,
-                     stride=list(fused.stride), padding=list(fused.padding), dilation=list(fused.dilation),
-                     relu=bool(fused.relu), residual=res_q is not None,
+        k, c_group, r, s = folded.weight.shape
+        module = cls(c_group * folded.groups, k, (r, s), folded.groups,
+                     stride=list(folded.stride), padding=list(folded.padding), dilation=list(folded.dilation),
+                     relu=folded.relu, residual=res_q is not None,
                      x_scale=float(x_q.scale), x_zero=int(x_q.zero_point),
                      out_scale=float(out_q.scale), out_zero=int(out_q.zero_point),
                      res_scale=0.0 if res_q is None else float(res_q.scale),
                      res_zero=0 if res_q is None else int(res_q.zero_point),
                      shift=shift, res_multiplier=res_multiplier, out_max=int(out_q.qmax), x_max=int(x_q.qmax))
-        module.to(weight.device)
+        module.to(folded.weight.device)
         with torch.no_grad():
             module.weight.copy_(weight_q)
             module.w_scale.copy_(w_scale)
@@ -224,7 +266,7 @@ class Int8Conv2d(_Int8Module):
                                residual=residual, res_multiplier=s["res_multiplier"], out_zero=s["out_zero"],
                                relu=s["relu"], stride=s["stride"], padding=s["padding"], dilation=s["dilation"],
                                out_max=s["out_max"], x_max=s["x_max"],
-                               packed_weight=None if traced else self._packed_weight()[2])
+                               packed_weight=None if traced else self._packed_weight()[2], groups=s["groups"])
 
     def _forward_cpu(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The C++ kernel straight from its op: the public op's Python checks of arguments this
@@ -236,19 +278,22 @@ class Int8Conv2d(_Int8Module):
             x.contiguous(memory_format=nhwc), s["x_zero"], buffers["weight"].contiguous(memory_format=nhwc),
             buffers["multiplier"].contiguous(), buffers["offset"].contiguous(), s["shift"],
             None if residual is None else residual.contiguous(memory_format=nhwc), s["res_multiplier"],
-            s["out_zero"], s["relu"], s["stride"], s["padding"], s["dilation"], s["out_max"], packed, isa, algorithm)
+            s["out_zero"], s["relu"], s["stride"], s["padding"], s["dilation"], s["out_max"], packed, isa, algorithm,
+            s["groups"])
 
     def _packed_weight(self) -> tuple[int | None, int | None, torch.Tensor | None]:
         """(isa, algorithm, the weight in that C++ CPU kernel's layout): cached_packed_weight_cpu."""
         s = self.state
         # One buffer lookup (nn.Module attribute lookups of buffers cost ~0.5 us each).
-        return cached_packed_weight_cpu(self._buffers["weight"], s["stride"], s["dilation"], s["x_zero"], s["x_max"])
+        return cached_packed_weight_cpu(self._buffers["weight"], s["stride"], s["dilation"], s["x_zero"], s["x_max"],
+                                        s["groups"])
 
     def extra_repr(self) -> str:
         s = self.state
         epilogue = "bn" + (" + residual" if s["residual"] else "") + (" + relu" if s["relu"] else "")
         return (f"{s['in_channels']}, {s['out_channels']}, kernel_size={tuple(s['kernel_size'])}, "
-                f"stride={tuple(s['stride'])}, padding={tuple(s['padding'])}, int8 conv + {epilogue}, "
+                f"stride={tuple(s['stride'])}, padding={tuple(s['padding'])}, "
+                + (f"groups={s['groups']}, " if s["groups"] > 1 else "") + f"int8 conv + {epilogue}, "
                 f"in scale={s['x_scale']:.3g} zp={s['x_zero']}, out scale={s['out_scale']:.3g} zp={s['out_zero']}"
                 + (", 7-bit out" if s["out_max"] < 0 else ""))
 

@@ -11,8 +11,9 @@ measures the SQNR gained). Weights are symmetric so the conv needs no weight zer
 
 `int8_conv2d`, the contract every backend (torch, cpu, triton, cuda) meets bit for bit:
 
-    acc[m, k]   = sum_{r,s,c} x_q[n, oh*sh + r*dh - ph, ow*sw + s*dw - pw, c] * w_q[k, c, r, s]
-                  (x_q reads as x_zero outside the image)                               int32, exact
+    acc[m, k]   = sum_{r,s,c} x_q[n, oh*sh + r*dh - ph, ow*sw + s*dw - pw, g*C/G + c] * w_q[k, c, r, s]
+                  (x_q reads as x_zero outside the image; c < C/G, and g = k // (K/G) is k's
+                  conv group: groups=G as in torch's conv2d)                           int32, exact
     total[m, k] = acc * multiplier[k] + offset[k] (+ residual_q[m, k] * res_multiplier)     int64
     out[m, k]   = clamp(floor(total / 2**shift) + out_zero, relu ? max(out_zero, -128) : -128, out_max)
 
@@ -104,7 +105,7 @@ def requantization(x_scale: float, x_zero: int, weight_q: torch.Tensor, w_scale:
 # ---- the convolution ------------------------------------------------------------------------
 
 def _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
-                     stride, padding, dilation, out_max, x_max) -> tuple[int, int]:
+                     stride, padding, dilation, out_max, x_max, groups=1) -> tuple[int, int]:
     """Validate int8_conv2d's arguments with clear errors; return the output (OH, OW)."""
     where = "tlcore.ops.int8_conv2d"
     if x.dim() != 4 or weight.dim() != 4:
@@ -114,8 +115,10 @@ def _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res
         raise TypeError(f"{where}: x and weight must be int8, got {x.dtype} and {weight.dtype} "
                         "(quantize floats with tlcore.ops.quantize_per_tensor)")
     k, c, r, s = weight.shape
-    if x.shape[1] != c:
-        raise ValueError(f"{where}: x has {x.shape[1]} channels but weight expects {c} (groups must be 1)")
+    if groups < 1 or k % groups != 0:
+        raise ValueError(f"{where}: groups must be a positive divisor of the {k} output channels, got {groups}")
+    if x.shape[1] != c * groups:
+        raise ValueError(f"{where}: x has {x.shape[1]} channels but weight expects {c} per group x {groups} groups")
     if c * r * s > MAX_REDUCTION:
         raise ValueError(f"{where}: C*R*S = {c * r * s} exceeds {MAX_REDUCTION}, where int32 accumulation "
                          "could overflow")
@@ -154,7 +157,7 @@ def _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res
 
 
 def _int8_conv2d_torch(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
-                       stride, padding, dilation, out_max=QMAX):
+                       stride, padding, dilation, out_max=QMAX, groups=1):
     """The reference: exact accumulation, then the int64 epilogue.
 
     The conv runs in float64: every product and partial sum is an integer below 2**31
@@ -163,7 +166,7 @@ def _int8_conv2d_torch(x, x_zero, weight, multiplier, offset, shift, residual, r
     """
     ph, pw = padding
     xp = F.pad(x.double(), (pw, pw, ph, ph), value=float(x_zero))
-    acc = F.conv2d(xp, weight.double(), stride=stride, dilation=dilation).to(torch.int64)
+    acc = F.conv2d(xp, weight.double(), stride=stride, dilation=dilation, groups=groups).to(torch.int64)
     return requantize_reference(acc, multiplier, offset, shift, residual, res_multiplier, out_zero, relu, out_max)
 
 
@@ -206,13 +209,14 @@ def _auto_isa() -> int:
     return torch.ops.tlcore._int8_cpu_resolve_isa(_CPU_ISAS["auto"])
 
 
-def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: Sequence[int], isa: int) -> int:
+def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: Sequence[int], isa: int,
+                  groups: int = 1) -> int:
     """How the C++ kernel runs this conv with `isa` (CPU_ALGORITHMS; the results are the same bits).
 
     The fastest it supports: exact integer Winograd for 3x3 stride-1 convs on instruction sets
     without VNNI (F(2x4, 3x3) tiles: 3 products per output instead of 9; 1.5-2x faster there),
     and for 3x3 stride-2 convs with C * K <= 256 * 256 (25 products per 2x2 tile instead of 36),
-    the rows layout for odd channel counts (the RGB stem), else direct.
+    the rows layout for odd channel counts (the RGB stem), else direct (grouped convs always).
     TLCORE_INT8_CPU_ALGORITHM=direct keeps every conv direct.
     """
     setting = os.environ.get(ALGORITHM_ENV, "auto")
@@ -221,12 +225,12 @@ def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: 
     if setting == "direct" or not _extension.loaded():
         return CPU_ALGORITHMS["direct"]
     k, c, r, s = (int(size) for size in weight_shape)  # weight sizes: static even under dynamic-shape tracing
-    return _best_algorithm(k, c, r, s, tuple(stride), tuple(dilation), isa)
+    return _best_algorithm(k, c * groups, r, s, tuple(stride), tuple(dilation), isa, groups)
 
 
 @functools.cache
-def _best_algorithm(k: int, c: int, r: int, s: int, stride: tuple, dilation: tuple, isa: int) -> int:
-    return torch.ops.tlcore._int8_cpu_best_algorithm(k, c, r, s, list(stride), list(dilation), isa)
+def _best_algorithm(k: int, c: int, r: int, s: int, stride: tuple, dilation: tuple, isa: int, groups: int) -> int:
+    return torch.ops.tlcore._int8_cpu_best_algorithm(k, c, r, s, list(stride), list(dilation), isa, groups)
 
 
 def cpu_isa_supported(name: str) -> bool:
@@ -256,39 +260,46 @@ def _int8_conv2d_op(
     out_max: int,
     x_max: int,
     packed_weight: Optional[torch.Tensor],
+    groups: int = 1,
 ) -> torch.Tensor:
     out = _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
-                            relu, stride, padding, dilation, out_max, x_max, packed_weight)
+                            relu, stride, padding, dilation, out_max, x_max, packed_weight, groups)
     if out.numel() == 0:
         return out
     args = (x_zero, _nhwc(weight), multiplier.contiguous(), offset.contiguous(), shift,
             None if residual is None else _nhwc(residual), res_multiplier, out_zero, relu,
             list(stride), list(padding), list(dilation), out_max)
-    chosen = backend.select(CONV_OP, x.device, ("triton", "cuda", "cpu", "torch"))
+    chosen = backend.select(CONV_OP, x.device, conv_backends(groups))
     if chosen == "cpu" and packed_weight is None:
         return torch.ops.tlcore._int8_conv_cpu_cached(x, weight, multiplier, offset, residual, x_zero, shift,
                                                       res_multiplier, out_zero, relu, list(stride), list(padding),
-                                                      list(dilation), out_max, x_max)
+                                                      list(dilation), out_max, x_max, groups)
     if chosen == "cpu":
         isa = cpu_isa_for(x_zero, x_max)
         return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, isa,
-                                               cpu_algorithm(weight.shape, stride, dilation, isa))
+                                               cpu_algorithm(weight.shape, stride, dilation, isa, groups), groups)
     if chosen == "cuda":
         return torch.ops.tlcore._int8_conv_cuda(_nhwc(x), *args)
     if chosen == "triton":
         from tlcore.kernels.int8_conv import int8_conv2d as triton_int8_conv2d
 
-        triton_int8_conv2d(x, *args, out)
+        triton_int8_conv2d(x, *args, out, groups)
         return out
-    return _int8_conv2d_torch(x, *args)
+    return _int8_conv2d_torch(x, *args, groups)
+
+
+def conv_backends(groups: int) -> tuple[str, ...]:
+    """The backends with an int8 conv kernel for this many groups: the CUDA C++ kernel has none for
+    grouped convs (ResNeXt's), which run on Triton there."""
+    return ("triton", "cuda", "cpu", "torch") if groups == 1 else ("triton", "cpu", "torch")
 
 
 @_int8_conv2d_op.register_fake
 def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
-                      stride, padding, dilation, out_max=QMAX, x_max=QMAX, packed_weight=None):
+                      stride, padding, dilation, out_max=QMAX, x_max=QMAX, packed_weight=None, groups=1):
     """Validates and allocates the (N, K, OH, OW) int8 channels_last output; launches nothing."""
     oh, ow = _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
-                              stride, padding, dilation, out_max, x_max)
+                              stride, padding, dilation, out_max, x_max, groups)
     return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=torch.int8, device=x.device,
                        memory_format=torch.channels_last)
 
@@ -299,7 +310,8 @@ _packed_weights: dict[int, tuple] = {}
 
 
 def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int],
-                             x_zero: int = QMIN, x_max: int = QMAX) -> tuple[int | None, int | None, torch.Tensor | None]:
+                             x_zero: int = QMIN, x_max: int = QMAX,
+                             groups: int = 1) -> tuple[int | None, int | None, torch.Tensor | None]:
     """(isa, algorithm, pack_weight_cpu(weight, ...)) for a conv on inputs with codes up to x_max,
     packed once per weight tensor and again when its storage (`w.data = ...`), its version (an
     in-place change) or the kernel's choice (TLCORE_INT8_CPU_ISA, _ALGORITHM) changes. Inference
@@ -309,12 +321,12 @@ def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilati
     if not _extension.loaded() or weight.device.type != "cpu":
         return None, None, None
     isa = cpu_isa_for(x_zero, x_max)
-    algorithm = cpu_algorithm(weight.shape, stride, dilation, isa)
-    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, isa, algorithm)
+    algorithm = cpu_algorithm(weight.shape, stride, dilation, isa, groups)
+    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, isa, algorithm, groups)
     cached = _packed_weights.get(id(weight))
     new_entry = cached is None or cached[0]() is not weight
     if new_entry or cached[1] != key:
-        cached = (weakref.ref(weight), key, pack_weight_cpu(weight, stride, dilation, x_zero, x_max))
+        cached = (weakref.ref(weight), key, pack_weight_cpu(weight, stride, dilation, x_zero, x_max, groups))
         _packed_weights[id(weight)] = cached
         if new_entry:
             weakref.finalize(weight, _packed_weights.pop, id(weight), None)
@@ -325,23 +337,23 @@ def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilati
 def _int8_conv_cpu_cached(x: torch.Tensor, weight: torch.Tensor, multiplier: torch.Tensor, offset: torch.Tensor,
                           residual: Optional[torch.Tensor], x_zero: int, shift: int, res_multiplier: int,
                           out_zero: int, relu: bool, stride: Sequence[int], padding: Sequence[int],
-                          dilation: Sequence[int], out_max: int, x_max: int) -> torch.Tensor:
+                          dilation: Sequence[int], out_max: int, x_max: int, groups: int = 1) -> torch.Tensor:
     """The C++ CPU conv on cached_packed_weight_cpu(weight): what int8_conv2d runs without a
     packed_weight, e.g. inside a torch.compile'd or exported model. Opaque to tracing, so the
     instruction set is chosen where the graph runs and the packed tensor never leaves it.
     """
-    isa, algorithm, packed = cached_packed_weight_cpu(weight, stride, dilation, x_zero, x_max)
+    isa, algorithm, packed = cached_packed_weight_cpu(weight, stride, dilation, x_zero, x_max, groups)
     return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), x_zero, _nhwc(weight), multiplier.contiguous(),
                                            offset.contiguous(), shift, None if residual is None else _nhwc(residual),
                                            res_multiplier, out_zero, relu, list(stride), list(padding),
-                                           list(dilation), out_max, packed, isa, algorithm)
+                                           list(dilation), out_max, packed, isa, algorithm, groups)
 
 
 @_int8_conv_cpu_cached.register_fake
 def _(x, weight, multiplier, offset, residual, x_zero, shift, res_multiplier, out_zero, relu, stride, padding,
-      dilation, out_max, x_max):
+      dilation, out_max, x_max, groups=1):
     return _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
-                             relu, stride, padding, dilation, out_max, x_max)
+                             relu, stride, padding, dilation, out_max, x_max, groups=groups)
 
 
 def _register_compiled_fakes() -> None:
@@ -350,13 +362,15 @@ def _register_compiled_fakes() -> None:
 
     @torch.library.register_fake("tlcore::_int8_conv_cpu")
     def _(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
-          stride, padding, dilation, out_max, packed_weight, isa, algorithm):
+          stride, padding, dilation, out_max, packed_weight, isa, algorithm, groups=1):
         return _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
-                                 out_zero, relu, stride, padding, dilation, out_max)
+                                 out_zero, relu, stride, padding, dilation, out_max, groups=groups)
 
     @torch.library.register_fake("tlcore::_int8_pack_weight_cpu")
-    def _(weight, isa, algorithm):
-        return weight.new_empty((_packed_words(*weight.shape, isa, algorithm),), dtype=torch.int32)
+    def _(weight, isa, algorithm, groups=1):
+        k, c, r, s = weight.shape
+        words = torch.ops.tlcore._int8_cpu_packed_words(k, c * groups, r, s, isa, algorithm, groups)
+        return weight.new_empty((words,), dtype=torch.int32)
 
     torch.library.register_fake("tlcore::_int8_conv_cuda")(_int8_conv2d_fake)
 
@@ -378,24 +392,6 @@ def _register_compiled_fakes() -> None:
                   for i in range(2))
         return torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=torch.int8, device=x.device,
                            memory_format=torch.channels_last)
-
-
-def _packed_words(k: int, c: int, r: int, s: int, isa: int, algorithm: int) -> int:
-    """int32 words of the C++ kernel's packed weight (csrc/cpu/int8_conv.cpp, int8_winograd.cpp):
-    header, blocks of 16 channels (taps x channel groups x 16 words), correction."""
-    blocks = -(-k // 16)
-    if algorithm in (CPU_ALGORITHMS["winograd"], CPU_ALGORITHMS["winograd_stride2"]):
-        # positions: 24 (F(2x4, 3x3), C <= 910) or 16 (F(2x2, 3x3)); 25 for stride 2
-        positions = 25 if algorithm == CPU_ALGORITHMS["winograd_stride2"] else \
-            24 if c <= WINOGRAD_WIDE_MAX_CHANNELS else 16
-        pairs = -(-c // 2)
-        groups = -(-pairs // 8) * 8  # rounded up to whole vectors of 8 pairs
-        return 16 + blocks * positions * groups * 16
-    if algorithm == CPU_ALGORITHMS["rows"]:  # R taps, each a run of S * C values in pairs
-        return 16 + blocks * r * -(-(s * c) // 2) * 16
-    quads = torch.ops.tlcore._int8_cpu_resolve_isa(isa) not in (_CPU_ISAS["scalar"], _CPU_ISAS["avx2"])
-    group = 4 if quads else 2
-    return 16 + blocks * r * s * -(-c // group) * 16 + (blocks * 16 if quads else 0)
 
 
 _register_compiled_fakes()
@@ -426,38 +422,41 @@ def int8_conv2d(
     out_max: int = QMAX,
     x_max: int = QMAX,
     packed_weight: torch.Tensor | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     """Quantized conv2d with the fused requantize (+ residual) (+ ReLU) epilogue (module docstring).
 
     Args:
         x: (N, C, H, W) int8, any strides (channels_last avoids a copy); x_zero its zero point.
-        weight: (K, C, R, S) int8 in [-127, 127]; groups must be 1 and C*R*S <= MAX_REDUCTION.
+        weight: (K, C / groups, R, S) int8 in [-127, 127], with C / groups * R * S <= MAX_REDUCTION.
         multiplier: (K,) int32; offset: (K,) int64; shift: 0..62 (from `requantization`).
         residual: optional (N, K, OH, OW) int8, added as residual * res_multiplier.
         out_zero: the output's zero point; relu: clamp at it. out_max: the largest output code.
         x_max: the largest code x holds (-1 for 7-bit inputs: the C++ kernel may then use vpmaddubsw).
         stride, padding (zeros in real terms), dilation: int or (h, w) pair.
-        packed_weight: `pack_weight_cpu(weight, stride, dilation, x_zero, x_max)`, so the C++ CPU
-            kernel skips packing it on every call; other backends ignore it.
+        packed_weight: `pack_weight_cpu(weight, stride, dilation, x_zero, x_max, groups)`, so the C++
+            CPU kernel skips packing it on every call; other backends ignore it.
+        groups: as torch's conv2d groups (ResNeXt's grouped 3x3 convs); the CUDA C++ kernel has
+            none, so on GPUs grouped convs run on Triton.
 
     Returns:
         (N, K, OH, OW) int8, channels_last.
     """
     return torch.ops.tlcore.int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
                                         out_zero, relu, _pair(stride, "stride"), _pair(padding, "padding"),
-                                        _pair(dilation, "dilation"), out_max, x_max, packed_weight)
+                                        _pair(dilation, "dilation"), out_max, x_max, packed_weight, groups)
 
 
 def pack_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int], x_zero: int = QMIN,
-                    x_max: int = QMAX) -> torch.Tensor | None:
-    """weight (K, C, R, S) int8 in the layout the C++ kernel will use for a conv with this stride
+                    x_max: int = QMAX, groups: int = 1) -> torch.Tensor | None:
+    """weight (K, C / groups, R, S) int8 in the layout the C++ kernel will use for a conv with this stride
     and dilation on inputs with codes up to x_max (its instruction set and algorithm), as 1-d
     int32; None without the extension or off the CPU."""
     if not _extension.loaded() or weight.device.type != "cpu":
         return None
     isa = cpu_isa_for(x_zero, x_max)
     return torch.ops.tlcore._int8_pack_weight_cpu(_nhwc(weight), isa,
-                                                  cpu_algorithm(weight.shape, stride, dilation, isa))
+                                                  cpu_algorithm(weight.shape, stride, dilation, isa, groups), groups)
 
 
 def runs_cpu_kernel(op: str, t: torch.Tensor, implemented: Sequence[str] = ("cpu", "torch")) -> bool:

@@ -1,0 +1,123 @@
+"""Grouped int8 convs (ResNeXt's grouped 3x3): every backend bit-exact against the int64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from numerics import opcheck_utils
+from test_int8_ops import (assert_bit_exact, int64_conv, isa_or_skip, make_case, needs_extension, reference, run,
+                           seven_bit)
+from tlcore import _extension
+from tlcore.backend import use_backend
+from tlcore.ops import int8 as q8
+
+GROUPED_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation, groups
+    (2, 32, 9, 11, 32, 3, 3, 1, 1, 1, 8),     # ResNeXt-50's first stage: 4 channels a group
+    (1, 64, 7, 7, 64, 3, 3, 2, 1, 1, 4),      # 16 a group (one 16-channel block each), strided
+    (2, 15, 6, 7, 10, 3, 3, 1, 1, 1, 5),      # 3 input channels a group: windows off the 2/4-channel words
+    (1, 48, 5, 5, 72, 1, 1, 1, 0, 1, 3),      # 24 outputs a group: blocks that straddle two groups
+    (1, 128, 5, 4, 128, 3, 3, 1, 1, 1, 32),   # 32 groups, 4 channels each (ResNeXt-50's width)
+    (1, 24, 6, 6, 48, 3, 3, 1, 2, 2, 24),     # depthwise-style: one input channel a group, dilated
+]
+GROUPED_IDS = ["x".join(map(str, c[:7])) + f"-g{c[10]}" for c in GROUPED_CASES]
+
+
+def grouped_case(case, **kwargs):
+    *shape, groups = case
+    return make_case(*shape, groups=groups, **kwargs)
+
+
+def test_int64_reference_is_torch_grouped_conv():
+    """The grouped int64 reference agrees with torch's grouped conv (float64 holds these sums exactly)."""
+    for case in GROUPED_CASES[2], GROUPED_CASES[5]:
+        c = grouped_case(case)
+        (ph, pw), groups = c["padding"], c["groups"]
+        xp = F.pad(c["x"].double(), (pw, pw, ph, ph), value=float(c["x_zero"]))
+        acc = F.conv2d(xp, c["weight"].double(), stride=c["stride"], dilation=c["dilation"], groups=groups)
+        assert torch.equal(int64_conv(c["x"], c["x_zero"], c["weight"], c["stride"], c["padding"], c["dilation"],
+                                      groups), acc.to(torch.int64))
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=GROUPED_IDS)
+def test_torch_backend_bit_exact(case):
+    c = grouped_case(case)
+    assert_bit_exact(run(c, "torch"), reference(c), f"torch {case}")
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512vnni"])
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=GROUPED_IDS)
+def test_cpu_kernel_bit_exact(case, isa, monkeypatch):
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    for residual, relu, layout in ((True, True, "channels_last"), (False, False, "strided")):
+        c = grouped_case(case, residual=residual, relu=relu, layout=layout)
+        ref = reference(c)
+        assert_bit_exact(run(c, "cpu"), ref, f"cpu/{isa} {case} residual={residual}")
+        packed = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"], groups=c["groups"])
+        assert_bit_exact(run(dict(c, packed_weight=packed), "cpu"), ref, f"cpu/{isa} prepacked {case}")
+
+
+@needs_extension
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=GROUPED_IDS)
+def test_cpu_kernel_seven_bit_bit_exact(case, monkeypatch):
+    """AVX2's vpmaddubsw kernel on 7-bit inputs (tlcore.quantize(reduce_range=True))."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2u7"))
+    c = seven_bit(grouped_case(case))
+    assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/avx2u7 {case}")
+
+
+@needs_extension
+def test_cpu_kernel_batch_of_many_chunks(monkeypatch):
+    """A grouped 1x1 conv whose tasks convert their own rows (pointwise, many chunks a thread)."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    c = make_case(3, 64, 17, 19, 96, 1, 1, groups=4)
+    assert_bit_exact(run(c, "cpu"), reference(c), "pointwise grouped")
+
+
+@pytest.mark.parametrize("case", [GROUPED_CASES[0], GROUPED_CASES[2], GROUPED_CASES[3]], ids=str)
+def test_triton_kernel_bit_exact(device, case):
+    c = grouped_case(case)
+    ref = reference(c)
+    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    assert_bit_exact(run(c, "triton").cpu(), ref, f"triton {case}")
+
+
+def test_cuda_backend_falls_back_with_a_warning():
+    """The CUDA C++ kernel has no grouped convs: forcing it warns and runs the default backend."""
+    c = grouped_case(GROUPED_CASES[0])
+    with use_backend("cuda"), pytest.warns(UserWarning, match="has no cuda kernel"):
+        out = q8.int8_conv2d(c["x"], c["x_zero"], c["weight"], c["multiplier"], c["offset"], c["shift"],
+                             residual=c["residual"], res_multiplier=c["res_multiplier"], out_zero=c["out_zero"],
+                             relu=True, padding=1, groups=8)
+    assert torch.equal(out, reference(c))
+
+
+@pytest.mark.parametrize("groups, match", [(3, "positive divisor"), (0, "positive divisor"),
+                                           (4, "per group x 4 groups")])
+def test_bad_groups_raise(groups, match):
+    c = grouped_case(GROUPED_CASES[0])  # 32 -> 32 channels in 8 groups
+    for name in ("cpu", "torch"):
+        with pytest.raises(ValueError, match=match):
+            run(dict(c, groups=groups), name)
+
+
+@needs_extension
+def test_packed_weight_of_other_groups_is_refused(monkeypatch):
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    c = grouped_case(GROUPED_CASES[0])  # weight (32, 4, 3, 3): also the 1-group weight of a 4-channel input
+    ungrouped = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"])
+    with pytest.raises(RuntimeError, match="packed_weight does not match|packed for another weight"):
+        run(dict(c, packed_weight=ungrouped), "cpu")
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "torch", "triton"])
+def test_opcheck(backend_name, device):
+    if backend_name == "cpu" and not _extension.loaded():
+        pytest.skip("tlcore._C is not built")
+    dev = device if backend_name == "triton" else torch.device("cpu")
+    c = grouped_case((1, 12, 5, 5, 8, 3, 3, 1, 1, 1, 4))
+    args = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in (
+        c["x"], c["x_zero"], c["weight"], c["multiplier"], c["offset"], c["shift"], c["residual"],
+        c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"], c["out_max"],
+        c["x_max"], None, 4)]
+    with use_backend(backend_name):
+        torch.library.opcheck(torch.ops.tlcore.int8_conv2d.default, args, test_utils=opcheck_utils(backend_name, dev))
