@@ -1,4 +1,4 @@
-"""CPU INT8 inference at 224x224: tlcore.quantize against fp32 eager and torch.ao's x86 int8, same run;
+"""CPU INT8 inference at 224x224 (ResNet-18, ResNet-50, ResNeXt-50): tlcore.quantize against fp32 eager and torch.ao's x86 int8, same run;
 and per layer, tlcore's int8 conv op against torch.ao's quantized conv on ResNet-18's conv shapes.
 
     pytest bench/test_bench_int8.py --benchmark-only --benchmark-group-by=group
@@ -21,7 +21,8 @@ import torchvision
 
 import tlcore
 
-CASES = [("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8)]
+CASES = [("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8), ("resnext50_32x4d", 1),
+         ("resnext50_32x4d", 8)]
 VARIANTS = ["fp32 eager", "torch.ao int8 x86", "tlcore int8", "tlcore int8 7-bit"]
 MIN_SQNR_DB = 15.0  # random-weight ResNets quantize less well than trained ones; this catches broken ones
 # The caps that make a VNNI CPU behave like an AVX2-only one, recorded with every result.
