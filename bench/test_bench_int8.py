@@ -1,5 +1,6 @@
-"""CPU INT8 inference at 224x224 (ResNet-18, ResNet-50, ResNeXt-50): tlcore.quantize against fp32 eager and torch.ao's x86 int8, same run;
-and per layer, tlcore's int8 conv op against torch.ao's quantized conv on ResNet-18's conv shapes.
+"""CPU INT8 inference at 224x224 (ResNet-18, ResNet-50, ResNeXt-50 32x4d): tlcore.quantize against fp32
+eager and torch.ao's x86 int8, same run; and per layer, tlcore's int8 conv op against torch.ao's
+quantized conv on ResNet-18's conv shapes.
 
     pytest bench/test_bench_int8.py --benchmark-only --benchmark-group-by=group
 
