@@ -319,6 +319,19 @@ def test_state_dict_round_trip_weights_only():
         assert torch.equal(rebuilt(x), expected)
 
 
+def test_module_pickled_before_grouped_convs_loads():
+    """A whole pickled Int8Conv2d from before "groups" (torch.save(module)) still runs."""
+    conv = tlcore.quantize(small_resnet(), batches(), progress=False).layer1[0].last
+    x = torch.randint(-128, 128, (1, 64, 8, 8), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    res = torch.randint(-128, 128, (1, 64, 8, 8), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    expected = conv(x, res)
+    del conv.state["groups"]
+    buffer = io.BytesIO()
+    torch.save(conv, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x, res), expected)
+
+
 def test_state_dict_saved_before_grouped_convs_loads():
     """Int8Conv2d's extra state gained "groups"; a state_dict saved without it loads as groups=1."""
     model = small_resnet(Bottleneck)
@@ -379,14 +392,28 @@ def test_grouped_convs_run_in_int8():
         assert_same_model_outputs(got, outputs["torch"], name)
 
 
-def test_uncovered_conv_falls_back_to_float():
-    """A conv the int8 scheme does not cover (here reflection padding) keeps its block float, and says why."""
+class StandardizedConv2d(nn.Conv2d):
+    """Weight standardization (BiT ResNets): a Conv2d subclass whose forward is not a plain conv."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+@pytest.mark.parametrize("change, reason", [("reflect", "padding_mode"), ("subclass", "not conv + BatchNorm")])
+def test_uncovered_conv_falls_back_to_float(change, reason):
+    """A conv the int8 scheme does not cover keeps its block float, and says why."""
     model = small_resnet(Bottleneck)
-    model.layer2[0].conv2.padding_mode = "reflect"
+    conv = model.layer2[0].conv2
+    if change == "reflect":
+        conv.padding_mode = "reflect"
+    else:
+        conv.__class__ = StandardizedConv2d
     x = batches(1, seed=5)[0]
     qmodel = tlcore.quantize(model, batches(), progress=False)
     fallbacks = [m for m in qmodel.modules() if isinstance(m, FloatFallback)]
-    assert len(fallbacks) == 1 and "padding_mode" in fallbacks[0].reason
+    assert len(fallbacks) == 1 and reason in fallbacks[0].reason
     assert qmodel.layer2[0] is fallbacks[0] and isinstance(qmodel.layer3[0], Int8ResidualBlock)
     with torch.no_grad():
         assert sqnr(model(x), qmodel(x)) > 25

@@ -14,7 +14,7 @@ from torch.ao.quantization import PerChannelMinMaxObserver
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from tlcore.backend import use_backend
-from tlcore.nn.conv import FusedConv2dBNReLU, explicit_padding
+from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d, explicit_padding
 from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cached_packed_weight_cpu, dequantize_per_tensor, int8_conv2d,
                              int8_global_avg_pool, int8_max_pool2d, int8_weight_linear, quantize_input,
                              requantization, runs_cpu_kernel)
@@ -186,12 +186,13 @@ def fold_conv_stage(stage: nn.Module) -> FoldedConv | None:
 
     Covered: a FusedConv2dBNReLU, and a conv -> BatchNorm2d (-> ReLU) nn.Sequential that tlcore.fuse
     left stock only because its fp16 kernel has no grouped convs (ResNeXt's grouped 3x3): zero
-    padding, BN with running statistics. The BN folding is torch.nn.utils.fusion's.
+    padding, BN with running statistics. The BN folding is torch.nn.utils.fusion's. Conv2d
+    subclasses are not covered: their forward may not be a plain conv (e.g. weight standardization).
     """
     if isinstance(stage, FusedConv2dBNReLU):
         return FoldedConv(stage.weight.detach().float() * stage.scale.view(-1, 1, 1, 1), stage.shift.detach().float(),
                           stage.stride, stage.padding, stage.dilation, 1, bool(stage.relu))
-    if not (isinstance(stage, nn.Sequential) and len(stage) in (2, 3) and isinstance(stage[0], nn.Conv2d)):
+    if not (isinstance(stage, nn.Sequential) and len(stage) in (2, 3) and type(stage[0]) in (nn.Conv2d, StockConv2d)):
         return None
     conv, bn, relu = stage[0], stage[1], len(stage) == 3
     if (type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or bn.running_mean is None or
@@ -227,6 +228,15 @@ class Int8Conv2d(_Int8Module):
 
     def set_extra_state(self, state: dict) -> None:
         super().set_extra_state({"groups": 1, **state})  # saved before grouped convs were covered
+
+    def __setstate__(self, state: dict) -> None:  # a whole pickled module, saved before groups
+        super().__setstate__(state)
+        self.state.setdefault("groups", 1)
+
+    @classmethod
+    def from_fused(cls, fused: FusedConv2dBNReLU, x_q: QParams, out_q: QParams, res_q: QParams | None = None):
+        """Quantize a FusedConv2dBNReLU: from_folded(fold_conv_stage(fused), ...)."""
+        return cls.from_folded(fold_conv_stage(fused), x_q, out_q, res_q)
 
     @classmethod
     def from_folded(cls, folded: FoldedConv, x_q: QParams, out_q: QParams, res_q: QParams | None = None):
