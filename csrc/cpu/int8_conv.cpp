@@ -630,7 +630,7 @@ namespace {
 // needs only its own groups' channels: a window of `words` words (the same for every block, so
 // blocks stay equally sized) starting `start[block]` words into a pixel; the block's weights are
 // zero in the window's other channels. ResNeXt-50's 4-channel groups put 4 groups in a block, so
-// its first stage's grouped convs multiply 4x the needed products (all grouped convs: ~5% of its own).
+// its first stage's grouped convs multiply 4x the needed products (its grouped convs hold ~5% of its products).
 // Ungrouped: all of a pixel's words.
 struct ChannelWindows {
   int64_t words;

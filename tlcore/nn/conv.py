@@ -21,9 +21,10 @@ def explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     return tuple(conv.padding)
 
 
-def fusion_unsupported_reason(conv: nn.Module, bn: nn.Module) -> str:
-    """Why conv followed by bn cannot become a FusedConv2dBNReLU ('' if it can)."""
-    if type(conv) is not nn.Conv2d:  # subclasses may override forward
+def folding_unsupported_reason(conv: nn.Module, bn: nn.Module) -> str:
+    """Why bn cannot be folded into conv, whatever kernel then runs the conv ('' if it can)."""
+    # Subclasses may override forward; StockConv2d (a conv fuse left stock) only adds a repr.
+    if type(conv) not in (nn.Conv2d, StockConv2d):
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if type(bn) not in _FOLDABLE_BN:
         return f"{type(bn).__name__} is not a BatchNorm2d"
@@ -33,8 +34,13 @@ def fusion_unsupported_reason(conv: nn.Module, bn: nn.Module) -> str:
         return f"BatchNorm has {bn.num_features} features for {conv.out_channels} conv channels"
     if explicit_padding(conv) is None:
         return "padding='same' with an even kernel needs asymmetric padding"
-    return conv_unsupported_reason(groups=conv.groups, padding_mode=conv.padding_mode,
-                                   dtype=conv.weight.dtype, transposed=conv.transposed)
+    return ""
+
+
+def fusion_unsupported_reason(conv: nn.Module, bn: nn.Module) -> str:
+    """Why conv followed by bn cannot become a FusedConv2dBNReLU ('' if it can)."""
+    return folding_unsupported_reason(conv, bn) or conv_unsupported_reason(
+        groups=conv.groups, padding_mode=conv.padding_mode, dtype=conv.weight.dtype, transposed=conv.transposed)
 
 
 class FusedConv2dBNReLU(nn.Module):

@@ -14,7 +14,7 @@ from torch.ao.quantization import PerChannelMinMaxObserver
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from tlcore.backend import use_backend
-from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d, explicit_padding
+from tlcore.nn.conv import FusedConv2dBNReLU, explicit_padding, folding_unsupported_reason
 from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cached_packed_weight_cpu, dequantize_per_tensor, int8_conv2d,
                              int8_global_avg_pool, int8_max_pool2d, int8_weight_linear, quantize_input,
                              requantization, runs_cpu_kernel)
@@ -192,12 +192,10 @@ def fold_conv_stage(stage: nn.Module) -> FoldedConv | None:
     if isinstance(stage, FusedConv2dBNReLU):
         return FoldedConv(stage.weight.detach().float() * stage.scale.view(-1, 1, 1, 1), stage.shift.detach().float(),
                           stage.stride, stage.padding, stage.dilation, 1, bool(stage.relu))
-    if not (isinstance(stage, nn.Sequential) and len(stage) in (2, 3) and type(stage[0]) in (nn.Conv2d, StockConv2d)):
+    if not (isinstance(stage, nn.Sequential) and len(stage) in (2, 3)):
         return None
     conv, bn, relu = stage[0], stage[1], len(stage) == 3
-    if (type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or bn.running_mean is None or
-            bn.num_features != conv.out_channels or conv.padding_mode != "zeros" or explicit_padding(conv) is None or
-            (relu and type(stage[2]) is not nn.ReLU)):
+    if folding_unsupported_reason(conv, bn) or conv.padding_mode != "zeros" or (relu and type(stage[2]) is not nn.ReLU):
         return None
     optional = lambda t: None if t is None else t.detach().float()  # noqa: E731
     weight, bias = fuse_conv_bn_weights(conv.weight.detach().float(), optional(conv.bias), bn.running_mean.float(),
