@@ -17,6 +17,8 @@ GROUPED_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation, groups
     (1, 48, 5, 5, 72, 1, 1, 1, 0, 1, 3),      # 24 outputs a group: blocks that straddle two groups
     (1, 128, 5, 4, 128, 3, 3, 1, 1, 1, 32),   # 32 groups, 4 channels each (ResNeXt-50's width)
     (1, 24, 6, 6, 48, 3, 3, 1, 2, 2, 24),     # depthwise-style: one input channel a group, dilated
+    (2, 64, 7, 9, 64, 3, 3, 2, 1, 1, 8),      # 8 channels a group (ResNeXt-50's second stage), strided
+    (1, 48, 5, 7, 48, 1, 1, 1, 0, 1, 6),      # 8 channels a group, pointwise
 ]
 GROUPED_IDS = ["x".join(map(str, c[:7])) + f"-g{c[10]}" for c in GROUPED_CASES]
 
@@ -66,11 +68,26 @@ def test_cpu_kernel_seven_bit_bit_exact(case, monkeypatch):
 
 
 @needs_extension
-def test_cpu_kernel_batch_of_many_chunks(monkeypatch):
+@pytest.mark.parametrize("k, groups", [(96, 4), (64, 16)], ids=["wide-groups", "narrow-groups"])
+def test_cpu_kernel_batch_of_many_chunks(k, groups, monkeypatch):
     """A grouped 1x1 conv whose tasks convert their own rows (pointwise, many chunks a thread)."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
-    c = make_case(3, 64, 17, 19, 96, 1, 1, groups=4)
-    assert_bit_exact(run(c, "cpu"), reference(c), "pointwise grouped")
+    c = make_case(3, 64, 17, 19, k, 1, 1, groups=groups)
+    assert_bit_exact(run(c, "cpu"), reference(c), f"pointwise, {groups} groups")
+
+
+@needs_extension
+@pytest.mark.parametrize("channels", [4, 8])
+@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
+def test_narrow_groups_pack_only_their_own_channels(channels, isa):
+    """4 or 8 channels a group, in and out: each output channel's packed weights hold its own group's
+    channels only (the narrow kernels), not its 16-channel block's whole window."""
+    k = c = 128
+    words_a_group = channels // (2 if isa == "avx2" else 4)  # int16 pairs, or quads of bytes
+    header, correction = 16, 0 if isa == "avx2" else k     # quads keep 128 * sum(w) per channel
+    want = header + (k // 16) * 9 * words_a_group * 16 + correction
+    packed = torch.ops.tlcore._int8_cpu_packed_words(k, c, 3, 3, q8._CPU_ISAS[isa], 0, c // channels)
+    assert packed == want
 
 
 @pytest.mark.parametrize("case", [GROUPED_CASES[0], GROUPED_CASES[2], GROUPED_CASES[3]], ids=str)

@@ -75,10 +75,12 @@ void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
       int16_t w[kTileN][2];
       std::memcpy(w, b, sizeof(w));
       for (int i = 0; i < t.count; ++i) {
-        int16_t x[2];
-        std::memcpy(x, t.rows[i] + t.tap_offsets[tap] + g, sizeof(x));
-        // Wrapping sums (unsigned), like vpaddd: Winograd's position sums may wrap (int8_winograd.cpp).
         for (int j = 0; j < kTileN; ++j) {
+          // Narrow groups: a group of 2 * groups channels (pairs) starts `groups` words after the last.
+          const int64_t group_start = t.narrow ? j / (2 * t.groups) * t.groups : 0;
+          int16_t x[2];
+          std::memcpy(x, t.rows[i] + t.tap_offsets[tap] + group_start + g, sizeof(x));
+          // Wrapping sums (unsigned), like vpaddd: Winograd's position sums may wrap (int8_winograd.cpp).
           acc[i][j] = static_cast<int32_t>(static_cast<uint32_t>(acc[i][j]) +
                                            static_cast<uint32_t>(x[0] * w[j][0] + x[1] * w[j][1]));
         }
@@ -99,13 +101,74 @@ __attribute__((target("avx2,avxvnni"))) inline __m256i madd_quads_avxvnni(__m256
   return _mm256_dpbusd_avx_epi32(acc, x, w);
 }
 
+// Narrow groups (ChannelWindows::narrow): the block's 16 channels hold 4 or 2 whole groups, and
+// channel j reads only its own group's GW words per tap. Of a register of 8 channels, the 4 in each
+// 128-bit half are one group's, so step j feeds half h (of the block's four) window word
+// narrow_word(h, j): two registers' worth of products per step instead of the window's 16 words
+// times 16 channels (4x fewer products with 4-channel groups, 2x with 8). `size`: channels a word.
+constexpr int narrow_word(int size, int gw, int half, int j) { return 4 * half / (size * gw) * gw + j; }
+// A dword of vpshufb control that copies word `word` of its 128-bit lane.
+constexpr int32_t pick_word(int word) { return 0x03020100 + 0x04040404 * word; }
+
 // The SIMD micro-kernel, instantiated once per instruction set: a function compiled for one
 // target cannot inline helpers of a wider one, so a template cannot share the body. NAME runs
-// NAME##_rows<M> with M = t.count: a conv's last tile is often short (49 rows at 7x7 are 8 tiles of
-// 6 and one of 1): computing all 6 rows there made ResNet-50's 7x7 layers 8-30% slower at batch 1.
-#define TLCORE_DEFINE_SIMD_TILE(NAME, TARGET, MADD)                                              \
-  template <int M>                                                                               \
+// NAME##_rows<GW, M> with M = t.count: a conv's last tile is often short (49 rows at 7x7 are 8 tiles
+// of 6 and one of 1): computing all 6 rows there made ResNet-50's 7x7 layers 8-30% slower at batch 1.
+// GW = 0 is the block-window kernel: per word, one broadcast feeds both registers (channels 0-7
+// and 8-15). GW > 0 the narrow one (GW words a group), which runs the registers one after the
+// other (NAME##_narrow_half: two registers' different inputs, 12 accumulators and their weights
+// would need more than 16 ymm, and GCC spilled accumulators). Its input for step j comes from one
+// 16-byte load broadcast to both halves and shuffled per half, or a plain broadcast where both
+// halves read the same word. SIZE: channels a word (2: pairs, 4: quads); the window is 16
+// channels, so the register for channels 8-15 reads from 16 / SIZE - 4 words on (its words are the
+// window's last four at most).
+#define TLCORE_DEFINE_SIMD_TILE(NAME, TARGET, MADD, SIZE)                                        \
+  /* Step j's input: word word0 + j of the row at p for channels 0-3 of the register, word1 + j  \
+     for channels 4-7 (the words of the register's quarters at step 0). */                       \
+  __attribute__((target(TARGET), always_inline)) inline __m256i NAME##_narrow_input(             \
+      const int32_t* p, int j, int word0, int word1, int base) {                                 \
+    if (word0 == word1) return _mm256_set1_epi32(p[word0 + j]);                                  \
+    const __m256i words = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + base))); \
+    const int32_t pick0 = pick_word(word0 - base), pick1 = pick_word(word1 - base);              \
+    const __m256i pick = _mm256_setr_epi32(pick0, pick0, pick0, pick0, pick1, pick1, pick1, pick1); \
+    return _mm256_shuffle_epi8(words, _mm256_add_epi32(pick, _mm256_set1_epi32(pick_word(j) - pick_word(0)))); \
+  }                                                                                              \
+  /* Channels 8 * REG .. 8 * REG + 7 of a narrow-groups tile. */                                 \
+  template <int GW, int M, int REG>                                                              \
+  __attribute__((target(TARGET), always_inline)) inline void NAME##_narrow_half(                 \
+      const Tile& t, int32_t (*acc)[kTileN]) {                                                   \
+    constexpr int kBase = REG == 0 ? 0 : 16 / (SIZE) - 4;                                        \
+    __m256i sum[M], start = _mm256_setzero_si256();                                              \
+    if (t.correction != nullptr) {                                                               \
+      start = _mm256_sub_epi32(start, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.correction + 8 * REG))); \
+    }                                                                                            \
+    _Pragma("GCC unroll 6") for (int i = 0; i < M; ++i) sum[i] = start;                          \
+    const int32_t* b = t.weight + 8 * REG;                                                       \
+    for (int64_t tap = 0; tap < t.taps; ++tap, b += GW * kTileN) {                               \
+      const int64_t offset = t.tap_offsets[tap];                                                 \
+      __m256i w[GW];                                                                             \
+      _Pragma("GCC unroll 4") for (int j = 0; j < GW; ++j) {                                     \
+        w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * kTileN));             \
+        _mm_prefetch(reinterpret_cast<const char*>(b + j * kTileN + kPrefetchWords), _MM_HINT_T0); \
+      }                                                                                          \
+      /* Row by row, all steps of a row together: the other way round, GCC reassociated the    \
+         steps' sums across rows and spilled accumulators. */                                    \
+      _Pragma("GCC unroll 6") for (int i = 0; i < M; ++i) {                                      \
+        _Pragma("GCC unroll 4") for (int j = 0; j < GW; ++j) {                                   \
+          sum[i] = MADD(sum[i], NAME##_narrow_input(t.rows[i] + offset, j, narrow_word(SIZE, GW, 2 * REG, 0), \
+                                                    narrow_word(SIZE, GW, 2 * REG + 1, 0), kBase), w[j]); \
+        }                                                                                        \
+      }                                                                                          \
+    }                                                                                            \
+    for (int i = 0; i < M; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[i] + 8 * REG), sum[i]); \
+  }                                                                                              \
+  template <int GW, int M>                                                                       \
   __attribute__((target(TARGET))) void NAME##_rows(const Tile& t, int32_t (*acc)[kTileN]) {      \
+    if constexpr (GW > 0) {                                                                      \
+      NAME##_narrow_half<GW, M, 0>(t, acc);                                                      \
+      NAME##_narrow_half<GW, M, 1>(t, acc);                                                      \
+      return;                                                                                    \
+    }                                                                                            \
     __m256i lo[M], hi[M], start_lo = _mm256_setzero_si256(), start_hi = start_lo;                \
     if (t.correction != nullptr) { /* quads: start at -128 * sum(w), see the file comment */      \
       start_lo = _mm256_sub_epi32(start_lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.correction))); \
@@ -131,21 +194,27 @@ __attribute__((target("avx2,avxvnni"))) inline __m256i madd_quads_avxvnni(__m256
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[i] + 8), hi[i]);                        \
     }                                                                                            \
   }                                                                                              \
-  void NAME(const Tile& t, int32_t (*acc)[kTileN]) {                                             \
+  template <int GW>                                                                              \
+  void NAME##_gw(const Tile& t, int32_t (*acc)[kTileN]) {                                        \
     static_assert(kTileM == 6, "one case per row count");                                        \
     switch (t.count) {                                                                           \
-      case 1: return NAME##_rows<1>(t, acc);                                                     \
-      case 2: return NAME##_rows<2>(t, acc);                                                     \
-      case 3: return NAME##_rows<3>(t, acc);                                                     \
-      case 4: return NAME##_rows<4>(t, acc);                                                     \
-      case 5: return NAME##_rows<5>(t, acc);                                                     \
-      default: return NAME##_rows<6>(t, acc);                                                    \
+      case 1: return NAME##_rows<GW, 1>(t, acc);                                                 \
+      case 2: return NAME##_rows<GW, 2>(t, acc);                                                 \
+      case 3: return NAME##_rows<GW, 3>(t, acc);                                                 \
+      case 4: return NAME##_rows<GW, 4>(t, acc);                                                 \
+      case 5: return NAME##_rows<GW, 5>(t, acc);                                                 \
+      default: return NAME##_rows<GW, 6>(t, acc);                                                \
     }                                                                                            \
+  }                                                                                              \
+  /* Narrow groups hold 4 or 8 channels: 4 / SIZE or 8 / SIZE words. */                          \
+  void NAME(const Tile& t, int32_t (*acc)[kTileN]) {                                             \
+    if (!t.narrow) return NAME##_gw<0>(t, acc);                                                  \
+    return t.groups == 4 / (SIZE) ? NAME##_gw<4 / (SIZE)>(t, acc) : NAME##_gw<8 / (SIZE)>(t, acc); \
   }
 
-TLCORE_DEFINE_SIMD_TILE(tile_avx2, "avx2", madd_pairs_avx2)
-TLCORE_DEFINE_SIMD_TILE(tile_avx2u7, "avx2", madd_quads_u7_avx2)
-TLCORE_DEFINE_SIMD_TILE(tile_avxvnni, "avx2,avxvnni", madd_quads_avxvnni)
+TLCORE_DEFINE_SIMD_TILE(tile_avx2, "avx2", madd_pairs_avx2, 2)
+TLCORE_DEFINE_SIMD_TILE(tile_avx2u7, "avx2", madd_quads_u7_avx2, 4)
+TLCORE_DEFINE_SIMD_TILE(tile_avxvnni, "avx2,avxvnni", madd_quads_avxvnni, 4)
 #undef TLCORE_DEFINE_SIMD_TILE
 
 // The 512-bit AVX512-VNNI micro-kernel: a packed block's group (16 int32 words) is exactly one
@@ -157,24 +226,38 @@ TLCORE_DEFINE_SIMD_TILE(tile_avxvnni, "avx2,avxvnni", madd_quads_avxvnni)
 // value is in range. Block j's results land in acc[j * M .. j * M + M - 1].
 #define TLCORE_ZMM_TARGET "avx512f,avx512bw,avx512vnni,avx512vl,avx2"
 
-// One group of every row times B blocks' weights: x[i][offset] . b[j * block_words .. + 15].
-template <int M, int B>
+// One step of every row times B blocks' weights: x[i][offset] . b[j * block_words .. + 15] (GW = 0),
+// or for narrow groups (GW > 0, B = 1) step `offset` of narrow_word: each 128-bit lane h of the zmm
+// (channels 4h .. 4h + 3) gets word narrow_word(4, GW, h, offset) of the window at x[i].
+template <int M, int B, int GW>
 __attribute__((target(TLCORE_ZMM_TARGET), always_inline)) inline void zmm_step(__m512i (&sum)[M][B],
                                                                                const int32_t* const* x,
                                                                                int64_t offset, const int32_t* b,
                                                                                int64_t block_words) {
+  static_assert(GW == 0 || B == 1, "a narrow tile runs one block");
   __m512i w[B];
 #pragma GCC unroll 4
   for (int j = 0; j < B; ++j) w[j] = _mm512_loadu_si512(static_cast<const void*>(b + j * block_words));
+  __m512i pick = _mm512_setzero_si512();
+  if constexpr (GW > 0) {
+    const int step = static_cast<int>(offset);
+    const int32_t lane[4] = {pick_word(narrow_word(4, GW, 0, step)), pick_word(narrow_word(4, GW, 1, step)),
+                             pick_word(narrow_word(4, GW, 2, step)), pick_word(narrow_word(4, GW, 3, step))};
+    pick = _mm512_setr_epi32(lane[0], lane[0], lane[0], lane[0], lane[1], lane[1], lane[1], lane[1], lane[2],
+                             lane[2], lane[2], lane[2], lane[3], lane[3], lane[3], lane[3]);
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < M; ++i) {
-    const __m512i u = _mm512_set1_epi32(x[i][offset]);
+    // (The maskz broadcast is the plain one; the plain intrinsic trips GCC 12's -Wmaybe-uninitialized.)
+    const __m512i u = GW == 0 ? _mm512_set1_epi32(x[i][offset])
+                              : _mm512_shuffle_epi8(_mm512_maskz_broadcast_i32x4(
+                                    0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i]))), pick);
 #pragma GCC unroll 4
     for (int j = 0; j < B; ++j) sum[i][j] = _mm512_dpbusd_epi32(sum[i][j], u, w[j]);
   }
 }
 
-template <int M, int B>
+template <int M, int B, int GW>
 __attribute__((target(TLCORE_ZMM_TARGET))) void tile_avx512vnni_zmm(
     const int32_t* const* rows, const int32_t* weight, int64_t block_words, const int64_t* tap_offsets,
     int64_t taps, int64_t groups, const int32_t* correction, int32_t (*acc)[kTileN]) {
@@ -187,16 +270,18 @@ __attribute__((target(TLCORE_ZMM_TARGET))) void tile_avx512vnni_zmm(
     for (int i = 0; i < M; ++i) sum[i][j] = start;
   }
   const int32_t* b = weight;
-  if (groups == 1) {
+  if (GW == 0 && groups == 1) {
     // C <= 4 (the RGB stem): one flat loop over the taps, without the per-tap row pointers
     // below (their setup cost as much as the tap's one group; ~10% of the stem).
-    for (int64_t tap = 0; tap < taps; ++tap, b += kTileN) zmm_step(sum, rows, tap_offsets[tap], b, block_words);
+    for (int64_t tap = 0; tap < taps; ++tap, b += kTileN) zmm_step<M, B, GW>(sum, rows, tap_offsets[tap], b, block_words);
   } else {
+    const int64_t steps = GW > 0 ? GW : groups;
     for (int64_t tap = 0; tap < taps; ++tap) {
       const int32_t* x[M];
 #pragma GCC unroll 16
       for (int i = 0; i < M; ++i) x[i] = rows[i] + tap_offsets[tap];
-      for (int64_t g = 0; g < groups; ++g, b += kTileN) zmm_step(sum, x, g, b, block_words);
+#pragma GCC unroll 2
+      for (int64_t g = 0; g < steps; ++g, b += kTileN) zmm_step<M, B, GW>(sum, x, g, b, block_words);
     }
   }
 #pragma GCC unroll 4
@@ -210,22 +295,23 @@ __attribute__((target(TLCORE_ZMM_TARGET))) void tile_avx512vnni_zmm(
 // tile_avx512vnni_zmm on a tile of `count` rows (rows[0 .. kZmmTileM - 1], those past count repeating
 // the last: computed, never stored) with the fewest rows of 4, 8 or 12 that covers them: 49 rows at
 // 7x7 are four tiles of 12 and one of 4, not five of 12. Returns that M: block j's results are acc[j * M .. j * M + count - 1].
-template <int B>
+template <int B, int GW>
 int zmm_tile(int count, const int32_t* const* rows, const int32_t* weight, int64_t block_words,
-             const int64_t* tap_offsets, int64_t taps, int64_t groups, const int32_t* correction,
-             int32_t (*acc)[kTileN]) {
+                const int64_t* tap_offsets, int64_t taps, int64_t groups, const int32_t* correction,
+                int32_t (*acc)[kTileN]) {
   static_assert(kZmmTileM == 12, "one variant per third of a tile");
   if (count <= 4) {
-    tile_avx512vnni_zmm<4, B>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
+    tile_avx512vnni_zmm<4, B, GW>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
     return 4;
   }
   if (count <= 8) {
-    tile_avx512vnni_zmm<8, B>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
+    tile_avx512vnni_zmm<8, B, GW>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
     return 8;
   }
-  tile_avx512vnni_zmm<12, B>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
+  tile_avx512vnni_zmm<12, B, GW>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
   return 12;
 }
+
 #endif  // TLCORE_X86
 
 const char* isa_name(Int8Isa isa) {
@@ -629,12 +715,16 @@ namespace {
 // The input words each block of 16 output channels reduces over, per tap. A grouped conv's block
 // needs only its own groups' channels: a window of `words` words (the same for every block, so
 // blocks stay equally sized) starting `start[block]` words into a pixel; the block's weights are
-// zero in the window's other channels. ResNeXt-50's 4-channel groups put 4 groups in a block, so
-// its first stage's grouped convs multiply 4x the needed products (its grouped convs hold ~5% of its products).
-// Ungrouped: all of a pixel's words.
+// zero in the window's other channels. Ungrouped: all of a pixel's words.
+// Narrow groups -- 4 or 8 channels a group, in and out, whole blocks (ResNeXt-50's first two
+// stages): a block of 16 channels then holds 4 or 2 whole groups and its window is their 16 input
+// channels, but multiplying all of it would make 4x or 2x the products needed. There each channel
+// reads only its own group's `words` words (Tile::narrow, narrow_word): the kernels pick them per
+// 4-channel quarter of a register.
 struct ChannelWindows {
   int64_t words;
   std::vector<int64_t> start;
+  bool narrow = false;
 };
 
 ChannelWindows channel_windows(int64_t k, int64_t c, int64_t conv_groups, Layout layout) {
@@ -643,6 +733,12 @@ ChannelWindows channel_windows(int64_t k, int64_t c, int64_t conv_groups, Layout
   ChannelWindows windows{conv_groups == 1 ? pixel_words : 0, std::vector<int64_t>(static_cast<size_t>(blocks), 0)};
   if (conv_groups == 1) return windows;
   const int64_t k_group = k / conv_groups, c_group = c / conv_groups;
+  if (k_group == c_group && (c_group == 4 || c_group == 8) && k % kTileN == 0) {
+    windows.narrow = true;
+    windows.words = c_group / size;
+    for (int64_t b = 0; b < blocks; ++b) windows.start[b] = b * kTileN / size;
+    return windows;
+  }
   std::vector<int64_t> end(static_cast<size_t>(blocks));
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t first = b * kTileN / k_group, last = (std::min(k, (b + 1) * kTileN) - 1) / k_group;
@@ -687,8 +783,8 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
     for (int64_t block = begin; block < end; ++block) {
       for (int j = 0; j < kTileN && block * kTileN + j < k; ++j) {
         const int64_t channel = block * kTileN + j;
-        // Where this channel's group starts in the block's window, in elements.
-        const int64_t first = channel / k_group * c_group - windows.start[block] * size;
+        // Where this channel's group starts in the words it reads, in elements.
+        const int64_t first = windows.narrow ? 0 : channel / k_group * c_group - windows.start[block] * size;
         int32_t sum = 0;
         for (int64_t tap = 0; tap < taps; ++tap) {
           const int8_t* src = weight + (channel * taps + tap) * c_group;
@@ -844,6 +940,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
         const int64_t unit = rows_outer ? task % units : task / zmm_chunks;
         const int64_t chunk = rows_outer ? task / units : task % zmm_chunks;
         const int64_t block = unit_blocks * unit;
+        const int64_t window = windows.start[block];  // the tile rows point at the block's channel window
         const int n_blocks = block + 1 < blocks && unit_blocks == 2 ? 2 : 1;
         const int32_t* w = weight + block * block_words;
         const int32_t* corr = correction + block * kTileN;
@@ -852,16 +949,18 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
           const int64_t m0 = tile * M;
           const int count = static_cast<int>(std::min<int64_t>(M, m_total - m0));
           if (convert_chunks) {
-            chunk_rows(converted_chunk(chunk, current, buffer), pixel_words, m0 - chunk * kChunkRows, m0, count,
+            chunk_rows(converted_chunk(chunk, current, buffer) + window, pixel_words, m0 - chunk * kChunkRows, m0, count,
                        rows, ms);
           } else {
-            tile_rows(a, x.get(), hp, row_words, column_words, m0, count, rows, ms);
+            tile_rows(a, x.get() + window, hp, row_words, column_words, m0, count, rows, ms);
           }
-          for (int i = 0; i < count; ++i) rows[i] += windows.start[block];
           for (int i = count; i < M; ++i) rows[i] = rows[count - 1];  // zmm_tile may compute up to M rows
-          const int used = n_blocks == 2
-                               ? zmm_tile<2>(count, rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc)
-                               : zmm_tile<1>(count, rows, w, block_words, tap_offsets.data(), taps, groups, corr, acc);
+          const int64_t* offsets = tap_offsets.data();
+          const int used =
+              windows.narrow ? (groups == 1 ? zmm_tile<1, 1>(count, rows, w, block_words, offsets, taps, groups, corr, acc)
+                                            : zmm_tile<1, 2>(count, rows, w, block_words, offsets, taps, groups, corr, acc))
+              : n_blocks == 2 ? zmm_tile<2, 0>(count, rows, w, block_words, offsets, taps, groups, corr, acc)
+                              : zmm_tile<1, 0>(count, rows, w, block_words, offsets, taps, groups, corr, acc);
           // The epilogue takes one block's 16 channels, all the tile's rows at once.
           for (int j = 0; j < n_blocks; ++j) epilogue(a, acc + j * used, ms, count, (block + j) * kTileN);
         }
@@ -882,8 +981,10 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
     t.tap_offsets = tap_offsets.data();
     t.taps = taps;
     t.groups = groups;
+    t.narrow = windows.narrow;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = rows_outer ? task % blocks : task / chunks;
+      const int64_t window = windows.start[block];  // the tile rows point at the block's channel window
       const int64_t chunk = rows_outer ? task / blocks : task % chunks;
       t.weight = weight + block * block_words;
       t.correction = correction == nullptr ? nullptr : correction + block * kTileN;
@@ -893,12 +994,11 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
         const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
         const int64_t slot = (tile - first_tile) * kTileM;
         if (convert_chunks) {
-          chunk_rows(converted_chunk(chunk, current, buffer), pixel_words, m0 - chunk * kChunkRows, m0, rows,
+          chunk_rows(converted_chunk(chunk, current, buffer) + window, pixel_words, m0 - chunk * kChunkRows, m0, rows,
                      t.rows, ms + slot);
         } else {
-          tile_rows(a, x.get(), hp, row_words, column_words, m0, rows, t.rows, ms + slot);
+          tile_rows(a, x.get() + window, hp, row_words, column_words, m0, rows, t.rows, ms + slot);
         }
-        for (int i = 0; i < rows; ++i) t.rows[i] += windows.start[block];
         t.count = rows;
         run_tile(t, acc + slot);
       }

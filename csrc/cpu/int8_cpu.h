@@ -30,6 +30,10 @@ struct Tile {
   int64_t taps, groups;         // taps, groups per tap
   const int32_t* correction;    // quads layouts: the block's 16 values of 128 * sum(w), subtracted; else nullptr
   int count = kTileM;           // rows computed (1 .. kTileM); acc rows past it are left unwritten
+  // Narrow groups (int8_conv.cpp's ChannelWindows::narrow): channel j of the block reads the
+  // `groups` words of its own conv group, which start (j / channels a group) * groups words past the
+  // row pointers; otherwise every channel reads the same `groups` words from the row pointers.
+  bool narrow = false;
 };
 
 // acc[i][j] = sum over taps and groups of rows[i] . weight (the layout's dot product) - correction[j], int32,
