@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
-#   bash bench/gpu_run.sh [all|tests|sanitize|bench|autotune]...   (default: all but autotune)
+#   bash bench/gpu_run.sh [all|tests|sanitize|int8|bench|autotune]...   (default: all but autotune)
+# One device call may run 10 minutes: on a first, cold machine run the stages in separate calls
+# (tests, then int8, then bench).
 # Writes logs and result files to $OUT (or ./gpu-out); copy the result files you keep
 # into bench/results/ unedited.
 set -uo pipefail
@@ -34,6 +36,14 @@ if want sanitize; then
   step sanitize compute-sanitizer --tool memcheck --error-exitcode 9 \
     python -m pytest -q tests/test_conv_op.py -k "matches_reference and float16" -p no:cacheprovider
 fi
+if want int8; then
+  # the INT8 bars: ResNet-50 at batch 256, int8 against tlcore fp16 (fuse suite) and eager fp16
+  # channels_last, in one report; and each conv shape's int8 kernels in TOP/s against the int8 peak
+  step int8-model python -m tlcore bench --modes fuse,int8 --batch 256 --no-compile \
+    --out "$OUT/tlcore-bench-int8-b256.json"
+  step int8-layers python -m pytest -q bench/test_bench_int8.py -k gpu --benchmark-only \
+    --benchmark-json="$OUT/int8-layers.json" -p no:cacheprovider
+fi
 if want autotune; then
   # the bar: tlcore.fuse against torch.compile(mode="max-autotune") (long compiles)
   step autotune python -m tlcore bench --modes fuse --batch 256 --compile-mode max-autotune \
@@ -42,6 +52,6 @@ fi
 if want bench; then
   step cli python -m tlcore bench --out "$OUT/tlcore-bench.json" --plot "$OUT/tlcore-bench.png"
   step pytest-bench python -m pytest -q bench --benchmark-only --benchmark-json="$OUT/pytest-bench.json" \
-    -p no:cacheprovider
+    -k "not test_gpu_int8_conv_layer" -p no:cacheprovider  # those run in the int8 stage
 fi
 exit $status

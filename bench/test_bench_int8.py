@@ -1,6 +1,8 @@
 """CPU INT8 inference at 224x224 (ResNet-18, ResNet-50, ResNeXt-50 32x4d): tlcore.quantize against fp32
 eager and torch.ao's x86 int8, same run; and per layer, tlcore's int8 conv op against torch.ao's
-quantized conv on ResNet-18's conv shapes.
+quantized conv on ResNet-18's conv shapes. On a GPU, per layer: the int8 conv op on each GPU
+backend over ResNet-50's conv shapes at batch 256, in TOP/s and as a share of the measured int8
+matmul peak (test_bench_conv.py times the fp16 fused conv on the same shapes).
 
     pytest bench/test_bench_int8.py --benchmark-only --benchmark-group-by=group
 
@@ -21,6 +23,10 @@ import torch
 import torchvision
 
 import tlcore
+from conftest import DEVICE, needs_gpu, run_benchmark
+from test_bench_conv import resnet50_conv_shapes
+from tlcore.backend import use_backend
+from tlcore.benchmark.timing import matmul_peak_tflops
 
 CASES = [("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8), ("resnext50_32x4d", 1),
          ("resnext50_32x4d", 8)]
@@ -136,3 +142,47 @@ def test_cpu_int8_conv_layer(benchmark, layer, variant):
     benchmark.extra_info.update(layer=list(layer), batch=LAYER_BATCH, macs=macs,
                                 env={name: os.environ.get(name) for name in ISA_CAPS})
     benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=3)
+
+
+GPU_LAYER_BATCH = 256
+
+
+@functools.cache
+def _int8_peak_tops() -> float:
+    return matmul_peak_tflops(DEVICE, torch.int8)
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", resnet50_conv_shapes(), ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
+def test_gpu_int8_conv_layer(benchmark, shape, backend):
+    """One int8 conv + requantize + ReLU (int8 NHWC in and out) on one GPU backend, checked bit-exact
+    against the torch reference on two images first."""
+    from tlcore import _extension
+    from tlcore.backend import select
+    from tlcore.ops import int8 as q8
+
+    if backend == "cuda" and not _extension.has_cuda_kernels():
+        pytest.skip(f"no CUDA C++ kernels: {_extension.missing_reason()}")
+    with use_backend(backend):  # a fallback to another backend would time the wrong kernel
+        assert select(q8.CONV_OP, DEVICE, q8.conv_backends(1)) == backend
+    c, k, r, s, stride, padding, h, w = shape
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    xs = [torch.randint(-128, 128, (GPU_LAYER_BATCH, c, h, w), generator=g, device=DEVICE, dtype=torch.int8)
+          .contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    weight = torch.randint(-127, 128, (k, c, r, s), generator=g, device=DEVICE, dtype=torch.int8)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    multiplier, offset, shift, _ = q8.requantization(0.02, -128, weight, torch.full((k,), 0.01), None, 0.5, -128)
+
+    def conv(x, name=backend):
+        with use_backend(name):
+            return q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride, padding=padding, relu=True)
+
+    assert torch.equal(conv(xs[0][:2]), conv(xs[0][:2], "torch"))
+    oh, ow = (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
+    ops = 2 * GPU_LAYER_BATCH * oh * ow * k * c * r * s
+    benchmark.group = f"int8 conv c{c} k{k} {r}x{s}/{stride} h{h} batch {GPU_LAYER_BATCH} (GPU)"
+    run_benchmark(benchmark, conv, xs, ops=ops, backend=backend, shape=list(shape), batch=GPU_LAYER_BATCH,
+                  int8_peak_tops=_int8_peak_tops())
+    tops = ops / (benchmark.extra_info["do_bench_median_ms"] * 1e-3) / 1e12
+    benchmark.extra_info.update(tops=tops, share_of_int8_peak=tops / _int8_peak_tops())
