@@ -69,6 +69,10 @@ void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
   for (int i = 0; i < t.count; ++i) {
     for (int j = 0; j < kTileN; ++j) acc[i][j] = t.correction == nullptr ? 0 : -t.correction[j];
   }
+  // Where channel j's words start past the row pointers: narrow groups of 2 * groups channels
+  // (pairs) start `groups` words apart; otherwise every channel reads the same words.
+  int64_t group_start[kTileN];
+  for (int j = 0; j < kTileN; ++j) group_start[j] = t.narrow ? j / (2 * t.groups) * t.groups : 0;
   const int32_t* b = t.weight;
   for (int64_t tap = 0; tap < t.taps; ++tap) {
     for (int64_t g = 0; g < t.groups; ++g, b += kTileN) {
@@ -76,10 +80,8 @@ void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
       std::memcpy(w, b, sizeof(w));
       for (int i = 0; i < t.count; ++i) {
         for (int j = 0; j < kTileN; ++j) {
-          // Narrow groups: a group of 2 * groups channels (pairs) starts `groups` words after the last.
-          const int64_t group_start = t.narrow ? j / (2 * t.groups) * t.groups : 0;
           int16_t x[2];
-          std::memcpy(x, t.rows[i] + t.tap_offsets[tap] + group_start + g, sizeof(x));
+          std::memcpy(x, t.rows[i] + t.tap_offsets[tap] + group_start[j] + g, sizeof(x));
           // Wrapping sums (unsigned), like vpaddd: Winograd's position sums may wrap (int8_winograd.cpp).
           acc[i][j] = static_cast<int32_t>(static_cast<uint32_t>(acc[i][j]) +
                                            static_cast<uint32_t>(x[0] * w[j][0] + x[1] * w[j][1]));
@@ -102,11 +104,12 @@ __attribute__((target("avx2,avxvnni"))) inline __m256i madd_quads_avxvnni(__m256
 }
 
 // Narrow groups (ChannelWindows::narrow): the block's 16 channels hold 4 or 2 whole groups, and
-// channel j reads only its own group's GW words per tap. Of a register of 8 channels, the 4 in each
-// 128-bit half are one group's, so step j feeds half h (of the block's four) window word
-// narrow_word(h, j): two registers' worth of products per step instead of the window's 16 words
-// times 16 channels (4x fewer products with 4-channel groups, 2x with 8). `size`: channels a word.
-constexpr int narrow_word(int size, int gw, int half, int j) { return 4 * half / (size * gw) * gw + j; }
+// channel j reads only its own group's `gw` words per tap. The 4 channels of each quarter of the
+// block (a 128-bit lane) are one group's, so step j feeds quarter q word narrow_word(size, gw, q, j)
+// of the block's window: one register's worth of products per 8 channels and step instead of the
+// window's 16 words times 16 channels (4x fewer products with 4-channel groups, 2x with 8).
+// `size`: channels a word.
+constexpr int narrow_word(int size, int gw, int quarter, int j) { return 4 * quarter / (size * gw) * gw + j; }
 // A dword of vpshufb control that copies word `word` of its 128-bit lane.
 constexpr int32_t pick_word(int word) { return 0x03020100 + 0x04040404 * word; }
 
@@ -116,7 +119,7 @@ constexpr int32_t pick_word(int word) { return 0x03020100 + 0x04040404 * word; }
 // of 6 and one of 1): computing all 6 rows there made ResNet-50's 7x7 layers 8-30% slower at batch 1.
 // GW = 0 is the block-window kernel: per word, one broadcast feeds both registers (channels 0-7
 // and 8-15). GW > 0 the narrow one (GW words a group), which runs the registers one after the
-// other (NAME##_narrow_half: two registers' different inputs, 12 accumulators and their weights
+// other (NAME##_narrow_register: two registers' different inputs, 12 accumulators and their weights
 // would need more than 16 ymm, and GCC spilled accumulators). Its input for step j comes from one
 // 16-byte load broadcast to both halves and shuffled per half, or a plain broadcast where both
 // halves read the same word. SIZE: channels a word (2: pairs, 4: quads); the window is 16
@@ -135,7 +138,7 @@ constexpr int32_t pick_word(int word) { return 0x03020100 + 0x04040404 * word; }
   }                                                                                              \
   /* Channels 8 * REG .. 8 * REG + 7 of a narrow-groups tile. */                                 \
   template <int GW, int M, int REG>                                                              \
-  __attribute__((target(TARGET), always_inline)) inline void NAME##_narrow_half(                 \
+  __attribute__((target(TARGET), always_inline)) inline void NAME##_narrow_register(                 \
       const Tile& t, int32_t (*acc)[kTileN]) {                                                   \
     constexpr int kBase = REG == 0 ? 0 : 16 / (SIZE) - 4;                                        \
     __m256i sum[M], start = _mm256_setzero_si256();                                              \
@@ -165,8 +168,8 @@ constexpr int32_t pick_word(int word) { return 0x03020100 + 0x04040404 * word; }
   template <int GW, int M>                                                                       \
   __attribute__((target(TARGET))) void NAME##_rows(const Tile& t, int32_t (*acc)[kTileN]) {      \
     if constexpr (GW > 0) {                                                                      \
-      NAME##_narrow_half<GW, M, 0>(t, acc);                                                      \
-      NAME##_narrow_half<GW, M, 1>(t, acc);                                                      \
+      NAME##_narrow_register<GW, M, 0>(t, acc);                                                      \
+      NAME##_narrow_register<GW, M, 1>(t, acc);                                                      \
       return;                                                                                    \
     }                                                                                            \
     __m256i lo[M], hi[M], start_lo = _mm256_setzero_si256(), start_hi = start_lo;                \
@@ -227,8 +230,8 @@ TLCORE_DEFINE_SIMD_TILE(tile_avxvnni, "avx2,avxvnni", madd_quads_avxvnni, 4)
 #define TLCORE_ZMM_TARGET "avx512f,avx512bw,avx512vnni,avx512vl,avx2"
 
 // One step of every row times B blocks' weights: x[i][offset] . b[j * block_words .. + 15] (GW = 0),
-// or for narrow groups (GW > 0, B = 1) step `offset` of narrow_word: each 128-bit lane h of the zmm
-// (channels 4h .. 4h + 3) gets word narrow_word(4, GW, h, offset) of the window at x[i].
+// or for narrow groups (GW > 0, B = 1; `offset` is then the step j) narrow_word's: each 128-bit lane
+// q of the zmm (channels 4q .. 4q + 3) gets word narrow_word(4, GW, q, j) of the window at x[i].
 template <int M, int B, int GW>
 __attribute__((target(TLCORE_ZMM_TARGET), always_inline)) inline void zmm_step(__m512i (&sum)[M][B],
                                                                                const int32_t* const* x,
@@ -297,8 +300,8 @@ __attribute__((target(TLCORE_ZMM_TARGET))) void tile_avx512vnni_zmm(
 // 7x7 are four tiles of 12 and one of 4, not five of 12. Returns that M: block j's results are acc[j * M .. j * M + count - 1].
 template <int B, int GW>
 int zmm_tile(int count, const int32_t* const* rows, const int32_t* weight, int64_t block_words,
-                const int64_t* tap_offsets, int64_t taps, int64_t groups, const int32_t* correction,
-                int32_t (*acc)[kTileN]) {
+             const int64_t* tap_offsets, int64_t taps, int64_t groups, const int32_t* correction,
+             int32_t (*acc)[kTileN]) {
   static_assert(kZmmTileM == 12, "one variant per third of a tile");
   if (count <= 4) {
     tile_avx512vnni_zmm<4, B, GW>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
@@ -311,7 +314,6 @@ int zmm_tile(int count, const int32_t* const* rows, const int32_t* weight, int64
   tile_avx512vnni_zmm<12, B, GW>(rows, weight, block_words, tap_offsets, taps, groups, correction, acc);
   return 12;
 }
-
 #endif  // TLCORE_X86
 
 const char* isa_name(Int8Isa isa) {
@@ -733,6 +735,8 @@ ChannelWindows channel_windows(int64_t k, int64_t c, int64_t conv_groups, Layout
   ChannelWindows windows{conv_groups == 1 ? pixel_words : 0, std::vector<int64_t>(static_cast<size_t>(blocks), 0)};
   if (conv_groups == 1) return windows;
   const int64_t k_group = k / conv_groups, c_group = c / conv_groups;
+  // Whole blocks (K % 16 == 0, so C % 16 == 0 too) keep the kernels' 16-byte window loads
+  // inside each pixel's channels.
   if (k_group == c_group && (c_group == 4 || c_group == 8) && k % kTileN == 0) {
     windows.narrow = true;
     windows.words = c_group / size;
@@ -956,6 +960,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
           }
           for (int i = count; i < M; ++i) rows[i] = rows[count - 1];  // zmm_tile may compute up to M rows
           const int64_t* offsets = tap_offsets.data();
+          // Narrow groups have 1 or 2 words a group (quads: 4 or 8 channels), `groups` per tap.
           const int used =
               windows.narrow ? (groups == 1 ? zmm_tile<1, 1>(count, rows, w, block_words, offsets, taps, groups, corr, acc)
                                             : zmm_tile<1, 2>(count, rows, w, block_words, offsets, taps, groups, corr, acc))
