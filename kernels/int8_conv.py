@@ -61,32 +61,39 @@ def _int8_conv2d_fwd_kernel(
     offs_m, offs_n, mask_m, mask_n, n, oh, ow, ih0, iw0, x_rows, w_cols = conv_tile(
         x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    # Grouped: this tile's groups' input channels [c_first, c_first + c_window). x_rows start there,
-    # and each column's weights start where its group does, group_start channels in (negative
-    # pointer offsets for a later group's columns: masked off below, never read). Both are multiples
-    # of C_GROUP, which GROUP_ALIGN (a power of two dividing it) tells the compiler: without it the
+    # Grouped: this tile's groups' input channels start at c_first. x_rows start there, and each
+    # column's weights start where its group does, group_start channels in (negative pointer
+    # offsets for a later group's columns: masked off below, never read). Both are multiples of
+    # C_GROUP, which GROUP_ALIGN (a power of two dividing it) tells the compiler: without it the
     # loads are not vectorized and 128x128 tiles spill (tests/test_kernel_compile.py).
-    c_first, c_window, group_start = 0, C, offs_n * 0
+    # The reduction runs over c_span channels, the widest any BLOCK_N tile's groups span, the same
+    # for every tile: a trip count or mask bound computed from the tile's own columns kept the
+    # compiler from pipelining the loads (cp.async). Channels past a tile's groups get zero weights.
+    c_first, c_span, group_start = 0, C, offs_n * 0
     if GROUPED:
-        n_first = tl.min(offs_n, axis=0)
-        c_first = tl.multiple_of((n_first // K_GROUP) * C_GROUP, GROUP_ALIGN)
-        c_window = ((tl.minimum(n_first + BLOCK_N, K) - 1) // K_GROUP + 1) * C_GROUP - c_first
+        c_first = tl.multiple_of((tl.min(offs_n, axis=0) // K_GROUP) * C_GROUP, GROUP_ALIGN)
         group_start = tl.multiple_of((offs_n // K_GROUP) * C_GROUP - c_first, GROUP_ALIGN)
         x_rows += c_first.to(tl.int64) * sxc
         w_cols -= group_start.to(tl.int64) * swc
+        spanned = (BLOCK_N - 1) // K_GROUP + 2  # groups a tile of BLOCK_N columns can touch
+        if BLOCK_N % K_GROUP == 0:  # tiles start on group boundaries
+            spanned = BLOCK_N // K_GROUP
+        if K_GROUP % BLOCK_N == 0:  # tiles lie within one group
+            spanned = 1
+        c_span = tl.minimum(spanned * C_GROUP, C)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    c_blocks = tl.cdiv(c_window, BLOCK_K)
+    c_blocks = tl.cdiv(c_span, BLOCK_K)
     for step in range(0, R * S * c_blocks):
         a_ptrs, in_image, b_ptrs, b_mask = tap_block_pointers(
             step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
-            c_window, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
-        if GROUPED:
-            chan = (step % c_blocks) * BLOCK_K + offs_k
-            b_mask &= (chan[:, None] >= group_start[None, :]) & (chan[:, None] < group_start[None, :] + C_GROUP)
+            C - c_first, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
         a = tl.load(a_ptrs, mask=in_image, other=0)
         # Outside the image x reads as its zero point (real zero); past C the weights are zero.
         a = tl.where(in_image, a, x_zero).to(tl.int8)
+        if GROUPED:  # (this per-column mask keeps the weight loads out of the cp.async pipeline)
+            chan = (step % c_blocks) * BLOCK_K + offs_k
+            b_mask &= (chan[:, None] >= group_start[None, :]) & (chan[:, None] < group_start[None, :] + C_GROUP)
         b = tl.load(b_ptrs, mask=b_mask, other=0)
         acc = tl.dot(a, b, acc)
 

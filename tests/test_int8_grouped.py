@@ -19,6 +19,7 @@ GROUPED_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation, groups
     (1, 24, 6, 6, 48, 3, 3, 1, 2, 2, 24),     # depthwise-style: one input channel a group, dilated
     (2, 64, 7, 9, 64, 3, 3, 2, 1, 1, 8),      # 8 channels a group (ResNeXt-50's second stage), strided
     (1, 48, 5, 7, 48, 1, 1, 1, 0, 1, 6),      # 8 channels a group, pointwise
+    (1, 160, 4, 5, 160, 3, 3, 1, 1, 1, 4),    # 40 a group: a tile of 64 columns from 64 on spans 3 groups
 ]
 GROUPED_IDS = ["x".join(map(str, c[:7])) + f"-g{c[10]}" for c in GROUPED_CASES]
 
@@ -91,7 +92,7 @@ def test_narrow_groups_pack_only_their_own_channels(channels, isa):
     assert packed == want
 
 
-@pytest.mark.parametrize("case", [GROUPED_CASES[0], GROUPED_CASES[2], GROUPED_CASES[3]], ids=str)
+@pytest.mark.parametrize("case", [GROUPED_CASES[i] for i in (0, 2, 3, 8)], ids=str)
 def test_triton_kernel_bit_exact(device, case):
     c = grouped_case(case)
     ref = reference(c)

@@ -85,8 +85,9 @@ def test_dtypes_flat_reduction_and_ampere_compile():
     assert results[0]["wgmma"] and results[1]["wgmma"]  # bf16 and tf32 on Hopper tensor cores
     assert not results[2]["wgmma"]  # IEEE fp32 must not use (tf32) tensor cores
     assert all(r["mma_sync"] for r in results[4:7]) and results[7]["wgmma"]  # int8 too, grouped included
-    # Not asserted: the grouped kernel's loads are not cp.async-pipelined (its per-column weight
-    # offsets), an open tuning item for ResNeXt on GPUs (bench/NOTES.md).
+    # The grouped kernel pipelines its activation loads; its weight loads, masked per column to
+    # each column's group, it does not (an open tuning item for ResNeXt on GPUs, bench/NOTES.md).
+    assert results[7]["async_copies"] > 0
     assert all(r["shared_bytes"] <= AMPERE_SHARED_LIMIT for r in results[4:7])
     # IEEE fp32 runs on FMA units with the whole tile in registers; a few spilled bytes there are
     # tolerable (cuDNN itself defaults to TF32), anywhere else they are not.
