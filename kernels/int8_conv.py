@@ -13,7 +13,8 @@ The GEMM view, its index math and the flat (tap, channel block) reduction loop a
 with kernels/conv.py through kernels/implicit_gemm.py.
 
 Grouped convs (ResNeXt): a tile of BLOCK_N output channels reduces over the input channels of
-the groups it covers, with zero weights where a column's group does not reach. With groups
+the groups it covers (a span as wide for every tile: the widest any tile needs), with zero
+weights where a column's group does not reach. With groups
 narrower than BLOCK_N (ResNeXt-50's first stage: 4 channels) that multiplies zeros, on layers
 that hold a few percent of the model's products.
 """
