@@ -29,7 +29,9 @@ step build python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import tlcore, tlcore._extension as e; print('extension:', e.loaded(), 'cuda kernels:', e.has_cuda_kernels(), e.missing_reason())"
 
 if want tests; then
-  step tests python -m pytest -q -x tests -p no:cacheprovider --durations=15
+  # one tile configuration per Triton kernel (TLCORE_AUTOTUNE=0): each test shape's kernels compile
+  # once, not once per autotune config, on a machine whose compile cache starts empty
+  step tests env TLCORE_AUTOTUNE=0 python -m pytest -q -x tests -p no:cacheprovider --durations=15
 fi
 if want sanitize; then
   # memcheck over the fused conv kernel on odd shapes (out-of-bounds reads/writes, misaligned access)

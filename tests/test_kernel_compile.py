@@ -57,10 +57,20 @@ def _case(kernel, types, constexprs, block, target, extra_divisible):
 
 
 def production_blocks(module, monkeypatch):
-    """The autotuner's GPU configurations (the interpreter gets a single one)."""
+    """The autotuner's GPU configurations (the interpreter, or TLCORE_AUTOTUNE=0, gets a single one)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("TLCORE_AUTOTUNE", raising=False)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
             for c in module._configs()]
+
+
+@pytest.mark.parametrize("module", [conv, int8_conv], ids=["conv", "int8_conv"])
+def test_autotune_off_keeps_the_first_config(monkeypatch, module):
+    blocks = production_blocks(module, monkeypatch)
+    monkeypatch.setenv("TLCORE_AUTOTUNE", "0")
+    only = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
+            for c in module._configs()]
+    assert len(blocks) > 1 and only == blocks[:1]
 
 
 @pytest.mark.parametrize("module,make_case", [(conv, lambda b: conv_case("fp16", b)), (int8_conv, int8_case)],
