@@ -343,10 +343,10 @@ def test_cpu_pointwise_with_weights_beyond_l2(isa, image, monkeypatch, two_threa
 
 @needs_extension
 @pytest.mark.parametrize("algorithm", ["direct", "winograd"])
-@pytest.mark.parametrize("shift", [31, 32, 36])
+@pytest.mark.parametrize("shift", [20, 31, 32, 36])
 def test_avx2_epilogue_both_shift_routes(shift, algorithm, monkeypatch):
     """The AVX2 epilogue floors total / 2**shift from the int64 total's high word when shift >= 32 and
-    by a biased logical shift below: both bit-exact with residual, ReLU and outputs in every regime
+    by a logical shift's low word below: both bit-exact with residual, ReLU and outputs in every regime
     (saturated high and low, in range). K = 32 (full blocks: the AVX2 epilogue, not the scalar tail)
     and 2 * 7 * 9 = 126 output pixels (two 48-row chunks of the direct kernel and a partial one)."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))

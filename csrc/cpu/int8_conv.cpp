@@ -566,32 +566,28 @@ double largest_total(const Int8ConvArgs& a) {
 // few channels), for convs whose codes before the clamp provably fit int32 (quantized_fits_int32):
 // only the products need 64 bits, the rest runs on 8 lanes, and the clamp on the packed bytes
 // (the saturating packs clamp to [-128, 127] already; ReLU's floor and out_max remain).
-// The int64 totals come from vpmuldq on the even and the odd channels of a vector. AVX2 has no
-// 64-bit arithmetic shift, so the floor division by 2**shift takes one of two routes:
-//   kHighWord (32 <= shift <= 54, the usual case: requantization gives the largest multiplier 30
-//     significant bits, so shift >= 32 unless some x_scale * w_scale / out_scale reaches 1/4): the
-//     high 32 bits of a total are floor(total / 2**32), and an arithmetic int32 shift by shift - 32
-//     finishes the floor. out_zero * 2**shift joins the offsets (|total| < 2**62 + 2**61 < 2**63),
-//     so the floor lands on the code itself.
-//   otherwise: |total| < 2**62 (requantization's headroom), so adding 2**62 makes it positive, a
-//     logical shift floors exactly, and 2**(62 - shift) - out_zero comes off after -- modulo 2**32,
-//     which is exact once the result is known to fit int32.
+// The int64 totals come from vpmuldq on the even and the odd channels of a vector; out_zero * 2**shift
+// joins the offsets (|total| < 2**62 + 2**61 < 2**63), so floor(total / 2**shift) is the code itself,
+// which fits int32. AVX2 has no 64-bit arithmetic shift, so that floor takes one of two routes:
+//   kHighWord (32 <= shift <= 54: requantization gives the largest multiplier 30 significant bits, so
+//     shift >= 32 unless some x_scale * w_scale / out_scale, or a residual's res_scale / out_scale,
+//     reaches 1/4): the high 32 bits of a total are floor(total / 2**32), and an arithmetic int32
+//     shift by shift - 32 finishes the floor.
+//   otherwise (shift < 32, e.g. every conv with a residual): a logical 64-bit shift differs from the
+//     arithmetic one only in its top `shift` bits, above bit 32: its low 32 bits are the code.
 constexpr int32_t kHighWordMaxShift = 54;
 
 template <bool kHighWord>
 __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, const int32_t (*acc)[kTileN],
                                                      const int64_t* ms, int rows, int64_t k0) {
   if (k0 + kTileN > a.k) return requantize(a, acc, ms, rows, k0);  // a partial channel block
-  const __m256i bias = _mm256_set1_epi64x(int64_t{1} << 62);
-  const __m256i unbias = _mm256_set1_epi32(static_cast<int32_t>(
-      static_cast<uint32_t>((uint64_t{1} << (62 - a.shift)) - static_cast<uint64_t>(static_cast<int64_t>(a.out_zero)))));
   const __m128i shift = _mm_cvtsi32_si128(kHighWord ? a.shift - 32 : a.shift);
   const __m256i res_multiplier = _mm256_set1_epi64x(a.res_multiplier);  // |.| < 2**31: vpmuldq reads 32 bits
   const __m128i lo = _mm_set1_epi8(static_cast<char>(a.relu ? std::max(a.out_zero, -128) : -128));
   const __m128i hi = _mm_set1_epi8(static_cast<char>(a.out_max));
   // Per 8 channels: multipliers (vpmuldq reads the even ones; >> 32 brings the odd ones down) and
   // the offsets of the even and of the odd channels, in lane order.
-  const __m256i zero_offset = _mm256_set1_epi64x(kHighWord ? int64_t{a.out_zero} * (int64_t{1} << a.shift) : 0);
+  const __m256i zero_offset = _mm256_set1_epi64x(int64_t{a.out_zero} * (int64_t{1} << a.shift));
   __m256i multiplier[2], multiplier_odd[2], offset_even[2], offset_odd[2];
   for (int h = 0; h < 2; ++h) {
     multiplier[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.multiplier + k0 + 8 * h));
@@ -615,10 +611,9 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
       }
       if constexpr (kHighWord) {  // the even totals' high words moved down, the odd ones' in place
         codes[h] = _mm256_sra_epi32(_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xaa), shift);
-      } else {
-        even = _mm256_srl_epi64(_mm256_add_epi64(even, bias), shift);
-        odd = _mm256_srl_epi64(_mm256_add_epi64(odd, bias), shift);
-        codes[h] = _mm256_sub_epi32(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xaa), unbias);
+      } else {  // the odd totals' codes moved up into the odd int32 lanes
+        codes[h] = _mm256_blend_epi32(_mm256_srl_epi64(even, shift),
+                                      _mm256_slli_epi64(_mm256_srl_epi64(odd, shift), 32), 0xaa);
       }
     }
     // 16 int32 -> 16 int8 in channel order (packs works within 128-bit lanes: reorder once).
@@ -690,8 +685,8 @@ EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a) {
 #ifdef TLCORE_X86
   if (isa != Int8Isa::kScalar && quantized_fits_int32(a)) {
     if (isa == Int8Isa::kAvx512Vnni) return requantize_avx512;
-    const bool high_word = a.shift >= 32 && a.shift <= kHighWordMaxShift;
-    return high_word ? requantize_avx2<true> : requantize_avx2<false>;
+    if (a.shift < 32) return requantize_avx2<false>;
+    if (a.shift <= kHighWordMaxShift) return requantize_avx2<true>;
   }
 #endif
   return requantize;
