@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 
+from tlcore.benchmark.provenance import tlcore_settings
 from tlcore.benchmark.timing import median_ms
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -24,6 +25,6 @@ def run_benchmark(benchmark, fn, inputs, **info):
             info["do_bench_median_ms"] = median_ms(fn, inputs, DEVICE)
         else:
             call = lambda: fn(next(cycle))  # noqa: E731
-        benchmark.extra_info.update(info)
+        benchmark.extra_info.update(info, tlcore_settings=tlcore_settings())
         call()  # warm-up (compilation, autotuning) outside the timed rounds
         benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=3)

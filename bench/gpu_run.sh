@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
-#   bash bench/gpu_run.sh [all|tests|sanitize|int8|bench|autotune]...   (default: all but autotune)
+#   bash bench/gpu_run.sh [all|tests|sanitize|int8|int8-model|int8-layers|bench|autotune]...
+#   (default: all but autotune; int8 = int8-model + int8-layers)
 # One device call may run 10 minutes: on a first, cold machine run the stages in separate calls
-# (tests, then int8, then bench).
+# (tests, int8-model, int8-layers, bench).
 # Writes logs and result files to $OUT (or ./gpu-out); copy the result files you keep
 # into bench/results/ unedited.
 set -uo pipefail
@@ -11,6 +12,7 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 stages=${*:-all}
 export PYTHONUNBUFFERED=1
+unset TLCORE_AUTOTUNE  # timings autotune over every config; only the tests stage sets it to 0
 status=0
 
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember failures
@@ -22,7 +24,8 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember failures
   [ "$rc" -eq 0 ] || status=1
 }
 
-want() { [[ ( " $stages " == *" all "* && $1 != autotune ) || " $stages " == *" $1 "* ]]; }
+want() { [[ ( " $stages " == *" all "* && $1 != autotune ) || " $stages " == *" $1 "* ||
+            ( " $stages " == *" int8 "* && $1 == int8-* ) ]]; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 step build python -m pip install -q --no-build-isolation --no-deps -e .
@@ -38,11 +41,13 @@ if want sanitize; then
   step sanitize compute-sanitizer --tool memcheck --error-exitcode 9 \
     python -m pytest -q tests/test_conv_op.py -k "matches_reference and float16" -p no:cacheprovider
 fi
-if want int8; then
-  # the INT8 bars: ResNet-50 at batch 256, int8 against tlcore fp16 (fuse suite) and eager fp16
-  # channels_last, in one report; and each conv shape's int8 kernels in TOP/s against the int8 peak
+# The INT8 bars: ResNet-50 at batch 256, int8 against tlcore fp16 (fuse suite) and eager fp16
+# channels_last, in one report; and each conv shape's int8 kernels in TOP/s against the int8 peak.
+if want int8-model; then
   step int8-model python -m tlcore bench --modes fuse,int8 --batch 256 --no-compile \
     --out "$OUT/tlcore-bench-int8-b256.json"
+fi
+if want int8-layers; then
   step int8-layers python -m pytest -q bench/test_bench_int8.py -k gpu --benchmark-only \
     --benchmark-json="$OUT/int8-layers.json" -p no:cacheprovider
 fi

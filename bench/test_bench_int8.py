@@ -157,7 +157,8 @@ def _int8_peak_tops() -> float:
 @pytest.mark.parametrize("shape", resnet50_conv_shapes(), ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
 def test_gpu_int8_conv_layer(benchmark, shape, backend):
     """One int8 conv + requantize + ReLU (int8 NHWC in and out) on one GPU backend, checked bit-exact
-    against the torch reference on two images first."""
+    first: against the torch reference on 16 images, and at the timed batch (whose autotuned tile
+    config differs) against the other GPU backend where there is one."""
     from tlcore import _extension
     from tlcore.backend import select
     from tlcore.ops import int8 as q8
@@ -178,7 +179,10 @@ def test_gpu_int8_conv_layer(benchmark, shape, backend):
         with use_backend(name):
             return q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride, padding=padding, relu=True)
 
-    assert torch.equal(conv(xs[0][:2]), conv(xs[0][:2], "torch"))
+    assert torch.equal(conv(xs[0][:16]), conv(xs[0][:16], "torch"))
+    other = "cuda" if backend == "triton" else "triton"
+    if other == "triton" or _extension.has_cuda_kernels():
+        assert torch.equal(conv(xs[0]), conv(xs[0], other))
     oh, ow = (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
     ops = 2 * GPU_LAYER_BATCH * oh * ow * k * c * r * s
     benchmark.group = f"int8 conv c{c} k{k} {r}x{s}/{stride} h{h} batch {GPU_LAYER_BATCH} (GPU)"

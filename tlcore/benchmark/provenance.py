@@ -1,5 +1,6 @@
 """Where and with what a benchmark ran: device, CPU, library versions, tlcore commit, date."""
 import datetime
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -31,6 +32,11 @@ def _commit() -> str:
         return "unknown"
 
 
+def tlcore_settings() -> dict:
+    """The TLCORE_* environment variables set (backend, instruction set, autotuning, ...)."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("TLCORE_")}
+
+
 def provenance(device: torch.device) -> dict:
     import tlcore
 
@@ -44,6 +50,7 @@ def provenance(device: torch.device) -> dict:
         "tlcore": tlcore.__version__,
         "tlcore_commit": _commit(),
         "python": platform.python_version(),
+        "tlcore_settings": tlcore_settings(),
     }
     try:
         import triton
