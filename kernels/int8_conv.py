@@ -76,11 +76,12 @@ def _int8_conv2d_fwd_kernel(
         group_start = tl.multiple_of((offs_n // K_GROUP) * C_GROUP - c_first, GROUP_ALIGN)
         x_rows += c_first.to(tl.int64) * sxc
         w_cols -= group_start.to(tl.int64) * swc
-        spanned = (BLOCK_N - 1) // K_GROUP + 2  # groups a tile of BLOCK_N columns can touch
-        if BLOCK_N % K_GROUP == 0:  # tiles start on group boundaries
-            spanned = BLOCK_N // K_GROUP
-        if K_GROUP % BLOCK_N == 0:  # tiles lie within one group
-            spanned = 1
+        # Groups a tile of BLOCK_N columns can touch: tiles start at multiples of BLOCK_N, so a start
+        # lies at most K_GROUP - g columns into its group, g = gcd(BLOCK_N, K_GROUP), which for a
+        # power-of-two BLOCK_N is the lowest set bit of K_GROUP, at most BLOCK_N.
+        tl.static_assert(BLOCK_N & (BLOCK_N - 1) == 0)
+        g = tl.minimum(K_GROUP & -K_GROUP, BLOCK_N)
+        spanned = (K_GROUP - g + BLOCK_N - 1) // K_GROUP + 1
         c_span = tl.minimum(spanned * C_GROUP, C)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
