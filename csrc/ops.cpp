@@ -27,6 +27,11 @@ tlcore::Int8Isa checked_isa(int64_t isa) {
   return static_cast<tlcore::Int8Isa>(isa);
 }
 
+tlcore::Int8Algorithm checked_algorithm(int64_t algorithm) {
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 3, "tlcore int8 conv: unknown algorithm ", algorithm);
+  return static_cast<tlcore::Int8Algorithm>(algorithm);
+}
+
 // Checks the arguments (Int8Conv2d calls the CPU op directly, without the Python op's checks in
 // tlcore/ops/int8.py), then views the tensors.
 tlcore::Int8ConvArgs int8_conv_args(const at::Tensor& x, int64_t x_zero, const at::Tensor& weight,
@@ -130,8 +135,7 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& weight, int64_t isa, int64_t a
               "tlcore int8 conv: groups must be >= 1 and divide the output channels");
   const tlcore::Int8Isa wanted = checked_isa(isa);
   const int64_t k = weight.size(0), c = weight.size(1) * groups, r = weight.size(2), s = weight.size(3);
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 3, "tlcore int8 conv: unknown algorithm ", algorithm);
-  const auto chosen = static_cast<tlcore::Int8Algorithm>(algorithm);
+  const tlcore::Int8Algorithm chosen = checked_algorithm(algorithm);
   at::Tensor packed = at::empty({tlcore::int8_packed_weight_words(k, c, r, s, wanted, chosen, groups)},
                                 weight.options().dtype(at::kInt));
   tlcore::pack_int8_weight_cpu(weight.data_ptr<int8_t>(), k, c, r, s, wanted, chosen, packed.data_ptr<int32_t>(),
@@ -150,9 +154,7 @@ int64_t int8_cpu_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, at::
 // The packed weight's size in int32 words (the fake of _int8_pack_weight_cpu); c: the input's channels.
 int64_t int8_cpu_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, int64_t isa, int64_t algorithm,
                               int64_t groups) {
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 3, "tlcore int8 conv: unknown algorithm ", algorithm);
-  return tlcore::int8_packed_weight_words(k, c, r, s, checked_isa(isa), static_cast<tlcore::Int8Algorithm>(algorithm),
-                                          groups);
+  return tlcore::int8_packed_weight_words(k, c, r, s, checked_isa(isa), checked_algorithm(algorithm), groups);
 }
 
 int64_t int8_cpu_resolve_isa(int64_t isa) {

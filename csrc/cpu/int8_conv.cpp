@@ -1091,12 +1091,20 @@ int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int
   }
 }
 
-void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa,
-                          Int8Algorithm algorithm, int32_t* packed, int64_t conv_groups) {
-  isa = int8_resolve_isa(isa);
+namespace {
+
+void check_conv_groups(int64_t c, int64_t k, int64_t conv_groups) {
   if (conv_groups < 1 || c % conv_groups != 0 || k % conv_groups != 0) {
     throw std::invalid_argument("tlcore int8 conv: groups must divide the input and output channels");
   }
+}
+
+}  // namespace
+
+void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Int8Isa isa,
+                          Int8Algorithm algorithm, int32_t* packed, int64_t conv_groups) {
+  isa = int8_resolve_isa(isa);
+  check_conv_groups(c, k, conv_groups);
   if (conv_groups != 1 && algorithm != Int8Algorithm::kDirect) {
     throw std::invalid_argument("tlcore int8 conv: grouped convs are packed for the direct algorithm only");
   }
@@ -1118,9 +1126,7 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
 
 Int8Isa int8_conv2d_cpu(const Int8ConvArgs& a, Int8Isa isa) {
   isa = int8_resolve_isa(isa);
-  if (a.conv_groups < 1 || a.c % a.conv_groups != 0 || a.k % a.conv_groups != 0) {
-    throw std::invalid_argument("tlcore int8 conv: groups must divide the input and output channels");
-  }
+  check_conv_groups(a.c, a.k, a.conv_groups);
   if (!int8_requantization_in_range(a)) {
     throw std::invalid_argument("tlcore int8 conv: |acc * multiplier + offset (+ residual * res_multiplier)| can "
                                 "reach 2**62, beyond the int64 headroom of the epilogue; build the constants with "
