@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
-#   bash bench/gpu_run.sh [all|tests|sanitize|int8|int8-model|int8-layers|bench|autotune]...
-#   (default: all but autotune; int8 = int8-model + int8-layers)
+#   bash bench/gpu_run.sh [all|tests|sanitize|int8|int8-model|int8-layers|int8-grouped|bench|autotune]...
+#   (default: all but autotune; int8 = int8-model + int8-layers + int8-grouped)
 # One device call may run 10 minutes: on a first, cold machine run the stages in separate calls
-# (tests, int8-model, int8-layers, bench).
+# (tests, int8-model, int8-layers, int8-grouped, bench).
 # Writes logs and result files to $OUT (or ./gpu-out); copy the result files you keep
 # into bench/results/ unedited.
 set -uo pipefail
@@ -42,14 +42,19 @@ if want sanitize; then
     python -m pytest -q tests/test_conv_op.py -k "matches_reference and float16" -p no:cacheprovider
 fi
 # The issue's INT8 bars: ResNet-50 at batch 256, int8 against tlcore fp16 (fuse suite) and eager fp16
-# channels_last, in one report; and each conv shape's int8 kernels in TOP/s against the int8 peak.
+# channels_last, in one report; and each conv shape's int8 kernels in TOP/s against the int8 peak;
+# and ResNeXt-50's grouped convs, int8 (Triton) against cuDNN fp16.
 if want int8-model; then
   step int8-model python -m tlcore bench --modes fuse,int8 --batch 256 --no-compile \
     --out "$OUT/tlcore-bench-int8-b256.json"
 fi
 if want int8-layers; then
-  step int8-layers python -m pytest -q bench/test_bench_int8.py -k gpu --benchmark-only \
+  step int8-layers python -m pytest -q bench/test_bench_int8.py -k test_gpu_int8_conv_layer --benchmark-only \
     --benchmark-json="$OUT/int8-layers.json" -p no:cacheprovider
+fi
+if want int8-grouped; then
+  step int8-grouped python -m pytest -q bench/test_bench_int8.py -k test_gpu_grouped_conv_layer --benchmark-only \
+    --benchmark-json="$OUT/int8-grouped.json" -p no:cacheprovider
 fi
 if want autotune; then
   # the issue's bar: tlcore.fuse against torch.compile(mode="max-autotune") (long compiles)
@@ -59,6 +64,6 @@ fi
 if want bench; then
   step cli python -m tlcore bench --out "$OUT/tlcore-bench.json" --plot "$OUT/tlcore-bench.png"
   step pytest-bench python -m pytest -q bench --benchmark-only --benchmark-json="$OUT/pytest-bench.json" \
-    -k "not test_gpu_int8_conv_layer" -p no:cacheprovider  # those run in the int8 stage
+    -k "not test_gpu_int8_conv_layer and not test_gpu_grouped_conv_layer" -p no:cacheprovider  # int8 stages
 fi
 exit $status

@@ -13,17 +13,18 @@ pytestmark = needs_gpu
 
 
 @functools.cache
-def resnet50_conv_shapes():
-    """(C, K, R, S, stride, padding, H, W) of every distinct conv in ResNet-50 at 224x224."""
+def conv_shapes(model_name="resnet50", groups=1):
+    """(C, K, R, S, stride, padding, H, W) of every distinct conv with `groups` groups in a
+    torchvision model at 224x224."""
     import torchvision
 
     shapes = []
-    model = torchvision.models.resnet50().eval()
+    model = getattr(torchvision.models, model_name)().eval()
 
     def record(conv, args, _out):
         shape = (conv.in_channels, conv.out_channels, *conv.kernel_size, conv.stride[0], conv.padding[0],
                  *args[0].shape[2:])
-        if shape not in shapes:
+        if conv.groups == groups and shape not in shapes:
             shapes.append(shape)
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -34,7 +35,7 @@ def resnet50_conv_shapes():
     return shapes
 
 
-SHAPES = resnet50_conv_shapes()
+SHAPES = conv_shapes("resnet50")
 
 
 def make_layer(shape, batch, dtype=torch.float16):

@@ -24,7 +24,7 @@ import torchvision
 
 import tlcore
 from conftest import DEVICE, needs_gpu, run_benchmark
-from test_bench_conv import resnet50_conv_shapes
+from test_bench_conv import conv_shapes
 from tlcore.backend import use_backend
 from tlcore.benchmark.timing import matmul_peak_tflops
 
@@ -154,7 +154,7 @@ def _int8_peak_tops() -> float:
 
 @needs_gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("shape", resnet50_conv_shapes(), ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
+@pytest.mark.parametrize("shape", conv_shapes("resnet50"), ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
 def test_gpu_int8_conv_layer(benchmark, shape, backend):
     """One int8 conv + requantize + ReLU (int8 NHWC in and out) on one GPU backend, checked bit-exact
     first: against the torch reference on 16 images, and at the timed batch (whose autotuned tile
@@ -190,3 +190,42 @@ def test_gpu_int8_conv_layer(benchmark, shape, backend):
                   int8_peak_tops=_int8_peak_tops())
     tops = ops / (benchmark.extra_info["do_bench_median_ms"] * 1e-3) / 1e12
     benchmark.extra_info.update(tops=tops, share_of_int8_peak=tops / _int8_peak_tops())
+
+
+RESNEXT_GROUPS = 32
+
+
+@needs_gpu
+@pytest.mark.parametrize("impl", ["tlcore int8 triton", "cudnn fp16"])
+@pytest.mark.parametrize("shape", conv_shapes("resnext50_32x4d", RESNEXT_GROUPS),
+                         ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
+def test_gpu_grouped_conv_layer(benchmark, shape, impl):
+    """ResNeXt-50's grouped 3x3 convs (32 groups) at batch 256: the Triton int8 kernel with its
+    requantize + ReLU epilogue (checked bit-exact on 16 images against the torch reference)
+    against cuDNN's fp16 grouped conv, NHWC, the float path users otherwise have. TOP/s counts
+    the products a grouped conv needs (the kernel also multiplies zero weights across groups)."""
+    from tlcore.ops import int8 as q8
+
+    c, k, r, s, stride, padding, h, w = shape
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    xs = [torch.randint(-128, 128, (GPU_LAYER_BATCH, c, h, w), generator=g, device=DEVICE, dtype=torch.int8)
+          .contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    weight = torch.randint(-127, 128, (k, c // RESNEXT_GROUPS, r, s), generator=g, device=DEVICE, dtype=torch.int8)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    if impl == "cudnn fp16":
+        xs, weight = [x.half() for x in xs], weight.half()
+        conv = lambda x: torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, RESNEXT_GROUPS)  # noqa: E731
+    else:
+        multiplier, offset, shift, _ = q8.requantization(0.02, -128, weight, torch.full((k,), 0.01), None, 0.5, -128)
+
+        def conv(x, name="triton"):
+            with use_backend(name):
+                return q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride, padding=padding,
+                                      relu=True, groups=RESNEXT_GROUPS)
+
+        assert torch.equal(conv(xs[0][:16]), conv(xs[0][:16], "torch"))
+    oh, ow = (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
+    ops = 2 * GPU_LAYER_BATCH * oh * ow * k * (c // RESNEXT_GROUPS) * r * s
+    benchmark.group = f"grouped conv c{c} k{k} {r}x{s}/{stride} h{h} groups {RESNEXT_GROUPS} batch {GPU_LAYER_BATCH} (GPU)"
+    run_benchmark(benchmark, conv, xs, ops=ops, impl=impl, shape=list(shape), batch=GPU_LAYER_BATCH)
+    benchmark.extra_info.update(tops=ops / (benchmark.extra_info["do_bench_median_ms"] * 1e-3) / 1e12)

@@ -1,7 +1,7 @@
 """Int8 implicit-GEMM conv with the fused requantize epilogue, and per-tensor (de)quantize, in Triton.
 
     x:          (N, C, H, W)    int8, any strides (NHWC reads are the fast ones)
-    weight:     (K, C / G, R, S) int8 in [-127, 127], any strides (G: conv groups)
+    weight:     (K, C / G, R, S) int8 in [-127, 127], channels_last (G: conv groups)
     multiplier: (K,)            int32      offset: (K,) int64
     residual:   (N, K, OH, OW)  int8, any strides, optional
     out:        (N, K, OH, OW)  int8, written once
@@ -59,21 +59,30 @@ def _int8_conv2d_fwd_kernel(
     R: tl.constexpr, S: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr, GROUP_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # The weights are channels_last, so their strides are multiples of C_GROUP. Rounding them down
+    # to GROUP_ALIGN changes no value but shows the compiler the alignment (tl.multiple_of has no
+    # effect on a scalar argument, and a launch marks only 16-divisible ones): without it the weight
+    # loads of 4- and 8-channel groups go byte by byte, unpipelined, and most tiles spill.
+    swk = (swk // GROUP_ALIGN) * GROUP_ALIGN
+    swr = (swr // GROUP_ALIGN) * GROUP_ALIGN
+    sws = (sws // GROUP_ALIGN) * GROUP_ALIGN
     offs_m, offs_n, mask_m, mask_n, n, oh, ow, ih0, iw0, x_rows, w_cols = conv_tile(
         x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     # Grouped: this tile's groups' input channels start at c_first. x_rows start there, and each
     # column's weights start where its group does, group_start channels in (negative pointer
     # offsets for a later group's columns: masked off below, never read). Both are multiples of
-    # C_GROUP, which GROUP_ALIGN (a power of two dividing it) tells the compiler: without it the
-    # loads are not vectorized and 128x128 tiles spill (tests/test_kernel_compile.py).
+    # C_GROUP, which GROUP_ALIGN (a power of two dividing it) tells the compiler, and so is the
+    # group's end: without the hints the loads are not vectorized, 128x128 tiles spill, and the
+    # weight loads, whose mask then looks per byte, are not pipelined (tests/test_kernel_compile.py).
     # The reduction runs over c_span channels, the widest any BLOCK_N tile's groups span, the same
     # for every tile: a trip count or mask bound computed from the tile's own columns kept the
     # compiler from pipelining the loads (cp.async). Channels past a tile's groups get zero weights.
-    c_first, c_span, group_start = 0, C, offs_n * 0
+    c_first, c_span, group_start, group_end = 0, C, offs_n * 0, offs_n * 0
     if GROUPED:
         c_first = tl.multiple_of((tl.min(offs_n, axis=0) // K_GROUP) * C_GROUP, GROUP_ALIGN)
         group_start = tl.multiple_of((offs_n // K_GROUP) * C_GROUP - c_first, GROUP_ALIGN)
+        group_end = tl.multiple_of(group_start + C_GROUP, GROUP_ALIGN)
         x_rows += c_first.to(tl.int64) * sxc
         w_cols -= group_start.to(tl.int64) * swc
         # Groups a tile of BLOCK_N columns can touch: tiles start at multiples of BLOCK_N, so a start
@@ -93,9 +102,9 @@ def _int8_conv2d_fwd_kernel(
         a = tl.load(a_ptrs, mask=in_image, other=0)
         # Outside the image x reads as its zero point (real zero); past C the weights are zero.
         a = tl.where(in_image, a, x_zero).to(tl.int8)
-        if GROUPED:  # (this per-column mask keeps the weight loads out of the cp.async pipeline)
+        if GROUPED:
             chan = (step % c_blocks) * BLOCK_K + offs_k
-            b_mask &= (chan[:, None] >= group_start[None, :]) & (chan[:, None] < group_start[None, :] + C_GROUP)
+            b_mask &= (chan[:, None] >= group_start[None, :]) & (chan[:, None] < group_end[None, :])
         b = tl.load(b_ptrs, mask=b_mask, other=0)
         acc = tl.dot(a, b, acc)
 
@@ -116,6 +125,7 @@ def _int8_conv2d_fwd_kernel(
 def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
                 stride, padding, dilation, out_max, out, groups=1):
     """Launch the int8 conv kernel, writing `out` (shapes in the module docstring)."""
+    weight = weight.contiguous(memory_format=torch.channels_last)  # (a no-op for tlcore's prepared weights)
     n, c, h, w = x.shape
     k, c_group, r, s = weight.shape
     _, _, oh, ow = out.shape

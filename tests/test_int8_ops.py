@@ -579,17 +579,19 @@ def test_triton_kernel_bit_exact(device, case):
 
 
 def test_triton_launcher_writes_every_output(device):
-    """Two runs into buffers poisoned with different values must both equal the reference."""
+    """Two runs into buffers poisoned with different values must both equal the reference; the
+    launcher called directly with NCHW weights (8-channel groups: their strides matter)."""
     from tlcore.kernels.int8_conv import int8_conv2d
 
-    c = make_case(2, 9, 7, 6, 70, 3, 3, padding=1)
+    c = make_case(2, 16, 7, 6, 70, 3, 3, padding=1, groups=2)
     ref = reference(c)
     c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
     for poison in (85, -42):
         out = torch.full(ref.shape, poison, dtype=torch.int8, device=device).contiguous(
             memory_format=torch.channels_last)
         int8_conv2d(c["x"], c["x_zero"], c["weight"], c["multiplier"], c["offset"], c["shift"], c["residual"],
-                    c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"], 127, out)
+                    c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"], 127, out,
+                    groups=2)
         assert torch.equal(out.cpu(), ref)
 
 
