@@ -18,10 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from tlcore.kernels.implicit_gemm import (autotune_configs, conv_tile, flat_block_pointers, nhwc_offsets,
-                                          tap_block_pointers)
-
-FLAT_K_BELOW = 16  # channel counts below this reduce over (r, s, c) flattened
+from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_block_pointers,
+                                          nhwc_offsets, tap_block_pointers)
 
 
 def _configs():

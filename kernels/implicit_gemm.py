@@ -11,6 +11,8 @@ import os
 import triton
 import triton.language as tl
 
+FLAT_K_BELOW = 16  # convs with fewer input channels (the RGB stem) reduce over (r, s, c) flattened
+
 
 def autotune_configs(shapes):
     """triton.Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) tuples.

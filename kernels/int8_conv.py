@@ -9,8 +9,9 @@
 The integer math is the contract in tlcore/ops/int8.py: tl.dot multiplies int8 tiles into
 an exact int32 accumulator (tensor-core IMMA on GPUs), positions outside the image read as
 x_zero, and the epilogue is int64 fixed point, so results equal the reference bit for bit.
-The GEMM view, its index math and the flat (tap, channel block) reduction loop are shared
-with kernels/conv.py through kernels/implicit_gemm.py.
+The GEMM view and its index math are shared with kernels/conv.py (kernels/implicit_gemm.py):
+one reduction loop over (tap, channel block), or over (r, s, c) flattened for fewer than
+FLAT_K_BELOW channels (the RGB stem).
 
 Grouped convs (ResNeXt): a tile of BLOCK_N output channels reduces over the input channels of
 the groups it covers (a span as wide for every tile: the widest any tile needs), with zero
@@ -25,7 +26,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from tlcore.kernels.implicit_gemm import autotune_configs, conv_tile, nhwc_offsets, tap_block_pointers
+from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_block_pointers,
+                                          nhwc_offsets, tap_block_pointers)
 
 
 def _configs():
@@ -56,7 +58,8 @@ def _int8_conv2d_fwd_kernel(
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     x_zero, shift, res_multiplier, out_zero, out_min, out_max, C_GROUP, K_GROUP,
-    R: tl.constexpr, S: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr, GROUP_ALIGN: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr,
+    GROUP_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # The weights are channels_last, so their strides are multiples of C_GROUP. Rounding them down
@@ -95,12 +98,20 @@ def _int8_conv2d_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     c_blocks = tl.cdiv(c_span, BLOCK_K)
-    for step in range(0, R * S * c_blocks):
-        a_ptrs, in_image, b_ptrs, b_mask = tap_block_pointers(
-            step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
-            C - c_first, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+    # The RGB stem (FLAT_K): per-tap blocks of BLOCK_K >= 32 channels would be 3 / 32 or less useful.
+    tl.static_assert(not (FLAT_K and GROUPED))
+    steps = tl.cdiv(R * S * C, BLOCK_K) if FLAT_K else R * S * c_blocks
+    for step in range(0, steps):
+        if FLAT_K:
+            a_ptrs, in_image, b_ptrs, b_mask = flat_block_pointers(
+                step, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
+                C, H, W, R, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+        else:
+            a_ptrs, in_image, b_ptrs, b_mask = tap_block_pointers(
+                step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
+                C - c_first, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
         a = tl.load(a_ptrs, mask=in_image, other=0)
-        # Outside the image x reads as its zero point (real zero); past C the weights are zero.
+        # Outside the image x reads as its zero point (real zero); past the reduction the weights are zero.
         a = tl.where(in_image, a, x_zero).to(tl.int8)
         if GROUPED:
             chan = (step % c_blocks) * BLOCK_K + offs_k
@@ -138,7 +149,8 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         x_zero, shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max, c_group,
-        k // groups, R=r, S=s, HAS_RESIDUAL=residual is not None, GROUPED=groups > 1,
+        k // groups, R=r, S=s, FLAT_K=groups == 1 and c < FLAT_K_BELOW, HAS_RESIDUAL=residual is not None,
+        GROUPED=groups > 1,
         GROUP_ALIGN=math.gcd(c_group, 16),
     )
 

@@ -41,16 +41,19 @@ def conv_case(dtype, block, target=90, flat=False, residual=True, precision="iee
                  ["scale_ptr", "shift_ptr"])
 
 
-def int8_case(block, target=90, grouped=False, group_align=16):
-    """group_align: gcd(channels a group, 16); below 16 a launch does not mark the weight strides
-    (multiples of the channels a group) 16-divisible."""
+def int8_case(block, target=90, grouped=False, group_align=16, stem=False):
+    """A 3x3 conv with a residual, or the RGB stem (7x7, 3 channels, flat reduction).
+    group_align: gcd(channels a group, 16); below 16 a launch does not mark the weight strides
+    (multiples of the channels a group) 16-divisible, nor, for the stem, C and x's strides."""
     types = {"x_ptr": "*i8", "w_ptr": "*i8", "res_ptr": "*i8", "out_ptr": "*i8", "mult_ptr": "*i32",
              "offset_ptr": "*i64"}
+    taps = 7 if stem else 3
     case = _case("tlcore.kernels.int8_conv:_int8_conv2d_fwd_kernel", types,
-                 {"R": 3, "S": 3, "HAS_RESIDUAL": True, "GROUPED": grouped, "GROUP_ALIGN": group_align}, block,
-                 target, ["mult_ptr", "offset_ptr"])
-    if group_align < 16:
-        case["divisible_by_16"] = [arg for arg in case["divisible_by_16"] if arg not in ("swk", "swr", "sws")]
+                 {"R": taps, "S": taps, "FLAT_K": stem, "HAS_RESIDUAL": not stem, "GROUPED": grouped,
+                  "GROUP_ALIGN": 1 if stem else group_align}, block, target, ["mult_ptr", "offset_ptr"])
+    not_divisible = ("C", "sxn", "sxh", "sxw", "swk", "swr", "sws") if stem else ("swk", "swr", "sws")
+    if stem or group_align < 16:
+        case["divisible_by_16"] = [arg for arg in case["divisible_by_16"] if arg not in not_divisible]
     return case
 
 
@@ -95,11 +98,11 @@ def test_dtypes_flat_reduction_and_ampere_compile():
         conv_case("bf16", block), conv_case("fp32", block, precision="tf32"),
         conv_case("fp32", block, precision="ieee"), conv_case("fp16", block, flat=True, residual=False),
         conv_case("fp16", block, target=80), conv_case("bf16", block, target=80),
-        int8_case((128, 128, 64, 3, 8), target=80),
+        int8_case((128, 128, 64, 3, 8), target=80), int8_case((64, 64, 32, 5, 4), stem=True),
     ])
     assert results[0]["wgmma"] and results[1]["wgmma"]  # bf16 and tf32 on Hopper tensor cores
     assert not results[2]["wgmma"]  # IEEE fp32 must not use (tf32) tensor cores
-    assert all(r["mma_sync"] for r in results[4:7])  # int8 too
+    assert all(r["mma_sync"] for r in results[4:7]) and results[7]["wgmma"]  # int8 too, the stem included
     assert all(r["shared_bytes"] <= AMPERE_SHARED_LIMIT for r in results[4:7])
     # IEEE fp32 runs on FMA units with the whole tile in registers; a few spilled bytes there are
     # tolerable (cuDNN itself defaults to TF32), anywhere else they are not.
