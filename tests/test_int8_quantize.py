@@ -16,6 +16,7 @@ from numerics import rel_error
 from tlcore import _extension
 from tlcore.nn import DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear, Int8ResidualBlock
 from tlcore.nn.int8 import QParams
+from tlcore.quantize import METHODS
 from tlcore.ops import int8 as q8
 
 EPOCHS = 5
@@ -319,6 +320,24 @@ def test_state_dict_round_trip_weights_only():
         assert torch.equal(rebuilt(x), expected)
 
 
+@pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+def test_state_dict_loads_into_a_used_model_under_inference_mode():
+    """Inference tensors have no version counter: loading new weights into a model that has run
+    (its C++ packings cached) must still give the loaded model's codes."""
+    model = small_resnet(Bottleneck)
+    x = batches(1, seed=9)[0]
+    with torch.inference_mode():
+        saved = tlcore.quantize(model, batches(), progress=False)
+        expected = saved(x)
+        other = small_resnet(Bottleneck)
+        for p in other.parameters():
+            p.mul_(-1.5)
+        rebuilt = tlcore.quantize(other, batches(n=1, seed=3), progress=False)
+        assert not torch.equal(rebuilt(x), expected)
+        rebuilt.load_state_dict(saved.state_dict())
+        assert torch.equal(rebuilt(x), expected)
+
+
 def test_module_pickled_before_grouped_convs_loads():
     """A whole pickled Int8Conv2d from before "groups" (torch.save(module)) still runs."""
     conv = tlcore.quantize(small_resnet(), batches(), progress=False).layer1[0].last
@@ -434,6 +453,15 @@ def test_progress_bar(capsys):
     assert "calibrating" in capsys.readouterr().err
 
 
+def test_accepts_one_batch_and_one_skip_name():
+    """A tensor is one batch (not a sequence of images), a string one name (not its letters)."""
+    x = batches(1, seed=5)[0]
+    data = batches(n=1)
+    with torch.no_grad():
+        assert torch.equal(tlcore.quantize(small_resnet(), data[0], skip="fc", progress=False)(x),
+                           tlcore.quantize(small_resnet(), data, skip=("fc",), progress=False)(x))
+
+
 def test_accepts_input_label_pairs():
     data = [(x, torch.zeros(len(x), dtype=torch.int64)) for x in batches()]
     x = batches(1, seed=5)[0]
@@ -455,11 +483,19 @@ def test_empty_calibration_raises(data):
         tlcore.quantize(small_resnet(), data, progress=False)
 
 
-def test_nan_calibration_raises():
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_calibration_raises(method):
     data = batches()
     data[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        tlcore.quantize(small_resnet(), data, method="minmax", progress=False)
+        tlcore.quantize(small_resnet(), data, method=method, progress=False)
+
+
+def test_module_added_after_eval_names_the_cause():
+    model = small_resnet()
+    model.fc = nn.Identity()
+    with pytest.raises(ValueError, match="'fc' is in train mode.*assigned after eval"):
+        tlcore.quantize(model, batches(), progress=False)
 
 
 def test_nan_input_raises():
@@ -517,10 +553,32 @@ def test_quantized_model_compiles_fullgraph(compiler, dynamic, monkeypatch):
     assert_traced_model_matches(compiled, qmodel, x, monkeypatch)
 
 
-def test_forced_module_backend_is_a_clear_error_when_traced():
-    qmodel = tlcore.quantize(small_resnet(), batches(), backend="torch", progress=False)
-    with pytest.raises(RuntimeError, match="TLCORE_BACKEND"):
-        torch.export.export(qmodel, (batches(1)[0],))
+@pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("trace", ["compile", "export"])
+def test_forced_module_backend_compiles_and_exports(trace, monkeypatch):
+    """A module's own backend applies in eager mode only (a context manager does not trace); traced,
+    the default applies, with the same codes (a float fc: each backend's int8 fc sums in its own order)."""
+    qmodel = tlcore.quantize(small_resnet(), batches(), backend="torch", skip="fc", progress=False)
+    x = batches(1, seed=12)[0]
+    traced = (torch.compile(qmodel, backend="aot_eager", fullgraph=True) if trace == "compile"
+              else torch.export.export(qmodel, (x,)).module())
+    assert_traced_model_matches(traced, qmodel, x, monkeypatch)
+
+
+def test_use_backend_reaches_the_quantized_modules(monkeypatch):
+    """`with tlcore.use_backend(...)` around a quantized model forces the backend of modules that
+    have none of their own (a float fc, as above)."""
+    qmodel = tlcore.quantize(small_resnet(), batches(), skip="fc", progress=False)
+    calls = []
+    reference = q8._int8_conv2d_torch
+    monkeypatch.setattr(q8, "_int8_conv2d_torch", lambda *args: calls.append(1) or reference(*args))
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        expected = qmodel(x)
+        with tlcore.use_backend("torch"):
+            assert torch.equal(qmodel(x), expected)
+    assert len(calls) == sum(isinstance(m, Int8Conv2d) for m in qmodel.modules())
 
 
 @pytest.mark.gpu

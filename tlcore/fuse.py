@@ -38,7 +38,8 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     training = next((name or type(model).__name__ for name, m in model.named_modules() if m.training), None)
     if training is not None:
         raise ValueError(f"tlcore.fuse folds BatchNorm running statistics and returns an inference model, but "
-                         f"{training!r} is in train mode: call model.eval() first")
+                         f"{training!r} is in train mode: call model.eval() after the last change to the model "
+                         "(a module assigned after eval() starts in train mode)")
     if not inplace:
         model = copy.deepcopy(model)
     return _Fuser(model).tree(model).eval()  # new modules start in train mode

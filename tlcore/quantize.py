@@ -126,12 +126,14 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
         model: a torchvision ResNet (BasicBlock or Bottleneck) in eval mode, on the device the
             int8 model should run on (CPU: the C++ kernels; CUDA: the Triton kernels).
         calibration_data: an iterable of input batches, (N, 3, H, W) float tensors or
-            (inputs, labels) pairs such as a DataLoader's; at least one non-empty batch.
+            (inputs, labels) pairs such as a DataLoader's, or one (N, 3, H, W) batch; at least
+            one non-empty batch, all finite.
         method: how activation ranges are chosen: "minmax", "percentile" (clip to
             `percentile`), "entropy" (KL divergence) or "mse" (least L2 error).
         skip: names of blocks to keep in float ("layer1.0", ...), "conv1" for the stem, "fc" for
-            the fc (then its weights stay fp32).
-        backend: force a tlcore backend for the int8 ops ("cpu", "triton", "cuda", "torch").
+            the fc (then its weights stay fp32); one name or a collection of them.
+        backend: force a tlcore backend for the int8 ops ("cpu", "triton", "cuda", "torch") where
+            they have it, in eager mode (traced, TLCORE_BACKEND applies); all give the same codes.
         reduce_range: 7-bit activations between convs (codes -128..-1), like torch.ao's x86
             backend: half the resolution, but on AVX2 CPUs without VNNI the C++ kernel can then
             use vpmaddubsw exactly (about 1.4x faster there). Off: full 8 bits.
@@ -150,7 +152,7 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
     if method == "percentile" and not 50.0 < percentile <= 100.0:
         raise ValueError(f"tlcore.quantize: percentile must be in (50, 100], got {percentile}")
     _check_resnet(model)
-    skip = set(skip)
+    skip = {skip} if isinstance(skip, str) else set(skip)
     known = {"conv1", "fc"} | {f"{name}.{i}" for name in _LAYERS for i in range(len(getattr(model, name)))}
     if skip - known:
         raise ValueError(f"tlcore.quantize: cannot skip {sorted(skip - known)}; skippable are 'conv1' (the stem), "
@@ -195,12 +197,17 @@ def _calibrate(fused: nn.Module, data, method: str, percentile: float, progress:
     observers = {"input": _make_observer(method, percentile, reduce_range).to(device)}
 
     def observe(key, tensor) -> None:  # returns None: a hook's return value would replace the tensor
+        if not torch.isfinite(tensor).all():  # (before an observer's own, less clear, error)
+            raise ValueError("tlcore.quantize: calibration produced non-finite activations (NaN or inf in the "
+                             "calibration data or the model)")
         observers[key](tensor.detach().float())
 
     handles = [fused.register_forward_pre_hook(lambda _, args: observe("input", args[0]))]
     for module in _observed_modules(fused):
         observers[module] = _make_observer(method, percentile, reduce_range).to(device)
         handles.append(module.register_forward_hook(lambda m, _, out: observe(m, out)))
+    if isinstance(data, torch.Tensor):  # one batch (iterating it would give single images)
+        data = [data]
     batches = 0
     try:
         with torch.no_grad():
@@ -219,10 +226,6 @@ def _calibrate(fused: nn.Module, data, method: str, percentile: float, progress:
     if batches == 0:
         raise ValueError("tlcore.quantize: calibration_data yielded no non-empty batch; activation ranges "
                          "cannot be calibrated without data")
-    for observer in observers.values():
-        if not (torch.isfinite(observer.min_val).all() and torch.isfinite(observer.max_val).all()):
-            raise ValueError("tlcore.quantize: calibration produced non-finite activations (NaN or inf in the "
-                             "calibration data or the model)")
     return observers
 
 

@@ -15,9 +15,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU, explicit_padding, folding_unsupported_reason
-from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cached_packed_weight_cpu, dequantize_per_tensor, int8_conv2d,
-                             int8_global_avg_pool, int8_max_pool2d, int8_weight_linear, quantize_input,
-                             requantization, runs_cpu_kernel)
+from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cached_packed_weight_cpu, dequantize_per_tensor,
+                             forget_packed_weight, int8_conv2d, int8_global_avg_pool, int8_max_pool2d,
+                             int8_weight_linear, quantize_input, requantization, runs_cpu_kernel)
 
 
 class QParams(NamedTuple):
@@ -50,8 +50,9 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _Int8Module(nn.Module):
     """Keeps the per-layer constants (ints, floats, bools, lists) in `state` and in the state_dict.
 
-    `backend` forces a tlcore backend for the module's op when the op has it (IMPLEMENTED);
-    otherwise the op picks its default (e.g. quantize on CPU is PyTorch's own vectorised ops).
+    `backend` forces a tlcore backend for the module's op when the op has it (IMPLEMENTED) and runs
+    eagerly; otherwise the caller's choice (`use_backend`, TLCORE_BACKEND) or the op's default
+    applies (e.g. quantize on CPU is PyTorch's own vectorised ops).
     """
 
     IMPLEMENTED: tuple[str, ...] = ("triton", "torch")
@@ -71,14 +72,15 @@ class _Int8Module(nn.Module):
         self.state = dict(state)
 
     def _backend(self):
-        if torch.compiler.is_compiling():
-            # torch.compile / torch.export trace the public ops, which pick their backend at trace
-            # time (TLCORE_BACKEND); a per-module override would need the context manager traced too.
-            if self.backend is not None:
-                raise RuntimeError(f"{type(self).__name__}.backend={self.backend!r} does not apply inside "
-                                   "torch.compile or torch.export: set TLCORE_BACKEND instead")
-            return contextlib.nullcontext()
-        return use_backend(self.backend if self.backend in self.IMPLEMENTED else None)
+        # Traced (torch.compile, torch.export), the public ops pick their backend at trace time
+        # (TLCORE_BACKEND): the module's own cannot apply there, as the context manager does not
+        # trace, but every backend computes the same codes.
+        if self.backend not in self.IMPLEMENTED or torch.compiler.is_compiling():
+            return _CALLERS_BACKEND
+        return use_backend(self.backend)
+
+
+_CALLERS_BACKEND = contextlib.nullcontext()  # (reusable: it holds no state)
 
 
 class QuantizeInput(_Int8Module):
@@ -226,6 +228,12 @@ class Int8Conv2d(_Int8Module):
 
     def set_extra_state(self, state: dict) -> None:
         super().set_extra_state({"groups": 1, **state})  # saved before grouped convs were covered
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # The weight changed in place: under torch.inference_mode its version counter does not
+        # count that, and the C++ kernel's cached packing would go on with the old weights.
+        forget_packed_weight(self._buffers["weight"])
 
     def __setstate__(self, state: dict) -> None:  # a whole pickled module, saved before groups
         super().__setstate__(state)
