@@ -598,6 +598,28 @@ def test_uncovered_model_raises():
         tlcore.quantize(model, batches(), progress=False)
 
 
+class NamedResNet(ResNet):
+    def describe(self) -> str:
+        return "a ResNet with a method of its own"
+
+
+class ScaledResNet(NamedResNet):
+    def forward(self, x):
+        return super().forward(2 * x)
+
+
+def test_resnet_subclass_quantizes_unless_its_forward_differs():
+    model = small_resnet()
+    x = batches(1, seed=5)[0]
+    named, scaled = copy.deepcopy(model), copy.deepcopy(model)
+    named.__class__, scaled.__class__ = NamedResNet, ScaledResNet
+    with torch.no_grad():
+        assert torch.equal(tlcore.quantize(named, batches(), progress=False)(x),
+                           tlcore.quantize(model, batches(), progress=False)(x))
+    with pytest.raises(TypeError, match="own forward, got ScaledResNet"):
+        tlcore.quantize(scaled, batches(), progress=False)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="kl"), "unknown method"),
     (dict(backend="gpu"), "unknown backend"),

@@ -171,9 +171,12 @@ def _check_resnet(model: nn.Module) -> None:
         from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
     except ImportError as error:
         raise ImportError("tlcore.quantize rewrites torchvision ResNets and needs torchvision") from error
-    if type(model) is not ResNet:
-        raise TypeError(f"tlcore.quantize supports torchvision ResNet models (BasicBlock/Bottleneck), got "
-                        f"{type(model).__name__}; other architectures are not covered by its int8 scheme")
+    # A subclass is fine as long as it runs ResNet's own forward (the int8 model replaces its stages).
+    if not (isinstance(model, ResNet) and type(model).forward is ResNet.forward
+            and type(model)._forward_impl is ResNet._forward_impl):
+        raise TypeError(f"tlcore.quantize supports torchvision ResNet models (BasicBlock/Bottleneck) with their "
+                        f"own forward, got {type(model).__name__}; other architectures are not covered by its "
+                        "int8 scheme")
     for name in _LAYERS:
         for i, block in enumerate(getattr(model, name)):
             if type(block) not in (BasicBlock, Bottleneck):
