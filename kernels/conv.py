@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_block_pointers,
-                                          nhwc_offsets, tap_block_pointers)
+from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, nhwc_offsets, reduction_steps,
+                                          step_block_pointers)
 
 
 def _configs():
@@ -60,16 +60,10 @@ def _conv2d_bn_act_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(C, BLOCK_K)
-    steps = tl.cdiv(R * S * C, BLOCK_K) if FLAT_K else R * S * c_blocks
-    for step in range(0, steps):
-        if FLAT_K:
-            a_ptrs, a_mask, b_ptrs, b_mask = flat_block_pointers(
-                step, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
-                C, H, W, R, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
-        else:
-            a_ptrs, a_mask, b_ptrs, b_mask = tap_block_pointers(
-                step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
-                C, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+    for step in range(0, reduction_steps(C, R, S, c_blocks, BLOCK_K, FLAT_K)):
+        a_ptrs, a_mask, b_ptrs, b_mask = step_block_pointers(
+            step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k, C, C,
+            H, W, R, S, FLAT_K, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # zero padding
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if BF16_INTERPRETER:

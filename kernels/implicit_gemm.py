@@ -119,6 +119,24 @@ def flat_block_pointers(step, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs
 
 
 @triton.jit
+def reduction_steps(C, R: tl.constexpr, S: tl.constexpr, c_blocks, BLOCK_K: tl.constexpr, FLAT_K: tl.constexpr):
+    """How many steps the reduction takes: (r, s, c) flattened into BLOCK_K blocks, or c_blocks a tap."""
+    return tl.cdiv(R * S * C, BLOCK_K) if FLAT_K else R * S * c_blocks
+
+
+@triton.jit
+def step_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k, C, tap_channels,
+                        H, W, R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr,
+                        sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
+    """flat_block_pointers if FLAT_K, else tap_block_pointers over tap_channels channels a tap."""
+    if FLAT_K:
+        return flat_block_pointers(step, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
+                                   C, H, W, R, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+    return tap_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
+                              tap_channels, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+
+
+@triton.jit
 def nhwc_offsets(n, oh, ow, offs_n, s_n, s_c, s_h, s_w):
     """(BM, BN) int64 element offsets of output-shaped tensor entries [n, k, oh, ow]."""
     rows = n.to(tl.int64) * s_n + oh.to(tl.int64) * s_h + ow.to(tl.int64) * s_w

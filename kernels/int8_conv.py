@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_block_pointers,
-                                          nhwc_offsets, tap_block_pointers)
+from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, nhwc_offsets, reduction_steps,
+                                          step_block_pointers)
 
 
 def _configs():
@@ -100,16 +100,10 @@ def _int8_conv2d_fwd_kernel(
     c_blocks = tl.cdiv(c_span, BLOCK_K)
     # The RGB stem (FLAT_K): per-tap blocks of BLOCK_K >= 32 channels would be 3 / 32 or less useful.
     tl.static_assert(not (FLAT_K and GROUPED))
-    steps = tl.cdiv(R * S * C, BLOCK_K) if FLAT_K else R * S * c_blocks
-    for step in range(0, steps):
-        if FLAT_K:
-            a_ptrs, in_image, b_ptrs, b_mask = flat_block_pointers(
-                step, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
-                C, H, W, R, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
-        else:
-            a_ptrs, in_image, b_ptrs, b_mask = tap_block_pointers(
-                step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k,
-                C - c_first, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+    for step in range(0, reduction_steps(C, R, S, c_blocks, BLOCK_K, FLAT_K)):
+        a_ptrs, in_image, b_ptrs, b_mask = step_block_pointers(
+            step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k, C, C - c_first,
+            H, W, R, S, FLAT_K, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
         a = tl.load(a_ptrs, mask=in_image, other=0)
         # Outside the image x reads as its zero point (real zero); past the reduction the weights are zero.
         a = tl.where(in_image, a, x_zero).to(tl.int8)

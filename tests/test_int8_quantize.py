@@ -608,6 +608,11 @@ class ScaledResNet(NamedResNet):
         return super().forward(2 * x)
 
 
+class HeadlessResNet(NamedResNet):
+    def _forward_impl(self, x):
+        return x.mean()
+
+
 def test_resnet_subclass_quantizes_unless_its_forward_differs():
     model = small_resnet()
     x = batches(1, seed=5)[0]
@@ -616,8 +621,10 @@ def test_resnet_subclass_quantizes_unless_its_forward_differs():
     with torch.no_grad():
         assert torch.equal(tlcore.quantize(named, batches(), progress=False)(x),
                            tlcore.quantize(model, batches(), progress=False)(x))
-    with pytest.raises(TypeError, match="own forward, got ScaledResNet"):
-        tlcore.quantize(scaled, batches(), progress=False)
+    for subclass in (ScaledResNet, HeadlessResNet):
+        scaled.__class__ = subclass
+        with pytest.raises(TypeError, match=f"own forward, got {subclass.__name__}"):
+            tlcore.quantize(scaled, batches(), progress=False)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -15,9 +15,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU, explicit_padding, folding_unsupported_reason
-from tlcore.ops.int8 import (CONV_OP, WEIGHT_QMAX, cached_packed_weight_cpu, dequantize_per_tensor,
-                             forget_packed_weight, int8_conv2d, int8_global_avg_pool, int8_max_pool2d,
-                             int8_weight_linear, quantize_input, requantization, runs_cpu_kernel)
+from tlcore.ops.int8 import (CONV_OP, QUANTIZE_BACKENDS, WEIGHT_QMAX, cached_packed_weight_cpu,
+                             dequantize_per_tensor, forget_packed_weight, int8_conv2d, int8_global_avg_pool,
+                             int8_max_pool2d, int8_weight_linear, quantize_input, requantization, runs_cpu_kernel)
 
 
 class QParams(NamedTuple):
@@ -51,8 +51,8 @@ class _Int8Module(nn.Module):
     """Keeps the per-layer constants (ints, floats, bools, lists) in `state` and in the state_dict.
 
     `backend` forces a tlcore backend for the module's op when the op has it (IMPLEMENTED) and runs
-    eagerly; otherwise the caller's choice (`use_backend`, TLCORE_BACKEND) or the op's default
-    applies (e.g. quantize on CPU is PyTorch's own vectorised ops).
+    eagerly (where that backend cannot run, e.g. cuda on CPU tensors, the op warns and uses its
+    default); otherwise the caller's choice (`use_backend`, TLCORE_BACKEND) or the op's default applies.
     """
 
     IMPLEMENTED: tuple[str, ...] = ("triton", "torch")
@@ -85,6 +85,8 @@ _CALLERS_BACKEND = contextlib.nullcontext()  # (reusable: it holds no state)
 
 class QuantizeInput(_Int8Module):
     """float (N, C, H, W) -> int8 (N, C, H, W) channels_last with the calibrated input scale."""
+
+    IMPLEMENTED = QUANTIZE_BACKENDS
 
     def __init__(self, qparams: QParams):
         super().__init__(scale=float(qparams.scale), zero_point=int(qparams.zero_point))

@@ -314,17 +314,16 @@ def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilati
                              groups: int = 1) -> tuple[int | None, int | None, torch.Tensor | None]:
     """(isa, algorithm, pack_weight_cpu(weight, ...)) for a conv on inputs with codes up to x_max,
     packed once per weight tensor and again when its storage (`w.data = ...`), its version (an
-    in-place change), the input's codes or the kernel's choice (TLCORE_INT8_CPU_ISA, _ALGORITHM)
-    change. Inference tensors (made under torch.inference_mode) have no version and count as
-    unchanging unless forget_packed_weight says otherwise (Int8Conv2d's load_state_dict does).
+    in-place change) or the kernel's choice (TLCORE_INT8_CPU_ISA, _ALGORITHM) changes. Inference
+    tensors (made under torch.inference_mode) have no version and count as unchanging unless
+    forget_packed_weight says otherwise (Int8Conv2d's load_state_dict does).
     (None, None, None) without the extension or off the CPU.
     """
     if not _extension.loaded() or weight.device.type != "cpu":
         return None, None, None
     isa = cpu_isa_for(x_zero, x_max)
     algorithm = cpu_algorithm(weight.shape, stride, dilation, isa, groups)
-    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, x_zero, x_max, isa, algorithm,
-           groups)
+    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, isa, algorithm, groups)
     cached = _packed_weights.get(id(weight))
     new_entry = cached is None or cached[0]() is not weight
     if new_entry or cached[1] != key:
