@@ -158,8 +158,9 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
         raise ValueError(f"tlcore.quantize: cannot skip {sorted(skip - known)}; skippable are 'conv1' (the stem), "
                          "the blocks 'layer1.0', ... and 'fc'")
     fused = fuse(model)
-    observers = _calibrate(fused, calibration_data, method, percentile, progress, reduce_range)
-    qmodel = _convert_resnet(fused, observers, skip)
+    folded = {m: f for m in fused.modules() if (f := fold_conv_stage(m)) is not None}  # the covered conv stages
+    observers = _calibrate(fused, folded, calibration_data, method, percentile, progress, reduce_range)
+    qmodel = _convert_resnet(fused, folded, observers, skip)
     for module in qmodel.modules():
         if isinstance(module, _Int8Module):
             module.backend = backend
@@ -184,16 +185,17 @@ def _check_resnet(model: nn.Module) -> None:
                                 "BasicBlock or Bottleneck")
 
 
-def _observed_modules(fused: nn.Module) -> list[nn.Module]:
-    """The modules whose outputs the int8 model stores: each conv stage, the max-pool, and the
-    output of each block left float."""
-    modules = [m for m in fused.modules() if fold_conv_stage(m) is not None] + [fused.maxpool]
+def _observed_modules(fused: nn.Module, folded: dict) -> list[nn.Module]:
+    """The modules whose outputs the int8 model stores: each conv stage (the keys of `folded`),
+    the max-pool, and the output of each block left float."""
+    modules = list(folded) + [fused.maxpool]
     for name in _LAYERS:
         modules += [block for block in getattr(fused, name) if not isinstance(block, FusedResidualBlock)]
     return modules
 
 
-def _calibrate(fused: nn.Module, data, method: str, percentile: float, progress: bool, reduce_range: bool) -> dict:
+def _calibrate(fused: nn.Module, folded: dict, data, method: str, percentile: float, progress: bool,
+               reduce_range: bool) -> dict:
     """Run the batches through the fused float model; returns {module or "input": observer}."""
     param = next(fused.parameters())
     device, dtype = param.device, param.dtype
@@ -206,7 +208,7 @@ def _calibrate(fused: nn.Module, data, method: str, percentile: float, progress:
         observers[key](tensor.detach().float())
 
     handles = [fused.register_forward_pre_hook(lambda _, args: observe("input", args[0]))]
-    for module in _observed_modules(fused):
+    for module in _observed_modules(fused, folded):
         observers[module] = _make_observer(method, percentile, reduce_range).to(device)
         handles.append(module.register_forward_hook(lambda m, _, out: observe(m, out)))
     if isinstance(data, torch.Tensor):  # one batch (iterating it would give single images)
@@ -239,45 +241,45 @@ def _qparams(observer) -> QParams:
     return QParams(float(scale), int(zero_point) + shift, int(observer.quant_max) + shift)
 
 
-def _float_reason(block: nn.Module) -> str:
-    """Why a fused block cannot run in int8 ('' if it can)."""
+def _float_reason(block: nn.Module, folded: dict) -> str:
+    """Why a fused block cannot run in int8 ('' if it can); folded: the covered conv stages, folded."""
     stages = list(block.body) + [block.last] if isinstance(block, FusedResidualBlock) else []
     if isinstance(block, FusedResidualBlock) and block.downsample is not None:
         stages.append(block.downsample)
-    folded = [fold_conv_stage(stage) for stage in stages]
-    if not stages or any(f is None for f in folded):
+    folds = [folded.get(stage) for stage in stages]
+    if not stages or any(f is None for f in folds):
         stock = [m for m in block.modules() if isinstance(m, StockConv2d)]
         detail = stock[0].tlcore_reason if stock else "its structure is not conv + BN (+ ReLU) stages"
         return f"not quantized: a stage is not conv + BatchNorm (+ ReLU) with zero padding ({detail})"
-    for f in folded:
+    for f in folds:
         reduction = f.weight[0].numel()
         if reduction > MAX_REDUCTION:
             return f"C*R*S = {reduction} exceeds the int32-exact limit {MAX_REDUCTION}"
     return ""
 
 
-def _convert_block(block: FusedResidualBlock, in_q: QParams, q) -> Int8ResidualBlock:
+def _convert_block(block: FusedResidualBlock, folded: dict, in_q: QParams, q) -> Int8ResidualBlock:
     body, current = [], in_q
     for stage in block.body:
-        body.append(Int8Conv2d.from_folded(fold_conv_stage(stage), current, q(stage)))
+        body.append(Int8Conv2d.from_folded(folded[stage], current, q(stage)))
         current = q(stage)
     downsample, res_q = None, in_q
     if block.downsample is not None:
-        downsample = Int8Conv2d.from_folded(fold_conv_stage(block.downsample), in_q, q(block.downsample))
+        downsample = Int8Conv2d.from_folded(folded[block.downsample], in_q, q(block.downsample))
         res_q = q(block.downsample)
-    last = Int8Conv2d.from_folded(fold_conv_stage(block.last), current, q(block.last), res_q)
+    last = Int8Conv2d.from_folded(folded[block.last], current, q(block.last), res_q)
     return Int8ResidualBlock(nn.Sequential(*body), last, downsample)
 
 
-def _convert_resnet(model: nn.Module, observers: dict, skip: set) -> nn.Module:
-    """Swap the fused ResNet's modules for int8 ones, in place; ResNet.forward stays as it is."""
+def _convert_resnet(model: nn.Module, folded: dict, observers: dict, skip: set) -> nn.Module:
+    """Swap the fused ResNet's modules for int8 ones, in place; ResNet.forward stays as it is.
+    folded: {conv stage: FoldedConv} of the stages the int8 scheme covers."""
     q = lambda module: _qparams(observers[module])  # noqa: E731
     input_q = _qparams(observers["input"])._replace(qmax=QMAX)  # QuantizeInput uses all 8 bits
     stem = model.conv1
     if isinstance(stem, FusedConv2dBNReLU) and "conv1" not in skip and type(model.maxpool) is nn.MaxPool2d:
         current = q(stem)
-        model.conv1 = nn.Sequential(QuantizeInput(input_q), Int8Conv2d.from_folded(fold_conv_stage(stem), input_q,
-                                                                                   current))
+        model.conv1 = nn.Sequential(QuantizeInput(input_q), Int8Conv2d.from_folded(folded[stem], input_q, current))
         model.maxpool = Int8MaxPool2d(model.maxpool)
     else:  # the stem stays float; activations become int8 after the max-pool
         current = q(model.maxpool)._replace(qmax=QMAX)
@@ -285,13 +287,13 @@ def _convert_resnet(model: nn.Module, observers: dict, skip: set) -> nn.Module:
     for name in _LAYERS:
         layer = getattr(model, name)
         for i, block in enumerate(layer):
-            reason = "skipped on request" if f"{name}.{i}" in skip else _float_reason(block)
+            reason = "skipped on request" if f"{name}.{i}" in skip else _float_reason(block, folded)
             out_q = q(block.last) if isinstance(block, FusedResidualBlock) else q(block)
             if reason:
                 layer[i] = FloatFallback(block, current, out_q, reason)
                 out_q = out_q._replace(qmax=QMAX)  # its QuantizeInput uses all 8 bits
             else:
-                layer[i] = _convert_block(block, current, q)
+                layer[i] = _convert_block(block, folded, current, q)
             current = out_q
     pool = model.avgpool
     if type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)):  # torchvision's

@@ -242,11 +242,6 @@ class Int8Conv2d(_Int8Module):
         self.state.setdefault("groups", 1)
 
     @classmethod
-    def from_fused(cls, fused: FusedConv2dBNReLU, x_q: QParams, out_q: QParams, res_q: QParams | None = None):
-        """Quantize a FusedConv2dBNReLU: from_folded(fold_conv_stage(fused), ...)."""
-        return cls.from_folded(fold_conv_stage(fused), x_q, out_q, res_q)
-
-    @classmethod
     def from_folded(cls, folded: FoldedConv, x_q: QParams, out_q: QParams, res_q: QParams | None = None):
         """Quantize a folded conv (fold_conv_stage) for the given activation qparams."""
         weight_q, w_scale = quantize_weight(folded.weight)
