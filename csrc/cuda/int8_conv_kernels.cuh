@@ -1,0 +1,305 @@
+// The device code of tlcore's CUDA int8 convolution: two implicit GEMMs with the same fused
+// requantize epilogue (requantize_store), one on dp4a (4-way int8 dot product into int32, any GPU)
+// and one on the Ampere+ tensor cores (mma.sync m16n8k32 s8 x s8 -> s32, "IMMA"). The integer math
+// is the contract in csrc/int8_conv.h; it is exact, so results equal the Triton kernel and the
+// reference bit for bit whichever kernel runs.
+//
+//   x: (N, H, W, C) int8   weight: (K, R, S, C) int8   out / residual: (N, OH, OW, K) int8
+//
+// GEMM view: rows m = (n, oh, ow), columns k, reduction over (tap, channel). Outside the image the
+// input reads as x_zero; channels past C pack as 0 (weights and inputs), so any C works.
+//
+// Included by int8_conv.cu (the launcher) and by tests/cuda_emulation, which runs these kernels on
+// the CPU (one thread per CUDA thread, TLCORE_CUDA_EMULATION) so that CI checks them bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "int8_conv.h"
+
+namespace tlcore {
+namespace {
+
+// ---- shared pieces ---------------------------------------------------------------------------
+
+__device__ __forceinline__ int32_t pack4(const int8_t* p, int64_t valid) {
+  // Channels past C pack as 0: the matching weights are 0 too.
+  uint32_t word = 0;
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t byte = j < valid ? static_cast<uint8_t>(p[j]) : 0u;
+    word |= byte << (8 * j);
+  }
+  return static_cast<int32_t>(word);
+}
+
+// The lowest output code: out_zero under a ReLU (codes below it are negative reals), else -128.
+__device__ __forceinline__ int64_t output_floor(const Int8ConvArgs& a) {
+  return a.relu ? max(a.out_zero, -128) : -128;
+}
+
+// The fused epilogue of csrc/int8_conv.h for output (m, k) of accumulator `acc`; both kernels call
+// it, so they requantize identically.
+__device__ __forceinline__ void requantize_store(const Int8ConvArgs& a, int64_t m, int64_t k, int32_t acc,
+                                                 int64_t lo) {
+  int64_t total = static_cast<int64_t>(acc) * a.multiplier[k] + a.offset[k];
+  if (a.residual != nullptr) total += static_cast<int64_t>(a.residual[m * a.k + k]) * a.res_multiplier;
+  const int64_t q = (total >> a.shift) + a.out_zero;  // arithmetic shift: floor division
+  a.out[m * a.k + k] = static_cast<int8_t>(min(max(q, lo), static_cast<int64_t>(a.out_max)));
+}
+
+// ---- dp4a kernel: 64 x 64 output tile, 256 threads (4 x 4 outputs each); the reduction advances
+// one tap and 64 channels (16 int32 words) at a time through shared memory. Words are assembled
+// byte by byte, so any C (and any alignment) works. ----------------------------------------------
+
+constexpr int kTileM = 64;
+constexpr int kTileN = 64;
+constexpr int kWords = 16;  // int32 words (4 channels each) per reduction step
+constexpr int kThreads = 256;
+
+__global__ void __launch_bounds__(kThreads) int8_conv_dp4a_kernel(Int8ConvArgs a) {
+  __shared__ int32_t x_tile[kWords][kTileM + 1];
+  __shared__ int32_t w_tile[kWords][kTileN + 1];
+  const int tid = threadIdx.x;
+  const int tx = tid % 16, ty = tid / 16;
+  const int64_t m_total = a.n * a.oh * a.ow;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTileN;
+  const int64_t words = (a.c + 3) / 4;
+  const uint32_t zero_byte = static_cast<uint8_t>(static_cast<int8_t>(a.x_zero));
+  const int32_t zero_word = static_cast<int32_t>(zero_byte * 0x01010101u);
+
+  int32_t acc[4][4] = {};
+  for (int64_t tap = 0; tap < a.r * a.s; ++tap) {
+    const int64_t r = tap / a.s, s = tap % a.s;
+    for (int64_t w0 = 0; w0 < words; w0 += kWords) {
+      for (int i = tid; i < kTileM * kWords; i += kThreads) {
+        const int row = i / kWords, word = i % kWords;
+        const int64_t m = m0 + row, c = 4 * (w0 + word);
+        int32_t value = 0;
+        if (m < m_total && c < a.c) {
+          const int64_t n = m / (a.oh * a.ow), oh = (m / a.ow) % a.oh, ow = m % a.ow;
+          const int64_t ih = oh * a.stride_h - a.pad_h + r * a.dil_h;
+          const int64_t iw = ow * a.stride_w - a.pad_w + s * a.dil_w;
+          value = (ih >= 0 && ih < a.h && iw >= 0 && iw < a.w)
+                      ? pack4(a.x + ((n * a.h + ih) * a.w + iw) * a.c + c, a.c - c)
+                      : zero_word;
+        }
+        x_tile[word][row] = value;
+      }
+      for (int i = tid; i < kTileN * kWords; i += kThreads) {
+        const int col = i / kWords, word = i % kWords;
+        const int64_t k = k0 + col, c = 4 * (w0 + word);
+        w_tile[word][col] = (k < a.k && c < a.c) ? pack4(a.weight + (k * a.r * a.s + tap) * a.c + c, a.c - c) : 0;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int word = 0; word < kWords; ++word) {
+        int32_t xs[4], ws[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          xs[i] = x_tile[word][ty * 4 + i];
+          ws[i] = w_tile[word][tx * 4 + i];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = __dp4a(xs[i], ws[j], acc[i][j]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  const int64_t lo = output_floor(a);
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = m0 + ty * 4 + i;
+    if (m >= m_total) break;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t k = k0 + tx * 4 + j;
+      if (k >= a.k) break;
+      requantize_store(a, m, k, acc[i][j], lo);
+    }
+  }
+}
+
+// ---- mma kernel (IMMA, sm_80+): mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 -------------------
+//
+// A block computes a 128 x 64 output tile with 8 warps in a 4 (m) x 2 (k) grid, each warp 32 x 32:
+// 2 x 4 mma tiles of 16 x 8, 32 int32 accumulators per thread. The reduction advances one tap and
+// 64 channels (16 int32 words, two k32 mma steps) at a time through shared memory:
+//
+//   a_tile[row][word]: input rows m0 + row, channels 4 * word .. 4 * word + 3 of this step
+//   b_tile[col][word]: weights of output channel k0 + col, the same channels
+//
+// Both keep the reduction (channel) index contiguous, the order NHWC inputs and KRSC weights have
+// in memory and the order one fragment register holds (4 consecutive k in one 32-bit word, lowest
+// k in the low byte). Rows are padded to kMmaStride = 20 words: a warp's fragment load touches
+// words 20 * g + t (g = 0..7, t = 0..3), 32 distinct banks; 20 words keep rows 16-byte aligned for
+// the 128-bit tile stores.
+//
+// Fragments of one m16n8k32 (PTX ISA, "Matrix Fragments for mma.m16n8k32", .s8), with
+// lane = threadIdx.x % 32, g = lane / 4 (groupID), t = lane % 4 (threadID_in_group):
+//   A (16 x 32, row-major), 4 registers of 4 s8 (a0..a15), element i at
+//       row = g for i in 0..3 and 8..11, g + 8 otherwise; col = 4 t + (i & 3) (+ 16 for i >= 8)
+//     so  a[0] = A[g][4t .. 4t+3]      a[1] = A[g+8][4t .. 4t+3]
+//         a[2] = A[g][16+4t .. 16+4t+3] a[3] = A[g+8][16+4t .. 16+4t+3]
+//     = words  a_tile[g][t], a_tile[g+8][t], a_tile[g][t+4], a_tile[g+8][t+4]  (of the k32 step)
+//   B (32 x 8, column-major), 2 registers of 4 s8 (b0..b7), element i at
+//       row (k) = 4 t + (i & 3) (+ 16 for i >= 4); col (n) = g
+//     so  b[0] = B[4t .. 4t+3][g]      b[1] = B[16+4t .. 16+4t+3][g]
+//     = words  b_tile[g][t], b_tile[g][t+4]
+//   C/D (16 x 8, s32), 4 registers c0..c3: row = g (c0, c1), g + 8 (c2, c3); col = 2 t + (i & 1).
+constexpr int kMmaTileM = 128;
+constexpr int kMmaTileN = 64;
+constexpr int kMmaWords = 16;                // int32 words (4 channels each) per reduction step
+constexpr int kMmaStride = kMmaWords + 4;    // padded row of a shared tile, in words
+constexpr int kMmaThreads = 256;             // 8 warps
+constexpr int kWarpM = 32, kWarpN = 32;      // one warp's tile: 2 x 4 mma tiles
+static_assert(kMmaTileM * kMmaWords == kMmaThreads * 8, "a_tile loader: 8 words per thread");
+static_assert(kMmaTileN * kMmaWords == kMmaThreads * 4, "b_tile loader: 4 words per thread");
+static_assert((kMmaTileM / kWarpM) * (kMmaTileN / kWarpN) * 32 == kMmaThreads, "warp grid");
+static_assert(kMmaStride % 4 == 0 && kMmaStride % 32 == 20, "16-byte aligned rows, conflict-free fragment loads");
+
+// Built for an arch without s8 mma.sync (< sm_80), the helpers and the kernel body are compiled
+// out (the kernel only traps; int8_conv2d_cuda never launches it there).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+
+// Four words (16 channels) from p, `valid` of them real channels: one 128-bit load when all 16 are
+// real and p is 16-byte aligned, else word by word (4-byte loads when aligned, bytes otherwise).
+__device__ __forceinline__ int4 load16(const int8_t* p, int64_t valid) {
+  if (valid >= 16 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) return *reinterpret_cast<const int4*>(p);
+  int32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int8_t* q = p + 4 * j;
+    const int64_t left = valid - 4 * j;
+    w[j] = (left >= 4 && (reinterpret_cast<uintptr_t>(q) & 3) == 0) ? *reinterpret_cast<const int32_t*>(q)
+                                                                      : pack4(q, left);
+  }
+  return make_int4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ void mma_s8_m16n8k32(int32_t (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(TLCORE_CUDA_EMULATION)
+  emulated_mma_s8_m16n8k32(c, a, b);  // the same warp-wide operation, computed on the CPU
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+#endif  // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+
+__global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(16) int32_t a_tile[kMmaTileM][kMmaStride];
+  __shared__ __align__(16) int32_t b_tile[kMmaTileN][kMmaStride];
+  const int tid = threadIdx.x;
+  const int64_t m_total = a.n * a.oh * a.ow;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kMmaTileM;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kMmaTileN;
+  const uint32_t zero_byte = static_cast<uint8_t>(static_cast<int8_t>(a.x_zero));
+  const int32_t zero_word = static_cast<int32_t>(zero_byte * 0x01010101u);
+  const int4 zero4 = make_int4(0, 0, 0, 0), pad4 = make_int4(zero_word, zero_word, zero_word, zero_word);
+
+  // Loader roles. a_tile: thread -> row tid / 2, words 8 * (tid % 2) .. + 7 (32 channels);
+  // b_tile: thread -> column tid / 4, words 4 * (tid % 4) .. + 3 (16 channels).
+  const int a_row = tid >> 1, a_word = (tid & 1) * 8;
+  const int b_col = tid >> 2, b_word = (tid & 3) * 4;
+  const int64_t am = m0 + a_row;
+  const bool a_row_valid = am < m_total;
+  int64_t a_img = 0, a_ih0 = 0, a_iw0 = 0;  // image offset in pixels, top-left input of the window
+  if (a_row_valid) {
+    const int64_t n = am / (a.oh * a.ow), rest = am % (a.oh * a.ow);
+    a_img = n * a.h * a.w;
+    a_ih0 = (rest / a.ow) * a.stride_h - a.pad_h;
+    a_iw0 = (rest % a.ow) * a.stride_w - a.pad_w;
+  }
+  const int64_t bk = k0 + b_col;
+  const bool b_col_valid = bk < a.k;
+
+  // MMA roles.
+  const int warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wm = (warp % (kMmaTileM / kWarpM)) * kWarpM, wn = (warp / (kMmaTileM / kWarpM)) * kWarpN;
+
+  int32_t acc[2][4][4] = {};
+  for (int64_t tap = 0; tap < a.r * a.s; ++tap) {
+    const int64_t r = tap / a.s, s = tap % a.s;
+    const int64_t ih = a_ih0 + r * a.dil_h, iw = a_iw0 + s * a.dil_w;
+    const bool inside = a_row_valid && ih >= 0 && ih < a.h && iw >= 0 && iw < a.w;
+    const int8_t* x_row = a.x + (a_img + ih * a.w + iw) * a.c;  // dereferenced only when inside
+    const int8_t* w_row = a.weight + (bk * a.r * a.s + tap) * a.c;  // only when b_col_valid
+    for (int64_t c0 = 0; c0 < a.c; c0 += 4 * kMmaWords) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int64_t c = c0 + 4 * (a_word + 4 * q);
+        const int4 v = inside ? load16(x_row + c, a.c - c) : (a_row_valid ? pad4 : zero4);
+        *reinterpret_cast<int4*>(&a_tile[a_row][a_word + 4 * q]) = v;
+      }
+      {
+        const int64_t c = c0 + 4 * b_word;
+        *reinterpret_cast<int4*>(&b_tile[b_col][b_word]) = b_col_valid ? load16(w_row + c, a.c - c) : zero4;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kw = 0; kw < kMmaWords; kw += 8) {  // two k32 steps
+        uint32_t af[2][4], bf[4][2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int row = wm + 16 * i + g;
+          af[i][0] = a_tile[row][kw + t];
+          af[i][1] = a_tile[row + 8][kw + t];
+          af[i][2] = a_tile[row][kw + 4 + t];
+          af[i][3] = a_tile[row + 8][kw + 4 + t];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int col = wn + 8 * j + g;
+          bf[j][0] = b_tile[col][kw + t];
+          bf[j][1] = b_tile[col][kw + 4 + t];
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) mma_s8_m16n8k32(acc[i][j], af[i], bf[j]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  const int64_t lo = output_floor(a);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // c0, c1: row g; c2, c3: row g + 8
+      const int64_t m = m0 + wm + 16 * i + 8 * h + g;
+      if (m >= m_total) continue;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t k = k0 + wn + 8 * j + 2 * t + e;
+          if (k < a.k) requantize_store(a, m, k, acc[i][j][2 * h + e], lo);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // built for an arch without s8 mma.sync: int8_conv2d_cuda never launches this
+#endif
+}
+
+
+// The grid of either kernel (mma: int8_conv_mma_kernel with kMmaThreads a block, else
+// int8_conv_dp4a_kernel with kThreads): a block per output tile.
+inline dim3 int8_conv_grid(const Int8ConvArgs& a, bool mma) {
+  const int64_t m_total = a.n * a.oh * a.ow;
+  const int64_t tile_m = mma ? kMmaTileM : kTileM, tile_n = mma ? kMmaTileN : kTileN;
+  return dim3(static_cast<unsigned>((m_total + tile_m - 1) / tile_m), static_cast<unsigned>((a.k + tile_n - 1) / tile_n));
+}
+
+}  // namespace
+}  // namespace tlcore

@@ -1,0 +1,68 @@
+"""The CUDA C++ int8 conv kernels (csrc/cuda/int8_conv_kernels.cuh), run on the CPU by
+tests/cuda_emulation, bit-exact against the integer reference: what CI checks of their arithmetic,
+indexing and fragment layouts without a GPU (tests/test_int8_ops.py runs them on one)."""
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_int8_ops import CASES, assert_bit_exact, make_case, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "tests" / "cuda_emulation" / "int8_conv_emulated.cpp"
+CXX = shutil.which("g++") or shutil.which("c++")
+KERNELS = ["dp4a", "mma"]
+POISON = 0x5A  # every output is written over it
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler")
+
+
+@pytest.fixture(scope="module")
+def emulated_conv(tmp_path_factory):
+    """tlcore_emulated_int8_conv from a fresh build of the emulator (warnings are errors)."""
+    library = tmp_path_factory.mktemp("cuda_emulation") / "int8_conv_emulated.so"
+    proc = subprocess.run([CXX, "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+                           "-Wno-unknown-pragmas", "-I", str(ROOT / "csrc"), "-o", str(library), str(SOURCE)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    function = ctypes.CDLL(str(library)).tlcore_emulated_int8_conv
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    function.argtypes = ([i32, ptr, i64, i64, i64, i64, i32, ptr, i64, i64, i64, ptr, ptr, i32, ptr, i64, i32, i32]
+                         + [i64] * 8 + [ptr, i32])
+    function.restype = None
+    return function
+
+
+def run_emulated(function, case, kernel):
+    """The kernel's output for a tests/test_int8_ops.py case, (N, K, OH, OW) channels_last."""
+    x = case["x"].permute(0, 2, 3, 1).contiguous()                      # (N, H, W, C)
+    weight = case["weight"].permute(0, 2, 3, 1).contiguous()            # (K, R, S, C)
+    residual = case["residual"]
+    residual = None if residual is None else residual.permute(0, 2, 3, 1).contiguous()
+    (n, h, w, c), (k, r, s, _) = x.shape, weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = case["stride"], case["padding"], case["dilation"]
+    oh, ow = (h + 2 * ph - dh * (r - 1) - 1) // sh + 1, (w + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    out = torch.full((n, oh, ow, k), POISON, dtype=torch.int8)
+    multiplier, offset = case["multiplier"].contiguous(), case["offset"].contiguous()
+    function(KERNELS.index(kernel), x.data_ptr(), n, h, w, c, case["x_zero"], weight.data_ptr(), k, r, s,
+             multiplier.data_ptr(), offset.data_ptr(), case["shift"], 0 if residual is None else residual.data_ptr(),
+             case["res_multiplier"], case["out_zero"], int(case["relu"]), sh, sw, ph, pw, dh, dw, oh, ow,
+             out.data_ptr(), case["out_max"])
+    return out.permute(0, 3, 1, 2)
+
+
+# tests/test_int8_ops.py's CASES (stem-like, odd channels, strides, dilation, K = 4608) and tiles
+# past one block: several 128-row m-tiles, a partial 64-channel n-tile, channels past a 64-step.
+EMULATED_CASES = CASES + [(1, 80, 13, 12, 70, 3, 3, 1, 1, 1), (2, 20, 9, 10, 130, 1, 1, 1, 0, 1)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_emulated_cuda_kernel_bit_exact(emulated_conv, kernel, case):
+    for residual, relu in ((True, True), (False, False)):
+        c = make_case(*case, residual=residual, relu=relu)
+        out = run_emulated(emulated_conv, c, kernel)
+        assert_bit_exact(out, reference(c), f"emulated cuda {kernel} {case} residual={residual} relu={relu}")
