@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_int8_ops import CASES, assert_bit_exact, make_case, reference
+from test_int8_ops import CASES, CUDA_CASES, assert_bit_exact, make_case, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "cuda_emulation" / "int8_conv_emulated.cpp"
@@ -32,12 +32,13 @@ def emulated_conv(tmp_path_factory):
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     function.argtypes = ([i32, ptr, i64, i64, i64, i64, i32, ptr, i64, i64, i64, ptr, ptr, i32, ptr, i64, i32, i32]
                          + [i64] * 8 + [ptr, i32])
-    function.restype = None
+    function.restype = ctypes.c_int64
     return function
 
 
 def run_emulated(function, case, kernel):
-    """The kernel's output for a tests/test_int8_ops.py case, (N, K, OH, OW) channels_last."""
+    """(the kernel's output for a tests/test_int8_ops.py case, (N, K, OH, OW) channels_last;
+    the mma.sync operations it ran, warps x calls)."""
     x = case["x"].permute(0, 2, 3, 1).contiguous()                      # (N, H, W, C)
     weight = case["weight"].permute(0, 2, 3, 1).contiguous()            # (K, R, S, C)
     residual = case["residual"]
@@ -47,16 +48,16 @@ def run_emulated(function, case, kernel):
     oh, ow = (h + 2 * ph - dh * (r - 1) - 1) // sh + 1, (w + 2 * pw - dw * (s - 1) - 1) // sw + 1
     out = torch.full((n, oh, ow, k), POISON, dtype=torch.int8)
     multiplier, offset = case["multiplier"].contiguous(), case["offset"].contiguous()
-    function(KERNELS.index(kernel), x.data_ptr(), n, h, w, c, case["x_zero"], weight.data_ptr(), k, r, s,
+    mma_count = function(KERNELS.index(kernel), x.data_ptr(), n, h, w, c, case["x_zero"], weight.data_ptr(), k, r, s,
              multiplier.data_ptr(), offset.data_ptr(), case["shift"], 0 if residual is None else residual.data_ptr(),
              case["res_multiplier"], case["out_zero"], int(case["relu"]), sh, sw, ph, pw, dh, dw, oh, ow,
              out.data_ptr(), case["out_max"])
-    return out.permute(0, 3, 1, 2)
+    return out.permute(0, 3, 1, 2), mma_count
 
 
-# tests/test_int8_ops.py's CASES (stem-like, odd channels, strides, dilation, K = 4608) and tiles
-# past one block: several 128-row m-tiles, a partial 64-channel n-tile, channels past a 64-step.
-EMULATED_CASES = CASES + [(1, 80, 13, 12, 70, 3, 3, 1, 1, 1), (2, 20, 9, 10, 130, 1, 1, 1, 0, 1)]
+# The GPU test's cases (tests/test_int8_ops.py: stem-like, odd channels, strides, dilation, K = 4608,
+# several m-tiles, partial n-tiles, flat windows of several steps) that emulate in seconds.
+EMULATED_CASES = [c for c in CUDA_CASES if c[0] * c[2] * c[3] * c[4] <= 150_000]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -64,5 +65,19 @@ EMULATED_CASES = CASES + [(1, 80, 13, 12, 70, 3, 3, 1, 1, 1), (2, 20, 9, 10, 130
 def test_emulated_cuda_kernel_bit_exact(emulated_conv, kernel, case):
     for residual, relu in ((True, True), (False, False)):
         c = make_case(*case, residual=residual, relu=relu)
-        out = run_emulated(emulated_conv, c, kernel)
+        out, _ = run_emulated(emulated_conv, c, kernel)
         assert_bit_exact(out, reference(c), f"emulated cuda {kernel} {case} residual={residual} relu={relu}")
+
+
+@pytest.mark.parametrize("case", [CASES[0], (2, 3, 32, 32, 64, 7, 7, 2, 3, 1), (1, 15, 9, 8, 20, 5, 5, 1, 2, 1),
+                                  CASES[1], (1, 80, 13, 12, 70, 3, 3, 1, 1, 1)], ids=lambda c: "x".join(map(str, c[:7])))
+def test_emulated_mma_kernel_reduction_steps(emulated_conv, case):
+    """The mma kernel multiplies what the conv needs: below 16 channels (the RGB stem) one 64-value
+    step per 64 values of the flattened (r, s, c) window, not a padded 64-channel step per tap (21x
+    the products for 3 channels); otherwise a step per tap and 64 channels."""
+    n, c, h, w, k, r, s, stride, padding, _ = case
+    oh, ow = (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
+    steps = -(-r * s * c // 64) if c < 16 else r * s * -(-c // 64)
+    blocks = -(-n * oh * ow // 128) * -(-k // 64)
+    _, mma_count = run_emulated(emulated_conv, make_case(*case), "mma")
+    assert mma_count == blocks * 8 * 16 * steps  # 8 warps, 2 k32 x (2 x 4) mma tiles a step

@@ -7,7 +7,9 @@
 //   x: (N, H, W, C) int8   weight: (K, R, S, C) int8   out / residual: (N, OH, OW, K) int8
 //
 // GEMM view: rows m = (n, oh, ow), columns k, reduction over (tap, channel). Outside the image the
-// input reads as x_zero; channels past C pack as 0 (weights and inputs), so any C works.
+// input reads as x_zero; channels past C pack as 0 (weights and inputs), so any C works. Below
+// kFlatChannelsBelow channels (the RGB stem) the reduction runs over the flattened (r, s, c) window
+// instead (Reduction).
 //
 // Included by int8_conv.cu (the launcher) and by tests/cuda_emulation, which runs these kernels on
 // the CPU (one thread per CUDA thread, TLCORE_CUDA_EMULATION) so that CI checks them bit for bit.
@@ -32,6 +34,44 @@ __device__ __forceinline__ int32_t pack4(const int8_t* p, int64_t valid) {
   return static_cast<int32_t>(word);
 }
 
+// The reduction a kernel walks, in the weights' KRSC order: `taps` runs of `length` values, weight row
+// k's run t at weight + (k * taps + t) * length. A run is one tap's C channels, or, below
+// kFlatChannelsBelow channels, the whole flattened (r, s, c) window (flat): a tap of the 3-channel
+// stem in 64-channel steps would be 61 channels of padding, 21x the products.
+constexpr int64_t kFlatChannelsBelow = 16;
+
+struct Reduction {
+  bool flat;
+  int64_t taps, length;
+};
+
+__device__ __forceinline__ Reduction reduction_of(const Int8ConvArgs& a) {
+  const bool flat = a.c < kFlatChannelsBelow;
+  return {flat, flat ? 1 : a.r * a.s, flat ? a.r * a.s * a.c : a.c};
+}
+
+// Word `index` (values 4 * index .. + 3) of a flat reduction for the output whose window's top-left
+// input is (ih0, iw0) in the image starting at pixel `img`: value (r * S + s) * C + c is x at
+// (ih0 + r * dil_h, iw0 + s * dil_w, c), x_zero outside the image, and 0 past R * S * C (where the
+// weights pack as 0).
+__device__ __forceinline__ int32_t flat_window_word(const Int8ConvArgs& a, int64_t img, int64_t ih0, int64_t iw0,
+                                                    int64_t index, uint32_t zero_byte) {
+  // int32 index math: a flat window holds fewer than kFlatChannelsBelow * R * S values.
+  const int length = static_cast<int>(a.r * a.s * a.c), channels = static_cast<int>(a.c);
+  const int width = static_cast<int>(a.s);
+  uint32_t word = 0;
+  for (int j = 0; j < 4; ++j) {
+    const int v = static_cast<int>(4 * index) + j;
+    if (v >= length) break;
+    const int tap = v / channels, c = v - tap * channels, r = tap / width, s = tap - r * width;
+    const int64_t ih = ih0 + r * a.dil_h, iw = iw0 + s * a.dil_w;
+    const bool inside = ih >= 0 && ih < a.h && iw >= 0 && iw < a.w;
+    const uint32_t byte = inside ? static_cast<uint8_t>(a.x[(img + ih * a.w + iw) * a.c + c]) : zero_byte;
+    word |= byte << (8 * j);
+  }
+  return static_cast<int32_t>(word);
+}
+
 // The lowest output code: out_zero under a ReLU (codes below it are negative reals), else -128.
 __device__ __forceinline__ int64_t output_floor(const Int8ConvArgs& a) {
   return a.relu ? max(a.out_zero, -128) : -128;
@@ -48,8 +88,8 @@ __device__ __forceinline__ void requantize_store(const Int8ConvArgs& a, int64_t 
 }
 
 // ---- dp4a kernel: 64 x 64 output tile, 256 threads (4 x 4 outputs each); the reduction advances
-// one tap and 64 channels (16 int32 words) at a time through shared memory. Words are assembled
-// byte by byte, so any C (and any alignment) works. ----------------------------------------------
+// 64 values (16 int32 words) of a Reduction run at a time through shared memory. Words are
+// assembled byte by byte, so any C (and any alignment) works. ------------------------------------
 
 constexpr int kTileM = 64;
 constexpr int kTileN = 64;
@@ -64,32 +104,39 @@ __global__ void __launch_bounds__(kThreads) int8_conv_dp4a_kernel(Int8ConvArgs a
   const int64_t m_total = a.n * a.oh * a.ow;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTileN;
-  const int64_t words = (a.c + 3) / 4;
+  const Reduction reduction = reduction_of(a);
+  const int64_t words = (reduction.length + 3) / 4;
   const uint32_t zero_byte = static_cast<uint8_t>(static_cast<int8_t>(a.x_zero));
   const int32_t zero_word = static_cast<int32_t>(zero_byte * 0x01010101u);
 
   int32_t acc[4][4] = {};
-  for (int64_t tap = 0; tap < a.r * a.s; ++tap) {
-    const int64_t r = tap / a.s, s = tap % a.s;
+  for (int64_t tap = 0; tap < reduction.taps; ++tap) {
+    const int64_t r = tap / a.s, s = tap % a.s;  // (flat: the one run starts at tap 0)
     for (int64_t w0 = 0; w0 < words; w0 += kWords) {
       for (int i = tid; i < kTileM * kWords; i += kThreads) {
         const int row = i / kWords, word = i % kWords;
         const int64_t m = m0 + row, c = 4 * (w0 + word);
         int32_t value = 0;
-        if (m < m_total && c < a.c) {
+        if (m < m_total && c < reduction.length) {
           const int64_t n = m / (a.oh * a.ow), oh = (m / a.ow) % a.oh, ow = m % a.ow;
-          const int64_t ih = oh * a.stride_h - a.pad_h + r * a.dil_h;
-          const int64_t iw = ow * a.stride_w - a.pad_w + s * a.dil_w;
-          value = (ih >= 0 && ih < a.h && iw >= 0 && iw < a.w)
-                      ? pack4(a.x + ((n * a.h + ih) * a.w + iw) * a.c + c, a.c - c)
-                      : zero_word;
+          const int64_t ih0 = oh * a.stride_h - a.pad_h, iw0 = ow * a.stride_w - a.pad_w;
+          const int64_t ih = ih0 + r * a.dil_h, iw = iw0 + s * a.dil_w;
+          if (reduction.flat) {
+            value = flat_window_word(a, n * a.h * a.w, ih0, iw0, w0 + word, zero_byte);
+          } else {
+            value = (ih >= 0 && ih < a.h && iw >= 0 && iw < a.w)
+                        ? pack4(a.x + ((n * a.h + ih) * a.w + iw) * a.c + c, a.c - c)
+                        : zero_word;
+          }
         }
         x_tile[word][row] = value;
       }
       for (int i = tid; i < kTileN * kWords; i += kThreads) {
         const int col = i / kWords, word = i % kWords;
         const int64_t k = k0 + col, c = 4 * (w0 + word);
-        w_tile[word][col] = (k < a.k && c < a.c) ? pack4(a.weight + (k * a.r * a.s + tap) * a.c + c, a.c - c) : 0;
+        w_tile[word][col] = (k < a.k && c < reduction.length)
+                                ? pack4(a.weight + (k * reduction.taps + tap) * reduction.length + c, reduction.length - c)
+                                : 0;
       }
       __syncthreads();
 #pragma unroll
@@ -125,11 +172,12 @@ __global__ void __launch_bounds__(kThreads) int8_conv_dp4a_kernel(Int8ConvArgs a
 // ---- mma kernel (IMMA, sm_80+): mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 -------------------
 //
 // A block computes a 128 x 64 output tile with 8 warps in a 4 (m) x 2 (k) grid, each warp 32 x 32:
-// 2 x 4 mma tiles of 16 x 8, 32 int32 accumulators per thread. The reduction advances one tap and
-// 64 channels (16 int32 words, two k32 mma steps) at a time through shared memory:
+// 2 x 4 mma tiles of 16 x 8, 32 int32 accumulators per thread. The reduction advances 64 values of
+// a Reduction run (a tap's channels, or the flat window) at a time (16 int32 words, two k32 mma
+// steps) through shared memory:
 //
-//   a_tile[row][word]: input rows m0 + row, channels 4 * word .. 4 * word + 3 of this step
-//   b_tile[col][word]: weights of output channel k0 + col, the same channels
+//   a_tile[row][word]: input rows m0 + row, values 4 * word .. 4 * word + 3 of this step
+//   b_tile[col][word]: weights of output channel k0 + col, the same values
 //
 // Both keep the reduction (channel) index contiguous, the order NHWC inputs and KRSC weights have
 // in memory and the order one fragment register holds (4 consecutive k in one 32-bit word, lowest
@@ -224,23 +272,34 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
   const int g = lane >> 2, t = lane & 3;
   const int wm = (warp % (kMmaTileM / kWarpM)) * kWarpM, wn = (warp / (kMmaTileM / kWarpM)) * kWarpN;
 
+  const Reduction reduction = reduction_of(a);
   int32_t acc[2][4][4] = {};
-  for (int64_t tap = 0; tap < a.r * a.s; ++tap) {
-    const int64_t r = tap / a.s, s = tap % a.s;
+  for (int64_t tap = 0; tap < reduction.taps; ++tap) {
+    const int64_t r = tap / a.s, s = tap % a.s;  // (flat: the one run starts at tap 0)
     const int64_t ih = a_ih0 + r * a.dil_h, iw = a_iw0 + s * a.dil_w;
     const bool inside = a_row_valid && ih >= 0 && ih < a.h && iw >= 0 && iw < a.w;
     const int8_t* x_row = a.x + (a_img + ih * a.w + iw) * a.c;  // dereferenced only when inside
-    const int8_t* w_row = a.weight + (bk * a.r * a.s + tap) * a.c;  // only when b_col_valid
-    for (int64_t c0 = 0; c0 < a.c; c0 += 4 * kMmaWords) {
+    const int8_t* w_row = a.weight + (bk * reduction.taps + tap) * reduction.length;  // only when b_col_valid
+    for (int64_t c0 = 0; c0 < reduction.length; c0 += 4 * kMmaWords) {
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         const int64_t c = c0 + 4 * (a_word + 4 * q);
-        const int4 v = inside ? load16(x_row + c, a.c - c) : (a_row_valid ? pad4 : zero4);
+        int4 v = a_row_valid ? pad4 : zero4;
+        if (a_row_valid && reduction.flat) {
+          const int64_t word = c / 4;
+          v = make_int4(flat_window_word(a, a_img, a_ih0, a_iw0, word, zero_byte),
+                        flat_window_word(a, a_img, a_ih0, a_iw0, word + 1, zero_byte),
+                        flat_window_word(a, a_img, a_ih0, a_iw0, word + 2, zero_byte),
+                        flat_window_word(a, a_img, a_ih0, a_iw0, word + 3, zero_byte));
+        } else if (inside) {
+          v = load16(x_row + c, a.c - c);
+        }
         *reinterpret_cast<int4*>(&a_tile[a_row][a_word + 4 * q]) = v;
       }
       {
         const int64_t c = c0 + 4 * b_word;
-        *reinterpret_cast<int4*>(&b_tile[b_col][b_word]) = b_col_valid ? load16(w_row + c, a.c - c) : zero4;
+        *reinterpret_cast<int4*>(&b_tile[b_col][b_word]) =
+            b_col_valid ? load16(w_row + c, reduction.length - c) : zero4;
       }
       __syncthreads();
 #pragma unroll

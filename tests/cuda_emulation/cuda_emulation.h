@@ -11,6 +11,7 @@
 // differently under nvcc; tests/test_cuda_kernel_compile.py checks the nvcc build.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstdio>
@@ -61,11 +62,13 @@ inline std::unique_ptr<std::barrier<>> warp_barriers[kMaxWarps];
 // lanes still read call n's, and cannot reach call n + 2 before all have passed call n + 1's barrier.
 inline MmaOperands staged[2][kMaxWarps][kWarp];
 inline thread_local unsigned mma_calls = 0;
+inline std::atomic<int64_t> warp_mma_count{0};  // mma.sync operations (one per warp and call) since launch()
 
 // Runs kernel() for every block of `grid` with `threads` threads a block (a multiple of 32).
 template <class Kernel>
 void launch(dim3 grid, int threads, Kernel kernel) {
   if (threads % kWarp != 0 || threads / kWarp > kMaxWarps) std::abort();
+  warp_mma_count = 0;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -119,6 +122,7 @@ inline void emulated_mma_s8_m16n8k32(int32_t (&c)[4], const uint32_t (&a)[4], co
   MmaOperands(&warp_operands)[kWarp] = staged[mma_calls++ % 2][warp];
   for (int q = 0; q < 4; ++q) warp_operands[lane].a[q] = a[q];
   for (int q = 0; q < 2; ++q) warp_operands[lane].b[q] = b[q];
+  if (lane == 0) ++warp_mma_count;
   warp_barriers[warp]->arrive_and_wait();
   const auto byte = [](uint32_t word, int j) { return static_cast<int32_t>(static_cast<int8_t>(word >> (8 * j))); };
   const auto a_at = [&](int row, int col) {
