@@ -251,8 +251,8 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
   const int32_t zero_word = static_cast<int32_t>(zero_byte * 0x01010101u);
   const int4 zero4 = make_int4(0, 0, 0, 0), pad4 = make_int4(zero_word, zero_word, zero_word, zero_word);
 
-  // Loader roles. a_tile: thread -> row tid / 2, words 8 * (tid % 2) .. + 7 (32 channels);
-  // b_tile: thread -> column tid / 4, words 4 * (tid % 4) .. + 3 (16 channels).
+  // Loader roles. a_tile: thread -> row tid / 2, words 8 * (tid % 2) .. + 7 (32 values of the step);
+  // b_tile: thread -> column tid / 4, words 4 * (tid % 4) .. + 3 (16 values).
   const int a_row = tid >> 1, a_word = (tid & 1) * 8;
   const int b_col = tid >> 2, b_word = (tid & 3) * 4;
   const int64_t am = m0 + a_row;
