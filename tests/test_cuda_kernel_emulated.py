@@ -31,14 +31,14 @@ def emulated_conv(tmp_path_factory):
     function = ctypes.CDLL(str(library)).tlcore_emulated_int8_conv
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     function.argtypes = ([i32, ptr, i64, i64, i64, i64, i32, ptr, i64, i64, i64, ptr, ptr, i32, ptr, i64, i32, i32]
-                         + [i64] * 8 + [ptr, i32])
-    function.restype = ctypes.c_int64
+                         + [i64] * 8 + [ptr, i32, ptr])
+    function.restype = None
     return function
 
 
 def run_emulated(function, case, kernel):
-    """(the kernel's output for a tests/test_int8_ops.py case, (N, K, OH, OW) channels_last;
-    the mma.sync operations it ran, warps x calls)."""
+    """(the kernel's output for a tests/test_int8_ops.py case, (N, K, OH, OW) channels_last,
+    {"mma": mma.sync operations (warps x calls), "dp4a": __dp4a calls})."""
     x = case["x"].permute(0, 2, 3, 1).contiguous()                      # (N, H, W, C)
     weight = case["weight"].permute(0, 2, 3, 1).contiguous()            # (K, R, S, C)
     residual = case["residual"]
@@ -48,11 +48,14 @@ def run_emulated(function, case, kernel):
     oh, ow = (h + 2 * ph - dh * (r - 1) - 1) // sh + 1, (w + 2 * pw - dw * (s - 1) - 1) // sw + 1
     out = torch.full((n, oh, ow, k), POISON, dtype=torch.int8)
     multiplier, offset = case["multiplier"].contiguous(), case["offset"].contiguous()
-    mma_count = function(KERNELS.index(kernel), x.data_ptr(), n, h, w, c, case["x_zero"], weight.data_ptr(), k, r, s,
-             multiplier.data_ptr(), offset.data_ptr(), case["shift"], 0 if residual is None else residual.data_ptr(),
-             case["res_multiplier"], case["out_zero"], int(case["relu"]), sh, sw, ph, pw, dh, dw, oh, ow,
-             out.data_ptr(), case["out_max"])
-    return out.permute(0, 3, 1, 2), mma_count
+    residual_ptr = 0 if residual is None else residual.data_ptr()
+    counts = torch.zeros(2, dtype=torch.int64)
+    function(KERNELS.index(kernel), x.data_ptr(), n, h, w, c, case["x_zero"], weight.data_ptr(), k, r, s,
+             multiplier.data_ptr(), offset.data_ptr(), case["shift"], residual_ptr, case["res_multiplier"],
+             case["out_zero"], int(case["relu"]), sh, sw, ph, pw, dh, dw, oh, ow, out.data_ptr(), case["out_max"],
+             counts.data_ptr())
+    mma_ops, dp4a_calls = counts.tolist()
+    return out.permute(0, 3, 1, 2), {"mma": mma_ops, "dp4a": dp4a_calls}
 
 
 # The GPU test's cases (tests/test_int8_ops.py: stem-like, odd channels, strides, dilation, K = 4608,
@@ -69,15 +72,22 @@ def test_emulated_cuda_kernel_bit_exact(emulated_conv, kernel, case):
         assert_bit_exact(out, reference(c), f"emulated cuda {kernel} {case} residual={residual} relu={relu}")
 
 
+# Per kernel: (output tile rows, columns; the operations a block runs per 64-value step):
+# mma 8 warps x 2 k32 x (2 x 4) mma tiles; dp4a 256 threads x 16 words x (4 x 4) outputs.
+STEP_COST = {"mma": (128, 64, 8 * 2 * 8), "dp4a": (64, 64, 256 * 16 * 16)}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", [CASES[0], (2, 3, 32, 32, 64, 7, 7, 2, 3, 1), (1, 15, 9, 8, 20, 5, 5, 1, 2, 1),
                                   CASES[1], (1, 80, 13, 12, 70, 3, 3, 1, 1, 1)], ids=lambda c: "x".join(map(str, c[:7])))
-def test_emulated_mma_kernel_reduction_steps(emulated_conv, case):
-    """The mma kernel multiplies what the conv needs: below 16 channels (the RGB stem) one 64-value
-    step per 64 values of the flattened (r, s, c) window, not a padded 64-channel step per tap (21x
-    the products for 3 channels); otherwise a step per tap and 64 channels."""
+def test_emulated_kernel_reduction_steps(emulated_conv, kernel, case):
+    """Each kernel multiplies what the conv needs: below 16 channels (the RGB stem) one step per
+    64 values of the flattened (r, s, c) window, not a padded 64-channel step per tap (21x the
+    products for 3 channels); otherwise a step per tap and 64 channels."""
     n, c, h, w, k, r, s, stride, padding, _ = case
     oh, ow = (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
     steps = -(-r * s * c // 64) if c < 16 else r * s * -(-c // 64)
-    blocks = -(-n * oh * ow // 128) * -(-k // 64)
-    _, mma_count = run_emulated(emulated_conv, make_case(*case), "mma")
-    assert mma_count == blocks * 8 * 16 * steps  # 8 warps, 2 k32 x (2 x 4) mma tiles a step
+    tile_m, tile_n, per_step = STEP_COST[kernel]
+    blocks = -(-n * oh * ow // tile_m) * -(-k // tile_n)
+    _, ran = run_emulated(emulated_conv, make_case(*case), kernel)
+    assert ran == {kernel: blocks * per_step * steps, ("dp4a" if kernel == "mma" else "mma"): 0}

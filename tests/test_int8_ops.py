@@ -610,10 +610,11 @@ def test_triton_kernel_bit_exact_resnet_shapes_gpu():
 
 # CASES, ResNet-like tiles, and deep reductions (C = 512, 3x3: K = 4608) over several 128-row
 # m-tiles, a partial 64-channel n-tile and a strided window; flat (r, s, c) reductions (C < 16)
-# over several m-tiles and 64-value steps.
+# over several m-tiles and 64-value steps; unequal dilations, flat and per tap.
 CUDA_CASES = CASES + [(4, 64, 28, 28, 64, 3, 3, 1, 1, 1), (2, 256, 14, 14, 1024, 1, 1, 1, 0, 1),
                       (2, 512, 12, 12, 96, 3, 3, 1, 1, 1), (1, 512, 14, 14, 130, 3, 3, 2, 1, 1),
-                      (2, 3, 32, 32, 64, 7, 7, 2, 3, 1), (1, 15, 9, 8, 20, 5, 5, 1, 2, 1)]
+                      (2, 3, 32, 32, 64, 7, 7, 2, 3, 1), (1, 15, 9, 8, 20, 5, 5, 1, 2, 1),
+                      (1, 5, 13, 12, 7, 3, 3, 1, (2, 1), (2, 1)), (1, 20, 11, 12, 9, 3, 2, (2, 1), (1, 2), (1, 2))]
 needs_cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available() or not _extension.has_cuda_kernels(),
                                         reason="needs a CUDA device and tlcore's CUDA kernels")
 

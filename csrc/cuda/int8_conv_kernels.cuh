@@ -6,8 +6,9 @@
 //
 //   x: (N, H, W, C) int8   weight: (K, R, S, C) int8   out / residual: (N, OH, OW, K) int8
 //
-// GEMM view: rows m = (n, oh, ow), columns k, reduction over (tap, channel). Outside the image the
-// input reads as x_zero; channels past C pack as 0 (weights and inputs), so any C works. Below
+// GEMM view: rows m = (n, oh, ow), columns k, reduction over (tap, channel). Channels past C pack
+// as 0 in the weights, so any C works (the inputs there are 0 inside the image and x_zero outside
+// it, where every input byte reads as x_zero: the zero weights cancel them). Below
 // kFlatChannelsBelow channels (the RGB stem) the reduction runs over the flattened (r, s, c) window
 // instead (Reduction).
 //
