@@ -175,10 +175,10 @@ __global__ void __launch_bounds__(kThreads) int8_conv_dp4a_kernel(Int8ConvArgs a
 // A block computes a 128 x 64 output tile with 8 warps in a 4 (m) x 2 (k) grid, each warp 32 x 32:
 // 2 x 4 mma tiles of 16 x 8, 32 int32 accumulators per thread. The reduction advances 64 values of
 // a Reduction run (a tap's channels, or the flat window) at a time (16 int32 words, two k32 mma
-// steps) through shared memory:
+// steps) through double-buffered shared memory:
 //
-//   a_tile[row][word]: input rows m0 + row, values 4 * word .. 4 * word + 3 of this step
-//   b_tile[col][word]: weights of output channel k0 + col, the same values
+//   a_tile[buffer][row][word]: input rows m0 + row, values 4 * word .. 4 * word + 3 of a step
+//   b_tile[buffer][col][word]: weights of output channel k0 + col, the same values
 //
 // Both keep the reduction (channel) index contiguous, the order NHWC inputs and KRSC weights have
 // in memory and the order one fragment register holds (4 consecutive k in one 32-bit word, lowest
@@ -242,8 +242,11 @@ __device__ __forceinline__ void mma_s8_m16n8k32(int32_t (&c)[4], const uint32_t 
 
 __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  __shared__ __align__(16) int32_t a_tile[kMmaTileM][kMmaStride];
-  __shared__ __align__(16) int32_t b_tile[kMmaTileN][kMmaStride];
+  // Two buffers: while the warps multiply one step from one, the threads hold the next step's
+  // global loads in registers and then store them into the other, so a load's latency overlaps the
+  // multiplies and a step takes one barrier.
+  __shared__ __align__(16) int32_t a_tile[2][kMmaTileM][kMmaStride];
+  __shared__ __align__(16) int32_t b_tile[2][kMmaTileN][kMmaStride];
   const int tid = threadIdx.x;
   const int64_t m_total = a.n * a.oh * a.ow;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kMmaTileM;
@@ -273,61 +276,84 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
   const int g = lane >> 2, t = lane & 3;
   const int wm = (warp % (kMmaTileM / kWarpM)) * kWarpM, wn = (warp / (kMmaTileM / kWarpM)) * kWarpN;
 
+  // Steps in order: runs (taps) outer, 64 values of the run inner. The next one to load is values
+  // c0 .. c0 + 63 of run `tap` = (r, s) (flat: the one run, at tap 0).
   const Reduction reduction = reduction_of(a);
-  int32_t acc[2][4][4] = {};
-  for (int64_t tap = 0; tap < reduction.taps; ++tap) {
-    const int64_t r = tap / a.s, s = tap % a.s;  // (flat: the one run starts at tap 0)
+  const int64_t run_steps = (reduction.length + 4 * kMmaWords - 1) / (4 * kMmaWords);
+  const int64_t steps = reduction.taps * run_steps;
+  int64_t tap = 0, r = 0, s = 0, c0 = 0;
+  int4 next_a[2], next_b;
+  const auto load_next = [&] {
     const int64_t ih = a_ih0 + r * a.dil_h, iw = a_iw0 + s * a.dil_w;
     const bool inside = a_row_valid && ih >= 0 && ih < a.h && iw >= 0 && iw < a.w;
     const int8_t* x_row = a.x + (a_img + ih * a.w + iw) * a.c;  // dereferenced only when inside
-    const int8_t* w_row = a.weight + (bk * reduction.taps + tap) * reduction.length;  // only when b_col_valid
-    for (int64_t c0 = 0; c0 < reduction.length; c0 += 4 * kMmaWords) {
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int64_t c = c0 + 4 * (a_word + 4 * q);
-        int4 v = a_row_valid ? pad4 : zero4;
-        if (a_row_valid && reduction.flat) {
-          const int64_t word = c / 4;
-          v = make_int4(flat_window_word(a, a_img, a_ih0, a_iw0, word, zero_byte),
-                        flat_window_word(a, a_img, a_ih0, a_iw0, word + 1, zero_byte),
-                        flat_window_word(a, a_img, a_ih0, a_iw0, word + 2, zero_byte),
-                        flat_window_word(a, a_img, a_ih0, a_iw0, word + 3, zero_byte));
-        } else if (inside) {
-          v = load16(x_row + c, a.c - c);
-        }
-        *reinterpret_cast<int4*>(&a_tile[a_row][a_word + 4 * q]) = v;
+    for (int q = 0; q < 2; ++q) {
+      const int64_t c = c0 + 4 * (a_word + 4 * q);
+      next_a[q] = a_row_valid ? pad4 : zero4;
+      if (a_row_valid && reduction.flat) {
+        const int64_t word = c / 4;
+        next_a[q] = make_int4(flat_window_word(a, a_img, a_ih0, a_iw0, word, zero_byte),
+                              flat_window_word(a, a_img, a_ih0, a_iw0, word + 1, zero_byte),
+                              flat_window_word(a, a_img, a_ih0, a_iw0, word + 2, zero_byte),
+                              flat_window_word(a, a_img, a_ih0, a_iw0, word + 3, zero_byte));
+      } else if (inside) {
+        next_a[q] = load16(x_row + c, a.c - c);
       }
-      {
-        const int64_t c = c0 + 4 * b_word;
-        *reinterpret_cast<int4*>(&b_tile[b_col][b_word]) =
-            b_col_valid ? load16(w_row + c, reduction.length - c) : zero4;
-      }
-      __syncthreads();
-#pragma unroll
-      for (int kw = 0; kw < kMmaWords; kw += 8) {  // two k32 steps
-        uint32_t af[2][4], bf[4][2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int row = wm + 16 * i + g;
-          af[i][0] = a_tile[row][kw + t];
-          af[i][1] = a_tile[row + 8][kw + t];
-          af[i][2] = a_tile[row][kw + 4 + t];
-          af[i][3] = a_tile[row + 8][kw + 4 + t];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int col = wn + 8 * j + g;
-          bf[j][0] = b_tile[col][kw + t];
-          bf[j][1] = b_tile[col][kw + 4 + t];
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) mma_s8_m16n8k32(acc[i][j], af[i], bf[j]);
-        }
-      }
-      __syncthreads();
     }
+    const int64_t c = c0 + 4 * b_word;
+    const int8_t* w_row = a.weight + (bk * reduction.taps + tap) * reduction.length;  // only when b_col_valid
+    next_b = b_col_valid ? load16(w_row + c, reduction.length - c) : zero4;
+    c0 += 4 * kMmaWords;  // on to the step after
+    if (c0 >= reduction.length) {
+      c0 = 0;
+      ++tap;
+      if (++s == a.s) s = 0, ++r;
+    }
+  };
+  const auto store_next = [&](int buffer) {
+    *reinterpret_cast<int4*>(&a_tile[buffer][a_row][a_word]) = next_a[0];
+    *reinterpret_cast<int4*>(&a_tile[buffer][a_row][a_word + 4]) = next_a[1];
+    *reinterpret_cast<int4*>(&b_tile[buffer][b_col][b_word]) = next_b;
+  };
+
+  int32_t acc[2][4][4] = {};
+  if (steps > 0) {
+    load_next();
+    store_next(0);
+    __syncthreads();
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    const int buffer = static_cast<int>(step & 1);
+    const bool more = step + 1 < steps;
+    if (more) load_next();
+#pragma unroll
+    for (int kw = 0; kw < kMmaWords; kw += 8) {  // two k32 steps
+      uint32_t af[2][4], bf[4][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = wm + 16 * i + g;
+        af[i][0] = a_tile[buffer][row][kw + t];
+        af[i][1] = a_tile[buffer][row + 8][kw + t];
+        af[i][2] = a_tile[buffer][row][kw + 4 + t];
+        af[i][3] = a_tile[buffer][row + 8][kw + 4 + t];
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = wn + 8 * j + g;
+        bf[j][0] = b_tile[buffer][col][kw + t];
+        bf[j][1] = b_tile[buffer][col][kw + 4 + t];
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_s8_m16n8k32(acc[i][j], af[i], bf[j]);
+      }
+    }
+    // The other buffer was last read in the step before, which every thread finished before the
+    // barrier that ended it.
+    if (more) store_next(buffer ^ 1);
+    __syncthreads();
   }
 
   const int64_t lo = output_floor(a);
