@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from test_int8_ops import CASES, CUDA_CASES, assert_bit_exact, make_case, reference
+from tlcore.ops.conv import output_size
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "cuda_emulation" / "int8_conv_emulated.cpp"
@@ -45,7 +46,7 @@ def run_emulated(function, case, kernel):
     residual = None if residual is None else residual.permute(0, 2, 3, 1).contiguous()
     (n, h, w, c), (k, r, s, _) = x.shape, weight.shape
     (sh, sw), (ph, pw), (dh, dw) = case["stride"], case["padding"], case["dilation"]
-    oh, ow = (h + 2 * ph - dh * (r - 1) - 1) // sh + 1, (w + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    oh, ow = output_size(h, r, sh, ph, dh), output_size(w, s, sw, pw, dw)
     out = torch.full((n, oh, ow, k), POISON, dtype=torch.int8)
     multiplier, offset = case["multiplier"].contiguous(), case["offset"].contiguous()
     residual_ptr = 0 if residual is None else residual.data_ptr()
@@ -84,10 +85,10 @@ def test_emulated_kernel_reduction_steps(emulated_conv, kernel, case):
     """Each kernel multiplies what the conv needs: below 16 channels (the RGB stem) one step per
     64 values of the flattened (r, s, c) window, not a padded 64-channel step per tap (21x the
     products for 3 channels); otherwise a step per tap and 64 channels."""
-    n, c, h, w, k, r, s, stride, padding, _ = case
-    oh, ow = (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
+    n, c, _, _, k, r, s = case[:7]
+    out, ran = run_emulated(emulated_conv, make_case(*case), kernel)
+    oh, ow = out.shape[2:]
     steps = -(-r * s * c // 64) if c < 16 else r * s * -(-c // 64)
     tile_m, tile_n, per_step = STEP_COST[kernel]
     blocks = -(-n * oh * ow // tile_m) * -(-k // tile_n)
-    _, ran = run_emulated(emulated_conv, make_case(*case), kernel)
     assert ran == {kernel: blocks * per_step * steps, ("dp4a" if kernel == "mma" else "mma"): 0}

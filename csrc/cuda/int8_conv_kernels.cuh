@@ -277,11 +277,11 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
   const int wm = (warp % (kMmaTileM / kWarpM)) * kWarpM, wn = (warp / (kMmaTileM / kWarpM)) * kWarpN;
 
   // Steps in order: runs (taps) outer, 64 values of the run inner. The next one to load is values
-  // c0 .. c0 + 63 of run `tap` = (r, s) (flat: the one run, at tap 0).
+  // c0 .. c0 + 63 of the run of tap (r, s) (flat: the one run, at tap (0, 0)).
   const Reduction reduction = reduction_of(a);
   const int64_t run_steps = (reduction.length + 4 * kMmaWords - 1) / (4 * kMmaWords);
   const int64_t steps = reduction.taps * run_steps;
-  int64_t tap = 0, r = 0, s = 0, c0 = 0;
+  int64_t r = 0, s = 0, c0 = 0;
   int4 next_a[2], next_b;
   const auto load_next = [&] {
     const int64_t ih = a_ih0 + r * a.dil_h, iw = a_iw0 + s * a.dil_w;
@@ -302,12 +302,12 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
       }
     }
     const int64_t c = c0 + 4 * b_word;
+    const int64_t tap = r * a.s + s;
     const int8_t* w_row = a.weight + (bk * reduction.taps + tap) * reduction.length;  // only when b_col_valid
     next_b = b_col_valid ? load16(w_row + c, reduction.length - c) : zero4;
     c0 += 4 * kMmaWords;  // on to the step after
     if (c0 >= reduction.length) {
       c0 = 0;
-      ++tap;
       if (++s == a.s) s = 0, ++r;
     }
   };
