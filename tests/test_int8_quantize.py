@@ -152,27 +152,45 @@ def test_trained_resnet18_seven_bit_activations(digits_resnet18, digits_eval, to
 
 
 def test_per_layer_sqnr(digits_resnet18, digits_eval):
-    """Each block's dequantized int8 output against the fused float model's (errors accumulate with depth)."""
-    xs = digits_eval.x_test
+    """tlcore.sqnr_report on the trained model: every stage's dequantized int8 output against the
+    float model's (errors accumulate with depth), the logits' value as the test's own SQNR gives it."""
+    xs = digits_eval.x_test[:128]
     qmodel = tlcore.quantize(digits_resnet18, digits_eval.calibration, progress=False)
-    fused = tlcore.fuse(digits_resnet18)
-    float_out, int8_out = {}, {}
-    names = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-    for name in names:
-        fused.get_submodule(name).register_forward_hook(lambda m, _, y, name=name: float_out.__setitem__(name, y))
-        block = qmodel.get_submodule(name)
-        block.register_forward_hook(lambda m, _, y, name=name: int8_out.__setitem__(name, dequantize(m, y)))
-    with torch.no_grad():
-        fused(xs[:128])
-        qmodel(xs[:128])
-    report = {name: sqnr(float_out[name], int8_out[name]) for name in names}
+    report = tlcore.sqnr_report(digits_resnet18, qmodel, xs, progress=False)
     print("\nper-block SQNR (dB): " + ", ".join(f"{name} {value:.1f}" for name, value in report.items()))
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert list(report) == ["conv1", *blocks, "fc"]
     assert all(value > 25 for value in report.values()), report
+    with torch.no_grad():
+        assert report["fc"] == pytest.approx(sqnr(digits_resnet18(xs), qmodel(xs)), abs=1e-6)
 
 
-def dequantize(block: Int8ResidualBlock, q: torch.Tensor) -> torch.Tensor:
-    state = block.last.state
-    return (q.float() - state["out_zero"]) * state["out_scale"]
+def test_sqnr_report_points_at_a_broken_block():
+    """A block whose requantization is wrong shows in the report from that block on, not before;
+    float blocks and a float stem report too; energies add up over batches."""
+    model = small_resnet()
+    qmodel = tlcore.quantize(model, batches(), skip=("conv1", "layer2.0"), progress=False)
+    data = batches(2, seed=5)
+    report = tlcore.sqnr_report(model, qmodel, data, progress=False)
+    assert all(20 < value < float("inf") for value in report.values()), report
+    assert tlcore.sqnr_report(model, qmodel, torch.cat(data), progress=False) == pytest.approx(report, abs=0.01)
+    with torch.no_grad():
+        qmodel.layer3[0].last.multiplier.neg_()  # the ReLU then clamps the block's output to zero
+    broken = tlcore.sqnr_report(model, qmodel, data, progress=False)
+    healthy = ["conv1", "layer1.0", "layer2.0"]
+    assert [broken[name] for name in healthy] == [report[name] for name in healthy]
+    assert broken["layer3.0"] < 1 and broken["fc"] < report["fc"] - 10, broken
+
+
+def test_sqnr_report_bad_input():
+    model = small_resnet()
+    qmodel = tlcore.quantize(model, batches(), progress=False)
+    with pytest.raises(ValueError, match="eval"):
+        tlcore.sqnr_report(small_resnet().train(), qmodel, batches(), progress=False)
+    with pytest.raises(TypeError, match="the stem of qmodel is a Conv2d, not int8"):
+        tlcore.sqnr_report(model, small_resnet(), batches(), progress=False)
+    with pytest.raises(ValueError, match="no non-empty batch"):
+        tlcore.sqnr_report(model, qmodel, [torch.empty(0, 3, 32, 32)], progress=False)
 
 
 def test_asymmetric_activations_gain_a_bit(digits_resnet18, digits_eval):

@@ -40,7 +40,7 @@ from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8Glo
 from tlcore.ops.int8 import MAX_REDUCTION, QMAX, QMIN
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
-_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
 _OBSERVER_ARGS = dict(dtype=torch.qint8, qscheme=torch.per_tensor_affine, quant_min=QMIN, quant_max=QMAX)
 # reduce_range: 128 codes. torch.ao's observers want a range holding 0, so they compute it as
 # quint8 0..127 and _qparams moves it down to our -128..-1.
@@ -153,7 +153,7 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
         raise ValueError(f"tlcore.quantize: percentile must be in (50, 100], got {percentile}")
     _check_resnet(model)
     skip = {skip} if isinstance(skip, str) else set(skip)
-    known = {"conv1", "fc"} | {f"{name}.{i}" for name in _LAYERS for i in range(len(getattr(model, name)))}
+    known = {"conv1", "fc"} | {f"{name}.{i}" for name in LAYERS for i in range(len(getattr(model, name)))}
     if skip - known:
         raise ValueError(f"tlcore.quantize: cannot skip {sorted(skip - known)}; skippable are 'conv1' (the stem), "
                          "the blocks 'layer1.0', ... and 'fc'")
@@ -178,7 +178,7 @@ def _check_resnet(model: nn.Module) -> None:
         raise TypeError(f"tlcore.quantize supports torchvision ResNet models (BasicBlock/Bottleneck) with their "
                         f"own forward, got {type(model).__name__}; other architectures are not covered by its "
                         "int8 scheme")
-    for name in _LAYERS:
+    for name in LAYERS:
         for i, block in enumerate(getattr(model, name)):
             if type(block) not in (BasicBlock, Bottleneck):
                 raise TypeError(f"tlcore.quantize: {name}.{i} is a {type(block).__name__}, not a torchvision "
@@ -189,7 +189,7 @@ def _observed_modules(fused: nn.Module, folded: dict) -> list[nn.Module]:
     """The modules whose outputs the int8 model stores: each conv stage (the keys of `folded`),
     the max-pool, and the output of each block left float."""
     modules = list(folded) + [fused.maxpool]
-    for name in _LAYERS:
+    for name in LAYERS:
         modules += [block for block in getattr(fused, name) if not isinstance(block, FusedResidualBlock)]
     return modules
 
@@ -211,27 +211,34 @@ def _calibrate(fused: nn.Module, folded: dict, data, method: str, percentile: fl
     for module in _observed_modules(fused, folded):
         observers[module] = _make_observer(method, percentile, reduce_range).to(device)
         handles.append(module.register_forward_hook(lambda m, _, out: observe(m, out)))
-    if isinstance(data, torch.Tensor):  # one batch (iterating it would give single images)
-        data = [data]
-    batches = 0
     try:
         with torch.no_grad():
-            for batch in tqdm(data, desc="tlcore.quantize: calibrating", unit="batch", disable=not progress):
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                if not isinstance(x, torch.Tensor):
-                    raise TypeError(f"tlcore.quantize: calibration batches must be tensors or (inputs, labels) "
-                                    f"pairs, got {type(x).__name__}")
-                if x.numel() == 0:
-                    continue
+            for x in input_batches(data, "tlcore.quantize: calibrating", progress):
                 fused(x.to(device=device, dtype=dtype))
-                batches += 1
     finally:
         for handle in handles:
             handle.remove()
-    if batches == 0:
-        raise ValueError("tlcore.quantize: calibration_data yielded no non-empty batch; activation ranges "
-                         "cannot be calibrated without data")
     return observers
+
+
+def input_batches(data, description: str, progress: bool):
+    """The non-empty input batches of `data`, with a progress bar labelled `description`.
+
+    data: one (N, C, H, W) tensor, or an iterable of such tensors or of (inputs, labels) pairs
+    (a DataLoader's). Raises TypeError for other batches and ValueError if no batch is non-empty.
+    """
+    if isinstance(data, torch.Tensor):  # one batch (iterating it would give single images)
+        data = [data]
+    batches = 0
+    for batch in tqdm(data, desc=description, unit="batch", disable=not progress):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{description}: batches must be tensors or (inputs, labels) pairs, got {type(x).__name__}")
+        if x.numel() > 0:
+            batches += 1
+            yield x
+    if batches == 0:
+        raise ValueError(f"{description}: the data yielded no non-empty batch")
 
 
 def _qparams(observer) -> QParams:
@@ -284,7 +291,7 @@ def _convert_resnet(model: nn.Module, folded: dict, observers: dict, skip: set) 
     else:  # the stem stays float; activations become int8 after the max-pool
         current = q(model.maxpool)._replace(qmax=QMAX)
         model.maxpool = nn.Sequential(model.maxpool, QuantizeInput(current))
-    for name in _LAYERS:
+    for name in LAYERS:
         layer = getattr(model, name)
         for i, block in enumerate(layer):
             reason = "skipped on request" if f"{name}.{i}" in skip else _float_reason(block, folded)

@@ -15,7 +15,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU, explicit_padding, folding_unsupported_reason
-from tlcore.ops.int8 import (CONV_OP, QUANTIZE_BACKENDS, WEIGHT_QMAX, cached_packed_weight_cpu,
+from tlcore.ops.int8 import (CONV_OP, QMAX, QUANTIZE_BACKENDS, WEIGHT_QMAX, cached_packed_weight_cpu,
                              dequantize_per_tensor, forget_packed_weight, int8_conv2d, int8_global_avg_pool,
                              int8_max_pool2d, int8_weight_linear, quantize_input, requantization, runs_cpu_kernel)
 
@@ -94,6 +94,10 @@ class QuantizeInput(_Int8Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self._backend():
             return quantize_input(x, self.state["scale"], self.state["zero_point"])
+
+    @property
+    def output_qparams(self) -> QParams:
+        return QParams(self.state["scale"], self.state["zero_point"], QMAX)
 
     def extra_repr(self) -> str:
         return f"scale={self.state['scale']:.4g}, zero_point={self.state['zero_point']}"
@@ -281,6 +285,11 @@ class Int8Conv2d(_Int8Module):
                                out_max=s["out_max"], x_max=s["x_max"],
                                packed_weight=None if traced else self._packed_weight()[2], groups=s["groups"])
 
+    @property
+    def output_qparams(self) -> QParams:
+        s = self.state
+        return QParams(s["out_scale"], s["out_zero"], s["out_max"])
+
     def _forward_cpu(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The C++ kernel straight from its op: the public op's Python checks of arguments this
         module built itself cost as much as a batch-1 conv (the C++ op checks x and residual)."""
@@ -341,6 +350,10 @@ class Int8ResidualBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         return self.last(self.body(x), identity)
 
+    @property
+    def output_qparams(self) -> QParams:
+        return self.last.output_qparams
+
 
 class FloatFallback(nn.Module):
     """A module left in floating point inside an int8 model: dequantize, run it, quantize.
@@ -357,6 +370,10 @@ class FloatFallback(nn.Module):
         x = self.dequantize(q)
         dtype = next(self.module.parameters(), x).dtype  # the float module's own dtype (fp32/fp16/bf16)
         return self.quantize(self.module(x.to(dtype)))
+
+    @property
+    def output_qparams(self) -> QParams:
+        return self.quantize.output_qparams
 
     def extra_repr(self) -> str:
         return f"float: {self.reason}"

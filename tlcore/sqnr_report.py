@@ -1,0 +1,97 @@
+"""`tlcore.sqnr_report(model, qmodel, data)`: where an int8 model loses accuracy, block by block.
+
+    report = tlcore.sqnr_report(model, qmodel, batches)   # {"conv1": 38.2, "layer1.0": 35.9, ..., "fc": 31.0}
+
+Each value is the signal-to-quantization-noise ratio 20 log10(‖ref‖ / ‖ref − out‖) in dB of one
+activation of the int8 model (dequantized) against the same activation of the float model, both
+run end to end on the same inputs, so errors accumulate with depth: a block whose SQNR drops well
+below its predecessor's is the one to keep float (`tlcore.quantize(..., skip=(name,))`). The names
+are those `skip` takes: "conv1" (the stem's output after the max-pool), the blocks and "fc" (the logits).
+"""
+import torch
+from torch import nn
+
+from tlcore.nn.int8 import FloatFallback, Int8Conv2d, Int8ResidualBlock, QParams, QuantizeInput
+from tlcore.quantize import LAYERS, input_batches
+
+
+def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True) -> dict[str, float]:
+    """Per-stage SQNR in dB of `qmodel` (from `tlcore.quantize(model, ...)`) against `model`.
+
+    Args:
+        model: the float torchvision ResNet that was quantized, in eval mode.
+        qmodel: its int8 model, on the same device.
+        data: input batches in any form `tlcore.quantize` takes: one (N, 3, H, W) tensor, or an
+            iterable of them or of (inputs, labels) pairs. Noise and signal energies are summed
+            over all batches before the ratio is taken.
+        progress: show a progress bar.
+
+    Returns:
+        {"conv1": dB, "layer1.0": dB, ..., "fc": dB} in the model's order; inf where the two agree exactly.
+    """
+    if model.training or qmodel.training:
+        raise ValueError("tlcore.sqnr_report compares inference models: call .eval() on both")
+    float_points, int8_points = _float_points(model), _int8_points(qmodel)
+    signal = dict.fromkeys(float_points, 0.0)
+    noise = dict.fromkeys(float_points, 0.0)
+    param = next(model.parameters())
+    with torch.no_grad():
+        for x in input_batches(data, "tlcore.sqnr_report", progress):
+            x = x.to(param.device)
+            refs = _run_capturing(model, x.to(param.dtype), float_points)
+            outs = _run_capturing(qmodel, x, {name: module for name, (module, _) in int8_points.items()})
+            for name, (_, dequantize) in int8_points.items():
+                ref, out = refs[name].double(), dequantize(outs[name]).double()
+                signal[name] += ref.square().sum().item()
+                noise[name] += (ref - out).square().sum().item()
+    return {name: _decibels(signal[name], noise[name]) for name in float_points}
+
+
+def _decibels(signal: float, noise: float) -> float:
+    return float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(signal / noise)).item()
+
+
+def _float_points(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: the float model's module whose output is compared}; "fc" is the whole model."""
+    points = {"conv1": model.maxpool}
+    points.update({f"{layer}.{i}": block for layer in LAYERS for i, block in enumerate(getattr(model, layer))})
+    points["fc"] = model
+    return points
+
+
+def _int8_points(qmodel: nn.Module) -> dict[str, tuple[nn.Module, object]]:
+    """{name: (the int8 model's module whose output is compared, its dequantization)}."""
+    # The stem's codes leave the max-pool with the stem conv's quantization (Int8MaxPool2d keeps
+    # it) or, when the stem stayed float, with that of the QuantizeInput after the pool.
+    stem, pool = qmodel.conv1, qmodel.maxpool
+    stem_out = pool[-1] if isinstance(pool, nn.Sequential) else stem[-1] if isinstance(stem, nn.Sequential) else stem
+    points = {"conv1": (pool, _dequantizer(_output_qparams(stem_out, "the stem")))}
+    for layer in LAYERS:
+        for i, block in enumerate(getattr(qmodel, layer)):
+            points[f"{layer}.{i}"] = (block, _dequantizer(_output_qparams(block, f"{layer}.{i}")))
+    points["fc"] = (qmodel, lambda logits: logits)
+    return points
+
+
+def _output_qparams(module: nn.Module, name: str) -> QParams:
+    if not isinstance(module, (QuantizeInput, Int8Conv2d, Int8ResidualBlock, FloatFallback)):
+        raise TypeError(f"tlcore.sqnr_report: {name} of qmodel is a {type(module).__name__}, not int8; "
+                        "pass the model tlcore.quantize returned")
+    return module.output_qparams
+
+
+def _dequantizer(q: QParams):
+    return lambda codes: (codes.float() - q.zero_point) * q.scale
+
+
+def _run_capturing(model: nn.Module, x: torch.Tensor, points: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Run `model(x)` and return the outputs of the `points` modules."""
+    outputs = {}
+    handles = [module.register_forward_hook(lambda _, __, y, name=name: outputs.__setitem__(name, y))
+               for name, module in points.items()]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
