@@ -195,7 +195,7 @@ def seven_bit(case):
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", ["avx2u7", "scalar", "avx2", "avxvnni"])
+@pytest.mark.parametrize("isa", ["avx2u7", "scalar", "avx2", "avxvnni", "avx512vnni"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cpu_kernel_seven_bit_bit_exact(case, isa, monkeypatch):
     """7-bit activations: AVX2's vpmaddubsw kernel is exact on them, and out_max = -1 clamps the output."""

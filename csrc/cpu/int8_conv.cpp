@@ -646,8 +646,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2"))) void requantize_avx512
   const bool odd_right = a.shift >= 32;
   const __m128i odd_shift = _mm_cvtsi32_si128(odd_right ? a.shift - 32 : 32 - a.shift);
   const __m512i res_multiplier = _mm512_set1_epi64(a.res_multiplier);  // |.| < 2**31: vpmuldq reads 32 bits
-  const __m512i lo = _mm512_set1_epi32(a.relu ? std::max(a.out_zero, -128) : -128);
-  const __m512i hi = _mm512_set1_epi32(a.out_max);
+  // vpmovsdb saturates to [-128, 127]; ReLU's floor and out_max clamp the bytes where they are
+  // tighter (not for the usual post-ReLU zero point -128 and 8-bit codes).
+  const int32_t lo = a.relu ? std::max(a.out_zero, -128) : -128;
+  const bool clamp_lo = lo > -128, clamp_hi = a.out_max < 127;
+  const __m128i lo_bytes = _mm_set1_epi8(static_cast<char>(lo));
+  const __m128i hi_bytes = _mm_set1_epi8(static_cast<char>(a.out_max));
   // vpmuldq multiplies the even channels (and the odd ones once shifted down 32 bits): the offsets
   // of the even and of the odd channels, one per 64-bit lane in that order.
   const __m512i multiplier = _mm512_maskz_loadu_epi32(valid, a.multiplier + k0);
@@ -674,7 +678,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2"))) void requantize_avx512
     even = _mm512_sra_epi64(even, shift);
     odd = odd_right ? _mm512_sra_epi64(odd, odd_shift) : _mm512_sll_epi64(odd, odd_shift);
     const __m512i codes = _mm512_mask_blend_epi32(0xaaaa, even, odd);
-    const __m128i q = _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(codes, lo), hi));
+    __m128i q = _mm512_cvtsepi32_epi8(codes);
+    if (clamp_lo) q = _mm_max_epi8(q, lo_bytes);
+    if (clamp_hi) q = _mm_min_epi8(q, hi_bytes);
     if (full) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(a.out + row), q);
     } else {
