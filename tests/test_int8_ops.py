@@ -368,6 +368,27 @@ def test_avx2_epilogue_both_shift_routes(shift, algorithm, monkeypatch):
 
 
 @needs_extension
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512vnni"])
+@pytest.mark.parametrize("shift, out_zero", [(55, -128), (56, -128), (57, 120), (62, -2)])
+def test_cpu_epilogue_large_shifts(shift, out_zero, isa, monkeypatch):
+    """Shifts up to the op's limit of 62 with totals near the 2**62 headroom (offsets up to 2**61):
+    the AVX-512 epilogue folds out_zero * 2**shift into the int64 totals, which wrapped above shift 55,
+    so it leaves those shifts to the scalar one. K = 64: full channel blocks. At such shifts the
+    offsets decide the codes (|acc * multiplier| < 2**49), so each channel has one code: compared
+    whole, not by assert_bit_exact, whose spread check assumes codes that vary with the input."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    g = torch.Generator().manual_seed(shift)
+    c = make_case(2, 8, 5, 7, 64, 1, 1, relu=False)
+    c.update(multiplier=torch.randint(-2**20, 2**20, (64,), generator=g, dtype=torch.int32),
+             offset=((2 * torch.rand(64, generator=g, dtype=torch.float64) - 1) * 2.0**61).to(torch.int64),
+             shift=shift, out_zero=out_zero)
+    ref = reference(c)
+    assert ref.unique().numel() > 1
+    out = run(c, "cpu")
+    assert torch.equal(out, ref), f"cpu/{isa} shift={shift}: {(out != ref).sum().item()} codes differ"
+
+
+@needs_extension
 @pytest.mark.parametrize("relu", [False, True])
 def test_avx512_epilogue_saturates_with_residual(relu, monkeypatch):
     """avx512vnni's AVX-512 epilogue (codes fit int32): a tenth of make_case's output scale saturates

@@ -182,6 +182,15 @@ def test_sqnr_report_points_at_a_broken_block():
     assert broken["layer3.0"] < 1 and broken["fc"] < report["fc"] - 10, broken
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sqnr_report_low_precision_float_stem(dtype):
+    """Both models get the float model's dtype: a float fp16/bf16 stem takes no fp32 input."""
+    model = small_resnet().to(dtype)
+    qmodel = tlcore.quantize(model, batches(), skip=("conv1",), progress=False)
+    report = tlcore.sqnr_report(model, qmodel, batches(1, seed=5), progress=False)
+    assert all(20 < value < float("inf") for value in report.values()), report
+
+
 def test_sqnr_report_bad_input():
     model = small_resnet()
     qmodel = tlcore.quantize(model, batches(), progress=False)
@@ -191,6 +200,9 @@ def test_sqnr_report_bad_input():
         tlcore.sqnr_report(model, small_resnet(), batches(), progress=False)
     with pytest.raises(ValueError, match="no non-empty batch"):
         tlcore.sqnr_report(model, qmodel, [torch.empty(0, 3, 32, 32)], progress=False)
+    deeper = ResNet(BasicBlock, [2, 1, 1, 1], num_classes=7).eval()
+    with pytest.raises(ValueError, match="pass the model qmodel was quantized from"):
+        tlcore.sqnr_report(deeper, qmodel, batches(), progress=False)
 
 
 def test_asymmetric_activations_gain_a_bit(digits_resnet18, digits_eval):

@@ -213,7 +213,7 @@ def _calibrate(fused: nn.Module, folded: dict, data, method: str, percentile: fl
         handles.append(module.register_forward_hook(lambda m, _, out: observe(m, out)))
     try:
         with torch.no_grad():
-            for x in input_batches(data, "tlcore.quantize: calibrating", progress):
+            for x in input_batches(data, "tlcore.quantize", "calibrating", progress):
                 fused(x.to(device=device, dtype=dtype))
     finally:
         for handle in handles:
@@ -221,8 +221,8 @@ def _calibrate(fused: nn.Module, folded: dict, data, method: str, percentile: fl
     return observers
 
 
-def input_batches(data, description: str, progress: bool):
-    """The non-empty input batches of `data`, with a progress bar labelled `description`.
+def input_batches(data, caller: str, activity: str, progress: bool):
+    """The non-empty input batches of `data`, with a progress bar "{caller}: {activity}".
 
     data: one (N, C, H, W) tensor, or an iterable of such tensors or of (inputs, labels) pairs
     (a DataLoader's). Raises TypeError for other batches and ValueError if no batch is non-empty.
@@ -230,15 +230,15 @@ def input_batches(data, description: str, progress: bool):
     if isinstance(data, torch.Tensor):  # one batch (iterating it would give single images)
         data = [data]
     batches = 0
-    for batch in tqdm(data, desc=description, unit="batch", disable=not progress):
+    for batch in tqdm(data, desc=f"{caller}: {activity}", unit="batch", disable=not progress):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{description}: batches must be tensors or (inputs, labels) pairs, got {type(x).__name__}")
+            raise TypeError(f"{caller}: batches must be tensors or (inputs, labels) pairs, got {type(x).__name__}")
         if x.numel() > 0:
             batches += 1
             yield x
     if batches == 0:
-        raise ValueError(f"{description}: the data yielded no non-empty batch")
+        raise ValueError(f"{caller}: the data yielded no non-empty batch; {activity} needs at least one input")
 
 
 def _qparams(observer) -> QParams:

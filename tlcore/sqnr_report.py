@@ -8,6 +8,8 @@ run end to end on the same inputs, so errors accumulate with depth: a block whos
 below its predecessor's is the one to keep float (`tlcore.quantize(..., skip=(name,))`). The names
 are those `skip` takes: "conv1" (the stem's output after the max-pool), the blocks and "fc" (the logits).
 """
+import math
+
 import torch
 from torch import nn
 
@@ -32,13 +34,16 @@ def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True
     if model.training or qmodel.training:
         raise ValueError("tlcore.sqnr_report compares inference models: call .eval() on both")
     float_points, int8_points = _float_points(model), _int8_points(qmodel)
+    if list(float_points) != list(int8_points):
+        raise ValueError(f"tlcore.sqnr_report: model has the stages {list(float_points)[1:-1]} and qmodel "
+                         f"{list(int8_points)[1:-1]}; pass the model qmodel was quantized from")
     signal = dict.fromkeys(float_points, 0.0)
     noise = dict.fromkeys(float_points, 0.0)
     param = next(model.parameters())
     with torch.no_grad():
-        for x in input_batches(data, "tlcore.sqnr_report", progress):
-            x = x.to(param.device)
-            refs = _run_capturing(model, x.to(param.dtype), float_points)
+        for x in input_batches(data, "tlcore.sqnr_report", "comparing", progress):
+            x = x.to(param.device, param.dtype)  # both models take the float model's dtype, as in calibration
+            refs = _run_capturing(model, x, float_points)
             outs = _run_capturing(qmodel, x, {name: module for name, (module, _) in int8_points.items()})
             for name, (_, dequantize) in int8_points.items():
                 ref, out = refs[name].double(), dequantize(outs[name]).double()
@@ -48,7 +53,7 @@ def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True
 
 
 def _decibels(signal: float, noise: float) -> float:
-    return float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(signal / noise)).item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
 def _float_points(model: nn.Module) -> dict[str, nn.Module]:

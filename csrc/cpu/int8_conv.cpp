@@ -625,8 +625,9 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
 
 // requantize_avx2's math on 512 bits for the AVX512-VNNI path, where requantize_avx2 took two thirds
 // as long as the zmm kernel on the stem (its 64-bit shift emulation and 128-bit-lane narrowing).
-// As there, out_zero * 2**shift joins the offsets and each code floor(total / 2**shift) fits int32
-// (quantized_fits_int32). vpsraq leaves an even channel's code in the low word of its total; an
+// As there, out_zero * 2**shift joins the offsets, which keeps |total| < 2**62 + 128 * 2**shift
+// under 2**63 up to shift 55 (kAvx512MaxShift; quantize's shifts stay <= 46), and each code
+// floor(total / 2**shift) fits int32 (quantized_fits_int32). vpsraq leaves an even channel's code in the low word of its total; an
 // odd channel's goes to the high word (where the blend takes it) in one shift: right by shift - 32,
 // or, for shift < 32, left by 32 - shift (exact: the code's 30 bits plus 32 stay under 2**63).
 // Full channel blocks load and store plainly: masked loads and vpmovdb stores to memory took ~40% of
@@ -634,6 +635,8 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
 // block, so it takes any K and any `rows` (a whole zmm tile per call).
 // GCC 12's avx512fintrin.h fills its "undefined" vectors as `__m512i __Y = __Y;` (GCC bug 105593),
 // which -Wall reports as uninitialized once inlined here.
+constexpr int32_t kAvx512MaxShift = 55;
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -704,7 +707,7 @@ TileFn pairs_tile_fn(Int8Isa isa) { return tile_fn(isa == Int8Isa::kScalar ? isa
 EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a) {
 #ifdef TLCORE_X86
   if (isa != Int8Isa::kScalar && quantized_fits_int32(a)) {
-    if (isa == Int8Isa::kAvx512Vnni) return requantize_avx512;
+    if (isa == Int8Isa::kAvx512Vnni) return a.shift <= kAvx512MaxShift ? requantize_avx512 : requantize;
     if (a.shift < 32) return requantize_avx2<false>;
     if (a.shift <= kHighWordMaxShift) return requantize_avx2<true>;
   }
