@@ -372,8 +372,8 @@ def test_avx2_epilogue_both_shift_routes(shift, algorithm, monkeypatch):
 @pytest.mark.parametrize("shift, out_zero", [(55, -128), (56, -128), (57, 120), (62, -2)])
 def test_cpu_epilogue_large_shifts(shift, out_zero, isa, monkeypatch):
     """Shifts up to the op's limit of 62 with totals near the 2**62 headroom (offsets up to 2**61):
-    the AVX-512 epilogue folds out_zero * 2**shift into the int64 totals, which wrapped above shift 55,
-    so it leaves those shifts to the scalar one. K = 64: full channel blocks. At such shifts the
+    the vector epilogues fold out_zero * 2**shift into the int64 totals (the AVX-512 one wrapped
+    above shift 55), so they leave shifts above 54 to the scalar one. K = 64: full channel blocks. At such shifts the
     offsets decide the codes (|acc * multiplier| < 2**49), so each channel has one code: compared
     whole, not by assert_bit_exact, whose spread check assumes codes that vary with the input."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))

@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from tlcore.nn.int8 import FloatFallback, Int8Conv2d, Int8ResidualBlock, QParams, QuantizeInput
+from tlcore.nn.int8 import QParams
+from tlcore.ops.int8 import dequantize_per_tensor
 from tlcore.quantize import LAYERS, input_batches
 
 
@@ -45,8 +46,9 @@ def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True
             x = x.to(param.device, param.dtype)  # both models take the float model's dtype, as in calibration
             refs = _run_capturing(model, x, float_points)
             outs = _run_capturing(qmodel, x, {name: module for name, (module, _) in int8_points.items()})
-            for name, (_, dequantize) in int8_points.items():
-                ref, out = refs[name].double(), dequantize(outs[name]).double()
+            for name, (_, q) in int8_points.items():
+                out = outs[name] if q is None else dequantize_per_tensor(outs[name], q.scale, q.zero_point)
+                ref, out = refs[name].double(), out.double()
                 signal[name] += ref.square().sum().item()
                 noise[name] += (ref - out).square().sum().item()
     return {name: _decibels(signal[name], noise[name]) for name in float_points}
@@ -64,29 +66,27 @@ def _float_points(model: nn.Module) -> dict[str, nn.Module]:
     return points
 
 
-def _int8_points(qmodel: nn.Module) -> dict[str, tuple[nn.Module, object]]:
-    """{name: (the int8 model's module whose output is compared, its dequantization)}."""
+def _int8_points(qmodel: nn.Module) -> dict[str, tuple[nn.Module, QParams | None]]:
+    """{name: (the int8 model's module whose output is compared, the quantization of its codes)};
+    "fc" is the whole model, whose logits are float."""
     # The stem's codes leave the max-pool with the stem conv's quantization (Int8MaxPool2d keeps
     # it) or, when the stem stayed float, with that of the QuantizeInput after the pool.
     stem, pool = qmodel.conv1, qmodel.maxpool
     stem_out = pool[-1] if isinstance(pool, nn.Sequential) else stem[-1] if isinstance(stem, nn.Sequential) else stem
-    points = {"conv1": (pool, _dequantizer(_output_qparams(stem_out, "the stem")))}
+    points = {"conv1": (pool, _output_qparams(stem_out, "the stem"))}
     for layer in LAYERS:
         for i, block in enumerate(getattr(qmodel, layer)):
-            points[f"{layer}.{i}"] = (block, _dequantizer(_output_qparams(block, f"{layer}.{i}")))
-    points["fc"] = (qmodel, lambda logits: logits)
+            points[f"{layer}.{i}"] = (block, _output_qparams(block, f"{layer}.{i}"))
+    points["fc"] = (qmodel, None)
     return points
 
 
 def _output_qparams(module: nn.Module, name: str) -> QParams:
-    if not isinstance(module, (QuantizeInput, Int8Conv2d, Int8ResidualBlock, FloatFallback)):
+    qparams = getattr(module, "output_qparams", None)  # the int8 modules that produce codes have it
+    if qparams is None:
         raise TypeError(f"tlcore.sqnr_report: {name} of qmodel is a {type(module).__name__}, not int8; "
                         "pass the model tlcore.quantize returned")
-    return module.output_qparams
-
-
-def _dequantizer(q: QParams):
-    return lambda codes: (codes.float() - q.zero_point) * q.scale
+    return qparams
 
 
 def _run_capturing(model: nn.Module, x: torch.Tensor, points: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

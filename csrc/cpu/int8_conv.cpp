@@ -567,15 +567,16 @@ double largest_total(const Int8ConvArgs& a) {
 // only the products need 64 bits, the rest runs on 8 lanes, and the clamp on the packed bytes
 // (the saturating packs clamp to [-128, 127] already; ReLU's floor and out_max remain).
 // The int64 totals come from vpmuldq on the even and the odd channels of a vector; out_zero * 2**shift
-// joins the offsets (|total| < 2**62 + 2**61 < 2**63), so floor(total / 2**shift) is the code itself,
-// which fits int32. AVX2 has no 64-bit arithmetic shift, so that floor takes one of two routes:
-//   kHighWord (32 <= shift <= 54: requantization gives the largest multiplier 30 significant bits, so
-//     shift >= 32 unless some x_scale * w_scale / out_scale, or a residual's res_scale / out_scale,
-//     reaches 1/4): the high 32 bits of a total are floor(total / 2**32), and an arithmetic int32
-//     shift by shift - 32 finishes the floor.
+// joins the offsets (|total| < 2**62 + 128 * 2**shift <= 2**62 + 2**61 < 2**63 for shifts up to
+// kFoldedZeroMaxShift; requantization makes at most 46), so floor(total / 2**shift) is the code
+// itself, which fits int32. AVX2 has no 64-bit arithmetic shift, so that floor takes one of two routes:
+//   kHighWord (shift >= 32, the usual case: requantization gives the largest multiplier 30
+//     significant bits, so shift >= 32 unless some x_scale * w_scale / out_scale, or a residual's
+//     res_scale / out_scale, reaches 1/4): the high 32 bits of a total are floor(total / 2**32),
+//     and an arithmetic int32 shift by shift - 32 finishes the floor.
 //   otherwise (shift < 32, e.g. every conv with a residual): a logical 64-bit shift differs from the
 //     arithmetic one only in its top `shift` bits, above bit 32: its low 32 bits are the code.
-constexpr int32_t kHighWordMaxShift = 54;
+constexpr int32_t kFoldedZeroMaxShift = 54;
 
 template <bool kHighWord>
 __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, const int32_t (*acc)[kTileN],
@@ -625,18 +626,16 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
 
 // requantize_avx2's math on 512 bits for the AVX512-VNNI path, where requantize_avx2 took two thirds
 // as long as the zmm kernel on the stem (its 64-bit shift emulation and 128-bit-lane narrowing).
-// As there, out_zero * 2**shift joins the offsets, which keeps |total| < 2**62 + 128 * 2**shift
-// under 2**63 up to shift 55 (kAvx512MaxShift; quantize's shifts stay <= 46), and each code
-// floor(total / 2**shift) fits int32 (quantized_fits_int32). vpsraq leaves an even channel's code in the low word of its total; an
-// odd channel's goes to the high word (where the blend takes it) in one shift: right by shift - 32,
-// or, for shift < 32, left by 32 - shift (exact: the code's 30 bits plus 32 stay under 2**63).
+// As there, out_zero * 2**shift joins the offsets (up to kFoldedZeroMaxShift) and each code
+// floor(total / 2**shift) fits int32 (quantized_fits_int32). vpsraq leaves an even channel's code
+// in the low word of its total; an odd channel's goes to the high word (where the blend takes it)
+// in one shift: right by shift - 32, or, for shift < 32, left by 32 - shift (exact: the code's
+// 30 bits plus 32 stay under 2**63).
 // Full channel blocks load and store plainly: masked loads and vpmovdb stores to memory took ~40% of
 // this function on a 64-channel 1x1 conv with a residual (AMD Zen, perf). Masks handle a partial
 // block, so it takes any K and any `rows` (a whole zmm tile per call).
 // GCC 12's avx512fintrin.h fills its "undefined" vectors as `__m512i __Y = __Y;` (GCC bug 105593),
 // which -Wall reports as uninitialized once inlined here.
-constexpr int32_t kAvx512MaxShift = 55;
-
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -706,10 +705,9 @@ TileFn pairs_tile_fn(Int8Isa isa) { return tile_fn(isa == Int8Isa::kScalar ? isa
 
 EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a) {
 #ifdef TLCORE_X86
-  if (isa != Int8Isa::kScalar && quantized_fits_int32(a)) {
-    if (isa == Int8Isa::kAvx512Vnni) return a.shift <= kAvx512MaxShift ? requantize_avx512 : requantize;
-    if (a.shift < 32) return requantize_avx2<false>;
-    if (a.shift <= kHighWordMaxShift) return requantize_avx2<true>;
+  if (isa != Int8Isa::kScalar && quantized_fits_int32(a) && a.shift <= kFoldedZeroMaxShift) {
+    if (isa == Int8Isa::kAvx512Vnni) return requantize_avx512;
+    return a.shift < 32 ? requantize_avx2<false> : requantize_avx2<true>;
   }
 #endif
   return requantize;
