@@ -23,6 +23,8 @@ def run_benchmark(benchmark, fn, inputs, **info):
         if DEVICE.type == "cuda":
             call = lambda: (fn(next(cycle)), torch.cuda.synchronize())  # noqa: E731
             info["do_bench_median_ms"] = median_ms(fn, inputs, DEVICE)
+            if "ops" in info:  # integer operations per call
+                info["tops"] = info["ops"] / (info["do_bench_median_ms"] * 1e-3) / 1e12
         else:
             call = lambda: fn(next(cycle))  # noqa: E731
         benchmark.extra_info.update(info, tlcore_settings=tlcore_settings())

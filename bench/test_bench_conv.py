@@ -19,7 +19,8 @@ def conv_shapes(model_name="resnet50", groups=1):
     import torchvision
 
     shapes = []
-    model = getattr(torchvision.models, model_name)().eval()
+    with torch.device("meta"):  # shapes only: no weights initialised, no arithmetic
+        model = getattr(torchvision.models, model_name)().eval()
 
     def record(conv, args, _out):
         shape = (conv.in_channels, conv.out_channels, *conv.kernel_size, conv.stride[0], conv.padding[0],
@@ -29,7 +30,7 @@ def conv_shapes(model_name="resnet50", groups=1):
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
-        model(torch.zeros(1, 3, 224, 224))
+        model(torch.zeros(1, 3, 224, 224, device="meta"))
     for h in hooks:
         h.remove()
     return shapes

@@ -107,18 +107,16 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
   auto args = int8_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
                              out_zero, relu, stride, padding, dilation, out, groups);
   args.out_max = static_cast<int32_t>(out_max);
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 3 &&
-                  tlcore::int8_algorithm_supported(static_cast<tlcore::Int8Algorithm>(algorithm), args.c, args.r,
-                                                   args.s, args.stride_h, args.stride_w, args.dil_h, args.dil_w,
-                                                   tlcore::int8_resolve_isa(wanted), groups),
+  const tlcore::Int8Algorithm chosen = checked_algorithm(algorithm);
+  TORCH_CHECK(tlcore::int8_algorithm_supported(chosen, args.c, args.r, args.s, args.stride_h, args.stride_w,
+                                               args.dil_h, args.dil_w, tlcore::int8_resolve_isa(wanted), groups),
               "tlcore int8 conv: algorithm ", algorithm, " cannot run this conv on this instruction set (see "
               "Int8Algorithm in csrc/int8_conv.h)");
   args.algorithm = static_cast<int32_t>(algorithm);
   if (packed_weight.has_value()) {
     TORCH_CHECK(packed_weight->scalar_type() == at::kInt && packed_weight->is_contiguous() &&
                     packed_weight->numel() ==
-                        tlcore::int8_packed_weight_words(args.k, args.c, args.r, args.s, wanted,
-                                                         static_cast<tlcore::Int8Algorithm>(algorithm), groups),
+                        tlcore::int8_packed_weight_words(args.k, args.c, args.r, args.s, wanted, chosen, groups),
                 "tlcore int8 conv: packed_weight does not match the weight and instruction set; pack it with "
                 "_int8_pack_weight_cpu");
     args.packed_weight = packed_weight->data_ptr<int32_t>();

@@ -335,8 +335,11 @@ def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilati
 
 
 def forget_packed_weight(weight: torch.Tensor) -> None:
-    """Drop weight's cached packing: it changed in a way its version does not show."""
-    _packed_weights.pop(id(weight), None)
+    """Make weight's cached packing stale: it changed in a way its version does not show. (The entry
+    stays, so its finalizer is not registered again: the next call repacks under the same entry.)"""
+    cached = _packed_weights.get(id(weight))
+    if cached is not None:
+        _packed_weights[id(weight)] = (cached[0], None, cached[2])
 
 
 @torch.library.custom_op("tlcore::_int8_conv_cpu_cached", mutates_args=())
