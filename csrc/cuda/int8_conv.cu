@@ -33,7 +33,7 @@ bool mma_available(int device) {
     int major = 0;
     cudaFuncAttributes attributes{};
     const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-                    cudaFuncGetAttributes(&attributes, int8_conv_mma_kernel) == cudaSuccess;
+                    cudaFuncGetAttributes(&attributes, int8_conv_mma_kernel<false>) == cudaSuccess;
     if (!ok) cudaGetLastError();  // clear the error: the dp4a path runs instead
     known = ok && major >= 8 && attributes.ptxVersion >= 80 ? 2 : 1;
     cache[device].store(known, std::memory_order_relaxed);
@@ -59,6 +59,15 @@ Kernel choose_kernel(int device) {
   throw std::invalid_argument(std::string(kInt8CudaKernelEnv) + "=" + forced + ": choose auto, dp4a or mma");
 }
 
+template <bool kFlat>
+void launch(const Int8ConvArgs& args, bool mma, dim3 grid, cudaStream_t stream) {
+  if (mma) {
+    int8_conv_mma_kernel<kFlat><<<grid, kMmaThreads, 0, stream>>>(args);
+  } else {
+    int8_conv_dp4a_kernel<kFlat><<<grid, kThreads, 0, stream>>>(args);
+  }
+}
+
 int current_device() {
   int device = 0;
   const cudaError_t error = cudaGetDevice(&device);
@@ -74,14 +83,13 @@ int current_device() {
 const char* int8_cuda_kernel_name() { return choose_kernel(current_device()) == Kernel::kMma ? "mma" : "dp4a"; }
 
 void int8_conv2d_cuda(const Int8ConvArgs& args, void* stream) {
-  const bool mma = choose_kernel(current_device()) == Kernel::kMma;
+  // (Inputs too large for the mma kernel's int32 coordinates, over 2**31 pixels a side, run on
+  // dp4a, whose indices are int64.)
+  const bool mma = choose_kernel(current_device()) == Kernel::kMma && mma_coordinates_fit(args);
   const dim3 grid = int8_conv_grid(args, mma);
   if (grid.y > 65535) throw std::invalid_argument("tlcore int8 conv (CUDA): too many output channels");
-  if (mma) {
-    int8_conv_mma_kernel<<<grid, kMmaThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
-  } else {
-    int8_conv_dp4a_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
-  }
+  const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  flat_reduction(args) ? launch<true>(args, mma, grid, cuda_stream) : launch<false>(args, mma, grid, cuda_stream);
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) {
     throw std::runtime_error(std::string("tlcore int8 conv (CUDA): launch failed: ") + cudaGetErrorString(error));

@@ -38,36 +38,54 @@ __device__ __forceinline__ int32_t pack4(const int8_t* p, int64_t valid) {
 // The reduction a kernel walks, in the weights' KRSC order: `taps` runs of `length` values, weight row
 // k's run t at weight + (k * taps + t) * length. A run is one tap's C channels, or, below
 // kFlatChannelsBelow channels, the whole flattened (r, s, c) window (flat): a tap of the 3-channel
-// stem in 64-channel steps would be 61 channels of padding, 21x the products.
+// stem in 64-channel steps would be 61 channels of padding, 21x the products. Each kernel is
+// compiled for both (kFlat): the flat gather's state would cost the other every register it holds.
 constexpr int64_t kFlatChannelsBelow = 16;
 
+__host__ __device__ inline bool flat_reduction(const Int8ConvArgs& a) { return a.c < kFlatChannelsBelow; }
+
 struct Reduction {
-  bool flat;
   int64_t taps, length;
 };
 
+template <bool kFlat>
 __device__ __forceinline__ Reduction reduction_of(const Int8ConvArgs& a) {
-  const bool flat = a.c < kFlatChannelsBelow;
-  return {flat, flat ? 1 : a.r * a.s, flat ? a.r * a.s * a.c : a.c};
+  return {kFlat ? 1 : a.r * a.s, kFlat ? a.r * a.s * a.c : a.c};
 }
 
-// Word `index` (values 4 * index .. + 3) of a flat reduction for the output whose window's top-left
-// input is (ih0, iw0) in the image starting at pixel `img`: value (r * S + s) * C + c is x at
-// (ih0 + r * dil_h, iw0 + s * dil_w, c), x_zero outside the image, and 0 past R * S * C (where the
+// Where a value of a flat reduction sits in the (r, s, c) window: value (r * S + s) * C + c. The
+// gathers step a cursor value by value (next) instead of dividing for each byte; r == R is past
+// the window's last value.
+struct FlatCursor {
+  int r, s, c;
+};
+
+__device__ __forceinline__ FlatCursor flat_cursor_at(const Int8ConvArgs& a, int value) {
+  // int32 math: a flat window holds fewer than kFlatChannelsBelow * R * S values.
+  const int channels = static_cast<int>(a.c), width = static_cast<int>(a.s);
+  const int tap = value / channels;
+  return {tap / width, tap % width, value - tap * channels};
+}
+
+__device__ __forceinline__ void next(const Int8ConvArgs& a, FlatCursor& at) {
+  if (++at.c < a.c) return;
+  at.c = 0;
+  if (++at.s < a.s) return;
+  at.s = 0;
+  ++at.r;
+}
+
+// The word of the 4 values from `at` on (moving `at` past them) for the output whose window's
+// top-left input is (ih0, iw0) in the image starting at pixel `img`: the value at (r, s, c) is x at
+// (ih0 + r * dil_h, iw0 + s * dil_w, c), x_zero outside the image, and 0 past the window (where the
 // weights pack as 0).
 __device__ __forceinline__ int32_t flat_window_word(const Int8ConvArgs& a, int64_t img, int64_t ih0, int64_t iw0,
-                                                    int64_t index, uint32_t zero_byte) {
-  // int32 index math: a flat window holds fewer than kFlatChannelsBelow * R * S values.
-  const int length = static_cast<int>(a.r * a.s * a.c), channels = static_cast<int>(a.c);
-  const int width = static_cast<int>(a.s);
+                                                    FlatCursor& at, uint32_t zero_byte) {
   uint32_t word = 0;
-  for (int j = 0; j < 4; ++j) {
-    const int v = static_cast<int>(4 * index) + j;
-    if (v >= length) break;
-    const int tap = v / channels, c = v - tap * channels, r = tap / width, s = tap - r * width;
-    const int64_t ih = ih0 + r * a.dil_h, iw = iw0 + s * a.dil_w;
+  for (int j = 0; j < 4 && at.r < a.r; ++j, next(a, at)) {
+    const int64_t ih = ih0 + at.r * a.dil_h, iw = iw0 + at.s * a.dil_w;
     const bool inside = ih >= 0 && ih < a.h && iw >= 0 && iw < a.w;
-    const uint32_t byte = inside ? static_cast<uint8_t>(a.x[(img + ih * a.w + iw) * a.c + c]) : zero_byte;
+    const uint32_t byte = inside ? static_cast<uint8_t>(a.x[(img + ih * a.w + iw) * a.c + at.c]) : zero_byte;
     word |= byte << (8 * j);
   }
   return static_cast<int32_t>(word);
@@ -97,6 +115,7 @@ constexpr int kTileN = 64;
 constexpr int kWords = 16;  // int32 words (4 channels each) per reduction step
 constexpr int kThreads = 256;
 
+template <bool kFlat>
 __global__ void __launch_bounds__(kThreads) int8_conv_dp4a_kernel(Int8ConvArgs a) {
   __shared__ int32_t x_tile[kWords][kTileM + 1];
   __shared__ int32_t w_tile[kWords][kTileN + 1];
@@ -105,39 +124,56 @@ __global__ void __launch_bounds__(kThreads) int8_conv_dp4a_kernel(Int8ConvArgs a
   const int64_t m_total = a.n * a.oh * a.ow;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTileN;
-  const Reduction reduction = reduction_of(a);
+  const Reduction reduction = reduction_of<kFlat>(a);
   const int64_t words = (reduction.length + 3) / 4;
   const uint32_t zero_byte = static_cast<uint8_t>(static_cast<int8_t>(a.x_zero));
   const int32_t zero_word = static_cast<int32_t>(zero_byte * 0x01010101u);
+
+  // Each tile row's window (image offset in pixels, top-left input), found once per block: the
+  // loaders read it for every word instead of dividing m again. Past the last row: img = -1.
+  __shared__ int64_t row_img[kTileM], row_ih0[kTileM], row_iw0[kTileM];
+  for (int row = tid; row < kTileM; row += kThreads) {
+    const int64_t m = m0 + row, n = m / (a.oh * a.ow), rest = m % (a.oh * a.ow);
+    row_img[row] = m < m_total ? n * a.h * a.w : -1;
+    row_ih0[row] = (rest / a.ow) * a.stride_h - a.pad_h;
+    row_iw0[row] = (rest % a.ow) * a.stride_w - a.pad_w;
+  }
+  __syncthreads();
+
+  // Loader roles: each thread loads word `load_word` of a step for tile rows (and weight columns)
+  // load_row + kRowStride * i, i < kLoads.
+  constexpr int kRowStride = kThreads / kWords, kLoads = kTileM / kRowStride;
+  static_assert(kTileM == kTileN && kThreads % kWords == 0 && kTileM % kRowStride == 0, "loader roles");
+  const int load_word = tid % kWords, load_row = tid / kWords;
 
   int32_t acc[4][4] = {};
   for (int64_t tap = 0; tap < reduction.taps; ++tap) {
     const int64_t r = tap / a.s, s = tap % a.s;  // (flat: the one run starts at tap 0)
     for (int64_t w0 = 0; w0 < words; w0 += kWords) {
-      for (int i = tid; i < kTileM * kWords; i += kThreads) {
-        const int row = i / kWords, word = i % kWords;
-        const int64_t m = m0 + row, c = 4 * (w0 + word);
+      const int64_t c = 4 * (w0 + load_word);  // the word's first value in the run
+      const bool in_run = c < reduction.length;
+      const FlatCursor flat_start = kFlat && in_run ? flat_cursor_at(a, static_cast<int>(c)) : FlatCursor{};
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {
+        const int row = load_row + kRowStride * i;
+        const int64_t img = row_img[row], ih0 = row_ih0[row], iw0 = row_iw0[row];
         int32_t value = 0;
-        if (m < m_total && c < reduction.length) {
-          const int64_t n = m / (a.oh * a.ow), oh = (m / a.ow) % a.oh, ow = m % a.ow;
-          const int64_t ih0 = oh * a.stride_h - a.pad_h, iw0 = ow * a.stride_w - a.pad_w;
-          const int64_t ih = ih0 + r * a.dil_h, iw = iw0 + s * a.dil_w;
-          if (reduction.flat) {
-            value = flat_window_word(a, n * a.h * a.w, ih0, iw0, w0 + word, zero_byte);
+        if (img >= 0 && in_run) {
+          if (kFlat) {
+            FlatCursor at = flat_start;
+            value = flat_window_word(a, img, ih0, iw0, at, zero_byte);
           } else {
+            const int64_t ih = ih0 + r * a.dil_h, iw = iw0 + s * a.dil_w;
             value = (ih >= 0 && ih < a.h && iw >= 0 && iw < a.w)
-                        ? pack4(a.x + ((n * a.h + ih) * a.w + iw) * a.c + c, a.c - c)
+                        ? pack4(a.x + (img + ih * a.w + iw) * a.c + c, a.c - c)
                         : zero_word;
           }
         }
-        x_tile[word][row] = value;
-      }
-      for (int i = tid; i < kTileN * kWords; i += kThreads) {
-        const int col = i / kWords, word = i % kWords;
-        const int64_t k = k0 + col, c = 4 * (w0 + word);
-        w_tile[word][col] = (k < a.k && c < reduction.length)
-                                ? pack4(a.weight + (k * reduction.taps + tap) * reduction.length + c, reduction.length - c)
-                                : 0;
+        x_tile[load_word][row] = value;
+        const int64_t k = k0 + row;  // column `row` of w_tile
+        w_tile[load_word][row] =
+            k < a.k && in_run ? pack4(a.weight + (k * reduction.taps + tap) * reduction.length + c, reduction.length - c)
+                              : 0;
       }
       __syncthreads();
 #pragma unroll
@@ -240,6 +276,7 @@ __device__ __forceinline__ void mma_s8_m16n8k32(int32_t (&c)[4], const uint32_t 
 }
 #endif  // !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 
+template <bool kFlat>
 __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   // Two buffers: while the warps multiply one step from one, the threads hold the next step's
@@ -261,12 +298,15 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
   const int b_col = tid >> 2, b_word = (tid & 3) * 4;
   const int64_t am = m0 + a_row;
   const bool a_row_valid = am < m_total;
-  int64_t a_img = 0, a_ih0 = 0, a_iw0 = 0;  // image offset in pixels, top-left input of the window
+  // The row's image offset in pixels and window's top-left input; int32 coordinates (fewer
+  // registers: 3 blocks an SM) as the launcher checks (mma_coordinates_fit).
+  int64_t a_img = 0;
+  int a_ih0 = 0, a_iw0 = 0;
   if (a_row_valid) {
     const int64_t n = am / (a.oh * a.ow), rest = am % (a.oh * a.ow);
     a_img = n * a.h * a.w;
-    a_ih0 = (rest / a.ow) * a.stride_h - a.pad_h;
-    a_iw0 = (rest % a.ow) * a.stride_w - a.pad_w;
+    a_ih0 = static_cast<int>((rest / a.ow) * a.stride_h - a.pad_h);
+    a_iw0 = static_cast<int>((rest % a.ow) * a.stride_w - a.pad_w);
   }
   const int64_t bk = k0 + b_col;
   const bool b_col_valid = bk < a.k;
@@ -277,38 +317,45 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
   const int wm = (warp % (kMmaTileM / kWarpM)) * kWarpM, wn = (warp / (kMmaTileM / kWarpM)) * kWarpN;
 
   // Steps in order: runs (taps) outer, 64 values of the run inner. The next one to load is values
-  // c0 .. c0 + 63 of the run of tap (r, s) (flat: the one run, at tap (0, 0)).
-  const Reduction reduction = reduction_of(a);
+  // c0 .. c0 + 63 of the run of tap (r, s) (flat: the one run). Its addresses move along with it
+  // rather than being recomputed from (r, s) every step: the input pixel (ih, iw) this thread's
+  // row reads at the tap and its offset in x, and the weights' run.
+  const Reduction reduction = reduction_of<kFlat>(a);
   const int64_t run_steps = (reduction.length + 4 * kMmaWords - 1) / (4 * kMmaWords);
   const int64_t steps = reduction.taps * run_steps;
-  int64_t r = 0, s = 0, c0 = 0;
+  int64_t s = 0, c0 = 0;
+  int ih = a_ih0, iw = a_iw0;
+  int64_t x_pixel = (a_img + static_cast<int64_t>(ih) * a.w + iw) * a.c;  // used only inside the image
+  const int64_t next_column = a.dil_w * a.c, next_row = (a.dil_h * a.w - (a.s - 1) * a.dil_w) * a.c;
+  const int8_t* w_run = a.weight + bk * reduction.taps * reduction.length;  // dereferenced only when b_col_valid
   int4 next_a[2], next_b;
   const auto load_next = [&] {
-    const int64_t ih = a_ih0 + r * a.dil_h, iw = a_iw0 + s * a.dil_w;
     const bool inside = a_row_valid && ih >= 0 && ih < a.h && iw >= 0 && iw < a.w;
-    const int8_t* x_row = a.x + (a_img + ih * a.w + iw) * a.c;  // dereferenced only when inside
+    FlatCursor at{};
+    if (a_row_valid && kFlat) at = flat_cursor_at(a, static_cast<int>(c0 + 4 * a_word));
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int64_t c = c0 + 4 * (a_word + 4 * q);
       next_a[q] = a_row_valid ? pad4 : zero4;
-      if (a_row_valid && reduction.flat) {
-        const int64_t word = c / 4;
-        next_a[q] = make_int4(flat_window_word(a, a_img, a_ih0, a_iw0, word, zero_byte),
-                              flat_window_word(a, a_img, a_ih0, a_iw0, word + 1, zero_byte),
-                              flat_window_word(a, a_img, a_ih0, a_iw0, word + 2, zero_byte),
-                              flat_window_word(a, a_img, a_ih0, a_iw0, word + 3, zero_byte));
+      if (a_row_valid && kFlat) {
+        int32_t w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[j] = flat_window_word(a, a_img, a_ih0, a_iw0, at, zero_byte);
+        next_a[q] = make_int4(w[0], w[1], w[2], w[3]);
       } else if (inside) {
-        next_a[q] = load16(x_row + c, a.c - c);
+        next_a[q] = load16(a.x + x_pixel + c, a.c - c);
       }
     }
     const int64_t c = c0 + 4 * b_word;
-    const int64_t tap = r * a.s + s;
-    const int8_t* w_row = a.weight + (bk * reduction.taps + tap) * reduction.length;  // only when b_col_valid
-    next_b = b_col_valid ? load16(w_row + c, reduction.length - c) : zero4;
+    next_b = b_col_valid ? load16(w_run + c, reduction.length - c) : zero4;
     c0 += 4 * kMmaWords;  // on to the step after
-    if (c0 >= reduction.length) {
-      c0 = 0;
-      if (++s == a.s) s = 0, ++r;
+    if (c0 < reduction.length) return;
+    c0 = 0;
+    w_run += reduction.length;
+    if (++s < a.s) {
+      iw += a.dil_w, x_pixel += next_column;
+    } else {
+      s = 0, iw = a_iw0, ih += a.dil_h, x_pixel += next_row;
     }
   };
   const auto store_next = [&](int buffer) {
@@ -378,6 +425,14 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
 #endif
 }
 
+
+// Whether the mma kernel's int32 input coordinates hold every (ih, iw) it visits: from -pad to
+// below h + pad (the last window ends by h + pad - 1), and one tap row or column past a window
+// after its last step.
+inline bool mma_coordinates_fit(const Int8ConvArgs& a) {
+  constexpr int64_t kMax = 0x7fffffff;
+  return a.h + a.pad_h + a.dil_h <= kMax && a.w + a.pad_w + a.dil_w <= kMax;
+}
 
 // The grid of either kernel (mma: int8_conv_mma_kernel with kMmaThreads a block, else
 // int8_conv_dp4a_kernel with kThreads): a block per output tile.
