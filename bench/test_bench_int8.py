@@ -153,6 +153,33 @@ def _int8_peak_tops() -> float:
     return matmul_peak_tflops(DEVICE, torch.int8)
 
 
+def _gpu_layer_operands(shape, groups=1):
+    """(two random int8 (GPU_LAYER_BATCH, C, H, W) channels_last batches, a random int8 (K, C / groups,
+    R, S) channels_last weight, the integer operations of one call: 2 per multiply-add the conv needs)."""
+    c, k, r, s, stride, padding, h, w = shape
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    xs = [torch.randint(-128, 128, (GPU_LAYER_BATCH, c, h, w), generator=g, device=DEVICE, dtype=torch.int8)
+          .contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    weight = torch.randint(-127, 128, (k, c // groups, r, s), generator=g, device=DEVICE, dtype=torch.int8)
+    ops = (2 * GPU_LAYER_BATCH * output_size(h, r, stride, padding, 1) * output_size(w, s, stride, padding, 1) * k
+           * (c // groups) * r * s)
+    return xs, weight.contiguous(memory_format=torch.channels_last), ops
+
+
+def _int8_layer(weight, stride, padding, groups=1):
+    """conv(x, backend): int8 conv of x with weight + requantize + ReLU, int8 NHWC out, on that backend."""
+    from tlcore.ops import int8 as q8
+
+    multiplier, offset, shift, _ = q8.requantization(0.02, -128, weight, torch.full((weight.shape[0],), 0.01), None,
+                                                     0.5, -128)
+
+    def conv(x, backend):
+        with use_backend(backend):
+            return q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride, padding=padding,
+                                  relu=True, groups=groups)
+    return conv
+
+
 @needs_gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("shape", conv_shapes("resnet50"), ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
@@ -169,26 +196,15 @@ def test_gpu_int8_conv_layer(benchmark, shape, backend):
     with use_backend(backend):  # a fallback to another backend would time the wrong kernel
         assert select(q8.CONV_OP, DEVICE, q8.conv_backends(1)) == backend
     c, k, r, s, stride, padding, h, w = shape
-    g = torch.Generator(device=DEVICE).manual_seed(3)
-    xs = [torch.randint(-128, 128, (GPU_LAYER_BATCH, c, h, w), generator=g, device=DEVICE, dtype=torch.int8)
-          .contiguous(memory_format=torch.channels_last) for _ in range(2)]
-    weight = torch.randint(-127, 128, (k, c, r, s), generator=g, device=DEVICE, dtype=torch.int8)
-    weight = weight.contiguous(memory_format=torch.channels_last)
-    multiplier, offset, shift, _ = q8.requantization(0.02, -128, weight, torch.full((k,), 0.01), None, 0.5, -128)
-
-    def conv(x, name=backend):
-        with use_backend(name):
-            return q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride, padding=padding, relu=True)
-
-    assert torch.equal(conv(xs[0][:16]), conv(xs[0][:16], "torch"))
+    xs, weight, ops = _gpu_layer_operands(shape)
+    layer = _int8_layer(weight, stride, padding)
+    assert torch.equal(layer(xs[0][:16], backend), layer(xs[0][:16], "torch"))
     other = "cuda" if backend == "triton" else "triton"
     if other == "triton" or _extension.has_cuda_kernels():
-        assert torch.equal(conv(xs[0]), conv(xs[0], other))
-    ops = (2 * GPU_LAYER_BATCH * output_size(h, r, stride, padding, 1) * output_size(w, s, stride, padding, 1) * k
-           * c * r * s)
+        assert torch.equal(layer(xs[0], backend), layer(xs[0], other))
     benchmark.group = f"int8 conv c{c} k{k} {r}x{s}/{stride} h{h} batch {GPU_LAYER_BATCH} (GPU)"
-    run_benchmark(benchmark, conv, xs, ops=ops, backend=backend, shape=list(shape), batch=GPU_LAYER_BATCH,
-                  int8_peak_tops=_int8_peak_tops())
+    run_benchmark(benchmark, functools.partial(layer, backend=backend), xs, ops=ops, backend=backend,
+                  shape=list(shape), batch=GPU_LAYER_BATCH, int8_peak_tops=_int8_peak_tops())
     benchmark.extra_info["share_of_int8_peak"] = benchmark.extra_info["tops"] / _int8_peak_tops()
 
 
@@ -209,27 +225,16 @@ def test_gpu_grouped_conv_layer(benchmark, shape, impl):
     from tlcore.ops import int8 as q8
 
     c, k, r, s, stride, padding, h, w = shape
-    g = torch.Generator(device=DEVICE).manual_seed(3)
-    xs = [torch.randint(-128, 128, (GPU_LAYER_BATCH, c, h, w), generator=g, device=DEVICE, dtype=torch.int8)
-          .contiguous(memory_format=torch.channels_last) for _ in range(2)]
-    weight = torch.randint(-127, 128, (k, c // RESNEXT_GROUPS, r, s), generator=g, device=DEVICE, dtype=torch.int8)
-    weight = weight.contiguous(memory_format=torch.channels_last)
+    xs, weight, ops = _gpu_layer_operands(shape, RESNEXT_GROUPS)
     if impl == "cudnn fp16":
         xs, weight = [x.half() for x in xs], weight.half()
         conv = lambda x: torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, RESNEXT_GROUPS)  # noqa: E731
     else:
         with use_backend("triton"):  # a fallback to another backend would time the wrong kernel
             assert select(q8.CONV_OP, DEVICE, q8.conv_backends(RESNEXT_GROUPS)) == "triton"
-        multiplier, offset, shift, _ = q8.requantization(0.02, -128, weight, torch.full((k,), 0.01), None, 0.5, -128)
-
-        def conv(x, name="triton"):
-            with use_backend(name):
-                return q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride, padding=padding,
-                                      relu=True, groups=RESNEXT_GROUPS)
-
-        assert torch.equal(conv(xs[0]), conv(xs[0], "torch"))
-    ops = (2 * GPU_LAYER_BATCH * output_size(h, r, stride, padding, 1) * output_size(w, s, stride, padding, 1) * k
-           * (c // RESNEXT_GROUPS) * r * s)
+        layer = _int8_layer(weight, stride, padding, RESNEXT_GROUPS)
+        assert torch.equal(layer(xs[0], "triton"), layer(xs[0], "torch"))
+        conv = functools.partial(layer, backend="triton")
     benchmark.group = (f"grouped conv c{c} k{k} {r}x{s}/{stride} h{h} groups {RESNEXT_GROUPS} "
                        f"batch {GPU_LAYER_BATCH} (GPU)")
     run_benchmark(benchmark, conv, xs, ops=ops, impl=impl, shape=list(shape), batch=GPU_LAYER_BATCH)
