@@ -99,7 +99,8 @@ constexpr const char* kInt8CudaKernelEnv = "TLCORE_INT8_CUDA_KERNEL";
 // the current device. Throws std::invalid_argument for a bad kInt8CudaKernelEnv value.
 void int8_conv2d_cuda(const Int8ConvArgs& args, void* stream);
 
-// The kernel int8_conv2d_cuda would launch on the current device now: "mma" or "dp4a".
+// The kernel int8_conv2d_cuda would launch on the current device now: "mma" or "dp4a" (for convs
+// whose coordinates fit int32, i.e. all but absurd padding or dilation; see int8_conv.cu).
 const char* int8_cuda_kernel_name();
 #endif
 

@@ -17,6 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "csrc" / "cuda" / "int8_conv.cu"
 MMA, DP4A = "int8_conv_mma_kernel", "int8_conv_dp4a_kernel"
+# Each kernel is built for both reductions (template argument kFlat: per tap, or the flat stem window).
+MMA_KERNELS = [f"{MMA}<{flat}>" for flat in ("false", "true")]
+DP4A_KERNELS = [f"{DP4A}<{flat}>" for flat in ("false", "true")]
 MMA_PER_STEP = 16  # one 64-channel reduction step: 2 k32 steps x (2 x 4) m16n8 tiles per warp
 
 
@@ -41,6 +44,12 @@ NVCC, CUOBJDUMP = _tool("nvcc"), _tool("cuobjdump")
 pytestmark = pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs nvcc and cuobjdump")
 
 
+def _kernel(line):
+    """"int8_conv_mma_kernel<true>"-style name of the kernel a cuobjdump line names, or None."""
+    match = re.search(rf"({MMA}|{DP4A})ILb([01])E", line)
+    return match and f"{match.group(1)}<{('false', 'true')[int(match.group(2))]}>"
+
+
 def compile_cubin(arch, tmp_path):
     """(per-kernel SASS opcode lists, per-kernel resource usage) of int8_conv.cu built for sm_<arch>."""
     cubin = tmp_path / f"int8_conv_sm{arch}.cubin"
@@ -55,7 +64,7 @@ def compile_cubin(arch, tmp_path):
     opcodes, kernel = {}, None
     for line in sass.splitlines():
         if "Function :" in line:
-            kernel = next((k for k in (MMA, DP4A) if k in line), line.split()[-1])
+            kernel = _kernel(line) or line.split()[-1]
             opcodes[kernel] = []
         elif kernel is not None:
             # "/*0a30*/  @!P0 IMMA.16832.S8.S8 R4, R8.ROW, R12.COL, R4 ;  /* 0x... */"
@@ -66,7 +75,7 @@ def compile_cubin(arch, tmp_path):
     usage, kernel = {}, None
     for line in report.splitlines():
         if "Function" in line:
-            kernel = next((k for k in (MMA, DP4A) if k in line), None)
+            kernel = _kernel(line)
         elif kernel is not None and "REG:" in line:
             usage[kernel] = {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", line)}
     return opcodes, usage
@@ -75,20 +84,25 @@ def compile_cubin(arch, tmp_path):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_mma_kernel_uses_imma_without_spills(arch, tmp_path):
     opcodes, usage = compile_cubin(arch, tmp_path)
-    assert set(opcodes) >= {MMA, DP4A} and set(usage) >= {MMA, DP4A}, (sorted(opcodes), sorted(usage))
-    imma = [op for op in opcodes[MMA] if op.startswith("IMMA")]
-    assert len(imma) >= MMA_PER_STEP, f"sm_{arch}: {len(imma)} IMMA instructions in the mma kernel"
-    assert set(imma) == {"IMMA.16832.S8.S8"}, set(imma)
-    assert not any(op.startswith("IMMA") for op in opcodes[DP4A])
-    assert any(op.startswith("IDP.4A") for op in opcodes[DP4A]), "the dp4a kernel does not use dp4a"
-    for kernel in (MMA, DP4A):
+    kernels = MMA_KERNELS + DP4A_KERNELS
+    assert set(opcodes) >= set(kernels) and set(usage) >= set(kernels), (sorted(opcodes), sorted(usage))
+    for kernel in MMA_KERNELS:
+        imma = [op for op in opcodes[kernel] if op.startswith("IMMA")]
+        assert len(imma) >= MMA_PER_STEP, f"sm_{arch}: {len(imma)} IMMA instructions in {kernel}"
+        assert set(imma) == {"IMMA.16832.S8.S8"}, set(imma)
+        # 8 warps a block: at most 128 registers a thread keeps two blocks (16 warps) per SM.
+        assert usage[kernel]["REG"] <= 128, f"sm_{arch} {kernel}: {usage[kernel]['REG']} registers a thread"
+    for kernel in DP4A_KERNELS:
+        assert not any(op.startswith("IMMA") for op in opcodes[kernel])
+        assert any(op.startswith("IDP.4A") for op in opcodes[kernel]), f"{kernel} does not use dp4a"
+    for kernel in kernels:
         spills = [op for op in opcodes[kernel] if op.startswith(("LDL", "STL"))]
         assert not spills and usage[kernel]["STACK"] + usage[kernel]["LOCAL"] == 0, f"sm_{arch} {kernel}: {usage}"
-    # 8 warps a block: at most 128 registers a thread keeps two blocks (16 warps) per SM.
-    assert usage[MMA]["REG"] <= 128, f"sm_{arch}: {usage[MMA]['REG']} registers a thread"
 
 
 def test_pre_ampere_build_compiles_the_mma_body_out(tmp_path):
     opcodes, _ = compile_cubin(75, tmp_path)
-    assert not any(op.startswith("IMMA") for op in opcodes[MMA])
-    assert any(op.startswith("IDP.4A") for op in opcodes[DP4A])
+    for kernel in MMA_KERNELS:
+        assert not any(op.startswith("IMMA") for op in opcodes[kernel]), kernel
+    for kernel in DP4A_KERNELS:
+        assert any(op.startswith("IDP.4A") for op in opcodes[kernel]), kernel

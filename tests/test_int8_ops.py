@@ -689,6 +689,37 @@ def test_cuda_kernel_choice(monkeypatch):
             run(c, "cuda")
 
 
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("c", [3, 32])  # the flat (stem) reduction and the per-tap one
+def test_cuda_kernel_padding_past_int32(c, monkeypatch):
+    """Padding and dilation of 2**32 rows, past the mma kernel's int32 coordinates (the launcher runs
+    such convs on dp4a), give the right codes: the one output row's second tap reads the image's
+    only row and its first the padding, as in the same conv with padding and dilation 1."""
+    huge = padding_past_int32_case(c, 2**32)
+    expected = reference(dict(huge, padding=[1, 0], dilation=[1, 1], stride=[1, 1]))[:, :, :1]
+    huge = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in huge.items()}
+    for kernel in cuda_kernels():
+        monkeypatch.setenv(q8.CUDA_KERNEL_ENV, kernel)
+        assert_bit_exact(run(huge, "cuda").cpu(), expected, f"cuda {kernel}, C={c}, padding 2**32")
+
+
+def padding_past_int32_case(c, rows):
+    """A (1, c, 1, 5) image, 2x1 kernel, `rows` rows of padding and dilation, one output row."""
+    return make_case(1, c, 1, 5, 8, 2, 1, stride=(4 * rows, 1), padding=(rows, 0), dilation=(rows, 1),
+                     residual=False)
+
+
+@pytest.mark.parametrize("c", [3, 32])
+def test_large_padding_and_dilation(c):
+    """The CPU kernel and the torch backend on 4096 rows of padding and dilation (the GPU test's
+    2**32 would not fit the CPU kernel's padded copy of the input)."""
+    large = padding_past_int32_case(c, 2**12)
+    expected = reference(dict(large, padding=[1, 0], dilation=[1, 1], stride=[1, 1]))[:, :, :1]
+    for name in ("cpu", "torch"):
+        assert_bit_exact(run(large, name), expected, f"{name}, C={c}, padding 4096")
+
+
 def test_empty_batch():
     c = make_case(1, 4, 5, 5, 6, 3, 3)
     c["x"] = c["x"][:0]

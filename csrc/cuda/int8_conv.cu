@@ -3,6 +3,8 @@
 // Kernel choice (int8_conv2d_cuda): mma on compute capability >= 8.0 when the binary holds sm_80+
 // code for the device, dp4a otherwise. TLCORE_INT8_CUDA_KERNEL=dp4a|mma forces one (tests,
 // benchmarks; auto or unset picks), read on every launch; forcing mma where it cannot run throws.
+// Either way a conv whose coordinates do not fit the mma kernel's int32 ones (mma_coordinates_fit:
+// padding or dilation near 2**31) runs on dp4a.
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -83,8 +85,6 @@ int current_device() {
 const char* int8_cuda_kernel_name() { return choose_kernel(current_device()) == Kernel::kMma ? "mma" : "dp4a"; }
 
 void int8_conv2d_cuda(const Int8ConvArgs& args, void* stream) {
-  // (Inputs too large for the mma kernel's int32 coordinates, over 2**31 pixels a side, run on
-  // dp4a, whose indices are int64.)
   const bool mma = choose_kernel(current_device()) == Kernel::kMma && mma_coordinates_fit(args);
   const dim3 grid = int8_conv_grid(args, mma);
   if (grid.y > 65535) throw std::invalid_argument("tlcore int8 conv (CUDA): too many output channels");

@@ -61,7 +61,8 @@ struct FlatCursor {
 };
 
 __device__ __forceinline__ FlatCursor flat_cursor_at(const Int8ConvArgs& a, int value) {
-  // int32 math: a flat window holds fewer than kFlatChannelsBelow * R * S values.
+  // int32 math: a window's C * R * S values are at most 131071 (int32 accumulation's bound, checked
+  // by the op: csrc/ops.cpp).
   const int channels = static_cast<int>(a.c), width = static_cast<int>(a.s);
   const int tap = value / channels;
   return {tap / width, tap % width, value - tap * channels};
@@ -132,11 +133,12 @@ __global__ void __launch_bounds__(kThreads) int8_conv_dp4a_kernel(Int8ConvArgs a
   // Each tile row's window (image offset in pixels, top-left input), found once per block: the
   // loaders read it for every word instead of dividing m again. Past the last row: img = -1.
   __shared__ int64_t row_img[kTileM], row_ih0[kTileM], row_iw0[kTileM];
-  for (int row = tid; row < kTileM; row += kThreads) {
-    const int64_t m = m0 + row, n = m / (a.oh * a.ow), rest = m % (a.oh * a.ow);
-    row_img[row] = m < m_total ? n * a.h * a.w : -1;
-    row_ih0[row] = (rest / a.ow) * a.stride_h - a.pad_h;
-    row_iw0[row] = (rest % a.ow) * a.stride_w - a.pad_w;
+  static_assert(kThreads >= kTileM, "a thread per tile row");
+  if (tid < kTileM) {
+    const int64_t m = m0 + tid, n = m / (a.oh * a.ow), rest = m % (a.oh * a.ow);
+    row_img[tid] = m < m_total ? n * a.h * a.w : -1;
+    row_ih0[tid] = (rest / a.ow) * a.stride_h - a.pad_h;
+    row_iw0[tid] = (rest % a.ow) * a.stride_w - a.pad_w;
   }
   __syncthreads();
 
@@ -317,9 +319,9 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
   const int wm = (warp % (kMmaTileM / kWarpM)) * kWarpM, wn = (warp / (kMmaTileM / kWarpM)) * kWarpN;
 
   // Steps in order: runs (taps) outer, 64 values of the run inner. The next one to load is values
-  // c0 .. c0 + 63 of the run of tap (r, s) (flat: the one run). Its addresses move along with it
-  // rather than being recomputed from (r, s) every step: the input pixel (ih, iw) this thread's
-  // row reads at the tap and its offset in x, and the weights' run.
+  // c0 .. c0 + 63 of the current run: of tap (r, s), at input pixel (ih, iw) of this thread's row
+  // (flat: the one run). Its addresses move along with it rather than being recomputed from the tap
+  // every step: (ih, iw) with s, the pixel's offset in x, and the weights' run.
   const Reduction reduction = reduction_of<kFlat>(a);
   const int64_t run_steps = (reduction.length + 4 * kMmaWords - 1) / (4 * kMmaWords);
   const int64_t steps = reduction.taps * run_steps;
@@ -428,7 +430,8 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
 
 // Whether the mma kernel's int32 input coordinates hold every (ih, iw) it visits: from -pad to
 // below h + pad (the last window ends by h + pad - 1), and one tap row or column past a window
-// after its last step.
+// after its last step. Only absurd padding or dilation (or sides of 2**31 pixels) fail it; the
+// launcher runs those on dp4a.
 inline bool mma_coordinates_fit(const Int8ConvArgs& a) {
   constexpr int64_t kMax = 0x7fffffff;
   return a.h + a.pad_h + a.dil_h <= kMax && a.w + a.pad_w + a.dil_w <= kMax;

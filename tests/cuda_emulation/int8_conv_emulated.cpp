@@ -11,6 +11,7 @@ cuda_emulation::Counts launch(const tlcore::Int8ConvArgs& a, bool mma) {
              : cuda_emulation::launch(grid, tlcore::kThreads, [&a] { tlcore::int8_conv_dp4a_kernel<kFlat>(a); });
 }
 
+// Runs the kernel asked for, without the launcher's fallback to dp4a for coordinates past int32.
 extern "C" void tlcore_emulated_int8_conv(int mma, const int8_t* x, int64_t n, int64_t h, int64_t w, int64_t c,
                                           int32_t x_zero, const int8_t* weight, int64_t k, int64_t r, int64_t s,
                                           const int32_t* multiplier, const int64_t* offset, int32_t shift,
