@@ -33,8 +33,11 @@ python -c "import tlcore, tlcore._extension as e; print('extension:', e.loaded()
 
 if want tests; then
   # one tile configuration per Triton kernel (TLCORE_AUTOTUNE=0): each test shape's kernels compile
-  # once, not once per autotune config, on a machine whose compile cache starts empty
-  step tests env TLCORE_AUTOTUNE=0 python -m pytest -q -x tests -p no:cacheprovider --durations=15
+  # once, not once per autotune config, on a machine whose compile cache starts empty. The GPU-only
+  # tests (marker gpu: the CUDA C++ kernels, compile, 2**31-element tensors) run first, so that a
+  # call cut off at its time limit has them; then the rest of the suite, on the GPU too.
+  step tests-gpu env TLCORE_AUTOTUNE=0 python -m pytest -q -x tests -m gpu -p no:cacheprovider --durations=15
+  step tests env TLCORE_AUTOTUNE=0 python -m pytest -q -x tests -m "not gpu" -p no:cacheprovider --durations=15
 fi
 if want sanitize; then
   # memcheck over the fused conv kernel on odd shapes (out-of-bounds reads/writes, misaligned access)
