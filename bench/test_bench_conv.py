@@ -39,6 +39,11 @@ def conv_shapes(model_name="resnet50", groups=1):
 SHAPES = conv_shapes("resnet50")
 
 
+def shape_id(shape) -> str:
+    """A conv_shapes entry as a test id, e.g. c64k64r3s3st1p1h56w56."""
+    return "c{}k{}r{}s{}st{}p{}h{}w{}".format(*shape)
+
+
 def make_layer(shape, batch, dtype=torch.float16):
     c, k, r, s, stride, padding, h, w = shape
     x = [torch.randn(batch, c, h, w, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -50,7 +55,7 @@ def make_layer(shape, batch, dtype=torch.float16):
 
 
 @pytest.mark.parametrize("batch", [32, 256])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("variant", ["tlcore conv+bn+relu", "cudnn conv alone", "eager conv+bn+relu"])
 def test_resnet50_layer(benchmark, variant, shape, batch):
     x, weight, scale, shift, conv = make_layer(shape, batch)

@@ -24,7 +24,7 @@ import torchvision
 
 import tlcore
 from conftest import DEVICE, needs_gpu, run_benchmark
-from test_bench_conv import conv_shapes
+from test_bench_conv import SHAPES, conv_shapes, shape_id
 from tlcore.backend import use_backend
 from tlcore.benchmark.timing import matmul_peak_tflops
 from tlcore.ops.conv import output_size
@@ -182,7 +182,7 @@ def _int8_layer(weight, stride, padding, groups=1):
 
 @needs_gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("shape", conv_shapes("resnet50"), ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_gpu_int8_conv_layer(benchmark, shape, backend):
     """One int8 conv + requantize + ReLU (int8 NHWC in and out) on one GPU backend, checked bit-exact
     first: against the torch reference on 16 images, and at the timed batch (whose autotuned tile
@@ -214,7 +214,7 @@ RESNEXT_GROUPS = 32
 @needs_gpu
 @pytest.mark.parametrize("impl", ["tlcore int8 triton", "cudnn fp16"])
 @pytest.mark.parametrize("shape", conv_shapes("resnext50_32x4d", RESNEXT_GROUPS),
-                         ids=lambda s: "c{}k{}r{}s{}st{}p{}h{}w{}".format(*s))
+                         ids=shape_id)
 def test_gpu_grouped_conv_layer(benchmark, shape, impl):
     """ResNeXt-50's grouped 3x3 convs (32 groups) at batch 256: the Triton int8 kernel with its
     requantize + ReLU epilogue (checked bit-exact at the timed batch, whose autotuned config it

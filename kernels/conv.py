@@ -62,7 +62,7 @@ def _conv2d_bn_act_fwd_kernel(
     c_blocks = tl.cdiv(C, BLOCK_K)
     for step in range(0, reduction_steps(C, R, S, c_blocks, BLOCK_K, FLAT_K)):
         a_ptrs, a_mask, b_ptrs, b_mask = step_block_pointers(
-            step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k, C, C,
+            step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k, C,
             H, W, R, S, FLAT_K, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # zero padding
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)

@@ -125,15 +125,15 @@ def reduction_steps(C, R: tl.constexpr, S: tl.constexpr, c_blocks, BLOCK_K: tl.c
 
 
 @triton.jit
-def step_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k, C, tap_channels,
+def step_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k, C,
                         H, W, R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr,
                         sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
-    """flat_block_pointers if FLAT_K, else tap_block_pointers over tap_channels channels a tap."""
+    """flat_block_pointers if FLAT_K, else tap_block_pointers; C: the channels from x_rows on."""
     if FLAT_K:
         return flat_block_pointers(step, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
                                    C, H, W, R, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
     return tap_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
-                              tap_channels, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+                              C, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
 
 
 @triton.jit

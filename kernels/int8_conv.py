@@ -81,7 +81,7 @@ def _int8_conv2d_fwd_kernel(
     # The reduction runs over c_span channels, the widest any BLOCK_N tile's groups span, the same
     # for every tile: a trip count or mask bound computed from the tile's own columns kept the
     # compiler from pipelining the loads (cp.async). Channels past a tile's groups get zero weights.
-    c_first, c_span, group_start, group_end = 0, C, offs_n * 0, offs_n * 0
+    c_first, c_span = 0, C  # (group_start, group_end: set and read under GROUPED only)
     if GROUPED:
         c_first = tl.multiple_of((tl.min(offs_n, axis=0) // K_GROUP) * C_GROUP, GROUP_ALIGN)
         group_start = tl.multiple_of((offs_n // K_GROUP) * C_GROUP - c_first, GROUP_ALIGN)
@@ -102,7 +102,7 @@ def _int8_conv2d_fwd_kernel(
     tl.static_assert(not (FLAT_K and GROUPED))
     for step in range(0, reduction_steps(C, R, S, c_blocks, BLOCK_K, FLAT_K)):
         a_ptrs, in_image, b_ptrs, b_mask = step_block_pointers(
-            step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k, C, C - c_first,
+            step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k, C - c_first,
             H, W, R, S, FLAT_K, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
         a = tl.load(a_ptrs, mask=in_image, other=0)
         # Outside the image x reads as its zero point (real zero); past the reduction the weights are zero.

@@ -696,8 +696,7 @@ def test_cuda_kernel_padding_past_int32(c, monkeypatch):
     """Padding and dilation of 2**32 rows, past the mma kernel's int32 coordinates (the launcher runs
     such convs on dp4a), give the right codes: the one output row's second tap reads the image's
     only row and its first the padding, as in the same conv with padding and dilation 1."""
-    huge = padding_past_int32_case(c, 2**32)
-    expected = reference(dict(huge, padding=[1, 0], dilation=[1, 1], stride=[1, 1]))[:, :, :1]
+    huge, expected = padding_past_int32_case(c, 2**32)
     huge = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in huge.items()}
     for kernel in cuda_kernels():
         monkeypatch.setenv(q8.CUDA_KERNEL_ENV, kernel)
@@ -705,17 +704,18 @@ def test_cuda_kernel_padding_past_int32(c, monkeypatch):
 
 
 def padding_past_int32_case(c, rows):
-    """A (1, c, 1, 5) image, 2x1 kernel, `rows` rows of padding and dilation, one output row."""
-    return make_case(1, c, 1, 5, 8, 2, 1, stride=(4 * rows, 1), padding=(rows, 0), dilation=(rows, 1),
+    """(a (1, c, 1, 5) image, 2x1 kernel, `rows` rows of padding and dilation: one output row; its
+    expected codes, those of the same conv with padding and dilation 1)."""
+    case = make_case(1, c, 1, 5, 8, 2, 1, stride=(4 * rows, 1), padding=(rows, 0), dilation=(rows, 1),
                      residual=False)
+    return case, reference(dict(case, padding=[1, 0], dilation=[1, 1], stride=[1, 1]))[:, :, :1]
 
 
 @pytest.mark.parametrize("c", [3, 32])
 def test_large_padding_and_dilation(c):
     """The CPU kernel and the torch backend on 4096 rows of padding and dilation (the GPU test's
     2**32 would not fit the CPU kernel's padded copy of the input)."""
-    large = padding_past_int32_case(c, 2**12)
-    expected = reference(dict(large, padding=[1, 0], dilation=[1, 1], stride=[1, 1]))[:, :, :1]
+    large, expected = padding_past_int32_case(c, 2**12)
     for name in ("cpu", "torch"):
         assert_bit_exact(run(large, name), expected, f"{name}, C={c}, padding 4096")
 

@@ -41,11 +41,12 @@ def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True
     signal = dict.fromkeys(float_points, 0.0)
     noise = dict.fromkeys(float_points, 0.0)
     param = next(model.parameters())
+    int8_modules = {name: module for name, (module, _) in int8_points.items()}
     with torch.no_grad():
         for x in input_batches(data, "tlcore.sqnr_report", "comparing", progress):
             x = x.to(param.device, param.dtype)  # both models take the float model's dtype, as in calibration
             refs = _run_capturing(model, x, float_points)
-            outs = _run_capturing(qmodel, x, {name: module for name, (module, _) in int8_points.items()})
+            outs = _run_capturing(qmodel, x, int8_modules)
             for name, (_, q) in int8_points.items():
                 out = outs[name] if q is None else dequantize_per_tensor(outs[name], q.scale, q.zero_point)
                 ref, out = refs[name].double(), out.double()

@@ -61,15 +61,6 @@ Kernel choose_kernel(int device) {
   throw std::invalid_argument(std::string(kInt8CudaKernelEnv) + "=" + forced + ": choose auto, dp4a or mma");
 }
 
-template <bool kFlat>
-void launch(const Int8ConvArgs& args, bool mma, dim3 grid, cudaStream_t stream) {
-  if (mma) {
-    int8_conv_mma_kernel<kFlat><<<grid, kMmaThreads, 0, stream>>>(args);
-  } else {
-    int8_conv_dp4a_kernel<kFlat><<<grid, kThreads, 0, stream>>>(args);
-  }
-}
-
 int current_device() {
   int device = 0;
   const cudaError_t error = cudaGetDevice(&device);
@@ -86,10 +77,9 @@ const char* int8_cuda_kernel_name() { return choose_kernel(current_device()) == 
 
 void int8_conv2d_cuda(const Int8ConvArgs& args, void* stream) {
   const bool mma = choose_kernel(current_device()) == Kernel::kMma && mma_coordinates_fit(args);
-  const dim3 grid = int8_conv_grid(args, mma);
-  if (grid.y > 65535) throw std::invalid_argument("tlcore int8 conv (CUDA): too many output channels");
-  const auto cuda_stream = static_cast<cudaStream_t>(stream);
-  flat_reduction(args) ? launch<true>(args, mma, grid, cuda_stream) : launch<false>(args, mma, grid, cuda_stream);
+  const Int8ConvLaunch launch = int8_conv_launch(args, mma);
+  if (launch.grid.y > 65535) throw std::invalid_argument("tlcore int8 conv (CUDA): too many output channels");
+  launch.kernel<<<launch.grid, launch.threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) {
     throw std::runtime_error(std::string("tlcore int8 conv (CUDA): launch failed: ") + cudaGetErrorString(error));

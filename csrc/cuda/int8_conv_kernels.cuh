@@ -92,6 +92,16 @@ __device__ __forceinline__ int32_t flat_window_word(const Int8ConvArgs& a, int64
   return static_cast<int32_t>(word);
 }
 
+// Output row m's window: the image's first pixel, and the input (ih0, iw0) of its top-left tap.
+struct RowWindow {
+  int64_t img, ih0, iw0;
+};
+
+__device__ __forceinline__ RowWindow row_window(const Int8ConvArgs& a, int64_t m) {
+  const int64_t n = m / (a.oh * a.ow), rest = m % (a.oh * a.ow);
+  return {n * a.h * a.w, (rest / a.ow) * a.stride_h - a.pad_h, (rest % a.ow) * a.stride_w - a.pad_w};
+}
+
 // The lowest output code: out_zero under a ReLU (codes below it are negative reals), else -128.
 __device__ __forceinline__ int64_t output_floor(const Int8ConvArgs& a) {
   return a.relu ? max(a.out_zero, -128) : -128;
@@ -135,10 +145,10 @@ __global__ void __launch_bounds__(kThreads) int8_conv_dp4a_kernel(Int8ConvArgs a
   __shared__ int64_t row_img[kTileM], row_ih0[kTileM], row_iw0[kTileM];
   static_assert(kThreads >= kTileM, "a thread per tile row");
   if (tid < kTileM) {
-    const int64_t m = m0 + tid, n = m / (a.oh * a.ow), rest = m % (a.oh * a.ow);
-    row_img[tid] = m < m_total ? n * a.h * a.w : -1;
-    row_ih0[tid] = (rest / a.ow) * a.stride_h - a.pad_h;
-    row_iw0[tid] = (rest % a.ow) * a.stride_w - a.pad_w;
+    const RowWindow window = row_window(a, m0 + tid);
+    row_img[tid] = m0 + tid < m_total ? window.img : -1;
+    row_ih0[tid] = window.ih0;
+    row_iw0[tid] = window.iw0;
   }
   __syncthreads();
 
@@ -305,10 +315,10 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
   int64_t a_img = 0;
   int a_ih0 = 0, a_iw0 = 0;
   if (a_row_valid) {
-    const int64_t n = am / (a.oh * a.ow), rest = am % (a.oh * a.ow);
-    a_img = n * a.h * a.w;
-    a_ih0 = static_cast<int>((rest / a.ow) * a.stride_h - a.pad_h);
-    a_iw0 = static_cast<int>((rest % a.ow) * a.stride_w - a.pad_w);
+    const RowWindow window = row_window(a, am);
+    a_img = window.img;
+    a_ih0 = static_cast<int>(window.ih0);
+    a_iw0 = static_cast<int>(window.iw0);
   }
   const int64_t bk = k0 + b_col;
   const bool b_col_valid = bk < a.k;
@@ -351,7 +361,7 @@ __global__ void __launch_bounds__(kMmaThreads) int8_conv_mma_kernel(Int8ConvArgs
     const int64_t c = c0 + 4 * b_word;
     next_b = b_col_valid ? load16(w_run + c, reduction.length - c) : zero4;
     c0 += 4 * kMmaWords;  // on to the step after
-    if (c0 < reduction.length) return;
+    if (kFlat || c0 < reduction.length) return;  // (flat: one run, nothing after it)
     c0 = 0;
     w_run += reduction.length;
     if (++s < a.s) {
@@ -437,12 +447,21 @@ inline bool mma_coordinates_fit(const Int8ConvArgs& a) {
   return a.h + a.pad_h + a.dil_h <= kMax && a.w + a.pad_w + a.dil_w <= kMax;
 }
 
-// The grid of either kernel (mma: int8_conv_mma_kernel with kMmaThreads a block, else
-// int8_conv_dp4a_kernel with kThreads): a block per output tile.
-inline dim3 int8_conv_grid(const Int8ConvArgs& a, bool mma) {
+// The kernel a launch of the mma or the dp4a kind runs for this conv, its threads a block and its
+// grid (a block per output tile); the launcher and tests/cuda_emulation both launch from it.
+struct Int8ConvLaunch {
+  void (*kernel)(Int8ConvArgs);
+  int threads;
+  dim3 grid;
+};
+
+inline Int8ConvLaunch int8_conv_launch(const Int8ConvArgs& a, bool mma) {
   const int64_t m_total = a.n * a.oh * a.ow;
   const int64_t tile_m = mma ? kMmaTileM : kTileM, tile_n = mma ? kMmaTileN : kTileN;
-  return dim3(static_cast<unsigned>((m_total + tile_m - 1) / tile_m), static_cast<unsigned>((a.k + tile_n - 1) / tile_n));
+  const dim3 grid(static_cast<unsigned>((m_total + tile_m - 1) / tile_m), static_cast<unsigned>((a.k + tile_n - 1) / tile_n));
+  const bool flat = flat_reduction(a);
+  if (mma) return {flat ? int8_conv_mma_kernel<true> : int8_conv_mma_kernel<false>, kMmaThreads, grid};
+  return {flat ? int8_conv_dp4a_kernel<true> : int8_conv_dp4a_kernel<false>, kThreads, grid};
 }
 
 }  // namespace

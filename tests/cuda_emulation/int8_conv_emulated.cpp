@@ -4,13 +4,6 @@
 #include "cuda_emulation.h"
 #include "cuda/int8_conv_kernels.cuh"
 
-template <bool kFlat>
-cuda_emulation::Counts launch(const tlcore::Int8ConvArgs& a, bool mma) {
-  const dim3 grid = tlcore::int8_conv_grid(a, mma);
-  return mma ? cuda_emulation::launch(grid, tlcore::kMmaThreads, [&a] { tlcore::int8_conv_mma_kernel<kFlat>(a); })
-             : cuda_emulation::launch(grid, tlcore::kThreads, [&a] { tlcore::int8_conv_dp4a_kernel<kFlat>(a); });
-}
-
 // Runs the kernel asked for, without the launcher's fallback to dp4a for coordinates past int32.
 extern "C" void tlcore_emulated_int8_conv(int mma, const int8_t* x, int64_t n, int64_t h, int64_t w, int64_t c,
                                           int32_t x_zero, const int8_t* weight, int64_t k, int64_t r, int64_t s,
@@ -23,7 +16,8 @@ extern "C" void tlcore_emulated_int8_conv(int mma, const int8_t* x, int64_t n, i
                          res_multiplier, out_zero, relu != 0, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                          oh, ow, out};
   a.out_max = out_max;
-  const cuda_emulation::Counts ran = tlcore::flat_reduction(a) ? launch<true>(a, mma != 0) : launch<false>(a, mma != 0);
+  const tlcore::Int8ConvLaunch launch = tlcore::int8_conv_launch(a, mma != 0);
+  const cuda_emulation::Counts ran = cuda_emulation::launch(launch.grid, launch.threads, [&] { launch.kernel(a); });
   counts[0] = ran.warp_mma;
   counts[1] = ran.dp4a;
 }
