@@ -44,9 +44,10 @@ tlcore::Int8ConvArgs int8_conv_args(const at::Tensor& x, int64_t x_zero, const a
               "tlcore int8 conv: x must be a channels_last int8 (N, C, H, W) tensor");
   TORCH_CHECK(groups >= 1 && weight.dim() == 4 && weight.size(0) % groups == 0,
               "tlcore int8 conv: groups must be >= 1 and divide the output channels");
-  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(nhwc) &&
-                  weight.size(1) * groups == x.size(1),
-              "tlcore int8 conv: weight must be a channels_last int8 (K, C / groups, R, S) tensor matching x");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(nhwc),
+              "tlcore int8 conv: weight must be a channels_last int8 (K, C / groups, R, S) tensor");
+  TORCH_CHECK(weight.size(1) * groups == x.size(1), "tlcore int8 conv: x has ", x.size(1),
+              " channels but the weight expects ", weight.size(1), " per group x ", groups, " groups");
   const int64_t k = weight.size(0);
   TORCH_CHECK(multiplier.scalar_type() == at::kInt && multiplier.numel() == k && multiplier.is_contiguous() &&
                   offset.scalar_type() == at::kLong && offset.numel() == k && offset.is_contiguous(),

@@ -536,6 +536,27 @@ def test_nan_input_raises():
         qmodel(x)
 
 
+def test_wrong_channel_count_names_it():
+    qmodel = tlcore.quantize(small_resnet(), batches(), progress=False)
+    with pytest.raises((ValueError, RuntimeError), match="x has 1 channels but the weight expects 3"):
+        qmodel(torch.randn(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_dtype_casts_keep_the_int8_arithmetic(cast):
+    """model.half() and the like leave the int8 model's fp32 scales (the kernels take fp32) alone:
+    the same logits as before, fp32, from an fp32 input or one in the new dtype."""
+    qmodel = tlcore.quantize(small_resnet(Bottleneck), batches(), progress=False)
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        expected = qmodel(x)
+        getattr(qmodel, cast)()
+        assert qmodel.fc.w_scale.dtype == torch.float32 and qmodel.layer1[0].last.w_scale.dtype == torch.float32
+        assert torch.equal(qmodel(x), expected)
+        out = qmodel(getattr(x, cast)())
+        assert out.dtype == torch.float32 and sqnr(expected, out) > 20
+
+
 # ---- compilation and export ---------------------------------------------------------------------
 
 def count_packs(monkeypatch) -> list:

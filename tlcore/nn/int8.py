@@ -62,6 +62,18 @@ class _Int8Module(nn.Module):
         self.state = state
         self.backend: str | None = None  # tlcore backend forced for this module's ops
 
+    def _apply(self, fn, recurse=True):
+        # The fp32 buffers (weight scales, the fc's bias) belong to the integer arithmetic: a
+        # model.half(), .double() or .to(dtype) must not round them (the kernels take fp32 only),
+        # so they follow the model to its device and keep their dtype and values.
+        floats = {name: b for name, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, before in floats.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def get_extra_state(self) -> dict:
         return dict(self.state)
 
