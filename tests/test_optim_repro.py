@@ -1,8 +1,10 @@
 """Bit-identical results: across backends, runs, a save/resume, and DDP replicas."""
+import copy
 import io
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -284,3 +286,104 @@ def test_a_rejected_step_changes_no_state():
     with pytest.raises((ValueError, TypeError, RuntimeError)):
         opt.step()
     assert len(opt.state[good]) == 0 and torch.equal(good.detach(), before)
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["same optimizer", "resumed from a contiguous checkpoint"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_states_follow_a_parameter_to_channels_last(name, resume):
+    """A weight moved to channels_last after its first step (or a checkpoint loaded into such a
+    model) keeps its states' values, copied to its new layout; each step counts once."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3).to(torch.bfloat16)
+    opt = OPTIMIZERS[name](conv.parameters(), seed=0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
+    conv(x).sum().backward()
+    opt.step()
+    checkpoint = copy.deepcopy(opt.state_dict())
+    conv.to(memory_format=torch.channels_last)
+    if resume:
+        opt = OPTIMIZERS[name](conv.parameters(), seed=0)
+        opt.load_state_dict(checkpoint)
+    conv.zero_grad()
+    conv(x).sum().backward()
+    before = conv.weight.detach().clone()
+    opt.step()
+    state = opt.state[conv.weight]
+    assert state["step"] == 2 and not torch.equal(conv.weight.detach(), before)
+    names = [key for key, value in state.items() if torch.is_tensor(value)]
+    assert names and all(state[key].stride() == conv.weight.stride() for key in names)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_loads_a_torch_optim_state_dict(name):
+    """A torch.optim.AdamW / SGD checkpoint resumes under tlcore's optimizer: fp32 parameters then
+    follow torch.optim's own trajectory; fp16 ones get their states in fp32."""
+    stock = {"adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
+             "sgd": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)}[name]
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(37)), torch.nn.Parameter(torch.randn(5, 7))]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    ref_opt = stock(ref)
+    for step in range(6):
+        for p, g in zip(ref, _grads(ref, step)):
+            p.grad = g
+        if step == 3:
+            for p, q in zip(ours, ref):
+                p.data.copy_(q.detach())
+            opt = OPTIMIZERS[name](ours, seed=0)
+            opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # (as saved: not sharing its tensors)
+        if step >= 3:
+            for p, q in zip(ours, ref):
+                p.grad = q.grad.clone()
+            opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    resumed_steps = 6 if name == "adamw" else 3  # (torch.optim.SGD keeps no step count)
+    assert all(opt.state[p]["step"] == resumed_steps for p in ours)
+
+    half = [torch.nn.Parameter(torch.randn(9, dtype=torch.float16))]
+    half_ref = stock(half)
+    half[0].grad = torch.randn(9, dtype=torch.float16)
+    half_ref.step()
+    opt = OPTIMIZERS[name](half, seed=0)
+    opt.load_state_dict(copy.deepcopy(half_ref.state_dict()))
+    opt.step()
+    states = [v for v in opt.state[half[0]].values() if torch.is_tensor(v)]
+    assert states and all(s.dtype == torch.float32 for s in states)
+
+
+def test_group_settings_are_checked_before_they_are_added():
+    w = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.randn(4, dtype=torch.float16))
+    opt = tlcore.optim.AdamW([w], lr=0.1, seed=0)
+    for bad, error in [({"state_dtype": torch.float16}, "state_dtype"), ({"seed": 1.5}, "seed"),
+                       ({"seed": -1}, "seed"), ({"amsgrad": True}, "amsgrad")]:
+        with pytest.raises((ValueError, NotImplementedError), match=error):
+            opt.add_param_group({"params": [b], **bad})
+        assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b], "seed": np.int64(3)})
+    assert opt.param_groups[1]["seed"] == 3 and type(opt.param_groups[1]["seed"]) is int
+    opt.param_groups[1]["state_dtype"] = torch.float16  # changed by hand: the step refuses it whole
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="state_dtype"):
+        opt.step()
+    assert torch.equal(w.detach(), before) and not opt.state[w]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_torch_optim_keywords(name):
+    """torch.optim's own keywords are accepted with their defaults (and foreach/fused with any value):
+    the same bits as without them; the options tlcore lacks are refused when on, also from a checkpoint."""
+    extra = dict(maximize=False, foreach=True, fused=None, differentiable=False)
+    if name == "adamw":
+        extra.update(amsgrad=False, capturable=False)
+    plain = _run(OPTIMIZERS[name], torch.bfloat16, "cpu")
+    keyed = _run(lambda params, **kw: OPTIMIZERS[name](params, **kw, **extra), torch.bfloat16, "cpu")
+    _assert_identical(_snapshot(*plain), _snapshot(*keyed), "torch.optim keywords")
+    with pytest.raises(NotImplementedError, match="maximize"):
+        OPTIMIZERS[name](_params(torch.bfloat16), maximize=True)
+    stock = torch.optim.AdamW(_params(torch.float32), maximize=True)
+    with pytest.raises(NotImplementedError, match="maximize"):
+        OPTIMIZERS[name](_params(torch.float32)).load_state_dict(stock.state_dict())

@@ -18,6 +18,9 @@ class AdamW(StochasticRoundingOptimizer):
     Args:
         params: parameters or param groups (each group may set lr, betas, eps, weight_decay).
         lr, betas, eps, weight_decay: as torch.optim.AdamW.
+        amsgrad, maximize, foreach, capturable, differentiable, fused: torch.optim's, accepted
+            for drop-in use; amsgrad, maximize, capturable and differentiable only when False
+            (not implemented), foreach and fused change nothing (every step is fused).
         stochastic_rounding: False rounds to nearest (even) instead.
         seed: keys the random stream (with step, parameter index, element); None draws
             one from torch's default generator. Kept in state_dict() for bit-identical resume.
@@ -30,7 +33,9 @@ class AdamW(StochasticRoundingOptimizer):
     _op_name = "tlcore.optim.AdamW"
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, stochastic_rounding: bool = True, seed: Optional[int] = None,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, stochastic_rounding: bool = True, seed: Optional[int] = None,
                  state_dtype: Optional[torch.dtype] = None):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -40,7 +45,9 @@ class AdamW(StochasticRoundingOptimizer):
             raise ValueError(f"Invalid betas: {betas}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+        del foreach, fused  # torch.optim's implementation choices: every tlcore step is one fused launch
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize, capturable=capturable, differentiable=differentiable),
                          stochastic_rounding=stochastic_rounding, seed=seed, state_dtype=state_dtype)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ With a GradScaler (fp16), step() reads found_inf and the scale on the host (one 
 to skip the step or fold 1/scale into the update.
 """
 import abc
+import numbers
 from collections import defaultdict
 from typing import Any, Callable, Optional
 
@@ -25,6 +26,10 @@ import torch
 from tlcore.ops.optim import MAX_SEED, is_dense
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+# torch.optim options that tlcore does not implement: accepted (for drop-in use, and in a loaded
+# torch.optim state_dict's groups) only when off. foreach/fused are accepted and change nothing:
+# every step is one fused launch per batch of parameters.
+OFF_ONLY_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
 def default_state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -67,13 +72,29 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                  state_dtype: Optional[torch.dtype]):
         if seed is None:
             seed = _same_on_every_rank(draw_seed())
-        if not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
-            raise ValueError(f"{self._op_name}: seed must be an int in [0, 2**63), got {seed!r}")
-        if state_dtype is not None and state_dtype not in STATE_DTYPES:
-            raise ValueError(f"{self._op_name}: state_dtype must be None, torch.float32 or torch.bfloat16, got "
-                             f"{state_dtype} (fp16 states cannot hold squared gradients' range)")
         defaults = dict(defaults, stochastic_rounding=bool(stochastic_rounding), seed=seed, state_dtype=state_dtype)
+        self._check_group(defaults)
+        defaults["seed"] = int(seed)
         super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Refuse the group settings the op cannot run (before any parameter is touched)."""
+        for name in OFF_ONLY_OPTIONS:
+            if group.get(name):
+                raise NotImplementedError(f"{self._op_name}: {name}=True is not implemented")
+        seed = group["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
+            raise ValueError(f"{self._op_name}: seed must be an int in [0, 2**63), got {seed!r}")
+        if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
+            raise ValueError(f"{self._op_name}: state_dtype must be None, torch.float32 or torch.bfloat16, got "
+                             f"{group['state_dtype']} (fp16 states cannot hold squared gradients' range)")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's, with the group's tlcore settings checked first (a bad group is not added)."""
+        self._check_group({**self.defaults, **param_group})
+        if "seed" in param_group:
+            param_group = dict(param_group, seed=int(param_group["seed"]))
+        super().add_param_group(param_group)
 
     # ---- what a subclass provides ----
 
@@ -120,28 +141,51 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             grad = torch.empty_like(p).copy_(grad)
         return grad
 
-    def _init_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> bool:
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], position: int) -> bool:
         """Create the states `p` lacks (all on its first step; SGD's momentum buffer also when
-        momentum is switched on later); True if any was created (the op then starts it fresh)."""
+        momentum is switched on later); True if any was created (the op then starts it fresh).
+
+        States from elsewhere (a torch.optim state_dict's fp16 states of fp16 parameters; a
+        parameter since moved to channels_last) are copied, exactly, to the dtype and memory
+        layout the op takes: its kernels pair elements by memory position.
+        """
         dtype = group["state_dtype"] or default_state_dtype(p.dtype)
         state.setdefault("step", 0)
-        missing = [name for name in self._state_names(group) if name not in state]
-        for name in missing:
-            state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        return bool(missing)
+        fresh = False
+        for name in self._state_names(group):
+            value = state.get(name)
+            if value is None:  # (torch.optim.SGD saves a momentum_buffer of None)
+                state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                fresh = True
+            elif value.shape != p.shape:
+                raise ValueError(f"{self._op_name}: state {name!r} of parameter {position} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(p.shape)} (a state_dict of another model?)")
+            elif value.dtype != dtype or value.device != p.device or _local(value).stride() != _local(p).stride():
+                state[name] = torch.empty_like(p, dtype=dtype).copy_(value)
+        return fresh
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's loading, except that states keep their saved dtype.
+        """torch.optim's loading, except that:
 
-        torch.optim casts floating-point states to their parameter's dtype, which would
-        squeeze the fp32 states of fp16 parameters into fp16.
+        - states keep their saved dtype: torch.optim casts floating-point states to their
+          parameter's dtype, which would squeeze the fp32 states of fp16 parameters into fp16;
+        - a torch.optim.AdamW / SGD state_dict loads too: its groups get this optimizer's tlcore
+          settings (seed, stochastic_rounding, state_dtype), its tensor steps become ints;
+        - the groups are checked before anything is loaded.
         """
+        for saved in state_dict["param_groups"]:
+            self._check_group({**self.defaults, **saved})
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for name, value in self.defaults.items():
+                group.setdefault(name, value)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
             for name, value in state_dict["state"].get(saved_id, {}).items():
-                if torch.is_tensor(value):
+                if name == "step":
+                    self.state[p]["step"] = int(value)
+                elif torch.is_tensor(value):
                     self.state[p][name] = value.to(device=p.device)
 
     @torch.no_grad()
@@ -154,7 +198,9 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         inv_scale = self._amp_inv_scale()
         if inv_scale is None:
             return loss
-        # Check every parameter before touching any state: a bad one must not leave a half step.
+        # Check every group and parameter before touching any state: a bad one must not leave a half step.
+        for group in self.param_groups:
+            self._check_group(group)
         todo = []
         position = -1
         for group in self.param_groups:
@@ -167,23 +213,24 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                     raise ValueError(f"{self._op_name}: parameter {position} (strides {local.stride()}) is not "
                                      "dense; tlcore optimizers need dense parameters")
                 todo.append((group, p, local, self._check_grad(local, _local(p.grad), position), position))
+        fresh = [self._init_state(group, p, self.state[p], position) for group, p, _, _, position in todo]
         batches: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        for group, p, local, grad, position in todo:
-            state = self.state[p]
-            fresh = self._init_state(group, p, state)
-            state["step"] += 1
-            states = [_local(state[name]) for name in self._state_names(group)]
+        for (group, p, local, grad, position), new in zip(todo, fresh):
+            step = self.state[p]["step"] + 1
+            states = [_local(self.state[p][name]) for name in self._state_names(group)]
             key = (local.device, local.dtype, states[0].dtype if states else None,
                    group["seed"], group["stochastic_rounding"]) + self._batch_key(group)
             batch = batches[key]
             batch["params"].append(local)
             batch["grads"].append(grad)
             batch["states"].append(states)
-            batch["hyper"].append(self._hyper_row(group, state["step"], inv_scale))
-            batch["counters"].append([position, state["step"], int(fresh)])
+            batch["hyper"].append(self._hyper_row(group, step, inv_scale))
+            batch["counters"].append([position, step, int(new)])
         for key, batch in batches.items():
             states = [list(column) for column in zip(*batch["states"])]
             self._launch(key, [batch["params"], batch["grads"]] + states,
                          torch.tensor(batch["hyper"], dtype=torch.float32),
                          torch.tensor(batch["counters"], dtype=torch.int64), key[3], key[4])
+        for _, p, _, _, _ in todo:
+            self.state[p]["step"] += 1
         return loss

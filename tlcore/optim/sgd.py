@@ -16,8 +16,8 @@ class SGD(StochasticRoundingOptimizer):
     Args:
         params: parameters or param groups.
         lr, momentum, dampening, weight_decay, nesterov: as torch.optim.SGD.
-        stochastic_rounding, seed, state_dtype: as tlcore.optim.AdamW (state_dtype is the
-            momentum buffer's dtype).
+        maximize, foreach, differentiable, fused, stochastic_rounding, seed, state_dtype: as
+            tlcore.optim.AdamW (state_dtype is the momentum buffer's dtype).
 
     State per parameter: "step" (int) and, with momentum, "momentum_buffer".
     """
@@ -25,8 +25,10 @@ class SGD(StochasticRoundingOptimizer):
     _op_name = "tlcore.optim.SGD"
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, stochastic_rounding: bool = True,
-                 seed: Optional[int] = None, state_dtype: Optional[torch.dtype] = None):
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
+                 stochastic_rounding: bool = True, seed: Optional[int] = None,
+                 state_dtype: Optional[torch.dtype] = None):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
@@ -35,8 +37,9 @@ class SGD(StochasticRoundingOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        del foreach, fused  # torch.optim's implementation choices: every tlcore step is one fused launch
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov),
+                                      nesterov=nesterov, maximize=maximize, differentiable=differentiable),
                          stochastic_rounding=stochastic_rounding, seed=seed, state_dtype=state_dtype)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
