@@ -166,6 +166,29 @@ def test_grad_scaler_skips_inf_steps_and_unscales(dtype):
     assert torch.equal(param.detach(), twin.detach())
 
 
+def test_grad_scaler_with_fp16_clipping_while_scaled():
+    """The README's recipe (GradScaler refuses to unscale_ fp16 gradients): clipping the scaled
+    gradients at max_norm * scale clips the update as clipping the unscaled ones at max_norm would."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    param = torch.nn.Parameter(torch.randn(64).half())
+    twin = torch.nn.Parameter(param.detach().clone())
+    opt = tlcore.optim.SGD([param], lr=1e-2, seed=0)
+    ref = tlcore.optim.SGD([twin], lr=1e-2, seed=0)
+    slope = torch.linspace(-1, 1, 64)  # gradient norm 4.7: clipped to 1
+    start = param.detach().float()
+    scaler.scale((param.float() * slope).sum()).backward()
+    with pytest.raises(ValueError, match="FP16"):
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_([param], 1.0 * scaler.get_scale())
+    scaler.step(opt)
+    twin.grad = slope.half()
+    torch.nn.utils.clip_grad_norm_([twin], 1.0)
+    ref.step()
+    torch.testing.assert_close(param, twin, rtol=0, atol=2e-3)  # fp16 rounding of the two clipped gradients
+    unclipped = start - 1e-2 * slope
+    assert (param.detach().float() - unclipped).abs().max() > 5e-3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
