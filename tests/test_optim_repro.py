@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch._dynamo.testing
 import torch.multiprocessing as mp
 
 import tlcore
+from tlcore import _extension
 from tlcore.backend import use_backend
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -51,7 +53,7 @@ def _run(make, dtype, backend, steps=3, seed=42, params=None, opt=None, first_st
 
 def _bits(tensors):
     return [t.detach().view(torch.uint8) if t.element_size() == 1 else
-            t.detach().contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()]) for t in tensors]
+            t.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]) for t in tensors]
 
 
 def _snapshot(params, opt):
@@ -333,7 +335,7 @@ def test_states_follow_a_parameter_to_channels_last(name, resume):
     opt.step()
     state = opt.state[conv.weight]
     assert state["step"] == 2 and not torch.equal(conv.weight.detach(), before)
-    names = [key for key, value in state.items() if torch.is_tensor(value)]
+    names = [key for key in state if key != "step"]
     assert names and all(state[key].stride() == conv.weight.stride() for key in names)
 
 
@@ -372,7 +374,7 @@ def test_loads_a_torch_optim_state_dict(name):
     opt = OPTIMIZERS[name](half, seed=0)
     opt.load_state_dict(copy.deepcopy(half_ref.state_dict()))
     opt.step()
-    states = [v for v in opt.state[half[0]].values() if torch.is_tensor(v)]
+    states = [v for k, v in opt.state[half[0]].items() if k != "step"]
     assert states and all(s.dtype == torch.float32 for s in states)
 
 
@@ -410,3 +412,28 @@ def test_torch_optim_keywords(name):
     stock = torch.optim.AdamW(_params(torch.float32), maximize=True)
     with pytest.raises(NotImplementedError, match="maximize"):
         OPTIMIZERS[name](_params(torch.float32)).load_state_dict(stock.state_dict())
+
+
+@pytest.mark.skipif(not _extension.loaded(), reason="the C++ CPU kernels trace here; Triton ones need a GPU")
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_compiled_step_traces_once_and_matches_eager(name):
+    """torch.compile(fullgraph=True) over opt.step(): the same bits as eager, and no recompile per
+    step (a Python int step count would specialize the graph on each value: a hard failure at
+    torch's recompile limit). A tensor lr, as torch recommends under an LR scheduler, traces too."""
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled_params, compiled = _params(torch.bfloat16), None
+
+    def make(params, **kw):
+        opt = OPTIMIZERS[name](params, **kw)
+        opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+        return opt
+
+    compiled = make(compiled_params, seed=7)
+    step = torch.compile(compiled.step, backend=counter, fullgraph=True)
+    for i in range(10):
+        for p, g in zip(compiled_params, _grads(compiled_params, i)):
+            p.grad = torch.empty_like(p).copy_(g)
+        step()
+    eager = _run(make, torch.bfloat16, "cpu", steps=10, seed=7)
+    _assert_identical(_snapshot(compiled_params, compiled), _snapshot(*eager), "compiled against eager")
+    assert counter.frame_count <= 2  # the first step (states created) and the rest

@@ -1,11 +1,10 @@
 """tlcore.optim.AdamW: AdamW on 16-bit parameters and states with stochastic rounding."""
-import math
 from typing import Any, Optional
 
 import torch
 
 from tlcore.ops.optim import sr_adamw_
-from tlcore.optim.base import StochasticRoundingOptimizer
+from tlcore.optim.base import StochasticRoundingOptimizer, group_values
 
 
 class AdamW(StochasticRoundingOptimizer):
@@ -19,15 +18,15 @@ class AdamW(StochasticRoundingOptimizer):
         params: parameters or param groups (each group may set lr, betas, eps, weight_decay).
         lr, betas, eps, weight_decay: as torch.optim.AdamW.
         amsgrad, maximize, foreach, capturable, differentiable, fused: torch.optim's, accepted
-            for drop-in use; amsgrad, maximize, capturable and differentiable only when False
-            (not implemented), foreach and fused change nothing (every step is fused).
+            for drop-in use; amsgrad, maximize and differentiable only when False (not
+            implemented); foreach, fused and capturable change nothing (every step is fused).
         stochastic_rounding: False rounds to nearest (even) instead.
         seed: keys the random stream (with step, parameter index, element); None draws
             one from torch's default generator. Kept in state_dict() for bit-identical resume.
         state_dtype: dtype of exp_avg / exp_avg_sq: None picks bf16 for bf16 parameters
             and fp32 otherwise; torch.float32 or torch.bfloat16 force one.
 
-    State per parameter: "step" (int), "exp_avg", "exp_avg_sq" (parameter-shaped, state_dtype).
+    State per parameter: "step" (int64 tensor), "exp_avg", "exp_avg_sq" (parameter-shaped, state_dtype).
     """
 
     _op_name = "tlcore.optim.AdamW"
@@ -45,18 +44,20 @@ class AdamW(StochasticRoundingOptimizer):
             raise ValueError(f"Invalid betas: {betas}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        del foreach, fused  # torch.optim's implementation choices: every tlcore step is one fused launch
+        del foreach, fused, capturable  # torch.optim's implementation choices: every tlcore step is fused
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                                      maximize=maximize, capturable=capturable, differentiable=differentiable),
+                                      maximize=maximize, differentiable=differentiable),
                          stochastic_rounding=stochastic_rounding, seed=seed, state_dtype=state_dtype)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def _hyper_row(self, group: dict[str, Any], step: int, inv_scale: float) -> list[float]:
-        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
-        return [1.0 - lr * group["weight_decay"], lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step),
-                group["eps"], 1.0 - beta1, beta2, 1.0 - beta2, inv_scale]
+    def _hyper(self, groups: list[dict[str, Any]], steps: torch.Tensor, inv_scale: float) -> torch.Tensor:
+        lr, weight_decay, eps = (group_values(groups, name) for name in ("lr", "weight_decay", "eps"))
+        beta1, beta2 = group_values(groups, "betas", 0), group_values(groups, "betas", 1)
+        t = steps.double()
+        return torch.stack([1.0 - lr * weight_decay, lr / (1.0 - beta1**t), torch.sqrt(1.0 - beta2**t), eps,
+                            1.0 - beta1, beta2, 1.0 - beta2, torch.full_like(lr, inv_scale)], 1)
 
     def _launch(self, key, tensors, hyper, counters, seed, stochastic) -> None:
         sr_adamw_(*tensors, hyper, counters, seed, stochastic)

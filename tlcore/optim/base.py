@@ -27,14 +27,35 @@ from tlcore.ops.optim import MAX_SEED, is_dense
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 # torch.optim options that tlcore does not implement: accepted (for drop-in use, and in a loaded
-# torch.optim state_dict's groups) only when off. foreach/fused are accepted and change nothing:
-# every step is one fused launch per batch of parameters.
-OFF_ONLY_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
+# torch.optim state_dict's groups) only when off. foreach, fused and capturable are accepted and
+# change nothing: every step is one fused launch per batch of parameters (and torch.compile's
+# optimizer tracing switches capturable on by itself).
+OFF_ONLY_OPTIONS = ("amsgrad", "maximize", "differentiable")
 
 
 def default_state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """bf16 states for bf16 parameters; fp32 otherwise (fp16's range cannot hold squared gradients)."""
     return torch.bfloat16 if param_dtype == torch.bfloat16 else torch.float32
+
+
+def new_step_count(steps: int = 0) -> torch.Tensor:
+    """A parameter's step count: an int64 CPU tensor, as torch.optim keeps a tensor, so that
+    torch.compile traces a step for every count instead of specializing on each one."""
+    return torch.tensor(steps, dtype=torch.int64)
+
+
+def group_values(groups: list[dict[str, Any]], name: str, index: Optional[int] = None) -> torch.Tensor:
+    """(T,) float64: each group's `name` (its element `index`, for betas); floats or 0-dim tensors
+    (a tensor lr, for torch.compile under an LR scheduler). T is the parameter count: one tensor
+    per distinct group, then gathered (a tensor per parameter doubled a step's Python time)."""
+    order: dict[int, int] = {}
+    values = []
+    for g in groups:
+        if id(g) not in order:
+            order[id(g)] = len(values)
+            values.append(torch.as_tensor(g[name] if index is None else g[name][index], dtype=torch.float64))
+    where = torch.tensor([order[id(g)] for g in groups], dtype=torch.int64)
+    return torch.stack(values)[where]
 
 
 def draw_seed() -> int:
@@ -103,8 +124,9 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """Names of the per-parameter state tensors, in the op's argument order."""
 
     @abc.abstractmethod
-    def _hyper_row(self, group: dict[str, Any], step: int, inv_scale: float) -> list[float]:
-        """The op's 8 fp32 hyper-parameters of this group at `step` (computed in float64)."""
+    def _hyper(self, groups: list[dict[str, Any]], steps: torch.Tensor, inv_scale: float) -> torch.Tensor:
+        """The op's (T, 8) fp32 hyper-parameters of parameters in `groups` at `steps` ((T,) int64),
+        computed in float64."""
 
     def _batch_key(self, group: dict[str, Any]) -> tuple:
         """Extra group settings that must be equal within one fused launch."""
@@ -150,7 +172,8 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         layout the op takes: its kernels pair elements by memory position.
         """
         dtype = group["state_dtype"] or default_state_dtype(p.dtype)
-        state.setdefault("step", 0)
+        if "step" not in state:
+            state["step"] = new_step_count()
         fresh = False
         for name in self._state_names(group):
             value = state.get(name)
@@ -170,7 +193,7 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         - states keep their saved dtype: torch.optim casts floating-point states to their
           parameter's dtype, which would squeeze the fp32 states of fp16 parameters into fp16;
         - a torch.optim.AdamW / SGD state_dict loads too: its groups get this optimizer's tlcore
-          settings (seed, stochastic_rounding, state_dtype), its tensor steps become ints;
+          settings (seed, stochastic_rounding, state_dtype), its float steps become int64 ones;
         - the groups are checked before anything is loaded.
         """
         for saved in state_dict["param_groups"]:
@@ -183,8 +206,8 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
             for name, value in state_dict["state"].get(saved_id, {}).items():
-                if name == "step":
-                    self.state[p]["step"] = int(value)
+                if name == "step":  # (an int in checkpoints of tlcore before 2026-11-22)
+                    self.state[p]["step"] = new_step_count(int(value))
                 elif torch.is_tensor(value):
                     self.state[p][name] = value.to(device=p.device)
 
@@ -216,7 +239,6 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         fresh = [self._init_state(group, p, self.state[p], position) for group, p, _, _, position in todo]
         batches: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         for (group, p, local, grad, position), new in zip(todo, fresh):
-            step = self.state[p]["step"] + 1
             states = [_local(self.state[p][name]) for name in self._state_names(group)]
             key = (local.device, local.dtype, states[0].dtype if states else None,
                    group["seed"], group["stochastic_rounding"]) + self._batch_key(group)
@@ -224,13 +246,15 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             batch["params"].append(local)
             batch["grads"].append(grad)
             batch["states"].append(states)
-            batch["hyper"].append(self._hyper_row(group, step, inv_scale))
-            batch["counters"].append([position, step, int(new)])
+            batch["groups"].append(group)
+            batch["steps"].append(self.state[p]["step"])
+            batch["counters"].append([position, int(new)])
         for key, batch in batches.items():
             states = [list(column) for column in zip(*batch["states"])]
+            steps = torch.stack(batch["steps"]) + 1
+            position, new = torch.tensor(batch["counters"], dtype=torch.int64).unbind(1)
             self._launch(key, [batch["params"], batch["grads"]] + states,
-                         torch.tensor(batch["hyper"], dtype=torch.float32),
-                         torch.tensor(batch["counters"], dtype=torch.int64), key[3], key[4])
-        for _, p, _, _, _ in todo:
-            self.state[p]["step"] += 1
+                         self._hyper(batch["groups"], steps, inv_scale).float(),
+                         torch.stack([position, steps, new], 1), key[3], key[4])
+        torch._foreach_add_([self.state[p]["step"] for _, p, _, _, _ in todo], 1)
         return loss

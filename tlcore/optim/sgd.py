@@ -4,7 +4,7 @@ from typing import Any, Optional
 import torch
 
 from tlcore.ops.optim import sr_sgd_
-from tlcore.optim.base import StochasticRoundingOptimizer
+from tlcore.optim.base import StochasticRoundingOptimizer, group_values
 
 
 class SGD(StochasticRoundingOptimizer):
@@ -19,7 +19,7 @@ class SGD(StochasticRoundingOptimizer):
         maximize, foreach, differentiable, fused, stochastic_rounding, seed, state_dtype: as
             tlcore.optim.AdamW (state_dtype is the momentum buffer's dtype).
 
-    State per parameter: "step" (int) and, with momentum, "momentum_buffer".
+    State per parameter: "step" (int64 tensor) and, with momentum, "momentum_buffer".
     """
 
     _op_name = "tlcore.optim.SGD"
@@ -45,9 +45,12 @@ class SGD(StochasticRoundingOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _hyper_row(self, group: dict[str, Any], step: int, inv_scale: float) -> list[float]:
-        return [float(group["lr"]), group["weight_decay"], group["momentum"], 1.0 - group["dampening"], inv_scale,
-                0.0, 0.0, 0.0]
+    def _hyper(self, groups: list[dict[str, Any]], steps: torch.Tensor, inv_scale: float) -> torch.Tensor:
+        lr = group_values(groups, "lr")
+        unused = torch.zeros_like(lr)
+        return torch.stack([lr, group_values(groups, "weight_decay"), group_values(groups, "momentum"),
+                            1.0 - group_values(groups, "dampening"), torch.full_like(lr, inv_scale), unused, unused,
+                            unused], 1)
 
     def _batch_key(self, group: dict[str, Any]) -> tuple:
         return (bool(group["nesterov"]),)
