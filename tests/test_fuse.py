@@ -339,3 +339,26 @@ def test_compile_inductor_on_gpu():
     with torch.no_grad():
         ref = _float64_copy(model)(x.double())
         assert_close_to_stock(compiled(x), model(x), ref, torch.float16, what="compiled resnet50")
+
+
+class ReusesStemRelu(nn.Module):
+    """Calls its ResNet's stem ReLU (and a block's BN) on its own: fusing those away would change its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torchvision.models.resnet18(num_classes=6)
+        self.extra = nn.Linear(6, 6)
+
+    def forward(self, x):
+        other = self.net.layer4[1].bn2(x[:, :1].expand(-1, 512, -1, -1))
+        return self.net.relu(self.extra(self.net(x))) + other.mean()
+
+
+def test_stem_and_block_modules_called_elsewhere_are_kept():
+    model = ReusesStemRelu().eval()
+    fused = tlcore.fuse(model)
+    assert type(fused.net.relu) is nn.ReLU and type(fused.net.layer4[1]) is torchvision.models.resnet.BasicBlock
+    assert isinstance(fused.net.layer4[0], FusedResidualBlock) and repr(fused).count("called from more than one") == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)

@@ -80,9 +80,12 @@ class _Fuser:
     def __init__(self, model: nn.Module):
         self.shared = _shared_modules(model)
 
-    def reason(self, conv: nn.Module, bn: nn.Module) -> str:
-        """Why conv → bn cannot be fused here ('' if it can)."""
-        return _SHARED if id(conv) in self.shared else fusion_unsupported_reason(conv, bn)
+    def reason(self, conv: nn.Module, bn: nn.Module, *replaced: nn.Module) -> str:
+        """Why conv → bn cannot be fused here ('' if it can); `replaced`: the other modules the
+        fusion removes (a ReLU it absorbs), which no other caller may use either."""
+        if any(id(m) in self.shared for m in (conv, bn, *replaced)):
+            return _SHARED
+        return fusion_unsupported_reason(conv, bn)
 
     def tree(self, module: nn.Module) -> nn.Module:
         """Fuse inside `module` bottom-up; returns the module or its replacement."""
@@ -125,7 +128,9 @@ class _Fuser:
         """BasicBlock (conv1, conv2) or Bottleneck (conv1, conv2, conv3) → FusedResidualBlock."""
         convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
         bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
-        reason = _not_relu(block.relu) or self.reason(convs[-1], bns[-1])
+        # (block.relu is not checked: the block's own forward calls it two or three times; another
+        # caller would find it gone, an AttributeError rather than a changed result)
+        reason = _not_relu(block.relu) or self.reason(convs[-1], bns[-1], *convs[:-1], *bns[:-1])
         if reason:  # nothing would absorb the residual add: the block stays as it is
             for conv in convs:
                 mark_stock(conv, f"{'this' if conv is convs[-1] else 'the block’s last'} conv: {reason}")
@@ -141,7 +146,7 @@ class _Fuser:
 
     def resnet(self, model: nn.Module) -> nn.Module:
         """The stem (conv1 → bn1 → relu) of a torchvision ResNet, then its blocks."""
-        reason = _not_relu(model.relu) or self.reason(model.conv1, model.bn1)
+        reason = _not_relu(model.relu) or self.reason(model.conv1, model.bn1, model.relu)
         if reason:
             mark_stock(model.conv1, reason)
         else:
