@@ -203,6 +203,8 @@ def test_sqnr_report_bad_input():
     deeper = ResNet(BasicBlock, [2, 1, 1, 1], num_classes=7).eval()
     with pytest.raises(ValueError, match="pass the model qmodel was quantized from"):
         tlcore.sqnr_report(deeper, qmodel, batches(), progress=False)
+    with pytest.raises(ValueError, match="must be the float model"):
+        tlcore.sqnr_report(qmodel, qmodel, batches(), progress=False)
 
 
 def test_asymmetric_activations_gain_a_bit(digits_resnet18, digits_eval):
@@ -542,6 +544,22 @@ def test_wrong_channel_count_names_it():
         qmodel(torch.randn(1, 1, 32, 32))
 
 
+@pytest.mark.parametrize("skip", ["conv1", "fc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float_stem_or_fc_take_any_input_dtype_and_casts(skip, dtype):
+    """A stem or fc left float runs in its own dtype, also after qmodel.to(dtype): the logits stay fp32
+    and close to the fp32 model's."""
+    model = small_resnet()
+    qmodel = tlcore.quantize(model, batches(), skip=skip, progress=False)
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        reference = model(x)
+        for _ in range(2):  # as built, then cast to dtype
+            out = qmodel(x.to(dtype))
+            assert out.dtype == torch.float32 and sqnr(reference, out) > 20
+            qmodel.to(dtype)
+
+
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
 def test_dtype_casts_keep_the_int8_arithmetic(cast):
     """model.half() and the like leave the int8 model's fp32 scales (the kernels take fp32) alone:
@@ -641,6 +659,19 @@ def test_quantized_model_compiles_with_inductor_on_gpu():
     compiled = torch.compile(qmodel, fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(x), qmodel(x))
+
+
+def test_a_model_with_no_coverable_conv_warns():
+    """FrozenBatchNorm2d (torchvision's detection backbones) is not folded: every block stays float,
+    which quantize says instead of returning a float model in silence; skip=None is no skip."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = small_resnet(norm_layer=FrozenBatchNorm2d)
+    with pytest.warns(UserWarning, match="no conv could run in int8"):
+        qmodel = tlcore.quantize(model, batches(), skip=None, progress=False)
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) > 25
 
 
 def test_uncovered_model_raises():

@@ -25,6 +25,7 @@ named in `skip` stays float between a dequantize and a quantize (FloatFallback, 
 says why). Models other than torchvision ResNets raise.
 """
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -152,7 +153,7 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
     if method == "percentile" and not 50.0 < percentile <= 100.0:
         raise ValueError(f"tlcore.quantize: percentile must be in (50, 100], got {percentile}")
     _check_resnet(model)
-    skip = {skip} if isinstance(skip, str) else set(skip)
+    skip = {skip} if isinstance(skip, str) else set(skip or ())
     known = {"conv1", "fc"} | {f"{name}.{i}" for name in LAYERS for i in range(len(getattr(model, name)))}
     if skip - known:
         raise ValueError(f"tlcore.quantize: cannot skip {sorted(skip - known)}; skippable are 'conv1' (the stem), "
@@ -161,6 +162,11 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
     folded = {m: f for m in fused.modules() if (f := fold_conv_stage(m)) is not None}  # the covered conv stages
     observers = _calibrate(fused, folded, calibration_data, method, percentile, progress, reduce_range)
     qmodel = _convert_resnet(fused, folded, observers, skip)
+    if not any(isinstance(module, Int8Conv2d) for module in qmodel.modules()):
+        reasons = {m.reason for m in qmodel.modules() if isinstance(m, FloatFallback)} - {"skipped on request"}
+        if reasons:
+            warnings.warn(f"tlcore.quantize: no conv could run in int8 ({'; '.join(sorted(reasons))}): the model "
+                          "stays float, with int8 activations between its blocks", stacklevel=2)
     for module in qmodel.modules():
         if isinstance(module, _Int8Module):
             module.backend = backend
@@ -291,6 +297,7 @@ def _convert_resnet(model: nn.Module, folded: dict, observers: dict, skip: set) 
     else:  # the stem stays float; activations become int8 after the max-pool
         current = q(model.maxpool)._replace(qmax=QMAX)
         model.maxpool = nn.Sequential(model.maxpool, QuantizeInput(current))
+        model.conv1.register_forward_pre_hook(_input_in_own_dtype)
     for name in LAYERS:
         layer = getattr(model, name)
         for i, block in enumerate(layer):
@@ -309,6 +316,20 @@ def _convert_resnet(model: nn.Module, folded: dict, observers: dict, skip: set) 
         model.avgpool = nn.Sequential(DequantizeOutput(current), pool)
     if type(model.fc) is nn.Linear and "fc" not in skip:
         model.fc = Int8Linear.from_float(model.fc)
-    else:
-        model.fc = model.fc.float()  # a float fc runs in fp32 whatever the model's dtype
+    else:  # a float fc runs in fp32 whatever the model's dtype (and gives fp32 logits after a .half())
+        model.fc = model.fc.float()
+        model.fc.register_forward_pre_hook(_input_in_own_dtype)
+        model.fc.register_forward_hook(_output_in_fp32)
     return model
+
+
+# Forward hooks of the float stem or fc an int8 model may keep (hooks rather than wrappers keep
+# the state_dict's keys): the int8 model takes fp32, fp16 or bf16 input and gives fp32 logits, also
+# after a model.half() or .to(dtype), which casts those float modules (and not the int8 ones).
+def _input_in_own_dtype(module: nn.Module, args: tuple) -> tuple:
+    dtype = next(module.parameters(), args[0]).dtype
+    return (args[0].to(dtype), *args[1:])
+
+
+def _output_in_fp32(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.float()

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from tlcore.nn.int8 import QParams
+from tlcore.nn.int8 import Int8Conv2d, QParams
 from tlcore.ops.int8 import dequantize_per_tensor
 from tlcore.quantize import LAYERS, input_batches
 
@@ -34,6 +34,8 @@ def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True
     """
     if model.training or qmodel.training:
         raise ValueError("tlcore.sqnr_report compares inference models: call .eval() on both")
+    if any(isinstance(m, Int8Conv2d) for m in model.modules()) or next(model.parameters(), None) is None:
+        raise ValueError("tlcore.sqnr_report: `model` must be the float model qmodel was quantized from")
     float_points, int8_points = _float_points(model), _int8_points(qmodel)
     if list(float_points) != list(int8_points):
         raise ValueError(f"tlcore.sqnr_report: model has the stages {list(float_points)[1:-1]} and qmodel "
