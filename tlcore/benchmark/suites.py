@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 import tlcore
-from tlcore.benchmark.timing import copy_peak_gbs, matmul_peak_tflops, median_ms
+from tlcore.benchmark.timing import memory_peak_gbs, matmul_peak_tflops, median_ms
 
 ROTATING_INPUTS = 3  # batches cycled through while timing
 CALIBRATION_BATCHES = 4
@@ -220,7 +220,7 @@ def optim_suite(name: str, device: torch.device, dtype: torch.dtype) -> Suite:
     # Bytes each step must move: read param, grad, two states; write param and two states.
     fp32_bytes, low_bytes = numel * 4 * 7, numel * (2 + 2 + 2 + 2 * 2 * 2)
     suite = Suite("optim", name, 1, device, "torch AdamW foreach fp32", reference, fp32_bytes, "GB/s",
-                  copy_peak_gbs(device))
+                  memory_peak_gbs(device))
     candidates = [("torch AdamW foreach fp32", lambda: torch_adamw(foreach=True), fp32_bytes),
                   ("torch AdamW fused fp32", lambda: torch_adamw(fused=True), fp32_bytes),
                   (f"tlcore AdamW {DTYPE_NAMES[low_dtype]} + SR", tlcore_adamw, low_bytes)]
