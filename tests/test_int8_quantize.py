@@ -544,6 +544,19 @@ def test_wrong_channel_count_names_it():
         qmodel(torch.randn(1, 1, 32, 32))
 
 
+def test_cifar_style_stem_runs_in_int8():
+    """A 3x3 stride-1 stem with the max-pool replaced by nn.Identity (CIFAR ResNets) is quantized too."""
+    model = small_resnet()
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    model.eval()
+    qmodel = tlcore.quantize(model, batches(), progress=False)
+    assert isinstance(qmodel.conv1[1], Int8Conv2d) and type(qmodel.maxpool) is nn.Identity
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) > 25
+
+
 @pytest.mark.parametrize("skip", ["conv1", "fc"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_float_stem_or_fc_take_any_input_dtype_and_casts(skip, dtype):

@@ -290,10 +290,13 @@ def _convert_resnet(model: nn.Module, folded: dict, observers: dict, skip: set) 
     q = lambda module: _qparams(observers[module])  # noqa: E731
     input_q = _qparams(observers["input"])._replace(qmax=QMAX)  # QuantizeInput uses all 8 bits
     stem = model.conv1
-    if isinstance(stem, FusedConv2dBNReLU) and "conv1" not in skip and type(model.maxpool) is nn.MaxPool2d:
+    # (CIFAR-style ResNets replace the max-pool with nn.Identity, which passes int8 codes as they are)
+    pool_kind = type(model.maxpool)
+    if isinstance(stem, FusedConv2dBNReLU) and "conv1" not in skip and pool_kind in (nn.MaxPool2d, nn.Identity):
         current = q(stem)
         model.conv1 = nn.Sequential(QuantizeInput(input_q), Int8Conv2d.from_folded(folded[stem], input_q, current))
-        model.maxpool = Int8MaxPool2d(model.maxpool)
+        if pool_kind is nn.MaxPool2d:
+            model.maxpool = Int8MaxPool2d(model.maxpool)
     else:  # the stem stays float; activations become int8 after the max-pool
         current = q(model.maxpool)._replace(qmax=QMAX)
         model.maxpool = nn.Sequential(model.maxpool, QuantizeInput(current))
