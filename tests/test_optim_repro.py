@@ -121,16 +121,22 @@ def test_seed_none_draws_from_torch_generator():
     assert a == b != c
 
 
+@pytest.mark.parametrize("int_steps", [False, True], ids=["", "int steps"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_resume_from_state_dict_is_bit_identical(name, dtype):
-    """5 uninterrupted steps == 2 steps, save, load (weights_only=True) into fresh objects, 3 steps."""
+def test_resume_from_state_dict_is_bit_identical(name, dtype, int_steps):
+    """5 uninterrupted steps == 2 steps, save, load (weights_only=True) into fresh objects, 3 steps;
+    also from a checkpoint that keeps its steps as ints (tlcore's before they became tensors)."""
     make = OPTIMIZERS[name]
     whole = _snapshot(*_run(make, dtype, "cpu", steps=5))
 
     params, opt = _run(make, dtype, "cpu", steps=2)
+    checkpoint = copy.deepcopy(opt.state_dict())
+    if int_steps:
+        for state in checkpoint["state"].values():
+            state["step"] = int(state["step"])
     buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
+    torch.save({"params": [p.detach() for p in params], "opt": checkpoint}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     fresh = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
