@@ -1,6 +1,7 @@
 """Bit-identical results: across backends, runs, a save/resume, and DDP replicas."""
 import copy
 import io
+import math
 import os
 import socket
 
@@ -174,27 +175,35 @@ def test_grad_scaler_skips_inf_steps_and_unscales(dtype):
     assert torch.equal(param.detach(), twin.detach())
 
 
-def test_grad_scaler_with_fp16_clipping_while_scaled():
-    """The README's recipe (GradScaler refuses to unscale_ fp16 gradients): clipping the scaled
-    gradients at max_norm * scale clips the update as clipping the unscaled ones at max_norm would."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    param = torch.nn.Parameter(torch.randn(64).half())
+@pytest.mark.parametrize("true_norm", [0.5, 4.0, float("inf")])
+def test_clip_grad_norm_under_grad_scaler_fp16(true_norm):
+    """tlcore.optim.clip_grad_norm_ with GradScaler's default scale (65536) on fp16 gradients: the
+    scaled norm overflows fp16 (torch's clip_grad_norm_ would then zero every gradient), so it sums
+    in fp32 and clips the unscaled norm to max_norm; an inf gradient still makes the step skip."""
+    scaler = torch.amp.GradScaler("cpu")
+    n = 2**20
+    direction = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    direction /= direction.norm()
+    param = torch.nn.Parameter(torch.randn(n).half())
     twin = torch.nn.Parameter(param.detach().clone())
     opt = tlcore.optim.SGD([param], lr=1e-2, seed=0)
     ref = tlcore.optim.SGD([twin], lr=1e-2, seed=0)
-    slope = torch.linspace(-1, 1, 64)  # gradient norm 4.7: clipped to 1
-    start = param.detach().float()
-    scaler.scale((param.float() * slope).sum()).backward()
-    with pytest.raises(ValueError, match="FP16"):
-        scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_([param], 1.0 * scaler.get_scale())
+    gradient = direction * (1.0 if math.isinf(true_norm) else true_norm)
+    if math.isinf(true_norm):
+        gradient[7] = float("inf")
+    scaler.scale((param.float() * gradient).sum()).backward()
+    before = param.detach().clone()
+    total = tlcore.optim.clip_grad_norm_([param], 1.0, scaler)
     scaler.step(opt)
-    twin.grad = slope.half()
-    torch.nn.utils.clip_grad_norm_([twin], 1.0)
+    scaler.update()
+    if math.isinf(true_norm):
+        assert math.isinf(total) and torch.equal(param.detach(), before) and scaler.get_scale() == 32768.0
+        return
+    assert abs(total.item() - true_norm) < 1e-3 * true_norm
+    twin.grad = (gradient * min(1.0, 1.0 / true_norm)).half()
     ref.step()
-    torch.testing.assert_close(param, twin, rtol=0, atol=2e-3)  # fp16 rounding of the two clipped gradients
-    unclipped = start - 1e-2 * slope
-    assert (param.detach().float() - unclipped).abs().max() > 5e-3
+    torch.testing.assert_close(param, twin, rtol=0, atol=2e-3)  # fp16 rounding of the two gradients
+    assert (param.detach() - before).abs().max() > 0
 
 
 def _free_port() -> int:
@@ -320,29 +329,35 @@ def test_a_rejected_step_changes_no_state():
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["same optimizer", "resumed from a contiguous checkpoint"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_states_follow_a_parameter_to_channels_last(name, resume):
+def test_states_follow_a_parameter_to_channels_last(name, dtype, resume):
     """A weight moved to channels_last after its first step (or a checkpoint loaded into such a
-    model) keeps its states' values, copied to its new layout; each step counts once."""
+    model) keeps its states' values, copied to its new layout; each step counts once. fp32 steps
+    round nothing, so there they must match a twin that stayed contiguous bit for bit."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 8, 3).to(torch.bfloat16)
-    opt = OPTIMIZERS[name](conv.parameters(), seed=0)
-    x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
-    conv(x).sum().backward()
-    opt.step()
-    checkpoint = copy.deepcopy(opt.state_dict())
-    conv.to(memory_format=torch.channels_last)
-    if resume:
-        opt = OPTIMIZERS[name](conv.parameters(), seed=0)
-        opt.load_state_dict(checkpoint)
-    conv.zero_grad()
-    conv(x).sum().backward()
-    before = conv.weight.detach().clone()
-    opt.step()
+    conv = torch.nn.Conv2d(3, 8, 3).to(dtype)
+    twin = copy.deepcopy(conv)
+    opt, twin_opt = OPTIMIZERS[name](conv.parameters(), seed=0), OPTIMIZERS[name](twin.parameters(), seed=0)
+    x = torch.randn(2, 3, 6, 6, dtype=dtype)
+    for step in range(2):
+        if step == 1:
+            checkpoint = copy.deepcopy(opt.state_dict())
+            conv.to(memory_format=torch.channels_last)
+            if resume:
+                opt = OPTIMIZERS[name](conv.parameters(), seed=0)
+                opt.load_state_dict(checkpoint)
+        for model, optimizer in ((conv, opt), (twin, twin_opt)):
+            model.zero_grad()
+            model(x).sum().backward()
+            optimizer.step()
     state = opt.state[conv.weight]
-    assert state["step"] == 2 and not torch.equal(conv.weight.detach(), before)
+    assert state["step"] == 2 and conv.weight.stride() != twin.weight.stride()
     names = [key for key in state if key != "step"]
     assert names and all(state[key].stride() == conv.weight.stride() for key in names)
+    if dtype == torch.float32:
+        assert torch.equal(conv.weight, twin.weight)
+        assert all(torch.equal(state[key], twin_opt.state[twin.weight][key]) for key in names)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -373,15 +388,21 @@ def test_loads_a_torch_optim_state_dict(name):
     resumed_steps = 6 if name == "adamw" else 3  # (torch.optim.SGD keeps no step count)
     assert all(opt.state[p]["step"] == resumed_steps for p in ours)
 
-    half = [torch.nn.Parameter(torch.randn(9, dtype=torch.float16))]
-    half_ref = stock(half)
-    half[0].grad = torch.randn(9, dtype=torch.float16)
-    half_ref.step()
-    opt = OPTIMIZERS[name](half, seed=0)
-    opt.load_state_dict(copy.deepcopy(half_ref.state_dict()))
+    # fp16 parameters: torch.optim's fp16 states load as fp32 (exact) and go on as torch's do
+    ref = torch.nn.Parameter(torch.randn(64, dtype=torch.float16))
+    ref.grad = torch.randn(64, dtype=torch.float16)
+    ref_opt = stock([ref])
+    ref_opt.step()
+    ours = torch.nn.Parameter(ref.detach().clone())
+    ours.grad = ref.grad.clone()
+    opt = OPTIMIZERS[name]([ours], seed=0)
+    opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
     opt.step()
-    states = [v for k, v in opt.state[half[0]].items() if k != "step"]
-    assert states and all(s.dtype == torch.float32 for s in states)
+    ref_opt.step()
+    for key, value in ref_opt.state[ref].items():
+        if key != "step":
+            assert opt.state[ours][key].dtype == torch.float32
+            torch.testing.assert_close(opt.state[ours][key], value.float(), rtol=2e-3, atol=1e-5)
 
 
 def test_group_settings_are_checked_before_they_are_added():
@@ -415,9 +436,20 @@ def test_torch_optim_keywords(name):
     _assert_identical(_snapshot(*plain), _snapshot(*keyed), "torch.optim keywords")
     with pytest.raises(NotImplementedError, match="maximize"):
         OPTIMIZERS[name](_params(torch.bfloat16), maximize=True)
-    stock = torch.optim.AdamW(_params(torch.float32), maximize=True)
+    stock = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name](_params(torch.float32), lr=1e-2, maximize=True)
     with pytest.raises(NotImplementedError, match="maximize"):
         OPTIMIZERS[name](_params(torch.float32)).load_state_dict(stock.state_dict())
+
+
+def test_another_algorithms_state_dict_is_refused():
+    """SGD's groups into AdamW, or torch.optim.Adam's L2 weight decay: refused, nothing loaded."""
+    params = _params(torch.float32)
+    opt = OPTIMIZERS["adamw"](params)
+    with pytest.raises(ValueError, match="another optimizer"):
+        opt.load_state_dict(torch.optim.SGD(params, lr=0.1, momentum=0.9).state_dict())
+    with pytest.raises(ValueError, match="L2"):
+        opt.load_state_dict(torch.optim.Adam(params, lr=0.1, weight_decay=0.01).state_dict())
+    assert opt.param_groups[0]["lr"] == 1e-2
 
 
 @pytest.mark.skipif(not _extension.loaded(), reason="the C++ CPU kernels trace here; Triton ones need a GPU")
@@ -427,7 +459,7 @@ def test_compiled_step_traces_once_and_matches_eager(name):
     step (a Python int step count would specialize the graph on each value: a hard failure at
     torch's recompile limit). A tensor lr, as torch recommends under an LR scheduler, traces too."""
     counter = torch._dynamo.testing.CompileCounter()
-    compiled_params, compiled = _params(torch.bfloat16), None
+    compiled_params = _params(torch.bfloat16)
 
     def make(params, **kw):
         opt = OPTIMIZERS[name](params, **kw)
@@ -443,3 +475,24 @@ def test_compiled_step_traces_once_and_matches_eager(name):
     eager = _run(make, torch.bfloat16, "cpu", steps=10, seed=7)
     _assert_identical(_snapshot(compiled_params, compiled), _snapshot(*eager), "compiled against eager")
     assert counter.frame_count <= 2  # the first step (states created) and the rest
+
+
+def test_a_bad_state_shape_is_refused_before_any_state_changes():
+    """A state_dict of another model (a state of the wrong shape): the step raises and creates no
+    state for the parameters before it (SGD would otherwise start their buffers unfresh)."""
+    first, second = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(5))
+    opt = tlcore.optim.SGD([first, second], lr=0.1, momentum=0.5, dampening=0.5, seed=0)
+    opt.state[second]["momentum_buffer"] = torch.zeros(6)
+    first.grad, second.grad = torch.ones(4), torch.ones(5)
+    with pytest.raises(ValueError, match="has shape"):
+        opt.step()
+    assert first not in opt.state
+
+
+def test_one_element_tensor_lr():
+    """torch.optim takes an lr of shape (1,) as well as a 0-dim one."""
+    params, opt = _run(OPTIMIZERS["adamw"], torch.bfloat16, "cpu", steps=1)
+    opt.param_groups[0]["lr"] = torch.tensor([1e-2])
+    tensor_lr = _snapshot(*_run(OPTIMIZERS["adamw"], torch.bfloat16, "cpu", steps=2, params=params, opt=opt,
+                                first_step=1))
+    _assert_identical(_snapshot(*_run(OPTIMIZERS["adamw"], torch.bfloat16, "cpu", steps=3)), tensor_lr, "lr (1,)")

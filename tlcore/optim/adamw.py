@@ -1,4 +1,5 @@
 """tlcore.optim.AdamW: AdamW on 16-bit parameters and states with stochastic rounding."""
+import functools
 from typing import Any, Optional
 
 import torch
@@ -12,7 +13,7 @@ class AdamW(StochasticRoundingOptimizer):
 
     The update runs in fp32; parameters and 16-bit states are written back with
     stochastic rounding (E[round(x)] = x), so updates smaller than half an ulp still
-    move the weights on average. fp32 parameters are updated exactly.
+    move the weights on average. fp32 parameters and states are written back unrounded.
 
     Args:
         params: parameters or param groups (each group may set lr, betas, eps, weight_decay).
@@ -52,9 +53,11 @@ class AdamW(StochasticRoundingOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def _hyper(self, groups: list[dict[str, Any]], steps: torch.Tensor, inv_scale: float) -> torch.Tensor:
-        lr, weight_decay, eps = (group_values(groups, name) for name in ("lr", "weight_decay", "eps"))
-        beta1, beta2 = group_values(groups, "betas", 0), group_values(groups, "betas", 1)
+    def _hyper(self, groups: list[dict[str, Any]], where: torch.Tensor, steps: torch.Tensor,
+               inv_scale: float) -> torch.Tensor:
+        value = functools.partial(group_values, groups, where)
+        lr, weight_decay, eps, beta1, beta2 = (value("lr"), value("weight_decay"), value("eps"), value("betas", 0),
+                                               value("betas", 1))
         t = steps.double()
         return torch.stack([1.0 - lr * weight_decay, lr / (1.0 - beta1**t), torch.sqrt(1.0 - beta2**t), eps,
                             1.0 - beta1, beta2, 1.0 - beta2, torch.full_like(lr, inv_scale)], 1)

@@ -29,7 +29,7 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 # torch.optim options that tlcore does not implement: accepted (for drop-in use, and in a loaded
 # torch.optim state_dict's groups) only when off. foreach, fused and capturable are accepted and
 # change nothing: every step is one fused launch per batch of parameters (and torch.compile's
-# optimizer tracing switches capturable on by itself).
+# optimizer tracing switches capturable on in the groups that have it, e.g. loaded ones).
 OFF_ONLY_OPTIONS = ("amsgrad", "maximize", "differentiable")
 
 
@@ -44,17 +44,14 @@ def new_step_count(steps: int = 0) -> torch.Tensor:
     return torch.tensor(steps, dtype=torch.int64)
 
 
-def group_values(groups: list[dict[str, Any]], name: str, index: Optional[int] = None) -> torch.Tensor:
-    """(T,) float64: each group's `name` (its element `index`, for betas); floats or 0-dim tensors
-    (a tensor lr, for torch.compile under an LR scheduler). T is the parameter count: one tensor
-    per distinct group, then gathered (a tensor per parameter doubled a step's Python time)."""
-    order: dict[int, int] = {}
-    values = []
-    for g in groups:
-        if id(g) not in order:
-            order[id(g)] = len(values)
-            values.append(torch.as_tensor(g[name] if index is None else g[name][index], dtype=torch.float64))
-    where = torch.tensor([order[id(g)] for g in groups], dtype=torch.int64)
+def group_values(groups: list[dict[str, Any]], where: torch.Tensor, name: str,
+                 index: Optional[int] = None) -> torch.Tensor:
+    """(T,) float64 CPU: the setting `name` (its element `index`, for betas) of each parameter's
+    group. `groups`: a batch's distinct param groups; `where` (T,) int64: each parameter's among
+    them. Settings may be floats or one-element tensors (a tensor lr, for torch.compile under an LR
+    scheduler; on any device)."""
+    values = [torch.as_tensor(g[name] if index is None else g[name][index], dtype=torch.float64).cpu().reshape(())
+              for g in groups]
     return torch.stack(values)[where]
 
 
@@ -106,6 +103,8 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         seed = group["seed"]
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
             raise ValueError(f"{self._op_name}: seed must be an int in [0, 2**63), got {seed!r}")
+        if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
+            raise ValueError(f"{self._op_name}: this group's weight decay is L2 (torch.optim.Adam's), not decoupled")
         if group["state_dtype"] is not None and group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"{self._op_name}: state_dtype must be None, torch.float32 or torch.bfloat16, got "
                              f"{group['state_dtype']} (fp16 states cannot hold squared gradients' range)")
@@ -124,9 +123,10 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """Names of the per-parameter state tensors, in the op's argument order."""
 
     @abc.abstractmethod
-    def _hyper(self, groups: list[dict[str, Any]], steps: torch.Tensor, inv_scale: float) -> torch.Tensor:
-        """The op's (T, 8) fp32 hyper-parameters of parameters in `groups` at `steps` ((T,) int64),
-        computed in float64."""
+    def _hyper(self, groups: list[dict[str, Any]], where: torch.Tensor, steps: torch.Tensor,
+               inv_scale: float) -> torch.Tensor:
+        """The op's (T, 8) hyper-parameters (float64) of T parameters at `steps` ((T,) int64), each
+        in groups[where[i]] (group_values)."""
 
     def _batch_key(self, group: dict[str, Any]) -> tuple:
         """Extra group settings that must be equal within one fused launch."""
@@ -163,27 +163,33 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             grad = torch.empty_like(p).copy_(grad)
         return grad
 
-    def _init_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], position: int) -> bool:
+    def _check_state_shapes(self, group: dict[str, Any], p: torch.Tensor, position: int) -> None:
+        for name in self._state_names(group):
+            value = self.state.get(p, {}).get(name)
+            if value is not None and value.shape != p.shape:
+                raise ValueError(f"{self._op_name}: state {name!r} of parameter {position} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(p.shape)} (a state_dict of another model?)")
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor, local: torch.Tensor, state: dict[str, Any]) -> bool:
         """Create the states `p` lacks (all on its first step; SGD's momentum buffer also when
         momentum is switched on later); True if any was created (the op then starts it fresh).
 
         States from elsewhere (a torch.optim state_dict's fp16 states of fp16 parameters; a
-        parameter since moved to channels_last) are copied, exactly, to the dtype and memory
-        layout the op takes: its kernels pair elements by memory position.
+        parameter since moved to channels_last) are copied to the dtype and memory layout the op
+        takes (exactly, but for fp32 states made bf16): its kernels pair elements by memory position.
+        The step count stays a CPU tensor (a loop moving the optimizer's state to a GPU moves it too).
         """
         dtype = group["state_dtype"] or default_state_dtype(p.dtype)
-        if "step" not in state:
-            state["step"] = new_step_count()
+        step = state.get("step")
+        if step is None or step.device.type != "cpu":
+            state["step"] = new_step_count(0 if step is None else int(step))
         fresh = False
         for name in self._state_names(group):
             value = state.get(name)
             if value is None:  # (torch.optim.SGD saves a momentum_buffer of None)
                 state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 fresh = True
-            elif value.shape != p.shape:
-                raise ValueError(f"{self._op_name}: state {name!r} of parameter {position} has shape "
-                                 f"{tuple(value.shape)}, the parameter {tuple(p.shape)} (a state_dict of another model?)")
-            elif value.dtype != dtype or value.device != p.device or _local(value).stride() != _local(p).stride():
+            elif value.dtype != dtype or _local(value).stride() != local.stride():
                 state[name] = torch.empty_like(p, dtype=dtype).copy_(value)
         return fresh
 
@@ -194,9 +200,14 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
           parameter's dtype, which would squeeze the fp32 states of fp16 parameters into fp16;
         - a torch.optim.AdamW / SGD state_dict loads too: its groups get this optimizer's tlcore
           settings (seed, stochastic_rounding, state_dtype), its float steps become int64 ones;
-        - the groups are checked before anything is loaded.
+        - the groups are checked before anything is loaded, and must hold this optimizer's
+          hyper-parameters (those of another algorithm, e.g. SGD's into AdamW, are refused).
         """
+        own = set(self.defaults) - set(OFF_ONLY_OPTIONS) - {"seed", "stochastic_rounding", "state_dtype"}
         for saved in state_dict["param_groups"]:
+            if own - set(saved):
+                raise ValueError(f"{self._op_name}: the state_dict's param groups lack {sorted(own - set(saved))}: "
+                                 "it is another optimizer's")
             self._check_group({**self.defaults, **saved})
         super().load_state_dict(state_dict)
         for group in self.param_groups:
@@ -235,26 +246,30 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 if not is_dense(local):
                     raise ValueError(f"{self._op_name}: parameter {position} (strides {local.stride()}) is not "
                                      "dense; tlcore optimizers need dense parameters")
-                todo.append((group, p, local, self._check_grad(local, _local(p.grad), position), position))
-        fresh = [self._init_state(group, p, self.state[p], position) for group, p, _, _, position in todo]
+                grad = self._check_grad(local, _local(p.grad), position)
+                self._check_state_shapes(group, p, position)
+                todo.append((group, p, local, grad, position))
         batches: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        for (group, p, local, grad, position), new in zip(todo, fresh):
-            states = [_local(self.state[p][name]) for name in self._state_names(group)]
+        for group, p, local, grad, position in todo:
+            state = self.state[p]
+            new = self._init_state(group, p, local, state)
+            states = [_local(state[name]) for name in self._state_names(group)]
             key = (local.device, local.dtype, states[0].dtype if states else None,
                    group["seed"], group["stochastic_rounding"]) + self._batch_key(group)
             batch = batches[key]
             batch["params"].append(local)
             batch["grads"].append(grad)
             batch["states"].append(states)
-            batch["groups"].append(group)
-            batch["steps"].append(self.state[p]["step"])
-            batch["counters"].append([position, int(new)])
+            if not batch["groups"] or batch["groups"][-1] is not group:  # (parameters come group by group)
+                batch["groups"].append(group)
+            batch["steps"].append(state["step"])
+            batch["counters"].append([len(batch["groups"]) - 1, position, int(new)])
         for key, batch in batches.items():
             states = [list(column) for column in zip(*batch["states"])]
             steps = torch.stack(batch["steps"]) + 1
-            position, new = torch.tensor(batch["counters"], dtype=torch.int64).unbind(1)
+            where, position, new = torch.tensor(batch["counters"], dtype=torch.int64).unbind(1)
             self._launch(key, [batch["params"], batch["grads"]] + states,
-                         self._hyper(batch["groups"], steps, inv_scale).float(),
+                         self._hyper(batch["groups"], where, steps, inv_scale).float(),
                          torch.stack([position, steps, new], 1), key[3], key[4])
         torch._foreach_add_([self.state[p]["step"] for _, p, _, _, _ in todo], 1)
         return loss

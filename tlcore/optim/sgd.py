@@ -1,4 +1,5 @@
 """tlcore.optim.SGD: SGD (momentum, Nesterov) on 16-bit parameters with stochastic rounding."""
+import functools
 from typing import Any, Optional
 
 import torch
@@ -11,7 +12,7 @@ class SGD(StochasticRoundingOptimizer):
     """torch.optim.SGD's update for bf16/fp16/fp32 parameters, no fp32 master copy.
 
     The update runs in fp32; parameters and 16-bit momentum buffers are written back
-    with stochastic rounding; fp32 parameters are updated exactly.
+    with stochastic rounding; fp32 parameters and buffers are written back unrounded.
 
     Args:
         params: parameters or param groups.
@@ -45,12 +46,13 @@ class SGD(StochasticRoundingOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _hyper(self, groups: list[dict[str, Any]], steps: torch.Tensor, inv_scale: float) -> torch.Tensor:
-        lr = group_values(groups, "lr")
+    def _hyper(self, groups: list[dict[str, Any]], where: torch.Tensor, steps: torch.Tensor,
+               inv_scale: float) -> torch.Tensor:
+        value = functools.partial(group_values, groups, where)
+        lr = value("lr")
         unused = torch.zeros_like(lr)
-        return torch.stack([lr, group_values(groups, "weight_decay"), group_values(groups, "momentum"),
-                            1.0 - group_values(groups, "dampening"), torch.full_like(lr, inv_scale), unused, unused,
-                            unused], 1)
+        return torch.stack([lr, value("weight_decay"), value("momentum"), 1.0 - value("dampening"),
+                            torch.full_like(lr, inv_scale), unused, unused, unused], 1)
 
     def _batch_key(self, group: dict[str, Any]) -> tuple:
         return (bool(group["nesterov"]),)
