@@ -47,7 +47,7 @@ tlcore::Int8ConvArgs int8_conv_args(const at::Tensor& x, int64_t x_zero, const a
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(nhwc),
               "tlcore int8 conv: weight must be a channels_last int8 (K, C / groups, R, S) tensor");
   TORCH_CHECK(weight.size(1) * groups == x.size(1), "tlcore int8 conv: x has ", x.size(1),
-              " channels but the weight expects ", weight.size(1), " per group x ", groups, " groups");
+              " channels but weight expects ", weight.size(1), " per group x ", groups, " groups");
   const int64_t k = weight.size(0);
   TORCH_CHECK(multiplier.scalar_type() == at::kInt && multiplier.numel() == k && multiplier.is_contiguous() &&
                   offset.scalar_type() == at::kLong && offset.numel() == k && offset.is_contiguous(),

@@ -341,8 +341,9 @@ def test_compile_inductor_on_gpu():
         assert_close_to_stock(compiled(x), model(x), ref, torch.float16, what="compiled resnet50")
 
 
-class ReusesStemRelu(nn.Module):
-    """Calls its ResNet's stem ReLU (and a block's BN) on its own: fusing those away would change its output."""
+class ReusesResNetModules(nn.Module):
+    """Calls its ResNet's stem ReLU, a block's BN and another block's ReLU on its own: fusing those
+    away would change its output (or break it: a fused block has no relu)."""
 
     def __init__(self):
         super().__init__()
@@ -350,15 +351,18 @@ class ReusesStemRelu(nn.Module):
         self.extra = nn.Linear(6, 6)
 
     def forward(self, x):
-        other = self.net.layer4[1].bn2(x[:, :1].expand(-1, 512, -1, -1))
+        other = self.net.layer4[1].bn2(self.net.layer4[0].relu(x[:, :1].repeat(1, 512, 1, 1)))
         return self.net.relu(self.extra(self.net(x))) + other.mean()
 
 
 def test_stem_and_block_modules_called_elsewhere_are_kept():
-    model = ReusesStemRelu().eval()
+    model = ReusesResNetModules().eval()
     fused = tlcore.fuse(model)
-    assert type(fused.net.relu) is nn.ReLU and type(fused.net.layer4[1]) is torchvision.models.resnet.BasicBlock
-    assert isinstance(fused.net.layer4[0], FusedResidualBlock) and repr(fused).count("called from more than one") == 3
+    assert type(fused.net.relu) is nn.ReLU and "its relu is also called from outside" in repr(fused.net.conv1)
+    for i, name in ((0, "relu"), (1, "bn2")):
+        assert type(fused.net.layer4[i]) is torchvision.models.resnet.BasicBlock
+        assert f"its {name} is also called from outside" in repr(fused.net.layer4[i])
+    assert isinstance(fused.net.layer3[1], FusedResidualBlock)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)

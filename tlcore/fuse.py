@@ -12,7 +12,7 @@ again afterwards traces into a different function, fused or not. torchvision's b
 """
 import copy
 import operator
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +56,10 @@ def _trace(module: nn.Module) -> fx.Graph:
     return _OneLevelTracer().trace(module)
 
 
-def _shared_modules(model: nn.Module) -> set[int]:
-    """ids of modules called from more than one place in the forwards of model's tree.
-
-    A conv called twice, or called by a parent as well as by its own block, must stay a
-    plain conv for the other callers. Modules whose forward does not trace are not counted.
-    """
-    calls = Counter()
+def _callers(model: nn.Module) -> dict[int, Counter]:
+    """For each module called in the forwards of model's tree (by id): how many calls each caller's
+    forward makes (by the caller's id). Modules whose forward does not trace are not counted."""
+    callers = defaultdict(Counter)
     for module in model.modules():
         if next(module.children(), None) is None:
             continue
@@ -70,22 +67,33 @@ def _shared_modules(model: nn.Module) -> set[int]:
             graph = _trace(module)
         except Exception:  # noqa: BLE001 - untraceable forwards stay stock anyway
             continue
-        calls.update(id(module.get_submodule(node.target)) for node in graph.nodes if node.op == "call_module")
-    return {ident for ident, count in calls.items() if count > 1}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                callers[id(module.get_submodule(node.target))][id(module)] += 1
+    return callers
 
 
 class _Fuser:
     """One fuse() pass over a model; knows which modules are shared between call sites."""
 
     def __init__(self, model: nn.Module):
-        self.shared = _shared_modules(model)
+        self.callers = _callers(model)
+        # A conv called twice, or called by a parent as well as by its own block, must stay a
+        # plain conv for the other callers.
+        self.shared = {callee for callee, calls in self.callers.items() if sum(calls.values()) > 1}
 
-    def reason(self, conv: nn.Module, bn: nn.Module, *replaced: nn.Module) -> str:
-        """Why conv → bn cannot be fused here ('' if it can); `replaced`: the other modules the
-        fusion removes (a ReLU it absorbs), which no other caller may use either."""
-        if any(id(m) in self.shared for m in (conv, bn, *replaced)):
-            return _SHARED
-        return fusion_unsupported_reason(conv, bn)
+    def reason(self, conv: nn.Module, bn: nn.Module) -> str:
+        """Why conv → bn cannot be fused here ('' if it can)."""
+        return _SHARED if id(conv) in self.shared else fusion_unsupported_reason(conv, bn)
+
+    def used_outside(self, owner: nn.Module, names: tuple[str, ...]) -> str:
+        """Why the modules `names` of a ResNet block or stem cannot be fused away ('' if none is
+        called by a forward other than owner's: fusing would change those calls, or break them)."""
+        for name in names:
+            module = getattr(owner, name, None)
+            if module is not None and any(caller != id(owner) for caller in self.callers[id(module)]):
+                return f"its {name} is also called from outside it (fusing would change those calls)"
+        return ""
 
     def tree(self, module: nn.Module) -> nn.Module:
         """Fuse inside `module` bottom-up; returns the module or its replacement."""
@@ -128,9 +136,12 @@ class _Fuser:
         """BasicBlock (conv1, conv2) or Bottleneck (conv1, conv2, conv3) → FusedResidualBlock."""
         convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
         bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
-        # (block.relu is not checked: the block's own forward calls it two or three times; another
-        # caller would find it gone, an AttributeError rather than a changed result)
-        reason = _not_relu(block.relu) or self.reason(convs[-1], bns[-1], *convs[:-1], *bns[:-1])
+        used_outside = self.used_outside(block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu"))
+        if used_outside:
+            for conv in convs:
+                mark_stock(conv, f"the block: {used_outside}")
+            return block
+        reason = _not_relu(block.relu) or self.reason(convs[-1], bns[-1])
         if reason:  # nothing would absorb the residual add: the block stays as it is
             for conv in convs:
                 mark_stock(conv, f"{'this' if conv is convs[-1] else 'the block’s last'} conv: {reason}")
@@ -146,7 +157,8 @@ class _Fuser:
 
     def resnet(self, model: nn.Module) -> nn.Module:
         """The stem (conv1 → bn1 → relu) of a torchvision ResNet, then its blocks."""
-        reason = _not_relu(model.relu) or self.reason(model.conv1, model.bn1, model.relu)
+        reason = (_not_relu(model.relu) or self.used_outside(model, ("conv1", "bn1", "relu"))
+                  or self.reason(model.conv1, model.bn1))
         if reason:
             mark_stock(model.conv1, reason)
         else:

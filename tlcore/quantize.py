@@ -132,7 +132,7 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
         method: how activation ranges are chosen: "minmax", "percentile" (clip to
             `percentile`), "entropy" (KL divergence) or "mse" (least L2 error).
         skip: names of blocks to keep in float ("layer1.0", ...), "conv1" for the stem, "fc" for
-            the fc (then its weights stay fp32); one name or a collection of them.
+            the fc (then its weights stay fp32); one name or a collection of them (None: none).
         backend: force a tlcore backend for the int8 ops ("cpu", "triton", "cuda", "torch") where
             they have it, in eager mode (traced, TLCORE_BACKEND applies); all give the same codes.
         reduce_range: 7-bit activations between convs (codes -128..-1), like torch.ao's x86
