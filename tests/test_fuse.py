@@ -65,6 +65,22 @@ def test_resnet_matches_stock_fp32(device, name):
     check_model(model, fused, x, torch.float32, "triton" if interpreted else "torch")
 
 
+def test_frozen_batchnorm_is_folded(device):
+    """torchvision's FrozenBatchNorm2d (detection backbones' BN) folds as BatchNorm2d in eval does:
+    the same fused model, bit for bit, as from the same statistics in BatchNorm2d."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = resnet("resnet18", device)
+    torch.manual_seed(0)
+    frozen = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d).eval().to(device)
+    frozen.load_state_dict(model.state_dict())
+    fused, fused_frozen = tlcore.fuse(model), tlcore.fuse(frozen)
+    assert sum(isinstance(m, FusedConv2dBNReLU) for m in fused_frozen.modules()) == 20  # every conv
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with torch.no_grad(), use_backend("triton" if ON_GPU else "torch"):
+        assert torch.equal(fused_frozen(x), fused(x))
+
+
 @pytest.mark.parametrize("name", ALL_RESNETS)
 def test_resnet_every_groups1_conv_is_fused(name):
     model = resnet(name, "cpu")

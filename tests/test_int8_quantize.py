@@ -674,12 +674,22 @@ def test_quantized_model_compiles_with_inductor_on_gpu():
         assert torch.equal(compiled(x), qmodel(x))
 
 
-def test_a_model_with_no_coverable_conv_warns():
-    """FrozenBatchNorm2d (torchvision's detection backbones) is not folded: every block stays float,
-    which quantize says instead of returning a float model in silence; skip=None is no skip."""
+def test_frozen_batchnorm_model_quantizes():
+    """torchvision's FrozenBatchNorm2d (detection backbones' BN) folds: every conv runs in int8."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     model = small_resnet(norm_layer=FrozenBatchNorm2d)
+    qmodel = tlcore.quantize(model, batches(), progress=False)
+    assert not any(isinstance(m, FloatFallback) for m in qmodel.modules())
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) > 25
+
+
+def test_a_model_with_no_coverable_conv_warns():
+    """GroupNorm cannot be folded: every block stays float, which quantize says instead of
+    returning a float model in silence; skip=None is no skip."""
+    model = small_resnet(norm_layer=lambda channels: nn.GroupNorm(4, channels))
     with pytest.warns(UserWarning, match="no conv could run in int8"):
         qmodel = tlcore.quantize(model, batches(), skip=None, progress=False)
     x = batches(1, seed=5)[0]

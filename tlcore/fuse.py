@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from tlcore.nn.blocks import FusedResidualBlock
-from tlcore.nn.conv import FusedConv2dBNReLU, fusion_unsupported_reason, mark_stock
+from tlcore.nn.conv import FusedConv2dBNReLU, fusion_unsupported_reason, is_frozen_batchnorm, mark_stock
 
 _RELU_CALLS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _ADD_CALLS = {operator.add, operator.iadd, torch.add}
@@ -237,7 +237,7 @@ def _not_relu(activation: nn.Module) -> str:
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or is_frozen_batchnorm(module)
 
 
 def _has_conv_bn_children(module: nn.Module) -> bool:

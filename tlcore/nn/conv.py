@@ -6,7 +6,15 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from tlcore.ops import conv2d_bn_relu, conv_unsupported_reason
 from tlcore.ops.conv import output_size
 
-_FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d (its detection backbones' BN): fixed running statistics,
+    weight and bias as buffers, the eval-mode BatchNorm2d formula."""
+    kind = type(module)
+    return kind.__name__ == "FrozenBatchNorm2d" and kind.__module__ == "torchvision.ops.misc"
+
+
+def _foldable_batchnorm(module: nn.Module) -> bool:
+    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_batchnorm(module)
 
 
 def explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -26,12 +34,12 @@ def folding_unsupported_reason(conv: nn.Module, bn: nn.Module) -> str:
     # Subclasses may override forward; StockConv2d (a conv fuse left stock) only adds a repr.
     if type(conv) not in (nn.Conv2d, StockConv2d):
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
-    if type(bn) not in _FOLDABLE_BN:
+    if not _foldable_batchnorm(bn):
         return f"{type(bn).__name__} is not a BatchNorm2d"
     if bn.running_mean is None or bn.running_var is None:
         return "BatchNorm without running statistics (track_running_stats=False) cannot be folded"
-    if bn.num_features != conv.out_channels:
-        return f"BatchNorm has {bn.num_features} features for {conv.out_channels} conv channels"
+    if bn.running_mean.numel() != conv.out_channels:
+        return f"BatchNorm has {bn.running_mean.numel()} features for {conv.out_channels} conv channels"
     if explicit_padding(conv) is None:
         return "padding='same' with an even kernel needs asymmetric padding"
     return ""
