@@ -67,7 +67,8 @@ def test_resnet_matches_stock_fp32(device, name):
 
 def test_frozen_batchnorm_is_folded(device):
     """torchvision's FrozenBatchNorm2d (detection backbones' BN) folds as BatchNorm2d in eval does:
-    the same fused model, bit for bit, as from the same statistics in BatchNorm2d."""
+    the same fused model, bit for bit, as from the same statistics in BatchNorm2d, and close to the
+    unfused FrozenBatchNorm2d model (its own eps and formula)."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     model = resnet("resnet18", device)
@@ -78,7 +79,9 @@ def test_frozen_batchnorm_is_folded(device):
     assert sum(isinstance(m, FusedConv2dBNReLU) for m in fused_frozen.modules()) == 20  # every conv
     x = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad(), use_backend("triton" if ON_GPU else "torch"):
-        assert torch.equal(fused_frozen(x), fused(x))
+        out = fused_frozen(x)
+        assert torch.equal(out, fused(x))
+        torch.testing.assert_close(out, frozen(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ALL_RESNETS)
@@ -256,6 +259,37 @@ class ParentCallsInnerConv(nn.Module):
         return self.block(x) + self.block.conv(x)
 
 
+class InnerWithReluModule(Inner):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class ParentCallsInnerBN(nn.Module):
+    """The parent calls the block's BatchNorm too: folding it away would break that call."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Inner()
+
+    def forward(self, x):
+        return self.block(x) + self.block.bn(x.repeat(1, 2, 1, 1)[:, :4])
+
+
+class ParentCallsInnerRelu(nn.Module):
+    """The parent calls the block's ReLU module too: conv + BN fuse, the ReLU stays."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = InnerWithReluModule()
+
+    def forward(self, x):
+        return self.block(x) + self.block.act(-x).sum()
+
+
 class ConvOutputUsedTwice(nn.Module):
     def __init__(self):
         super().__init__()
@@ -270,6 +304,8 @@ class ConvOutputUsedTwice(nn.Module):
 @pytest.mark.parametrize("cls,fused_convs,reason", [
     (SelfAdd, 1, None),
     (ParentCallsInnerConv, 0, "called from more than one place"),
+    (ParentCallsInnerBN, 0, "its BatchNorm is also called from outside Inner"),
+    (ParentCallsInnerRelu, 1, None),
     (ConvOutputUsedTwice, 0, "its output is used by more than the BatchNorm"),
 ])
 def test_fx_edge_cases_keep_stock_semantics(cls, fused_convs, reason):

@@ -193,7 +193,7 @@ def test_clip_grad_norm_under_grad_scaler_fp16(true_norm):
         gradient[7] = float("inf")
     scaler.scale((param.float() * gradient).sum()).backward()
     before = param.detach().clone()
-    total = tlcore.optim.clip_grad_norm_([param], 1.0, scaler)
+    total = tlcore.optim.clip_grad_norm_([param], 1.0, scaler=scaler)
     scaler.step(opt)
     scaler.update()
     if math.isinf(true_norm):
@@ -449,6 +449,12 @@ def test_another_algorithms_state_dict_is_refused():
         opt.load_state_dict(torch.optim.SGD(params, lr=0.1, momentum=0.9).state_dict())
     with pytest.raises(ValueError, match="L2"):
         opt.load_state_dict(torch.optim.Adam(params, lr=0.1, weight_decay=0.01).state_dict())
+    nadam = torch.optim.NAdam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    nadam.step()
+    with pytest.raises(ValueError, match="mu_product"):
+        opt.load_state_dict(nadam.state_dict())
     assert opt.param_groups[0]["lr"] == 1e-2
 
 

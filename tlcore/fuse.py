@@ -86,12 +86,17 @@ class _Fuser:
         """Why conv → bn cannot be fused here ('' if it can)."""
         return _SHARED if id(conv) in self.shared else fusion_unsupported_reason(conv, bn)
 
+    def called_elsewhere(self, module: nn.Module, owner: nn.Module) -> bool:
+        """Whether a forward other than owner's calls `module`: fusing it away would change those
+        calls, or break them (a fused model drops the modules it folded)."""
+        return any(caller != id(owner) for caller in self.callers[id(module)])
+
     def used_outside(self, owner: nn.Module, names: tuple[str, ...]) -> str:
-        """Why the modules `names` of a ResNet block or stem cannot be fused away ('' if none is
-        called by a forward other than owner's: fusing would change those calls, or break them)."""
+        """Why the modules `names` of owner (a ResNet block or stem, or its downsample) cannot be
+        fused away ('' if none is called elsewhere)."""
         for name in names:
             module = getattr(owner, name, None)
-            if module is not None and any(caller != id(owner) for caller in self.callers[id(module)]):
+            if module is not None and self.called_elsewhere(module, owner):
                 return f"its {name} is also called from outside it (fusing would change those calls)"
         return ""
 
@@ -136,7 +141,9 @@ class _Fuser:
         """BasicBlock (conv1, conv2) or Bottleneck (conv1, conv2, conv3) → FusedResidualBlock."""
         convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
         bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
-        used_outside = self.used_outside(block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu"))
+        used_outside = self.used_outside(block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"))
+        if not used_outside and isinstance(block.downsample, nn.Sequential):
+            used_outside = self.used_outside(block.downsample, ("0", "1"))
         if used_outside:
             for conv in convs:
                 mark_stock(conv, f"the block: {used_outside}")
@@ -186,7 +193,7 @@ class _Fuser:
         fused_any = False
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and type(modules[node.target]) is nn.Conv2d:
-                fused_any |= self.chain(gm, modules, node)
+                fused_any |= self.chain(gm, modules, node, module)
         if not fused_any:
             return module
         gm.graph.eliminate_dead_code()
@@ -194,8 +201,9 @@ class _Fuser:
         gm.recompile()
         return gm
 
-    def chain(self, gm: fx.GraphModule, modules, conv_node: fx.Node) -> bool:
-        """Replace conv_node → bn (→ add residual → relu | → relu) with one fused call."""
+    def chain(self, gm: fx.GraphModule, modules, conv_node: fx.Node, owner: nn.Module) -> bool:
+        """Replace conv_node → bn (→ add residual → relu | → relu) in owner's graph with one fused call
+        (a BN or ReLU module that another forward calls too stays: the fused graph drops those it folds)."""
         conv = modules[conv_node.target]
         bn_users = [u for u in conv_node.users if u.op == "call_module" and _is_batchnorm(modules[u.target])]
         if not bn_users:
@@ -207,17 +215,20 @@ class _Fuser:
         if len(conv_node.args) != 1 or conv_node.kwargs:
             return False
         bn = modules[bn_node.target]
-        reason = self.reason(conv, bn)
+        reason = self.reason(conv, bn) or (f"its BatchNorm is also called from outside {type(owner).__name__}"
+                                           if self.called_elsewhere(bn, owner) else "")
         if reason:
             mark_stock(conv, reason)
             return False
+        absorbable_relu = lambda node: _is_relu(node, modules) and not (  # noqa: E731
+            node.op == "call_module" and self.called_elsewhere(modules[node.target], owner))
         chain, residual, relu = [conv_node, bn_node], None, False
         after_bn = _only_user(bn_node)
         other = _residual_of(after_bn, bn_node)
-        if other is not None and _is_relu(_only_user(after_bn), modules):
+        if other is not None and absorbable_relu(_only_user(after_bn)):
             residual, relu = other, True
             chain += [after_bn, _only_user(after_bn)]
-        elif _is_relu(after_bn, modules):
+        elif absorbable_relu(after_bn):
             relu = True
             chain.append(after_bn)
         fused = FusedConv2dBNReLU.from_modules(conv, bn, relu=relu, residual=residual is not None)

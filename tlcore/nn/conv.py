@@ -6,6 +6,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from tlcore.ops import conv2d_bn_relu, conv_unsupported_reason
 from tlcore.ops.conv import output_size
 
+
 def is_frozen_batchnorm(module: nn.Module) -> bool:
     """torchvision's FrozenBatchNorm2d (its detection backbones' BN): fixed running statistics,
     weight and bias as buffers, the eval-mode BatchNorm2d formula."""
@@ -35,7 +36,7 @@ def folding_unsupported_reason(conv: nn.Module, bn: nn.Module) -> str:
     if type(conv) not in (nn.Conv2d, StockConv2d):
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if not _foldable_batchnorm(bn):
-        return f"{type(bn).__name__} is not a BatchNorm2d"
+        return f"{type(bn).__name__} is not a BatchNorm2d (nor torchvision's FrozenBatchNorm2d)"
     if bn.running_mean is None or bn.running_var is None:
         return "BatchNorm without running statistics (track_running_stats=False) cannot be folded"
     if bn.running_mean.numel() != conv.out_channels:

@@ -31,6 +31,7 @@ class AdamW(StochasticRoundingOptimizer):
     """
 
     _op_name = "tlcore.optim.AdamW"
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
@@ -51,7 +52,7 @@ class AdamW(StochasticRoundingOptimizer):
                          stochastic_rounding=stochastic_rounding, seed=seed, state_dtype=state_dtype)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
+        return self._STATE_KEYS
 
     def _hyper(self, groups: list[dict[str, Any]], where: torch.Tensor, steps: torch.Tensor,
                inv_scale: float) -> torch.Tensor:

@@ -85,6 +85,7 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     # itself (which it refuses to do for fp16 grads); the scale is folded into the update.
     _step_supports_amp_scaling = True
     _op_name = ""  # "tlcore.optim.X", for error messages
+    _STATE_KEYS: tuple[str, ...] = ()  # every per-parameter state a subclass may keep, "step" aside
 
     def __init__(self, params, defaults: dict[str, Any], *, stochastic_rounding: bool, seed: Optional[int],
                  state_dtype: Optional[torch.dtype]):
@@ -175,8 +176,9 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         momentum is switched on later); True if any was created (the op then starts it fresh).
 
         States from elsewhere (a torch.optim state_dict's fp16 states of fp16 parameters; a
-        parameter since moved to channels_last) are copied to the dtype and memory layout the op
-        takes (exactly, but for fp32 states made bf16): its kernels pair elements by memory position.
+        parameter since moved to channels_last or to another device) are copied to the dtype, device
+        and memory layout the op takes (exactly, but for fp32 states made bf16): its kernels pair
+        elements by memory position.
         The step count stays a CPU tensor (a loop moving the optimizer's state to a GPU moves it too).
         """
         dtype = group["state_dtype"] or default_state_dtype(p.dtype)
@@ -189,7 +191,7 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             if value is None:  # (torch.optim.SGD saves a momentum_buffer of None)
                 state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 fresh = True
-            elif value.dtype != dtype or _local(value).stride() != local.stride():
+            elif value.dtype != dtype or value.device != p.device or _local(value).stride() != local.stride():
                 state[name] = torch.empty_like(p, dtype=dtype).copy_(value)
         return fresh
 
@@ -200,8 +202,10 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
           parameter's dtype, which would squeeze the fp32 states of fp16 parameters into fp16;
         - a torch.optim.AdamW / SGD state_dict loads too: its groups get this optimizer's tlcore
           settings (seed, stochastic_rounding, state_dtype), its float steps become int64 ones;
-        - the groups are checked before anything is loaded, and must hold this optimizer's
-          hyper-parameters (those of another algorithm, e.g. SGD's into AdamW, are refused).
+        - the groups are checked before anything is loaded: another algorithm's state_dict (SGD's
+          into AdamW, NAdam's, torch.optim.Adam's with L2 weight decay) is refused where its
+          settings or states tell it apart (an Adam saved before torch recorded
+          decoupled_weight_decay does not).
         """
         own = set(self.defaults) - set(OFF_ONLY_OPTIONS) - {"seed", "stochastic_rounding", "state_dtype"}
         for saved in state_dict["param_groups"]:
@@ -209,6 +213,9 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 raise ValueError(f"{self._op_name}: the state_dict's param groups lack {sorted(own - set(saved))}: "
                                  "it is another optimizer's")
             self._check_group({**self.defaults, **saved})
+        foreign = {name for state in state_dict["state"].values() for name in state} - {"step", *self._STATE_KEYS}
+        if foreign:  # (e.g. NAdam's mu_product, Adamax's exp_inf: an algorithm with AdamW's settings)
+            raise ValueError(f"{self._op_name}: the state_dict holds states {sorted(foreign)}: it is another optimizer's")
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for name, value in self.defaults.items():

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
                     scaler: Optional["torch.amp.GradScaler"] = None) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (2-norm) for fp16/bf16 gradients, also scaled ones.
 
@@ -13,11 +13,12 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
     still scaled: their norm is summed in fp32 (in fp16 it overflows past 65504: at the default
     scale of 65536 any true norm above 1 would clip every gradient to zero) and divided by the
     scaler's scale, and the gradients are multiplied by min(1, max_norm / norm), which clips their
-    unscaled norm to max_norm. Inf or NaN gradients make the norm non-finite and the gradients NaN,
-    so the scaler's step still skips the step.
+    unscaled norm to max_norm. Pass the scaler only while its scale is in the gradients (not after
+    scaler.unscale_). Inf or NaN gradients make the norm non-finite and those elements NaN (the
+    finite ones zero), so the scaler's step still skips the step.
 
         scaler.scale(loss).backward()
-        tlcore.optim.clip_grad_norm_(model.parameters(), 1.0, scaler)
+        tlcore.optim.clip_grad_norm_(model.parameters(), 1.0, scaler=scaler)
         scaler.step(opt)
         scaler.update()
 

@@ -24,6 +24,7 @@ class SGD(StochasticRoundingOptimizer):
     """
 
     _op_name = "tlcore.optim.SGD"
+    _STATE_KEYS = ("momentum_buffer",)
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
@@ -44,7 +45,7 @@ class SGD(StochasticRoundingOptimizer):
                          stochastic_rounding=stochastic_rounding, seed=seed, state_dtype=state_dtype)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+        return self._STATE_KEYS if group["momentum"] != 0 else ()
 
     def _hyper(self, groups: list[dict[str, Any]], where: torch.Tensor, steps: torch.Tensor,
                inv_scale: float) -> torch.Tensor:
