@@ -418,3 +418,13 @@ def test_stem_and_block_modules_called_elsewhere_are_kept():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_on_fused_away_modules_are_reported():
+    """A hook on a module the fusion removes (a block, the stem's BN) would silently stop firing."""
+    model = resnet("resnet18", "cpu")
+    model.layer4[1].register_forward_hook(lambda *args: None)
+    model.bn1.register_forward_pre_hook(lambda *args: None)
+    model.layer2.register_forward_hook(lambda *args: None)  # kept: the Sequential stays
+    with pytest.warns(UserWarning, match=r"hooks on \['bn1', 'layer4.1'\] are gone"):
+        tlcore.fuse(model)

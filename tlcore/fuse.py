@@ -12,6 +12,7 @@ again afterwards traces into a different function, fused or not. torchvision's b
 """
 import copy
 import operator
+import warnings
 from collections import Counter, defaultdict
 
 import torch
@@ -42,7 +43,19 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
                          "(a module assigned after eval() starts in train mode)")
     if not inplace:
         model = copy.deepcopy(model)
-    return _Fuser(model).tree(model).eval()  # new modules start in train mode
+    hooked = {name: m for name, m in model.named_modules() if _has_hooks(m)}
+    fused = _Fuser(model).tree(model).eval()  # new modules start in train mode
+    kept = {id(m) for m in fused.modules()}
+    dropped = [name or type(model).__name__ for name, m in hooked.items() if id(m) not in kept]
+    if dropped:
+        warnings.warn(f"tlcore.fuse: the hooks on {dropped} are gone with those modules, which were fused into "
+                      "others: register them on the fused model", stacklevel=2)
+    return fused
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 class _OneLevelTracer(fx.Tracer):
