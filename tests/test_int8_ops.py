@@ -154,6 +154,25 @@ def test_requantization_reduces_shift_for_int64_headroom():
     assert 0 < shift <= q8.MAX_SHIFT and worst < 2**62
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_extension)])
+def test_requantization_of_a_huge_bias(backend):
+    """A bias whose int64 offset would overflow at the usual shift gets a smaller one (it used to wrap
+    silently: saturated offsets, mixed -128/127 codes); a non-finite bias is refused."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randint(-127, 128, (4, 3, 3, 3), generator=g, dtype=torch.int8).contiguous(
+        memory_format=torch.channels_last)
+    x = torch.randint(-128, 128, (1, 3, 5, 5), generator=g, dtype=torch.int8).contiguous(
+        memory_format=torch.channels_last)
+    bias = torch.tensor([1e12, -1e12, 1e12, -1e12])
+    multiplier, offset, shift, _ = q8.requantization(0.02, -128, weight, torch.full((4,), 1e-2), bias, 1e-3, -128)
+    with use_backend(backend):
+        out = q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, padding=1)
+    assert torch.equal(out[:, 0::2], torch.full_like(out[:, 0::2], 127))
+    assert torch.equal(out[:, 1::2], torch.full_like(out[:, 1::2], -128))
+    with pytest.raises(ValueError, match="finite"):
+        q8.requantization(0.02, -128, weight, torch.full((4,), 1e-2), torch.full((4,), float("nan")), 1e-3, -128)
+
+
 # ---- backends against the reference ---------------------------------------------------------
 
 @needs_extension
@@ -965,6 +984,18 @@ def test_int8_max_pool_matches_float_pool(case, backend_name):
     assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("backend_name", [pytest.param("cpu", marks=needs_extension), "torch"])
+def test_int8_max_pool_window_of_padding_only(backend_name):
+    """A dilated window that lands on padding only (PyTorch's -inf) gives the lowest code, -128, on
+    every backend; a non-int8 input is refused (uint8 200 would wrap to -56)."""
+    q = torch.tensor([[[[5], [-7]]]], dtype=torch.int8)  # (1, 1, 2, 1)
+    with use_backend(backend_name):
+        out = q8.int8_max_pool2d(q, (2, 1), (4, 1), (1, 0), (3, 1))
+        assert out.flatten().tolist() == [-128]
+        with pytest.raises(TypeError, match="int8"):
+            q8.int8_max_pool2d(q.to(torch.uint8), 2, 2, 0, 1)
+
+
 @needs_extension
 def test_int8_max_pool_op_checks():
     q = torch.randint(-128, 128, (2, 5, 7, 6), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
@@ -999,6 +1030,15 @@ def test_int8_global_avg_pool_against_float64(shape, backend_name):
         assert torch.equal(q8.int8_global_avg_pool(q, 0.0371, -93), out)
     assert out.dtype == torch.float32 and out.shape == (*shape[:2], 1, 1)
     assert rel_error(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("backend_name", [pytest.param("cpu", marks=needs_extension), "torch"])
+def test_int8_global_avg_pool_sums_past_int32(backend_name):
+    """4200 x 4200 codes of -128 less a zero point of 127: sums past int32 (17.6 M pixels), still exact."""
+    q = torch.full((1, 1, 4200, 4200), -128, dtype=torch.int8)
+    with use_backend(backend_name):
+        out = q8.int8_global_avg_pool(q, 0.5, 127)
+    assert out.flatten().tolist() == [-127.5]
 
 
 def test_int8_global_avg_pool_bad_input():

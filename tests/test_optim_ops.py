@@ -81,6 +81,8 @@ BAD_OP_ARGS = {
     "list lengths": (_bad(1, lambda gs: gs[:2]), ValueError, "one length"),
     "hyper shape": (_bad(4, torch.zeros(3, 7)), ValueError, "hyper"),
     "counters dtype": (_bad(5, torch.zeros(3, 3)), ValueError, "counters"),
+    # the same values with a row stride of 16: the kernels would read row r at 8 * r
+    "strided hyper": (_bad(4, lambda h: torch.cat([h, torch.full_like(h, 7.0)], 1)[:, :8]), ValueError, "contiguous"),
     "negative seed": (_bad(6, -1), ValueError, "seed"),
     "strided param": (_bad(0, lambda ps: [torch.randn(5, 2).to(torch.bfloat16)[:, 0]] + ps[1:]), ValueError,
                       "dense"),

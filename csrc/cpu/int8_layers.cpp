@@ -278,13 +278,13 @@ void int8_max_pool_cpu(const Int8PoolArgs& args) {
 
 void int8_global_avg_pool_cpu(const int8_t* q, int64_t n, int64_t hw, int64_t c, double scale, int32_t zero_point,
                               float* out) {
-  constexpr int64_t kChannels = 256;  // one task's int32 sums, on the stack
+  constexpr int64_t kChannels = 256;  // one task's sums, on the stack (int64: int32 wraps past 16.7 M pixels)
   const int64_t chunks = (c + kChannels - 1) / kChannels;
   const float factor = static_cast<float>(scale / static_cast<double>(hw));
   at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t image = task / chunks, first = task % chunks * kChannels, width = std::min(kChannels, c - first);
-      int32_t sums[kChannels] = {};
+      int64_t sums[kChannels] = {};
       for (int64_t p = 0; p < hw; ++p) {
         const int8_t* codes = q + (image * hw + p) * c + first;
         for (int64_t i = 0; i < width; ++i) sums[i] += codes[i];

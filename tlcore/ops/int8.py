@@ -88,15 +88,20 @@ def requantization(x_scale: float, x_zero: int, weight_q: torch.Tensor, w_scale:
     wsum = weight_q.detach().to(torch.int64).flatten(1).sum(1)
     bias_real = torch.zeros(k, dtype=torch.float64, device=device) if bias is None else \
         bias.detach().double().to(device) / out_scale
+    if not bool(torch.isfinite(bias_real).all()):
+        raise ValueError("tlcore int8: the bias (over out_scale) must be finite")
     reduction = weight_q[0].numel() if k else 1
     for shift in range(min(MAX_SHIFT, 29 - math.floor(math.log2(largest))), 0, -1):
         multiplier = torch.round(real * 2.0**shift).to(torch.int64)
         res_multiplier = round(res_real * 2**shift)
-        offset = torch.round(bias_real * 2.0**shift).to(torch.int64) - x_zero * wsum * multiplier \
-            - res_zero * res_multiplier + 2 ** (shift - 1)
-        # Worst case of acc * multiplier + offset + residual * res_multiplier must stay in int64.
-        worst = (128 * 127 * reduction * multiplier.abs() + offset.abs()).max().item() if k else 0
+        # Worst case of acc * multiplier + offset + residual * res_multiplier must stay in int64;
+        # bounded in float64 first, as the int64 offset itself could wrap for a huge bias.
+        offset_real = bias_real * 2.0**shift - (x_zero * wsum * multiplier).double() \
+            - res_zero * res_multiplier + 2.0 ** (shift - 1)
+        worst = (128 * 127 * reduction * multiplier.abs().double() + offset_real.abs()).max().item() if k else 0
         if worst + 128 * abs(res_multiplier) < _INT64_HEADROOM:
+            offset = torch.round(bias_real * 2.0**shift).to(torch.int64) - x_zero * wsum * multiplier \
+                - res_zero * res_multiplier + 2 ** (shift - 1)
             return multiplier.to(torch.int32), offset, shift, res_multiplier
     raise ValueError(f"tlcore int8: the bias is too large for the output scale {out_scale:g} "
                      f"(max |bias| / out_scale = {bias_real.abs().max().item():g})")
@@ -606,14 +611,17 @@ def int8_max_pool2d(q: torch.Tensor, kernel_size: int | Sequence[int], stride: i
     q: (N, C, H, W) int8, any layout; kernel_size, stride, padding, dilation: int or (h, w) pair.
     Returns (N, C, OH, OW) int8 channels_last (PyTorch's output size and implicit -inf padding).
     """
+    if q.dtype != torch.int8 or q.dim() != 4:
+        raise TypeError(f"tlcore.ops.int8_max_pool2d: expected int8 (N, C, H, W) codes, got {q.dtype} of rank {q.dim()}")
     kernel_size, stride, padding, dilation = (_pair(value, name, "int8_max_pool2d") for value, name in (
         (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     if runs_cpu_kernel("int8_max_pool2d", q):
         return torch.ops.tlcore._int8_max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode)
     # CUDA has no integer max-pool, and the CPU one rejects an int8 tensor of more than 127
-    # elements per image (an int8-typed size check); fp16 holds every int8 value exactly.
+    # elements per image (an int8-typed size check); fp16 holds every int8 value exactly. A window
+    # of padding only gives -inf: -128, the lowest code, as the C++ kernel gives.
     y = F.max_pool2d(q.half(), kernel_size, stride, padding, dilation, ceil_mode)
-    return y.to(torch.int8).contiguous(memory_format=torch.channels_last)
+    return y.clamp(min=-128).to(torch.int8).contiguous(memory_format=torch.channels_last)
 
 
 # ---- the tail: global average pool and fc -------------------------------------------------------
@@ -621,8 +629,9 @@ def int8_max_pool2d(q: torch.Tensor, kernel_size: int | Sequence[int], stride: i
 def int8_global_avg_pool(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """A ResNet's average pool on int8 codes: fp32 scale * (mean of the codes - zero_point).
 
-    q: (N, C, H, W) int8, any layout. Returns fp32 (N, C, 1, 1). The codes are summed in int32
-    (exact: |sum| <= 255 * H * W) and scaled once, by fp32(scale / (H * W)), on every backend.
+    q: (N, C, H, W) int8, any layout. Returns fp32 (N, C, 1, 1). The codes are summed exactly
+    (int64: 255 * H * W passes int32 past 8.4 M pixels) and scaled once, by fp32(scale / (H * W)),
+    on every backend.
     """
     if q.dtype != torch.int8 or q.dim() != 4:
         raise ValueError(f"tlcore int8 global average pool: expected int8 (N, C, H, W) codes, got {q.dtype} "
@@ -634,7 +643,7 @@ def int8_global_avg_pool(q: torch.Tensor, scale: float, zero_point: int) -> torc
         raise ValueError("tlcore int8 global average pool: the feature map is empty")
     if runs_cpu_kernel("int8_global_avg_pool", q):
         return torch.ops.tlcore._int8_global_avg_pool_cpu(q, scale, zero_point)
-    sums = q.sum(dim=(2, 3), keepdim=True, dtype=torch.int32) - pixels * zero_point
+    sums = q.sum(dim=(2, 3), keepdim=True, dtype=torch.int64) - pixels * zero_point
     return sums.float() * (scale / pixels)
 
 

@@ -41,12 +41,16 @@ def _check(where: str, params, grads, states: Sequence[Sequence[torch.Tensor]], 
     if len(grads) != count or any(len(s) not in (0, count) for s in states):
         raise ValueError(f"{where}: params, grads and states must be lists of one length, got "
                          f"{count}, {len(grads)} and {[len(s) for s in states]}")
-    if hyper.dtype != torch.float32 or tuple(hyper.shape) != (count, HYPER_COLUMNS) or hyper.device.type != "cpu":
-        raise ValueError(f"{where}: hyper must be a fp32 CPU tensor of shape ({count}, {HYPER_COLUMNS}), "
-                         f"got {hyper.dtype} {tuple(hyper.shape)} on {hyper.device}")
-    if counters.dtype != torch.int64 or tuple(counters.shape) != (count, 3) or counters.device.type != "cpu":
-        raise ValueError(f"{where}: counters must be an int64 CPU tensor of shape ({count}, 3), "
-                         f"got {counters.dtype} {tuple(counters.shape)} on {counters.device}")
+    # (contiguous: the kernels read row r at 8 * r)
+    if (hyper.dtype != torch.float32 or tuple(hyper.shape) != (count, HYPER_COLUMNS) or hyper.device.type != "cpu"
+            or not hyper.is_contiguous()):
+        raise ValueError(f"{where}: hyper must be a contiguous fp32 CPU tensor of shape ({count}, {HYPER_COLUMNS}), "
+                         f"got {hyper.dtype} {tuple(hyper.shape)} strides {hyper.stride()} on {hyper.device}")
+    if (counters.dtype != torch.int64 or tuple(counters.shape) != (count, 3) or counters.device.type != "cpu"
+            or not counters.is_contiguous()):
+        raise ValueError(f"{where}: counters must be a contiguous int64 CPU tensor of shape ({count}, 3), "
+                         f"got {counters.dtype} {tuple(counters.shape)} strides {counters.stride()} on "
+                         f"{counters.device}")
     if not 0 <= seed < MAX_SEED:
         raise ValueError(f"{where}: seed must be in [0, 2**63), got {seed}")
     if count == 0:
