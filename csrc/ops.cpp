@@ -213,11 +213,12 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
+// PyTorch's max-pool output size: with ceil_mode a window may run past the image (not start past it).
 int64_t pool_output_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation, bool ceil_mode) {
-  const int64_t span = size + 2 * pad - dilation * (kernel - 1) - 1;
-  TORCH_CHECK(span >= 0, "tlcore int8 max-pool: the input is smaller than the (dilated) kernel with this padding");
-  int64_t out = (ceil_mode ? (span + stride - 1) / stride : span / stride) + 1;
+  const int64_t span = size + 2 * pad - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
+  int64_t out = (span >= 0 ? span / stride : -((-span + stride - 1) / stride)) + 1;  // floor division
   if (ceil_mode && (out - 1) * stride >= size + pad) --out;  // the last window must start inside the image
+  TORCH_CHECK(out >= 1, "tlcore int8 max-pool: the input is smaller than the (dilated) kernel with this padding");
   return out;
 }
 

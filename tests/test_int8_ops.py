@@ -970,6 +970,8 @@ POOL_CASES = [  # shape, kernel, stride, padding, dilation, ceil_mode
     ((1, 37, 13, 11), (3, 3), (2, 2), (1, 1), (1, 1), True),
     ((3, 5, 9, 8), (2, 3), (1, 2), (1, 0), (2, 1), True),
     ((1, 70, 6, 6), (2, 2), (2, 2), (0, 0), (1, 1), False),
+    ((1, 3, 6, 6), (1, 3), (1, 2), (0, 0), (1, 3), True),  # ceil_mode: the one window runs past the image
+    ((2, 4, 2, 2), (3, 3), (2, 2), (0, 0), (1, 1), True),
 ]
 
 
@@ -1002,12 +1004,13 @@ def test_int8_max_pool_op_checks():
     torch.library.opcheck(torch.ops.tlcore._int8_max_pool_cpu.default, (q, [3, 3], [2, 2], [1, 1], [1, 1], True))
     with pytest.raises(RuntimeError, match="padding <= kernel / 2"):
         torch.ops.tlcore._int8_max_pool_cpu(q, [3, 3], [2, 2], [2, 2], [1, 1], False)
-    small = q[:, :, :2, :2]  # a 3x3 window does not fit: PyTorch refuses, so do the op and its fake
-    for ceil_mode in (False, True):
-        with pytest.raises(RuntimeError, match="smaller than the"):
-            torch.ops.tlcore._int8_max_pool_cpu(small, [3, 3], [2, 2], [0, 0], [1, 1], ceil_mode)
-        with pytest.raises(ValueError, match="smaller than the"):
-            q8._pool_output_size(2, 3, 2, 0, 1, ceil_mode)
+    small = q[:, :, :2, :2]  # a 3x3 window does not fit: PyTorch refuses (without ceil_mode), so do the op and fake
+    with pytest.raises(RuntimeError, match="smaller than the"):
+        torch.ops.tlcore._int8_max_pool_cpu(small, [3, 3], [2, 2], [0, 0], [1, 1], False)
+    with pytest.raises(ValueError, match="smaller than the"):
+        q8._pool_output_size(2, 3, 2, 0, 1, False)
+    with pytest.raises(ValueError, match="smaller than the"):
+        q8._pool_output_size(2, 5, 2, 0, 1, True)  # with ceil_mode too, past a window's reach
     with pytest.raises(RuntimeError, match="int8"):
         torch.ops.tlcore._int8_max_pool_cpu(q.float(), [3, 3], [2, 2], [1, 1], [1, 1], False)
 

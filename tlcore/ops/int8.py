@@ -593,13 +593,14 @@ def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> tor
 # ---- max-pool -------------------------------------------------------------------------------
 
 def _pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
-    """PyTorch's max-pool output size (the last window starts inside the image or its left padding)."""
+    """PyTorch's max-pool output size (the last window starts inside the image or its left padding;
+    with ceil_mode it may run past the image)."""
     span = size + 2 * padding - dilation * (kernel - 1) - 1
-    if span < 0:
-        raise ValueError("tlcore int8 max-pool: the input is smaller than the (dilated) kernel with this padding")
     out = (-(-span // stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
+    if out < 1:
+        raise ValueError("tlcore int8 max-pool: the input is smaller than the (dilated) kernel with this padding")
     return out
 
 
