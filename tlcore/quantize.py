@@ -37,7 +37,8 @@ from tlcore.fuse import fuse
 from tlcore.nn.blocks import FusedResidualBlock
 from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d
 from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear,
-                            Int8MaxPool2d, Int8ResidualBlock, QParams, QuantizeInput, _Int8Module, fold_conv_stage)
+                            Int8MaxPool2d, Int8ResidualBlock, QParams, QuantizeInput, _Int8Module, fold_conv_stage,
+                            in_own_dtype)
 from tlcore.ops.int8 import MAX_REDUCTION, QMAX, QMIN
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -330,8 +331,7 @@ def _convert_resnet(model: nn.Module, folded: dict, observers: dict, skip: set) 
 # the state_dict's keys): the int8 model takes fp32, fp16 or bf16 input and gives fp32 logits, also
 # after a model.half() or .to(dtype), which casts those float modules (and not the int8 ones).
 def _input_in_own_dtype(module: nn.Module, args: tuple) -> tuple:
-    dtype = next(module.parameters(), args[0]).dtype
-    return (args[0].to(dtype), *args[1:])
+    return (in_own_dtype(module, args[0]), *args[1:])
 
 
 def _output_in_fp32(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -367,6 +367,12 @@ class Int8ResidualBlock(nn.Module):
         return self.last.output_qparams
 
 
+def in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype of `module`'s parameters (fp32/fp16/bf16; x's own if it has none): a float
+    module inside an int8 model runs in its own dtype, whatever the caller's or a later cast."""
+    return x.to(next(module.parameters(), x).dtype)
+
+
 class FloatFallback(nn.Module):
     """A module left in floating point inside an int8 model: dequantize, run it, quantize.
 
@@ -379,9 +385,7 @@ class FloatFallback(nn.Module):
         self.reason = reason
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        x = self.dequantize(q)
-        dtype = next(self.module.parameters(), x).dtype  # the float module's own dtype (fp32/fp16/bf16)
-        return self.quantize(self.module(x.to(dtype)))
+        return self.quantize(self.module(in_own_dtype(self.module, self.dequantize(q))))
 
     @property
     def output_qparams(self) -> QParams:
