@@ -748,6 +748,23 @@ def test_empty_batch():
         assert out.shape == (0, 6, 3, 3) and out.dtype == torch.int8
 
 
+def test_zero_input_channels_give_the_requantized_offsets(device):
+    """C = 0 is an empty sum: every output is the epilogue of acc = 0 (plus the residual). PyTorch's
+    conv2d returns no output channels there, which the torch backend passed on as a shape error."""
+    c = make_case(2, 4, 5, 5, 6, 3, 3, padding=1)
+    c["x"] = c["x"][:, :0]
+    c["weight"] = c["weight"][:, :0]
+    acc = torch.zeros(2, 6, 5, 5, dtype=torch.int64)
+    expected = q8.requantize_reference(acc, c["multiplier"], c["offset"], c["shift"], c["residual"],
+                                       c["res_multiplier"], c["out_zero"], c["relu"], c["out_max"])
+    assert expected.unique().numel() > 5  # the residual and the offsets make distinct codes
+    for name in ("cpu", "torch"):
+        out = run(c, name)
+        assert out.shape == expected.shape and torch.equal(out, expected), name
+    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    assert torch.equal(run(on_device, "triton").cpu(), expected)
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, error, match", [
@@ -766,6 +783,17 @@ def test_bad_arguments_raise(change, error, match):
     c.update(change)
     for name in ("cpu", "torch"):
         with pytest.raises(error, match=match):
+            run(c, name)
+
+
+@pytest.mark.parametrize("offset", [-(2**62 + 2**50), 2**63 - 1])
+def test_constants_past_the_epilogue_headroom_raise(offset):
+    """Hand-made offsets near int64's end: the torch backend's int64 epilogue wrapped them into wrong
+    codes where the C++ kernel refused them; both refuse them now."""
+    c = make_case(1, 4, 5, 5, 6, 3, 3, padding=1)
+    c["offset"] = torch.full((6,), offset, dtype=torch.int64)
+    for name in ("cpu", "torch"):
+        with pytest.raises((ValueError, RuntimeError), match="2\\*\\*62"):
             run(c, name)
 
 

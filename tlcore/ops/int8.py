@@ -161,6 +161,22 @@ def _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res
     return oh, ow
 
 
+def _check_headroom(weight, multiplier, offset, res_multiplier) -> None:
+    """Refuse constants whose epilogue totals |acc * multiplier + offset + residual * res_multiplier|
+    could reach the 2**62 headroom every backend's int64 epilogue assumes (`requantization` never
+    makes such constants; hand-made ones could wrap silently). The C++ CPU kernel makes the same
+    check itself; this one is for the other backends on CPU tensors, where reading the constants
+    costs no device sync."""
+    if multiplier.device.type != "cpu" or multiplier.numel() == 0:
+        return
+    largest = 128.0 * 128.0 * weight[0].numel() * multiplier.abs().max().item() + offset.double().abs().max().item() \
+        + 128.0 * abs(res_multiplier)
+    if largest >= 0.99 * _INT64_HEADROOM:
+        raise ValueError("tlcore.ops.int8_conv2d: |acc * multiplier + offset (+ residual * res_multiplier)| can "
+                         "reach 2**62, beyond the int64 headroom of the epilogue; build the constants with "
+                         "tlcore.ops.requantization")
+
+
 def _int8_conv2d_torch(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
                        stride, padding, dilation, out_max=QMAX, groups=1):
     """The reference: exact accumulation, then the int64 epilogue.
@@ -171,7 +187,11 @@ def _int8_conv2d_torch(x, x_zero, weight, multiplier, offset, shift, residual, r
     """
     ph, pw = padding
     xp = F.pad(x.double(), (pw, pw, ph, ph), value=float(x_zero))
-    acc = F.conv2d(xp, weight.double(), stride=stride, dilation=dilation, groups=groups).to(torch.int64)
+    if weight.shape[1] == 0:  # an empty sum; F.conv2d would return no output channels at all
+        oh, ow = (output_size(xp.shape[2 + i], weight.shape[2 + i], stride[i], 0, dilation[i]) for i in (0, 1))
+        acc = torch.zeros(x.shape[0], weight.shape[0], oh, ow, dtype=torch.int64, device=x.device)
+    else:
+        acc = F.conv2d(xp, weight.double(), stride=stride, dilation=dilation, groups=groups).to(torch.int64)
     return requantize_reference(acc, multiplier, offset, shift, residual, res_multiplier, out_zero, relu, out_max)
 
 
@@ -271,10 +291,12 @@ def _int8_conv2d_op(
                             relu, stride, padding, dilation, out_max, x_max, packed_weight, groups)
     if out.numel() == 0:
         return out
+    chosen = backend.select(CONV_OP, x.device, conv_backends(groups))
+    if chosen != "cpu":
+        _check_headroom(weight, multiplier, offset, res_multiplier)
     args = (x_zero, _nhwc(weight), multiplier.contiguous(), offset.contiguous(), shift,
             None if residual is None else _nhwc(residual), res_multiplier, out_zero, relu,
             list(stride), list(padding), list(dilation), out_max)
-    chosen = backend.select(CONV_OP, x.device, conv_backends(groups))
     if chosen == "cpu" and packed_weight is None:
         return torch.ops.tlcore._int8_conv_cpu_cached(x, weight, multiplier, offset, residual, x_zero, shift,
                                                       res_multiplier, out_zero, relu, list(stride), list(padding),
@@ -443,7 +465,9 @@ def int8_conv2d(
     Args:
         x: (N, C, H, W) int8, any strides (channels_last avoids a copy); x_zero its zero point.
         weight: (K, C / groups, R, S) int8 in [-127, 127], with C / groups * R * S <= MAX_REDUCTION.
-        multiplier: (K,) int32; offset: (K,) int64; shift: 0..62 (from `requantization`).
+        multiplier: (K,) int32; offset: (K,) int64; shift: 0..62 (from `requantization`). Hand-made
+            constants must keep |acc * multiplier + offset| below 2**62: refused on CPU, unchecked
+            on GPUs (reading them there would sync the device on every call).
         residual: optional (N, K, OH, OW) int8, added as residual * res_multiplier.
         out_zero: the output's zero point; relu: clamp at it. out_max: the largest output code.
         x_max: the largest code x holds (-1 for 7-bit inputs: the C++ kernel may then use vpmaddubsw).
