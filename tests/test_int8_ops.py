@@ -967,7 +967,9 @@ def test_quantize_input_rejects_nan_only(backend_name, layout):
                 q8.quantize_input(bad, 0.05, -3)
 
 
-@pytest.mark.parametrize("scale, zero", [(0.0, 0), (float("nan"), 0), (-1.0, 0), (0.1, 128)])
+# 3.5e38 and 1e39 overflow float32 (dequantizing gave NaN), 1e-39 is subnormal there (its inverse overflows).
+@pytest.mark.parametrize("scale, zero", [(0.0, 0), (float("nan"), 0), (-1.0, 0), (0.1, 128), (3.5e38, 0),
+                                         (1e39, 0), (1e-39, 0)])
 def test_quantize_bad_qparams(scale, zero):
     with pytest.raises(ValueError):
         q8.quantize_per_tensor(torch.randn(1, 2, 3, 3), scale, zero)

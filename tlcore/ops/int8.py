@@ -504,9 +504,14 @@ def runs_cpu_kernel(op: str, t: torch.Tensor, implemented: Sequence[str] = ("cpu
 
 # ---- quantize / dequantize ------------------------------------------------------------------
 
+# Scales are applied in float32 (as scale and as 1 / scale): both must be finite there.
+_SCALE_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+
+
 def _check_qparams(where: str, scale: float, zero_point: int) -> None:
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{where}: scale must be a positive finite number, got {scale}")
+    if not (math.isfinite(scale) and _SCALE_RANGE[0] <= scale <= _SCALE_RANGE[1]):
+        raise ValueError(f"{where}: scale must be a positive number in float32's normal range "
+                         f"[{_SCALE_RANGE[0]:.3g}, {_SCALE_RANGE[1]:.3g}], got {scale}")
     if not QMIN <= zero_point <= QMAX:
         raise ValueError(f"{where}: zero_point must be in [{QMIN}, {QMAX}], got {zero_point}")
 
