@@ -164,11 +164,11 @@ def _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res
 def _check_headroom(weight, multiplier, offset, res_multiplier) -> None:
     """Refuse constants whose epilogue totals |acc * multiplier + offset + residual * res_multiplier|
     could reach the 2**62 headroom every backend's int64 epilogue assumes (`requantization` never
-    makes such constants; hand-made ones could wrap silently). The C++ CPU kernel makes the same
-    check itself; this one is for the other backends on CPU tensors, where reading the constants
-    costs no device sync."""
-    if multiplier.device.type != "cpu" or multiplier.numel() == 0:
-        return
+    makes such constants; hand-made ones could wrap silently). The C++ CPU kernel checks this itself;
+    `int8_conv2d` checks it for every backend on CPU tensors, where reading the constants costs no
+    device sync."""
+    if multiplier.device.type != "cpu" or weight.dim() != 4 or 0 in (multiplier.numel(), offset.numel()):
+        return  # not CPU, or shapes the op itself refuses with a clear error
     largest = 128.0 * 128.0 * weight[0].numel() * multiplier.abs().max().item() + offset.double().abs().max().item() \
         + 128.0 * abs(res_multiplier)
     if largest >= 0.99 * _INT64_HEADROOM:
@@ -291,12 +291,10 @@ def _int8_conv2d_op(
                             relu, stride, padding, dilation, out_max, x_max, packed_weight, groups)
     if out.numel() == 0:
         return out
-    chosen = backend.select(CONV_OP, x.device, conv_backends(groups))
-    if chosen != "cpu":
-        _check_headroom(weight, multiplier, offset, res_multiplier)
     args = (x_zero, _nhwc(weight), multiplier.contiguous(), offset.contiguous(), shift,
             None if residual is None else _nhwc(residual), res_multiplier, out_zero, relu,
             list(stride), list(padding), list(dilation), out_max)
+    chosen = backend.select(CONV_OP, x.device, conv_backends(groups))
     if chosen == "cpu" and packed_weight is None:
         return torch.ops.tlcore._int8_conv_cpu_cached(x, weight, multiplier, offset, residual, x_zero, shift,
                                                       res_multiplier, out_zero, relu, list(stride), list(padding),
@@ -480,6 +478,8 @@ def int8_conv2d(
     Returns:
         (N, K, OH, OW) int8, channels_last.
     """
+    if not torch.compiler.is_compiling():  # reads the constants' values, which tracing has not
+        _check_headroom(weight, multiplier, offset, res_multiplier)
     return torch.ops.tlcore.int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
                                         out_zero, relu, _pair(stride, "stride"), _pair(padding, "padding"),
                                         _pair(dilation, "dilation"), out_max, x_max, packed_weight, groups)
