@@ -111,7 +111,7 @@ def _int8_conv2d_fwd_kernel(
             chan = (step % c_blocks) * BLOCK_K + offs_k
             b_mask &= (chan[:, None] >= group_start[None, :]) & (chan[:, None] < group_end[None, :])
         b = tl.load(b_ptrs, mask=b_mask, other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # Triton <= 3.6 defaults out_dtype to float32
 
     multiplier = tl.load(mult_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     offset = tl.load(offset_ptr + offs_n, mask=mask_n, other=0)
