@@ -36,6 +36,9 @@ def _check_name(name: str) -> str:
 class use_backend:  # noqa: N801 (used like a function: `with use_backend("cpu"):`)
     """Force every tlcore op inside the block to run on backend `name` (None: default).
 
+    A torch.compile'd model takes the backend in force when it was traced, for good: enter the
+    block around its first call (or set TLCORE_BACKEND).
+
     A plain class rather than contextlib.contextmanager: quantized modules enter it on every
     forward, and the generator version cost ~1 us each time.
     """
@@ -51,9 +54,16 @@ class use_backend:  # noqa: N801 (used like a function: `with use_backend("cpu")
         _override.reset(self._tokens.pop())
 
 
+@torch.compiler.assume_constant_result
+def _override_value() -> str | None:
+    """use_backend's choice, which torch.compile reads once, when it traces: torch 2.11's Dynamo
+    cannot trace ContextVar.get (2.15's can), and fullgraph compiles of tlcore models failed there."""
+    return _override.get()
+
+
 def forced() -> str | None:
     """The backend forced by `use_backend` or, failing that, by TLCORE_BACKEND."""
-    name = _override.get()
+    name = _override_value()
     if name is None:
         name = os.environ.get("TLCORE_BACKEND") or None
     return None if name is None else _check_name(name)
