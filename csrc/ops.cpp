@@ -422,6 +422,22 @@ void sr_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mom
 }
 #endif
 
+// The kernels report bad arguments with std::invalid_argument, which torch turns into ValueError
+// on some versions (2.11) and RuntimeError on others (2.15). Rethrown as c10::ValueError, it is
+// Python's ValueError on every version, like the Python ops' own argument checks.
+template <auto Fn>
+struct ValueErrors;
+template <class R, class... Args, R (*Fn)(Args...)>
+struct ValueErrors<Fn> {
+  static R call(Args... args) {
+    try {
+      return Fn(args...);
+    } catch (const std::invalid_argument& error) {
+      C10_THROW_ERROR(ValueError, error.what());
+    }
+  }
+};
+
 }  // namespace
 
 TORCH_LIBRARY(tlcore, m) {
@@ -432,21 +448,22 @@ TORCH_LIBRARY(tlcore, m) {
         "int[] dilation, int out_max, Tensor? packed_weight, int isa, int algorithm, int groups=1) -> Tensor");
   m.def("_int8_pack_weight_cpu(Tensor weight, int isa, int algorithm, int groups=1) -> Tensor");
   m.def("_int8_cpu_best_algorithm(int k, int c, int r, int s, int[] stride, int[] dilation, int isa, "
-        "int groups=1) -> int", &int8_cpu_best_algorithm);
+        "int groups=1) -> int", &ValueErrors<&int8_cpu_best_algorithm>::call);
   m.def("_int8_cpu_packed_words(int k, int c, int r, int s, int isa, int algorithm, int groups=1) -> int",
-        &int8_cpu_packed_words);
-  m.def("_int8_cpu_resolve_isa(int isa) -> int", &int8_cpu_resolve_isa);
+        &ValueErrors<&int8_cpu_packed_words>::call);
+  m.def("_int8_cpu_resolve_isa(int isa) -> int", &ValueErrors<&int8_cpu_resolve_isa>::call);
   m.def("_quantize_cpu(Tensor x, float inv_scale, int zero_point, bool reject_nan=False) -> Tensor");
   m.def("_int8_global_avg_pool_cpu(Tensor q, float scale, int zero_point) -> Tensor");
   m.def("_int8_weight_linear_cpu(Tensor x, Tensor weight, Tensor w_scale, Tensor bias, bool plain=False) -> Tensor");
   m.def("_int8_max_pool_cpu(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
         "-> Tensor");
-  m.def("_int8_cpu_isa_supported(int isa) -> bool", &int8_cpu_isa_supported);
+  m.def("_int8_cpu_isa_supported(int isa) -> bool", &ValueErrors<&int8_cpu_isa_supported>::call);
   m.def("_int8_conv_cuda(Tensor x, int x_zero, Tensor weight, Tensor multiplier, Tensor offset, int shift, "
         "Tensor? residual, int res_multiplier, int out_zero, bool relu, int[] stride, int[] padding, "
         "int[] dilation, int out_max) -> Tensor");
 #ifdef TLCORE_WITH_CUDA
-  m.def("_int8_cuda_kernel() -> str", &int8_cuda_kernel);  // TLCORE_INT8_CUDA_KERNEL resolved (csrc/int8_conv.h)
+  // TLCORE_INT8_CUDA_KERNEL resolved (csrc/int8_conv.h)
+  m.def("_int8_cuda_kernel() -> str", &ValueErrors<&int8_cuda_kernel>::call);
 #endif
   // stochastic-rounding optimizers: hyper is fp32 (T, 8), counters int64 (T, 3) (csrc/sr_optim.h).
   m.def("_sr_adamw_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
@@ -460,29 +477,29 @@ TORCH_LIBRARY(tlcore, m) {
 }
 
 TORCH_LIBRARY_IMPL(tlcore, CPU, m) {
-  m.impl("_int8_conv_cpu", &int8_conv_cpu);
-  m.impl("_int8_pack_weight_cpu", &int8_pack_weight_cpu);
-  m.impl("_quantize_cpu", &quantize_cpu);
-  m.impl("_int8_max_pool_cpu", &int8_max_pool_cpu);
-  m.impl("_int8_global_avg_pool_cpu", &int8_global_avg_pool_cpu);
-  m.impl("_int8_weight_linear_cpu", &int8_weight_linear_cpu);
+  m.impl("_int8_conv_cpu", &ValueErrors<&int8_conv_cpu>::call);
+  m.impl("_int8_pack_weight_cpu", &ValueErrors<&int8_pack_weight_cpu>::call);
+  m.impl("_quantize_cpu", &ValueErrors<&quantize_cpu>::call);
+  m.impl("_int8_max_pool_cpu", &ValueErrors<&int8_max_pool_cpu>::call);
+  m.impl("_int8_global_avg_pool_cpu", &ValueErrors<&int8_global_avg_pool_cpu>::call);
+  m.impl("_int8_weight_linear_cpu", &ValueErrors<&int8_weight_linear_cpu>::call);
 }
 
 #ifdef TLCORE_WITH_CUDA
 TORCH_LIBRARY_IMPL(tlcore, CUDA, m) {
-  m.impl("_int8_conv_cuda", &int8_conv_cuda);
+  m.impl("_int8_conv_cuda", &ValueErrors<&int8_conv_cuda>::call);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(tlcore, CPU, m) {
-  m.impl("_sr_adamw_cpu", &sr_adamw_cpu);
-  m.impl("_sr_sgd_cpu", &sr_sgd_cpu);
+  m.impl("_sr_adamw_cpu", &ValueErrors<&sr_adamw_cpu>::call);
+  m.impl("_sr_sgd_cpu", &ValueErrors<&sr_sgd_cpu>::call);
 }
 
 #ifdef TLCORE_WITH_CUDA
 TORCH_LIBRARY_IMPL(tlcore, CUDA, m) {
-  m.impl("_sr_adamw_cuda", &sr_adamw_cuda);
-  m.impl("_sr_sgd_cuda", &sr_sgd_cuda);
+  m.impl("_sr_adamw_cuda", &ValueErrors<&sr_adamw_cuda>::call);
+  m.impl("_sr_sgd_cuda", &ValueErrors<&sr_sgd_cuda>::call);
 }
 #endif
 
