@@ -25,10 +25,11 @@ def compile_case(case: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
     module, name = case["kernel"].split(":")
     kernel = getattr(importlib.import_module(module), name)
-    fn = getattr(kernel, "fn", kernel)  # an autotuner wraps the JITFunction
+    fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # an autotuner wraps the JITFunction
     names = fn.arg_names
     signature = {arg: case["types"].get(arg, "i32") for arg in names}
     for arg in case["constexprs"]:

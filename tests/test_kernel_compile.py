@@ -1,4 +1,4 @@
-"""The Triton conv kernels compile for sm_80 and sm_90 as a GPU launch would, and compile well.
+"""The Triton conv (and int8 quantize) kernels compile for sm_80 and sm_90 as a GPU launch would, and well.
 
 Runs Triton's real compiler (no GPU needed) in a subprocess without the interpreter:
 every autotune configuration must use the tensor cores (wgmma on Hopper), pipeline its
@@ -122,3 +122,16 @@ def test_grouped_int8_pipelines_both_operands_like_the_dense_kernel(monkeypatch)
         assert g["wgmma"] and g["async_copies"] == d["async_copies"] > 0, f"{block}: {g} against dense {d}"
         assert g["spill_bytes"] == 0 and g["shared_bytes"] <= HOPPER_SHARED_LIMIT, f"{block}: {g}"
     assert narrow["async_copies"] == dense[0]["async_copies"] and narrow["spill_bytes"] == 0, narrow
+
+
+def test_quantize_and_dequantize_kernels_compile():
+    """The elementwise int8 kernels compile for sm_80 and sm_90 from every float dtype, without spills."""
+    def case(kernel, types, target):
+        return {"kernel": f"tlcore.kernels.int8_conv:{kernel}", "target": target, "num_warps": 4, "num_stages": 3,
+                "types": {"total": "i64", **types}, "constexprs": {"BLOCK": 1024},
+                "divisible_by_16": [name for name in types if name.endswith("_ptr")]}
+    cases = [case("_quantize_kernel", {"x_ptr": ptr, "out_ptr": "*i8", "inv_scale": "fp32"}, target)
+             for ptr in ("*fp16", "*bf16", "*fp32") for target in (80, 90)]
+    cases += [case("_dequantize_kernel", {"q_ptr": "*i8", "out_ptr": "*fp32", "scale": "fp32"}, target)
+              for target in (80, 90)]
+    assert all(result["spill_bytes"] == 0 for result in run_cases(cases))
