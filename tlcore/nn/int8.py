@@ -370,7 +370,9 @@ class Int8ResidualBlock(nn.Module):
 def in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x in the dtype of `module`'s parameters (fp32/fp16/bf16; x's own if it has none): a float
     module inside an int8 model runs in its own dtype, whatever the caller's or a later cast."""
-    return x.to(next(module.parameters(), x).dtype)
+    for parameter in module.parameters():  # the first one (torch 2.6's Dynamo cannot trace next(it, default))
+        return x.to(parameter.dtype)
+    return x
 
 
 class FloatFallback(nn.Module):
