@@ -244,7 +244,7 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             self._check_group(group)
         todo = []
         position = -1
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 position += 1
                 if p.grad is None:
@@ -255,9 +255,10 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                                      "dense; tlcore optimizers need dense parameters")
                 grad = self._check_grad(local, _local(p.grad), position)
                 self._check_state_shapes(group, p, position)
-                todo.append((group, p, local, grad, position))
+                todo.append((group_index, p, local, grad, position))
         batches: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        for group, p, local, grad, position in todo:
+        for group_index, p, local, grad, position in todo:
+            group = self.param_groups[group_index]
             state = self.state[p]
             new = self._init_state(group, p, local, state)
             states = [_local(state[name]) for name in self._state_names(group)]
@@ -267,16 +268,17 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             batch["params"].append(local)
             batch["grads"].append(grad)
             batch["states"].append(states)
-            if not batch["groups"] or batch["groups"][-1] is not group:  # (parameters come group by group)
-                batch["groups"].append(group)
+            if batch["groups"][-1:] != [group_index]:  # (parameters come group by group; indices, as
+                batch["groups"].append(group_index)  # torch 2.6's Dynamo cannot compare dicts with `is`)
             batch["steps"].append(state["step"])
             batch["counters"].append([len(batch["groups"]) - 1, position, int(new)])
         for key, batch in batches.items():
             states = [list(column) for column in zip(*batch["states"])]
             steps = torch.stack(batch["steps"]) + 1
             where, position, new = torch.tensor(batch["counters"], dtype=torch.int64).unbind(1)
+            groups = [self.param_groups[i] for i in batch["groups"]]
             self._launch(key, [batch["params"], batch["grads"]] + states,
-                         self._hyper(batch["groups"], where, steps, inv_scale).float(),
+                         self._hyper(groups, where, steps, inv_scale).float(),
                          torch.stack([position, steps, new], 1), key[3], key[4])
         torch._foreach_add_([self.state[p]["step"] for _, p, _, _, _ in todo], 1)
         return loss
