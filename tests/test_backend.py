@@ -41,6 +41,19 @@ def test_context_manager_nests_and_reenters():
     assert backend.forced() is None
 
 
+def test_compiled_code_follows_use_backend():
+    """Where Dynamo traces the context variable, a compiled caller re-traces when the block around it
+    changes; elsewhere (torch 2.11) it compiles at all and keeps the backend it was traced with."""
+    @torch.compile(backend="eager", fullgraph=True)
+    def chosen(x):
+        return x + (1 if backend.forced() == "torch" else 2)
+
+    x = torch.zeros(1)
+    with backend.use_backend("torch"):
+        assert chosen(x).item() == 1
+    assert chosen(x).item() == (2 if backend.DYNAMO_TRACES_CONTEXT_VARS else 1)
+
+
 def test_unknown_backend_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="unknown tlcore backend"):
         with backend.use_backend("cudnn"):

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Collection
 
 import torch
+from torch._dynamo import source as _dynamo_source
 
 from tlcore import _extension
 
@@ -36,8 +37,9 @@ def _check_name(name: str) -> str:
 class use_backend:  # noqa: N801 (used like a function: `with use_backend("cpu"):`)
     """Force every tlcore op inside the block to run on backend `name` (None: default).
 
-    A torch.compile'd model takes the backend in force when it was traced, for good: enter the
-    block around its first call (or set TLCORE_BACKEND).
+    torch.compile re-traces a model when the block around its call changes; with a torch whose
+    Dynamo cannot trace context variables (e.g. 2.11), it keeps the backend in force when it
+    first traced (enter the block around the first call, or set TLCORE_BACKEND).
 
     A plain class rather than contextlib.contextmanager: quantized modules enter it on every
     forward, and the generator version cost ~1 us each time.
@@ -54,16 +56,20 @@ class use_backend:  # noqa: N801 (used like a function: `with use_backend("cpu")
         _override.reset(self._tokens.pop())
 
 
+# Whether Dynamo traces ContextVar.get (and guards on its value): torch 2.15's does; 2.6's and
+# 2.11's raise, and fullgraph compiles of tlcore models failed there.
+DYNAMO_TRACES_CONTEXT_VARS = hasattr(_dynamo_source, "ContextVarGetSource")
+
+
 @torch.compiler.assume_constant_result
-def _override_value() -> str | None:
-    """use_backend's choice, which torch.compile reads once, when it traces: torch 2.11's Dynamo
-    cannot trace ContextVar.get (2.15's can), and fullgraph compiles of tlcore models failed there."""
+def _override_when_traced() -> str | None:
+    """use_backend's choice where Dynamo cannot trace it: read once, when torch.compile traces."""
     return _override.get()
 
 
 def forced() -> str | None:
     """The backend forced by `use_backend` or, failing that, by TLCORE_BACKEND."""
-    name = _override_value()
+    name = _override.get() if DYNAMO_TRACES_CONTEXT_VARS else _override_when_traced()
     if name is None:
         name = os.environ.get("TLCORE_BACKEND") or None
     return None if name is None else _check_name(name)
