@@ -154,6 +154,22 @@ def test_requantization_reduces_shift_for_int64_headroom():
     assert 0 < shift <= q8.MAX_SHIFT and worst < 2**62
 
 
+@pytest.mark.parametrize("fraction", [0.985, 0.995, 0.999])
+def test_requantization_constants_pass_every_backends_headroom_check(fraction):
+    """A bias that puts the offset near 2**62 at the usual shift: requantization lowers the shift
+    by the kernels' own bound, so no backend refuses its constants (their bounds once differed)."""
+    weight = torch.ones(2, 1, 1, 1, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    w_scale = torch.full((2,), 1e-3)
+    shift = q8.requantization(0.01, 0, weight, w_scale, torch.zeros(2), 0.01, 0)[2]
+    bias = torch.full((2,), fraction * 2.0**62 / 2**shift * 0.01)
+    multiplier, offset, shift, _ = q8.requantization(0.01, 0, weight, w_scale, bias, 0.01, 0)
+    x = torch.randint(-128, 128, (1, 1, 4, 4), dtype=torch.int8)
+    for name in ("torch",) + (("cpu",) if _extension.loaded() else ()):
+        with use_backend(name):
+            out = q8.int8_conv2d(x, 0, weight, multiplier, offset, shift)
+        assert torch.equal(out, torch.full_like(out, 127)), name  # the huge bias saturates every output
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_extension)])
 def test_requantization_of_a_huge_bias(backend):
     """A bias whose int64 offset would overflow at the usual shift gets a smaller one (it used to wrap

@@ -45,7 +45,7 @@ WEIGHT_QMAX = 127  # symmetric weights: -128 is never used, so -w_q always fits
 # 128 * 128, not 128 * 127: the op accepts any int8 weight, -128 included.
 MAX_REDUCTION = (2**31 - 1) // (128 * 128)
 MAX_SHIFT = 46
-_INT64_HEADROOM = 2**62
+_INT64_HEADROOM = 0.99 * 2**62  # the bound on epilogue totals; the C++ kernel's int8_requantization_in_range
 
 CONV_OP = "int8_conv2d"
 _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5}
@@ -98,8 +98,9 @@ def requantization(x_scale: float, x_zero: int, weight_q: torch.Tensor, w_scale:
         # bounded in float64 first, as the int64 offset itself could wrap for a huge bias.
         offset_real = bias_real * 2.0**shift - (x_zero * wsum * multiplier).double() \
             - res_zero * res_multiplier + 2.0 ** (shift - 1)
-        worst = (128 * 127 * reduction * multiplier.abs().double() + offset_real.abs()).max().item() if k else 0
-        if worst + 128 * abs(res_multiplier) < _INT64_HEADROOM:
+        largest = _largest_total(reduction, multiplier.abs().max().item() if k else 0,
+                                 offset_real.abs().max().item() if k else 0.0, res_multiplier)
+        if largest < _INT64_HEADROOM:
             offset = torch.round(bias_real * 2.0**shift).to(torch.int64) - x_zero * wsum * multiplier \
                 - res_zero * res_multiplier + 2 ** (shift - 1)
             return multiplier.to(torch.int32), offset, shift, res_multiplier
@@ -161,17 +162,22 @@ def _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res
     return oh, ow
 
 
+def _largest_total(reduction: int, multiplier: float, offset: float, res_multiplier: int) -> float:
+    """A bound on |acc * multiplier + offset + residual * res_multiplier| over any int8 codes (|acc| <=
+    128 * 128 * reduction), from the largest |multiplier| and |offset|, as the C++ kernel bounds it."""
+    return 128.0 * 128.0 * reduction * multiplier + offset + 128.0 * abs(res_multiplier)
+
+
 def _check_headroom(weight, multiplier, offset, res_multiplier) -> None:
-    """Refuse constants whose epilogue totals |acc * multiplier + offset + residual * res_multiplier|
-    could reach the 2**62 headroom every backend's int64 epilogue assumes (`requantization` never
-    makes such constants; hand-made ones could wrap silently). The C++ CPU kernel checks this itself;
-    `int8_conv2d` checks it for every backend on CPU tensors, where reading the constants costs no
-    device sync."""
+    """Refuse constants whose epilogue totals could reach the int64 headroom every backend's epilogue
+    assumes (`requantization` never makes such constants; hand-made ones could wrap silently). The
+    C++ CPU kernel checks this itself; `int8_conv2d` checks it for the other backends on CPU tensors,
+    where reading the constants costs no device sync."""
     if multiplier.device.type != "cpu" or weight.dim() != 4 or 0 in (multiplier.numel(), offset.numel()):
         return  # not CPU, or shapes the op itself refuses with a clear error
-    largest = 128.0 * 128.0 * weight[0].numel() * multiplier.abs().max().item() + offset.double().abs().max().item() \
-        + 128.0 * abs(res_multiplier)
-    if largest >= 0.99 * _INT64_HEADROOM:
+    largest = _largest_total(weight[0].numel(), multiplier.abs().max().item(), offset.double().abs().max().item(),
+                             res_multiplier)
+    if largest >= _INT64_HEADROOM:
         raise ValueError("tlcore.ops.int8_conv2d: |acc * multiplier + offset (+ residual * res_multiplier)| can "
                          "reach 2**62, beyond the int64 headroom of the epilogue; build the constants with "
                          "tlcore.ops.requantization")
@@ -464,8 +470,9 @@ def int8_conv2d(
         x: (N, C, H, W) int8, any strides (channels_last avoids a copy); x_zero its zero point.
         weight: (K, C / groups, R, S) int8 in [-127, 127], with C / groups * R * S <= MAX_REDUCTION.
         multiplier: (K,) int32; offset: (K,) int64; shift: 0..62 (from `requantization`). Hand-made
-            constants must keep |acc * multiplier + offset| below 2**62: refused on CPU, unchecked
-            on GPUs (reading them there would sync the device on every call).
+            constants must keep |acc * multiplier + offset| below 2**62: refused on CPU when called
+            eagerly, unchecked on GPUs (reading them there would sync the device on every call) and
+            in torch.compile'd or exported graphs.
         residual: optional (N, K, OH, OW) int8, added as residual * res_multiplier.
         out_zero: the output's zero point; relu: clamp at it. out_max: the largest output code.
         x_max: the largest code x holds (-1 for 7-bit inputs: the C++ kernel may then use vpmaddubsw).
@@ -478,7 +485,8 @@ def int8_conv2d(
     Returns:
         (N, K, OH, OW) int8, channels_last.
     """
-    if not torch.compiler.is_compiling():  # reads the constants' values, which tracing has not
+    if not torch.compiler.is_compiling() and x.device.type == "cpu" and \
+            backend.select(CONV_OP, x.device, conv_backends(groups)) != "cpu":  # (the C++ kernel checks itself)
         _check_headroom(weight, multiplier, offset, res_multiplier)
     return torch.ops.tlcore.int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
                                         out_zero, relu, _pair(stride, "stride"), _pair(padding, "padding"),
