@@ -8,7 +8,8 @@ compiler made of it.
 
     python tests/aot_compile.py '<json list of cases>'  ->  one JSON line per case
     case: {"kernel": "module:name", "target": 90, "num_warps": 8, "num_stages": 3,
-           "types": {arg: "*fp16" | "i32" | ...}, "constexprs": {arg: value}, "divisible_by_16": [arg, ...]}
+           "types": {arg: "*fp16" | "i32" | ...}, "constexprs": {arg: value}, "divisible_by_16": [arg, ...],
+           "options": {launch option: value, e.g. "enable_fp_fusion": False} (optional)}
 """
 import importlib
 import json
@@ -38,7 +39,8 @@ def compile_case(case: dict) -> dict:
     attrs = {(names.index(arg),): [["tt.divisibility", 16]] for arg in case.get("divisible_by_16", [])}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", case["target"], 32),
-                              options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+                              options={"num_warps": case["num_warps"], "num_stages": case["num_stages"],
+                                       **case.get("options", {})})
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     return {
         "shared_bytes": compiled.metadata.shared,

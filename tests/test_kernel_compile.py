@@ -126,12 +126,13 @@ def test_grouped_int8_pipelines_both_operands_like_the_dense_kernel(monkeypatch)
 
 def test_quantize_and_dequantize_kernels_compile():
     """The elementwise int8 kernels compile for sm_80 and sm_90 from every float dtype, without spills."""
-    def case(kernel, types, target):
+    def case(kernel, types, target, options):
         return {"kernel": f"tlcore.kernels.int8_conv:{kernel}", "target": target, "num_warps": 4, "num_stages": 3,
                 "types": {"total": "i64", **types}, "constexprs": {"BLOCK": 1024},
-                "divisible_by_16": [name for name in types if name.endswith("_ptr")]}
-    cases = [case("_quantize_kernel", {"x_ptr": ptr, "out_ptr": "*i8", "inv_scale": "fp32"}, target)
-             for ptr in ("*fp16", "*bf16", "*fp32") for target in (80, 90)]
-    cases += [case("_dequantize_kernel", {"q_ptr": "*i8", "out_ptr": "*fp32", "scale": "fp32"}, target)
+                "divisible_by_16": [name for name in types if name.endswith("_ptr")], "options": options}
+    # (quantize launches without FMA contraction: int8_conv._no_fp_fusion)
+    cases = [case("_quantize_kernel", {"x_ptr": ptr, "out_ptr": "*i8", "inv_scale": "fp32"}, target,
+                  {"enable_fp_fusion": False}) for ptr in ("*fp16", "*bf16", "*fp32") for target in (80, 90)]
+    cases += [case("_dequantize_kernel", {"q_ptr": "*i8", "out_ptr": "*fp32", "scale": "fp32"}, target, {})
               for target in (80, 90)]
     assert all(result["spill_bytes"] == 0 for result in run_cases(cases))

@@ -512,14 +512,15 @@ def runs_cpu_kernel(op: str, t: torch.Tensor, implemented: Sequence[str] = ("cpu
 
 # ---- quantize / dequantize ------------------------------------------------------------------
 
-# Scales are applied in float32 (as scale and as 1 / scale): both must be finite there.
-_SCALE_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+# Scales are applied in float32, as 1 / scale (quantizing) and as scale times up to 255 codes
+# (dequantizing): the scale and its inverse must be normal numbers there, and 255 * scale finite.
+_SCALE_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max / 256)
 
 
 def _check_qparams(where: str, scale: float, zero_point: int) -> None:
     if not (math.isfinite(scale) and _SCALE_RANGE[0] <= scale <= _SCALE_RANGE[1]):
-        raise ValueError(f"{where}: scale must be a positive number in float32's normal range "
-                         f"[{_SCALE_RANGE[0]:.3g}, {_SCALE_RANGE[1]:.3g}], got {scale}")
+        raise ValueError(f"{where}: scale must be a positive number in [{_SCALE_RANGE[0]:.3g}, "
+                         f"{_SCALE_RANGE[1]:.3g}] (float32 must hold it, its inverse and 255 times it), got {scale}")
     if not QMIN <= zero_point <= QMAX:
         raise ValueError(f"{where}: zero_point must be in [{QMIN}, {QMAX}], got {zero_point}")
 
