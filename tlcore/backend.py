@@ -56,8 +56,8 @@ class use_backend:  # noqa: N801 (used like a function: `with use_backend("cpu")
         _override.reset(self._tokens.pop())
 
 
-# Whether Dynamo traces ContextVar.get (and guards on its value): torch 2.15's does; 2.6's and
-# 2.11's raise, and fullgraph compiles of tlcore models failed there.
+# Whether Dynamo traces ContextVar.get (and guards on its value): torch 2.15's does; 2.11's raises
+# (fullgraph compiles of tlcore models failed there), and 2.6's cannot either.
 DYNAMO_TRACES_CONTEXT_VARS = hasattr(_dynamo_source, "ContextVarGetSource")
 
 
