@@ -674,6 +674,21 @@ def test_quantized_model_compiles_with_inductor_on_gpu():
         assert torch.equal(compiled(x), qmodel(x))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_model_calibrates_like_the_cpu_one(method):
+    """A CUDA model's observers keep their histograms on the GPU (percentile and entropy once mixed
+    them with CPU tensors): every method calibrates there, to the CPU model's answers."""
+    model = small_resnet(Bottleneck)
+    on_cpu = tlcore.quantize(model, batches(), method=method, progress=False)
+    on_gpu = tlcore.quantize(copy.deepcopy(model).cuda(), [b.cuda() for b in batches()], method=method,
+                             progress=False)
+    x = batches(1, seed=13)[0]
+    with torch.no_grad():
+        assert sqnr(on_cpu(x), on_gpu(x.cuda()).cpu()) > 30  # the same scales up to rounding
+
+
 def test_frozen_batchnorm_model_quantizes():
     """torchvision's FrozenBatchNorm2d (detection backbones' BN) folds: every conv runs in int8."""
     from torchvision.ops.misc import FrozenBatchNorm2d

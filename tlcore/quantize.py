@@ -58,7 +58,7 @@ class PercentileObserver(HistogramObserver):
 
     @torch.jit.ignore
     def calculate_qparams(self):
-        hist = self.histogram.double()
+        hist = self.histogram.to("cpu", torch.float64)  # (a CUDA model's observers keep it on the GPU)
         cdf = hist.cumsum(0) / hist.sum()
         tail = 1.0 - self.percentile / 100.0
         width = (self.max_val - self.min_val) / self.bins
@@ -80,7 +80,7 @@ class EntropyObserver(HistogramObserver):
     def calculate_qparams(self):
         if self.min_val < 0:
             return super().calculate_qparams()
-        hist = self.histogram.double().clone()
+        hist = self.histogram.to("cpu", torch.float64, copy=True)  # (on the GPU for a CUDA model)
         hist[0] = 0  # the ReLU's exact zeros: the zero point holds them exactly whatever the threshold
         keep = _kl_threshold(hist, self.quant_max - self.quant_min + 1)
         width = (self.max_val - self.min_val) / self.bins
