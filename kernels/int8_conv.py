@@ -175,6 +175,9 @@ def quantize_per_tensor(x, inv_scale, zero_point, out):
     total = x.numel()
     grid = (triton.cdiv(total, _ELEMENTWISE_BLOCK),)
     # No FMA contraction: floor(x * inv + 0.5) must round the product first, like the reference.
+    # (Inductor drops this launch option when it compiles a graph holding the op, so there a value
+    # a hair from a rounding tie may land one code away; tlcore's models quantize through the
+    # opaque quantize_input op instead.)
     wrap_triton(_quantize_kernel)[grid](x, out, total, c, h, w, *x.stride(), inv_scale, zero_point,
                                         BLOCK=_ELEMENTWISE_BLOCK, **_no_fp_fusion(x))
 
