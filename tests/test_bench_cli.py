@@ -46,3 +46,15 @@ def test_modes_and_bad_flags():
         cli.parse_modes("int4")
     with pytest.raises(SystemExit):
         cli.main(["--batch", "0", "--device", "cpu"])
+
+
+def test_fp32_variants_on_a_gpu_get_tf32_tolerance_when_torch_allows_tf32(monkeypatch):
+    """torch runs fp32 convs on GPUs in TF32 by default (fp16's mantissa): checked at fp32's 1e-3, a
+    correct eager fp32 ResNet would be reported failed."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert suites._tolerance(torch.float32, cuda) == suites.TOLERANCE[torch.float16]
+    assert suites._tolerance(torch.float32, cpu) == suites.TOLERANCE[torch.float32]
+    assert suites._tolerance(torch.bfloat16, cuda) == suites.TOLERANCE[torch.bfloat16]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert suites._tolerance(torch.float32, cuda) == suites.TOLERANCE[torch.float32]
