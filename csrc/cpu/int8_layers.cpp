@@ -167,14 +167,23 @@ __attribute__((target("avx2"))) void max_pool_rows_avx2(const Int8PoolArgs& a, i
 // ---- the fc on int8 weights ----
 
 // One block of the fc: rows k0 .. k0 + KR of the weight against rows n0 .. n0 + NR of x. Plain C++.
+// Eight partial sums, as the AVX2 kernel's eight lanes: one running sum over ResNet-50's 2048
+// channels had 2-3.7x PyTorch's own fp32 rounding error (8.2e-7 against 2.2e-7 with MKL on an
+// Intel Xeon).
 template <int KR, int NR>
 void linear_block_generic(const Int8LinearArgs& a, int64_t k0, int64_t n0) {
+  constexpr int kParts = 8;
   for (int i = 0; i < KR; ++i) {
     for (int j = 0; j < NR; ++j) {
       const float* x = a.x + (n0 + j) * a.c;
       const int8_t* w = a.w + (k0 + i) * a.c;
-      float sum = 0.0f;
-      for (int64_t c = 0; c < a.c; ++c) sum += x[c] * static_cast<float>(w[c]);
+      float part[kParts] = {};
+      int64_t c = 0;
+      for (; c + kParts <= a.c; c += kParts) {
+        for (int p = 0; p < kParts; ++p) part[p] += x[c + p] * static_cast<float>(w[c + p]);
+      }
+      float sum = ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+      for (; c < a.c; ++c) sum += x[c] * static_cast<float>(w[c]);
       a.out[(n0 + j) * a.k + k0 + i] = sum * a.w_scale[k0 + i] + a.bias[k0 + i];
     }
   }
