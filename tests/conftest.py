@@ -25,7 +25,7 @@ def _ieee_fp32():
     """fp32 convs and matmuls in IEEE precision. On a GPU torch defaults its convs to TF32, and
     tlcore's fp32 conv follows torch.backends.cudnn.allow_tf32: both would then miss the fp32
     tests' tolerances by ~1e-3. (The interpreter on CPU ignores TF32 either way.)"""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    from tlcore.benchmark.suites import ieee_fp32  # (imported after TRITON_INTERPRET is set)
+
+    with ieee_fp32():
+        yield

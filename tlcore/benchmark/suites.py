@@ -4,6 +4,7 @@ A Suite holds the variants of one mode for one model: each is checked against th
 suite's reference output first (a variant that disagrees is reported failed, not
 timed), then timed on rotating inputs. Speedups are over the suite's baseline variant.
 """
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,15 +116,22 @@ def _images(batch: int, device: torch.device, count: int, size: int) -> list[tor
     return [torch.randn(batch, 3, size, size, device=device) for _ in range(count)]
 
 
-def _fp32_reference(model, x) -> torch.Tensor:
-    """The fp32 model's output with TF32 off, the reference every variant is checked against."""
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 convs and matmuls in IEEE precision inside the block: TF32 off for cuDNN and cuBLAS
+    (and for tlcore's fp32 conv, which follows torch.backends.cudnn.allow_tf32)."""
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with torch.no_grad():
-            return model(x)
+        yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _fp32_reference(model, x) -> torch.Tensor:
+    """The fp32 model's output with TF32 off, the reference every variant is checked against."""
+    with ieee_fp32(), torch.no_grad():
+        return model(x)
 
 
 def _forward_flops(model, x) -> float:
@@ -151,16 +159,17 @@ def fuse_suite(name: str, batch: int, device: torch.device, dtype: torch.dtype, 
     baseline = f"eager {dt} channels_last" if device.type == "cuda" else "eager fp32"
     suite = Suite("fuse", name, batch, device, baseline, reference, _forward_flops(model, inputs[0][:1]) * batch,
                   "TFLOP/s", matmul_peak_tflops(device, dtype))
+    tolerance = _tolerance(dtype, device)
     suite.variants.append(Variant("eager fp32", model, inputs, _tolerance(torch.float32, device)))
-    suite.variants.append(Variant(f"eager {dt} channels_last", low, low_inputs, _tolerance(dtype, device)))
+    suite.variants.append(Variant(f"eager {dt} channels_last", low, low_inputs, tolerance))
     if compile_:
         suite.variants.append(Variant(f"torch.compile {dt}", torch.compile(low, mode=compile_mode), low_inputs,
-                                      _tolerance(dtype, device)))
+                                      tolerance))
     fused = tlcore.fuse(low)
-    suite.variants.append(Variant(f"tlcore.fuse {dt}", fused, low_inputs, _tolerance(dtype, device)))
+    suite.variants.append(Variant(f"tlcore.fuse {dt}", fused, low_inputs, tolerance))
     if compile_:
         suite.variants.append(Variant(f"tlcore.fuse + torch.compile {dt}", torch.compile(fused, mode=compile_mode), low_inputs,
-                                      _tolerance(dtype, device)))
+                                      tolerance))
     return suite
 
 
