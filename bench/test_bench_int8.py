@@ -206,6 +206,15 @@ def test_gpu_int8_conv_layer(benchmark, shape, backend):
     run_benchmark(benchmark, functools.partial(layer, backend=backend), xs, ops=ops, backend=backend,
                   shape=list(shape), batch=GPU_LAYER_BATCH, int8_peak_tops=_int8_peak_tops())
     benchmark.extra_info["share_of_int8_peak"] = benchmark.extra_info["tops"] / _int8_peak_tops()
+    if backend == "triton":
+        benchmark.extra_info["triton_config"] = _autotuned_config()
+
+
+def _autotuned_config() -> str:
+    """The tile configuration the autotuner picked for the int8 conv kernel's latest launch."""
+    from tlcore.kernels.int8_conv import _int8_conv2d_fwd_kernel
+
+    return str(_int8_conv2d_fwd_kernel.best_config)
 
 
 RESNEXT_GROUPS = 32
@@ -238,3 +247,5 @@ def test_gpu_grouped_conv_layer(benchmark, shape, impl):
     benchmark.group = (f"grouped conv c{c} k{k} {r}x{s}/{stride} h{h} groups {RESNEXT_GROUPS} "
                        f"batch {GPU_LAYER_BATCH} (GPU)")
     run_benchmark(benchmark, conv, xs, ops=ops, impl=impl, shape=list(shape), batch=GPU_LAYER_BATCH)
+    if impl != "cudnn fp16":
+        benchmark.extra_info["triton_config"] = _autotuned_config()

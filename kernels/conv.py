@@ -50,7 +50,7 @@ def _conv2d_bn_act_fwd_kernel(
     srn, src, srh, srw,
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr, PADDED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -63,7 +63,7 @@ def _conv2d_bn_act_fwd_kernel(
     for step in range(0, reduction_steps(C, R, S, c_blocks, BLOCK_K, FLAT_K)):
         a_ptrs, a_mask, b_ptrs, b_mask = step_block_pointers(
             step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k, C,
-            H, W, R, S, FLAT_K, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+            H, W, R, S, FLAT_K, PADDED, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # zero padding
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if BF16_INTERPRETER:
@@ -116,7 +116,8 @@ def conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilat
         m, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        R=r, S=s, FLAT_K=c < FLAT_K_BELOW, HAS_RESIDUAL=residual is not None, RELU=relu,
+        R=r, S=s, FLAT_K=c < FLAT_K_BELOW, PADDED=padding[0] > 0 or padding[1] > 0,
+        HAS_RESIDUAL=residual is not None, RELU=relu,
         DOT_PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee",
         BF16_INTERPRETER=x.dtype == torch.bfloat16 and x.device.type == "cpu",
     )

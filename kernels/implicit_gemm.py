@@ -74,20 +74,28 @@ def conv_tile(x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w
 
 @triton.jit
 def tap_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
-                       C, H, W, S: tl.constexpr, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
+                       C, H, W, R: tl.constexpr, S: tl.constexpr, PADDED: tl.constexpr,
+                       sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
     """Pointers and masks of reduction step `step` = (tap (r, s), channel block).
 
     x_rows: (BM,) pointers to x[n, 0, ih0, iw0] of each output row; w_cols: (BN,) pointers
     to weight[k, 0, 0, 0]. Returns A (BM, BK) pointers with an in-image mask and B (BK, BN)
-    pointers with its mask; A's mask is False at padding and past C.
+    pointers with its mask; A's mask is False at padding and past C. Without padding
+    (PADDED False) every tap of a row in the output lies in the image: no bounds checks.
     """
-    tap = step // c_blocks
-    c0 = (step % c_blocks) * offs_k.shape[0]
+    if R * S == 1:  # a 1x1 conv steps through channel blocks only: no integer division
+        tap = 0
+        c0 = step * offs_k.shape[0]
+    else:
+        tap = step // c_blocks
+        c0 = (step % c_blocks) * offs_k.shape[0]
     r = tap // S
     s = tap % S
-    ih = ih0 + r * dil_h
-    iw = iw0 + s * dil_w
-    row_ok = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    row_ok = row_mask
+    if PADDED:
+        ih = ih0 + r * dil_h
+        iw = iw0 + s * dil_w
+        row_ok = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     chan = c0 + offs_k
     chan_ok = chan < C
     x_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw
@@ -99,7 +107,8 @@ def tap_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_m
 
 @triton.jit
 def flat_block_pointers(step, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
-                        C, H, W, R: tl.constexpr, S: tl.constexpr, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
+                        C, H, W, R: tl.constexpr, S: tl.constexpr, PADDED: tl.constexpr,
+                        sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
     """Like tap_block_pointers, with the reduction over (r, s, c) flattened into blocks.
 
     For few channels (the RGB stem) a per-tap channel block would be mostly padding.
@@ -109,9 +118,11 @@ def flat_block_pointers(step, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs
     c = kk % C
     r = (kk // C) // S
     s = (kk // C) % S
-    ih = ih0[:, None] + (r * dil_h)[None, :]
-    iw = iw0[:, None] + (s * dil_w)[None, :]
-    a_mask = row_mask[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    a_mask = row_mask[:, None] & k_ok[None, :]
+    if PADDED:
+        ih = ih0[:, None] + (r * dil_h)[None, :]
+        iw = iw0[:, None] + (s * dil_w)[None, :]
+        a_mask &= (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     x_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw + c.to(tl.int64) * sxc
     w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c.to(tl.int64) * swc
     return (x_rows[:, None] + x_offset[None, :], a_mask,
@@ -126,14 +137,15 @@ def reduction_steps(C, R: tl.constexpr, S: tl.constexpr, c_blocks, BLOCK_K: tl.c
 
 @triton.jit
 def step_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k, C,
-                        H, W, R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr,
+                        H, W, R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr, PADDED: tl.constexpr,
                         sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
-    """flat_block_pointers if FLAT_K, else tap_block_pointers; C: the channels from x_rows on."""
+    """flat_block_pointers if FLAT_K, else tap_block_pointers; C: the channels from x_rows on;
+    PADDED: whether the conv has padding (else no tap leaves the image)."""
     if FLAT_K:
         return flat_block_pointers(step, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
-                                   C, H, W, R, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+                                   C, H, W, R, S, PADDED, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
     return tap_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
-                              C, H, W, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+                              C, H, W, R, S, PADDED, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
 
 
 @triton.jit

@@ -59,7 +59,7 @@ def _int8_conv2d_fwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     x_zero, shift, res_multiplier, out_zero, out_min, out_max, C_GROUP, K_GROUP,
     R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr,
-    GROUP_ALIGN: tl.constexpr,
+    GROUP_ALIGN: tl.constexpr, HIGH_SHIFT: tl.constexpr, PADDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # The weights are channels_last, so their strides are multiples of C_GROUP. Rounding them down
@@ -103,10 +103,15 @@ def _int8_conv2d_fwd_kernel(
     for step in range(0, reduction_steps(C, R, S, c_blocks, BLOCK_K, FLAT_K)):
         a_ptrs, in_image, b_ptrs, b_mask = step_block_pointers(
             step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k, C - c_first,
-            H, W, R, S, FLAT_K, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+            H, W, R, S, FLAT_K, PADDED, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
         a = tl.load(a_ptrs, mask=in_image, other=0)
-        # Outside the image x reads as its zero point (real zero); past the reduction the weights are zero.
-        a = tl.where(in_image, a, x_zero).to(tl.int8)
+        if PADDED:
+            # Outside the image x reads as its zero point (real zero). Elsewhere the mask only drops
+            # channels past the reduction, whose weights are zero, and rows past M, which are not
+            # stored: an unpadded conv skips this select on the loaded tile, and on Hopper its
+            # tensor-core dots then read both operands from shared memory (most of the loop's
+            # instructions were the select's; tests/test_kernel_compile.py).
+            a = tl.where(in_image, a, x_zero.to(tl.int8))
         if GROUPED:
             chan = (step % c_blocks) * BLOCK_K + offs_k
             b_mask &= (chan[:, None] >= group_start[None, :]) & (chan[:, None] < group_end[None, :])
@@ -121,7 +126,12 @@ def _int8_conv2d_fwd_kernel(
         res_offs = nhwc_offsets(n, oh, ow, offs_n, srn, src, srh, srw)
         res = tl.load(res_ptr + res_offs, mask=out_mask, other=0).to(tl.int64)
         total += res * res_multiplier
-    q = (total >> shift) + out_zero  # arithmetic shift: floor division by 2**shift
+    if HIGH_SHIFT:
+        # shift >= 32: floor(total / 2**shift) is the high word shifted by shift - 32, an int32
+        # (|total| < 2**62), so the clamp runs on 32-bit values.
+        q = ((total >> 32).to(tl.int32) >> (shift - 32)) + out_zero
+    else:
+        q = (total >> shift) + out_zero  # arithmetic shift: floor division by 2**shift
     q = tl.minimum(tl.maximum(q, out_min), out_max)
     out_offs = nhwc_offsets(n, oh, ow, offs_n, son, soc, soh, sow)
     tl.store(out_ptr + out_offs, q.to(tl.int8), mask=out_mask)
@@ -145,7 +155,7 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
         x_zero, shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max, c_group,
         k // groups, R=r, S=s, FLAT_K=groups == 1 and c < FLAT_K_BELOW, HAS_RESIDUAL=residual is not None,
         GROUPED=groups > 1,
-        GROUP_ALIGN=math.gcd(c_group, 16),
+        GROUP_ALIGN=math.gcd(c_group, 16), HIGH_SHIFT=shift >= 32, PADDED=padding[0] > 0 or padding[1] > 0,
     )
 
 

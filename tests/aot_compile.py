@@ -46,9 +46,17 @@ def compile_case(case: dict) -> dict:
         "shared_bytes": compiled.metadata.shared,
         "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
         "wgmma": "wgmma" in ptx,
+        "a_from_shared": a_operand_from_shared(ttgir),
         "mma_sync": "mma.sync" in ptx,
         **resource_usage(compiled.asm["cubin"]),
     }
+
+
+def a_operand_from_shared(ttgir: str) -> bool:
+    """Whether every Hopper tensor-core dot (wgmma) reads its A operand straight from shared memory,
+    as the async copies left it, rather than from registers after arithmetic on the loaded tile."""
+    types = [line.split("} : ", 1)[1] for line in ttgir.splitlines() if "ttng.warp_group_dot %" in line]
+    return bool(types) and all(t.startswith("!ttg.memdesc") for t in types)
 
 
 def resource_usage(cubin: bytes) -> dict:

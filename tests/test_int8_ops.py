@@ -386,9 +386,29 @@ def test_avx2_epilogue_both_shift_routes(shift, algorithm, monkeypatch):
     and 2 * 7 * 9 = 126 output pixels (two 48-row chunks of the direct kernel and a partial one)."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
     monkeypatch.setenv(q8.ALGORITHM_ENV, "auto" if algorithm == "winograd" else "direct")
+    c, ref = shift_route_case(shift, make_case(2, 10, 7, 9, 32, 3, 3, padding=1, residual=True, relu=True, x_zero=3))
+    assert q8.cpu_algorithm(c["weight"].shape, [1, 1], [1, 1], q8.cpu_isa_for(3, 127)) == q8.CPU_ALGORITHMS[algorithm]
+    assert_bit_exact(run(c, "cpu"), ref, f"avx2 epilogue shift={shift} {algorithm}")
+
+
+@pytest.mark.parametrize("pointwise", [False, True], ids=["3x3-padded", "1x1"])
+@pytest.mark.parametrize("shift", [20, 31, 32, 36])
+def test_triton_epilogue_both_shift_routes(shift, pointwise, device):
+    """The Triton kernel floors total / 2**shift from the int64 total's high word when shift >= 32
+    and in int64 below: both bit-exact with residual, ReLU and saturated outputs, in the padded
+    kernel (the input tile filled with the zero point) and the unpadded one (no fill)."""
+    shape = (2, 40, 5, 6, 32, 1, 1) if pointwise else (2, 10, 7, 9, 32, 3, 3)
+    c, ref = shift_route_case(shift, make_case(*shape, padding=0 if pointwise else 1, residual=True, relu=True,
+                                               x_zero=3))
+    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    assert_bit_exact(run(c, "triton").cpu(), ref, f"triton epilogue shift={shift} pointwise={pointwise}")
+
+
+def shift_route_case(shift, c):
+    """Case c (32 output channels) with hand-made constants at `shift` whose codes land in every regime
+    (saturated high and low, in range), and its reference."""
     g = torch.Generator().manual_seed(shift)
-    c = make_case(2, 10, 7, 9, 32, 3, 3, padding=1, residual=True, relu=True, x_zero=3)
-    acc = int64_conv(c["x"], 3, c["weight"], [1, 1], [1, 1], [1, 1])
+    acc = int64_conv(c["x"], c["x_zero"], c["weight"], c["stride"], c["padding"], c["dilation"])
     # Codes ~ +-60 per standard deviation of acc, offsets of up to +-100 codes, a residual of up to +-32.
     factor = 2.0**shift * 60 / acc.double().std().item()
     multiplier = (factor * (0.5 + torch.rand(32, generator=g, dtype=torch.float64))).round().to(torch.int32)
@@ -396,10 +416,9 @@ def test_avx2_epilogue_both_shift_routes(shift, algorithm, monkeypatch):
     offset = (2.0**shift * 100 * (2 * torch.rand(32, generator=g, dtype=torch.float64) - 1)).to(torch.int64)
     c.update(multiplier=multiplier, offset=offset, shift=shift, res_multiplier=min(2 ** (shift - 2), 2**31 - 1),
              out_zero=-7)
-    assert q8.cpu_algorithm(c["weight"].shape, [1, 1], [1, 1], q8.cpu_isa_for(3, 127)) == q8.CPU_ALGORITHMS[algorithm]
     ref = reference(c)
     assert ref.eq(127).any() and ref.eq(-7).any() and ((ref > -7) & (ref < 127)).float().mean() > 0.3
-    assert_bit_exact(run(c, "cpu"), ref, f"avx2 epilogue shift={shift} {algorithm}")
+    return c, ref
 
 
 @needs_extension
@@ -623,7 +642,8 @@ def test_cpu_winograd_at_its_channel_limits_stays_exact(tiles, isa, monkeypatch)
         assert torch.equal(out, q8.requantize_reference(acc, multiplier, offset, 24, None, 0, 0, False))
 
 
-TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], (1, 512, 3, 3, 8, 3, 3, 1, 1, 1)]
+TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], (1, 512, 3, 3, 8, 3, 3, 1, 1, 1),
+                (2, 10, 6, 7, 12, 1, 1, 1, 1, 1)]  # a padded 1x1 conv: its border outputs read only padding
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c[:7])))

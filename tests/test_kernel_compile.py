@@ -35,22 +35,24 @@ def run_cases(cases):
 def conv_case(dtype, block, target=90, flat=False, residual=True, precision="ieee"):
     ptr = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     types = {"x_ptr": ptr, "w_ptr": ptr, "res_ptr": ptr, "out_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
-    constexprs = {"R": 1 if flat else 3, "S": 1 if flat else 3, "FLAT_K": flat, "HAS_RESIDUAL": residual,
+    constexprs = {"R": 1 if flat else 3, "S": 1 if flat else 3, "FLAT_K": flat, "PADDED": True, "HAS_RESIDUAL": residual,
                   "RELU": True, "DOT_PRECISION": precision, "BF16_INTERPRETER": False}
     return _case("tlcore.kernels.conv:_conv2d_bn_act_fwd_kernel", types, constexprs, block, target,
                  ["scale_ptr", "shift_ptr"])
 
 
-def int8_case(block, target=90, grouped=False, group_align=16, stem=False):
-    """A 3x3 conv with a residual, or the RGB stem (7x7, 3 channels, flat reduction).
-    group_align: gcd(channels a group, 16); below 16 a launch does not mark the weight strides
-    (multiples of the channels a group) 16-divisible, nor, for the stem, C and x's strides."""
+def int8_case(block, target=90, grouped=False, group_align=16, stem=False, pointwise=False, high_shift=True):
+    """A padded 3x3 conv with a residual, the RGB stem (7x7, 3 channels, flat reduction), or an
+    unpadded 1x1 conv with a residual (pointwise). group_align: gcd(channels a group, 16); below 16 a
+    launch does not mark the weight strides (multiples of the channels a group) 16-divisible, nor,
+    for the stem, C and x's strides. high_shift: the epilogue for requantization shifts >= 32."""
     types = {"x_ptr": "*i8", "w_ptr": "*i8", "res_ptr": "*i8", "out_ptr": "*i8", "mult_ptr": "*i32",
              "offset_ptr": "*i64"}
-    taps = 7 if stem else 3
+    taps = 7 if stem else 1 if pointwise else 3
     case = _case("tlcore.kernels.int8_conv:_int8_conv2d_fwd_kernel", types,
                  {"R": taps, "S": taps, "FLAT_K": stem, "HAS_RESIDUAL": not stem, "GROUPED": grouped,
-                  "GROUP_ALIGN": 1 if stem else group_align}, block, target, ["mult_ptr", "offset_ptr"])
+                  "GROUP_ALIGN": 1 if stem else group_align, "HIGH_SHIFT": high_shift, "PADDED": not pointwise},
+                 block, target, ["mult_ptr", "offset_ptr"])
     not_divisible = ("C", "sxn", "sxh", "sxw", "swk", "swr", "sws") if stem else ("swk", "swr", "sws")
     if stem or group_align < 16:
         case["divisible_by_16"] = [arg for arg in case["divisible_by_16"] if arg not in not_divisible]
@@ -81,8 +83,10 @@ def test_autotune_off_keeps_the_first_config(monkeypatch, module):
     assert len(blocks) > 1 and only == blocks[:1]
 
 
-@pytest.mark.parametrize("module,make_case", [(conv, lambda b: conv_case("fp16", b)), (int8_conv, int8_case)],
-                         ids=["conv_fp16", "int8_conv"])
+@pytest.mark.parametrize("module,make_case", [
+    (conv, lambda b: conv_case("fp16", b)), (int8_conv, int8_case),
+    (int8_conv, lambda b: int8_case(b, pointwise=True, high_shift=False)),
+], ids=["conv_fp16", "int8_conv", "int8_conv_pointwise"])
 def test_every_autotune_config_compiles_well_on_hopper(monkeypatch, module, make_case):
     blocks = production_blocks(module, monkeypatch)
     for block, result in zip(blocks, run_cases([make_case(block) for block in blocks])):
@@ -90,6 +94,17 @@ def test_every_autotune_config_compiles_well_on_hopper(monkeypatch, module, make
         assert result["async_copies"] > 0, f"{block}: loads are not software-pipelined"
         assert result["shared_bytes"] <= HOPPER_SHARED_LIMIT, f"{block}: {result['shared_bytes']} B shared"
         assert result["spill_bytes"] == 0, f"{block}: {result['spill_bytes']} B of register spills"
+
+
+def test_unpadded_int8_conv_feeds_the_tensor_cores_from_shared_memory(monkeypatch):
+    """Without padding (1x1 convs, half of a ResNet's int8 work) nothing fills the input tile with
+    the zero point, so wgmma reads both operands where the async copies put them; with padding the
+    fill is a select on the loaded tile, and A goes through registers. Both epilogues compile."""
+    blocks = production_blocks(int8_conv, monkeypatch)
+    results = run_cases([int8_case(blocks[0], pointwise=True), int8_case(blocks[0], pointwise=True, high_shift=False),
+                         int8_case(blocks[0])])
+    assert results[0]["a_from_shared"] and results[1]["a_from_shared"], results[:2]
+    assert not results[2]["a_from_shared"], results[2]
 
 
 def test_dtypes_flat_reduction_and_ampere_compile():
