@@ -11,7 +11,8 @@ an exact int32 accumulator (tensor-core IMMA on GPUs), positions outside the ima
 x_zero, and the epilogue is int64 fixed point, so results equal the reference bit for bit.
 The GEMM view and its index math are shared with kernels/conv.py (kernels/implicit_gemm.py):
 one reduction loop over (tap, channel block), or over (r, s, c) flattened for fewer than
-FLAT_K_BELOW channels (the RGB stem).
+FLAT_K_BELOW channels (the RGB stem), on a copy of x whose padding the launcher writes out and
+whose channels it rounds up to a multiple of 4 (flat_operands).
 
 Grouped convs (ResNeXt): a tile of BLOCK_N output channels reduces over the input channels of
 the groups it covers (a span as wide for every tile: the widest any tile needs), with zero
@@ -22,6 +23,7 @@ that hold a few percent of the model's products.
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
@@ -58,7 +60,7 @@ def _int8_conv2d_fwd_kernel(
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     x_zero, shift, res_multiplier, out_zero, out_min, out_max, C_GROUP, K_GROUP,
-    R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, FLAT_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr,
     GROUP_ALIGN: tl.constexpr, HIGH_SHIFT: tl.constexpr, PADDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -69,6 +71,15 @@ def _int8_conv2d_fwd_kernel(
     swk = (swk // GROUP_ALIGN) * GROUP_ALIGN
     swr = (swr // GROUP_ALIGN) * GROUP_ALIGN
     sws = (sws // GROUP_ALIGN) * GROUP_ALIGN
+    FLAT_K: tl.constexpr = FLAT_C > 0
+    if FLAT_K:
+        # The launcher's flat operands (flat_operands) are NHWC with FLAT_C channels, a multiple of 4,
+        # and so are their strides: shown to the compiler (as above), the reduction's runs of FLAT_C
+        # bytes load as words into the cp.async pipeline instead of byte by byte.
+        sxn = (sxn // FLAT_C) * FLAT_C
+        sxh = (sxh // FLAT_C) * FLAT_C
+        sxw = (sxw // FLAT_C) * FLAT_C
+        C = FLAT_C
     offs_m, offs_n, mask_m, mask_n, n, oh, ow, ih0, iw0, x_rows, w_cols = conv_tile(
         x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -141,6 +152,10 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
                 stride, padding, dilation, out_max, out, groups=1):
     """Launch the int8 conv kernel, writing `out` (shapes in the module docstring)."""
     weight = weight.contiguous(memory_format=torch.channels_last)  # (a no-op for tlcore's prepared weights)
+    flat = groups == 1 and x.shape[1] < FLAT_K_BELOW
+    if flat:
+        x, weight = flat_operands(x, weight, x_zero, padding)
+        padding = (0, 0)
     n, c, h, w = x.shape
     k, c_group, r, s = weight.shape
     _, _, oh, ow = out.shape
@@ -153,10 +168,23 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         x_zero, shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max, c_group,
-        k // groups, R=r, S=s, FLAT_K=groups == 1 and c < FLAT_K_BELOW, HAS_RESIDUAL=residual is not None,
+        k // groups, R=r, S=s, FLAT_C=c if flat else 0, HAS_RESIDUAL=residual is not None,
         GROUPED=groups > 1,
         GROUP_ALIGN=math.gcd(c_group, 16), HIGH_SHIFT=shift >= 32, PADDED=padding[0] > 0 or padding[1] > 0,
     )
+
+
+def flat_operands(x, weight, x_zero, padding):
+    """x (N, C, H, W) and weight (K, C, R, S) for the flat reduction of a conv with few channels (the RGB
+    stem), NHWC: x padded with its zero point (no bounds checks or zero-point fill in the kernel) and
+    both with channels rounded up to a multiple of 4 (zero weights), so that the reduction's runs of
+    whole pixels load as 4-byte words. The copy costs a pass over the small input."""
+    c = x.shape[1]
+    channels = -(-c // 4) * 4
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0], 0, channels - c), value=x_zero)
+    weight = F.pad(weight, (0, 0, 0, 0, 0, channels - c))
+    nhwc = torch.channels_last
+    return x.contiguous(memory_format=nhwc), weight.contiguous(memory_format=nhwc)
 
 
 _ELEMENTWISE_BLOCK = 1024

@@ -42,16 +42,18 @@ def conv_case(dtype, block, target=90, flat=False, residual=True, precision="iee
 
 
 def int8_case(block, target=90, grouped=False, group_align=16, stem=False, pointwise=False, high_shift=True):
-    """A padded 3x3 conv with a residual, the RGB stem (7x7, 3 channels, flat reduction), or an
-    unpadded 1x1 conv with a residual (pointwise). group_align: gcd(channels a group, 16); below 16 a
-    launch does not mark the weight strides (multiples of the channels a group) 16-divisible, nor,
-    for the stem, C and x's strides. high_shift: the epilogue for requantization shifts >= 32."""
+    """A padded 3x3 conv with a residual, the RGB stem (7x7, flat reduction, as the launcher's
+    flat_operands leave it: 4 channels, padding written out), or an unpadded 1x1 conv with a residual
+    (pointwise). group_align: gcd(channels a group, 16); below 16 a launch does not mark the weight
+    strides (multiples of the channels a group) 16-divisible, nor, for the stem, C and x's strides.
+    high_shift: the epilogue for requantization shifts >= 32."""
     types = {"x_ptr": "*i8", "w_ptr": "*i8", "res_ptr": "*i8", "out_ptr": "*i8", "mult_ptr": "*i32",
              "offset_ptr": "*i64"}
     taps = 7 if stem else 1 if pointwise else 3
     case = _case("tlcore.kernels.int8_conv:_int8_conv2d_fwd_kernel", types,
-                 {"R": taps, "S": taps, "FLAT_K": stem, "HAS_RESIDUAL": not stem, "GROUPED": grouped,
-                  "GROUP_ALIGN": 1 if stem else group_align, "HIGH_SHIFT": high_shift, "PADDED": not pointwise},
+                 {"R": taps, "S": taps, "FLAT_C": 4 if stem else 0, "HAS_RESIDUAL": not stem, "GROUPED": grouped,
+                  "GROUP_ALIGN": 4 if stem else group_align, "HIGH_SHIFT": high_shift,
+                  "PADDED": not (pointwise or stem)},
                  block, target, ["mult_ptr", "offset_ptr"])
     not_divisible = ("C", "sxn", "sxh", "sxw", "swk", "swr", "sws") if stem else ("swk", "swr", "sws")
     if stem or group_align < 16:
@@ -118,6 +120,8 @@ def test_dtypes_flat_reduction_and_ampere_compile():
     assert results[0]["wgmma"] and results[1]["wgmma"]  # bf16 and tf32 on Hopper tensor cores
     assert not results[2]["wgmma"]  # IEEE fp32 must not use (tf32) tensor cores
     assert all(r["mma_sync"] for r in results[4:7]) and results[7]["wgmma"]  # int8 too, the stem included
+    # the stem's word loads are pipelined into shared memory, where wgmma reads them (byte loads were not)
+    assert results[7]["async_copies"] > 0 and results[7]["a_from_shared"], results[7]
     assert all(r["shared_bytes"] <= AMPERE_SHARED_LIMIT for r in results[4:7])
     # IEEE fp32 runs on FMA units with the whole tile in registers; a few spilled bytes there are
     # tolerable (cuDNN itself defaults to TF32), anywhere else they are not.
