@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
-#   bash bench/gpu_run.sh [all|tests|sanitize|int8|int8-model|int8-layers|int8-grouped|bench|autotune]...
+#   bash bench/gpu_run.sh [all|tests|cpu-int8|sanitize|int8|int8-model|int8-layers|int8-grouped|bench|autotune]...
 #   (default: all but autotune; int8 = int8-model + int8-layers + int8-grouped)
 # One device call may run 10 minutes: on a first, cold machine run the stages in separate calls
 # (tests, int8-model, int8-layers, int8-grouped, bench).
@@ -38,6 +38,15 @@ if want tests; then
   # call cut off at its time limit has them; then the rest of the suite, on the GPU too.
   step tests-gpu env TLCORE_AUTOTUNE=0 python -m pytest -q -x tests -m gpu -p no:cacheprovider --durations=15
   step tests env TLCORE_AUTOTUNE=0 python -m pytest -q -x tests -m "not gpu" -p no:cacheprovider --durations=15
+fi
+if want cpu-int8; then
+  # the C++ CPU int8 kernels on this machine's CPU (an Intel Xeon, where one run segfaulted in
+  # _int8_conv_cpu): under gdb where the image has it, for a native backtrace if it crashes again
+  runner=()
+  command -v gdb >/dev/null && runner=(gdb -q -batch -ex run -ex bt -ex 'quit $_exitcode' --args)
+  # (gdb needs the interpreter's binary, not a wrapper script; it exits 1 after a crash, else with pytest's code)
+  step cpu-int8 env TLCORE_AUTOTUNE=0 "${runner[@]}" "$(python -c 'import sys; print(sys.executable)')" -m pytest -q \
+    tests/test_int8_ops.py tests/test_int8_quantize.py tests/test_int8_grouped.py -m "not gpu" -p no:cacheprovider
 fi
 if want sanitize; then
   # memcheck over the fused conv kernel on odd shapes (out-of-bounds reads/writes, misaligned access)

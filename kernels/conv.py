@@ -10,7 +10,8 @@
 The GEMM view and its index math are in kernels/implicit_gemm.py. The reduction is one loop
 over (r, s, channel block) so that Triton software-pipelines all of it, not only the
 innermost channel loop (a 3x3 conv with C=64 has a single channel block per tap); with
-fewer than FLAT_K_BELOW channels it runs over (r, s, c) flattened instead.
+fewer than FLAT_K_BELOW channels it runs over (r, s, c) flattened instead, on a copy of x with its
+zero padding written out and its channels rounded up to a multiple of 4 (flat_operands).
 Accumulation is fp32; the epilogue runs on the fp32 accumulator before one rounding.
 """
 import torch
@@ -18,8 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, nhwc_offsets, reduction_steps,
-                                          step_block_pointers)
+from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_operands, flat_strides,
+                                          nhwc_offsets, reduction_steps, step_block_pointers)
 
 
 def _configs():
@@ -50,10 +51,14 @@ def _conv2d_bn_act_fwd_kernel(
     srn, src, srh, srw,
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R: tl.constexpr, S: tl.constexpr, FLAT_K: tl.constexpr, PADDED: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, FLAT_C: tl.constexpr, PADDED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    FLAT_K: tl.constexpr = FLAT_C > 0
+    if FLAT_K:  # the launcher's flat_operands: FLAT_C channels (a multiple of 4), zero padding written out
+        sxn, sxh, sxw, swk, swr, sws = flat_strides(sxn, sxh, sxw, swk, swr, sws, FLAT_C)
+        C = FLAT_C
     offs_m, offs_n, mask_m, mask_n, n, oh, ow, ih0, iw0, x_rows, w_cols = conv_tile(
         x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -105,6 +110,10 @@ def conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilat
 
     stride, padding, dilation: (h, w) pairs. allow_tf32 only matters for fp32 inputs.
     """
+    flat = x.shape[1] < FLAT_K_BELOW
+    if flat:
+        x, weight = flat_operands(x, weight, padding, fill=0.0)
+        padding = (0, 0)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, oh, ow = out.shape
@@ -116,7 +125,7 @@ def conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilat
         m, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        R=r, S=s, FLAT_K=c < FLAT_K_BELOW, PADDED=padding[0] > 0 or padding[1] > 0,
+        R=r, S=s, FLAT_C=c if flat else 0, PADDED=padding[0] > 0 or padding[1] > 0,
         HAS_RESIDUAL=residual is not None, RELU=relu,
         DOT_PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee",
         BF16_INTERPRETER=x.dtype == torch.bfloat16 and x.device.type == "cpu",

@@ -8,6 +8,8 @@ with the fill value its arithmetic needs.
 """
 import os
 
+import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -28,6 +30,29 @@ def autotune_configs(shapes):
         shapes = shapes[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
             for bm, bn, bk, st, wp in shapes]
+
+
+def flat_operands(x, weight, padding, fill):
+    """x (N, C, H, W) and weight (K, C, R, S) for the flat reduction of a conv with few channels (the RGB
+    stem), both NHWC: x padded with `fill` (the kernel then has no bounds to check) and both with
+    channels rounded up to a multiple of 4 (zero weights), so that the reduction's runs of whole
+    pixels load as words (flat_strides). The copy costs a pass over the small input."""
+    c = x.shape[1]
+    channels = -(-c // 4) * 4
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0], 0, channels - c), value=fill)
+    weight = F.pad(weight, (0, 0, 0, 0, 0, channels - c))
+    nhwc = torch.channels_last
+    return x.contiguous(memory_format=nhwc), weight.contiguous(memory_format=nhwc)
+
+
+@triton.jit
+def flat_strides(sxn, sxh, sxw, swk, swr, sws, FLAT_C: tl.constexpr):
+    """The strides of flat_operands' x and weight (NHWC with FLAT_C channels: multiples of FLAT_C),
+    rounded down to FLAT_C. That changes no value but shows the compiler the alignment (a launch marks
+    only 16-divisible integers, and tl.multiple_of does nothing to a scalar argument), so runs of
+    FLAT_C channels load as words into the cp.async pipeline instead of element by element."""
+    return ((sxn // FLAT_C) * FLAT_C, (sxh // FLAT_C) * FLAT_C, (sxw // FLAT_C) * FLAT_C,
+            (swk // FLAT_C) * FLAT_C, (swr // FLAT_C) * FLAT_C, (sws // FLAT_C) * FLAT_C)
 
 
 @triton.jit

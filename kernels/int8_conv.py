@@ -23,13 +23,12 @@ that hold a few percent of the model's products.
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, nhwc_offsets, reduction_steps,
-                                          step_block_pointers)
+from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_operands, flat_strides,
+                                          nhwc_offsets, reduction_steps, step_block_pointers)
 
 
 def _configs():
@@ -72,13 +71,8 @@ def _int8_conv2d_fwd_kernel(
     swr = (swr // GROUP_ALIGN) * GROUP_ALIGN
     sws = (sws // GROUP_ALIGN) * GROUP_ALIGN
     FLAT_K: tl.constexpr = FLAT_C > 0
-    if FLAT_K:
-        # The launcher's flat operands (flat_operands) are NHWC with FLAT_C channels, a multiple of 4,
-        # and so are their strides: shown to the compiler (as above), the reduction's runs of FLAT_C
-        # bytes load as words into the cp.async pipeline instead of byte by byte.
-        sxn = (sxn // FLAT_C) * FLAT_C
-        sxh = (sxh // FLAT_C) * FLAT_C
-        sxw = (sxw // FLAT_C) * FLAT_C
+    if FLAT_K:  # the launcher's flat_operands: FLAT_C channels (a multiple of 4), padding written out
+        sxn, sxh, sxw, swk, swr, sws = flat_strides(sxn, sxh, sxw, swk, swr, sws, FLAT_C)
         C = FLAT_C
     offs_m, offs_n, mask_m, mask_n, n, oh, ow, ih0, iw0, x_rows, w_cols = conv_tile(
         x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, BLOCK_M, BLOCK_N, GROUP_M)
@@ -154,7 +148,7 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
     weight = weight.contiguous(memory_format=torch.channels_last)  # (a no-op for tlcore's prepared weights)
     flat = groups == 1 and x.shape[1] < FLAT_K_BELOW
     if flat:
-        x, weight = flat_operands(x, weight, x_zero, padding)
+        x, weight = flat_operands(x, weight, padding, fill=x_zero)
         padding = (0, 0)
     n, c, h, w = x.shape
     k, c_group, r, s = weight.shape
@@ -172,19 +166,6 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
         GROUPED=groups > 1,
         GROUP_ALIGN=math.gcd(c_group, 16), HIGH_SHIFT=shift >= 32, PADDED=padding[0] > 0 or padding[1] > 0,
     )
-
-
-def flat_operands(x, weight, x_zero, padding):
-    """x (N, C, H, W) and weight (K, C, R, S) for the flat reduction of a conv with few channels (the RGB
-    stem), NHWC: x padded with its zero point (no bounds checks or zero-point fill in the kernel) and
-    both with channels rounded up to a multiple of 4 (zero weights), so that the reduction's runs of
-    whole pixels load as 4-byte words. The copy costs a pass over the small input."""
-    c = x.shape[1]
-    channels = -(-c // 4) * 4
-    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0], 0, channels - c), value=x_zero)
-    weight = F.pad(weight, (0, 0, 0, 0, 0, channels - c))
-    nhwc = torch.channels_last
-    return x.contiguous(memory_format=nhwc), weight.contiguous(memory_format=nhwc)
 
 
 _ELEMENTWISE_BLOCK = 1024

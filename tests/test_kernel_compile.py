@@ -35,10 +35,16 @@ def run_cases(cases):
 def conv_case(dtype, block, target=90, flat=False, residual=True, precision="ieee"):
     ptr = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     types = {"x_ptr": ptr, "w_ptr": ptr, "res_ptr": ptr, "out_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
-    constexprs = {"R": 1 if flat else 3, "S": 1 if flat else 3, "FLAT_K": flat, "PADDED": True, "HAS_RESIDUAL": residual,
-                  "RELU": True, "DOT_PRECISION": precision, "BF16_INTERPRETER": False}
-    return _case("tlcore.kernels.conv:_conv2d_bn_act_fwd_kernel", types, constexprs, block, target,
+    constexprs = {"R": 7 if flat else 3, "S": 7 if flat else 3, "FLAT_C": 4 if flat else 0, "PADDED": not flat,
+                  "HAS_RESIDUAL": residual, "RELU": True, "DOT_PRECISION": precision, "BF16_INTERPRETER": False}
+    case = _case("tlcore.kernels.conv:_conv2d_bn_act_fwd_kernel", types, constexprs, block, target,
                  ["scale_ptr", "shift_ptr"])
+    if flat:  # the stem as flat_operands leave it: 4 channels, so C and the strides are not 16-divisible
+        case["divisible_by_16"] = [arg for arg in case["divisible_by_16"] if arg not in STEM_NOT_DIVISIBLE]
+    return case
+
+
+STEM_NOT_DIVISIBLE = ("C", "sxn", "sxh", "sxw", "swk", "swr", "sws")
 
 
 def int8_case(block, target=90, grouped=False, group_align=16, stem=False, pointwise=False, high_shift=True):
@@ -55,7 +61,7 @@ def int8_case(block, target=90, grouped=False, group_align=16, stem=False, point
                   "GROUP_ALIGN": 4 if stem else group_align, "HIGH_SHIFT": high_shift,
                   "PADDED": not (pointwise or stem)},
                  block, target, ["mult_ptr", "offset_ptr"])
-    not_divisible = ("C", "sxn", "sxh", "sxw", "swk", "swr", "sws") if stem else ("swk", "swr", "sws")
+    not_divisible = STEM_NOT_DIVISIBLE if stem else ("swk", "swr", "sws")
     if stem or group_align < 16:
         case["divisible_by_16"] = [arg for arg in case["divisible_by_16"] if arg not in not_divisible]
     return case
@@ -120,8 +126,10 @@ def test_dtypes_flat_reduction_and_ampere_compile():
     assert results[0]["wgmma"] and results[1]["wgmma"]  # bf16 and tf32 on Hopper tensor cores
     assert not results[2]["wgmma"]  # IEEE fp32 must not use (tf32) tensor cores
     assert all(r["mma_sync"] for r in results[4:7]) and results[7]["wgmma"]  # int8 too, the stem included
-    # the stem's word loads are pipelined into shared memory, where wgmma reads them (byte loads were not)
-    assert results[7]["async_copies"] > 0 and results[7]["a_from_shared"], results[7]
+    # the stems' (flat reductions') word loads are pipelined into shared memory, where wgmma reads them
+    # (element loads were not pipelined at all)
+    for stem in (results[3], results[7]):
+        assert stem["async_copies"] > 0 and stem["a_from_shared"], stem
     assert all(r["shared_bytes"] <= AMPERE_SHARED_LIMIT for r in results[4:7])
     # IEEE fp32 runs on FMA units with the whole tile in registers; a few spilled bytes there are
     # tolerable (cuDNN itself defaults to TF32), anywhere else they are not.
