@@ -131,26 +131,21 @@ def tap_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_m
 
 
 @triton.jit
-def flat_block_pointers(step, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
-                        C, H, W, R: tl.constexpr, S: tl.constexpr, PADDED: tl.constexpr,
-                        sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
+def flat_block_pointers(step, x_rows, row_mask, w_cols, col_mask, offs_k,
+                        C, R: tl.constexpr, S: tl.constexpr, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w):
     """Like tap_block_pointers, with the reduction over (r, s, c) flattened into blocks.
 
-    For few channels (the RGB stem) a per-tap channel block would be mostly padding.
+    For few channels (the RGB stem) a per-tap channel block would be mostly padding. The
+    operands are flat_operands': x's padding is written out, so no tap leaves the image.
     """
     kk = step * offs_k.shape[0] + offs_k
     k_ok = kk < R * S * C
     c = kk % C
     r = (kk // C) // S
     s = (kk // C) % S
-    a_mask = row_mask[:, None] & k_ok[None, :]
-    if PADDED:
-        ih = ih0[:, None] + (r * dil_h)[None, :]
-        iw = iw0[:, None] + (s * dil_w)[None, :]
-        a_mask &= (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     x_offset = (r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw + c.to(tl.int64) * sxc
     w_offset = r.to(tl.int64) * swr + s.to(tl.int64) * sws + c.to(tl.int64) * swc
-    return (x_rows[:, None] + x_offset[None, :], a_mask,
+    return (x_rows[:, None] + x_offset[None, :], row_mask[:, None] & k_ok[None, :],
             w_cols[None, :] + w_offset[:, None], k_ok[:, None] & col_mask[None, :])
 
 
@@ -167,8 +162,8 @@ def step_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_
     """flat_block_pointers if FLAT_K, else tap_block_pointers; C: the channels from x_rows on;
     PADDED: whether the conv has padding (else no tap leaves the image)."""
     if FLAT_K:
-        return flat_block_pointers(step, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
-                                   C, H, W, R, S, PADDED, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+        return flat_block_pointers(step, x_rows, row_mask, w_cols, col_mask, offs_k,
+                                   C, R, S, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
     return tap_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_mask, offs_k,
                               C, H, W, R, S, PADDED, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
 

@@ -60,7 +60,7 @@ def _int8_conv2d_fwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     x_zero, shift, res_multiplier, out_zero, out_min, out_max, C_GROUP, K_GROUP,
     R: tl.constexpr, S: tl.constexpr, FLAT_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr,
-    GROUP_ALIGN: tl.constexpr, HIGH_SHIFT: tl.constexpr, PADDED: tl.constexpr,
+    GROUP_ALIGN: tl.constexpr, SHIFT_ROUTE: tl.constexpr, PADDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # The weights are channels_last, so their strides are multiples of C_GROUP. Rounding them down
@@ -131,15 +131,39 @@ def _int8_conv2d_fwd_kernel(
         res_offs = nhwc_offsets(n, oh, ow, offs_n, srn, src, srh, srw)
         res = tl.load(res_ptr + res_offs, mask=out_mask, other=0).to(tl.int64)
         total += res * res_multiplier
-    if HIGH_SHIFT:
-        # shift >= 32: floor(total / 2**shift) is the high word shifted by shift - 32, an int32
-        # (|total| < 2**62), so the clamp runs on 32-bit values.
-        q = ((total >> 32).to(tl.int32) >> (shift - 32)) + out_zero
-    else:
+    if SHIFT_ROUTE == "int64":
         q = (total >> shift) + out_zero  # arithmetic shift: floor division by 2**shift
+    else:  # the same in 32-bit words (the int64 shift and clamp take ~12 instructions an output)
+        q = _shifted_to_int32(total, shift, SHIFT_ROUTE) + out_zero
     q = tl.minimum(tl.maximum(q, out_min), out_max)
     out_offs = nhwc_offsets(n, oh, ow, offs_n, son, soc, soh, sow)
     tl.store(out_ptr + out_offs, q.to(tl.int8), mask=out_mask)
+
+
+@triton.jit
+def _shifted_to_int32(total, shift, SHIFT_ROUTE: tl.constexpr):
+    """floor(total / 2**shift) for int64 |total| < 2**62, as an int32 of magnitude at most 2**30: exact
+    where the quotient lies in [-2**30, 2**30), else of its sign and at least 2**29 in magnitude
+    (beyond every output code, so the clamp that follows gives the same code).
+
+    SHIFT_ROUTE "high" (shift >= 32): the high word shifted, always exact. "split" (3 <= shift < 32):
+    the high word clamped to [-2**(shift-2), 2**(shift-2)), which keeps total wherever the quotient is
+    in range and moves it no closer than 2**(29+shift) to zero otherwise; the quotient is then the low
+    word of the 64-bit shift, assembled from the two words.
+    """
+    hi = (total >> 32).to(tl.int32)
+    if SHIFT_ROUTE == "high":
+        q = hi >> (shift - 32)
+    else:
+        bound = 1 << (shift - 2)
+        hi = tl.minimum(tl.maximum(hi, -bound), bound - 1)
+        q = (total.to(tl.uint32) >> shift.to(tl.uint32)).to(tl.int32) | (hi << (32 - shift))
+    return q
+
+
+def shift_route(shift: int) -> str:
+    """How the kernel's epilogue floors total / 2**shift (_shifted_to_int32, or in int64 for shifts < 3)."""
+    return "high" if shift >= 32 else "split" if shift >= 3 else "int64"
 
 
 def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
@@ -164,7 +188,8 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
         x_zero, shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max, c_group,
         k // groups, R=r, S=s, FLAT_C=c if flat else 0, HAS_RESIDUAL=residual is not None,
         GROUPED=groups > 1,
-        GROUP_ALIGN=math.gcd(c_group, 16), HIGH_SHIFT=shift >= 32, PADDED=padding[0] > 0 or padding[1] > 0,
+        GROUP_ALIGN=math.gcd(c_group, 16), SHIFT_ROUTE=shift_route(shift),
+        PADDED=padding[0] > 0 or padding[1] > 0,
     )
 
 

@@ -392,11 +392,15 @@ def test_avx2_epilogue_both_shift_routes(shift, algorithm, monkeypatch):
 
 
 @pytest.mark.parametrize("pointwise", [False, True], ids=["3x3-padded", "1x1"])
-@pytest.mark.parametrize("shift", [20, 31, 32, 36])
-def test_triton_epilogue_both_shift_routes(shift, pointwise, device):
-    """The Triton kernel floors total / 2**shift from the int64 total's high word when shift >= 32
-    and in int64 below: both bit-exact with residual, ReLU and saturated outputs, in the padded
-    kernel (the input tile filled with the zero point) and the unpadded one (no fill)."""
+@pytest.mark.parametrize("shift", [1, 2, 3, 20, 31, 32, 36])
+def test_triton_epilogue_shift_routes(shift, pointwise, device):
+    """The Triton kernel floors total / 2**shift from the int64 total's high word (shift >= 32), from
+    its two words after clamping the high one (3 <= shift < 32), or in int64 (below): each bit-exact
+    with residual, ReLU and saturated outputs, in the padded kernel (the input tile filled with the
+    zero point) and the unpadded one (no fill)."""
+    from tlcore.kernels.int8_conv import shift_route
+
+    assert shift_route(shift) == "high" if shift >= 32 else "split" if shift >= 3 else "int64"
     shape = (2, 40, 5, 6, 32, 1, 1) if pointwise else (2, 10, 7, 9, 32, 3, 3)
     c, ref = shift_route_case(shift, make_case(*shape, padding=0 if pointwise else 1, residual=True, relu=True,
                                                x_zero=3))
@@ -406,15 +410,20 @@ def test_triton_epilogue_both_shift_routes(shift, pointwise, device):
 
 def shift_route_case(shift, c):
     """Case c (32 output channels) with hand-made constants at `shift` whose codes land in every regime
-    (saturated high and low, in range), and its reference."""
+    (saturated high and low, in range), and its reference. Below shift 8, x within 2 of its zero point
+    and weights in [-1, 1] keep the accumulators small enough for multipliers of several units."""
     g = torch.Generator().manual_seed(shift)
+    if shift < 8:
+        c["x"] = (c["x_zero"] + torch.randint(-2, 3, c["x"].shape, generator=g)).to(torch.int8) \
+            .contiguous(memory_format=torch.channels_last)
+        c["weight"] = torch.randint(-1, 2, c["weight"].shape, generator=g, dtype=torch.int8)
     acc = int64_conv(c["x"], c["x_zero"], c["weight"], c["stride"], c["padding"], c["dilation"])
     # Codes ~ +-60 per standard deviation of acc, offsets of up to +-100 codes, a residual of up to +-32.
     factor = 2.0**shift * 60 / acc.double().std().item()
     multiplier = (factor * (0.5 + torch.rand(32, generator=g, dtype=torch.float64))).round().to(torch.int32)
     multiplier[::5] *= -1
     offset = (2.0**shift * 100 * (2 * torch.rand(32, generator=g, dtype=torch.float64) - 1)).to(torch.int64)
-    c.update(multiplier=multiplier, offset=offset, shift=shift, res_multiplier=min(2 ** (shift - 2), 2**31 - 1),
+    c.update(multiplier=multiplier, offset=offset, shift=shift, res_multiplier=min(2 ** max(shift - 2, 0), 2**31 - 1),
              out_zero=-7)
     ref = reference(c)
     assert ref.eq(127).any() and ref.eq(-7).any() and ((ref > -7) & (ref < 127)).float().mean() > 0.3
@@ -425,12 +434,29 @@ def shift_route_case(shift, c):
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512vnni"])
 @pytest.mark.parametrize("shift, out_zero", [(55, -128), (56, -128), (57, 120), (62, -2)])
 def test_cpu_epilogue_large_shifts(shift, out_zero, isa, monkeypatch):
-    """Shifts up to the op's limit of 62 with totals near the 2**62 headroom (offsets up to 2**61):
-    the vector epilogues fold out_zero * 2**shift into the int64 totals (the AVX-512 one wrapped
-    above shift 55), so they leave shifts above 54 to the scalar one. K = 64: full channel blocks. At such shifts the
-    offsets decide the codes (|acc * multiplier| < 2**49), so each channel has one code: compared
-    whole, not by assert_bit_exact, whose spread check assumes codes that vary with the input."""
+    """Shifts up to the op's limit of 62 with totals near the 2**62 headroom (huge_total_case): the
+    vector epilogues fold out_zero * 2**shift into the int64 totals (the AVX-512 one wrapped above
+    shift 55), so they leave shifts above 54 to the scalar one."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    c, ref = huge_total_case(shift, out_zero)
+    out = run(c, "cpu")
+    assert torch.equal(out, ref), f"cpu/{isa} shift={shift}: {(out != ref).sum().item()} codes differ"
+
+
+@pytest.mark.parametrize("shift, out_zero", [(3, -128), (17, 120), (31, 120), (32, -7), (62, -2)])
+def test_triton_epilogue_huge_totals(shift, out_zero, device):
+    """Totals near the 2**62 headroom (offsets up to +-2**61): below shift 31 their quotients pass
+    2**30, and the 32-bit route must still saturate them (it clamps the total's high word first)."""
+    c, ref = huge_total_case(shift, out_zero)
+    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    out = run(c, "triton").cpu()
+    assert torch.equal(out, ref), f"triton shift={shift}: {(out != ref).sum().item()} codes differ"
+
+
+def huge_total_case(shift, out_zero):
+    """A 1x1 case (K = 64, full channel blocks) with offsets up to +-2**61 and |acc * multiplier| <
+    2**49, so the offsets decide the codes (one per channel: compared whole, not by assert_bit_exact,
+    whose spread check assumes codes that vary with the input), and its reference."""
     g = torch.Generator().manual_seed(shift)
     c = make_case(2, 8, 5, 7, 64, 1, 1, relu=False)
     c.update(multiplier=torch.randint(-2**20, 2**20, (64,), generator=g, dtype=torch.int32),
@@ -438,8 +464,7 @@ def test_cpu_epilogue_large_shifts(shift, out_zero, isa, monkeypatch):
              shift=shift, out_zero=out_zero)
     ref = reference(c)
     assert ref.unique().numel() > 1
-    out = run(c, "cpu")
-    assert torch.equal(out, ref), f"cpu/{isa} shift={shift}: {(out != ref).sum().item()} codes differ"
+    return c, ref
 
 
 @needs_extension

@@ -47,18 +47,18 @@ def conv_case(dtype, block, target=90, flat=False, residual=True, precision="iee
 STEM_NOT_DIVISIBLE = ("C", "sxn", "sxh", "sxw", "swk", "swr", "sws")
 
 
-def int8_case(block, target=90, grouped=False, group_align=16, stem=False, pointwise=False, high_shift=True):
+def int8_case(block, target=90, grouped=False, group_align=16, stem=False, pointwise=False, shift_route="high"):
     """A padded 3x3 conv with a residual, the RGB stem (7x7, flat reduction, as the launcher's
     flat_operands leave it: 4 channels, padding written out), or an unpadded 1x1 conv with a residual
     (pointwise). group_align: gcd(channels a group, 16); below 16 a launch does not mark the weight
     strides (multiples of the channels a group) 16-divisible, nor, for the stem, C and x's strides.
-    high_shift: the epilogue for requantization shifts >= 32."""
+    shift_route: the epilogue's (int8_conv.shift_route)."""
     types = {"x_ptr": "*i8", "w_ptr": "*i8", "res_ptr": "*i8", "out_ptr": "*i8", "mult_ptr": "*i32",
              "offset_ptr": "*i64"}
     taps = 7 if stem else 1 if pointwise else 3
     case = _case("tlcore.kernels.int8_conv:_int8_conv2d_fwd_kernel", types,
                  {"R": taps, "S": taps, "FLAT_C": 4 if stem else 0, "HAS_RESIDUAL": not stem, "GROUPED": grouped,
-                  "GROUP_ALIGN": 4 if stem else group_align, "HIGH_SHIFT": high_shift,
+                  "GROUP_ALIGN": 4 if stem else group_align, "SHIFT_ROUTE": shift_route,
                   "PADDED": not (pointwise or stem)},
                  block, target, ["mult_ptr", "offset_ptr"])
     not_divisible = STEM_NOT_DIVISIBLE if stem else ("swk", "swr", "sws")
@@ -93,7 +93,7 @@ def test_autotune_off_keeps_the_first_config(monkeypatch, module):
 
 @pytest.mark.parametrize("module,make_case", [
     (conv, lambda b: conv_case("fp16", b)), (int8_conv, int8_case),
-    (int8_conv, lambda b: int8_case(b, pointwise=True, high_shift=False)),
+    (int8_conv, lambda b: int8_case(b, pointwise=True, shift_route="split")),  # ResNet's residual 1x1 convs
 ], ids=["conv_fp16", "int8_conv", "int8_conv_pointwise"])
 def test_every_autotune_config_compiles_well_on_hopper(monkeypatch, module, make_case):
     blocks = production_blocks(module, monkeypatch)
@@ -107,12 +107,13 @@ def test_every_autotune_config_compiles_well_on_hopper(monkeypatch, module, make
 def test_unpadded_int8_conv_feeds_the_tensor_cores_from_shared_memory(monkeypatch):
     """Without padding (1x1 convs, half of a ResNet's int8 work) nothing fills the input tile with
     the zero point, so wgmma reads both operands where the async copies put them; with padding the
-    fill is a select on the loaded tile, and A goes through registers. Both epilogues compile."""
+    fill is a select on the loaded tile, and A goes through registers. Every epilogue route compiles."""
     blocks = production_blocks(int8_conv, monkeypatch)
-    results = run_cases([int8_case(blocks[0], pointwise=True), int8_case(blocks[0], pointwise=True, high_shift=False),
-                         int8_case(blocks[0])])
-    assert results[0]["a_from_shared"] and results[1]["a_from_shared"], results[:2]
-    assert not results[2]["a_from_shared"], results[2]
+    routes = ["high", "split", "int64"]
+    results = run_cases([int8_case(blocks[0], pointwise=True, shift_route=route) for route in routes]
+                        + [int8_case(blocks[0])])
+    assert all(r["a_from_shared"] and r["spill_bytes"] == 0 for r in results[:3]), results[:3]
+    assert not results[3]["a_from_shared"], results[3]
 
 
 def test_dtypes_flat_reduction_and_ampere_compile():
