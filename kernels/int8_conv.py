@@ -48,7 +48,8 @@ def _configs():
     return autotune_configs(shapes)
 
 
-@triton.autotune(configs=_configs(), key=["M", "C", "K", "R", "S", "stride_h", "stride_w", "C_GROUP", "K_GROUP"])
+@triton.autotune(configs=_configs(), key=["M", "C", "K", "R", "S", "stride_h", "stride_w", "C_GROUP", "K_GROUP",
+                                         "PADDED", "HAS_RESIDUAL", "SHIFT_ROUTE"])
 @triton.jit
 def _int8_conv2d_fwd_kernel(
     x_ptr, w_ptr, mult_ptr, offset_ptr, res_ptr, out_ptr,
@@ -116,7 +117,7 @@ def _int8_conv2d_fwd_kernel(
             # stored: an unpadded conv skips this select on the loaded tile, and on Hopper its
             # tensor-core dots then read both operands from shared memory (most of the loop's
             # instructions were the select's; tests/test_kernel_compile.py).
-            a = tl.where(in_image, a, x_zero.to(tl.int8))
+            a = tl.where(in_image, a, x_zero).to(tl.int8)  # (a launch makes x_zero == 1 a constant int)
         if GROUPED:
             chan = (step % c_blocks) * BLOCK_K + offs_k
             b_mask &= (chan[:, None] >= group_start[None, :]) & (chan[:, None] < group_end[None, :])

@@ -400,8 +400,8 @@ def test_triton_epilogue_shift_routes(shift, pointwise, device):
     zero point) and the unpadded one (no fill)."""
     from tlcore.kernels.int8_conv import shift_route
 
-    assert shift_route(shift) == "high" if shift >= 32 else "split" if shift >= 3 else "int64"
-    shape = (2, 40, 5, 6, 32, 1, 1) if pointwise else (2, 10, 7, 9, 32, 3, 3)
+    assert shift_route(shift) == ("high" if shift >= 32 else "split" if shift >= 3 else "int64")
+    shape = (2, 40, 5, 6, 32, 1, 1) if pointwise else (2, 20, 7, 9, 32, 3, 3)  # C >= FLAT_K_BELOW: per tap
     c, ref = shift_route_case(shift, make_case(*shape, padding=0 if pointwise else 1, residual=True, relu=True,
                                                x_zero=3))
     c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
@@ -447,18 +447,18 @@ def test_cpu_epilogue_large_shifts(shift, out_zero, isa, monkeypatch):
 def test_triton_epilogue_huge_totals(shift, out_zero, device):
     """Totals near the 2**62 headroom (offsets up to +-2**61): below shift 31 their quotients pass
     2**30, and the 32-bit route must still saturate them (it clamps the total's high word first)."""
-    c, ref = huge_total_case(shift, out_zero)
+    c, ref = huge_total_case(shift, out_zero, channels=24)  # past FLAT_K_BELOW: the per-tap kernel
     c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
     out = run(c, "triton").cpu()
     assert torch.equal(out, ref), f"triton shift={shift}: {(out != ref).sum().item()} codes differ"
 
 
-def huge_total_case(shift, out_zero):
+def huge_total_case(shift, out_zero, channels=8):
     """A 1x1 case (K = 64, full channel blocks) with offsets up to +-2**61 and |acc * multiplier| <
     2**49, so the offsets decide the codes (one per channel: compared whole, not by assert_bit_exact,
     whose spread check assumes codes that vary with the input), and its reference."""
     g = torch.Generator().manual_seed(shift)
-    c = make_case(2, 8, 5, 7, 64, 1, 1, relu=False)
+    c = make_case(2, channels, 5, 7, 64, 1, 1, relu=False)
     c.update(multiplier=torch.randint(-2**20, 2**20, (64,), generator=g, dtype=torch.int32),
              offset=((2 * torch.rand(64, generator=g, dtype=torch.float64) - 1) * 2.0**61).to(torch.int64),
              shift=shift, out_zero=out_zero)
@@ -668,7 +668,8 @@ def test_cpu_winograd_at_its_channel_limits_stays_exact(tiles, isa, monkeypatch)
 
 
 TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], (1, 512, 3, 3, 8, 3, 3, 1, 1, 1),
-                (2, 10, 6, 7, 12, 1, 1, 1, 1, 1)]  # a padded 1x1 conv: its border outputs read only padding
+                (2, 18, 6, 7, 12, 1, 1, 1, 1, 1),   # a padded 1x1 conv: its border outputs read only padding
+                (2, 20, 9, 9, 24, 1, 1, 2, 0, 1)]   # a strided 1x1 conv (downsample) past the flat path's C
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c[:7])))

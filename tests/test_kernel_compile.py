@@ -137,6 +137,19 @@ def test_dtypes_flat_reduction_and_ampere_compile():
     assert all(r["spill_bytes"] == 0 for i, r in enumerate(results) if i != 2)
 
 
+def test_int8_conv_compiles_with_the_arguments_a_launch_makes_constant():
+    """A launch turns integer arguments equal to 1 into compile-time constants (plain Python ints in
+    the kernel): the padded, grouped and stem kernels must compile with every such argument at 1."""
+    ones = {name: 1 for name in ("x_zero", "shift", "res_multiplier", "out_zero", "stride_h", "stride_w",
+                                 "dil_h", "dil_w")}
+    cases = [int8_case((128, 128, 64, 3, 8), shift_route="int64"),
+             int8_case((128, 128, 64, 3, 8), grouped=True, shift_route="int64"),
+             int8_case((64, 64, 32, 5, 4), stem=True, shift_route="int64")]
+    for case in cases:
+        case["constexprs"].update(ones)
+    assert all(r["spill_bytes"] == 0 for r in run_cases(cases))
+
+
 def test_grouped_int8_pipelines_both_operands_like_the_dense_kernel(monkeypatch):
     """ResNeXt's grouped convs: the per-column group mask on the weight loads must not keep them
     out of the cp.async pipeline. Every config as many async copies as the dense kernel's, and no
