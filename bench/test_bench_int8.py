@@ -1,8 +1,9 @@
 """CPU INT8 inference at 224x224 (ResNet-18, ResNet-50, ResNeXt-50 32x4d): tlcore.quantize against fp32
 eager and torch.ao's x86 int8, same run; and per layer, tlcore's int8 conv op against torch.ao's
 quantized conv on ResNet-18's conv shapes. On a GPU, per layer: the int8 conv op on each GPU
-backend over ResNet-50's conv shapes at batch 256, in TOP/s and as a share of the measured int8
-matmul peak (test_bench_conv.py times the fp16 fused conv on the same shapes).
+backend over ResNet-50's conv shapes at batch 256 (its bottleneck expansions also with their
+residual), in TOP/s and as a share of the measured int8 matmul peak (test_bench_conv.py times the
+fp16 fused conv on the same shapes).
 
     pytest bench/test_bench_int8.py --benchmark-only --benchmark-group-by=group
 
@@ -166,27 +167,37 @@ def _gpu_layer_operands(shape, groups=1):
     return xs, weight.contiguous(memory_format=torch.channels_last), ops
 
 
-def _int8_layer(weight, stride, padding, groups=1):
-    """conv(x, backend): int8 conv of x with weight + requantize + ReLU, int8 NHWC out, on that backend."""
+def _int8_layer(weight, stride, padding, groups=1, residual=None):
+    """conv(x, backend): int8 conv of x with weight + requantize (+ residual) + ReLU, int8 NHWC out, on
+    that backend. residual: int8 (N, K, OH, OW) for the first N images of x (a ResNet block's last
+    conv), at a scale that gives the requantization shift such convs get in tlcore's models (30)."""
     from tlcore.ops import int8 as q8
 
-    multiplier, offset, shift, _ = q8.requantization(0.02, -128, weight, torch.full((weight.shape[0],), 0.01), None,
-                                                     0.5, -128)
+    multiplier, offset, shift, res_multiplier = q8.requantization(
+        0.02, -128, weight, torch.full((weight.shape[0],), 0.01), None, 0.5, -128,
+        None if residual is None else 0.4, -128)
 
     def conv(x, backend):
         with use_backend(backend):
             return q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride, padding=padding,
-                                  relu=True, groups=groups)
+                                  relu=True, groups=groups, res_multiplier=res_multiplier,
+                                  residual=None if residual is None else residual[:x.shape[0]])
     return conv
+
+
+# ResNet-50's bottleneck expansions (1x1, stride 1, K = 4 C) also run with their block's residual.
+LAYER_CASES = [(shape, False) for shape in SHAPES] + [
+    (shape, True) for shape in SHAPES if shape[2:5] == (1, 1, 1) and shape[1] == 4 * shape[0]]
 
 
 @needs_gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_gpu_int8_conv_layer(benchmark, shape, backend):
-    """One int8 conv + requantize + ReLU (int8 NHWC in and out) on one GPU backend, checked bit-exact
-    first: against the torch reference on 16 images, and at the timed batch (whose autotuned tile
-    config differs) against the other GPU backend where there is one."""
+@pytest.mark.parametrize("shape, residual", LAYER_CASES,
+                         ids=[shape_id(shape) + ("-residual" if residual else "") for shape, residual in LAYER_CASES])
+def test_gpu_int8_conv_layer(benchmark, shape, residual, backend):
+    """One int8 conv + requantize (+ residual) + ReLU (int8 NHWC in and out) on one GPU backend, checked
+    bit-exact first: against the torch reference on 16 images, and at the timed batch (whose autotuned
+    tile config differs) against the other GPU backend where there is one."""
     from tlcore import _extension
     from tlcore.backend import select
     from tlcore.ops import int8 as q8
@@ -197,14 +208,20 @@ def test_gpu_int8_conv_layer(benchmark, shape, backend):
         assert select(q8.CONV_OP, DEVICE, q8.conv_backends(1)) == backend
     c, k, r, s, stride, padding, h, w = shape
     xs, weight, ops = _gpu_layer_operands(shape)
-    layer = _int8_layer(weight, stride, padding)
+    res = None
+    if residual:
+        res = torch.randint(-128, 128, (GPU_LAYER_BATCH, k, output_size(h, r, stride, padding, 1),
+                                        output_size(w, s, stride, padding, 1)),
+                            device=DEVICE, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    layer = _int8_layer(weight, stride, padding, residual=res)
     assert torch.equal(layer(xs[0][:16], backend), layer(xs[0][:16], "torch"))
     other = "cuda" if backend == "triton" else "triton"
     if other == "triton" or _extension.has_cuda_kernels():
         assert torch.equal(layer(xs[0], backend), layer(xs[0], other))
-    benchmark.group = f"int8 conv c{c} k{k} {r}x{s}/{stride} h{h} batch {GPU_LAYER_BATCH} (GPU)"
+    benchmark.group = (f"int8 conv c{c} k{k} {r}x{s}/{stride} h{h}{' + residual' if residual else ''} "
+                       f"batch {GPU_LAYER_BATCH} (GPU)")
     run_benchmark(benchmark, functools.partial(layer, backend=backend), xs, ops=ops, backend=backend,
-                  shape=list(shape), batch=GPU_LAYER_BATCH, int8_peak_tops=_int8_peak_tops())
+                  shape=list(shape), residual=residual, batch=GPU_LAYER_BATCH, int8_peak_tops=_int8_peak_tops())
     benchmark.extra_info["share_of_int8_peak"] = benchmark.extra_info["tops"] / _int8_peak_tops()
     if backend == "triton":
         benchmark.extra_info["triton_config"] = _autotuned_config()
