@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from numerics import opcheck_utils
-from test_int8_ops import (assert_bit_exact, int64_conv, isa_or_skip, make_case, needs_extension, reference, run,
-                           seven_bit)
+from test_int8_ops import (assert_bit_exact, int64_conv, isa_or_skip, make_case, needs_extension, on_device,
+                           reference, run, seven_bit)
 from tlcore import _extension
 from tlcore.backend import use_backend
 from tlcore.ops import int8 as q8
@@ -96,7 +96,7 @@ def test_narrow_groups_pack_only_their_own_channels(channels, isa):
 def test_triton_kernel_bit_exact(device, case):
     c = grouped_case(case)
     ref = reference(c)
-    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    c = on_device(c, device)
     assert_bit_exact(run(c, "triton").cpu(), ref, f"triton {case}")
 
 

@@ -62,6 +62,11 @@ def reference(case):
                                    case["res_multiplier"], case["out_zero"], case["relu"], case["out_max"])
 
 
+def on_device(case, device):
+    """case with its tensors moved to device."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
 def run(case, backend_name):
     kwargs = {k: v for k, v in case.items() if k not in ("x", "x_zero", "weight", "multiplier", "offset", "shift")}
     with use_backend(backend_name):
@@ -249,7 +254,7 @@ def test_seven_bit_other_backends(device):
     c = seven_bit(make_case(2, 13, 11, 13, 21, 3, 3, 2, 1, 1))
     ref = reference(c)
     assert torch.equal(run(c, "torch"), ref)
-    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    c = on_device(c, device)
     assert torch.equal(run(c, "triton").cpu(), ref)
 
 
@@ -404,7 +409,7 @@ def test_triton_epilogue_shift_routes(shift, pointwise, device):
     shape = (2, 40, 5, 6, 32, 1, 1) if pointwise else (2, 20, 7, 9, 32, 3, 3)  # C >= FLAT_K_BELOW: per tap
     c, ref = shift_route_case(shift, make_case(*shape, padding=0 if pointwise else 1, residual=True, relu=True,
                                                x_zero=3))
-    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    c = on_device(c, device)
     assert_bit_exact(run(c, "triton").cpu(), ref, f"triton epilogue shift={shift} pointwise={pointwise}")
 
 
@@ -448,7 +453,7 @@ def test_triton_epilogue_huge_totals(shift, out_zero, device):
     """Totals near the 2**62 headroom (offsets up to +-2**61): below shift 31 their quotients pass
     2**30, and the 32-bit route must still saturate them (it clamps the total's high word first)."""
     c, ref = huge_total_case(shift, out_zero, channels=24)  # past FLAT_K_BELOW: the per-tap kernel
-    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    c = on_device(c, device)
     out = run(c, "triton").cpu()
     assert torch.equal(out, ref), f"triton shift={shift}: {(out != ref).sum().item()} codes differ"
 
@@ -676,7 +681,7 @@ TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], (1, 512, 3, 3,
 def test_triton_kernel_bit_exact(device, case):
     c = make_case(*case, residual=case[1] != 33, relu=case[1] != 5)
     ref = reference(c)
-    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    c = on_device(c, device)
     assert_bit_exact(run(c, "triton").cpu(), ref, f"triton {case}")
 
 
@@ -687,7 +692,7 @@ def test_triton_launcher_writes_every_output(device):
 
     c = make_case(2, 16, 7, 6, 70, 3, 3, padding=1, groups=2)
     ref = reference(c)
-    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    c = on_device(c, device)
     for poison in (85, -42):
         out = torch.full(ref.shape, poison, dtype=torch.int8, device=device).contiguous(
             memory_format=torch.channels_last)
@@ -706,7 +711,7 @@ def test_triton_kernel_bit_exact_resnet_shapes_gpu():
         ref = q8._int8_conv2d_torch(*[c[k] for k in ("x", "x_zero", "weight", "multiplier", "offset", "shift",
                                                       "residual", "res_multiplier", "out_zero", "relu", "stride",
                                                       "padding", "dilation")])
-        c = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+        c = on_device(c, "cuda")
         assert_bit_exact(run(c, "triton").cpu(), ref, f"triton gpu {case}")
 
 
@@ -735,7 +740,7 @@ def test_cuda_kernel_bit_exact_and_equal_to_triton(case, monkeypatch):
     for residual, relu in ((True, True), (False, False)):
         c = make_case(*case, residual=residual, relu=relu)
         ref = reference(c) if case[0] * case[2] * case[3] < 5000 else q8._int8_conv2d_torch(*_op_args(c)[:14])
-        c = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+        c = on_device(c, "cuda")
         triton_out = run(c, "triton")
         for kernel in cuda_kernels():
             monkeypatch.setenv(q8.CUDA_KERNEL_ENV, kernel)
@@ -760,7 +765,7 @@ def test_cuda_kernel_choice(monkeypatch):
     monkeypatch.setenv(q8.CUDA_KERNEL_ENV, "auto")
     assert torch.ops.tlcore._int8_cuda_kernel() == expected
     c = make_case(1, 5, 6, 6, 7, 3, 3, padding=1)
-    c = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    c = on_device(c, "cuda")
     monkeypatch.setenv(q8.CUDA_KERNEL_ENV, "wmma")
     with pytest.raises((RuntimeError, ValueError), match="choose auto, dp4a or mma"):
         run(c, "cuda")
@@ -778,7 +783,7 @@ def test_cuda_kernel_padding_past_int32(c, monkeypatch):
     such convs on dp4a), give the right codes: the one output row's second tap reads the image's
     only row and its first the padding, as in the same conv with padding and dilation 1."""
     huge, expected = padding_past_int32_case(c, 2**32)
-    huge = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in huge.items()}
+    huge = on_device(huge, "cuda")
     for kernel in cuda_kernels():
         monkeypatch.setenv(q8.CUDA_KERNEL_ENV, kernel)
         assert_bit_exact(run(huge, "cuda").cpu(), expected, f"cuda {kernel}, C={c}, padding 2**32")
@@ -823,8 +828,8 @@ def test_zero_input_channels_give_the_requantized_offsets(device):
     for name in ("cpu", "torch"):
         out = run(c, name)
         assert out.shape == expected.shape and torch.equal(out, expected), name
-    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
-    assert torch.equal(run(on_device, "triton").cpu(), expected)
+    moved = on_device(c, device)
+    assert torch.equal(run(moved, "triton").cpu(), expected)
 
 
 # ---- bad input ------------------------------------------------------------------------------
