@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_operands, flat_strides,
-                                          nhwc_offsets, reduction_steps, step_block_pointers)
+                                          nhwc_offsets, pixel_row_flags, reduction_steps, step_block_pointers)
 
 
 def _configs():
@@ -41,7 +41,8 @@ def _configs():
     return autotune_configs(shapes)
 
 
-@triton.autotune(configs=_configs(), key=["M", "C", "K", "R", "S", "stride_h", "stride_w"])
+@triton.autotune(configs=_configs(), key=["M", "C", "K", "R", "S", "stride_h", "stride_w", "PADDED", "HAS_RESIDUAL",
+                                         "X_PIXEL_ROWS", "OUT_PIXEL_ROWS"])
 @triton.jit
 def _conv2d_bn_act_fwd_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
@@ -52,6 +53,7 @@ def _conv2d_bn_act_fwd_kernel(
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, FLAT_C: tl.constexpr, PADDED: tl.constexpr,
+    X_PIXEL_ROWS: tl.constexpr, OUT_PIXEL_ROWS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -60,7 +62,8 @@ def _conv2d_bn_act_fwd_kernel(
         sxn, sxh, sxw, swk, swr, sws = flat_strides(sxn, sxh, sxw, swk, swr, sws, FLAT_C)
         C = FLAT_C
     offs_m, offs_n, mask_m, mask_n, n, oh, ow, ih0, iw0, x_rows, w_cols = conv_tile(
-        x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, BLOCK_M, BLOCK_N, GROUP_M)
+        x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, X_PIXEL_ROWS,
+        BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -83,13 +86,13 @@ def _conv2d_bn_act_fwd_kernel(
     y = acc * scale[None, :] + shift[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        res_offs = nhwc_offsets(n, oh, ow, offs_n, srn, src, srh, srw)
+        res_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, srn, src, srh, srw, OUT_PIXEL_ROWS)
         y += tl.load(res_ptr + res_offs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
     if BF16_INTERPRETER:
         y = _round_to_bf16_grid(y)
-    out_offs = nhwc_offsets(n, oh, ow, offs_n, son, soc, soh, sow)
+    out_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, son, soc, soh, sow, OUT_PIXEL_ROWS)
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -126,6 +129,7 @@ def conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilat
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         R=r, S=s, FLAT_C=c if flat else 0, PADDED=padding[0] > 0 or padding[1] > 0,
+        **pixel_row_flags(x, residual, out, (r, s), stride, padding),
         HAS_RESIDUAL=residual is not None, RELU=relu,
         DOT_PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee",
         BF16_INTERPRETER=x.dtype == torch.bfloat16 and x.device.type == "cpu",

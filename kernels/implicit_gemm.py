@@ -81,18 +81,21 @@ def output_pixels(offs_m, OH, OW):
 
 @triton.jit
 def conv_tile(x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+              X_PIXEL_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's output tile and where its reduction starts.
 
     Returns offs_m (BM,), offs_n (BN,) and their masks; the output pixels (n, oh, ow) and
     the top-left input corners (ih0, iw0) of the rows; x_rows (BM,) pointers to
-    x[n, 0, ih0, iw0] and w_cols (BN,) pointers to weight[k, 0, 0, 0].
+    x[n, 0, ih0, iw0] and w_cols (BN,) pointers to weight[k, 0, 0, 0]. X_PIXEL_ROWS (a 1x1,
+    stride-1, unpadded conv on an x whose pixels are in row order, `pixel_rows`): row m reads x's
+    pixel m, so x_rows needs no (n, oh, ow), whose integer divisions the compiler then drops
+    unless the caller uses them.
     """
     offs_m, offs_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     n, oh, ow = output_pixels(offs_m, OH, OW)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    x_rows = x_ptr + n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+    x_rows = x_ptr + row_offsets(offs_m, n, ih0, iw0, sxn, sxh, sxw, X_PIXEL_ROWS)
     w_cols = w_ptr + offs_n.to(tl.int64) * swk
     return offs_m, offs_n, offs_m < M, offs_n < K, n, oh, ow, ih0, iw0, x_rows, w_cols
 
@@ -169,7 +172,34 @@ def step_block_pointers(step, c_blocks, x_rows, ih0, iw0, row_mask, w_cols, col_
 
 
 @triton.jit
-def nhwc_offsets(n, oh, ow, offs_n, s_n, s_c, s_h, s_w):
-    """(BM, BN) int64 element offsets of output-shaped tensor entries [n, k, oh, ow]."""
-    rows = n.to(tl.int64) * s_n + oh.to(tl.int64) * s_h + ow.to(tl.int64) * s_w
+def row_offsets(offs_m, n, h, w, s_n, s_h, s_w, PIXEL_ROWS: tl.constexpr):
+    """(BM,) int64 element offsets of pixels [n, :, h, w], the pixels of rows offs_m; with PIXEL_ROWS
+    (the tensor's pixels in row order, `pixel_rows`) that is pixel offs_m, at offs_m * s_w."""
+    if PIXEL_ROWS:
+        return offs_m.to(tl.int64) * s_w
+    return n.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+
+
+@triton.jit
+def nhwc_offsets(offs_m, n, oh, ow, offs_n, s_n, s_c, s_h, s_w, PIXEL_ROWS: tl.constexpr):
+    """(BM, BN) int64 element offsets of output-shaped tensor entries [n, k, oh, ow] of rows offs_m
+    and columns offs_n; PIXEL_ROWS as in row_offsets (then the epilogue needs no (n, oh, ow))."""
+    rows = row_offsets(offs_m, n, oh, ow, s_n, s_h, s_w, PIXEL_ROWS)
     return rows[:, None] + (offs_n.to(tl.int64) * s_c)[None, :]
+
+
+def pixel_rows(t: torch.Tensor) -> bool:
+    """Whether the pixels of t (N, C, H, W) lie in row order, evenly spaced: pixel (n, h, w) at
+    ((n * H + h) * W + w) * t.stride(3), as in a channels_last-contiguous tensor (the kernels'
+    row_offsets then skip the (n, h, w) index math). Strides of size-1 dimensions do not matter."""
+    n, _, h, w = t.shape
+    s_n, _, s_h, s_w = t.stride()
+    return (h == 1 or s_h == w * s_w) and (n == 1 or s_n == h * w * s_w)
+
+
+def pixel_row_flags(x, residual, out, kernel_size, stride, padding) -> dict:
+    """The conv kernels' X_PIXEL_ROWS (a 1x1, stride-1, unpadded conv on an x with pixel_rows) and
+    OUT_PIXEL_ROWS (out, and the residual if any, with pixel_rows) for this launch."""
+    pointwise = tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    return {"X_PIXEL_ROWS": pointwise and pixel_rows(x),
+            "OUT_PIXEL_ROWS": pixel_rows(out) and (residual is None or pixel_rows(residual))}

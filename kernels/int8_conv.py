@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_operands, flat_strides,
-                                          nhwc_offsets, reduction_steps, step_block_pointers)
+                                          nhwc_offsets, pixel_row_flags, reduction_steps, step_block_pointers)
 
 
 def _configs():
@@ -50,7 +50,7 @@ def _configs():
 
 
 @triton.autotune(configs=_configs(), key=["M", "C", "K", "R", "S", "stride_h", "stride_w", "C_GROUP", "K_GROUP",
-                                         "PADDED", "HAS_RESIDUAL", "SHIFT_ROUTE"])
+                                         "PADDED", "HAS_RESIDUAL", "SHIFT_ROUTE", "X_PIXEL_ROWS", "OUT_PIXEL_ROWS"])
 @triton.jit
 def _int8_conv2d_fwd_kernel(
     x_ptr, w_ptr, mult_ptr, offset_ptr, res_ptr, out_ptr,
@@ -63,6 +63,7 @@ def _int8_conv2d_fwd_kernel(
     x_zero, shift, res_multiplier, out_zero, out_min, out_max, C_GROUP, K_GROUP,
     R: tl.constexpr, S: tl.constexpr, FLAT_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr,
     GROUP_ALIGN: tl.constexpr, SHIFT_ROUTE: tl.constexpr, PADDED: tl.constexpr,
+    X_PIXEL_ROWS: tl.constexpr, OUT_PIXEL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # The weights are channels_last, so their strides are multiples of C_GROUP. Rounding them down
@@ -77,7 +78,8 @@ def _int8_conv2d_fwd_kernel(
         sxn, sxh, sxw, swk, swr, sws = flat_strides(sxn, sxh, sxw, swk, swr, sws, FLAT_C)
         C = FLAT_C
     offs_m, offs_n, mask_m, mask_n, n, oh, ow, ih0, iw0, x_rows, w_cols = conv_tile(
-        x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, BLOCK_M, BLOCK_N, GROUP_M)
+        x_ptr, w_ptr, M, K, OH, OW, sxn, sxh, sxw, swk, stride_h, stride_w, pad_h, pad_w, X_PIXEL_ROWS,
+        BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     # Grouped: this tile's groups' input channels start at c_first. x_rows start there, and each
     # column's weights start where its group does, group_start channels in (negative pointer
@@ -130,7 +132,7 @@ def _int8_conv2d_fwd_kernel(
     total = acc.to(tl.int64) * multiplier[None, :] + offset[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        res_offs = nhwc_offsets(n, oh, ow, offs_n, srn, src, srh, srw)
+        res_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, srn, src, srh, srw, OUT_PIXEL_ROWS)
         res = tl.load(res_ptr + res_offs, mask=out_mask, other=0).to(tl.int64)
         total += res * res_multiplier
     if SHIFT_ROUTE == "int64":
@@ -138,7 +140,7 @@ def _int8_conv2d_fwd_kernel(
     else:  # the same in 32-bit words (the int64 shift and clamp take ~12 instructions an output)
         q = _shifted_to_int32(total, shift, SHIFT_ROUTE) + out_zero
     q = tl.minimum(tl.maximum(q, out_min), out_max)
-    out_offs = nhwc_offsets(n, oh, ow, offs_n, son, soc, soh, sow)
+    out_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, son, soc, soh, sow, OUT_PIXEL_ROWS)
     tl.store(out_ptr + out_offs, q.to(tl.int8), mask=out_mask)
 
 
@@ -191,7 +193,7 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
         k // groups, R=r, S=s, FLAT_C=c if flat else 0, HAS_RESIDUAL=residual is not None,
         GROUPED=groups > 1,
         GROUP_ALIGN=math.gcd(c_group, 16), SHIFT_ROUTE=shift_route(shift),
-        PADDED=padding[0] > 0 or padding[1] > 0,
+        PADDED=padding[0] > 0 or padding[1] > 0, **pixel_row_flags(x, residual, out, (r, s), stride, padding),
     )
 
 

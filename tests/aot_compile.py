@@ -48,6 +48,7 @@ def compile_case(case: dict) -> dict:
         "wgmma": "wgmma" in ptx,
         "a_from_shared": a_operand_from_shared(ttgir),
         "mma_sync": "mma.sync" in ptx,
+        "divisions": len(re.findall(r"\b(?:div|rem)\.[su](?:32|64)\b", ptx)),  # integer / and %
         **resource_usage(compiled.asm["cubin"]),
     }
 

@@ -80,9 +80,12 @@ def test_matches_reference(device, dtype, case):
 
 
 @pytest.mark.parametrize("with_residual,relu", [(False, True), (False, False), (True, False)])
-@pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_epilogue_variants_and_layouts(device, with_residual, relu, layout):
-    run_and_compare(device, torch.float16, 2, 10, 9, 7, 12, 3, 3, 1, 1, 1, with_residual, relu, layout)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+@pytest.mark.parametrize("taps", [3, 1])
+def test_epilogue_variants_and_layouts(device, with_residual, relu, layout, taps):
+    """Also a 1x1 stride-1 conv, whose rows are x's pixels (X_PIXEL_ROWS) only for channels_last x; the
+    residual comes NCHW, so out and it are addressed by pixel rows (OUT_PIXEL_ROWS) only without it."""
+    run_and_compare(device, torch.float16, 2, 10, 9, 7, 12, taps, taps, 1, taps // 2, 1, with_residual, relu, layout)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -702,6 +702,53 @@ def test_triton_launcher_writes_every_output(device):
         assert torch.equal(out.cpu(), ref)
 
 
+def in_layout(t, layout):
+    """t (N, C, H, W) with the same values in a memory layout: channels_last, contiguous (NCHW), or a
+    view into a bigger channels_last tensor: of its later images (the pixels still in row order, as
+    the kernels' PIXEL_ROWS want), or of its lower rows or right columns (not)."""
+    nhwc = torch.channels_last
+    if layout in ("channels_last", "contiguous"):
+        return t.contiguous(memory_format=nhwc if layout == "channels_last" else torch.contiguous_format)
+    if layout == "later_images":
+        return torch.cat([t[:1], t]).contiguous(memory_format=nhwc)[1:]
+    if layout == "lower_rows":
+        return F.pad(t, (0, 0, 1, 0)).contiguous(memory_format=nhwc)[:, :, 1:]
+    assert layout == "right_columns"
+    return F.pad(t, (1, 0)).contiguous(memory_format=nhwc)[..., 1:]
+
+
+@pytest.mark.parametrize("residual_layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("x_layout", ["channels_last", "contiguous", "later_images", "lower_rows", "right_columns"])
+def test_triton_pointwise_conv_reads_pixel_rows_only_where_they_are(device, x_layout, residual_layout):
+    """A 1x1 stride-1 conv takes output row m from x's pixel m (X_PIXEL_ROWS) only when x's pixels
+    lie in row order, and the epilogue addresses out and the residual by row (OUT_PIXEL_ROWS) only
+    when both do: every layout of x and of the residual is bit-exact (the launcher called directly:
+    the op itself passes residuals channels_last)."""
+    from tlcore.kernels.implicit_gemm import pixel_row_flags
+    from tlcore.kernels.int8_conv import int8_conv2d
+
+    c = make_case(2, 20, 5, 6, 24, 1, 1)
+    ref = reference(c)
+    c = on_device(dict(c, x=in_layout(c["x"], x_layout), residual=in_layout(c["residual"], residual_layout)),
+                  device)
+    out = torch.full(ref.shape, 85, dtype=torch.int8, device=device).contiguous(memory_format=torch.channels_last)
+    flags = pixel_row_flags(c["x"], c["residual"], out, (1, 1), c["stride"], c["padding"])
+    assert flags == {"X_PIXEL_ROWS": x_layout in ("channels_last", "later_images"),
+                     "OUT_PIXEL_ROWS": residual_layout == "channels_last"}
+    int8_conv2d(c["x"], c["x_zero"], c["weight"], c["multiplier"], c["offset"], c["shift"], c["residual"],
+                c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"], 127, out)
+    assert_bit_exact(out.cpu(), ref, f"triton 1x1 x {x_layout}, residual {residual_layout}")
+
+
+def test_pixel_rows_ignores_the_strides_of_single_images_and_rows():
+    from tlcore.kernels.implicit_gemm import pixel_rows
+
+    t = torch.zeros(1, 3, 1, 5).contiguous(memory_format=torch.channels_last)
+    assert pixel_rows(t) and pixel_rows(t.as_strided(t.shape, (7, 1, 11, 3)))  # N = H = 1: only s_w counts
+    assert not pixel_rows(torch.zeros(2, 3, 1, 5))  # NCHW: the next image is not 5 pixels on
+    assert pixel_rows(torch.zeros(2, 1, 4, 5))  # one channel: NCHW is row order too
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_kernel_bit_exact_resnet_shapes_gpu():

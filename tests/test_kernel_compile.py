@@ -36,6 +36,7 @@ def conv_case(dtype, block, target=90, flat=False, residual=True, precision="iee
     ptr = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     types = {"x_ptr": ptr, "w_ptr": ptr, "res_ptr": ptr, "out_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32"}
     constexprs = {"R": 7 if flat else 3, "S": 7 if flat else 3, "FLAT_C": 4 if flat else 0, "PADDED": not flat,
+                  "X_PIXEL_ROWS": False, "OUT_PIXEL_ROWS": True,
                   "HAS_RESIDUAL": residual, "RELU": True, "DOT_PRECISION": precision, "BF16_INTERPRETER": False}
     case = _case("tlcore.kernels.conv:_conv2d_bn_act_fwd_kernel", types, constexprs, block, target,
                  ["scale_ptr", "shift_ptr"])
@@ -47,19 +48,22 @@ def conv_case(dtype, block, target=90, flat=False, residual=True, precision="iee
 STEM_NOT_DIVISIBLE = ("C", "sxn", "sxh", "sxw", "swk", "swr", "sws")
 
 
-def int8_case(block, target=90, grouped=False, group_align=16, stem=False, pointwise=False, shift_route="high"):
+def int8_case(block, target=90, grouped=False, group_align=16, stem=False, pointwise=False, shift_route="high",
+              pixel_rows=True):
     """A padded 3x3 conv with a residual, the RGB stem (7x7, flat reduction, as the launcher's
     flat_operands leave it: 4 channels, padding written out), or an unpadded 1x1 conv with a residual
     (pointwise). group_align: gcd(channels a group, 16); below 16 a launch does not mark the weight
     strides (multiples of the channels a group) 16-divisible, nor, for the stem, C and x's strides.
-    shift_route: the epilogue's (int8_conv.shift_route)."""
+    shift_route: the epilogue's (int8_conv.shift_route). pixel_rows: the tensors' pixels in row order
+    (channels_last, implicit_gemm.pixel_rows), as in tlcore's models."""
     types = {"x_ptr": "*i8", "w_ptr": "*i8", "res_ptr": "*i8", "out_ptr": "*i8", "mult_ptr": "*i32",
              "offset_ptr": "*i64"}
     taps = 7 if stem else 1 if pointwise else 3
     case = _case("tlcore.kernels.int8_conv:_int8_conv2d_fwd_kernel", types,
                  {"R": taps, "S": taps, "FLAT_C": 4 if stem else 0, "HAS_RESIDUAL": not stem, "GROUPED": grouped,
                   "GROUP_ALIGN": 4 if stem else group_align, "SHIFT_ROUTE": shift_route,
-                  "PADDED": not (pointwise or stem)},
+                  "PADDED": not (pointwise or stem), "X_PIXEL_ROWS": pointwise and pixel_rows,
+                  "OUT_PIXEL_ROWS": pixel_rows},
                  block, target, ["mult_ptr", "offset_ptr"])
     not_divisible = STEM_NOT_DIVISIBLE if stem else ("swk", "swr", "sws")
     if stem or group_align < 16:
@@ -114,6 +118,18 @@ def test_unpadded_int8_conv_feeds_the_tensor_cores_from_shared_memory(monkeypatc
                         + [int8_case(blocks[0])])
     assert all(r["a_from_shared"] and r["spill_bytes"] == 0 for r in results[:3]), results[:3]
     assert not results[3]["a_from_shared"], results[3]
+
+
+def test_pointwise_int8_conv_on_pixel_rows_divides_no_row_index(monkeypatch):
+    """A 1x1 stride-1 conv on channels_last tensors reads and writes output row m at pixel m: no
+    (n, oh, ow) from integer divisions per row (the tile's scalar ones remain), in any epilogue route;
+    on other layouts each row's divisions stay."""
+    block = production_blocks(int8_conv, monkeypatch)[0]
+    results = run_cases([int8_case(block, pointwise=True, shift_route=route) for route in ("high", "split")]
+                        + [int8_case(block, pointwise=True, pixel_rows=False)])
+    scalar_divisions = 4  # the program's tile: pid // and % the group size, then the group's rows
+    assert all(r["divisions"] <= scalar_divisions and r["spill_bytes"] == 0 for r in results[:2]), results[:2]
+    assert results[2]["divisions"] > scalar_divisions, results[2]
 
 
 def test_dtypes_flat_reduction_and_ampere_compile():
