@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build, GPU tests, compute-sanitizer, benchmarks.
-#   bash bench/gpu_run.sh [all|tests|cpu-int8|sanitize|int8|int8-model|int8-layers|int8-grouped|bench|autotune]...
-#   (default: all but autotune; int8 = int8-model + int8-layers + int8-grouped)
+#   bash bench/gpu_run.sh [all|tests|cpu-int8|sanitize|int8|int8-model|int8-layers|int8-grouped|bench|autotune|
+#                          profile]...
+#   (default: all but autotune and profile; int8 = int8-model + int8-layers + int8-grouped)
 # One device call may run 10 minutes: on a first, cold machine run the stages in separate calls
 # (tests, int8-model, int8-layers, int8-grouped, bench).
 # Writes logs and result files to $OUT (or ./gpu-out); copy the result files you keep
@@ -24,7 +25,7 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember failures
   [ "$rc" -eq 0 ] || status=1
 }
 
-want() { [[ ( " $stages " == *" all "* && $1 != autotune ) || " $stages " == *" $1 "* ||
+want() { [[ ( " $stages " == *" all "* && $1 != autotune && $1 != profile ) || " $stages " == *" $1 "* ||
             ( " $stages " == *" int8 "* && $1 == int8-* ) ]]; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
@@ -41,10 +42,13 @@ if want tests; then
 fi
 if want cpu-int8; then
   # the C++ CPU int8 kernels on this machine's CPU (an Intel Xeon, where one run segfaulted in
-  # _int8_conv_cpu): under gdb where the image has it, for a native backtrace if it crashes again
+  # _int8_conv_cpu): under a debugger, for a native backtrace if it crashes again. The GPU image
+  # has no gdb but cuda-gdb, which debugs host code too.
   runner=()
-  command -v gdb >/dev/null && runner=(gdb -q -batch -ex run -ex bt -ex 'quit $_exitcode' --args)
-  # (gdb needs the interpreter's binary, not a wrapper script; it exits 1 after a crash, else with pytest's code)
+  debugger=$(command -v gdb || command -v cuda-gdb)
+  [ -n "$debugger" ] && runner=("$debugger" -q -batch -ex run -ex bt -ex 'quit $_exitcode' --args)
+  # (the debugger needs the interpreter's binary, not a wrapper script; gdb exits 1 after a crash, else
+  # with pytest's code)
   step cpu-int8 env TLCORE_AUTOTUNE=0 "${runner[@]}" "$(python -c 'import sys; print(sys.executable)')" -m pytest -q \
     tests/test_int8_ops.py tests/test_int8_quantize.py tests/test_int8_grouped.py -m "not gpu" -p no:cacheprovider
 fi
@@ -67,6 +71,18 @@ fi
 if want int8-grouped; then
   step int8-grouped python -m pytest -q bench/test_bench_int8.py -k test_gpu_grouped_conv_layer --benchmark-only \
     --benchmark-json="$OUT/int8-grouped.json" -p no:cacheprovider
+fi
+if want profile; then
+  # where the time goes: torch.profiler over ResNet-50 (fp16 eager, tlcore.fuse, int8) at batch 256, then
+  # ncu's counters for one call of each int8 conv shape per backend (ncu leaves the clocks alone)
+  mkdir -p "$OUT/profile"
+  step profile-models python bench/gpu_profile.py models "$OUT/profile"
+  if command -v ncu >/dev/null; then
+    step profile-layers ncu --profile-from-start off --target-processes all --clock-control none --csv \
+      --page details --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis --log-file "$OUT/profile/ncu-int8-layers.csv" \
+      python bench/gpu_profile.py layers "$OUT/profile"
+  fi
 fi
 if want autotune; then
   # the bar: tlcore.fuse against torch.compile(mode="max-autotune") (long compiles)

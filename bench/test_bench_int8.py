@@ -154,7 +154,7 @@ def _int8_peak_tops() -> float:
     return matmul_peak_tflops(DEVICE, torch.int8)
 
 
-def _gpu_layer_operands(shape, groups=1):
+def gpu_layer_operands(shape, groups=1):
     """(two random int8 (GPU_LAYER_BATCH, C, H, W) channels_last batches, a random int8 (K, C / groups,
     R, S) channels_last weight, the integer operations of one call: 2 per multiply-add the conv needs)."""
     c, k, r, s, stride, padding, h, w = shape
@@ -167,7 +167,15 @@ def _gpu_layer_operands(shape, groups=1):
     return xs, weight.contiguous(memory_format=torch.channels_last), ops
 
 
-def _int8_layer(weight, stride, padding, groups=1, residual=None):
+def gpu_layer_residual(shape):
+    """A random int8 (GPU_LAYER_BATCH, K, OH, OW) channels_last residual for a conv of this shape."""
+    c, k, r, s, stride, padding, h, w = shape
+    oh, ow = output_size(h, r, stride, padding, 1), output_size(w, s, stride, padding, 1)
+    return torch.randint(-128, 128, (GPU_LAYER_BATCH, k, oh, ow), device=DEVICE, dtype=torch.int8).contiguous(
+        memory_format=torch.channels_last)
+
+
+def int8_layer(weight, stride, padding, groups=1, residual=None):
     """conv(x, backend): int8 conv of x with weight + requantize (+ residual) + ReLU, int8 NHWC out, on
     that backend. residual: int8 (N, K, OH, OW) for the first N images of x (a ResNet block's last
     conv), at a scale that gives the requantization shift such convs get in tlcore's models (30)."""
@@ -207,13 +215,8 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend):
     with use_backend(backend):  # a fallback to another backend would time the wrong kernel
         assert select(q8.CONV_OP, DEVICE, q8.conv_backends(1)) == backend
     c, k, r, s, stride, padding, h, w = shape
-    xs, weight, ops = _gpu_layer_operands(shape)
-    res = None
-    if residual:
-        res = torch.randint(-128, 128, (GPU_LAYER_BATCH, k, output_size(h, r, stride, padding, 1),
-                                        output_size(w, s, stride, padding, 1)),
-                            device=DEVICE, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
-    layer = _int8_layer(weight, stride, padding, residual=res)
+    xs, weight, ops = gpu_layer_operands(shape)
+    layer = int8_layer(weight, stride, padding, residual=gpu_layer_residual(shape) if residual else None)
     assert torch.equal(layer(xs[0][:16], backend), layer(xs[0][:16], "torch"))
     other = "cuda" if backend == "triton" else "triton"
     if other == "triton" or _extension.has_cuda_kernels():
@@ -251,14 +254,14 @@ def test_gpu_grouped_conv_layer(benchmark, shape, impl):
     from tlcore.ops import int8 as q8
 
     c, k, r, s, stride, padding, h, w = shape
-    xs, weight, ops = _gpu_layer_operands(shape, RESNEXT_GROUPS)
+    xs, weight, ops = gpu_layer_operands(shape, RESNEXT_GROUPS)
     if impl == "cudnn fp16":
         xs, weight = [x.half() for x in xs], weight.half()
         conv = lambda x: torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, RESNEXT_GROUPS)  # noqa: E731
     else:
         with use_backend("triton"):  # a fallback to another backend would time the wrong kernel
             assert select(q8.CONV_OP, DEVICE, q8.conv_backends(RESNEXT_GROUPS)) == "triton"
-        layer = _int8_layer(weight, stride, padding, RESNEXT_GROUPS)
+        layer = int8_layer(weight, stride, padding, RESNEXT_GROUPS)
         assert torch.equal(layer(xs[0], "triton"), layer(xs[0], "torch"))
         conv = functools.partial(layer, backend="triton")
     benchmark.group = (f"grouped conv c{c} k{k} {r}x{s}/{stride} h{h} groups {RESNEXT_GROUPS} "
