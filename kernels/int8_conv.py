@@ -7,9 +7,10 @@
     out:        (N, K, OH, OW)  int8, written once
 
 The integer math is the contract in tlcore/ops/int8.py: tl.dot multiplies int8 tiles into
-an exact int32 accumulator (tensor-core IMMA on GPUs), positions outside the image read as
-x_zero, and the epilogue is int64 fixed point (floored and clamped in 32-bit words where that is
-exact: _shifted_to_int32), so results equal the reference bit for bit.
+an exact int32 accumulator (tensor-core IMMA on GPUs), positions outside the image count as
+x_zero (read as 0, the difference added in the epilogue: kernels/int8_border.py), and the
+epilogue is int64 fixed point (floored and clamped in 32-bit words where that is exact:
+_shifted_to_int32), so results equal the reference bit for bit.
 The GEMM view and its index math are shared with kernels/conv.py (kernels/implicit_gemm.py):
 one reduction loop over (tap, channel block), or over (r, s, c) flattened for fewer than
 FLAT_K_BELOW channels (the RGB stem), on a copy of x whose padding the launcher writes out and
@@ -30,6 +31,7 @@ from torch.library import wrap_triton
 
 from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_operands, flat_strides,
                                           nhwc_offsets, pixel_row_flags, reduction_steps, step_block_pointers)
+from tlcore.kernels.int8_border import border_class, border_corrections
 
 
 def _configs():
@@ -53,14 +55,15 @@ def _configs():
                                          "PADDED", "HAS_RESIDUAL", "SHIFT_ROUTE", "X_PIXEL_ROWS", "OUT_PIXEL_ROWS"])
 @triton.jit
 def _int8_conv2d_fwd_kernel(
-    x_ptr, w_ptr, mult_ptr, offset_ptr, res_ptr, out_ptr,
+    x_ptr, w_ptr, mult_ptr, offset_ptr, corr_ptr, res_ptr, out_ptr,
     M, C, H, W, K, OH, OW,
     sxn, sxc, sxh, sxw,
     swk, swc, swr, sws,
     srn, src, srh, srw,
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    x_zero, shift, res_multiplier, out_zero, out_min, out_max, C_GROUP, K_GROUP,
+    shift, res_multiplier, out_zero, out_min, out_max, C_GROUP, K_GROUP,
+    top_h, bottom_h, top_w, bottom_w,
     R: tl.constexpr, S: tl.constexpr, FLAT_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr,
     GROUP_ALIGN: tl.constexpr, SHIFT_ROUTE: tl.constexpr, PADDED: tl.constexpr,
     X_PIXEL_ROWS: tl.constexpr, OUT_PIXEL_ROWS: tl.constexpr,
@@ -105,7 +108,15 @@ def _int8_conv2d_fwd_kernel(
         spanned = (K_GROUP - g + BLOCK_N - 1) // K_GROUP + 1
         c_span = tl.minimum(spanned * C_GROUP, C)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if PADDED:
+        # The accumulator starts at what x's zero point outside the image (read as 0 below) adds to
+        # pixels near the image's edges (kernels/int8_border.py); 0 elsewhere. Loaded before the
+        # loop, the corrections take no registers beyond the accumulator's own.
+        cls = border_class(oh, OH, top_h, bottom_h) * (1 + top_w + bottom_w) + border_class(ow, OW, top_w, bottom_w)
+        border = (cls > 0) & mask_m
+        acc = tl.load(corr_ptr + cls[:, None] * K + offs_n[None, :], mask=border[:, None] & mask_n[None, :], other=0)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     c_blocks = tl.cdiv(c_span, BLOCK_K)
     # The RGB stem (FLAT_K): per-tap blocks of BLOCK_K >= 32 channels would be 3 / 32 or less useful.
     tl.static_assert(not (FLAT_K and GROUPED))
@@ -113,24 +124,22 @@ def _int8_conv2d_fwd_kernel(
         a_ptrs, in_image, b_ptrs, b_mask = step_block_pointers(
             step, c_blocks, x_rows, ih0, iw0, mask_m, w_cols, mask_n, offs_k, C - c_first,
             H, W, R, S, FLAT_K, PADDED, sxc, sxh, sxw, swc, swr, sws, dil_h, dil_w)
+        # Outside the image x reads as 0, not as its zero point: the accumulator started with the
+        # difference. (A select filling in the zero point took most of the loop's instructions and
+        # kept Hopper's tensor cores from reading A from shared memory: tests/test_kernel_compile.py.)
+        # Elsewhere the mask only drops channels past the reduction, whose weights are zero, and
+        # rows past M, which are not stored.
         a = tl.load(a_ptrs, mask=in_image, other=0)
-        if PADDED:
-            # Outside the image x reads as its zero point (real zero). Elsewhere the mask only drops
-            # channels past the reduction, whose weights are zero, and rows past M, which are not
-            # stored: an unpadded conv skips this select on the loaded tile, and on Hopper its
-            # tensor-core dots then read both operands from shared memory (most of the loop's
-            # instructions were the select's; tests/test_kernel_compile.py).
-            a = tl.where(in_image, a, x_zero).to(tl.int8)  # (a launch makes x_zero == 1 a constant int)
         if GROUPED:
             chan = (step % c_blocks) * BLOCK_K + offs_k
             b_mask &= (chan[:, None] >= group_start[None, :]) & (chan[:, None] < group_end[None, :])
         b = tl.load(b_ptrs, mask=b_mask, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # Triton <= 3.6 defaults out_dtype to float32
 
+    out_mask = mask_m[:, None] & mask_n[None, :]
     multiplier = tl.load(mult_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     offset = tl.load(offset_ptr + offs_n, mask=mask_n, other=0)
     total = acc.to(tl.int64) * multiplier[None, :] + offset[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
         res_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, srn, src, srh, srw, OUT_PIXEL_ROWS)
         res = tl.load(res_ptr + res_offs, mask=out_mask, other=0).to(tl.int64)
@@ -183,17 +192,21 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
     _, _, oh, ow = out.shape
     m = n * oh * ow
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
+    padded = padding[0] > 0 or padding[1] > 0
+    corr, border = multiplier, (0, 0, 0, 0)  # (corr is never read unpadded)
+    if padded:
+        corr, border = border_corrections(weight, x_zero, (h, w), (oh, ow), stride, padding, dilation)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
     wrap_triton(_int8_conv2d_fwd_kernel)[grid](
-        x, weight, multiplier, offset, res, out,
+        x, weight, multiplier, offset, corr, res, out,
         m, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        x_zero, shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max, c_group,
-        k // groups, R=r, S=s, FLAT_C=c if flat else 0, HAS_RESIDUAL=residual is not None,
+        shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max, c_group,
+        k // groups, *border, R=r, S=s, FLAT_C=c if flat else 0, HAS_RESIDUAL=residual is not None,
         GROUPED=groups > 1,
         GROUP_ALIGN=math.gcd(c_group, 16), SHIFT_ROUTE=shift_route(shift),
-        PADDED=padding[0] > 0 or padding[1] > 0, **pixel_row_flags(x, residual, out, (r, s), stride, padding),
+        PADDED=padded, **pixel_row_flags(x, residual, out, (r, s), stride, padding),
     )
 
 

@@ -509,6 +509,24 @@ def test_cpu_kernel_random_shapes(n, c, hw, k, rs, stride, padding, dilation, re
     assert torch.equal(out, ref), f"{(n, c, h, w, k, r, s, stride, padding, dilation)}"
 
 
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 2), c=st.integers(16, 40), hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+       k=st.integers(1, 40), rs=st.sampled_from([(3, 3), (1, 3), (5, 2)]),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 2)), padding=st.tuples(st.integers(0, 3), st.integers(1, 2)),
+       dilation=st.tuples(st.integers(1, 3), st.integers(1, 2)), groups=st.sampled_from([1, 2]),
+       residual=st.booleans(), seed=st.integers(0, 2**16))
+def test_triton_kernel_random_padded_shapes(n, c, hw, k, rs, stride, padding, dilation, groups, residual, seed):
+    """Padded convs of every geometry (images smaller than the window included), whose padding the
+    Triton kernel adds to its accumulator per border row and column class (kernels/int8_border.py)."""
+    (h, w), (r, s) = hw, rs
+    assume(h + 2 * padding[0] >= dilation[0] * (r - 1) + 1 and w + 2 * padding[1] >= dilation[1] * (s - 1) + 1)
+    case = make_case(n, c - c % groups, h, w, k * groups, r, s, stride, padding, dilation, residual, True, seed,
+                     groups=groups)
+    ref = reference(case)
+    out = run(on_device(case, "cuda" if torch.cuda.is_available() else "cpu"), "triton").cpu()
+    assert torch.equal(out, ref), f"{(n, c, h, w, k, r, s, stride, padding, dilation, groups)}"
+
+
 @needs_extension
 @pytest.mark.parametrize("isa", CPU_ISAS + ["avx2u7"])
 @pytest.mark.parametrize("kernel", [(1, 0), (3, 1)], ids=["1x1", "3x3"])
@@ -738,6 +756,23 @@ def test_triton_pointwise_conv_reads_pixel_rows_only_where_they_are(device, x_la
     int8_conv2d(c["x"], c["x_zero"], c["weight"], c["multiplier"], c["offset"], c["shift"], c["residual"],
                 c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"], 127, out)
     assert_bit_exact(out.cpu(), ref, f"triton 1x1 x {x_layout}, residual {residual_layout}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(1, 12), taps=st.integers(1, 7), stride=st.integers(1, 3), pad=st.integers(0, 4),
+       dilation=st.integers(1, 3))
+def test_border_lines_are_the_output_rows_with_taps_outside_the_image(size, taps, stride, pad, dilation):
+    """The Triton int8 conv corrects its accumulator on exactly the output rows (columns) whose window
+    reaches before the image (the first `top`) or past it (the last `bottom`): counted by brute force."""
+    from tlcore.kernels.int8_border import border_lines
+
+    assume(size + 2 * pad >= dilation * (taps - 1) + 1)
+    out_size = (size + 2 * pad - dilation * (taps - 1) - 1) // stride + 1
+    first = [i * stride - pad for i in range(out_size)]  # each output row's first input row
+    before = [i for i in range(out_size) if first[i] < 0]
+    past = [i for i in range(out_size) if first[i] + (taps - 1) * dilation >= size]
+    top, bottom = border_lines(size, out_size, taps, stride, pad, dilation)
+    assert before == list(range(top)) and past == list(range(out_size - bottom, out_size))
 
 
 def test_pixel_rows_ignores_the_strides_of_single_images_and_rows():

@@ -4,6 +4,8 @@ Runs Triton's real compiler (no GPU needed) in a subprocess without the interpre
 every autotune configuration must use the tensor cores (wgmma on Hopper), pipeline its
 loads, fit in shared memory and spill no registers.
 """
+import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -57,14 +59,14 @@ def int8_case(block, target=90, grouped=False, group_align=16, stem=False, point
     shift_route: the epilogue's (int8_conv.shift_route). pixel_rows: the tensors' pixels in row order
     (channels_last, implicit_gemm.pixel_rows), as in tlcore's models."""
     types = {"x_ptr": "*i8", "w_ptr": "*i8", "res_ptr": "*i8", "out_ptr": "*i8", "mult_ptr": "*i32",
-             "offset_ptr": "*i64"}
+             "offset_ptr": "*i64", "corr_ptr": "*i32"}
     taps = 7 if stem else 1 if pointwise else 3
     case = _case("tlcore.kernels.int8_conv:_int8_conv2d_fwd_kernel", types,
                  {"R": taps, "S": taps, "FLAT_C": 4 if stem else 0, "HAS_RESIDUAL": not stem, "GROUPED": grouped,
                   "GROUP_ALIGN": 4 if stem else group_align, "SHIFT_ROUTE": shift_route,
                   "PADDED": not (pointwise or stem), "X_PIXEL_ROWS": pointwise and pixel_rows,
                   "OUT_PIXEL_ROWS": pixel_rows},
-                 block, target, ["mult_ptr", "offset_ptr"])
+                 block, target, ["mult_ptr", "offset_ptr", "corr_ptr"])
     not_divisible = STEM_NOT_DIVISIBLE if stem else ("swk", "swr", "sws")
     if stem or group_align < 16:
         case["divisible_by_16"] = [arg for arg in case["divisible_by_16"] if arg not in not_divisible]
@@ -108,16 +110,17 @@ def test_every_autotune_config_compiles_well_on_hopper(monkeypatch, module, make
         assert result["spill_bytes"] == 0, f"{block}: {result['spill_bytes']} B of register spills"
 
 
-def test_unpadded_int8_conv_feeds_the_tensor_cores_from_shared_memory(monkeypatch):
-    """Without padding (1x1 convs, half of a ResNet's int8 work) nothing fills the input tile with
-    the zero point, so wgmma reads both operands where the async copies put them; with padding the
-    fill is a select on the loaded tile, and A goes through registers. Every epilogue route compiles."""
-    blocks = production_blocks(int8_conv, monkeypatch)
+def test_int8_conv_feeds_the_tensor_cores_from_shared_memory(monkeypatch):
+    """Nothing fills the input tile with the zero point, also where the conv is padded (the epilogue
+    adds the padding's share: kernels/int8_border.py), so wgmma reads both operands where the async
+    copies put them. (A select on the loaded tile took most of the padded loop's instructions and
+    sent A through registers.) Every epilogue route compiles, unpadded and padded, also grouped."""
+    block = production_blocks(int8_conv, monkeypatch)[0]
     routes = ["high", "split", "int64"]
-    results = run_cases([int8_case(blocks[0], pointwise=True, shift_route=route) for route in routes]
-                        + [int8_case(blocks[0])])
-    assert all(r["a_from_shared"] and r["spill_bytes"] == 0 for r in results[:3]), results[:3]
-    assert not results[3]["a_from_shared"], results[3]
+    results = run_cases([int8_case(block, pointwise=True, shift_route=route) for route in routes]
+                        + [int8_case(block, shift_route=route) for route in routes]
+                        + [int8_case(block, grouped=True)])
+    assert all(r["a_from_shared"] and r["spill_bytes"] == 0 for r in results), results
 
 
 def test_pointwise_int8_conv_on_pixel_rows_divides_no_row_index(monkeypatch):
@@ -153,16 +156,33 @@ def test_dtypes_flat_reduction_and_ampere_compile():
     assert all(r["spill_bytes"] == 0 for i, r in enumerate(results) if i != 2)
 
 
+def kernel_arg_names(case) -> list[str]:
+    module, name = case["kernel"].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    while hasattr(fn, "fn"):  # the Python function under an autotuner and a JIT (or interpreted) function
+        fn = fn.fn
+    return list(inspect.signature(fn).parameters)
+
+
+def border_case(target=90):
+    """The padding corrections' kernel (kernels/int8_border.py) for a 3x3 conv."""
+    return {"kernel": "tlcore.kernels.int8_border:_border_correction_kernel", "target": target, "num_warps": 4,
+            "num_stages": 3, "types": {"w_ptr": "*i8", "corr_ptr": "*i32"},
+            "constexprs": {"R": 3, "S": 3, "BLOCK_N": 64, "BLOCK_C": 64, "swc": 1},
+            "divisible_by_16": ["w_ptr", "corr_ptr", "K", "C_GROUP", "swk", "swr", "sws"]}
+
+
 def test_int8_conv_compiles_with_the_arguments_a_launch_makes_constant():
     """A launch turns integer arguments equal to 1 into compile-time constants (plain Python ints in
-    the kernel): the padded, grouped and stem kernels must compile with every such argument at 1."""
-    ones = {name: 1 for name in ("x_zero", "shift", "res_multiplier", "out_zero", "stride_h", "stride_w",
-                                 "dil_h", "dil_w")}
+    the kernel): the padded, grouped and stem kernels, and the padding corrections' kernel, must
+    compile with every such argument at 1."""
+    ones = ("x_zero", "shift", "res_multiplier", "out_zero", "stride_h", "stride_w", "dil_h", "dil_w", "top_h",
+            "bottom_h", "top_w", "bottom_w")
     cases = [int8_case((128, 128, 64, 3, 8), shift_route="int64"),
              int8_case((128, 128, 64, 3, 8), grouped=True, shift_route="int64"),
-             int8_case((64, 64, 32, 5, 4), stem=True, shift_route="int64")]
+             int8_case((64, 64, 32, 5, 4), stem=True, shift_route="int64"), border_case(), border_case(target=80)]
     for case in cases:
-        case["constexprs"].update(ones)
+        case["constexprs"].update({name: 1 for name in ones if name in kernel_arg_names(case)})
     assert all(r["spill_bytes"] == 0 for r in run_cases(cases))
 
 
