@@ -8,8 +8,8 @@
 
 The integer math is the contract in tlcore/ops/int8.py: tl.dot multiplies int8 tiles into
 an exact int32 accumulator (tensor-core IMMA on GPUs), positions outside the image count as
-x_zero (read as 0, the difference added in the epilogue: kernels/int8_border.py), and the
-epilogue is int64 fixed point (floored and clamped in 32-bit words where that is exact:
+x_zero (read as 0, with the accumulator starting at the difference: kernels/int8_border.py), and
+the epilogue is int64 fixed point (floored and clamped in 32-bit words where that is exact:
 _shifted_to_int32), so results equal the reference bit for bit.
 The GEMM view and its index math are shared with kernels/conv.py (kernels/implicit_gemm.py):
 one reduction loop over (tap, channel block), or over (r, s, c) flattened for fewer than
