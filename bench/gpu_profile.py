@@ -10,7 +10,8 @@ models writes, per variant, profile-<variant>.txt (kernels by device time, then 
 ops by input shape) and models.json: a forward's wall time against the time its kernels kept the
 GPU busy (a busy share well under 1 means the host's launches, not the kernels, set the pace), and
 a Chrome trace of the int8 model's forwards. layers writes layers.txt: the profiled calls in launch
-order, the order of ncu's report.
+order, the order of ncu's report (a padded conv on Triton launches two kernels there: its
+padding corrections, then the conv).
 """
 import json
 import sys
@@ -49,7 +50,7 @@ def profile_variant(variant, out: Path, trace: bool) -> dict:
                 variant.fn(variant.inputs[i % len(variant.inputs)])
             torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - start) * 1e3 / FORWARDS
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]  # (copies and memsets too)
     name = variant.name.replace(" ", "-").replace(".", "")
     tables = [prof.key_averages().table(sort_by="self_device_time_total", row_limit=40),
               prof.key_averages(group_by_input_shape=True).table(sort_by="device_time_total", row_limit=80)]
@@ -58,7 +59,7 @@ def profile_variant(variant, out: Path, trace: bool) -> dict:
         prof.export_chrome_trace(str(out / f"trace-{name}.json"))
     busy = busy_ms(kernels) / FORWARDS
     return {"wall_ms_per_forward (profiled)": wall_ms, "kernel_busy_ms_per_forward": busy,
-            "gpu_busy_share": busy / wall_ms, "kernels_per_forward": len(kernels) / FORWARDS}
+            "gpu_busy_share": busy / wall_ms, "device_events_per_forward": len(kernels) / FORWARDS}
 
 
 def profile_models(out: Path) -> None:

@@ -5,7 +5,7 @@ zero point at positions outside the image takes a select on every loaded byte (a
 keeps the tensor cores' A operand out of shared memory); the asynchronous copies fill them with
 0 for free. So the conv kernel loads 0 there, and its accumulator starts at what the zero point
 would have contributed: x_zero times the sum of weight[k, :, r, s] over the taps (r, s) that fall
-outside the image, exact in int32 (at most 128 * 127 * C * R * S in magnitude, and the corrected
+outside the image, exact in int32 (at most 128 * 128 * C * R * S in magnitude, and the corrected
 sum is the true accumulator: tlcore.ops.int8.MAX_REDUCTION). Which taps fall outside depends
 only on how near the image's edges the output pixel lies: the first `top` and last `bottom`
 output rows have window taps above or below the image, likewise for columns, and every other
@@ -55,14 +55,14 @@ def _border_correction_kernel(
     x_zero, top_h, bottom_h, top_w, bottom_w,
     R: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # program (column block, class): the class's row and column classes, and one of its pixels
-    cls = tl.program_id(1)
+    # program (class, column block): the class's row and column classes, and one of its pixels
+    cls = tl.program_id(0)
     col_classes = 1 + top_w + bottom_w
     row_class = cls // col_classes
     col_class = cls % col_classes
     oh = _border_line(row_class, OH, top_h, bottom_h)
     ow = _border_line(col_class, OW, top_w, bottom_w)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < K
     offs_c = tl.arange(0, BLOCK_C)
     outside = tl.zeros((BLOCK_N,), dtype=tl.int32)  # sum of the weights of taps outside the image
@@ -88,7 +88,7 @@ def border_corrections(weight, x_zero, in_size, out_size, stride, padding, dilat
     top_w, bottom_w = border_lines(in_size[1], out_size[1], s, stride[1], padding[1], dilation[1])
     classes = (1 + top_h + bottom_h) * (1 + top_w + bottom_w)
     corr = torch.empty((classes, k), dtype=torch.int32, device=weight.device)
-    grid = (triton.cdiv(k, _BLOCK_N), classes)
+    grid = (classes, triton.cdiv(k, _BLOCK_N))  # (classes first: a grid's second axis stops at 65535)
     wrap_triton(_border_correction_kernel)[grid](
         weight, corr, k, c_group, *in_size, *out_size, *weight.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],

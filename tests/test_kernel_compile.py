@@ -111,8 +111,8 @@ def test_every_autotune_config_compiles_well_on_hopper(monkeypatch, module, make
 
 
 def test_int8_conv_feeds_the_tensor_cores_from_shared_memory(monkeypatch):
-    """Nothing fills the input tile with the zero point, also where the conv is padded (the epilogue
-    adds the padding's share: kernels/int8_border.py), so wgmma reads both operands where the async
+    """Nothing fills the input tile with the zero point, also where the conv is padded (the
+    accumulator starts at the padding's share: kernels/int8_border.py), so wgmma reads both operands where the async
     copies put them. (A select on the loaded tile took most of the padded loop's instructions and
     sent A through registers.) Every epilogue route compiles, unpadded and padded, also grouped."""
     block = production_blocks(int8_conv, monkeypatch)[0]
