@@ -20,9 +20,9 @@
 
 namespace {
 
-// The op's isa argument (0 auto .. 5 avx2 7-bit), checked to be one this CPU runs.
+// The op's isa argument (0 auto .. 6 amx), checked to be one this CPU runs.
 tlcore::Int8Isa checked_isa(int64_t isa) {
-  TORCH_CHECK(isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa)),
+  TORCH_CHECK(isa >= 0 && isa <= 6 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa)),
               "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
   return static_cast<tlcore::Int8Isa>(isa);
 }
@@ -161,7 +161,7 @@ int64_t int8_cpu_resolve_isa(int64_t isa) {
 }
 
 bool int8_cpu_isa_supported(int64_t isa) {
-  return isa >= 0 && isa <= 5 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa));
+  return isa >= 0 && isa <= 6 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa));
 }
 
 // ---- the int8 model's other layers (csrc/int8_layers.h) ------------------------------------------

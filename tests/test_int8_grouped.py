@@ -47,7 +47,7 @@ def test_torch_backend_bit_exact(case):
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512vnni"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512vnni", "amx"])
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=GROUPED_IDS)
 def test_cpu_kernel_bit_exact(case, isa, monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
@@ -69,7 +69,7 @@ def test_cpu_kernel_seven_bit_bit_exact(case, monkeypatch):
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512vnni"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512vnni", "amx"])
 @pytest.mark.parametrize("k, groups", [(96, 4), (64, 16)], ids=["wide-groups", "narrow-groups"])
 def test_cpu_kernel_batch_of_many_chunks(k, groups, isa, monkeypatch):
     """A grouped 1x1 conv whose tasks convert their own rows (pointwise, many chunks a thread)."""

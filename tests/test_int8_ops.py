@@ -11,7 +11,7 @@ from tlcore.backend import use_backend
 from tlcore.ops import int8 as q8
 
 needs_extension = pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
-CPU_ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni"]  # avx2u7 needs 7-bit inputs: its own tests
+CPU_ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni", "amx"]  # avx2u7 needs 7-bit inputs: its own tests
 
 
 def int64_conv(x, x_zero, weight, stride, padding, dilation, groups=1):
@@ -235,7 +235,7 @@ def seven_bit(case):
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", ["avx2u7", "scalar", "avx2", "avxvnni", "avx512vnni"])
+@pytest.mark.parametrize("isa", ["avx2u7", "scalar", "avx2", "avxvnni", "avx512vnni", "amx"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cpu_kernel_seven_bit_bit_exact(case, isa, monkeypatch):
     """7-bit activations: AVX2's vpmaddubsw kernel is exact on them, and out_max = -1 clamps the output."""
@@ -541,6 +541,39 @@ def test_cpu_kernel_every_last_tile_size(isa, kernel, monkeypatch):
         if isa == "avx2u7":
             case = seven_bit(case)
         assert_bit_exact(run(case, "cpu"), reference(case), f"cpu/{isa} {r}x{r} on {pixels} pixels")
+
+
+# The AMX kernel's two sources of tile rows (csrc/cpu/int8_amx.cpp): in place (stride 1, C % 64 == 0,
+# not pointwise) over the padded input, dropping the extra columns of each output row, and gathered
+# panels otherwise; with blocks in pairs and alone, and partial blocks.
+AMX_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
+    (2, 64, 6, 9, 33, 3, 3, 1, 1, 1),      # in place: two images, a pair of blocks then one of 1 channel
+    (1, 128, 11, 10, 48, 3, 3, 1, 1, 1),   # in place: 110 rows a image, chunks of 64 across output rows
+    (3, 64, 4, 5, 20, 3, 3, 1, 2, 2),      # in place, dilated: taps two pixels apart, images of 2 rows
+    (1, 64, 3, 4, 16, 5, 5, 1, 2, 1),      # in place: the window wider than the image
+    (2, 64, 9, 9, 40, 3, 3, 2, 1, 1),      # panel: stride 2
+    (2, 64, 7, 7, 32, 1, 1, 1, 0, 1),      # panel: pointwise, converted in one run (C % 4 == 0)
+    (1, 100, 9, 7, 17, 1, 1, 2, 0, 1),     # panel: strided pointwise, 25 words a row (a partial step)
+    (1, 96, 5, 6, 24, 3, 3, 1, 1, 1),      # panel: stride 1 but 24 words a pixel (not whole steps)
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("case", AMX_CASES, ids=["x".join(map(str, c[:7])) for c in AMX_CASES])
+def test_amx_kernel_bit_exact(case, monkeypatch):
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("amx"))
+    for residual, relu in ((True, True), (False, False)):
+        c = make_case(*case, residual=residual, relu=relu)
+        assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/amx {case} residual={residual} relu={relu}")
+
+
+@needs_extension
+def test_amx_packing_pads_each_block_to_whole_steps():
+    """16 channels a block, (tap, group) rows rounded up to 16 (one TDPBUSD step) with zero weights,
+    then 128 * sum(w) per channel: 3x3 over 20 channels (5 words a pixel, 45 rows -> 48), K = 40."""
+    isa = q8._CPU_ISAS[isa_or_skip("amx")]
+    header, blocks = 16, 3
+    assert torch.ops.tlcore._int8_cpu_packed_words(40, 20, 3, 3, isa, 0, 1) == header + blocks * 48 * 16 + blocks * 16
 
 
 WINOGRAD_ISAS = ["scalar", "avx2", "avx2u7"]  # the int16-pairs instruction sets

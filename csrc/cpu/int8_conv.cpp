@@ -58,11 +58,16 @@ constexpr int64_t kPrefetchWords = 1024;
 constexpr int kZmmTileM = 2 * kTileM;
 constexpr int kZmmChunkM = kChunkM * kTileM / kZmmTileM;  // its tiles per task: the same 48 rows
 
-Layout layout_for(Int8Isa isa) {
-  return isa == Int8Isa::kAvx2 || isa == Int8Isa::kScalar ? Layout::kPairs : Layout::kQuads;
+// The direct algorithm's layout: AMX packs ungrouped convs for its tiles; its grouped ones run the
+// AVX512-VNNI kernel.
+Layout layout_for(Int8Isa isa, int64_t conv_groups = 1) {
+  if (isa == Int8Isa::kAvx2 || isa == Int8Isa::kScalar) return Layout::kPairs;
+  return isa == Int8Isa::kAmx && conv_groups == 1 ? Layout::kAmxQuads : Layout::kQuads;
 }
 
-int64_t group_size(Layout layout) { return layout == Layout::kQuads ? 4 : 2; }
+bool is_quads(Layout layout) { return layout == Layout::kQuads || layout == Layout::kAmxQuads; }
+
+int64_t group_size(Layout layout) { return is_quads(layout) ? 4 : 2; }
 
 // The pairs layout in plain C++ (the reference-speed fallback of every CPU).
 void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
@@ -324,13 +329,15 @@ const char* isa_name(Int8Isa isa) {
     case Int8Isa::kAvxVnni: return "avxvnni";
     case Int8Isa::kAvx512Vnni: return "avx512vnni";
     case Int8Isa::kAvx2U7: return "avx2u7";
+    case Int8Isa::kAmx: return "amx";
   }
   return "unknown";
 }
 
 Int8Isa best_isa() {
-  // AVX512-VNNI first: its zmm kernel does twice the work per vpdpbusd of AVX-VNNI's ymm one.
-  for (Int8Isa isa : {Int8Isa::kAvx512Vnni, Int8Isa::kAvxVnni, Int8Isa::kAvx2}) {
+  // AMX first (one TDPBUSD is 16,384 multiply-adds), then AVX512-VNNI: its zmm kernel does twice the
+  // work per vpdpbusd of AVX-VNNI's ymm one.
+  for (Int8Isa isa : {Int8Isa::kAmx, Int8Isa::kAvx512Vnni, Int8Isa::kAvxVnni, Int8Isa::kAvx2}) {
     if (int8_isa_supported(isa)) return isa;
   }
   return Int8Isa::kScalar;
@@ -341,7 +348,8 @@ TileFn tile_fn(Int8Isa isa) {
 #ifdef TLCORE_X86
     case Int8Isa::kAvx2: return tile_avx2;
     case Int8Isa::kAvxVnni: return tile_avxvnni;
-    case Int8Isa::kAvx512Vnni: return nullptr;  // no 16-channel Tile kernel: see tile_avx512vnni_zmm
+    case Int8Isa::kAvx512Vnni:
+    case Int8Isa::kAmx: return nullptr;  // no 16-channel Tile kernel: see tile_avx512vnni_zmm, int8_amx.cpp
     case Int8Isa::kAvx2U7: return tile_avx2u7;
 #endif
     default: return tile_scalar;
@@ -378,7 +386,7 @@ __attribute__((always_inline)) inline uint8_t convert_pixel(const int8_t* src, i
 __attribute__((always_inline)) inline bool pad_rows(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp,
                                                     int64_t groups, const int32_t* border, int64_t begin,
                                                     int64_t end, int32_t* padded) {
-  const bool one_quad = layout == Layout::kQuads && groups == 1;
+  const bool one_quad = is_quads(layout) && groups == 1;
   const uint32_t mask = a.c >= 4 ? ~0u : (1u << (8 * a.c)) - 1;
   // Pixels whose 4-byte read stays inside their image row: c * x + 4 <= c * w.
   const int64_t word_pixels = one_quad && a.c * a.w >= 4 ? (a.c * a.w - 4) / a.c + 1 : 0;
@@ -410,12 +418,22 @@ __attribute__((always_inline)) inline bool pad_rows(const Int8ConvArgs& a, Layou
   return ((high | high_words | high_words >> 8 | high_words >> 16 | high_words >> 24) & 0x80) != 0;
 }
 
-// The input pixels of output pixels first .. first + count - 1 of a pointwise (1x1, unpadded)
-// conv, converted to the layout: (count, groups) words. Returns whether a code was >= 0 (quads).
+// convert_pointwise_rows (int8_cpu.h), compiled once per target.
 __attribute__((always_inline)) inline bool convert_rows(const Int8ConvArgs& a, Layout layout, int64_t groups,
                                                         int64_t first, int64_t count, int32_t* dst) {
-  int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
   uint8_t high = 0;
+  if (layout != Layout::kPairs && a.stride_h == 1 && a.stride_w == 1 && a.c == 4 * groups) {
+    // Stride 1 with whole words: the rows are one run of the input's bytes, each + 128 (xor 0x80);
+    // a single loop the compiler vectorizes, instead of one per pixel.
+    const int8_t* src = a.x + first * a.c;
+    uint8_t* bytes = reinterpret_cast<uint8_t*>(dst);
+    for (int64_t i = 0; i < count * a.c; ++i) {
+      bytes[i] = static_cast<uint8_t>(src[i]) ^ 0x80;
+      high |= bytes[i];
+    }
+    return high & 0x80;
+  }
+  int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
   for (int64_t i = 0; i < count; ++i, dst += groups) {
     high |= convert_pixel(a.x + ((n * a.h + y * a.stride_h) * a.w + col * a.stride_w) * a.c, a.c, layout, groups, dst);
     if (++col == a.ow) {
@@ -451,6 +469,14 @@ __attribute__((target("avx2"))) bool pad_rows_avx2(const Int8ConvArgs& a, Layout
 
 }  // namespace
 
+bool convert_pointwise_rows(const Int8ConvArgs& a, Layout layout, int64_t groups, int64_t first, int64_t count,
+                            int32_t* dst) {
+#ifdef TLCORE_X86
+  if (__builtin_cpu_supports("avx2")) return convert_rows_avx2(a, layout, groups, first, count, dst);
+#endif
+  return convert_rows_generic(a, layout, groups, first, count, dst);
+}
+
 namespace {
 [[noreturn]] void throw_eight_bit_input() {
   throw std::invalid_argument("tlcore int8 conv: the avx2u7 kernel got an input code >= 0; it needs 7-bit "
@@ -459,14 +485,16 @@ namespace {
 }  // namespace
 
 std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
-                                     bool seven_bit) {
+                                     bool seven_bit, int64_t tail_words) {
   auto rows = pad_rows_generic;
 #ifdef TLCORE_X86
   if (__builtin_cpu_supports("avx2")) rows = pad_rows_avx2;
 #endif
   std::atomic<bool> eight_bit{false};
-  // Every word is written below: no zero-filling pass first.
-  std::unique_ptr<int32_t[]> padded(new int32_t[static_cast<size_t>(a.n * hp * wp * groups)]);
+  // Every word is written below: no zero-filling pass first (but for the tail).
+  const int64_t words = a.n * hp * wp * groups;
+  std::unique_ptr<int32_t[]> padded(new int32_t[static_cast<size_t>(words + tail_words)]);
+  std::fill(padded.get() + words, padded.get() + words + tail_words, 0);
   const std::vector<int8_t> zeros(static_cast<size_t>(a.c), static_cast<int8_t>(a.x_zero));
   std::vector<int32_t> border(static_cast<size_t>(groups));
   convert_pixel(zeros.data(), a.c, layout, groups, border.data());  // x_zero's code is checked above
@@ -706,7 +734,7 @@ TileFn pairs_tile_fn(Int8Isa isa) { return tile_fn(isa == Int8Isa::kScalar ? isa
 EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a) {
 #ifdef TLCORE_X86
   if (isa != Int8Isa::kScalar && quantized_fits_int32(a) && a.shift <= kFoldedZeroMaxShift) {
-    if (isa == Int8Isa::kAvx512Vnni) return requantize_avx512;
+    if (isa == Int8Isa::kAvx512Vnni || isa == Int8Isa::kAmx) return requantize_avx512;
     return a.shift < 32 ? requantize_avx2<false> : requantize_avx2<true>;
   }
 #endif
@@ -771,17 +799,25 @@ ChannelWindows channel_windows(int64_t k, int64_t c, int64_t conv_groups, Layout
   return windows;
 }
 
-int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout, int64_t conv_groups = 1) {
+}  // namespace
+
+int64_t block_rows(Layout layout, int64_t reduction_words) {
+  if (layout != Layout::kAmxQuads) return reduction_words;
+  return (reduction_words + kAmxStepWords - 1) / kAmxStepWords * kAmxStepWords;
+}
+
+int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout, int64_t conv_groups) {
   // The rows layout packs a (K, R, S, C) weight as the (K, R, 1, S * C) one: a tap row's (s, c) run.
   if (layout == Layout::kRowPairs) return direct_packed_words(k, s * c, r, 1, Layout::kPairs);
   const int64_t blocks = (k + kTileN - 1) / kTileN;
-  const int64_t correction = layout == Layout::kQuads ? blocks * kTileN : 0;
-  return kHeaderWords + blocks * r * s * channel_windows(k, c, conv_groups, layout).words * kTileN + correction;
+  const int64_t correction = is_quads(layout) ? blocks * kTileN : 0;
+  return kHeaderWords + blocks * block_rows(layout, r * s * channel_windows(k, c, conv_groups, layout).words) * kTileN +
+         correction;
 }
 
 // weight: (K, R, S, C / conv_groups); c: the input's channels.
 void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Layout layout,
-                        int32_t* packed, int64_t conv_groups = 1) {
+                        int32_t* packed, int64_t conv_groups) {
   if (layout == Layout::kRowPairs) {
     pack_direct_weight(weight, k, s * c, r, 1, Layout::kPairs, packed);
     return write_header(packed, Layout::kRowPairs, k, c, r, s);
@@ -789,7 +825,7 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
   const ChannelWindows windows = channel_windows(k, c, conv_groups, layout);
   const int64_t size = group_size(layout), groups = windows.words, taps = r * s;
   const int64_t c_group = c / conv_groups, k_group = k / conv_groups;
-  const int64_t blocks = (k + kTileN - 1) / kTileN, block_words = taps * groups * kTileN;
+  const int64_t blocks = (k + kTileN - 1) / kTileN, block_words = block_rows(layout, taps * groups) * kTileN;
   std::fill(packed, packed + direct_packed_words(k, c, r, s, layout, conv_groups), 0);
   write_header(packed, layout, k, c, r, s, conv_groups);
   int32_t* words = packed + kHeaderWords;
@@ -797,7 +833,7 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     // One (channel, tap) row of the window in the layout's element type; other channels stay 0.
     std::vector<int16_t> pairs(layout == Layout::kPairs ? 2 * groups : 0, 0);
-    std::vector<int8_t> quads(layout == Layout::kQuads ? 4 * groups : 0, 0);
+    std::vector<int8_t> quads(is_quads(layout) ? 4 * groups : 0, 0);
     const char* row = layout == Layout::kPairs ? reinterpret_cast<const char*>(pairs.data())
                                                : reinterpret_cast<const char*>(quads.data());
     for (int64_t block = begin; block < end; ++block) {
@@ -819,11 +855,13 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
         }
         std::fill(pairs.begin(), pairs.end(), 0);  // the next channel's group may sit elsewhere
         std::fill(quads.begin(), quads.end(), 0);
-        if (layout == Layout::kQuads) correction[channel] = 128 * sum;
+        if (is_quads(layout)) correction[channel] = 128 * sum;
       }
     }
   });
 }
+
+namespace {
 
 // A tile's input rows: the tap-(0, 0) pointers of output pixels m0 .. m0 + count - 1 in the padded
 // input (hp rows of row_words words, column_words per output column) and their indices (ms: the
@@ -854,6 +892,10 @@ void chunk_rows(const int32_t* chunk, int64_t groups, int64_t offset, int64_t m0
 }
 
 void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
+  if (isa == Int8Isa::kAmx) {
+    if (a.conv_groups == 1) return int8_conv2d_amx(a);
+    isa = Int8Isa::kAvx512Vnni;  // grouped convs: the zmm kernel (layout_for)
+  }
   const Layout layout = rows_layout ? Layout::kRowPairs : layout_for(isa);
   const int64_t hp = a.h + 2 * a.pad_h, wp = a.w + 2 * a.pad_w;
   // The padded input in words: one pixel, one row, one output column's step, and per tap the
@@ -879,7 +921,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
     }
   }
   const int64_t taps = static_cast<int64_t>(tap_offsets.size());
-  const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = taps * groups * kTileN;
+  const int64_t blocks = (a.k + kTileN - 1) / kTileN, block_words = block_rows(layout, taps * groups) * kTileN;
   std::vector<int32_t> packed_here;
   const int32_t* packed = a.packed_weight;
   if (packed == nullptr) {
@@ -891,7 +933,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
                                 "or algorithm");
   }
   const int32_t* weight = packed + kHeaderWords;
-  const int32_t* correction = layout == Layout::kQuads ? weight + blocks * block_words : nullptr;
+  const int32_t* correction = is_quads(layout) ? weight + blocks * block_words : nullptr;
   // A pointwise conv (1x1, unpadded) reads each input pixel once, so a converted copy of the whole
   // input costs as much memory traffic as its GEMM takes time (int16 pairs: twice the input's size).
   // Instead, where tasks run chunk by chunk (rows_outer below), each converts the pixels of its own
@@ -920,10 +962,6 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   } else if (!convert_chunks) {
     x = pad_input(a, layout, hp, wp, pixel_words, seven_bit);
   }
-  auto convert = convert_rows_generic;
-#ifdef TLCORE_X86
-  if (__builtin_cpu_supports("avx2")) convert = convert_rows_avx2;
-#endif
   constexpr int64_t kChunkRows = kChunkM * kTileM;
   std::atomic<bool> eight_bit{false};
   // The rows of chunk `chunk` into `buffer` (once per run of tasks on it); returns the buffer.
@@ -931,7 +969,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
     if (chunk != current) {
       buffer.resize(static_cast<size_t>(kChunkRows * pixel_words));
       const int64_t first = chunk * kChunkRows;
-      if (convert(a, layout, pixel_words, first, std::min(kChunkRows, a.n * a.oh * a.ow - first), buffer.data())) {
+      if (convert_pointwise_rows(a, layout, pixel_words, first, std::min(kChunkRows, a.n * a.oh * a.ow - first), buffer.data())) {
         eight_bit.store(true, std::memory_order_relaxed);
       }
       current = chunk;
@@ -1055,6 +1093,8 @@ bool int8_isa_supported(Int8Isa isa) {
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
              __builtin_cpu_supports("avx512vl");
+    case Int8Isa::kAmx:
+      return amx_supported();
 #endif
     default:
       return false;
@@ -1108,7 +1148,7 @@ int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int
     case Int8Algorithm::kWinograd: return winograd_packed_words(k, c, false);
     case Int8Algorithm::kStrideTwoWinograd: return winograd_packed_words(k, c, true);
     case Int8Algorithm::kRows: return direct_packed_words(k, c, r, s, Layout::kRowPairs);
-    default: return direct_packed_words(k, c, r, s, layout_for(isa), conv_groups);
+    default: return direct_packed_words(k, c, r, s, layout_for(isa, conv_groups), conv_groups);
   }
 }
 
@@ -1141,7 +1181,7 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
     case Int8Algorithm::kWinograd: return pack_winograd_weight(weight, k, c, false, packed);
     case Int8Algorithm::kStrideTwoWinograd: return pack_winograd_weight(weight, k, c, true, packed);
     case Int8Algorithm::kRows: return pack_direct_weight(weight, k, c, r, s, Layout::kRowPairs, packed);
-    default: return pack_direct_weight(weight, k, c, r, s, layout_for(isa), packed, conv_groups);
+    default: return pack_direct_weight(weight, k, c, r, s, layout_for(isa, conv_groups), packed, conv_groups);
   }
 }
 

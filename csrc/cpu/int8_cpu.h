@@ -18,8 +18,10 @@ constexpr int64_t kHeaderWords = 16;  // packed weights start with (magic, layou
 constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
 
 // How a packed weight and the padded input group channels into 4-byte words (int8_conv.cpp).
+// kAmxQuads: kQuads with each block's (tap, group) rows padded to whole AMX steps (int8_amx.cpp).
 enum class Layout : int32_t {
-  kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4, kWinograd24Pairs = 5, kWinogradStrideTwoPairs = 6
+  kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4, kWinograd24Pairs = 5, kWinogradStrideTwoPairs = 6,
+  kAmxQuads = 7
 };
 
 // One micro-tile's operands; every pointer and offset counts 4-byte groups.
@@ -52,14 +54,34 @@ EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a);  // the fastest exac
 // u = x + 128): pixel (y, x) lands at (y + pad_h, x + pad_w); everything else (the padding, and
 // any extra rows/columns below and to the right) holds x_zero; channels past C are 0. With
 // `seven_bit` (the avx2u7 kernel, whose caller checks x_zero), throws unless every code is <= -1.
+// tail_words: zero words after the last pixel (for readers that run past it).
 std::unique_ptr<int32_t[]> pad_input(const Int8ConvArgs& a, Layout layout, int64_t hp, int64_t wp, int64_t groups,
-                                     bool seven_bit);
+                                     bool seven_bit, int64_t tail_words = 0);
+
+// The input pixels of output pixels first .. first + count - 1 of a pointwise (1x1, unpadded) conv,
+// converted to the layout: (count, groups) words. Returns whether a code was >= 0 (quads).
+bool convert_pointwise_rows(const Int8ConvArgs& a, Layout layout, int64_t groups, int64_t first, int64_t count,
+                            int32_t* dst);
+
+// The direct algorithm's packed weights (int8_conv.cpp): blocks of 16 output channels, each
+// block_rows(layout, taps * groups) rows of 16 words ([tap][group][16 channels]), then for the
+// quads layouts the 16 values of 128 * sum(w) per block.
+int64_t block_rows(Layout layout, int64_t reduction_words);
+int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout, int64_t conv_groups = 1);
+void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, int64_t s, Layout layout,
+                        int32_t* packed, int64_t conv_groups = 1);
 
 // Writes the packed-weight header.
 void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s,
                   int64_t conv_groups = 1);
 bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s,
                     int64_t conv_groups = 1);
+
+// ---- AMX (int8_amx.cpp) ----
+
+constexpr int64_t kAmxStepWords = 16;  // one TDPBUSD step reduces 16 words (64 channels) per row
+bool amx_supported();                  // the CPU has AMX-INT8 and AVX-512, and Linux lets this process use it
+void int8_conv2d_amx(const Int8ConvArgs& a);  // the direct algorithm on AMX tiles (conv_groups 1)
 
 // ---- Winograd F(2x4, 3x3) and F(2x2, 3x3), and the stride-2 one (int8_winograd.cpp) ----
 

@@ -48,7 +48,7 @@ MAX_SHIFT = 46
 _INT64_HEADROOM = 0.99 * 2**62  # the bound on epilogue totals; the C++ kernel's int8_requantization_in_range
 
 CONV_OP = "int8_conv2d"
-_CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5}
+_CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5, "amx": 6}
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
 ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct" turns off the C++ kernel's Winograd and rows (tests, benchmarks)
 CPU_ALGORITHMS = {"direct": 0, "winograd": 1, "rows": 2, "winograd_stride2": 3}  # csrc/int8_conv.h's Int8Algorithm

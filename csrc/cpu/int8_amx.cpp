@@ -1,0 +1,307 @@
+// The C++ CPU int8 conv on Intel's AMX tile unit (Sapphire Rapids and later): the direct implicit
+// GEMM of int8_conv.cpp with TDPBUSD as its micro-kernel.
+//
+// One TDPBUSD multiplies a 16 x 64 uint8 tile (16 output pixels x 64 channels) by a 16 x 64 int8
+// tile of 4-channel words (16 words deep x 16 output channels) into 16 x 16 int32 sums: 16,384
+// multiply-adds, each 4 products summed straight into int32 as vpdpbusd does, so the quads layout of
+// int8_conv.cpp serves as it is: activations as u = x + 128 in 4-channel words, the accumulators
+// starting at -128 * sum(w) (the block's correction), and a weight block's [tap][group][16 channels]
+// words are B tiles already, 16 consecutive (tap, group) rows of 64 bytes. The AMX layout
+// (Layout::kAmxQuads) only pads each block's rows to whole steps of 16 with zero weights, so the
+// last step of a block reads no other block's weights.
+//
+// A tile's rows must lie at one stride in memory, unlike the row pointers of the vector kernels:
+// each task gathers the im2col rows of its chunk of output pixels into a panel, row i holding the
+// words of every tap of pixel i (a pointwise conv's panel is its converted pixels). Tasks are
+// (chunk, pair of weight blocks), chunks outer, so a thread builds each panel once for all blocks.
+// Register tiles: 32 rows x 32 channels, i.e. four accumulator tiles, two A (rows 0-15, 16-31) and
+// two B (two blocks of 16 channels) -- the eight tiles the unit has, each 16 rows of 64 bytes.
+// The epilogue is the AVX512-VNNI kernel's (requantize_avx512).
+#include "cpu/int8_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TLCORE_AMX 1
+#endif
+
+namespace tlcore {
+namespace int8_cpu {
+
+#ifdef TLCORE_AMX
+namespace {
+
+constexpr int kSubRows = 32;                // output pixels per register tile (two A tiles)
+constexpr int64_t kPanelRows = 2 * kSubRows;  // output pixels per panel (task chunk)
+
+// LDTILECFG's 64-byte operand: palette 1, every tile 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+const TileConfig kTileConfig{};
+
+// Holds the tile configuration for one thread's run of tasks (the tile state is per thread).
+struct TileScope {
+  __attribute__((target("amx-tile"))) TileScope() { _tile_loadconfig(&kTileConfig); }
+  __attribute__((target("amx-tile"))) ~TileScope() { _tile_release(); }
+};
+
+// acc[j][i][c] = start[j][c] + sum over steps of A rows i . block j's weights, for the tile's 32 rows
+// (each step's A: 16 words per row at rows + step_offsets[step], rows `stride` words apart) and B
+// blocks (block_words apart). start: -correction. The tile instructions are inline asm that declares
+// no memory, hence the compiler barriers.
+template <int B>
+__attribute__((target("amx-tile,amx-int8"))) void amx_tile(const int32_t* rows, int64_t stride,
+                                                            const std::vector<int64_t>& step_offsets,
+                                                            const int32_t* weight, int64_t block_words,
+                                                            const int32_t (*start)[kTileN],
+                                                            int32_t (*acc)[kSubRows][kTileN]) {
+  asm volatile("" ::: "memory");
+  const int64_t a_stride = stride * 4, b_stride = kTileN * 4;
+  const int32_t* high = rows + kSubRows / 2 * stride;
+  _tile_loadd(0, start[0], 0);  // stride 0: every row starts at the block's -correction
+  _tile_loadd(1, start[0], 0);
+  if constexpr (B == 2) {
+    _tile_loadd(2, start[1], 0);
+    _tile_loadd(3, start[1], 0);
+  }
+  const int64_t steps = static_cast<int64_t>(step_offsets.size());
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t offset = step_offsets[step], b = step * kAmxStepWords * kTileN;
+    _tile_loadd(4, rows + offset, a_stride);
+    _tile_loadd(5, high + offset, a_stride);
+    _tile_loadd(6, weight + b, b_stride);
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 5, 6);
+    if constexpr (B == 2) {
+      _tile_loadd(7, weight + block_words + b, b_stride);
+      _tile_dpbusd(2, 4, 7);
+      _tile_dpbusd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, acc[0][0], b_stride);
+  _tile_stored(1, acc[0][kSubRows / 2], b_stride);
+  if constexpr (B == 2) {
+    _tile_stored(2, acc[1][0], b_stride);
+    _tile_stored(3, acc[1][kSubRows / 2], b_stride);
+  }
+  asm volatile("" ::: "memory");
+}
+
+// The im2col rows of output pixels first .. first + count - 1 into panel ((count, taps * groups)
+// words) from the padded input x (hp rows of wp pixels of `groups` words), or, with x null (a
+// pointwise conv), converted from a.x directly. Rows past count, to the next whole register tile,
+// are zeroed: computed, never stored. A tap row's taps are adjacent pixels (dilation_w 1): one copy.
+void build_panel(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t wp, int64_t groups,
+                 int64_t first, int64_t count, int32_t* panel) {
+  const int64_t stride = a.r * a.s * groups, run = a.dil_w == 1 ? a.s * groups : groups;
+  const int64_t runs_per_row = a.r * a.s * groups / run;
+  if (x == nullptr) {
+    convert_pointwise_rows(a, Layout::kQuads, groups, first, count, panel);
+  } else {
+    int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
+    for (int64_t i = 0; i < count; ++i) {
+      const int32_t* pixel = x + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
+      int32_t* row = panel + i * stride;
+      for (int64_t j = 0; j < runs_per_row; ++j) {
+        // run j covers tap (r, s) = (j, 0) for whole tap rows, else (j / S, j % S)
+        const int64_t r = run == groups ? j / a.s : j, s = run == groups ? j % a.s : 0;
+        std::memcpy(row + j * run, pixel + (r * a.dil_h * wp + s * a.dil_w) * groups,
+                    static_cast<size_t>(run) * sizeof(int32_t));
+      }
+      if (++col == a.ow) {
+        col = 0;
+        if (++y == a.oh) y = 0, ++n;
+      }
+    }
+  }
+  const int64_t rows = (count + kSubRows - 1) / kSubRows * kSubRows;
+  std::fill(panel + count * stride, panel + rows * stride, 0);
+}
+
+bool os_allows_amx() {
+  // Linux hands out the tile state only to processes that ask (ARCH_REQ_XCOMP_PERM for
+  // XFEATURE_XTILEDATA); without it the first tile instruction faults.
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+// Where a tile's A rows come from. A stride-1 conv whose pixels fill whole steps (C % 64 == 0) reads
+// them in place: over the padded input's pixels in order, output pixel (oh, ow) is padded pixel
+// oh * wp + ow of its image and every tap a fixed offset from it, so 16 rows are 16 consecutive
+// pixels; the wp - ow extra columns per output row are computed and dropped (2 of 58 at 56x56,
+// 2 of 9 at 7x7 for 3x3 convs), against an im2col copy of every tap. Other convs gather panels.
+struct RowSource {
+  bool in_place;
+  int64_t stride;                     // words between A rows
+  std::vector<int64_t> step_offsets;  // per step, the words from a row's start to its A columns
+  int64_t rows_per_image;             // in place: the padded pixels of an image's output rows
+};
+
+RowSource row_source(const Int8ConvArgs& a, int64_t wp, int64_t groups) {
+  RowSource source;
+  source.in_place = a.stride_h == 1 && a.stride_w == 1 && groups % kAmxStepWords == 0 &&
+                    !(a.r == 1 && a.s == 1 && a.pad_h == 0 && a.pad_w == 0);  // pointwise: converted panels
+  if (source.in_place) {
+    source.stride = groups;
+    source.rows_per_image = a.oh * wp;
+    for (int64_t r = 0; r < a.r; ++r) {
+      for (int64_t s = 0; s < a.s; ++s) {
+        for (int64_t g = 0; g < groups; g += kAmxStepWords) {
+          source.step_offsets.push_back((r * a.dil_h * wp + s * a.dil_w) * groups + g);
+        }
+      }
+    }
+  } else {
+    source.stride = a.r * a.s * groups;
+    source.rows_per_image = 0;
+    for (int64_t g = 0; g < block_rows(Layout::kAmxQuads, source.stride); g += kAmxStepWords) {
+      source.step_offsets.push_back(g);
+    }
+  }
+  return source;
+}
+
+// Runs the epilogue on a tile of in-place rows: padded pixels q0 .. q0 + 31 of image n, keeping the
+// output pixels among them (q < rows_per_image, column < OW), in runs of one output row.
+void in_place_epilogue(const Int8ConvArgs& a, EpilogueFn epilogue, int64_t wp, int64_t rows_per_image, int64_t n,
+                       int64_t q0, const int32_t (*acc)[kTileN], int64_t k0) {
+  int64_t ms[kSubRows];
+  const int64_t end = std::min(q0 + kSubRows, rows_per_image);
+  for (int64_t q = q0; q < end;) {
+    const int64_t y = q / wp, col = q % wp;
+    const int64_t run = std::min(a.ow - col, end - q);
+    if (run > 0) {
+      for (int64_t i = 0; i < run; ++i) ms[i] = (n * a.oh + y) * a.ow + col + i;
+      epilogue(a, acc + (q - q0), ms, static_cast<int>(run), k0);
+    }
+    q += wp - col;
+  }
+}
+
+}  // namespace
+
+bool amx_supported() {
+  static const bool supported = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;  // CPUID.(7, 0):EDX AMX-TILE, AMX-INT8
+    return tile && int8 && int8_isa_supported(Int8Isa::kAvx512Vnni) && os_allows_amx();
+  }();
+  return supported;
+}
+
+void int8_conv2d_amx(const Int8ConvArgs& a) {
+  if (a.conv_groups != 1) throw std::invalid_argument("tlcore int8 conv: the AMX kernel runs ungrouped convs");
+  const int64_t hp = a.h + 2 * a.pad_h, wp = a.w + 2 * a.pad_w;
+  const int64_t groups = (a.c + 3) / 4;  // words per pixel
+  const RowSource source = row_source(a, wp, groups);
+  const int64_t block_words = block_rows(Layout::kAmxQuads, a.r * a.s * groups) * kTileN;
+  const int64_t blocks = (a.k + kTileN - 1) / kTileN;
+  std::vector<int32_t> packed_here;
+  const int32_t* packed = a.packed_weight;
+  if (packed == nullptr) {
+    packed_here.resize(static_cast<size_t>(direct_packed_words(a.k, a.c, a.r, a.s, Layout::kAmxQuads)));
+    pack_direct_weight(a.weight, a.k, a.c, a.r, a.s, Layout::kAmxQuads, packed_here.data());
+    packed = packed_here.data();
+  } else if (!header_matches(packed, Layout::kAmxQuads, a.k, a.c, a.r, a.s)) {
+    throw std::invalid_argument("tlcore int8 conv: packed_weight was packed for another weight, instruction set "
+                                "or algorithm");
+  }
+  const int32_t* weight = packed + kHeaderWords;
+  const int32_t* correction = weight + blocks * block_words;
+  const bool pointwise = a.r == 1 && a.s == 1 && a.pad_h == 0 && a.pad_w == 0;
+  std::unique_ptr<int32_t[]> x;
+  if (!pointwise) {
+    // In place, an image's last tile runs up to 31 pixels past its output rows, and its taps reach
+    // S - 1 columns further: past the last image, into zeros.
+    const int64_t tail = source.in_place ? (kSubRows + a.dil_w * (a.s - 1)) * groups : 0;
+    x = pad_input(a, Layout::kQuads, hp, wp, groups, false, tail);
+  }
+  const EpilogueFn epilogue = epilogue_fn(Int8Isa::kAmx, a);
+  // Task = (chunk of kPanelRows rows, pair of blocks), chunks outer. In place a chunk lies in one
+  // image (rows: its padded pixels); otherwise chunks run over all output pixels.
+  const int64_t m_total = a.n * a.oh * a.ow;
+  const int64_t image_chunks = source.in_place ? (source.rows_per_image + kPanelRows - 1) / kPanelRows : 0;
+  const int64_t chunks = source.in_place ? a.n * image_chunks : (m_total + kPanelRows - 1) / kPanelRows;
+  const int64_t units = (blocks + 1) / 2;
+  at::parallel_for(0, chunks * units, 1, [&](int64_t begin, int64_t end) {
+    const TileScope tiles;
+    // + one step: a panel's last row reads up to a step past its end (onto zero weights).
+    std::vector<int32_t> panel(source.in_place ? 0 : static_cast<size_t>(kPanelRows * source.stride + kAmxStepWords));
+    alignas(64) int32_t start[2][kTileN];
+    alignas(64) int32_t acc[2][kSubRows][kTileN];
+    int64_t ms[kSubRows];
+    int64_t current = -1, count = 0;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task / units, block = 2 * (task % units);
+      const int32_t* rows = nullptr;  // the chunk's first A row
+      int64_t n = 0, q_first = 0;
+      if (source.in_place) {
+        n = chunk / image_chunks;
+        q_first = chunk % image_chunks * kPanelRows;
+        count = std::min(kPanelRows, source.rows_per_image - q_first);
+        rows = x.get() + (n * hp * wp + q_first) * groups;
+      } else {
+        if (chunk != current) {
+          count = std::min(kPanelRows, m_total - chunk * kPanelRows);
+          build_panel(a, x.get(), hp, wp, groups, chunk * kPanelRows, count, panel.data());
+          current = chunk;
+        }
+        rows = panel.data();
+      }
+      const int n_blocks = block + 1 < blocks ? 2 : 1;
+      for (int j = 0; j < n_blocks; ++j) {
+        for (int c = 0; c < kTileN; ++c) start[j][c] = -correction[(block + j) * kTileN + c];
+      }
+      const int32_t* w = weight + block * block_words;
+      for (int64_t sub = 0; sub * kSubRows < count; ++sub) {
+        const int32_t* tile_rows = rows + sub * kSubRows * source.stride;
+        if (n_blocks == 2) {
+          amx_tile<2>(tile_rows, source.stride, source.step_offsets, w, block_words, start, acc);
+        } else {
+          amx_tile<1>(tile_rows, source.stride, source.step_offsets, w, block_words, start, acc);
+        }
+        for (int j = 0; j < n_blocks; ++j) {
+          const int64_t k0 = (block + j) * kTileN;
+          if (source.in_place) {
+            in_place_epilogue(a, epilogue, wp, source.rows_per_image, n, q_first + sub * kSubRows, acc[j], k0);
+            continue;
+          }
+          const int64_t m0 = chunk * kPanelRows + sub * kSubRows;
+          const int valid = static_cast<int>(std::min<int64_t>(kSubRows, m_total - m0));
+          for (int i = 0; i < valid; ++i) ms[i] = m0 + i;
+          epilogue(a, acc[j], ms, valid, k0);
+        }
+      }
+    }
+  });
+}
+
+#else  // no AMX intrinsics, or not Linux on x86-64
+
+bool amx_supported() { return false; }
+
+void int8_conv2d_amx(const Int8ConvArgs&) {
+  throw std::invalid_argument("tlcore int8 conv: this build has no AMX kernel");
+}
+
+#endif  // TLCORE_AMX
+
+}  // namespace int8_cpu
+}  // namespace tlcore
