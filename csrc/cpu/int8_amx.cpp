@@ -10,8 +10,9 @@
 // (Layout::kAmxQuads) only pads each block's rows to whole steps of 16 with zero weights, so the
 // last step of a block reads no other block's weights.
 //
-// A tile's rows must lie at one stride in memory, unlike the row pointers of the vector kernels:
-// each task gathers the im2col rows of its chunk of output pixels into a panel, row i holding the
+// A tile's rows must lie at one stride in memory, unlike the row pointers of the vector kernels
+// (RowSource): stride-1 convs over whole 64-channel steps read them in place from the padded input;
+// the others gather the im2col rows of each chunk of output pixels into a panel, row i holding the
 // words of every tap of pixel i (a pointwise conv's panel is its converted pixels). Tasks are
 // (chunk, pair of weight blocks), chunks outer, so a thread builds each panel once for all blocks.
 // Register tiles: 32 rows x 32 channels, i.e. four accumulator tiles, two A (rows 0-15, 16-31) and
@@ -109,8 +110,8 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_tile(const int32_t* rows, 
 // are zeroed: computed, never stored. A tap row's taps are adjacent pixels (dilation_w 1): one copy.
 void build_panel(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t wp, int64_t groups,
                  int64_t first, int64_t count, int32_t* panel) {
-  const int64_t stride = a.r * a.s * groups, run = a.dil_w == 1 ? a.s * groups : groups;
-  const int64_t runs_per_row = a.r * a.s * groups / run;
+  const int64_t stride = a.r * a.s * groups;
+  const int64_t taps_a_copy = a.dil_w == 1 ? a.s : 1, run = taps_a_copy * groups;
   if (x == nullptr) {
     convert_pointwise_rows(a, Layout::kQuads, groups, first, count, panel);
   } else {
@@ -118,10 +119,9 @@ void build_panel(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t wp
     for (int64_t i = 0; i < count; ++i) {
       const int32_t* pixel = x + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
       int32_t* row = panel + i * stride;
-      for (int64_t j = 0; j < runs_per_row; ++j) {
-        // run j covers tap (r, s) = (j, 0) for whole tap rows, else (j / S, j % S)
-        const int64_t r = run == groups ? j / a.s : j, s = run == groups ? j % a.s : 0;
-        std::memcpy(row + j * run, pixel + (r * a.dil_h * wp + s * a.dil_w) * groups,
+      for (int64_t tap = 0; tap < a.r * a.s; tap += taps_a_copy) {
+        const int64_t r = tap / a.s, s = tap % a.s;
+        std::memcpy(row + tap * groups, pixel + (r * a.dil_h * wp + s * a.dil_w) * groups,
                     static_cast<size_t>(run) * sizeof(int32_t));
       }
       if (++col == a.ow) {
@@ -153,10 +153,10 @@ struct RowSource {
   int64_t rows_per_image;             // in place: the padded pixels of an image's output rows
 };
 
-RowSource row_source(const Int8ConvArgs& a, int64_t wp, int64_t groups) {
+RowSource row_source(const Int8ConvArgs& a, int64_t wp, int64_t groups, bool pointwise) {
   RowSource source;
   source.in_place = a.stride_h == 1 && a.stride_w == 1 && groups % kAmxStepWords == 0 &&
-                    !(a.r == 1 && a.s == 1 && a.pad_h == 0 && a.pad_w == 0);  // pointwise: converted panels
+                    !pointwise;  // pointwise: converted panels, no padded copy
   if (source.in_place) {
     source.stride = groups;
     source.rows_per_image = a.oh * wp;
@@ -210,7 +210,8 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
   if (a.conv_groups != 1) throw std::invalid_argument("tlcore int8 conv: the AMX kernel runs ungrouped convs");
   const int64_t hp = a.h + 2 * a.pad_h, wp = a.w + 2 * a.pad_w;
   const int64_t groups = (a.c + 3) / 4;  // words per pixel
-  const RowSource source = row_source(a, wp, groups);
+  const bool pointwise = a.r == 1 && a.s == 1 && a.pad_h == 0 && a.pad_w == 0;
+  const RowSource source = row_source(a, wp, groups, pointwise);
   const int64_t block_words = block_rows(Layout::kAmxQuads, a.r * a.s * groups) * kTileN;
   const int64_t blocks = (a.k + kTileN - 1) / kTileN;
   std::vector<int32_t> packed_here;
@@ -225,7 +226,6 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
   }
   const int32_t* weight = packed + kHeaderWords;
   const int32_t* correction = weight + blocks * block_words;
-  const bool pointwise = a.r == 1 && a.s == 1 && a.pad_h == 0 && a.pad_w == 0;
   std::unique_ptr<int32_t[]> x;
   if (!pointwise) {
     // In place, an image's last tile runs up to 31 pixels past its output rows, and its taps reach
