@@ -555,6 +555,8 @@ AMX_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (2, 64, 7, 7, 32, 1, 1, 1, 0, 1),      # panel: pointwise, converted in one run (C % 4 == 0)
     (1, 100, 9, 7, 17, 1, 1, 2, 0, 1),     # panel: strided pointwise, 25 words a row (a partial step)
     (1, 96, 5, 6, 24, 3, 3, 1, 1, 1),      # panel: stride 1 but 24 words a pixel (not whole steps)
+    (2, 3, 15, 13, 24, 7, 7, 2, 3, 1),     # panel: the stem, one word a pixel, 7-word tap rows
+    (1, 20, 9, 9, 16, 3, 3, 2, 2, 2),      # panel: dilated, each tap a 5-word run
 ]
 
 

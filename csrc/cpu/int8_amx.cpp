@@ -104,25 +104,40 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_tile(const int32_t* rows, 
   asm volatile("" ::: "memory");
 }
 
+// dst[0 .. words) = src[0 .. words), in whole 16-word vectors: it reads and writes up to 15 words
+// past the run (callers leave that slack; a later run overwrites what it wrote there). Masked moves
+// cost 2x as much on the stem (their loads split cache lines), memcpy calls more still.
+constexpr int64_t kMoveSlackWords = 16;
+
+__attribute__((target("avx512f"))) inline void move_words(int32_t* dst, const int32_t* src, int64_t words) {
+  for (int64_t i = 0; i < words; i += 16) _mm512_storeu_si512(dst + i, _mm512_loadu_si512(src + i));
+}
+
 // The im2col rows of output pixels first .. first + count - 1 into panel ((count, taps * groups)
 // words) from the padded input x (hp rows of wp pixels of `groups` words), or, with x null (a
 // pointwise conv), converted from a.x directly. Rows past count, to the next whole register tile,
-// are zeroed: computed, never stored. A tap row's taps are adjacent pixels (dilation_w 1): one copy.
-void build_panel(const Int8ConvArgs& a, const int32_t* x, int64_t hp, int64_t wp, int64_t groups,
-                 int64_t first, int64_t count, int32_t* panel) {
+// are zeroed: computed, never stored. A tap row's taps are adjacent pixels (dilation_w 1): one run.
+// Run offsets are computed once: the stem's runs are 7 words, and a memcpy call per run (or an
+// index division per tap) took longer than its tile products.
+__attribute__((target("avx512f"))) void build_panel(const Int8ConvArgs& a, const int32_t* x, int64_t hp,
+                                                     int64_t wp, int64_t groups, int64_t first, int64_t count,
+                                                     int32_t* panel) {
   const int64_t stride = a.r * a.s * groups;
-  const int64_t taps_a_copy = a.dil_w == 1 ? a.s : 1, run = taps_a_copy * groups;
   if (x == nullptr) {
     convert_pointwise_rows(a, Layout::kQuads, groups, first, count, panel);
   } else {
+    const int64_t taps_a_run = a.dil_w == 1 ? a.s : 1, run = taps_a_run * groups;
+    std::vector<int64_t> sources;  // per run, its words' offset from the pixel's tap (0, 0)
+    for (int64_t tap = 0; tap < a.r * a.s; tap += taps_a_run) {
+      sources.push_back(((tap / a.s) * a.dil_h * wp + (tap % a.s) * a.dil_w) * groups);
+    }
     int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
     for (int64_t i = 0; i < count; ++i) {
       const int32_t* pixel = x + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
       int32_t* row = panel + i * stride;
-      for (int64_t tap = 0; tap < a.r * a.s; tap += taps_a_copy) {
-        const int64_t r = tap / a.s, s = tap % a.s;
-        std::memcpy(row + tap * groups, pixel + (r * a.dil_h * wp + s * a.dil_w) * groups,
-                    static_cast<size_t>(run) * sizeof(int32_t));
+      for (const int64_t source : sources) {  // in order: each run overwrites its predecessor's excess
+        move_words(row, pixel + source, run);
+        row += run;
       }
       if (++col == a.ow) {
         col = 0;
@@ -229,8 +244,8 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
   std::unique_ptr<int32_t[]> x;
   if (!pointwise) {
     // In place, an image's last tile runs up to 31 pixels past its output rows, and its taps reach
-    // S - 1 columns further: past the last image, into zeros.
-    const int64_t tail = source.in_place ? (kSubRows + a.dil_w * (a.s - 1)) * groups : 0;
+    // S - 1 columns further: past the last image, into zeros. Panels: the moves' slack.
+    const int64_t tail = source.in_place ? (kSubRows + a.dil_w * (a.s - 1)) * groups : kMoveSlackWords;
     x = pad_input(a, Layout::kQuads, hp, wp, groups, false, tail);
   }
   const EpilogueFn epilogue = epilogue_fn(Int8Isa::kAmx, a);
@@ -242,7 +257,9 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
   const int64_t units = (blocks + 1) / 2;
   at::parallel_for(0, chunks * units, 1, [&](int64_t begin, int64_t end) {
     const TileScope tiles;
-    // + one step: a panel's last row reads up to a step past its end (onto zero weights).
+    // + one step: a panel's last row reads up to a step past its end (onto zero weights), and its
+    // last run's move writes up to kMoveSlackWords - 1 words past it.
+    static_assert(kMoveSlackWords <= kAmxStepWords);
     std::vector<int32_t> panel(source.in_place ? 0 : static_cast<size_t>(kPanelRows * source.stride + kAmxStepWords));
     alignas(64) int32_t start[2][kTileN];
     alignas(64) int32_t acc[2][kSubRows][kTileN];
