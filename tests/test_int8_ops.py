@@ -552,7 +552,8 @@ AMX_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (3, 64, 4, 5, 20, 3, 3, 1, 2, 2),      # in place, dilated: taps two pixels apart, images of 2 rows
     (1, 64, 3, 4, 16, 5, 5, 1, 2, 1),      # in place: the window wider than the image
     (2, 64, 9, 9, 40, 3, 3, 2, 1, 1),      # panel: stride 2
-    (2, 64, 7, 7, 32, 1, 1, 1, 0, 1),      # panel: pointwise, converted in one run (C % 4 == 0)
+    (2, 64, 7, 7, 32, 1, 1, 1, 0, 1),      # pointwise, signed codes in place; the last 34 rows copied
+    (1, 36, 5, 5, 16, 1, 1, 1, 0, 1),      # panel: pointwise, 9 words a pixel, converted in one run
     (1, 100, 9, 7, 17, 1, 1, 2, 0, 1),     # panel: strided pointwise, 25 words a row (a partial step)
     (1, 96, 5, 6, 24, 3, 3, 1, 1, 1),      # panel: stride 1 but 24 words a pixel (not whole steps)
     (2, 3, 15, 13, 24, 7, 7, 2, 3, 1),     # panel: the stem, one word a pixel, 7-word tap rows

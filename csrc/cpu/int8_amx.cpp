@@ -64,9 +64,10 @@ struct TileScope {
 
 // acc[j][i][c] = start[j][c] + sum over steps of A rows i . block j's weights, for the tile's 32 rows
 // (each step's A: 16 words per row at rows + step_offsets[step], rows `stride` words apart) and B
-// blocks (block_words apart). start: -correction. The tile instructions are inline asm that declares
-// no memory, hence the compiler barriers.
-template <int B>
+// blocks (block_words apart): TDPBUSD on u = x + 128 (start: -correction), or with kSigned TDPBSSD on
+// the codes x themselves (start: 0). The tile instructions are inline asm that declares no memory,
+// hence the compiler barriers.
+template <int B, bool kSigned>
 __attribute__((target("amx-tile,amx-int8"))) void amx_tile(const int32_t* rows, int64_t stride,
                                                             const std::vector<int64_t>& step_offsets,
                                                             const int32_t* weight, int64_t block_words,
@@ -87,12 +88,22 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_tile(const int32_t* rows, 
     _tile_loadd(4, rows + offset, a_stride);
     _tile_loadd(5, high + offset, a_stride);
     _tile_loadd(6, weight + b, b_stride);
-    _tile_dpbusd(0, 4, 6);
-    _tile_dpbusd(1, 5, 6);
+    if constexpr (kSigned) {
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 5, 6);
+    } else {
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 5, 6);
+    }
     if constexpr (B == 2) {
       _tile_loadd(7, weight + block_words + b, b_stride);
-      _tile_dpbusd(2, 4, 7);
-      _tile_dpbusd(3, 5, 7);
+      if constexpr (kSigned) {
+        _tile_dpbssd(2, 4, 7);
+        _tile_dpbssd(3, 5, 7);
+      } else {
+        _tile_dpbusd(2, 4, 7);
+        _tile_dpbusd(3, 5, 7);
+      }
     }
   }
   _tile_stored(0, acc[0][0], b_stride);
@@ -156,23 +167,31 @@ bool os_allows_amx() {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-// Where a tile's A rows come from. A stride-1 conv whose pixels fill whole steps (C % 64 == 0) reads
-// them in place: over the padded input's pixels in order, output pixel (oh, ow) is padded pixel
-// oh * wp + ow of its image and every tap a fixed offset from it, so 16 rows are 16 consecutive
-// pixels; the wp - ow extra columns per output row are computed and dropped (2 of 58 at 56x56,
-// 2 of 9 at 7x7 for 3x3 convs), against an im2col copy of every tap. Other convs gather panels.
+// Where a tile's A rows come from. Convs whose pixels fill whole steps (C % 64 == 0) read them in
+// place when the stride is 1:
+//   kInput (pointwise): output pixel m is input pixel m, so a.x is the A matrix as it is, its signed
+//     codes multiplied by TDPBSSD (no conversion to u, no correction); a last chunk short of a
+//     whole tile is copied to a panel first, so no tile load reads past a.x.
+//   kPadded: over the padded input's pixels in order, output pixel (oh, ow) is padded pixel
+//     oh * wp + ow of its image and every tap a fixed offset from it, so 16 rows are 16 consecutive
+//     pixels; the wp - ow extra columns per output row are computed and dropped (2 of 58 at 56x56,
+//     2 of 9 at 7x7 for 3x3 convs), against an im2col copy of every tap.
+// Other convs gather panels (kPanel).
+enum class Rows { kInput, kPadded, kPanel };
+
 struct RowSource {
-  bool in_place;
+  Rows rows;
   int64_t stride;                     // words between A rows
   std::vector<int64_t> step_offsets;  // per step, the words from a row's start to its A columns
-  int64_t rows_per_image;             // in place: the padded pixels of an image's output rows
+  int64_t rows_per_image;             // kPadded: the padded pixels of an image's output rows
 };
 
 RowSource row_source(const Int8ConvArgs& a, int64_t wp, int64_t groups, bool pointwise) {
   RowSource source;
-  source.in_place = a.stride_h == 1 && a.stride_w == 1 && groups % kAmxStepWords == 0 &&
-                    !pointwise;  // pointwise: converted panels, no padded copy
-  if (source.in_place) {
+  const bool whole_steps = a.stride_h == 1 && a.stride_w == 1 && groups % kAmxStepWords == 0;
+  source.rows = !whole_steps ? Rows::kPanel : pointwise ? Rows::kInput : Rows::kPadded;
+  source.rows_per_image = 0;
+  if (source.rows == Rows::kPadded) {
     source.stride = groups;
     source.rows_per_image = a.oh * wp;
     for (int64_t r = 0; r < a.r; ++r) {
@@ -184,7 +203,6 @@ RowSource row_source(const Int8ConvArgs& a, int64_t wp, int64_t groups, bool poi
     }
   } else {
     source.stride = a.r * a.s * groups;
-    source.rows_per_image = 0;
     for (int64_t g = 0; g < block_rows(Layout::kAmxQuads, source.stride); g += kAmxStepWords) {
       source.step_offsets.push_back(g);
     }
@@ -241,26 +259,27 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
   }
   const int32_t* weight = packed + kHeaderWords;
   const int32_t* correction = weight + blocks * block_words;
+  const bool padded = source.rows == Rows::kPadded, signed_rows = source.rows == Rows::kInput;
   std::unique_ptr<int32_t[]> x;
   if (!pointwise) {
-    // In place, an image's last tile runs up to 31 pixels past its output rows, and its taps reach
+    // kPadded: an image's last tile runs up to 31 pixels past its output rows, and its taps reach
     // S - 1 columns further: past the last image, into zeros. Panels: the moves' slack.
-    const int64_t tail = source.in_place ? (kSubRows + a.dil_w * (a.s - 1)) * groups : kMoveSlackWords;
+    const int64_t tail = padded ? (kSubRows + a.dil_w * (a.s - 1)) * groups : kMoveSlackWords;
     x = pad_input(a, Layout::kQuads, hp, wp, groups, false, tail);
   }
   const EpilogueFn epilogue = epilogue_fn(Int8Isa::kAmx, a);
-  // Task = (chunk of kPanelRows rows, pair of blocks), chunks outer. In place a chunk lies in one
+  // Task = (chunk of kPanelRows rows, pair of blocks), chunks outer. kPadded: a chunk lies in one
   // image (rows: its padded pixels); otherwise chunks run over all output pixels.
   const int64_t m_total = a.n * a.oh * a.ow;
-  const int64_t image_chunks = source.in_place ? (source.rows_per_image + kPanelRows - 1) / kPanelRows : 0;
-  const int64_t chunks = source.in_place ? a.n * image_chunks : (m_total + kPanelRows - 1) / kPanelRows;
+  const int64_t image_chunks = padded ? (source.rows_per_image + kPanelRows - 1) / kPanelRows : 0;
+  const int64_t chunks = padded ? a.n * image_chunks : (m_total + kPanelRows - 1) / kPanelRows;
   const int64_t units = (blocks + 1) / 2;
   at::parallel_for(0, chunks * units, 1, [&](int64_t begin, int64_t end) {
     const TileScope tiles;
     // + one step: a panel's last row reads up to a step past its end (onto zero weights), and its
     // last run's move writes up to kMoveSlackWords - 1 words past it.
     static_assert(kMoveSlackWords <= kAmxStepWords);
-    std::vector<int32_t> panel(source.in_place ? 0 : static_cast<size_t>(kPanelRows * source.stride + kAmxStepWords));
+    std::vector<int32_t> panel(padded ? 0 : static_cast<size_t>(kPanelRows * source.stride + kAmxStepWords));
     alignas(64) int32_t start[2][kTileN];
     alignas(64) int32_t acc[2][kSubRows][kTileN];
     int64_t ms[kSubRows];
@@ -269,34 +288,41 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
       const int64_t chunk = task / units, block = 2 * (task % units);
       const int32_t* rows = nullptr;  // the chunk's first A row
       int64_t n = 0, q_first = 0;
-      if (source.in_place) {
+      if (padded) {
         n = chunk / image_chunks;
         q_first = chunk % image_chunks * kPanelRows;
         count = std::min(kPanelRows, source.rows_per_image - q_first);
         rows = x.get() + (n * hp * wp + q_first) * groups;
+      } else if (signed_rows && m_total - chunk * kPanelRows >= kPanelRows) {
+        count = kPanelRows;
+        rows = reinterpret_cast<const int32_t*>(a.x) + chunk * kPanelRows * groups;
       } else {
         if (chunk != current) {
           count = std::min(kPanelRows, m_total - chunk * kPanelRows);
-          build_panel(a, x.get(), hp, wp, groups, chunk * kPanelRows, count, panel.data());
+          if (signed_rows) {  // the last chunk, short of whole tiles: its codes, then zero rows
+            const int64_t words = count * groups;
+            std::memcpy(panel.data(), a.x + chunk * kPanelRows * a.c, static_cast<size_t>(words) * sizeof(int32_t));
+            std::fill(panel.data() + words, panel.data() + (count + kSubRows - 1) / kSubRows * kSubRows * groups, 0);
+          } else {
+            build_panel(a, x.get(), hp, wp, groups, chunk * kPanelRows, count, panel.data());
+          }
           current = chunk;
         }
         rows = panel.data();
       }
       const int n_blocks = block + 1 < blocks ? 2 : 1;
       for (int j = 0; j < n_blocks; ++j) {
-        for (int c = 0; c < kTileN; ++c) start[j][c] = -correction[(block + j) * kTileN + c];
+        for (int c = 0; c < kTileN; ++c) start[j][c] = signed_rows ? 0 : -correction[(block + j) * kTileN + c];
       }
       const int32_t* w = weight + block * block_words;
       for (int64_t sub = 0; sub * kSubRows < count; ++sub) {
         const int32_t* tile_rows = rows + sub * kSubRows * source.stride;
-        if (n_blocks == 2) {
-          amx_tile<2>(tile_rows, source.stride, source.step_offsets, w, block_words, start, acc);
-        } else {
-          amx_tile<1>(tile_rows, source.stride, source.step_offsets, w, block_words, start, acc);
-        }
+        const auto run_tile = n_blocks == 2 ? (signed_rows ? amx_tile<2, true> : amx_tile<2, false>)
+                                            : (signed_rows ? amx_tile<1, true> : amx_tile<1, false>);
+        run_tile(tile_rows, source.stride, source.step_offsets, w, block_words, start, acc);
         for (int j = 0; j < n_blocks; ++j) {
           const int64_t k0 = (block + j) * kTileN;
-          if (source.in_place) {
+          if (padded) {
             in_place_epilogue(a, epilogue, wp, source.rows_per_image, n, q_first + sub * kSubRows, acc[j], k0);
             continue;
           }
