@@ -8,12 +8,14 @@
 // starting at -128 * sum(w) (the block's correction), and a weight block's [tap][group][16 channels]
 // words are B tiles already, 16 consecutive (tap, group) rows of 64 bytes. The AMX layout
 // (Layout::kAmxQuads) only pads each block's rows to whole steps of 16 with zero weights, so the
-// last step of a block reads no other block's weights.
+// last step of a block reads no other block's weights. Its sibling TDPBSSD multiplies signed bytes:
+// on the codes x themselves the same weights need no correction.
 //
 // A tile's rows must lie at one stride in memory, unlike the row pointers of the vector kernels
-// (RowSource): stride-1 convs over whole 64-channel steps read them in place from the padded input;
-// the others gather the im2col rows of each chunk of output pixels into a panel, row i holding the
-// words of every tap of pixel i (a pointwise conv's panel is its converted pixels). Tasks are
+// (RowSource): stride-1 convs over whole 64-channel steps read them in place, pointwise ones from x
+// itself (TDPBSSD), the others from the padded input; the remaining convs gather the im2col rows of
+// each chunk of output pixels into a panel, row i holding the words of every tap of pixel i (a
+// pointwise conv's panel is its converted pixels). Tasks are
 // (chunk, pair of weight blocks), chunks outer, so a thread builds each panel once for all blocks.
 // Register tiles: 32 rows x 32 channels, i.e. four accumulator tiles, two A (rows 0-15, 16-31) and
 // two B (two blocks of 16 channels) -- the eight tiles the unit has, each 16 rows of 64 bytes.
