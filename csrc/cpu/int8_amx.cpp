@@ -218,14 +218,16 @@ void in_place_epilogue(const Int8ConvArgs& a, EpilogueFn epilogue, int64_t wp, i
                        int64_t q0, const int32_t (*acc)[kTileN], int64_t k0) {
   int64_t ms[kSubRows];
   const int64_t end = std::min(q0 + kSubRows, rows_per_image);
-  for (int64_t q = q0; q < end;) {
-    const int64_t y = q / wp, col = q % wp;
+  // One division a tile, and each run's first output pixel in a local: stores to ms may alias the
+  // args' int64 fields, which kept the compiler reloading them per pixel.
+  int64_t y = q0 / wp, col = q0 % wp;
+  for (int64_t q = q0; q < end; q += wp - col, col = 0, ++y) {
     const int64_t run = std::min(a.ow - col, end - q);
     if (run > 0) {
-      for (int64_t i = 0; i < run; ++i) ms[i] = (n * a.oh + y) * a.ow + col + i;
+      const int64_t m = (n * a.oh + y) * a.ow + col;
+      for (int64_t i = 0; i < run; ++i) ms[i] = m + i;
       epilogue(a, acc + (q - q0), ms, static_cast<int>(run), k0);
     }
-    q += wp - col;
   }
 }
 
