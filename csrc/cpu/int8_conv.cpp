@@ -405,14 +405,27 @@ __attribute__((always_inline)) inline bool pad_rows(const Int8ConvArgs& a, Layou
     fill(dst, a.pad_w);
     dst += a.pad_w * groups;
     const int8_t* src = a.x + (n * a.h + y) * a.w * a.c;
-    for (int64_t x = 0; x < word_pixels; ++x) {
-      uint32_t word;
-      std::memcpy(&word, src + x * a.c, sizeof(word));
-      word = (word ^ 0x80808080u) & mask;
-      high_words |= word;
-      dst[x] = static_cast<int32_t>(word);
+    if (is_quads(layout) && a.c == 4 * groups) {
+      // Whole words: the image row is one run of bytes, each + 128, vectorized as in convert_rows
+      // (locals and __restrict: a byte store may alias anything, `a` included).
+      const int8_t* __restrict codes = src;
+      uint8_t* __restrict bytes = reinterpret_cast<uint8_t*>(dst);
+      const int64_t total = a.w * a.c;
+      for (int64_t i = 0; i < total; ++i) {
+        const uint8_t u = static_cast<uint8_t>(codes[i]) ^ 0x80;
+        bytes[i] = u;
+        high |= u;
+      }
+    } else {
+      for (int64_t x = 0; x < word_pixels; ++x) {
+        uint32_t word;
+        std::memcpy(&word, src + x * a.c, sizeof(word));
+        word = (word ^ 0x80808080u) & mask;
+        high_words |= word;
+        dst[x] = static_cast<int32_t>(word);
+      }
+      for (int64_t x = word_pixels; x < a.w; ++x) high |= convert_pixel(src + x * a.c, a.c, layout, groups, dst + x * groups);
     }
-    for (int64_t x = word_pixels; x < a.w; ++x) high |= convert_pixel(src + x * a.c, a.c, layout, groups, dst + x * groups);
     fill(dst + a.w * groups, wp - a.pad_w - a.w);
   }
   return ((high | high_words | high_words >> 8 | high_words >> 16 | high_words >> 24) & 0x80) != 0;
