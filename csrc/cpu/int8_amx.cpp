@@ -64,6 +64,17 @@ struct TileScope {
   __attribute__((target("amx-tile"))) ~TileScope() { _tile_release(); }
 };
 
+// Tile c += a . b: TDPBSSD (signed A) or TDPBUSD (unsigned A). A macro, as GCC's tile intrinsics
+// are: they paste their tile numbers into the asm text.
+#define TLCORE_TILE_DOT(kSigned, c, a, b) \
+  do {                                    \
+    if constexpr (kSigned) {              \
+      _tile_dpbssd(c, a, b);              \
+    } else {                              \
+      _tile_dpbusd(c, a, b);              \
+    }                                     \
+  } while (0)
+
 // acc[j][i][c] = start[j][c] + sum over steps of A rows i . block j's weights, for the tile's 32 rows
 // (each step's A: 16 words per row at rows + step_offsets[step], rows `stride` words apart) and B
 // blocks (block_words apart): TDPBUSD on u = x + 128 (start: -correction), or with kSigned TDPBSSD on
@@ -90,22 +101,12 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_tile(const int32_t* rows, 
     _tile_loadd(4, rows + offset, a_stride);
     _tile_loadd(5, high + offset, a_stride);
     _tile_loadd(6, weight + b, b_stride);
-    if constexpr (kSigned) {
-      _tile_dpbssd(0, 4, 6);
-      _tile_dpbssd(1, 5, 6);
-    } else {
-      _tile_dpbusd(0, 4, 6);
-      _tile_dpbusd(1, 5, 6);
-    }
+    TLCORE_TILE_DOT(kSigned, 0, 4, 6);
+    TLCORE_TILE_DOT(kSigned, 1, 5, 6);
     if constexpr (B == 2) {
       _tile_loadd(7, weight + block_words + b, b_stride);
-      if constexpr (kSigned) {
-        _tile_dpbssd(2, 4, 7);
-        _tile_dpbssd(3, 5, 7);
-      } else {
-        _tile_dpbusd(2, 4, 7);
-        _tile_dpbusd(3, 5, 7);
-      }
+      TLCORE_TILE_DOT(kSigned, 2, 4, 7);
+      TLCORE_TILE_DOT(kSigned, 3, 5, 7);
     }
   }
   _tile_stored(0, acc[0][0], b_stride);
@@ -116,6 +117,7 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_tile(const int32_t* rows, 
   }
   asm volatile("" ::: "memory");
 }
+#undef TLCORE_TILE_DOT
 
 // dst[0 .. words) = src[0 .. words), in whole 16-word vectors: it reads and writes up to 15 words
 // past the run (callers leave that slack; a later run overwrites what it wrote there). Masked moves
@@ -172,8 +174,8 @@ bool os_allows_amx() {
 // Where a tile's A rows come from. Convs whose pixels fill whole steps (C % 64 == 0) read them in
 // place when the stride is 1:
 //   kInput (pointwise): output pixel m is input pixel m, so a.x is the A matrix as it is, its signed
-//     codes multiplied by TDPBSSD (no conversion to u, no correction); a last chunk short of a
-//     whole tile is copied to a panel first, so no tile load reads past a.x.
+//     codes multiplied by TDPBSSD (no conversion to u, no correction); a last chunk short of
+//     kPanelRows rows is copied to a panel first, so no tile load reads past a.x.
 //   kPadded: over the padded input's pixels in order, output pixel (oh, ow) is padded pixel
 //     oh * wp + ow of its image and every tap a fixed offset from it, so 16 rows are 16 consecutive
 //     pixels; the wp - ow extra columns per output row are computed and dropped (2 of 58 at 56x56,
@@ -303,7 +305,7 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
       } else {
         if (chunk != current) {
           count = std::min(kPanelRows, m_total - chunk * kPanelRows);
-          if (signed_rows) {  // the last chunk, short of whole tiles: its codes, then zero rows
+          if (signed_rows) {  // the last chunk, short of kPanelRows: its codes, zero rows to a whole tile
             const int64_t words = count * groups;
             std::memcpy(panel.data(), a.x + chunk * kPanelRows * a.c, static_cast<size_t>(words) * sizeof(int32_t));
             std::fill(panel.data() + words, panel.data() + (count + kSubRows - 1) / kSubRows * kSubRows * groups, 0);
