@@ -128,31 +128,42 @@ __attribute__((target("avx512f"))) inline void move_words(int32_t* dst, const in
   for (int64_t i = 0; i < words; i += 16) _mm512_storeu_si512(dst + i, _mm512_loadu_si512(src + i));
 }
 
+// A panel row's runs: a tap row's taps are adjacent pixels (dilation_w 1), one run of S * groups
+// words; otherwise each tap is a run of `groups` words. `offsets`: per run, its first word's offset
+// from the pixel's tap (0, 0) in the padded input (hp rows of wp pixels of `groups` words).
+struct PanelRuns {
+  int64_t words;
+  std::vector<int64_t> offsets;
+};
+
+PanelRuns panel_runs(const Int8ConvArgs& a, int64_t wp, int64_t groups) {
+  const int64_t taps_a_run = a.dil_w == 1 ? a.s : 1;
+  PanelRuns runs{taps_a_run * groups, {}};
+  for (int64_t tap = 0; tap < a.r * a.s; tap += taps_a_run) {
+    runs.offsets.push_back(((tap / a.s) * a.dil_h * wp + (tap % a.s) * a.dil_w) * groups);
+  }
+  return runs;
+}
+
 // The im2col rows of output pixels first .. first + count - 1 into panel ((count, taps * groups)
-// words) from the padded input x (hp rows of wp pixels of `groups` words), or, with x null (a
-// pointwise conv), converted from a.x directly. Rows past count, to the next whole register tile,
-// are zeroed: computed, never stored. A tap row's taps are adjacent pixels (dilation_w 1): one run.
-// Run offsets are computed once: the stem's runs are 7 words, and a memcpy call per run (or an
-// index division per tap) took longer than its tile products.
+// words) from the padded input x by `runs`, or, with x null (a pointwise conv), converted from a.x
+// directly. Rows past count, to the next whole register tile, are zeroed: computed, never stored.
+// The runs' offsets come once per conv: the stem's runs are 7 words, and a memcpy call per run (or
+// an index division per tap) took longer than its tile products.
 __attribute__((target("avx512f"))) void build_panel(const Int8ConvArgs& a, const int32_t* x, int64_t hp,
-                                                     int64_t wp, int64_t groups, int64_t first, int64_t count,
-                                                     int32_t* panel) {
+                                                     int64_t wp, int64_t groups, const PanelRuns& runs,
+                                                     int64_t first, int64_t count, int32_t* panel) {
   const int64_t stride = a.r * a.s * groups;
   if (x == nullptr) {
     convert_pointwise_rows(a, Layout::kQuads, groups, first, count, panel);
   } else {
-    const int64_t taps_a_run = a.dil_w == 1 ? a.s : 1, run = taps_a_run * groups;
-    std::vector<int64_t> sources;  // per run, its words' offset from the pixel's tap (0, 0)
-    for (int64_t tap = 0; tap < a.r * a.s; tap += taps_a_run) {
-      sources.push_back(((tap / a.s) * a.dil_h * wp + (tap % a.s) * a.dil_w) * groups);
-    }
     int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
     for (int64_t i = 0; i < count; ++i) {
       const int32_t* pixel = x + ((n * hp + y * a.stride_h) * wp + col * a.stride_w) * groups;
       int32_t* row = panel + i * stride;
-      for (const int64_t source : sources) {  // in order: each run overwrites its predecessor's excess
-        move_words(row, pixel + source, run);
-        row += run;
+      for (const int64_t offset : runs.offsets) {  // in order: each run overwrites its predecessor's excess
+        move_words(row, pixel + offset, runs.words);
+        row += runs.words;
       }
       if (++col == a.ow) {
         col = 0;
@@ -274,6 +285,7 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
     x = pad_input(a, Layout::kQuads, hp, wp, groups, false, tail);
   }
   const EpilogueFn epilogue = epilogue_fn(Int8Isa::kAmx, a);
+  const PanelRuns runs = panel_runs(a, wp, groups);
   // Task = (chunk of kPanelRows rows, pair of blocks), chunks outer. kPadded: a chunk lies in one
   // image (rows: its padded pixels); otherwise chunks run over all output pixels.
   const int64_t m_total = a.n * a.oh * a.ow;
@@ -310,7 +322,7 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
             std::memcpy(panel.data(), a.x + chunk * kPanelRows * a.c, static_cast<size_t>(words) * sizeof(int32_t));
             std::fill(panel.data() + words, panel.data() + (count + kSubRows - 1) / kSubRows * kSubRows * groups, 0);
           } else {
-            build_panel(a, x.get(), hp, wp, groups, chunk * kPanelRows, count, panel.data());
+            build_panel(a, x.get(), hp, wp, groups, runs, chunk * kPanelRows, count, panel.data());
           }
           current = chunk;
         }

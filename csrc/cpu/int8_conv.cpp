@@ -358,6 +358,22 @@ TileFn tile_fn(Int8Isa isa) {
 
 typedef int16_t AliasingInt16 __attribute__((may_alias));  // int16 elements of the int32 words
 
+// dst[i] = src[i] + 128 (xor 0x80) for `bytes` codes: the quads' u for pixels of whole words, as one
+// run the compiler vectorizes. Returns the OR of the u (its top bit: a code >= 0). The __restrict
+// pointers matter: a byte store may alias anything, the callers' args included, which had kept GCC
+// to a scalar loop reloading them per byte (4x the time of the whole AMX GEMM on a 256 -> 64 1x1
+// conv).
+__attribute__((always_inline)) inline uint8_t offset_codes(const int8_t* __restrict src, int64_t bytes,
+                                                           uint8_t* __restrict dst) {
+  uint8_t high = 0;
+  for (int64_t i = 0; i < bytes; ++i) {
+    const uint8_t u = static_cast<uint8_t>(src[i]) ^ 0x80;
+    dst[i] = u;
+    high |= u;
+  }
+  return high;
+}
+
 // One pixel's C int8 codes -> `groups` words of the layout (int16 pairs, or quads of u = x + 128),
 // 0 past C; returns the OR of the quads (its top bit: an input code >= 0).
 __attribute__((always_inline)) inline uint8_t convert_pixel(const int8_t* src, int64_t c, Layout layout,
@@ -405,17 +421,8 @@ __attribute__((always_inline)) inline bool pad_rows(const Int8ConvArgs& a, Layou
     fill(dst, a.pad_w);
     dst += a.pad_w * groups;
     const int8_t* src = a.x + (n * a.h + y) * a.w * a.c;
-    if (is_quads(layout) && a.c == 4 * groups) {
-      // Whole words: the image row is one run of bytes, each + 128, vectorized as in convert_rows
-      // (locals and __restrict: a byte store may alias anything, `a` included).
-      const int8_t* __restrict codes = src;
-      uint8_t* __restrict bytes = reinterpret_cast<uint8_t*>(dst);
-      const int64_t total = a.w * a.c;
-      for (int64_t i = 0; i < total; ++i) {
-        const uint8_t u = static_cast<uint8_t>(codes[i]) ^ 0x80;
-        bytes[i] = u;
-        high |= u;
-      }
+    if (is_quads(layout) && a.c == 4 * groups) {  // whole words: the image row is one run
+      high |= offset_codes(src, a.w * a.c, reinterpret_cast<uint8_t*>(dst));
     } else {
       for (int64_t x = 0; x < word_pixels; ++x) {
         uint32_t word;
@@ -436,19 +443,8 @@ __attribute__((always_inline)) inline bool convert_rows(const Int8ConvArgs& a, L
                                                         int64_t first, int64_t count, int32_t* dst) {
   uint8_t high = 0;
   if (layout != Layout::kPairs && a.stride_h == 1 && a.stride_w == 1 && a.c == 4 * groups) {
-    // Stride 1 with whole words: the rows are one run of the input's bytes, each + 128 (xor 0x80);
-    // a single loop the compiler vectorizes, instead of one per pixel. The locals and __restrict
-    // matter: a byte store may alias anything, `a` included, which kept GCC to a scalar loop that
-    // reloaded a.c per byte (4x the time of the whole AMX GEMM on a 256 -> 64 1x1 conv).
-    const int8_t* __restrict src = a.x + first * a.c;
-    uint8_t* __restrict bytes = reinterpret_cast<uint8_t*>(dst);
-    const int64_t total = count * a.c;
-    for (int64_t i = 0; i < total; ++i) {
-      const uint8_t u = static_cast<uint8_t>(src[i]) ^ 0x80;
-      bytes[i] = u;
-      high |= u;
-    }
-    return high & 0x80;
+    // Stride 1 with whole words: the rows are one run of the input's bytes, instead of one per pixel.
+    return offset_codes(a.x + first * a.c, count * a.c, reinterpret_cast<uint8_t*>(dst)) & 0x80;
   }
   int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
   for (int64_t i = 0; i < count; ++i, dst += groups) {
