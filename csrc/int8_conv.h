@@ -67,8 +67,11 @@ Int8Isa int8_resolve_isa(Int8Isa isa);
 //   kStrideTwoWinograd  exact integer Winograd for 3x3 stride-2 convs (else as kWinograd): 2x2 output
 //              tiles, the even input rows and columns as F(2, 2) and the odd ones direct (25
 //              products per channel instead of 36; no wrapped sums to recover)
+//   kSplit     kDirect for 1x1 convs on avx2 (csrc/cpu/int8_split.cpp): each code's low 7 bits
+//              through vpmaddubsw (which cannot saturate on them), and per pixel the weights of the
+//              channels whose code is >= 0 (the top bit of x + 128) added from a list
 // Grouped convs (conv_groups > 1) run kDirect only.
-enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2, kStrideTwoWinograd = 3 };
+enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2, kStrideTwoWinograd = 3, kSplit = 4 };
 
 bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int64_t s, int64_t stride_h,
                               int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa, int64_t conv_groups = 1);

@@ -28,7 +28,7 @@ tlcore::Int8Isa checked_isa(int64_t isa) {
 }
 
 tlcore::Int8Algorithm checked_algorithm(int64_t algorithm) {
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 3, "tlcore int8 conv: unknown algorithm ", algorithm);
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 4, "tlcore int8 conv: unknown algorithm ", algorithm);
   return static_cast<tlcore::Int8Algorithm>(algorithm);
 }
 

@@ -366,19 +366,84 @@ def test_cpu_kernel_exact_when_codes_overflow_int32(isa, monkeypatch):
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
+@pytest.mark.parametrize("isa,algorithm", [("avx2", "split"), ("avx2", "direct"), ("avx512vnni", "direct")])
 @pytest.mark.parametrize("image", [(2, 13, 15, 1), (1, 7, 9, 1), (1, 13, 15, 2)],
                          ids=["chunk-major", "block-major", "block-major-stride2"])
-def test_cpu_pointwise_with_weights_beyond_l2(isa, image, monkeypatch, two_threads):
+def test_cpu_pointwise_with_weights_beyond_l2(isa, algorithm, image, monkeypatch, two_threads):
     """A 1x1 conv whose packed weights exceed the kernel's L2 budget of 256 KB (1024 x 272: 557 KB as
     int16 pairs, 279 KB as quads), on 2 threads. Over 2 * 13 * 15 = 390 output pixels (9 chunks of 48
     rows, >= 4 per thread) each chunk of rows is converted once and every weight block streams past it;
     over 63 or 56 output pixels (2 chunks) the threads share out the weight blocks, reading one converted
-    copy of the whole (strided) input."""
+    copy of the whole (strided) input (the split algorithm: its 7-bit codes and top-bit sums)."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(q8.ALGORITHM_ENV, "auto" if algorithm == "split" else "direct")
     n, h, w, stride = image
     c = make_case(n, 1024, h, w, 272, 1, 1, stride=stride, residual=True, relu=True)
-    assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} pointwise 1024 -> 272 on {image}")
+    assert q8.cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], q8._CPU_ISAS[isa]) == q8.CPU_ALGORITHMS[algorithm]
+    assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} {algorithm} pointwise 1024 -> 272 on {image}")
+
+
+# Input codes for the split algorithm, which lists per pixel the channels whose code is >= 0.
+SPLIT_CODES = {
+    "uniform": lambda g, shape: torch.randint(-128, 128, shape, generator=g),  # half listed
+    "post-relu": lambda g, shape: (torch.randn(shape, generator=g).abs() * 60).round().clamp(max=255) - 128,  # ~3%
+    "all-listed": lambda g, shape: torch.randint(0, 128, shape, generator=g),
+}
+
+
+def with_codes(case, codes, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = SPLIT_CODES[codes](g, case["x"].shape).to(torch.int8).contiguous(memory_format=torch.channels_last)
+    return dict(case, x=x)
+
+
+@needs_extension
+@pytest.mark.parametrize("codes", SPLIT_CODES)
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 300), hw=st.tuples(st.integers(1, 13), st.integers(1, 13)),
+       k=st.integers(1, 300), stride=st.integers(1, 3), padding=st.integers(0, 2), residual=st.booleans(),
+       relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_cpu_split_bit_exact(codes, n, c, hw, k, stride, padding, residual, relu, seed):
+    """1x1 convs on AVX2 run the split algorithm (7-bit products, the top bits' weights added per listed
+    channel) and equal the reference: any C (32-channel steps and a tail, partial quads), K (partial
+    blocks, the top sums 128 channels at a time and the rest), stride, padding (pixels of x_zero), and
+    inputs with half, few or all codes >= 0."""
+    h, w = hw
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+        case = with_codes(make_case(n, c, h, w, k, 1, 1, stride, padding, 1, residual, relu, seed), codes, seed)
+        assert q8.cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], q8._CPU_ISAS["avx2"]) == \
+            q8.CPU_ALGORITHMS["split"]
+        assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, stride, padding)
+
+
+@needs_extension
+def test_cpu_split_every_last_tile_and_chunk_size(monkeypatch):
+    """1 to 13, 49 and 97 output pixels: every partial 6-row tile, and a chunk of 48 rows followed by a
+    partial one (each tile's accumulators start from its own rows of the chunk's top-bit sums)."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    for pixels in [*range(1, 14), 49, 97]:
+        case = with_codes(make_case(1, 40, 1, pixels, 36, 1, 1, relu=False, seed=pixels), "post-relu", pixels)
+        assert_bit_exact(run(case, "cpu"), reference(case), f"split on {pixels} pixels")
+
+
+@needs_extension
+def test_cpu_split_top_sums_past_int16(monkeypatch):
+    """Every code >= 0 at C = 600: each pixel lists 600 channels, summed in int16 runs of at most 256
+    table rows (|256 * -128| = 2**15) then widened; with rows of weights at -128 and at 127 those sums
+    reach their bounds, and the accumulators span +-600 * 127 * 128."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 128, (2, 600, 3, 4), generator=g, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    x[0, :, 0, 0] = 127
+    w = torch.randint(-128, 128, (40, 600, 1, 1), generator=g, dtype=torch.int8)
+    w[0], w[1] = -128, 127
+    multiplier, offset = torch.randint(1, 4, (40,), generator=g, dtype=torch.int32), torch.zeros(40, dtype=torch.int64)
+    with use_backend("cpu"):
+        out = q8.int8_conv2d(x, -128, w, multiplier, offset, 12, out_zero=0)
+    acc = int64_conv(x, -128, w, [1, 1], [0, 0], [1, 1])
+    assert acc[0, 0, 0, 0] == -600 * 127 * 128 and acc[0, 1, 0, 0] == 600 * 127 * 127
+    assert_bit_exact(out, q8.requantize_reference(acc, multiplier, offset, 12, None, 0, 0, False), "split at C = 600")
 
 
 @needs_extension
@@ -684,7 +749,8 @@ def test_cpu_algorithm_direct_and_packing_mismatch(monkeypatch):
     """TLCORE_INT8_CPU_ALGORITHM=direct runs the direct kernel; a weight packed for one algorithm is refused by another."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
     for case, algorithm in (((2, 16, 9, 9, 24, 3, 3, 1, 1, 1), "winograd"), ((1, 3, 17, 19, 16, 7, 7, 2, 3, 1), "rows"),
-                            ((2, 14, 11, 13, 21, 3, 3, 2, 1, 1), "winograd_stride2")):
+                            ((2, 14, 11, 13, 21, 3, 3, 2, 1, 1), "winograd_stride2"),
+                            ((2, 16, 9, 9, 24, 1, 1, 1, 0, 1), "split")):
         c = make_case(*case)
         assert q8.cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], q8._CPU_ISAS["avx2"]) == \
             q8.CPU_ALGORITHMS[algorithm]

@@ -65,14 +65,18 @@ Layout layout_for(Int8Isa isa, int64_t conv_groups = 1) {
   return isa == Int8Isa::kAmx && conv_groups == 1 ? Layout::kAmxQuads : Layout::kQuads;
 }
 
-bool is_quads(Layout layout) { return layout == Layout::kQuads || layout == Layout::kAmxQuads; }
+bool is_quads(Layout layout) {
+  return layout == Layout::kQuads || layout == Layout::kAmxQuads || layout == Layout::kSplitQuads;
+}
 
 int64_t group_size(Layout layout) { return is_quads(layout) ? 4 : 2; }
 
 // The pairs layout in plain C++ (the reference-speed fallback of every CPU).
 void tile_scalar(const Tile& t, int32_t (*acc)[kTileN]) {
   for (int i = 0; i < t.count; ++i) {
-    for (int j = 0; j < kTileN; ++j) acc[i][j] = t.correction == nullptr ? 0 : -t.correction[j];
+    for (int j = 0; j < kTileN; ++j) {
+      acc[i][j] = t.starts != nullptr ? t.starts[i * t.start_stride + j] : t.correction == nullptr ? 0 : -t.correction[j];
+    }
   }
   // Where channel j's words start past the row pointers: narrow groups of 2 * groups channels
   // (pairs) start `groups` words apart; otherwise every channel reads the same words.
@@ -183,6 +187,12 @@ constexpr int32_t pick_word(int word) { return 0x03020100 + 0x04040404 * word; }
       start_hi = _mm256_sub_epi32(start_hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.correction + 8))); \
     }                                                                                            \
     _Pragma("GCC unroll 6") for (int i = 0; i < M; ++i) lo[i] = start_lo, hi[i] = start_hi;      \
+    if (t.starts != nullptr) { /* the split algorithm's per-row starts */                        \
+      _Pragma("GCC unroll 6") for (int i = 0; i < M; ++i) {                                      \
+        lo[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.starts + i * t.start_stride)); \
+        hi[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.starts + i * t.start_stride + 8)); \
+      }                                                                                          \
+    }                                                                                            \
     const int32_t* b = t.weight;                                                                 \
     for (int64_t tap = 0; tap < t.taps; ++tap) {                                                 \
       const int64_t offset = t.tap_offsets[tap];                                                 \
@@ -822,6 +832,7 @@ int64_t block_rows(Layout layout, int64_t reduction_words) {
 int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout, int64_t conv_groups) {
   // The rows layout packs a (K, R, S, C) weight as the (K, R, 1, S * C) one: a tap row's (s, c) run.
   if (layout == Layout::kRowPairs) return direct_packed_words(k, s * c, r, 1, Layout::kPairs);
+  if (layout == Layout::kSplitQuads) return direct_packed_words(k, c, 1, 1, Layout::kQuads) + split_table_words(k, c);
   const int64_t blocks = (k + kTileN - 1) / kTileN;
   const int64_t correction = is_quads(layout) ? blocks * kTileN : 0;
   return kHeaderWords + blocks * block_rows(layout, r * s * channel_windows(k, c, conv_groups, layout).words) * kTileN +
@@ -834,6 +845,11 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
   if (layout == Layout::kRowPairs) {
     pack_direct_weight(weight, k, s * c, r, 1, Layout::kPairs, packed);
     return write_header(packed, Layout::kRowPairs, k, c, r, s);
+  }
+  if (layout == Layout::kSplitQuads) {  // (K, 1, 1, C)
+    pack_direct_weight(weight, k, c, 1, 1, Layout::kQuads, packed);
+    pack_split_table(weight, k, c, packed + direct_packed_words(k, c, 1, 1, Layout::kQuads));
+    return write_header(packed, Layout::kSplitQuads, k, c, 1, 1);
   }
   const ChannelWindows windows = channel_windows(k, c, conv_groups, layout);
   const int64_t size = group_size(layout), groups = windows.words, taps = r * s;
@@ -904,12 +920,14 @@ void chunk_rows(const int32_t* chunk, int64_t groups, int64_t offset, int64_t m0
   }
 }
 
-void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
+// kDirect, kRows and kSplit.
+void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algorithm) {
   if (isa == Int8Isa::kAmx) {
     if (a.conv_groups == 1) return int8_conv2d_amx(a);
     isa = Int8Isa::kAvx512Vnni;  // grouped convs: the zmm kernel (layout_for)
   }
-  const Layout layout = rows_layout ? Layout::kRowPairs : layout_for(isa);
+  const bool rows_layout = algorithm == Int8Algorithm::kRows, split = algorithm == Int8Algorithm::kSplit;
+  const Layout layout = rows_layout ? Layout::kRowPairs : split ? Layout::kSplitQuads : layout_for(isa);
   const int64_t hp = a.h + 2 * a.pad_h, wp = a.w + 2 * a.pad_w;
   // The padded input in words: one pixel, one row, one output column's step, and per tap the
   // offset from a tile row's pointer; `groups`: the words a block reduces over per tap, from its
@@ -947,6 +965,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   }
   const int32_t* weight = packed + kHeaderWords;
   const int32_t* correction = is_quads(layout) ? weight + blocks * block_words : nullptr;
+  // kSplit: the int16 weight table (int8_split.cpp), after the corrections.
+  const int16_t* split_table = split ? reinterpret_cast<const int16_t*>(correction + blocks * kTileN) : nullptr;
   // A pointwise conv (1x1, unpadded) reads each input pixel once, so a converted copy of the whole
   // input costs as much memory traffic as its GEMM takes time (int16 pairs: twice the input's size).
   // Instead, where tasks run chunk by chunk (rows_outer below), each converts the pixels of its own
@@ -967,15 +987,29 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
   // so those tasks share a block, and convert the whole input once first (converting each task's
   // chunk again cost 8% of ResNet-50's 256 -> 1024 1x1 at 14x14, batch 1, 2 threads).
   const bool weights_fit_l2 = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
-  const bool rows_outer = weights_fit_l2 || (pointwise && chunks >= 4 * at::get_num_threads());
-  const bool convert_chunks = pointwise && rows_outer;
+  // kSplit converts as a pointwise conv does (with its padding, if any): the tasks' own chunks, or
+  // the whole input first.
+  const bool rows_outer = weights_fit_l2 || ((pointwise || split) && chunks >= 4 * at::get_num_threads());
+  const bool convert_chunks = (pointwise || split) && rows_outer;
+  constexpr int64_t kChunkRows = kChunkM * kTileM;
   std::unique_ptr<int32_t[]> x;
+  std::unique_ptr<SplitBuffers> split_input;
+  const std::vector<int8_t> border(static_cast<size_t>(split ? a.c : 0), static_cast<int8_t>(a.x_zero));
+  const auto convert_split_chunk = [&](int64_t chunk, const SplitChunk& into) {
+    const int64_t first = chunk * kChunkRows;
+    convert_split_rows(a, pixel_words, border.data(), split_table, correction, first,
+                       std::min(kChunkRows, m_total - first), into);
+  };
   if (rows_layout) {
     x = pad_input_rows(a, hp, wp, row_words);
+  } else if (split && !convert_chunks) {
+    split_input = std::make_unique<SplitBuffers>(chunks, kChunkRows, pixel_words, blocks);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) convert_split_chunk(chunk, (*split_input)[chunk]);
+    });
   } else if (!convert_chunks) {
     x = pad_input(a, layout, hp, wp, pixel_words, seven_bit);
   }
-  constexpr int64_t kChunkRows = kChunkM * kTileM;
   std::atomic<bool> eight_bit{false};
   // The rows of chunk `chunk` into `buffer` (once per run of tasks on it); returns the buffer.
   const auto converted_chunk = [&](int64_t chunk, int64_t& current, std::vector<int32_t>& buffer) {
@@ -1041,7 +1075,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
     return;
   }
 #endif  // TLCORE_X86
-  const TileFn run_tile = tile_fn(isa);
+  // kSplit's products of the low 7 bits: the 7-bit quads kernel.
+  const TileFn run_tile = tile_fn(split ? Int8Isa::kAvx2U7 : isa);
   at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
     // The epilogue runs once per chunk, on all its tiles' rows: its per-block setup (constants
     // loaded and shuffled) cost a third as much as its per-row work when it ran per tile.
@@ -1049,11 +1084,22 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
     int64_t ms[kChunkRows];  // the chunk's output pixels, each tile's written by its rows helper
     std::vector<int32_t> buffer;
     int64_t current = -1;
+    const SplitBuffers own_split(split && convert_chunks ? 1 : 0, kChunkRows, pixel_words, blocks);
+    // kSplit: chunk `chunk`, converted into own_split once per run of tasks on it, or from split_input.
+    const auto split_chunk = [&](int64_t chunk) {
+      if (!convert_chunks) return (*split_input)[chunk];
+      if (chunk != current) {
+        convert_split_chunk(chunk, own_split[0]);
+        current = chunk;
+      }
+      return own_split[0];
+    };
     Tile t;
     t.tap_offsets = tap_offsets.data();
     t.taps = taps;
     t.groups = groups;
     t.narrow = windows.narrow;
+    t.start_stride = blocks * kTileN;  // kSplit: SplitChunk::top's rows
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = rows_outer ? task % blocks : task / chunks;
       const int64_t window = windows.start[block];  // the tile rows point at the block's channel window
@@ -1065,7 +1111,11 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, bool rows_layout) {
         const int64_t m0 = tile * kTileM;
         const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
         const int64_t slot = (tile - first_tile) * kTileM;
-        if (convert_chunks) {
+        if (split) {
+          const SplitChunk converted = split_chunk(chunk);
+          chunk_rows(converted.words, pixel_words, m0 - chunk * kChunkRows, m0, rows, t.rows, ms + slot);
+          t.starts = converted.top + (m0 - chunk * kChunkRows) * t.start_stride + block * kTileN;
+        } else if (convert_chunks) {
           chunk_rows(converted_chunk(chunk, current, buffer) + window, pixel_words, m0 - chunk * kChunkRows, m0, rows,
                      t.rows, ms + slot);
         } else {
@@ -1135,6 +1185,8 @@ bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int
       return stride_h == 2 && stride_w == 2 && winograd_supported(c, r, s, stride_h, stride_w, dil_h, dil_w, isa);
     case Int8Algorithm::kRows:  // pairs must start on a word: every window start, stride_w * C elements apart
       return (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2) && dil_w == 1 && (c * stride_w) % 2 == 0;
+    case Int8Algorithm::kSplit:  // its lists hold channels as uint16
+      return isa == Int8Isa::kAvx2 && r == 1 && s == 1 && c <= 65536;
   }
   return false;
 }
@@ -1145,6 +1197,10 @@ Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, in
     return int8_algorithm_supported(algorithm, c, r, s, stride_h, stride_w, dil_h, dil_w, isa, conv_groups);
   };
   if (supported(Int8Algorithm::kWinograd)) return Int8Algorithm::kWinograd;
+  // 7-bit products plus the listed top bits (int8_split.cpp) ran ResNet-50's forward 7-10% faster than
+  // the int16 pairs (AVX2-capped Intel Xeon, batch 1 and 8): its 1x1 convs up to 1.2x faster, those
+  // with C = K = 64 ~8% slower (the per-pixel lists cost as much as their few products save).
+  if (supported(Int8Algorithm::kSplit)) return Int8Algorithm::kSplit;
   // Stride 2 saves a third of the products but has 25 / 9 as many weights to stream: measured (AVX2,
   // AMD EPYC) 7-23% faster at batch 8 for C * K <= 256 * 256 and as fast at batch 1, but at 256 x 512 no
   // faster at batch 8 and 5-15% slower at batch 1.
@@ -1161,6 +1217,7 @@ int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int
     case Int8Algorithm::kWinograd: return winograd_packed_words(k, c, false);
     case Int8Algorithm::kStrideTwoWinograd: return winograd_packed_words(k, c, true);
     case Int8Algorithm::kRows: return direct_packed_words(k, c, r, s, Layout::kRowPairs);
+    case Int8Algorithm::kSplit: return direct_packed_words(k, c, r, s, Layout::kSplitQuads);
     default: return direct_packed_words(k, c, r, s, layout_for(isa, conv_groups), conv_groups);
   }
 }
@@ -1186,7 +1243,8 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
   const bool packable = algorithm == Int8Algorithm::kDirect ||
                         (algorithm == Int8Algorithm::kWinograd && winograd_supported(c, r, s, 1, 1, 1, 1, isa)) ||
                         (algorithm == Int8Algorithm::kStrideTwoWinograd && winograd_supported(c, r, s, 2, 2, 1, 1, isa)) ||
-                        (algorithm == Int8Algorithm::kRows && (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2));
+                        (algorithm == Int8Algorithm::kRows && (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2)) ||
+                        (algorithm == Int8Algorithm::kSplit && isa == Int8Isa::kAvx2 && r == 1 && s == 1 && c <= 65536);
   if (!packable) {
     throw std::invalid_argument("tlcore int8 conv: no packing of this algorithm for this weight and instruction set");
   }
@@ -1194,6 +1252,7 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
     case Int8Algorithm::kWinograd: return pack_winograd_weight(weight, k, c, false, packed);
     case Int8Algorithm::kStrideTwoWinograd: return pack_winograd_weight(weight, k, c, true, packed);
     case Int8Algorithm::kRows: return pack_direct_weight(weight, k, c, r, s, Layout::kRowPairs, packed);
+    case Int8Algorithm::kSplit: return pack_direct_weight(weight, k, c, r, s, Layout::kSplitQuads, packed);
     default: return pack_direct_weight(weight, k, c, r, s, layout_for(isa, conv_groups), packed, conv_groups);
   }
 }
@@ -1215,7 +1274,7 @@ Int8Isa int8_conv2d_cpu(const Int8ConvArgs& a, Int8Isa isa) {
   if (algorithm == Int8Algorithm::kWinograd || algorithm == Int8Algorithm::kStrideTwoWinograd) {
     int8_conv2d_winograd(a, isa);
   } else {
-    int8_conv2d_direct(a, isa, algorithm == Int8Algorithm::kRows);
+    int8_conv2d_direct(a, isa, algorithm);
   }
   return isa;
 }

@@ -19,9 +19,10 @@ constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
 
 // How a packed weight and the padded input group channels into 4-byte words (int8_conv.cpp).
 // kAmxQuads: kQuads with each block's (tap, group) rows padded to whole AMX steps (int8_amx.cpp).
+// kSplitQuads: kQuads of a 1x1 conv followed by its int16 weight table (int8_split.cpp).
 enum class Layout : int32_t {
   kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4, kWinograd24Pairs = 5, kWinogradStrideTwoPairs = 6,
-  kAmxQuads = 7
+  kAmxQuads = 7, kSplitQuads = 8
 };
 
 // One micro-tile's operands; every pointer and offset counts 4-byte groups.
@@ -31,6 +32,10 @@ struct Tile {
   const int64_t* tap_offsets;   // offsets of the taps from a row pointer
   int64_t taps, groups;         // taps, groups per tap
   const int32_t* correction;    // quads layouts: the block's 16 values of 128 * sum(w), subtracted; else nullptr
+  // Where the accumulators start instead of at -correction (the split algorithm): row i's 16 values
+  // at starts + i * start_stride; nullptr: not used.
+  const int32_t* starts = nullptr;
+  int64_t start_stride = 0;
   int count = kTileM;           // rows computed (1 .. kTileM); acc rows past it are left unwritten
   // Narrow groups (int8_conv.cpp's ChannelWindows::narrow): channel j of the block reads the
   // `groups` words of its own conv group, which start (j / channels a group) * groups words past the
@@ -38,8 +43,8 @@ struct Tile {
   bool narrow = false;
 };
 
-// acc[i][j] = sum over taps and groups of rows[i] . weight (the layout's dot product) - correction[j], int32,
-// for i < count.
+// acc[i][j] = sum over taps and groups of rows[i] . weight (the layout's dot product) - correction[j] (or
+// + starts[i * start_stride + j]), int32, for i < count.
 using TileFn = void (*)(const Tile&, int32_t (*acc)[kTileN]);
 
 // The fused requantize epilogue of int8_conv.h on `rows` rows of acc: row i is output pixel m[i],
@@ -76,6 +81,39 @@ void write_header(int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t 
                   int64_t conv_groups = 1);
 bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, int64_t r, int64_t s,
                     int64_t conv_groups = 1);
+
+// ---- The split algorithm's input and top-bit products (int8_split.cpp) ----
+
+// The int16 weight table of a (K, 1, 1, C) weight: C rows of K rounded up to whole blocks of 16
+// (0 past K), row c the weights of input channel c. split_table_words: its size in words.
+int64_t split_table_words(int64_t k, int64_t c);
+void pack_split_table(const int8_t* weight, int64_t k, int64_t c, int32_t* table);
+
+// A chunk of a 1x1 conv's output pixels with their input pixels converted for the split algorithm:
+// `words` (rows, groups) quads of v = x & 127 (0 past C), and `top` (rows, K rounded up to blocks)
+// int32, 128 * (the sum of the table rows of the channels whose code is >= 0 - the sum of all of
+// them): where the 7-bit products' accumulators start (Tile::starts).
+struct SplitChunk {
+  int32_t* words;
+  int32_t* top;
+};
+
+// Room for `chunks` SplitChunks of `rows` pixels each.
+class SplitBuffers {
+ public:
+  SplitBuffers(int64_t chunks, int64_t rows, int64_t groups, int64_t k_blocks);
+  SplitChunk operator[](int64_t chunk) const;
+
+ private:
+  int64_t rows_, groups_, top_words_;
+  std::unique_ptr<int32_t[]> words_, top_;
+};
+
+// Output pixels first .. first + count - 1 of a 1x1 conv (any stride and padding: padding pixels
+// read x_zero) into `chunk`. border: C codes of x_zero; table: split_table's, past the packed header;
+// correction: the quads' 128 * sum(w) of every block.
+void convert_split_rows(const Int8ConvArgs& a, int64_t groups, const int8_t* border, const int16_t* table,
+                        const int32_t* correction, int64_t first, int64_t count, const SplitChunk& chunk);
 
 // ---- AMX (int8_amx.cpp) ----
 
