@@ -38,11 +38,6 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define TLCORE_X86 1
-#endif
-
 namespace tlcore {
 namespace int8_cpu {
 namespace {
@@ -988,7 +983,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
   // chunk again cost 8% of ResNet-50's 256 -> 1024 1x1 at 14x14, batch 1, 2 threads).
   const bool weights_fit_l2 = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
   // kSplit converts as a pointwise conv does (with its padding, if any): the tasks' own chunks, or
-  // the whole input first.
+  // the whole input first (its top sums then take 4 bytes per output value).
   const bool rows_outer = weights_fit_l2 || ((pointwise || split) && chunks >= 4 * at::get_num_threads());
   const bool convert_chunks = (pointwise || split) && rows_outer;
   constexpr int64_t kChunkRows = kChunkM * kTileM;
@@ -1197,7 +1192,7 @@ Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, in
     return int8_algorithm_supported(algorithm, c, r, s, stride_h, stride_w, dil_h, dil_w, isa, conv_groups);
   };
   if (supported(Int8Algorithm::kWinograd)) return Int8Algorithm::kWinograd;
-  // 7-bit products plus the listed top bits (int8_split.cpp) ran ResNet-50's forward 7-10% faster than
+  // 7-bit products plus the listed top bits (int8_split.cpp) ran ResNet-50's forward 6-10% faster than
   // the int16 pairs (AVX2-capped Intel Xeon, batch 1 and 8): its 1x1 convs up to 1.2x faster, those
   // with C = K = 64 ~8% slower (the per-pixel lists cost as much as their few products save).
   if (supported(Int8Algorithm::kSplit)) return Int8Algorithm::kSplit;

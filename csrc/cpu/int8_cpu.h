@@ -1,11 +1,17 @@
-// Internals shared by the C++ CPU int8 convolutions: the direct implicit GEMM
-// (int8_conv.cpp) and the Winograd one (int8_winograd.cpp). Public entry points: csrc/int8_conv.h.
+// Internals shared by the C++ CPU int8 convolutions: the direct implicit GEMM (int8_conv.cpp, with
+// the split codes of int8_split.cpp and the AMX tiles of int8_amx.cpp) and the Winograd one
+// (int8_winograd.cpp). Public entry points: csrc/int8_conv.h.
 #pragma once
 
 #include "int8_conv.h"
 
 #include <cstdint>
 #include <memory>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define TLCORE_X86 1  // the SIMD kernels' builds
+#endif
 
 namespace tlcore {
 namespace int8_cpu {

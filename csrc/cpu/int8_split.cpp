@@ -22,11 +22,6 @@
 #include <stdexcept>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define TLCORE_X86 1
-#endif
-
 namespace tlcore {
 namespace int8_cpu {
 

@@ -50,7 +50,7 @@ _INT64_HEADROOM = 0.99 * 2**62  # the bound on epilogue totals; the C++ kernel's
 CONV_OP = "int8_conv2d"
 _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5, "amx": 6}
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
-ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct" turns off the C++ kernel's Winograd and rows (tests, benchmarks)
+ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct": no Winograd, rows or split in the C++ kernel (tests, benchmarks)
 CPU_ALGORITHMS = {"direct": 0, "winograd": 1, "rows": 2, "winograd_stride2": 3, "split": 4}  # csrc/int8_conv.h's Int8Algorithm
 # Winograd tiles: F(2x4, 3x3) while 48 * acc stays int32-recoverable (|acc| < 2**27), else F(2x2, 3x3).
 WINOGRAD_WIDE_MAX_CHANNELS = (2**27 - 1) // (128 * 128 * 9)
@@ -248,8 +248,8 @@ def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: 
     without VNNI (F(2x4, 3x3) tiles: 3 products per output instead of 9; 1.5-2x faster there),
     and for 3x3 stride-2 convs with C * K <= 256 * 256 (25 products per 2x2 tile instead of 36),
     the split algorithm for 1x1 convs on AVX2 (7-bit products by vpmaddubsw plus the listed top
-    bits: ResNet-50 7-10% faster than with the int16 pairs), the rows layout for odd channel counts (the RGB stem),
-    else direct (grouped convs always).
+    bits: ResNet-50 6-10% faster than with the int16 pairs), the rows layout for odd channel
+    counts (the RGB stem), else direct (grouped convs always).
     TLCORE_INT8_CPU_ALGORITHM=direct keeps every conv direct.
     """
     setting = os.environ.get(ALGORITHM_ENV, "auto")
