@@ -984,8 +984,9 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
   const bool weights_fit_l2 = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
   // kSplit converts as a pointwise conv does (with its padding, if any): the tasks' own chunks, or
   // the whole input first (its top sums then take 4 bytes per output value).
-  const bool rows_outer = weights_fit_l2 || ((pointwise || split) && chunks >= 4 * at::get_num_threads());
-  const bool convert_chunks = (pointwise || split) && rows_outer;
+  const bool converts_rows = pointwise || split;
+  const bool rows_outer = weights_fit_l2 || (converts_rows && chunks >= 4 * at::get_num_threads());
+  const bool convert_chunks = converts_rows && rows_outer;
   constexpr int64_t kChunkRows = kChunkM * kTileM;
   std::unique_ptr<int32_t[]> x;
   std::unique_ptr<SplitBuffers> split_input;
@@ -1239,7 +1240,8 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
                         (algorithm == Int8Algorithm::kWinograd && winograd_supported(c, r, s, 1, 1, 1, 1, isa)) ||
                         (algorithm == Int8Algorithm::kStrideTwoWinograd && winograd_supported(c, r, s, 2, 2, 1, 1, isa)) ||
                         (algorithm == Int8Algorithm::kRows && (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2)) ||
-                        (algorithm == Int8Algorithm::kSplit && isa == Int8Isa::kAvx2 && r == 1 && s == 1 && c <= 65536);
+                        (algorithm == Int8Algorithm::kSplit &&
+                         int8_algorithm_supported(algorithm, c, r, s, 1, 1, 1, 1, isa, conv_groups));
   if (!packable) {
     throw std::invalid_argument("tlcore int8 conv: no packing of this algorithm for this weight and instruction set");
   }
