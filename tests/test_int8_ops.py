@@ -701,6 +701,37 @@ def test_cpu_winograd_task_layouts(shape, monkeypatch, two_threads):
     assert_bit_exact(run(case, "cpu"), reference(case), f"winograd {shape}")
 
 
+THREAD_CASES = {  # isa, algorithm, (n, c, h, w, k, r, stride, padding)
+    "split-chunks": ("avx2", "split", (2, 40, 13, 15, 36, 1, 1, 0)),  # 390 pixels: chunk by chunk
+    "split-whole-input": ("avx2", "split", (1, 1024, 7, 7, 40, 1, 1, 0)),  # 49 pixels, converted tile by tile
+    "avx2-direct": ("avx2", "direct", (1, 24, 11, 9, 56, 3, 2, 1)),
+    "winograd": ("avx2", "winograd", (2, 16, 30, 26, 24, 3, 1, 1)),
+    "avx512vnni": ("avx512vnni", "direct", (1, 40, 13, 11, 72, 3, 1, 1)),
+    "amx": ("amx", "direct", (2, 70, 9, 11, 48, 3, 1, 1)),
+}
+
+
+@needs_extension
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("kind", THREAD_CASES)
+def test_cpu_kernel_any_thread_count(kind, threads, monkeypatch):
+    """The threads claim runs of tasks from a shared counter (parallel_tasks): on 1, 3 or 5 threads, with
+    tasks of unequal cost (short last chunks and tiles), every output is computed, once."""
+    isa, algorithm, (n, c, h, w, k, r, stride, padding) = THREAD_CASES[kind]
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(q8.ALGORITHM_ENV, "direct" if algorithm == "direct" else "auto")
+    case = make_case(n, c, h, w, k, r, r, stride, padding, residual=True, relu=True, seed=threads)
+    assert q8.cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], q8._CPU_ISAS[isa]) == \
+        q8.CPU_ALGORITHMS[algorithm]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = run(case, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert_bit_exact(out, reference(case), f"{kind} on {threads} threads")
+
+
 @needs_extension
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_cpu_stride_two_winograd_at_the_reduction_limit(isa, monkeypatch):

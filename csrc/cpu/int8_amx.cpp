@@ -292,7 +292,7 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
   const int64_t image_chunks = padded ? (source.rows_per_image + kPanelRows - 1) / kPanelRows : 0;
   const int64_t chunks = padded ? a.n * image_chunks : (m_total + kPanelRows - 1) / kPanelRows;
   const int64_t units = (blocks + 1) / 2;
-  at::parallel_for(0, chunks * units, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(chunks * units, [&](ClaimedTasks& tasks) {
     const TileScope tiles;
     // + one step: a panel's last row reads up to a step past its end (onto zero weights), and its
     // last run's move writes up to kMoveSlackWords - 1 words past it.
@@ -302,7 +302,7 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
     alignas(64) int32_t acc[2][kSubRows][kTileN];
     int64_t ms[kSubRows];
     int64_t current = -1, count = 0;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; tasks.next(task);) {
       const int64_t chunk = task / units, block = 2 * (task % units);
       const int32_t* rows = nullptr;  // the chunk's first A row
       int64_t n = 0, q_first = 0;

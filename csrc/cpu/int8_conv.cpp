@@ -991,17 +991,20 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
   std::unique_ptr<int32_t[]> x;
   std::unique_ptr<SplitBuffers> split_input;
   const std::vector<int8_t> border(static_cast<size_t>(split ? a.c : 0), static_cast<int8_t>(a.x_zero));
-  const auto convert_split_chunk = [&](int64_t chunk, const SplitChunk& into) {
-    const int64_t first = chunk * kChunkRows;
-    convert_split_rows(a, pixel_words, border.data(), split_table, correction, first,
-                       std::min(kChunkRows, m_total - first), into);
+  // kSplit: output pixels first .. first + count - 1 converted into `into`.
+  const auto convert_split = [&](int64_t first, int64_t count, const SplitChunk& into) {
+    convert_split_rows(a, pixel_words, border.data(), split_table, correction, first, count, into);
   };
   if (rows_layout) {
     x = pad_input_rows(a, hp, wp, row_words);
   } else if (split && !convert_chunks) {
-    split_input = std::make_unique<SplitBuffers>(chunks, kChunkRows, pixel_words, blocks);
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t chunk = begin; chunk < end; ++chunk) convert_split_chunk(chunk, (*split_input)[chunk]);
+    // A task per tile's rows, not per chunk: at batch 1 a 7x7 conv has one chunk of 48 rows and one of 1.
+    split_input = std::make_unique<SplitBuffers>(m_total, pixel_words, blocks);
+    parallel_tasks(tiles, [&](ClaimedTasks& tasks) {
+      for (int64_t tile; tasks.next(tile);) {
+        const int64_t first = tile * kTileM;
+        convert_split(first, std::min<int64_t>(kTileM, m_total - first), split_input->at(first));
+      }
     });
   } else if (!convert_chunks) {
     x = pad_input(a, layout, hp, wp, pixel_words, seven_bit);
@@ -1031,13 +1034,13 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     const int64_t units = (blocks + unit_blocks - 1) / unit_blocks;
     const int64_t zmm_tiles = (m_total + M - 1) / M;
     const int64_t zmm_chunks = (zmm_tiles + kZmmChunkM - 1) / kZmmChunkM;
-    at::parallel_for(0, units * zmm_chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(units * zmm_chunks, [&](ClaimedTasks& tasks) {
       alignas(64) int32_t acc[2 * M][kTileN];
       int64_t ms[M];
       const int32_t* rows[M];
       std::vector<int32_t> buffer;
       int64_t current = -1;
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t task; tasks.next(task);) {
         const int64_t unit = rows_outer ? task % units : task / zmm_chunks;
         const int64_t chunk = rows_outer ? task / units : task % zmm_chunks;
         const int64_t block = unit_blocks * unit;
@@ -1073,22 +1076,23 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
 #endif  // TLCORE_X86
   // kSplit's products of the low 7 bits: the 7-bit quads kernel.
   const TileFn run_tile = tile_fn(split ? Int8Isa::kAvx2U7 : isa);
-  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(blocks * chunks, [&](ClaimedTasks& tasks) {
     // The epilogue runs once per chunk, on all its tiles' rows: its per-block setup (constants
     // loaded and shuffled) cost a third as much as its per-row work when it ran per tile.
     alignas(32) int32_t acc[kChunkRows][kTileN];
     int64_t ms[kChunkRows];  // the chunk's output pixels, each tile's written by its rows helper
     std::vector<int32_t> buffer;
     int64_t current = -1;
-    const SplitBuffers own_split(split && convert_chunks ? 1 : 0, kChunkRows, pixel_words, blocks);
+    const SplitBuffers own_split(split && convert_chunks ? kChunkRows : 0, pixel_words, blocks);
     // kSplit: chunk `chunk`, converted into own_split once per run of tasks on it, or from split_input.
     const auto split_chunk = [&](int64_t chunk) {
-      if (!convert_chunks) return (*split_input)[chunk];
+      const int64_t first = chunk * kChunkRows;
+      if (!convert_chunks) return split_input->at(first);
       if (chunk != current) {
-        convert_split_chunk(chunk, own_split[0]);
+        convert_split(first, std::min(kChunkRows, m_total - first), own_split.at(0));
         current = chunk;
       }
-      return own_split[0];
+      return own_split.at(0);
     };
     Tile t;
     t.tap_offsets = tap_offsets.data();
@@ -1096,7 +1100,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     t.groups = groups;
     t.narrow = windows.narrow;
     t.start_stride = blocks * kTileN;  // kSplit: SplitChunk::top's rows
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; tasks.next(task);) {
       const int64_t block = rows_outer ? task % blocks : task / chunks;
       const int64_t window = windows.start[block];  // the tile rows point at the block's channel window
       const int64_t chunk = rows_outer ? task / blocks : task % chunks;

@@ -39,14 +39,12 @@ void pack_split_table(const int8_t* weight, int64_t k, int64_t c, int32_t* table
   }
 }
 
-SplitBuffers::SplitBuffers(int64_t chunks, int64_t rows, int64_t groups, int64_t k_blocks)
-    : rows_(rows), groups_(groups), top_words_(k_blocks * kTileN),
-      words_(new int32_t[static_cast<size_t>(chunks * rows * groups)]),
-      top_(new int32_t[static_cast<size_t>(chunks * rows * top_words_)]) {}
+SplitBuffers::SplitBuffers(int64_t rows, int64_t groups, int64_t k_blocks)
+    : groups_(groups), top_words_(k_blocks * kTileN),
+      words_(new int32_t[static_cast<size_t>(rows * groups)]),
+      top_(new int32_t[static_cast<size_t>(rows * top_words_)]) {}
 
-SplitChunk SplitBuffers::operator[](int64_t chunk) const {
-  return {words_.get() + chunk * rows_ * groups_, top_.get() + chunk * rows_ * top_words_};
-}
+SplitChunk SplitBuffers::at(int64_t row) const { return {words_.get() + row * groups_, top_.get() + row * top_words_}; }
 
 #ifdef TLCORE_X86
 namespace {

@@ -299,7 +299,7 @@ void conv(const Int8ConvArgs& a, Int8Isa isa, const int32_t* weight) {
   const EpilogueFn epilogue = epilogue_fn(isa, a);
   const Transforms transform = transforms_for<F>(isa);
 
-  at::parallel_for(0, chunks * splits, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(chunks * splits, [&](ClaimedTasks& tasks) {
     std::vector<int32_t> v(static_cast<size_t>(chunk_tiles * F::kPositions * groups));
     alignas(32) int32_t m[F::kPositions][kTileM][kTileN];
     alignas(32) int32_t acc[F::kOutputs * kTileM][kTileN];
@@ -310,7 +310,7 @@ void conv(const Int8ConvArgs& a, Int8Isa isa, const int32_t* weight) {
     t.taps = 1;
     t.groups = groups;
     t.correction = nullptr;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; tasks.next(task);) {
       const int64_t first = task / splits * chunk_tiles, count = std::min(chunk_tiles, tiles - first);
       const int64_t block_begin = task % splits * blocks_per_split;
       const int64_t block_end = std::min(blocks, block_begin + blocks_per_split);
