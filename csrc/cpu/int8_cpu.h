@@ -34,8 +34,8 @@ constexpr int32_t kPackedMagic = 0x38746c63;  // "clt8"
 // consecutive tasks (a chunk of rows, a weight block) mostly stay on one thread. With at::parallel_for's
 // static halves, whose tasks differ in cost (a short last chunk, conversions), the second thread waited
 // 14% of ResNet-50's int8 forward at batch 8 and 32% at batch 1 (AVX2, 2 threads, perf); with claimed
-// runs 5% and 17% (mostly while the first one runs the Python between convs), and the forward took
-// 8-14% less time (in-process A/B; AVX512-VNNI 5-13%, AMX at batch 8 8%, at batch 1 within 2%).
+// runs 5% and 17% (mostly while the first one runs the Python between convs), and the forward ran
+// 1.06-1.14x as fast (in-process A/B; AVX512-VNNI 1.05-1.13x, AMX 1.08x at batch 8, 0.97-0.99x at batch 1).
 class ClaimedTasks {
  public:
   ClaimedTasks(std::atomic<int64_t>& shared, int64_t count, int64_t threads)
