@@ -20,15 +20,18 @@
 
 namespace {
 
-// The op's isa argument (0 auto .. 6 amx), checked to be one this CPU runs.
+// The op's isa argument (0 auto .. kAmx, the enum's last value), checked to be one this CPU runs.
 tlcore::Int8Isa checked_isa(int64_t isa) {
-  TORCH_CHECK(isa >= 0 && isa <= 6 && tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa)),
+  TORCH_CHECK(isa >= 0 && isa <= static_cast<int64_t>(tlcore::Int8Isa::kAmx) &&
+                  tlcore::int8_isa_supported(static_cast<tlcore::Int8Isa>(isa)),
               "tlcore int8 conv: instruction set ", isa, " is not available on this CPU");
   return static_cast<tlcore::Int8Isa>(isa);
 }
 
 tlcore::Int8Algorithm checked_algorithm(int64_t algorithm) {
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 4, "tlcore int8 conv: unknown algorithm ", algorithm);
+  // kSplit: the enum's last value.
+  TORCH_CHECK(algorithm >= 0 && algorithm <= static_cast<int64_t>(tlcore::Int8Algorithm::kSplit),
+              "tlcore int8 conv: unknown algorithm ", algorithm);
   return static_cast<tlcore::Int8Algorithm>(algorithm);
 }
 
