@@ -1,5 +1,6 @@
 """CPU INT8 inference at 224x224 (ResNet-18, ResNet-50, ResNeXt-50 32x4d): tlcore.quantize against fp32
-eager and torch.ao's x86 int8, same run; and per layer, tlcore's int8 conv op against torch.ao's
+eager and torch.ao's x86 int8, same run (and tlcore against torch.ao in turns, forward by forward);
+and per layer, tlcore's int8 conv op against torch.ao's
 quantized conv on ResNet-18's conv shapes. On a GPU, per layer: the int8 conv op on each GPU
 backend over ResNet-50's conv shapes at batch 256 (its bottleneck expansions also with their
 residual), in TOP/s and as a share of the measured int8 matmul peak (test_bench_conv.py times the
@@ -16,6 +17,7 @@ TLCORE_INT8_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 """
 import copy
 import functools
+import itertools
 import os
 import warnings
 
@@ -27,7 +29,7 @@ import tlcore
 from conftest import DEVICE, needs_gpu, run_benchmark
 from test_bench_conv import SHAPES, conv_shapes, shape_id
 from tlcore.backend import use_backend
-from tlcore.benchmark.timing import matmul_peak_tflops
+from tlcore.benchmark.timing import Turns, matmul_peak_tflops
 from tlcore.ops.conv import output_size
 
 CASES = [("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8), ("resnext50_32x4d", 1),
@@ -102,6 +104,26 @@ def test_cpu_int8_forward(benchmark, model, batch, variant):
     turn = iter(range(10**9))
     with torch.no_grad():
         benchmark.pedantic(lambda: fn(inputs[next(turn) % len(inputs)]), rounds=10, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("model,batch", [case for case in CASES if not case[0].startswith("resnext")])
+def test_cpu_int8_forward_in_turns(benchmark, model, batch):
+    """tlcore int8 against torch.ao int8, one forward of each per round (Turns): the speedup with
+    the machine's drift shared, which test_cpu_int8_forward's one-variant-at-a-time rounds are not.
+    The benchmark's own time is a round's (both forwards); extra_info has each one's median."""
+    variants, inputs = _variants(model), _inputs(batch)
+    names = ("torch.ao int8 x86", "tlcore int8")
+    cycles = [itertools.cycle(inputs) for _ in names]
+    turns = Turns([lambda fn=variants[name], cycle=cycle: fn(next(cycle)) for name, cycle in zip(names, cycles)])
+    with torch.no_grad():
+        for call in turns.calls:
+            call()  # warm-up, outside the recorded times
+        benchmark.pedantic(turns, rounds=15, iterations=1)
+    ao_ms, tlcore_ms = turns.medians_ms()
+    benchmark.group = f"{model} batch {batch} in turns (CPU, {torch.get_num_threads()} threads)"
+    benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(),
+                                median_ms=dict(zip(names, (ao_ms, tlcore_ms))), speedup_over_torch_ao=ao_ms / tlcore_ms,
+                                tlcore_cpu_isa=_tlcore_isa(), env={name: os.environ.get(name) for name in ISA_CAPS})
 
 
 # (C, K, H, kernel, stride): ResNet-18's distinct conv shapes at 224x224

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tlcore.benchmark import cli, suites
+from tlcore.benchmark import cli, suites, timing
 
 
 def test_fuse_mode_writes_table_json_and_chart(tmp_path, capsys):
@@ -58,3 +58,37 @@ def test_fp32_variants_on_a_gpu_get_tf32_tolerance_when_torch_allows_tf32(monkey
     assert suites._tolerance(torch.bfloat16, cuda) == suites.TOLERANCE[torch.bfloat16]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert suites._tolerance(torch.float32, cuda) == suites.TOLERANCE[torch.float32]
+
+
+def test_cpu_variants_are_timed_in_turns():
+    """On a CPU, after every variant is checked, the timed calls alternate round by round, each variant
+    cycling through its own inputs, so a machine whose speed drifts weighs on all alike."""
+    calls = []
+
+    def variant(name):
+        def fn(x):
+            calls.append((name, int(x)))
+            return torch.ones(4)
+        return fn
+
+    suite = suites.Suite("fuse", "toy", 1, torch.device("cpu"), "a", torch.ones(4), 1.0, "TFLOP/s", 1.0)
+    suite.variants = [suites.Variant("a", variant("a"), [0, 1, 2], 1e-3),
+                      suites.Variant("wrong", lambda x: 2 * torch.ones(4), [0], 1e-3),
+                      suites.Variant("b", variant("b"), [5, 6], 1e-3)]
+    results = {r.variant: r for r in suites.run(suite, min_run_time_s=0.01)}
+    assert results["a"].median_ms > 0 and results["b"].median_ms > 0 and results["wrong"].median_ms is None
+    assert calls[:2] == [("a", 0), ("b", 5)]  # the checks
+    timed = calls[2:]
+    names = [name for name, _ in timed]
+    assert len(timed) >= 2 * (1 + 5) and names == ["a", "b"] * (len(timed) // 2)  # warm-up + >= 5 rounds
+    assert [x for name, x in timed if name == "a"][:4] == [0, 1, 2, 0]
+    assert [x for name, x in timed if name == "b"][:3] == [5, 6, 5]
+
+
+def test_turns_keep_one_time_per_call_and_round():
+    turns = timing.Turns([lambda: None, lambda: sum(range(1000))])
+    for _ in range(7):
+        turns()
+    assert [len(seconds) for seconds in turns.seconds] == [7, 7]
+    medians = turns.medians_ms()
+    assert len(medians) == 2 and all(m >= 0 for m in medians)

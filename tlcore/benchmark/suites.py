@@ -2,7 +2,8 @@
 
 A Suite holds the variants of one mode for one model: each is checked against the
 suite's reference output first (a variant that disagrees is reported failed, not
-timed), then timed on rotating inputs. Speedups are over the suite's baseline variant.
+timed), then timed on rotating inputs (on a CPU all in turns, round by round).
+Speedups are over the suite's baseline variant.
 """
 import contextlib
 import copy
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 import tlcore
-from tlcore.benchmark.timing import memory_peak_gbs, matmul_peak_tflops, median_ms
+from tlcore.benchmark.timing import medians_in_turns_ms, memory_peak_gbs, matmul_peak_tflops, median_ms
 
 ROTATING_INPUTS = 3  # batches cycled through while timing
 CALIBRATION_BATCHES = 4
@@ -73,8 +74,9 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run(suite: Suite, min_run_time_s: float, progress=None) -> list[Result]:
-    """Check, then time every variant of `suite`."""
-    results = []
+    """Check every variant of `suite`, then time those that agree: one after the other on a GPU
+    (do_bench), in turns on a CPU (medians_in_turns_ms: a drifting machine would favour some)."""
+    results, checked = [], []
     for variant in suite.variants:
         result = Result(suite.mode, suite.model, suite.batch, variant.name, rate_unit=suite.rate_unit)
         try:
@@ -83,19 +85,32 @@ def run(suite: Suite, min_run_time_s: float, progress=None) -> list[Result]:
                 result.rel_error = rel_error(out, suite.reference)
                 if not result.rel_error <= variant.tolerance:  # NaN fails too
                     result.status = f"failed: error {result.rel_error:.3g} > {variant.tolerance:g}"
-                else:
+                elif suite.device.type == "cuda":
                     result.median_ms = median_ms(variant.fn, variant.inputs, suite.device, min_run_time_s)
+                else:
+                    checked.append((variant, result))
         except Exception as error:  # noqa: BLE001 - one broken variant must not end the run
             result.status = f"failed: {type(error).__name__}: {error}"[:200]
+        results.append(result)
+    if checked:
+        try:
+            with torch.no_grad():
+                medians = medians_in_turns_ms([v.fn for v, _ in checked], [v.inputs for v, _ in checked],
+                                              min_run_time_s)
+            for (_, result), ms in zip(checked, medians):
+                result.median_ms = ms
+        except Exception as error:  # noqa: BLE001 - each ran once already; report, don't end the run
+            for _, result in checked:
+                result.status = f"failed while timed: {type(error).__name__}: {error}"[:200]
+    for variant, result in zip(suite.variants, results):
         if result.median_ms:
             seconds = result.median_ms * 1e-3
             result.images_per_s = suite.batch / seconds if suite.mode != "optim" else None
             scale = 1e9 if suite.rate_unit == "GB/s" else 1e12
             result.rate = (variant.work or suite.work) / seconds / scale
             result.peak_share = result.rate / suite.peak if suite.peak == suite.peak else None
-        results.append(result)
-        if progress is not None:
-            progress.update(1)
+    if progress is not None:
+        progress.update(len(results))
     base = next((r for r in results if r.variant == suite.baseline and r.median_ms), None)
     for r in results:
         if base and r.median_ms:

@@ -1,5 +1,7 @@
 """Median latency of a callable over rotating inputs, with warm-up and device synchronisation."""
 import itertools
+import statistics
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,6 +25,45 @@ def median_ms(fn: Callable[[object], object], inputs: Sequence[object], device: 
     call()  # warm-up: lazy initialisation, first-touch allocation
     measurement = Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
     return measurement.blocked_autorange(min_run_time=min_run_time_s).median * 1e3
+
+
+class Turns:
+    """Calls callables in turns, one call of each per round, and keeps each call's time.
+
+    A CPU machine's speed drifts over seconds (cloud VMs, turbo, a busy neighbour): timed one
+    after the other, two variants see different machines. On a 2-core Intel Xeon VM (2026-11-23)
+    pytest-benchmark, which times each variant's rounds together, put tlcore's int8 ResNet-50 at
+    1.19x torch.ao's at batch 8, while alternating them forward by forward gave 1.05-1.09x.
+    In turns, the drift lands on every variant alike.
+    """
+
+    def __init__(self, calls: Sequence[Callable[[], object]]):
+        self.calls = list(calls)
+        self.seconds: list[list[float]] = [[] for _ in self.calls]
+
+    def __call__(self) -> None:
+        """One round: each call once, in order."""
+        for call, seconds in zip(self.calls, self.seconds):
+            start = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - start)
+
+    def medians_ms(self) -> list[float]:
+        return [statistics.median(seconds) * 1e3 for seconds in self.seconds]
+
+
+def medians_in_turns_ms(fns: Sequence[Callable[[object], object]], inputs: Sequence[Sequence[object]],
+                        min_run_time_s: float = 1.0, min_rounds: int = 5) -> list[float]:
+    """CPU: the median milliseconds of fns[i](input), each cycling through inputs[i], timed in
+    turns (Turns) for about min_run_time_s per callable, after one warm-up round."""
+    cycles = [itertools.cycle(batch) for batch in inputs]
+    turns = Turns([lambda fn=fn, cycle=cycle: fn(next(cycle)) for fn, cycle in zip(fns, cycles)])
+    for call in turns.calls:
+        call()  # warm-up: lazy initialisation, first-touch allocation
+    start = time.perf_counter()
+    while len(turns.seconds[0]) < min_rounds or time.perf_counter() - start < min_run_time_s * len(fns):
+        turns()
+    return turns.medians_ms()
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
