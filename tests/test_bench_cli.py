@@ -92,3 +92,14 @@ def test_turns_keep_one_time_per_call_and_round():
     assert [len(seconds) for seconds in turns.seconds] == [7, 7]
     medians = turns.medians_ms()
     assert len(medians) == 2 and all(m >= 0 for m in medians)
+
+
+def test_provenance_records_tlcore_settings_and_library_caps(monkeypatch):
+    from tlcore.benchmark.provenance import tlcore_settings
+
+    monkeypatch.setenv("TLCORE_INT8_CPU_ISA", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ONEDNN_VERBOSE", "0")
+    settings = tlcore_settings()
+    assert settings["TLCORE_INT8_CPU_ISA"] == "avx2" and settings["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert "ONEDNN_VERBOSE" not in settings

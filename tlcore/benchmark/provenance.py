@@ -32,9 +32,16 @@ def _commit() -> str:
         return "unknown"
 
 
+# The variables that cap the instruction sets of torch's own CPU kernels (oneDNN, FBGEMM, ATen):
+# with TLCORE_INT8_CPU_ISA=avx2 they make a VNNI CPU behave like an AVX2-only one for every side.
+LIBRARY_CAPS = ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
 def tlcore_settings() -> dict:
-    """The TLCORE_* environment variables set (backend, instruction set, autotuning, ...)."""
-    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("TLCORE_")}
+    """The TLCORE_* environment variables set (backend, instruction set, autotuning, ...) and the
+    LIBRARY_CAPS set."""
+    return {name: value for name, value in sorted(os.environ.items())
+            if name.startswith("TLCORE_") or name in LIBRARY_CAPS}
 
 
 def provenance(device: torch.device) -> dict:
