@@ -29,6 +29,7 @@ import tlcore
 from conftest import DEVICE, needs_gpu, run_benchmark
 from test_bench_conv import SHAPES, conv_shapes, shape_id
 from tlcore.backend import use_backend
+from tlcore.benchmark.provenance import LIBRARY_CAPS
 from tlcore.benchmark.timing import Turns, matmul_peak_tflops
 from tlcore.ops.conv import output_size
 
@@ -37,8 +38,7 @@ CASES = [("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8), ("r
 VARIANTS = ["fp32 eager", "torch.ao int8 x86", "tlcore int8", "tlcore int8 7-bit"]
 MIN_SQNR_DB = 15.0  # random-weight ResNets quantize less well than trained ones; this catches broken ones
 # The caps that make a VNNI CPU behave like an AVX2-only one, recorded with every result.
-ISA_CAPS = ("TLCORE_INT8_CPU_ISA", "TLCORE_INT8_CPU_ALGORITHM", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
-            "ATEN_CPU_CAPABILITY")
+ISA_CAPS = ("TLCORE_INT8_CPU_ISA", "TLCORE_INT8_CPU_ALGORITHM", *LIBRARY_CAPS)
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -116,9 +116,9 @@ def test_cpu_int8_forward_in_turns(benchmark, model, batch):
     cycles = [itertools.cycle(inputs) for _ in names]
     turns = Turns([lambda fn=variants[name], cycle=cycle: fn(next(cycle)) for name, cycle in zip(names, cycles)])
     with torch.no_grad():
-        for call in turns.calls:
-            call()  # warm-up, outside the recorded times
-        benchmark.pedantic(turns, rounds=15, iterations=1)
+        turns.warm_up()
+        benchmark.pedantic(turns, rounds=16, iterations=1)
+    assert turns.errors == [None, None], turns.errors
     ao_ms, tlcore_ms = turns.medians_ms()
     benchmark.group = f"{model} batch {batch} in turns (CPU, {torch.get_num_threads()} threads)"
     benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(),

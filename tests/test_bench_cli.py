@@ -61,8 +61,9 @@ def test_fp32_variants_on_a_gpu_get_tf32_tolerance_when_torch_allows_tf32(monkey
 
 
 def test_cpu_variants_are_timed_in_turns():
-    """On a CPU, after every variant is checked, the timed calls alternate round by round, each variant
-    cycling through its own inputs, so a machine whose speed drifts weighs on all alike."""
+    """On a CPU, after every variant is checked, the timed calls take turns, every other round in
+    reverse order, each variant cycling through its own inputs, so a machine whose speed drifts
+    weighs on all alike."""
     calls = []
 
     def variant(name):
@@ -78,28 +79,51 @@ def test_cpu_variants_are_timed_in_turns():
     results = {r.variant: r for r in suites.run(suite, min_run_time_s=0.01)}
     assert results["a"].median_ms > 0 and results["b"].median_ms > 0 and results["wrong"].median_ms is None
     assert calls[:2] == [("a", 0), ("b", 5)]  # the checks
-    timed = calls[2:]
-    names = [name for name, _ in timed]
-    assert len(timed) >= 2 * (1 + 5) and names == ["a", "b"] * (len(timed) // 2)  # warm-up + >= 5 rounds
-    assert [x for name, x in timed if name == "a"][:4] == [0, 1, 2, 0]
-    assert [x for name, x in timed if name == "b"][:3] == [5, 6, 5]
+    names = [name for name, _ in calls[2:]]
+    rounds = len(names) // 2
+    assert rounds >= 1 + 5 and names == ["a", "b", "b", "a"] * (rounds // 2) + ["a", "b"] * (rounds % 2)
+    assert [x for name, x in calls[2:] if name == "a"][:4] == [0, 1, 2, 0]
+    assert [x for name, x in calls[2:] if name == "b"][:3] == [5, 6, 5]
 
 
-def test_turns_keep_one_time_per_call_and_round():
-    turns = timing.Turns([lambda: None, lambda: sum(range(1000))])
+def test_a_variant_that_raises_while_timed_fails_alone():
+    timed_calls = 0
+
+    def flaky(x):
+        nonlocal timed_calls
+        timed_calls += 1
+        if timed_calls == 3:  # the check, the warm-up, then this
+            raise RuntimeError("out of memory")
+        return x
+
+    suite = suites.Suite("fuse", "toy", 1, torch.device("cpu"), "steady", torch.ones(4), 1.0, "TFLOP/s", 1.0)
+    suite.variants = [suites.Variant("flaky", flaky, [torch.ones(4)], 1e-3),
+                      suites.Variant("steady", lambda x: x, [torch.ones(4)], 1e-3)]
+    results = {r.variant: r for r in suites.run(suite, min_run_time_s=0.01)}
+    assert results["flaky"].status == "failed while timed: RuntimeError: out of memory"
+    assert results["flaky"].median_ms is None and results["flaky"].speedup is None
+    assert results["steady"].status == "ok" and results["steady"].median_ms > 0
+    assert timed_calls == 3  # left out of the later rounds
+
+
+def test_turns_record_one_time_per_call_and_round_after_the_warm_up():
+    work = lambda: sum(range(1000))  # noqa: E731
+    turns = timing.Turns([work, work])
+    turns.warm_up()
+    assert turns.seconds == [[], []]
     for _ in range(7):
         turns()
-    assert [len(seconds) for seconds in turns.seconds] == [7, 7]
-    medians = turns.medians_ms()
-    assert len(medians) == 2 and all(m >= 0 for m in medians)
+    assert [len(seconds) for seconds in turns.seconds] == [7, 7] and turns.rounds == 8
+    assert all(median > 0 for median in turns.medians_ms())
 
 
 def test_provenance_records_tlcore_settings_and_library_caps(monkeypatch):
-    from tlcore.benchmark.provenance import tlcore_settings
+    from tlcore.benchmark.provenance import library_caps, provenance, tlcore_settings
 
     monkeypatch.setenv("TLCORE_INT8_CPU_ISA", "avx2")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    monkeypatch.setenv("ONEDNN_VERBOSE", "0")
-    settings = tlcore_settings()
-    assert settings["TLCORE_INT8_CPU_ISA"] == "avx2" and settings["ONEDNN_MAX_CPU_ISA"] == "AVX2"
-    assert "ONEDNN_VERBOSE" not in settings
+    for name in ("FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert tlcore_settings()["TLCORE_INT8_CPU_ISA"] == "avx2" and "ONEDNN_MAX_CPU_ISA" not in tlcore_settings()
+    assert library_caps() == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert provenance(torch.device("cpu"))["library_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}

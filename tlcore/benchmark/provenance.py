@@ -38,10 +38,13 @@ LIBRARY_CAPS = ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CA
 
 
 def tlcore_settings() -> dict:
-    """The TLCORE_* environment variables set (backend, instruction set, autotuning, ...) and the
-    LIBRARY_CAPS set."""
-    return {name: value for name, value in sorted(os.environ.items())
-            if name.startswith("TLCORE_") or name in LIBRARY_CAPS}
+    """The TLCORE_* environment variables set (backend, instruction set, autotuning, ...)."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("TLCORE_")}
+
+
+def library_caps() -> dict:
+    """The LIBRARY_CAPS set."""
+    return {name: os.environ[name] for name in LIBRARY_CAPS if name in os.environ}
 
 
 def provenance(device: torch.device) -> dict:
@@ -58,6 +61,7 @@ def provenance(device: torch.device) -> dict:
         "tlcore_commit": _commit(),
         "python": platform.python_version(),
         "tlcore_settings": tlcore_settings(),
+        "library_caps": library_caps(),
     }
     try:
         import triton

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 import tlcore
-from tlcore.benchmark.timing import medians_in_turns_ms, memory_peak_gbs, matmul_peak_tflops, median_ms
+from tlcore.benchmark.timing import memory_peak_gbs, matmul_peak_tflops, median_ms, time_in_turns
 
 ROTATING_INPUTS = 3  # batches cycled through while timing
 CALIBRATION_BATCHES = 4
@@ -75,10 +75,11 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run(suite: Suite, min_run_time_s: float, progress=None) -> list[Result]:
     """Check every variant of `suite`, then time those that agree: one after the other on a GPU
-    (do_bench), in turns on a CPU (medians_in_turns_ms: a drifting machine would favour some)."""
+    (do_bench), in turns on a CPU (time_in_turns: a drifting machine would favour some)."""
     results, checked = [], []
     for variant in suite.variants:
         result = Result(suite.mode, suite.model, suite.batch, variant.name, rate_unit=suite.rate_unit)
+        timed_later = False
         try:
             with torch.no_grad():
                 out = variant.output() if variant.output else variant.fn(variant.inputs[0])
@@ -89,19 +90,21 @@ def run(suite: Suite, min_run_time_s: float, progress=None) -> list[Result]:
                     result.median_ms = median_ms(variant.fn, variant.inputs, suite.device, min_run_time_s)
                 else:
                     checked.append((variant, result))
+                    timed_later = True
         except Exception as error:  # noqa: BLE001 - one broken variant must not end the run
             result.status = f"failed: {type(error).__name__}: {error}"[:200]
         results.append(result)
+        if progress is not None and not timed_later:
+            progress.update(1)
     if checked:
-        try:
-            with torch.no_grad():
-                medians = medians_in_turns_ms([v.fn for v, _ in checked], [v.inputs for v, _ in checked],
-                                              min_run_time_s)
-            for (_, result), ms in zip(checked, medians):
-                result.median_ms = ms
-        except Exception as error:  # noqa: BLE001 - each ran once already; report, don't end the run
-            for _, result in checked:
+        with torch.no_grad():
+            turns = time_in_turns([v.fn for v, _ in checked], [v.inputs for v, _ in checked], min_run_time_s)
+        for (_, result), ms, error in zip(checked, turns.medians_ms(), turns.errors):
+            result.median_ms = ms
+            if error is not None:
                 result.status = f"failed while timed: {type(error).__name__}: {error}"[:200]
+        if progress is not None:
+            progress.update(len(checked))
     for variant, result in zip(suite.variants, results):
         if result.median_ms:
             seconds = result.median_ms * 1e-3
@@ -109,8 +112,6 @@ def run(suite: Suite, min_run_time_s: float, progress=None) -> list[Result]:
             scale = 1e9 if suite.rate_unit == "GB/s" else 1e12
             result.rate = (variant.work or suite.work) / seconds / scale
             result.peak_share = result.rate / suite.peak if suite.peak == suite.peak else None
-    if progress is not None:
-        progress.update(len(results))
     base = next((r for r in results if r.variant == suite.baseline and r.median_ms), None)
     for r in results:
         if base and r.median_ms:

@@ -34,36 +34,59 @@ class Turns:
     after the other, two variants see different machines. On a 2-core Intel Xeon VM (2026-11-23)
     pytest-benchmark, which times each variant's rounds together, put tlcore's int8 ResNet-50 at
     1.19x torch.ao's at batch 8, while alternating them forward by forward gave 1.05-1.09x.
-    In turns, the drift lands on every variant alike.
+    In turns, the drift lands on every variant alike. Every other round runs in reverse order, so
+    no call always follows the same neighbour (whose data may have evicted its own from the
+    caches). A call that raises is left out of later rounds, its exception in `errors`.
     """
 
     def __init__(self, calls: Sequence[Callable[[], object]]):
         self.calls = list(calls)
         self.seconds: list[list[float]] = [[] for _ in self.calls]
+        self.errors: list[Exception | None] = [None] * len(self.calls)
+        self.rounds = 0
 
     def __call__(self) -> None:
-        """One round: each call once, in order."""
-        for call, seconds in zip(self.calls, self.seconds):
+        """One round: each call that has not raised once, forward or backward by turn."""
+        order = range(len(self.calls)) if self.rounds % 2 == 0 else reversed(range(len(self.calls)))
+        self.rounds += 1
+        for i in order:
+            if self.errors[i] is not None:
+                continue
             start = time.perf_counter()
-            call()
-            seconds.append(time.perf_counter() - start)
+            try:
+                self.calls[i]()
+            except Exception as error:  # noqa: BLE001 - the others go on; the caller reports it
+                self.errors[i] = error
+                continue
+            self.seconds[i].append(time.perf_counter() - start)
 
-    def medians_ms(self) -> list[float]:
-        return [statistics.median(seconds) * 1e3 for seconds in self.seconds]
+    def warm_up(self) -> None:
+        """One round, not recorded: lazy initialisation, first-touch allocation."""
+        self()
+        for seconds in self.seconds:
+            seconds.clear()
+
+    def live(self) -> bool:
+        return any(error is None for error in self.errors)
+
+    def medians_ms(self) -> list[float | None]:
+        """Each call's median time; None for a call that raised or never ran."""
+        return [statistics.median(seconds) * 1e3 if error is None and seconds else None
+                for seconds, error in zip(self.seconds, self.errors)]
 
 
-def medians_in_turns_ms(fns: Sequence[Callable[[object], object]], inputs: Sequence[Sequence[object]],
-                        min_run_time_s: float = 1.0, min_rounds: int = 5) -> list[float]:
-    """CPU: the median milliseconds of fns[i](input), each cycling through inputs[i], timed in
-    turns (Turns) for about min_run_time_s per callable, after one warm-up round."""
+def time_in_turns(fns: Sequence[Callable[[object], object]], inputs: Sequence[Sequence[object]],
+                  min_run_time_s: float = 1.0, min_rounds: int = 5) -> Turns:
+    """CPU: fns[i](input), each cycling through inputs[i], timed in turns (Turns) after one warm-up
+    round, for at least min_rounds rounds and about min_run_time_s * len(fns) seconds in all.
+    The returned Turns has each one's median (medians_ms) and any exception (errors)."""
     cycles = [itertools.cycle(batch) for batch in inputs]
     turns = Turns([lambda fn=fn, cycle=cycle: fn(next(cycle)) for fn, cycle in zip(fns, cycles)])
-    for call in turns.calls:
-        call()  # warm-up: lazy initialisation, first-touch allocation
+    turns.warm_up()
     start = time.perf_counter()
-    while len(turns.seconds[0]) < min_rounds or time.perf_counter() - start < min_run_time_s * len(fns):
+    while turns.live() and (turns.rounds <= min_rounds or time.perf_counter() - start < min_run_time_s * len(fns)):
         turns()
-    return turns.medians_ms()
+    return turns
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
