@@ -608,9 +608,10 @@ def test_cpu_kernel_every_last_tile_size(isa, kernel, monkeypatch):
         assert_bit_exact(run(case, "cpu"), reference(case), f"cpu/{isa} {r}x{r} on {pixels} pixels")
 
 
-# The AMX kernel's two sources of tile rows (csrc/cpu/int8_amx.cpp): in place (stride 1, C % 64 == 0,
-# not pointwise) over the padded input, dropping the extra columns of each output row, and gathered
-# panels otherwise; with blocks in pairs and alone, and partial blocks.
+# The AMX kernel's sources of tile rows (csrc/cpu/int8_amx.cpp): in place (stride 1, whole steps a
+# pixel) over the padded input, dropping the extra columns of each output row, or over x itself
+# (pointwise, C % 64 == 0), and gathered panels otherwise; with blocks in pairs and alone, and
+# partial blocks.
 AMX_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (2, 64, 6, 9, 33, 3, 3, 1, 1, 1),      # in place: two images, a pair of blocks then one of 1 channel
     (1, 128, 11, 10, 48, 3, 3, 1, 1, 1),   # in place: 110 rows a image, chunks of 64 across output rows
@@ -618,6 +619,9 @@ AMX_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (1, 64, 3, 4, 16, 5, 5, 1, 2, 1),      # in place: the window wider than the image
     (2, 64, 9, 9, 40, 3, 3, 2, 1, 1),      # panel: stride 2
     (2, 64, 7, 7, 32, 1, 1, 1, 0, 1),      # pointwise, signed codes in place; the last 34 rows copied
+    (2, 63, 7, 7, 32, 1, 1, 1, 0, 1),      # panel: pointwise, 16 words a pixel but 63-byte pixels in x
+    (1, 125, 9, 8, 16, 1, 1, 1, 0, 1),     # panel: the same with 32 words (125 channels)
+    (2, 61, 5, 6, 20, 3, 3, 1, 1, 1),      # in place over the padded input, 16 words a pixel (3 bytes zero)
     (1, 36, 5, 5, 16, 1, 1, 1, 0, 1),      # panel: pointwise, 9 words a pixel, converted in one run
     (1, 100, 9, 7, 17, 1, 1, 2, 0, 1),     # panel: strided pointwise, 25 words a row (a partial step)
     (1, 96, 5, 6, 24, 3, 3, 1, 1, 1),      # panel: stride 1 but 24 words a pixel (not whole steps)

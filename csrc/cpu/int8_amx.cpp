@@ -182,11 +182,13 @@ bool os_allows_amx() {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-// Where a tile's A rows come from. Convs whose pixels fill whole steps (C % 64 == 0) read them in
-// place when the stride is 1:
-//   kInput (pointwise): output pixel m is input pixel m, so a.x is the A matrix as it is, its signed
-//     codes multiplied by TDPBSSD (no conversion to u, no correction); a last chunk short of
-//     kPanelRows rows is copied to a panel first, so no tile load reads past a.x.
+// Where a tile's A rows come from. Convs whose pixels fill whole steps (16 words: C / 4 rounded up a
+// multiple of 16) read them in place when the stride is 1:
+//   kInput (pointwise, C % 64 == 0): output pixel m is input pixel m, so a.x is the A matrix as it
+//     is, its signed codes multiplied by TDPBSSD (no conversion to u, no correction); a last chunk
+//     short of kPanelRows rows is copied to a panel first, so no tile load reads past a.x. With C
+//     not a multiple of 4, a.x's pixels would not start on words (C = 61-63, 125-127, ...: wrong
+//     rows, and a read past a.x), so those convert panels.
 //   kPadded: over the padded input's pixels in order, output pixel (oh, ow) is padded pixel
 //     oh * wp + ow of its image and every tap a fixed offset from it, so 16 rows are 16 consecutive
 //     pixels; the wp - ow extra columns per output row are computed and dropped (2 of 58 at 56x56,
@@ -204,7 +206,7 @@ struct RowSource {
 RowSource row_source(const Int8ConvArgs& a, int64_t wp, int64_t groups, bool pointwise) {
   RowSource source;
   const bool whole_steps = a.stride_h == 1 && a.stride_w == 1 && groups % kAmxStepWords == 0;
-  source.rows = !whole_steps ? Rows::kPanel : pointwise ? Rows::kInput : Rows::kPadded;
+  source.rows = !whole_steps ? Rows::kPanel : !pointwise ? Rows::kPadded : a.c % 4 == 0 ? Rows::kInput : Rows::kPanel;
   source.rows_per_image = 0;
   if (source.rows == Rows::kPadded) {
     source.stride = groups;
