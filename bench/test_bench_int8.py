@@ -17,7 +17,6 @@ TLCORE_INT8_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 """
 import copy
 import functools
-import itertools
 import os
 import warnings
 
@@ -113,8 +112,7 @@ def test_cpu_int8_forward_in_turns(benchmark, model, batch):
     The benchmark's own time is a round's (both forwards); extra_info has each one's median."""
     variants, inputs = _variants(model), _inputs(batch)
     names = ("torch.ao int8 x86", "tlcore int8")
-    cycles = [itertools.cycle(inputs) for _ in names]
-    turns = Turns([lambda fn=variants[name], cycle=cycle: fn(next(cycle)) for name, cycle in zip(names, cycles)])
+    turns = Turns.rotating([variants[name] for name in names], [inputs] * len(names))
     with torch.no_grad():
         turns.warm_up()
         benchmark.pedantic(turns, rounds=16, iterations=1)

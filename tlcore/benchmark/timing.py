@@ -45,6 +45,12 @@ class Turns:
         self.errors: list[Exception | None] = [None] * len(self.calls)
         self.rounds = 0
 
+    @classmethod
+    def rotating(cls, fns: Sequence[Callable[[object], object]], inputs: Sequence[Sequence[object]]) -> "Turns":
+        """Turns of fns[i](input), each cycling through its own inputs[i]."""
+        cycles = [itertools.cycle(batch) for batch in inputs]
+        return cls([lambda fn=fn, cycle=cycle: fn(next(cycle)) for fn, cycle in zip(fns, cycles)])
+
     def __call__(self) -> None:
         """One round: each call that has not raised once, forward or backward by turn."""
         order = range(len(self.calls)) if self.rounds % 2 == 0 else reversed(range(len(self.calls)))
@@ -80,12 +86,12 @@ def time_in_turns(fns: Sequence[Callable[[object], object]], inputs: Sequence[Se
     """CPU: fns[i](input), each cycling through inputs[i], timed in turns (Turns) after one warm-up
     round, for at least min_rounds rounds and about min_run_time_s * len(fns) seconds in all.
     The returned Turns has each one's median (medians_ms) and any exception (errors)."""
-    cycles = [itertools.cycle(batch) for batch in inputs]
-    turns = Turns([lambda fn=fn, cycle=cycle: fn(next(cycle)) for fn, cycle in zip(fns, cycles)])
+    turns = Turns.rotating(fns, inputs)
     turns.warm_up()
-    start = time.perf_counter()
-    while turns.live() and (turns.rounds <= min_rounds or time.perf_counter() - start < min_run_time_s * len(fns)):
+    start, recorded = time.perf_counter(), 0
+    while turns.live() and (recorded < min_rounds or time.perf_counter() - start < min_run_time_s * len(fns)):
         turns()
+        recorded += 1
     return turns
 
 
