@@ -107,20 +107,23 @@ def test_cpu_int8_forward(benchmark, model, batch, variant):
 
 @pytest.mark.parametrize("model,batch", [case for case in CASES if not case[0].startswith("resnext")])
 def test_cpu_int8_forward_in_turns(benchmark, model, batch):
-    """tlcore int8 against torch.ao int8, one forward of each per round (Turns): the speedup with
-    the machine's drift shared, which test_cpu_int8_forward's one-variant-at-a-time rounds are not.
-    The benchmark's own time is a round's (both forwards); extra_info has each one's median."""
+    """tlcore int8 (8-bit, and 7-bit as torch.ao's) against torch.ao int8, one forward of each per
+    round (Turns): the speedups with the machine's drift shared, which test_cpu_int8_forward's
+    one-variant-at-a-time rounds are not. The benchmark's own time is a round's (all three
+    forwards); extra_info has each one's median and tlcore's speedups."""
     variants, inputs = _variants(model), _inputs(batch)
-    names = ("torch.ao int8 x86", "tlcore int8")
+    names = ("torch.ao int8 x86", "tlcore int8", "tlcore int8 7-bit")
     turns = Turns.rotating([variants[name] for name in names], [inputs] * len(names))
     with torch.no_grad():
         turns.warm_up()
         benchmark.pedantic(turns, rounds=16, iterations=1)
-    assert turns.errors == [None, None], turns.errors
-    ao_ms, tlcore_ms = turns.medians_ms()
+    assert turns.errors == [None] * len(names), turns.errors
+    medians = dict(zip(names, turns.medians_ms()))
+    ao_ms = medians["torch.ao int8 x86"]
     benchmark.group = f"{model} batch {batch} in turns (CPU, {torch.get_num_threads()} threads)"
-    benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(),
-                                median_ms=dict(zip(names, (ao_ms, tlcore_ms))), speedup_over_torch_ao=ao_ms / tlcore_ms,
+    benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(), median_ms=medians,
+                                speedup_over_torch_ao=ao_ms / medians["tlcore int8"],
+                                seven_bit_speedup_over_torch_ao=ao_ms / medians["tlcore int8 7-bit"],
                                 tlcore_cpu_isa=_tlcore_isa(), env={name: os.environ.get(name) for name in ISA_CAPS})
 
 

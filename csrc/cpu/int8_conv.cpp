@@ -1203,8 +1203,12 @@ Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, in
   if (supported(Int8Algorithm::kSplit)) return Int8Algorithm::kSplit;
   // Stride 2 saves a third of the products but has 25 / 9 as many weights to stream: measured (AVX2,
   // AMD EPYC) 7-23% faster at batch 8 for C * K <= 256 * 256 and as fast at batch 1, but at 256 x 512 no
-  // faster at batch 8 and 5-15% slower at batch 1.
-  if (c * k <= 256 * 256 && supported(Int8Algorithm::kStrideTwoWinograd)) return Int8Algorithm::kStrideTwoWinograd;
+  // faster at batch 8 and 5-15% slower at batch 1. Not for 7-bit codes: its int16 products cost 4
+  // instructions per 32 where direct vpmaddubsw takes 3, which undoes the saving; direct ran ResNet-50's
+  // 128- and 256-channel stride-2 3x3 convs 0.97-1.14x as fast (AVX2-capped Intel Xeon, batch 1 and 8).
+  if (c * k <= 256 * 256 && isa != Int8Isa::kAvx2U7 && supported(Int8Algorithm::kStrideTwoWinograd)) {
+    return Int8Algorithm::kStrideTwoWinograd;
+  }
   // Odd C wastes a pair slot per pixel in the direct layout; the rows layout wastes at most one per tap row.
   if (c % 2 == 1 && s > 1 && supported(Int8Algorithm::kRows)) return Int8Algorithm::kRows;
   return Int8Algorithm::kDirect;

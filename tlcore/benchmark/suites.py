@@ -210,6 +210,9 @@ def int8_suite(name: str, batch: int, device: torch.device, dtype: torch.dtype, 
                                       TOLERANCE["int8"]))
     quantized = tlcore.quantize(model, calibration)
     suite.variants.append(Variant("tlcore.quantize int8", quantized, inputs, TOLERANCE["int8"]))
+    if device.type == "cpu":  # 7-bit activations, torch.ao's x86 precision: vpmaddubsw on AVX2 without VNNI
+        seven_bit = tlcore.quantize(model, calibration, reduce_range=True)
+        suite.variants.append(Variant("tlcore.quantize int8 7-bit", seven_bit, inputs, TOLERANCE["int8"]))
     return suite
 
 
