@@ -246,7 +246,8 @@ def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: 
 
     The fastest it supports: exact integer Winograd for 3x3 stride-1 convs on instruction sets
     without VNNI (F(2x4, 3x3) tiles: 3 products per output instead of 9; 1.5-2x faster there),
-    and for 3x3 stride-2 convs with C * K <= 256 * 256 (25 products per 2x2 tile instead of 36),
+    and for 3x3 stride-2 convs with C * K <= 256 * 256 on 8-bit codes (25 products per 2x2 tile
+    instead of 36; 7-bit codes run them direct on vpmaddubsw: as fast or faster),
     the split algorithm for 1x1 convs on AVX2 (7-bit products by vpmaddubsw plus the listed top
     bits: ResNet-50 6-10% faster than with the int16 pairs), the rows layout for odd channel
     counts (the RGB stem), else direct (grouped convs always).
