@@ -43,7 +43,7 @@ def tlcore_settings() -> dict:
 
 
 def library_caps() -> dict:
-    """The LIBRARY_CAPS set."""
+    """The LIBRARY_CAPS variables that are set in this process, with their values."""
     return {name: os.environ[name] for name in LIBRARY_CAPS if name in os.environ}
 
 
