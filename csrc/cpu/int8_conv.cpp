@@ -1058,6 +1058,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
           } else {
             tile_rows(a, x.get() + window, hp, row_words, column_words, m0, count, rows, ms);
           }
+          if (pointwise) prefetch_residual(a, m0, count, block * kTileN);
           for (int i = count; i < M; ++i) rows[i] = rows[count - 1];  // zmm_tile may compute up to M rows
           const int64_t* offsets = tap_offsets.data();
           // Narrow groups have 1 or 2 words a group (quads: 4 or 8 channels), `groups` per tap.
@@ -1122,6 +1123,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
           tile_rows(a, x.get() + window, hp, row_words, column_words, m0, rows, t.rows, ms + slot);
         }
         t.count = rows;
+        if (pointwise) prefetch_residual(a, m0, rows, block * kTileN);
         run_tile(t, acc + slot);
       }
       // Only the chunk's last tile can be partial, so its first `rows` slots are its pixels in order.
