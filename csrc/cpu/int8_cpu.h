@@ -113,8 +113,8 @@ using EpilogueFn = void (*)(const Int8ConvArgs&, const int32_t (*acc)[kTileN], c
 // Asks for the residual bytes of output pixels m0 .. m0 + rows - 1, channels k0 .. k0 + 15, before a
 // tile's products, so that they arrive while it runs. The kernels call it for pointwise convs only:
 // there a short reduction leaves the epilogue waiting on the residual's loads (ResNet-50's 64- and
-// 128-channel 1x1 convs with their residual, batch 8: 0-18% faster on AVX2, AVX-512 VNNI and AMX,
-// the most while the VM's memory was slow), while its 256- and 512-channel ones and 3x3 convs,
+// 128-channel 1x1 convs with their residual, batch 8: 0.96-1.18x as fast on AVX2, AVX-512 VNNI and
+// AMX, the most while the VM's memory was slow), while its 256- and 512-channel ones and 3x3 convs,
 // direct or Winograd, measured no faster.
 inline void prefetch_residual(const Int8ConvArgs& a, int64_t m0, int64_t rows, int64_t k0) {
 #if defined(__x86_64__) || defined(__i386__)
