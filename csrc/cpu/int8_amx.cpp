@@ -336,8 +336,10 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
       }
       const int32_t* w = weight + block * block_words;
       for (int64_t sub = 0; sub * kSubRows < count; ++sub) {
-        const int64_t m0 = chunk * kPanelRows + sub * kSubRows;  // the tile's first output pixel (unpadded)
-        if (pointwise) prefetch_residual(a, m0, std::min<int64_t>(kSubRows, m_total - m0), block * kTileN);
+        // Unpadded rows: the tile's first output pixel and its number of pixels.
+        const int64_t m0 = chunk * kPanelRows + sub * kSubRows;
+        const int valid = static_cast<int>(std::min<int64_t>(kSubRows, m_total - m0));
+        if (pointwise) prefetch_residual(a, m0, valid, block * kTileN);
         const int32_t* tile_rows = rows + sub * kSubRows * source.stride;
         const auto run_tile = n_blocks == 2 ? (signed_rows ? amx_tile<2, true> : amx_tile<2, false>)
                                             : (signed_rows ? amx_tile<1, true> : amx_tile<1, false>);
@@ -348,7 +350,6 @@ void int8_conv2d_amx(const Int8ConvArgs& a) {
             in_place_epilogue(a, epilogue, wp, source.rows_per_image, n, q_first + sub * kSubRows, acc[j], k0);
             continue;
           }
-          const int valid = static_cast<int>(std::min<int64_t>(kSubRows, m_total - m0));
           for (int i = 0; i < valid; ++i) ms[i] = m0 + i;
           epilogue(a, acc[j], ms, valid, k0);
         }

@@ -117,7 +117,7 @@ using EpilogueFn = void (*)(const Int8ConvArgs&, const int32_t (*acc)[kTileN], c
 // AMX, the most while the VM's memory was slow), while its 256- and 512-channel ones and 3x3 convs,
 // direct or Winograd, measured no faster.
 inline void prefetch_residual(const Int8ConvArgs& a, int64_t m0, int64_t rows, int64_t k0) {
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef TLCORE_X86
   if (a.residual == nullptr) return;
   for (int64_t i = 0; i < rows; ++i) {
     _mm_prefetch(reinterpret_cast<const char*>(a.residual + (m0 + i) * a.k + k0), _MM_HINT_T0);
