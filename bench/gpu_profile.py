@@ -9,7 +9,8 @@
 models writes, per variant, profile-<variant>.txt (kernels by device time, then tlcore's and torch's
 ops by input shape) and models.json: a forward's wall time against the time its kernels kept the
 GPU busy (a busy share well under 1 means the host's launches, not the kernels, set the pace), and
-a Chrome trace of the int8 model's forwards. layers writes layers.txt: the profiled calls in launch
+a Chrome trace of the int8 model's forwards, and the GPU backend each int8 conv configuration was
+measured fastest on. layers writes layers.txt: the profiled calls in launch
 order, the order of ncu's report (a padded conv on Triton launches two kernels there: its
 padding corrections, then the conv).
 """
@@ -22,6 +23,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from tlcore import backend
 from tlcore.benchmark import suites
 
 FORWARDS = 3  # profiled forwards per model variant, after two warm-up ones (compilation, autotuning)
@@ -70,8 +72,10 @@ def profile_models(out: Path) -> None:
     summary = {"model": "resnet50", "batch": BATCH, "forwards": FORWARDS, "torch": torch.__version__,
                "device": torch.cuda.get_device_name(), "variants": {}}
     for variant in variants:
-        summary["variants"][variant.name] = profile_variant(variant, out, trace="int8" in variant.name)
+        summary["variants"][variant.name] = profile_variant(variant, out, trace=variant.name == "tlcore.quantize int8")
         print(variant.name, summary["variants"][variant.name], flush=True)
+    # the GPU kernel each int8 conv configuration ran on, by its timing key (tlcore/ops/int8.py's _timing_key)
+    summary["int8 conv backends"] = {str(key): chosen for (_, _, key), chosen in backend.fastest_choices().items()}
     (out / "models.json").write_text(json.dumps(summary, indent=1))
 
 

@@ -91,3 +91,90 @@ def test_missing_extension_falls_back_with_one_message(monkeypatch):
     assert len(messages) == 1 and "libtlcore broke" in messages[0]
     with pytest.raises(RuntimeError, match="needs tlcore's compiled extension.*libtlcore broke"):
         _extension.require("INT8 on CPU")
+
+
+# ---- select_fastest: the GPU backend measured fastest per call configuration ---------------------
+
+GPU = torch.device("cuda", 0)
+GPU_KERNELS = ("triton", "cuda", "torch")
+
+
+@pytest.fixture
+def timed_gpu(monkeypatch):
+    """A pretend GPU with both GPU backends runnable, whose timing reports `speeds` (ms per backend);
+    yields (speeds, the backends timed so far). No GPU is touched: launch() returns the backend's name."""
+    monkeypatch.setattr(_extension, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(backend, "_fastest", {})
+    monkeypatch.delenv("TLCORE_BACKEND", raising=False)
+    monkeypatch.delenv(backend.TIMING_ENV, raising=False)
+    speeds, timed = {"triton": 2.0, "cuda": 1.0}, []
+
+    def median_ms(call, device):
+        assert device == GPU
+        name = call()
+        timed.append(name)
+        return speeds[name]
+
+    monkeypatch.setattr(backend, "_median_ms", median_ms)
+    return speeds, timed
+
+
+def launch(name):
+    return name
+
+
+def test_select_fastest_times_each_gpu_backend_once_per_key(timed_gpu):
+    speeds, timed = timed_gpu
+    assert backend.select_fastest("op", GPU, GPU_KERNELS, ("shape", 1), launch) == "cuda"
+    assert sorted(timed) == ["cuda", "triton"]
+    speeds["cuda"] = 3.0  # a second call with the key reuses the first measurement
+    assert backend.select_fastest("op", GPU, GPU_KERNELS, ("shape", 1), launch) == "cuda"
+    assert len(timed) == 2
+    assert backend.select_fastest("op", GPU, GPU_KERNELS, ("shape", 2), launch) == "triton"
+    assert len(timed) == 4
+    assert backend.fastest_choices() == {("op", GPU, ("shape", 1)): "cuda", ("op", GPU, ("shape", 2)): "triton"}
+
+
+def test_traced_calls_reuse_a_choice_but_time_nothing(timed_gpu):
+    _, timed = timed_gpu
+    assert backend.select_fastest("op", GPU, GPU_KERNELS, ("shape",), None) == "triton"  # the default order
+    assert backend.select_fastest("op", GPU, GPU_KERNELS, ("shape",), launch) == "cuda"
+    assert backend.select_fastest("op", GPU, GPU_KERNELS, ("shape",), None) == "cuda"
+    assert len(timed) == 2
+
+
+@pytest.mark.parametrize("why", ["forced", "env off", "symbolic key", "one gpu kernel", "capturing", "cpu"])
+def test_select_fastest_keeps_select_without_a_choice_to_make(timed_gpu, monkeypatch, why):
+    _, timed = timed_gpu
+    device, implemented, key, expected = GPU, GPU_KERNELS, ("shape",), "triton"
+    if why == "forced":
+        monkeypatch.setenv("TLCORE_BACKEND", "cuda")
+        expected = "cuda"
+    elif why == "env off":
+        monkeypatch.setenv(backend.TIMING_ENV, "0")
+    elif why == "symbolic key":
+        key = None
+    elif why == "one gpu kernel":
+        implemented = ("triton", "torch")
+    elif why == "capturing":
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    else:
+        device, implemented, expected = torch.device("cpu"), ("triton", "cuda", "cpu", "torch"), "cpu"
+    assert backend.select_fastest("op", device, implemented, key, launch) == expected
+    assert timed == [] and backend.fastest_choices() == {}
+
+
+def test_a_kernel_failing_while_timed_is_not_chosen(timed_gpu):
+    _, timed = timed_gpu
+
+    def cuda_refuses(name):
+        if name == "cuda":
+            raise RuntimeError("no kernel for this config")
+        return name
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backend.select_fastest("refusing_probe", GPU, GPU_KERNELS, ("shape",), cuda_refuses) == "triton"
+    assert timed == ["triton"]
+    assert any("refusing_probe's cuda kernel failed while timed" in str(w.message) for w in caught)

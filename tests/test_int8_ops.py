@@ -1010,6 +1010,57 @@ def test_cuda_kernel_padding_past_int32(c, monkeypatch):
         assert_bit_exact(run(huge, "cuda").cpu(), expected, f"cuda {kernel}, C={c}, padding 2**32")
 
 
+def test_each_launch_the_backend_chooser_times_gives_the_codes(monkeypatch, device):
+    """The op hands backend.select_fastest a launcher for timing: run here on every backend this
+    machine has, each call gives the reference's codes; the key tells apart what a kernel's speed
+    depends on (batch, strides, residual, shift) and matches for an equal call."""
+    from tlcore import backend
+
+    names = ["triton", "torch"] + (["cpu"] if _extension.loaded() and device.type == "cpu" else [])
+    calls = []
+
+    def chooser(op, dev, implemented, key, launch):
+        outs = {name: launch(name).clone() for name in names}
+        calls.append((key, outs))
+        return "torch"
+
+    monkeypatch.setattr(backend, "select_fastest", chooser)
+    c = on_device(make_case(2, 21, 7, 9, 19, 3, 3, padding=1), device)
+    variants = [c, dict(c, x=c["x"][:1], residual=c["residual"][:1]), dict(c, x=c["x"].contiguous()),
+                dict(c, residual=None), dict(c, shift=c["shift"] - 1), c]
+    for case in variants:
+        out = run(case, None)
+        for name, launched in calls[-1][1].items():
+            assert torch.equal(launched, out), f"{name} launched for timing differs"
+    assert_bit_exact(out.cpu(), reference(on_device(c, "cpu")), "the chooser's backend")
+    keys = [key for key, _ in calls]
+    assert keys[0] == keys[-1] and len(set(keys)) == len(variants) - 1
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_gpu_backend_timed_once_and_bit_exact(monkeypatch):
+    """With no backend forced, a configuration's first call times Triton and CUDA C++ and keeps the
+    faster; either gives the reference's codes, and a CUDA graph replays the choice."""
+    from tlcore import backend
+
+    monkeypatch.delenv("TLCORE_BACKEND", raising=False)
+    monkeypatch.delenv(backend.TIMING_ENV, raising=False)
+    monkeypatch.setattr(backend, "_fastest", {})
+    c = make_case(2, 64, 14, 14, 96, 3, 3, padding=1)
+    ref = reference(c)
+    c = on_device(c, "cuda")
+    assert_bit_exact(run(c, None).cpu(), ref, "timed gpu backend")
+    (entry, chosen), = backend.fastest_choices().items()
+    assert entry[0] == q8.CONV_OP and chosen in ("triton", "cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(c, None)
+    graph.replay()
+    assert_bit_exact(out.cpu(), ref, "timed gpu backend, CUDA graph")
+    assert len(backend.fastest_choices()) == 1
+
+
 def padding_past_int32_case(c, rows):
     """(a (1, c, 1, 5) image, 2x1 kernel, `rows` rows of padding and dilation: one output row; its
     expected codes, those of the same conv with padding and dilation 1)."""

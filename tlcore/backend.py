@@ -11,11 +11,18 @@ to the C++ CPU kernels (then PyTorch). `TLCORE_BACKEND=<name>` or the `use_backe
 context manager forces one; when the forced backend cannot run an op (the op has no
 such kernel, the device does not fit, the extension is missing) the op falls back to
 its default and says so once.
+
+An op with kernels on more than one GPU backend (the int8 conv: Triton and CUDA C++) may
+instead call `select_fastest`: where nothing is forced, each call configuration (shapes,
+strides, flags) is timed once on every GPU backend that can run it, and the fastest runs it
+from then on, as cuDNN's benchmark mode does for its algorithms. The backends give
+bit-identical results, so the choice changes speed only. `TLCORE_BACKEND_TIMING=0` turns
+this off (the default order then applies).
 """
 import contextvars
 import os
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Hashable
 
 import torch
 from torch._dynamo import source as _dynamo_source
@@ -24,8 +31,11 @@ from tlcore import _extension
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+TIMING_ENV = "TLCORE_BACKEND_TIMING"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tlcore_backend", default=None)
 _warned: set[tuple[str, str, str]] = set()
+# select_fastest's measured choices: (op, device, call key) -> backend.
+_fastest: dict[tuple[str, torch.device, Hashable], str] = {}
 
 
 def _check_name(name: str) -> str:
@@ -118,6 +128,52 @@ def select(op: str, device: torch.device, implemented: Collection[str]) -> str:
         if backend in ("cpu", "cuda"):  # the op has a compiled kernel for this device, but no extension
             _warn_once((op, backend, device.type), f"tlcore: {op} falls back from its {backend} kernel: {reason}")
     return "torch"
+
+
+def select_fastest(op: str, device: torch.device, implemented: Collection[str], key: Hashable | None,
+                   launch: Callable[[str], object] | None) -> str:
+    """`select`'s backend, or, where it has a choice to make, the GPU backend measured fastest.
+
+    The choice is made where nothing is forced, `device` is a GPU and more than one of the op's GPU
+    backends can run there: the first call with a given `key` times `launch(backend)` (a call of the
+    op on that backend, on this call's tensors) on each of them and keeps the fastest; later calls
+    with that key reuse it, traced ones (torch.compile, torch.export: pass launch=None when the
+    tensors are fake) included. key: None when the call's shapes are symbolic (nothing is timed or
+    reused). While a CUDA graph is being captured nothing is timed either.
+    """
+    default = select(op, device, implemented)
+    if key is None or device.type != "cuda" or forced() is not None or os.environ.get(TIMING_ENV) == "0":
+        return default
+    entry = (op, device, key)
+    if entry in _fastest:
+        return _fastest[entry]
+    candidates = [name for name in _DEFAULT_ORDER["cuda"]
+                  if name != "torch" and name in implemented and not _why_not(name, device)]
+    if len(candidates) < 2 or launch is None or torch.cuda.is_current_stream_capturing():
+        return default
+    times = {}
+    for name in candidates:
+        try:
+            times[name] = _median_ms(lambda: launch(name), device)
+        except (RuntimeError, ValueError) as error:  # a kernel that refuses this call is no candidate
+            _warn_once((op, name, "timing"), f"tlcore: {op}'s {name} kernel failed while timed, so it was "
+                                             f"not chosen: {error}")
+    _fastest[entry] = min(times, key=times.get) if times else default
+    return _fastest[entry]
+
+
+def fastest_choices() -> dict[tuple[str, torch.device, Hashable], str]:
+    """A copy of select_fastest's choices so far: (op, device, call key) -> backend."""
+    return dict(_fastest)
+
+
+def _median_ms(call: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds of call() on `device` (CUDA events, L2 flushed between runs); short: a
+    model's first forward times each of its conv configurations on two backends."""
+    from triton.testing import do_bench
+
+    with torch.cuda.device(device):  # do_bench's events and L2 flush use the current device
+        return float(do_bench(call, warmup=5, rep=20, return_mode="median"))
 
 
 def _warn_once(key: tuple[str, str, str], message: str) -> None:

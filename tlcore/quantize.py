@@ -136,6 +136,7 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
             the fc (then its weights stay fp32); one name or a collection of them (None: none).
         backend: force a tlcore backend for the int8 ops ("cpu", "triton", "cuda", "torch") where
             they have it, in eager mode (traced, TLCORE_BACKEND applies); all give the same codes.
+            None: on GPUs each conv runs on the GPU kernel measured fastest for it (README, Backends).
         reduce_range: 7-bit activations between convs (codes -128..-1), like torch.ao's x86
             backend: half the resolution, but on AVX2 CPUs without VNNI the C++ kernel can then
             use vpmaddubsw exactly (about 1.4x faster there). Off: full 8 bits.

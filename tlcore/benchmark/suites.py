@@ -210,6 +210,10 @@ def int8_suite(name: str, batch: int, device: torch.device, dtype: torch.dtype, 
                                       TOLERANCE["int8"]))
     quantized = tlcore.quantize(model, calibration)
     suite.variants.append(Variant("tlcore.quantize int8", quantized, inputs, TOLERANCE["int8"]))
+    if device.type == "cuda":  # each conv on the GPU backend measured fastest for it, against each backend alone
+        for backend, label in (("triton", "Triton"), ("cuda", "CUDA C++")):
+            only = tlcore.quantize(model, calibration, backend=backend, progress=False)
+            suite.variants.append(Variant(f"tlcore.quantize int8, {label} convs only", only, inputs, TOLERANCE["int8"]))
     if device.type == "cpu":  # 7-bit activations, torch.ao's x86 precision: vpmaddubsw on AVX2 without VNNI
         seven_bit = tlcore.quantize(model, calibration, reduce_range=True)
         suite.variants.append(Variant("tlcore.quantize int8 7-bit", seven_bit, inputs, TOLERANCE["int8"]))

@@ -303,23 +303,37 @@ def _int8_conv2d_op(
     args = (x_zero, _nhwc(weight), multiplier.contiguous(), offset.contiguous(), shift,
             None if residual is None else _nhwc(residual), res_multiplier, out_zero, relu,
             list(stride), list(padding), list(dilation), out_max)
-    chosen = backend.select(CONV_OP, x.device, conv_backends(groups))
-    if chosen == "cpu" and packed_weight is None:
-        return torch.ops.tlcore._int8_conv_cpu_cached(x, weight, multiplier, offset, residual, x_zero, shift,
-                                                      res_multiplier, out_zero, relu, list(stride), list(padding),
-                                                      list(dilation), out_max, x_max, groups)
-    if chosen == "cpu":
-        isa = cpu_isa_for(x_zero, x_max)
-        return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, isa,
-                                               cpu_algorithm(weight.shape, stride, dilation, isa, groups), groups)
-    if chosen == "cuda":
-        return torch.ops.tlcore._int8_conv_cuda(_nhwc(x), *args)
-    if chosen == "triton":
-        from tlcore.kernels.int8_conv import int8_conv2d as triton_int8_conv2d
 
-        triton_int8_conv2d(x, *args, out, groups)
-        return out
-    return _int8_conv2d_torch(x, *args, groups)
+    def launch(chosen: str) -> torch.Tensor:
+        if chosen == "cpu" and packed_weight is None:
+            return torch.ops.tlcore._int8_conv_cpu_cached(x, weight, multiplier, offset, residual, x_zero, shift,
+                                                          res_multiplier, out_zero, relu, list(stride), list(padding),
+                                                          list(dilation), out_max, x_max, groups)
+        if chosen == "cpu":
+            isa = cpu_isa_for(x_zero, x_max)
+            return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, isa,
+                                                   cpu_algorithm(weight.shape, stride, dilation, isa, groups), groups)
+        if chosen == "cuda":
+            return torch.ops.tlcore._int8_conv_cuda(_nhwc(x), *args)
+        if chosen == "triton":
+            from tlcore.kernels.int8_conv import int8_conv2d as triton_int8_conv2d
+
+            triton_int8_conv2d(x, *args, out, groups)
+            return out
+        return _int8_conv2d_torch(x, *args, groups)
+
+    key = _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out_max, groups)
+    # Fake tensors (torch.compile and torch.export trace this body) reuse a measured choice but time nothing.
+    real = type(x) is torch.Tensor
+    return launch(backend.select_fastest(CONV_OP, x.device, conv_backends(groups), key, launch if real else None))
+
+
+def _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out_max, groups) -> tuple | None:
+    """What the GPU kernels' speed depends on in one int8_conv2d call (backend.select_fastest's key;
+    Triton's autotuner keys on the same), or None where a size is symbolic (torch.compile's dynamic shapes)."""
+    key = (*x.shape, *x.stride(), *weight.shape, *stride, *padding, *dilation, groups, shift, relu, out_max,
+           *(() if residual is None else residual.stride()))
+    return key if all(type(v) in (int, bool) for v in key) else None
 
 
 def conv_backends(groups: int) -> tuple[str, ...]:
