@@ -322,8 +322,10 @@ def _int8_conv2d_op(
             return out
         return _int8_conv2d_torch(x, *args, groups)
 
-    key = _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out_max, groups)
-    # Fake tensors (torch.compile and torch.export trace this body) reuse a measured choice but time nothing.
+    # Only GPUs have a choice to time; fake tensors (torch.compile and torch.export trace this body)
+    # reuse a measured choice but time nothing.
+    key = _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out_max, groups) \
+        if x.device.type == "cuda" else None
     real = type(x) is torch.Tensor
     return launch(backend.select_fastest(CONV_OP, x.device, conv_backends(groups), key, launch if real else None))
 
