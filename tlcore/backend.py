@@ -20,6 +20,7 @@ bit-identical results, so the choice changes speed only. `TLCORE_BACKEND_TIMING=
 this off (the default order then applies).
 """
 import contextvars
+import functools
 import os
 import warnings
 from collections.abc import Callable, Collection, Hashable
@@ -154,7 +155,7 @@ def select_fastest(op: str, device: torch.device, implemented: Collection[str], 
     times = {}
     for name in candidates:
         try:
-            times[name] = _median_ms(lambda: launch(name), device)
+            times[name] = _median_ms(functools.partial(launch, name), device)
         except (RuntimeError, ValueError) as error:  # a kernel that refuses this call is no candidate
             _warn_once((op, name, "timing"), f"tlcore: {op}'s {name} kernel failed while timed, so it was "
                                              f"not chosen: {error}")
