@@ -1,4 +1,6 @@
 """tlcore.ops.int8_conv2d and (de)quantize_per_tensor: every backend bit-exact against the integer reference."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1016,7 +1018,11 @@ def test_each_launch_the_backend_chooser_times_gives_the_codes(monkeypatch, devi
     speed depends on (batch, strides, residual, shift) and matches for an equal call."""
     from tlcore import backend
 
-    names = ["triton", "torch"] + (["cpu"] if _extension.loaded() and device.type == "cpu" else [])
+    names = ["triton", "torch"]
+    if device.type == "cpu" and _extension.loaded():
+        names.append("cpu")
+    if device.type == "cuda" and _extension.has_cuda_kernels():
+        names.append("cuda")
     launched = []
 
     def chooser(op, dev, implemented, key, launch):
@@ -1038,28 +1044,74 @@ def test_each_launch_the_backend_chooser_times_gives_the_codes(monkeypatch, devi
     assert keys[0] == keys[-1] and len(set(keys)) == len(variants) - 1
 
 
+def test_traced_calls_find_the_eager_timing_key():
+    """torch.compile runs the op's body on fake (functional) tensors: the key of a call is the same
+    there as in eager, so the choice measured eagerly applies; symbolic sizes give no key."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    c = make_case(2, 5, 6, 7, 3, 3, 3, padding=1)
+    rest = (c["residual"], c["shift"], c["relu"], c["stride"], c["padding"], c["dilation"], c["out_max"], 1)
+    eager = q8._timing_key(c["x"], c["weight"], *rest)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (c["x"], c["weight"], c["residual"])]
+    assert q8._timing_key(fake[0], fake[1], fake[2], *rest[1:]) == eager
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 4)
+    symbolic = mode.from_tensor(c["x"], symbolic_context=dynamic)
+    assert q8._timing_key(symbolic, c["weight"], None, *rest[1:]) is None
+
+
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_gpu_backend_timed_once_and_bit_exact(monkeypatch):
-    """With no backend forced, a configuration's first call times Triton and CUDA C++ and keeps the
-    faster; either gives the reference's codes, and a CUDA graph replays the choice."""
+    """With no backend forced, a configuration's first call times Triton and CUDA C++ (neither fails)
+    and keeps the faster; later calls time nothing, and either backend gives the reference's codes."""
     from tlcore import backend
 
     monkeypatch.delenv("TLCORE_BACKEND", raising=False)
     monkeypatch.delenv(backend.TIMING_ENV, raising=False)
     monkeypatch.setattr(backend, "_fastest", {})
+    timed = []
+    median_ms = backend._median_ms
+    monkeypatch.setattr(backend, "_median_ms", lambda call, device: timed.append(call.args) or median_ms(call, device))
     c = make_case(2, 64, 14, 14, 96, 3, 3, padding=1)
     ref = reference(c)
     c = on_device(c, "cuda")
-    assert_bit_exact(run(c, None).cpu(), ref, "timed gpu backend")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_bit_exact(run(c, None).cpu(), ref, "timed gpu backend")
+        assert_bit_exact(run(c, None).cpu(), ref, "timed gpu backend, second call")
+    assert not [w for w in caught if "failed while timed" in str(w.message)]
+    assert sorted(timed) == [("cuda",), ("triton",)]
     (entry, chosen), = backend.fastest_choices().items()
     assert entry[0] == q8.CONV_OP and chosen in ("triton", "cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("chosen", ["triton", "cuda"])
+def test_gpu_backend_choice_replays_in_a_cuda_graph(monkeypatch, chosen):
+    """A measured choice, either one, holds while a CUDA graph is captured, and the replay gives the
+    reference's codes."""
+    from tlcore import backend
+
+    monkeypatch.delenv("TLCORE_BACKEND", raising=False)
+    monkeypatch.delenv(backend.TIMING_ENV, raising=False)
+    c = make_case(2, 64, 14, 14, 96, 3, 3, padding=1)
+    ref = reference(c)
+    c = on_device(c, "cuda")
+    key = q8._timing_key(c["x"], c["weight"], c["residual"], c["shift"], c["relu"], c["stride"], c["padding"],
+                         c["dilation"], c["out_max"], 1)
+    monkeypatch.setattr(backend, "_fastest", {(q8.CONV_OP, c["x"].device, key): chosen})
+    run(c, None)  # (compiles the kernel outside the capture)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = run(c, None)
+    out.fill_(0x5A)
     graph.replay()
-    assert_bit_exact(out.cpu(), ref, "timed gpu backend, CUDA graph")
-    assert len(backend.fastest_choices()) == 1
+    assert_bit_exact(out.cpu(), ref, f"{chosen} replayed in a CUDA graph")
+    assert backend.fastest_choices() == {(q8.CONV_OP, c["x"].device, key): chosen}
 
 
 def padding_past_int32_case(c, rows):

@@ -138,16 +138,17 @@ def select_fastest(op: str, device: torch.device, implemented: Collection[str], 
     The choice is made where nothing is forced, `device` is a GPU and more than one of the op's GPU
     backends can run there: the first call with a given `key` times `launch(backend)` (a call of the
     op on that backend, on this call's tensors) on each of them and keeps the fastest; later calls
-    with that key reuse it, traced ones (torch.compile, torch.export: pass launch=None when the
-    tensors are fake) included. key: None when the call's shapes are symbolic (nothing is timed or
-    reused). While a CUDA graph is being captured nothing is timed either.
+    with that key reuse it, traced ones included (torch.compile runs the op's body on functional
+    tensors: pass launch=None for tensors that are not plain ones). key: None where there is nothing
+    to time (symbolic shapes, CPU tensors). While a CUDA graph is being captured nothing is timed.
     """
-    default = select(op, device, implemented)
     if key is None or device.type != "cuda" or forced() is not None or os.environ.get(TIMING_ENV) == "0":
-        return default
+        return select(op, device, implemented)
     entry = (op, device, key)
-    if entry in _fastest:
-        return _fastest[entry]
+    chosen = _fastest.get(entry)
+    if chosen is not None:  # (first: this is every call but a configuration's first)
+        return chosen
+    default = select(op, device, implemented)
     candidates = [name for name in _DEFAULT_ORDER["cuda"]
                   if name != "torch" and name in implemented and not _why_not(name, device)]
     if len(candidates) < 2 or launch is None or torch.cuda.is_current_stream_capturing():
@@ -156,10 +157,12 @@ def select_fastest(op: str, device: torch.device, implemented: Collection[str], 
     for name in candidates:
         try:
             times[name] = _median_ms(functools.partial(launch, name), device)
-        except (RuntimeError, ValueError) as error:  # a kernel that refuses this call is no candidate
+        except Exception as error:  # noqa: BLE001 - a kernel that refuses this call (Triton's errors too) is no candidate
             _warn_once((op, name, "timing"), f"tlcore: {op}'s {name} kernel failed while timed, so it was "
-                                             f"not chosen: {error}")
-    _fastest[entry] = min(times, key=times.get) if times else default
+                                             f"not chosen: {type(error).__name__}: {error}")
+    if not times:  # nothing measured (e.g. out of memory for the timing): try again next call
+        return default
+    _fastest[entry] = min(times, key=times.get)
     return _fastest[entry]
 
 
@@ -169,8 +172,8 @@ def fastest_choices() -> dict[tuple[str, torch.device, Hashable], str]:
 
 
 def _median_ms(call: Callable[[], object], device: torch.device) -> float:
-    """Median milliseconds of call() on `device` (CUDA events, L2 flushed between runs); short: a
-    model's first forward times each of its conv configurations on two backends."""
+    """Median milliseconds of call() on `device` (CUDA events, L2 flushed between runs); short (~30 ms):
+    a model's first forward times each of its conv configurations on two backends."""
     from triton.testing import do_bench
 
     with torch.cuda.device(device):  # do_bench's events and L2 flush use the current device

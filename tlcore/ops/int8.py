@@ -322,8 +322,8 @@ def _int8_conv2d_op(
             return out
         return _int8_conv2d_torch(x, *args, groups)
 
-    # Only GPUs have a choice to time; fake tensors (torch.compile and torch.export trace this body)
-    # reuse a measured choice but time nothing.
+    # Only GPUs have a choice to time. torch.compile runs this body on functional tensors: they reuse
+    # a measured choice but time nothing.
     key = _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out_max, groups) \
         if x.device.type == "cuda" else None
     real = type(x) is torch.Tensor
@@ -331,11 +331,18 @@ def _int8_conv2d_op(
 
 
 def _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out_max, groups) -> tuple | None:
-    """What the GPU kernels' speed depends on in one int8_conv2d call (backend.select_fastest's key;
-    Triton's autotuner keys on the same), or None where a size is symbolic (torch.compile's dynamic shapes)."""
-    key = (*x.shape, *x.stride(), *weight.shape, *stride, *padding, *dilation, groups, shift, relu, out_max,
-           *(() if residual is None else residual.stride()))
-    return key if all(type(v) in (int, bool) for v in key) else None
+    """What the GPU kernels' speed depends on in one int8_conv2d call (backend.select_fastest's key):
+    what Triton's autotuner keys on, and the CUDA kernel forced, if any; None where a size is
+    symbolic (torch.compile's dynamic shapes). Not the pointers' alignment, which traced calls do
+    not know (torch's allocations are 512-byte aligned; views may not be)."""
+    key = (tuple(x.shape), tuple(x.stride()), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
+           groups, shift, relu, out_max, None if residual is None else tuple(residual.stride()),
+           os.environ.get(CUDA_KERNEL_ENV))
+    try:
+        hash(key)  # symbolic sizes are unhashable
+    except TypeError:
+        return None
+    return key
 
 
 def conv_backends(groups: int) -> tuple[str, ...]:
