@@ -146,7 +146,7 @@ def select_fastest(op: str, device: torch.device, implemented: Collection[str], 
         return select(op, device, implemented)
     entry = (op, device, key)
     chosen = _fastest.get(entry)
-    if chosen is not None:  # (first: this is every call but a configuration's first)
+    if chosen is not None:  # every call but a configuration's first ends here
         return chosen
     default = select(op, device, implemented)
     candidates = [name for name in _DEFAULT_ORDER["cuda"]
@@ -157,7 +157,7 @@ def select_fastest(op: str, device: torch.device, implemented: Collection[str], 
     for name in candidates:
         try:
             times[name] = _median_ms(functools.partial(launch, name), device)
-        except Exception as error:  # noqa: BLE001 - a kernel that refuses this call (Triton's errors too) is no candidate
+        except Exception as error:  # noqa: BLE001 - a kernel refusing the call (Triton's errors too) is no candidate
             _warn_once((op, name, "timing"), f"tlcore: {op}'s {name} kernel failed while timed, so it was "
                                              f"not chosen: {type(error).__name__}: {error}")
     if not times:  # nothing measured (e.g. out of memory for the timing): try again next call
