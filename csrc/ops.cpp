@@ -180,7 +180,8 @@ at::Tensor quantize_cpu(const at::Tensor& x, double inv_scale, int64_t zero_poin
   const bool nan = tlcore::quantize_to_nhwc_cpu(src.data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3),
                                                 channels_last, static_cast<float>(inv_scale),
                                                 static_cast<int32_t>(zero_point), out.data_ptr<int8_t>());
-  TORCH_CHECK_VALUE(!(reject_nan && nan), "tlcore int8 model: the input contains NaN");
+  TORCH_CHECK_VALUE(!(reject_nan && nan),
+                    "tlcore int8 model: the input contains NaN (or a stem or block left float turned an inf into NaN)");
   return out;
 }
 

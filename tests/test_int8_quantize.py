@@ -518,6 +518,49 @@ def test_nan_calibration_raises(method):
         tlcore.quantize(small_resnet(), data, method=method, progress=False)
 
 
+def test_constant_calibration_input_raises():
+    """All-zero batches (a data bug) would calibrate an input scale of ~1e-7: every real input saturates."""
+    with pytest.raises(ValueError, match="every calibration input value is 0.0"):
+        tlcore.quantize(small_resnet(), [torch.zeros(2, 3, 32, 32)] * 2, progress=False)
+
+
+def test_constant_activations_warn():
+    model = small_resnet()
+    with torch.no_grad():
+        model.bn1.weight.zero_()
+        model.bn1.bias.fill_(0.5)  # the stem gives 0.5 everywhere
+    with pytest.warns(UserWarning, match=r"activations of \['conv1', 'maxpool'.*held one value"):
+        tlcore.quantize(model, batches(), progress=False)
+
+
+@pytest.mark.parametrize("data, error, match", [
+    ([(torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)], TypeError, "float .* got a torch.uint8 tensor"),
+    ([torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.int64)], TypeError, r"torch.int64 tensor of shape \(2,\)"),
+    ([torch.randn(3, 32, 32)], ValueError, r"\(N, C, H, W\).*shape \(3, 32, 32\)"),
+    ([torch.randn(2, 1, 32, 32)], ValueError, "batch has 1 channels, the model's stem takes 3"),
+], ids=["uint8 images", "one (inputs, labels) pair as the data", "one image", "grayscale"])
+def test_malformed_calibration_batches_raise(data, error, match):
+    with pytest.raises(error, match=match):
+        tlcore.quantize(small_resnet(), data, progress=False)
+
+
+def test_hooks_are_left_on_the_float_model_with_a_warning():
+    """Hooks see float tensors; in the int8 model the same places hold int8 codes, so it runs none of
+    them (not even while calibrating), says so, and leaves the user's model and its hooks as they were."""
+    model = small_resnet()
+    calls = []
+    model.layer4.register_forward_hook(lambda module, args, out: calls.append(out.dtype))
+    model.avgpool.register_forward_pre_hook(lambda module, args: calls.append(args[0].dtype))
+    with pytest.warns(UserWarning, match=r"does not keep the hooks on \['layer4', 'avgpool'\]"):
+        qmodel = tlcore.quantize(model, batches(), progress=False)
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        qmodel(x)
+        assert calls == []
+        model(x)
+    assert calls == [torch.float32, torch.float32]
+
+
 def test_module_added_after_eval_names_the_cause():
     model = small_resnet()
     model.fc = nn.Identity()
@@ -566,6 +609,12 @@ def test_float_stem_or_fc_take_any_input_dtype_and_casts(skip, dtype):
             out = qmodel(x.to(dtype))
             assert out.dtype == torch.float32 and sqnr(reference, out) > 20
             qmodel.to(dtype)
+
+
+def test_float_stem_refuses_fp64_clearly():
+    qmodel = tlcore.quantize(small_resnet(), batches(), skip="conv1", progress=False).double()
+    with pytest.raises(TypeError, match="x has dtype torch.float64; supported are fp16, bf16, fp32"):
+        qmodel(batches(1)[0])
 
 
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
@@ -742,13 +791,18 @@ def test_resnet_subclass_quantizes_unless_its_forward_differs():
             tlcore.quantize(scaled, batches(), progress=False)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(method="kl"), "unknown method"),
-    (dict(backend="gpu"), "unknown backend"),
-    (dict(method="percentile", percentile=20.0), "percentile must be"),
-    (dict(skip=("avgpool",)), "cannot skip"),
-    (dict(skip=("layer9.0",)), "cannot skip"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(method="kl"), ValueError, "unknown method"),
+    (dict(backend="gpu"), ValueError, "unknown backend"),
+    (dict(method="percentile", percentile=20.0), ValueError, "percentile must be"),
+    (dict(percentile=99.9), ValueError, "percentile= applies to method='percentile' only"),
+    (dict(skip=("avgpool",)), ValueError, "cannot skip"),
+    (dict(skip=("layer9.0",)), ValueError, "cannot skip"),
+    (dict(skip=1), TypeError, "skip must be a name"),
+    (dict(skip=0), TypeError, "skip must be a name"),
+    (dict(skip=("fc", 2)), TypeError, "skip must be a name"),
+    (dict(reduce_range="yes"), TypeError, "reduce_range must be True or False"),
 ])
-def test_bad_options_raise(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_options_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
         tlcore.quantize(small_resnet(), batches(), progress=False, **kwargs)

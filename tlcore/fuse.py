@@ -43,7 +43,7 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
                          "(a module assigned after eval() starts in train mode)")
     if not inplace:
         model = copy.deepcopy(model)
-    hooked = {name: m for name, m in model.named_modules() if _has_hooks(m)}
+    hooked = {name: m for name, m in model.named_modules() if has_hooks(m)}
     fused = _Fuser(model).tree(model).eval()  # new modules start in train mode
     kept = {id(m) for m in fused.modules()}
     dropped = [name or type(model).__name__ for name, m in hooked.items() if id(m) not in kept]
@@ -53,7 +53,8 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     return fused
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether module has forward or backward hooks of its own (not the global ones)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 

@@ -3,8 +3,8 @@
     qmodel = tlcore.quantize(model.eval(), calibration_batches)   # a progress bar while it calibrates
     logits = qmodel(x)                                            # int8 inside, fp32 logits out
     torch.save(qmodel.state_dict(), "r50-int8.pt")
-    # deploy: rebuild the int8 structure (any calibration batch will do), then load the saved one
-    q2 = tlcore.quantize(model.eval(), calibration_batches[:1])
+    # deploy: rebuild the int8 structure (same skip=; any one batch x will do), then load the saved one
+    q2 = tlcore.quantize(model.eval(), x)
     q2.load_state_dict(torch.load("r50-int8.pt", weights_only=True))
 
 Steps: `tlcore.fuse` folds BatchNorm into each conv (FusedConv2dBNReLU); observers from
@@ -24,8 +24,10 @@ A block that cannot run in int8 (a conv stage fold_conv_stage does not cover) or
 named in `skip` stays float between a dequantize and a quantize (FloatFallback, whose repr
 says why). Models other than torchvision ResNets raise.
 """
+import copy
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from tqdm.auto import tqdm
 
 from tlcore.backend import BACKENDS
-from tlcore.fuse import fuse
+from tlcore.fuse import fuse, has_hooks
 from tlcore.nn.blocks import FusedResidualBlock
 from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d
 from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear,
@@ -120,7 +122,10 @@ def _make_observer(method: str, percentile: float, reduce_range: bool) -> nn.Mod
     return EntropyObserver(**args)
 
 
-def quantize(model: nn.Module, calibration_data, method: str = "minmax", percentile: float = 99.99,
+DEFAULT_PERCENTILE = 99.99
+
+
+def quantize(model: nn.Module, calibration_data, method: str = "minmax", percentile: float | None = None,
              skip=(), backend: str | None = None, reduce_range: bool = False, progress: bool = True) -> nn.Module:
     """An INT8 copy of a torchvision ResNet, calibrated on `calibration_data`.
 
@@ -129,9 +134,9 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
             int8 model should run on (CPU: the C++ kernels; CUDA: the Triton kernels).
         calibration_data: an iterable of input batches, (N, 3, H, W) float tensors or
             (inputs, labels) pairs such as a DataLoader's, or one (N, 3, H, W) batch; at least
-            one non-empty batch, all finite.
+            one non-empty batch, all finite and not all one value.
         method: how activation ranges are chosen: "minmax", "percentile" (clip to
-            `percentile`), "entropy" (KL divergence) or "mse" (least L2 error).
+            `percentile`, default 99.99), "entropy" (KL divergence) or "mse" (least L2 error).
         skip: names of blocks to keep in float ("layer1.0", ...), "conv1" for the stem, "fc" for
             the fc (then its weights stay fp32); one name or a collection of them (None: none).
         backend: force a tlcore backend for the int8 ops ("cpu", "triton", "cuda", "torch") where
@@ -144,7 +149,8 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
 
     Returns:
         The quantized model: float (N, 3, H, W) in, fp32 logits out. Its state_dict loads
-        with weights_only=True into a model rebuilt by the same call.
+        with weights_only=True into a model rebuilt by the same call. It runs none of the
+        model's forward or backward hooks (they would see int8 codes; a warning names them).
     """
     if model.training:
         raise ValueError("tlcore.quantize calibrates an inference model and folds BatchNorm: call model.eval() first")
@@ -152,17 +158,26 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
         raise ValueError(f"tlcore.quantize: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"tlcore.quantize: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if method == "percentile" and not 50.0 < percentile <= 100.0:
+    if percentile is not None and method != "percentile":
+        raise ValueError(f"tlcore.quantize: percentile= applies to method='percentile' only, got method={method!r}")
+    percentile = DEFAULT_PERCENTILE if percentile is None else percentile
+    if not 50.0 < percentile <= 100.0:
         raise ValueError(f"tlcore.quantize: percentile must be in (50, 100], got {percentile}")
+    for name, flag in (("reduce_range", reduce_range), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"tlcore.quantize: {name} must be True or False, got {flag!r}")
     _check_resnet(model)
-    skip = {skip} if isinstance(skip, str) else set(skip or ())
+    skip = _skip_names(skip)
     known = {"conv1", "fc"} | {f"{name}.{i}" for name in LAYERS for i in range(len(getattr(model, name)))}
     if skip - known:
         raise ValueError(f"tlcore.quantize: cannot skip {sorted(skip - known)}; skippable are 'conv1' (the stem), "
                          "the blocks 'layer1.0', ... and 'fc'")
-    fused = fuse(model)
+    model = copy.deepcopy(model)
+    _drop_hooks(model)
+    fused = fuse(model, inplace=True)
     folded = {m: f for m in fused.modules() if (f := fold_conv_stage(m)) is not None}  # the covered conv stages
     observers = _calibrate(fused, folded, calibration_data, method, percentile, progress, reduce_range)
+    _check_ranges(fused, observers)
     qmodel = _convert_resnet(fused, folded, observers, skip)
     if not any(isinstance(module, Int8Conv2d) for module in qmodel.modules()):
         reasons = {m.reason for m in qmodel.modules() if isinstance(m, FloatFallback)} - {"skipped on request"}
@@ -173,6 +188,33 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
         if isinstance(module, _Int8Module):
             module.backend = backend
     return qmodel.eval()
+
+
+def _skip_names(skip) -> set[str]:
+    """skip as a set of names: one name, a collection of them, or None."""
+    if skip is None:
+        return set()
+    names = {skip} if isinstance(skip, str) else set(skip) if isinstance(skip, Iterable) else None
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"tlcore.quantize: skip must be a name ('layer1.0', 'conv1', 'fc') or a collection of "
+                        f"names, got {skip!r}")
+    return names
+
+
+def _drop_hooks(model: nn.Module) -> None:
+    """Remove the forward and backward hooks of model's modules (in place; model is quantize's copy),
+    with a warning that names them: the int8 model's modules take and give int8 codes, so hooks
+    written for the float tensors would misread them, and calibration should not call them."""
+    hooked = [name or type(model).__name__ for name, module in model.named_modules() if has_hooks(module)]
+    if not hooked:
+        return
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                      module._backward_pre_hooks):
+            hooks.clear()
+    warnings.warn(f"tlcore.quantize: the int8 model does not keep the hooks on {hooked} (its modules pass int8 "
+                  "codes, not the float tensors those hooks saw), nor did they run while it calibrated: register "
+                  "hooks on the quantized model", stacklevel=3)
 
 
 def _check_resnet(model: nn.Module) -> None:
@@ -207,6 +249,7 @@ def _calibrate(fused: nn.Module, folded: dict, data, method: str, percentile: fl
     """Run the batches through the fused float model; returns {module or "input": observer}."""
     param = next(fused.parameters())
     device, dtype = param.device, param.dtype
+    channels = fused.conv1.in_channels
     observers = {"input": _make_observer(method, percentile, reduce_range).to(device)}
 
     def observe(key, tensor) -> None:  # returns None: a hook's return value would replace the tensor
@@ -222,6 +265,9 @@ def _calibrate(fused: nn.Module, folded: dict, data, method: str, percentile: fl
     try:
         with torch.no_grad():
             for x in input_batches(data, "tlcore.quantize", "calibrating", progress):
+                if x.shape[1] != channels:
+                    raise ValueError(f"tlcore.quantize: a calibration batch has {x.shape[1]} channels, the model's "
+                                     f"stem takes {channels}")
                 fused(x.to(device=device, dtype=dtype))
     finally:
         for handle in handles:
@@ -232,8 +278,9 @@ def _calibrate(fused: nn.Module, folded: dict, data, method: str, percentile: fl
 def input_batches(data, caller: str, activity: str, progress: bool):
     """The non-empty input batches of `data`, with a progress bar "{caller}: {activity}".
 
-    data: one (N, C, H, W) tensor, or an iterable of such tensors or of (inputs, labels) pairs
-    (a DataLoader's). Raises TypeError for other batches and ValueError if no batch is non-empty.
+    data: one (N, C, H, W) float tensor, or an iterable of such tensors or of (inputs, labels) pairs
+    (a DataLoader's). Raises TypeError or ValueError for other batches, ValueError if no batch is
+    non-empty.
     """
     if isinstance(data, torch.Tensor):  # one batch (iterating it would give single images)
         data = [data]
@@ -242,11 +289,31 @@ def input_batches(data, caller: str, activity: str, progress: bool):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{caller}: batches must be tensors or (inputs, labels) pairs, got {type(x).__name__}")
+        if not x.is_floating_point() or x.dim() != 4:
+            # e.g. raw uint8 images, or one (inputs, labels) pair passed as the data: a list of two batches
+            raise (ValueError if x.is_floating_point() else TypeError)(
+                f"{caller}: batches must be float (N, C, H, W) inputs, as the model takes them, got a {x.dtype} "
+                f"tensor of shape {tuple(x.shape)} (pass a DataLoader, a list of batches or one batch tensor)")
         if x.numel() > 0:
             batches += 1
             yield x
     if batches == 0:
         raise ValueError(f"{caller}: the data yielded no non-empty batch; {activity} needs at least one input")
+
+
+def _check_ranges(fused: nn.Module, observers: dict) -> None:
+    """Refuse constant calibration inputs, warn of constant activations: an int8 range calibrated on
+    one value holds nothing else (scale ~1e-7), so every other value would saturate."""
+    def constant(observer) -> bool:
+        return bool(observer.min_val == observer.max_val)
+
+    if constant(observers["input"]):
+        raise ValueError(f"tlcore.quantize: every calibration input value is {float(observers['input'].min_val)}: "
+                         "calibrate on representative inputs (e.g. real images, preprocessed as the model takes them)")
+    flat = [name for name, module in fused.named_modules() if module in observers and constant(observers[module])]
+    if flat:
+        warnings.warn(f"tlcore.quantize: the activations of {flat} held one value over the calibration data, so "
+                      "their int8 ranges hold nothing else: calibrate on more representative inputs", stacklevel=3)
 
 
 def _qparams(observer) -> QParams:

@@ -587,7 +587,8 @@ def _quantize_fake(x, inv_scale, zero_point):
     return torch.empty(x.shape, dtype=torch.int8, device=x.device, memory_format=torch.channels_last)
 
 
-NAN_INPUT = "tlcore int8 model: the input contains NaN"
+# (the C++ quantize op raises the same message)
+NAN_INPUT = "tlcore int8 model: the input contains NaN (or a stem or block left float turned an inf into NaN)"
 
 
 @torch.library.custom_op("tlcore::quantize_input", mutates_args=())
