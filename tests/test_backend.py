@@ -59,8 +59,10 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
         with backend.use_backend("cudnn"):
             pass
     monkeypatch.setenv("TLCORE_BACKEND", "tpu")
-    with pytest.raises(ValueError, match="unknown tlcore backend 'tpu'"):
+    with pytest.raises(ValueError, match="TLCORE_BACKEND='tpu'; choose one of"):
         backend.forced()
+    monkeypatch.setenv("TLCORE_BACKEND", "")  # set but empty: as if unset
+    assert backend.forced() is None
 
 
 def test_unusable_forced_backend_falls_back_and_warns_once():

@@ -46,6 +46,17 @@ def test_modes_and_bad_flags():
         cli.parse_modes("int4")
     with pytest.raises(SystemExit):
         cli.main(["--batch", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--min-time above 0"):
+        cli.main(["--min-time", "0", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+@pytest.mark.parametrize("where", ["missing folder", "a folder"])
+def test_unwritable_output_paths_stop_before_the_run(option, where, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.suites, "run", lambda *args: pytest.fail("ran the suite"))
+    path = tmp_path / "missing" / "r.json" if where == "missing folder" else tmp_path
+    with pytest.raises(SystemExit, match=f"{option} .*not a file in an existing folder"):
+        cli.main(["--modes", "optim", "--device", "cpu", option, str(path)])
 
 
 def test_fp32_variants_on_a_gpu_get_tf32_tolerance_when_torch_allows_tf32(monkeypatch):

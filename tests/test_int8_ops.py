@@ -1228,6 +1228,15 @@ def test_unsupported_isa_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, "sse9")
     with pytest.raises(ValueError, match="TLCORE_INT8_CPU_ISA"):
         run(make_case(1, 4, 5, 5, 6, 3, 3), "cpu")
+    lacking = next((isa for isa in CPU_ISAS if not q8.cpu_isa_supported(isa)), None)
+    if lacking is not None:  # (a CPU with every instruction set has none to lack)
+        monkeypatch.setenv(q8.CPU_ISA_ENV, lacking)
+        with pytest.raises(ValueError, match=f"TLCORE_INT8_CPU_ISA='{lacking}': this CPU has no {lacking}; it can run"):
+            run(make_case(1, 4, 5, 5, 6, 3, 3), "cpu")
+    for variable in (q8.CPU_ISA_ENV, q8.ALGORITHM_ENV):  # set but empty: as if unset
+        monkeypatch.setenv(variable, "")
+    c = make_case(*CASES[1])
+    assert_bit_exact(run(c, "cpu"), reference(c), "empty settings")
 
 
 # ---- opcheck --------------------------------------------------------------------------------

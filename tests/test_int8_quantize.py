@@ -200,6 +200,13 @@ def test_sqnr_report_bad_input():
         tlcore.sqnr_report(deeper, qmodel, batches(), progress=False)
     with pytest.raises(ValueError, match="must be the float model"):
         tlcore.sqnr_report(qmodel, qmodel, batches(), progress=False)
+    with pytest.raises(TypeError, match="model must be a torchvision ResNet .* got Sequential"):
+        tlcore.sqnr_report(nn.Sequential(nn.Identity(), model).eval(), qmodel, batches(), progress=False)
+    with pytest.raises(TypeError, match="qmodel must be a torchvision ResNet .* got NoneType"):
+        tlcore.sqnr_report(model, None, batches(), progress=False)
+    with pytest.raises(TypeError, match="data must be a DataLoader, an iterable of batches or one batch tensor, got "
+                                        "NoneType"):
+        tlcore.sqnr_report(model, qmodel, None, progress=False)
 
 
 def test_asymmetric_activations_gain_a_bit(digits_resnet18, digits_eval):
@@ -502,6 +509,12 @@ def test_accepts_input_label_pairs():
 def test_train_mode_raises():
     with pytest.raises(ValueError, match="model.eval"):
         tlcore.quantize(small_resnet().train(), batches(), progress=False)
+
+
+def test_wrapped_resnet_points_inside():
+    """A wrapper (here in its default train mode) around an eval'd ResNet: the error is the wrapper."""
+    with pytest.raises(TypeError, match="got Sequential: quantize the ResNet inside a wrapper"):
+        tlcore.quantize(nn.Sequential(nn.Identity(), small_resnet()), batches(), progress=False)
 
 
 @pytest.mark.parametrize("data", [[], [torch.empty(0, 3, 32, 32)]], ids=["no batches", "empty batch"])

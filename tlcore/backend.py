@@ -81,9 +81,12 @@ def _override_when_traced() -> str | None:
 def forced() -> str | None:
     """The backend forced by `use_backend` or, failing that, by TLCORE_BACKEND."""
     name = _override.get() if DYNAMO_TRACES_CONTEXT_VARS else _override_when_traced()
-    if name is None:
-        name = os.environ.get("TLCORE_BACKEND") or None
-    return None if name is None else _check_name(name)
+    if name is not None:
+        return name  # (use_backend checked it)
+    name = os.environ.get("TLCORE_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"TLCORE_BACKEND={name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
 
 
 def interpreting() -> bool:

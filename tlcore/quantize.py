@@ -152,6 +152,7 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
         with weights_only=True into a model rebuilt by the same call. It runs none of the
         model's forward or backward hooks (they would see int8 codes; a warning names them).
     """
+    _check_resnet(model)  # first: a wrapper left in train mode around an eval'd ResNet would get the wrong hint
     if model.training:
         raise ValueError("tlcore.quantize calibrates an inference model and folds BatchNorm: call model.eval() first")
     if method not in METHODS:
@@ -166,7 +167,6 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
     for name, flag in (("reduce_range", reduce_range), ("progress", progress)):
         if not isinstance(flag, bool):
             raise TypeError(f"tlcore.quantize: {name} must be True or False, got {flag!r}")
-    _check_resnet(model)
     skip = _skip_names(skip)
     known = {"conv1", "fc"} | {f"{name}.{i}" for name in LAYERS for i in range(len(getattr(model, name)))}
     if skip - known:
@@ -226,8 +226,8 @@ def _check_resnet(model: nn.Module) -> None:
     if not (isinstance(model, ResNet) and type(model).forward is ResNet.forward
             and type(model)._forward_impl is ResNet._forward_impl):
         raise TypeError(f"tlcore.quantize supports torchvision ResNet models (BasicBlock/Bottleneck) with their "
-                        f"own forward, got {type(model).__name__}; other architectures are not covered by its "
-                        "int8 scheme")
+                        f"own forward, got {type(model).__name__}: quantize the ResNet inside a wrapper "
+                        "(nn.Sequential, DataParallel); other architectures are not covered by its int8 scheme")
     for name in LAYERS:
         for i, block in enumerate(getattr(model, name)):
             if type(block) not in (BasicBlock, Bottleneck):
@@ -284,6 +284,9 @@ def input_batches(data, caller: str, activity: str, progress: bool):
     """
     if isinstance(data, torch.Tensor):  # one batch (iterating it would give single images)
         data = [data]
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{caller}: data must be a DataLoader, an iterable of batches or one batch tensor, got "
+                        f"{type(data).__name__}")
     batches = 0
     for batch in tqdm(data, desc=f"{caller}: {activity}", unit="batch", disable=not progress):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -32,6 +32,11 @@ def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True
     Returns:
         {"conv1": dB, "layer1.0": dB, ..., "fc": dB} in the model's order; inf where the two agree exactly.
     """
+    for name, module in (("model", model), ("qmodel", qmodel)):
+        parts = ("conv1", "maxpool", *LAYERS)
+        if not isinstance(module, nn.Module) or not all(hasattr(module, part) for part in parts):
+            raise TypeError(f"tlcore.sqnr_report: {name} must be a torchvision ResNet (or its tlcore.quantize "
+                            f"model), not a wrapper around one; got {type(module).__name__}")
     if model.training or qmodel.training:
         raise ValueError("tlcore.sqnr_report compares inference models: call .eval() on both")
     if any(isinstance(m, Int8Conv2d) for m in model.modules()) or next(model.parameters(), None) is None:

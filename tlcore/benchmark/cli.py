@@ -1,5 +1,6 @@
 """`python -m tlcore bench`: compare tlcore with stock PyTorch on this machine."""
 import argparse
+import os
 
 import torch
 
@@ -57,8 +58,11 @@ def main(argv=None) -> int:
     on_gpu = device.type == "cuda"
     model = args.model or ("resnet50" if on_gpu else "resnet18")
     batch = args.batch if args.batch is not None else (64 if on_gpu else 8)
-    if batch < 1 or args.size < 32:
-        raise SystemExit("--batch must be at least 1 and --size at least 32")
+    if batch < 1 or args.size < 32 or args.min_time <= 0:
+        raise SystemExit("--batch must be at least 1, --size at least 32 and --min-time above 0")
+    for option, path in (("--out", args.out), ("--plot", args.plot)):  # before the run, not after it
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            raise SystemExit(f"{option} {path}: not a file in an existing folder")
     dtype = DTYPES[args.dtype]
     compile_ = on_gpu if args.compile is None else args.compile
     builders = {

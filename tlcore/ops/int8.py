@@ -213,10 +213,20 @@ def requantize_reference(acc, multiplier, offset, shift, residual, res_multiplie
 
 def selected_cpu_isa() -> int:
     """The C++ kernel's instruction set selected now (TLCORE_INT8_CPU_ISA, default auto); packed weights depend on it."""
-    name = os.environ.get(CPU_ISA_ENV, "auto")
+    name = os.environ.get(CPU_ISA_ENV) or "auto"
     if name not in _CPU_ISAS:
         raise ValueError(f"{CPU_ISA_ENV}={name!r}; choose one of {', '.join(_CPU_ISAS)}")
+    if not _isa_runs_here(name):
+        here = [isa for isa in _CPU_ISAS if _isa_runs_here(isa)]
+        raise ValueError(f"{CPU_ISA_ENV}={name!r}: this CPU has no {name}; it can run {', '.join(here)}")
     return _CPU_ISAS[name]
+
+
+@functools.cache
+def _isa_runs_here(name: str) -> bool:
+    """Whether the C++ kernel can run instruction set `name` on this CPU (True without the
+    extension: then no C++ kernel runs, whatever is selected)."""
+    return name == "auto" or not _extension.loaded() or cpu_isa_supported(name)
 
 
 def cpu_isa_for(x_zero: int, x_max: int) -> int:
@@ -253,7 +263,7 @@ def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: 
     counts (the RGB stem), else direct (grouped convs always).
     TLCORE_INT8_CPU_ALGORITHM=direct keeps every conv direct.
     """
-    setting = os.environ.get(ALGORITHM_ENV, "auto")
+    setting = os.environ.get(ALGORITHM_ENV) or "auto"
     if setting not in ("auto", "direct"):
         raise ValueError(f"{ALGORITHM_ENV}={setting!r}; choose auto or direct")
     if setting == "direct" or not _extension.loaded():
