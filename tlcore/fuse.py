@@ -53,10 +53,13 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     return fused
 
 
+def hook_dicts(module: nn.Module) -> tuple[dict, ...]:
+    """module's own forward and backward hooks (not the global ones), as nn.Module keeps them."""
+    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+
+
 def has_hooks(module: nn.Module) -> bool:
-    """Whether module has forward or backward hooks of its own (not the global ones)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    return any(hook_dicts(module))
 
 
 class _OneLevelTracer(fx.Tracer):

@@ -35,7 +35,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from tqdm.auto import tqdm
 
 from tlcore.backend import BACKENDS
-from tlcore.fuse import fuse, has_hooks
+from tlcore.fuse import fuse, has_hooks, hook_dicts
 from tlcore.nn.blocks import FusedResidualBlock
 from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d
 from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear,
@@ -209,8 +209,7 @@ def _drop_hooks(model: nn.Module) -> None:
     if not hooked:
         return
     for module in model.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-                      module._backward_pre_hooks):
+        for hooks in hook_dicts(module):
             hooks.clear()
     warnings.warn(f"tlcore.quantize: the int8 model does not keep the hooks on {hooked} (its modules pass int8 "
                   "codes, not the float tensors those hooks saw), nor did they run while it calibrated: register "
