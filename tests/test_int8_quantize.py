@@ -200,6 +200,12 @@ def test_sqnr_report_bad_input():
         tlcore.sqnr_report(deeper, qmodel, batches(), progress=False)
     with pytest.raises(ValueError, match="must be the float model"):
         tlcore.sqnr_report(qmodel, qmodel, batches(), progress=False)
+    torch.manual_seed(1)
+    retrained = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=7).eval()  # the same architecture, other weights
+    for fc_skipped in (False, True):
+        source = tlcore.quantize(model, batches(), skip=("fc",), progress=False) if fc_skipped else qmodel
+        with pytest.raises(ValueError, match="fc weights are not those qmodel holds"):
+            tlcore.sqnr_report(retrained, source, batches(), progress=False)
     with pytest.raises(TypeError, match="model must be a torchvision ResNet .* got Sequential"):
         tlcore.sqnr_report(nn.Sequential(nn.Identity(), model).eval(), qmodel, batches(), progress=False)
     with pytest.raises(TypeError, match="qmodel must be a torchvision ResNet .* got NoneType"):

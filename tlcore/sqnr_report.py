@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from tlcore.nn.int8 import Int8Conv2d, QParams
+from tlcore.nn.int8 import Int8Conv2d, Int8Linear, QParams
 from tlcore.ops.int8 import dequantize_per_tensor
 from tlcore.quantize import LAYERS, input_batches
 
@@ -45,6 +45,7 @@ def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True
     if list(float_points) != list(int8_points):
         raise ValueError(f"tlcore.sqnr_report: model has the stages {list(float_points)[1:-1]} and qmodel "
                          f"{list(int8_points)[1:-1]}; pass the model qmodel was quantized from")
+    _check_same_fc(model, qmodel)
     signal = dict.fromkeys(float_points, 0.0)
     noise = dict.fromkeys(float_points, 0.0)
     param = next(model.parameters())
@@ -60,6 +61,23 @@ def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True
                 signal[name] += ref.square().sum().item()
                 noise[name] += (ref - out).square().sum().item()
     return {name: _decibels(signal[name], noise[name]) for name in float_points}
+
+
+def _check_same_fc(model: nn.Module, qmodel: nn.Module) -> None:
+    """Refuse a float model of the right architecture that qmodel was not quantized from (e.g. another
+    training run of it): the report would measure how the two models differ, not the quantization.
+    Its fc weights (K, C) must be those qmodel holds: per-row int8 codes are ~40 dB from the float
+    weights they came from, another model's ~0 dB."""
+    weight, held = getattr(model.fc, "weight", None), getattr(qmodel.fc, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(held, torch.Tensor):
+        return  # a custom head, kept float as it is
+    held = held.detach().double()
+    if isinstance(qmodel.fc, Int8Linear):
+        held = held * qmodel.fc.w_scale.double()[:, None]
+    weight = weight.detach().double().to(held.device)
+    if held.shape != weight.shape or _decibels(weight.square().sum().item(), (weight - held).square().sum().item()) < 20:
+        raise ValueError("tlcore.sqnr_report: model's fc weights are not those qmodel holds; pass the float model "
+                         "qmodel was quantized from")
 
 
 def _decibels(signal: float, noise: float) -> float:
