@@ -449,6 +449,45 @@ def test_cpu_split_top_sums_past_int16(monkeypatch):
     assert_bit_exact(out, q8.requantize_reference(acc, multiplier, offset, 12, None, 0, 0, False), "split at C = 600")
 
 
+# Pairs of codes u = x + 128 around vpmaddubsw's int16 bound: a pair of channels at weights -128 sums to
+# -128 (u0 + u1), which saturates past u0 + u1 = 256; at 127 past 258.
+BOUNDARY_PAIRS = {
+    -128: [(255, 0), (128, 127), (127, 128), (128, 128), (255, 1), (1, 255), (156, 100), (255, 2), (2, 255),
+           (129, 128), (200, 57)],
+    127: [(255, 2), (129, 128), (255, 3), (129, 129), (3, 255), (130, 128), (255, 4), (130, 129), (200, 59)],
+}
+
+
+@needs_extension
+@pytest.mark.parametrize("c", [41, 71])  # a 32-channel step and a tail of pairs, the last channel alone
+def test_cpu_split_pairs_at_the_int16_bound(c, monkeypatch):
+    """The split runs vpmaddubsw on full 8-bit codes where a pair of channels sums to at most 256 and
+    lists the rest's top bits: output channel k reads only pair k, at weights -128 or 127, with codes
+    summing to just under, at and just over the bound in every pixel. Offset and shift 6 put those
+    sums' products near 0 at 64 per code, so a saturated pair (off by 126 or more) changes the output."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    k, pixels = c // 2, 13
+    x = torch.full((1, c, 1, pixels), -128, dtype=torch.int8)
+    weight = torch.zeros(k, c, 1, 1, dtype=torch.int8)
+    offset = torch.empty(k, dtype=torch.int64)
+    for pair in range(k):
+        w = -128 if pair % 2 == 0 else 127
+        weight[pair, 2 * pair:2 * pair + 2] = w
+        offset[pair] = -w * (258 - 256 if w > 0 else 0)  # acc = sum x w = w (u0 + u1 - 256); near 0 at the bound
+        for pixel in range(pixels):
+            codes = BOUNDARY_PAIRS[w][(pixel + pair) % len(BOUNDARY_PAIRS[w])]
+            x[0, 2 * pair:2 * pair + 2, 0, pixel] = torch.tensor(codes) - 128
+    x = x.contiguous(memory_format=torch.channels_last)
+    multiplier = torch.ones(k, dtype=torch.int32)
+    assert q8.cpu_algorithm(weight.shape, [1, 1], [1, 1], q8._CPU_ISAS["avx2"]) == q8.CPU_ALGORITHMS["split"]
+    with use_backend("cpu"):
+        out = q8.int8_conv2d(x, -128, weight, multiplier, offset, 6, out_zero=0)
+    expected = q8.requantize_reference(int64_conv(x, -128, weight, [1, 1], [0, 0], [1, 1]), multiplier, offset, 6,
+                                       None, 0, 0, False)
+    assert expected.min() > -128 and expected.max() < 127  # no clamping hides an error
+    assert torch.equal(out, expected), (out - expected).flatten().nonzero().numel()
+
+
 @needs_extension
 @pytest.mark.parametrize("algorithm", ["direct", "winograd"])
 @pytest.mark.parametrize("shift", [20, 31, 32, 36])

@@ -2,20 +2,23 @@
 // about the cost of 7-bit ones.
 //
 // AVX2's exact int16 pairs (vpmaddwd + vpaddd, int8_conv.cpp) take 4 instructions per 32
-// products; vpmaddubsw + vpmaddwd + vpaddd (torch.ao's reduce_range kernel) take 3, but saturate
-// on 8-bit inputs. Split each input code x in two: with u = x + 128 = v + 128 * b,
-//   v = u & 127 = x & 127, and b = u >> 7, which is 1 exactly where x >= 0,
-//   acc = sum_c x w = sum_c v w - 128 * sum_c w + 128 * sum_{c : x_c >= 0} w.
-// The first sum runs the quads kernel of 7-bit inputs (tile_avx2u7: v <= 127, so a pair of
-// products stays within int16), the second is the quads' correction, and the third adds, per
-// pixel, the weights of the channels whose code is >= 0: one vpaddw per such channel and 16 output
-// channels, over rows of a (C, K) int16 table read front to back (per block of 16 channels, C
-// scattered 32-byte reads took a third as long as the 7-bit products, waiting on L2). Both
-// corrections are summed once per pixel for all K, as the accumulators' starting values.
-// Post-ReLU activations (x_zero -128) list few: 0.5-11% of the codes into each of ResNet-50's
-// convs past the stem (torchvision's initial weights, calibrated by minmax, percentile or entropy;
-// the stem's RGB input, about half, is not a 1x1 conv's). With every channel listed the conv
-// would take ~1.5x the pairs kernel's time: slower, never wrong.
+// products; vpmaddubsw + vpmaddwd + vpaddd (torch.ao's reduce_range kernel) take 3, but
+// vpmaddubsw's pair of products u0 w0 + u1 w1 saturates at int16 on 8-bit inputs u = x + 128.
+// It is exact whenever u0 + u1 <= 256, for any int8 weights (|w| <= 128), and post-ReLU codes
+// are mostly small. So the quads kernel (tile_avx2u7) runs on codes t that keep u where the
+// pair (channels 2i, 2i + 1) is safe and drop bit 7 of both codes of an unsafe pair:
+//   u = t + 128 * b, with b = 1 exactly for the channels of unsafe pairs whose u >= 128,
+//   acc = sum_c x w = sum_c t w - 128 * sum_c w + 128 * sum_{c : b_c = 1} w.
+// The second sum is the quads' correction; the third adds, per pixel, the weights of the listed
+// channels (b = 1): one vpaddw per such channel and 16 output channels, over rows of a (C, K)
+// int16 table read front to back (per block of 16 channels, C scattered 32-byte reads took a
+// third as long as the 7-bit products, waiting on L2). Both corrections are summed once per pixel
+// for all K, as the accumulators' starting values.
+// Post-ReLU activations list few: in ResNet-50's 1x1 convs (torchvision's initial weights,
+// minmax calibration) 0.9-6.4% of the codes have bit 7, but only 0-1.2% are in unsafe pairs, and
+// 0-26% of the 32-channel steps have any (listing every code with bit 7 would cost ~C
+// instructions a pixel whatever K). With every channel listed the conv would take ~1.5x the pairs
+// kernel's time: slower, never wrong.
 #include "cpu/int8_cpu.h"
 
 #include <algorithm>
@@ -52,6 +55,8 @@ namespace {
 // The int16 sum of up to 256 table rows stays exact (|256 * -128| <= 2**15).
 constexpr int64_t kInt16Rows = 256;
 constexpr int64_t kPrefetchAhead = 4;
+// vpmaddubsw's u0 w0 + u1 w1 stays within int16 for every int8 w while u0 + u1 <= 256.
+constexpr int kSafePairSum = 256;
 
 // top[0 .. 16 V) = 128 * the sum over `listed` of table rows' values [0 .. 16 V) (`width` apart)
 // - correction[0 .. 16 V): V ymm of int16 sums in registers, widened to int32 per run of kInt16Rows
@@ -136,15 +141,26 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
     uint8_t* __restrict dst = reinterpret_cast<uint8_t*>(chunk.words + i * groups);
     int64_t ch = 0, listed_count = 0;
     for (; ch + 32 <= c; ch += 32) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), _mm256_and_si256(x, _mm256_set1_epi8(0x7f)));
-      listed_count = list_set_channels(~static_cast<uint32_t>(_mm256_movemask_epi8(x)), ch, listed, listed_count);
+      const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch)),
+                                         _mm256_set1_epi8(-128));
+      const __m256i pair_sums = _mm256_maddubs_epi16(u, _mm256_set1_epi8(1));  // u0 + u1 <= 510: exact
+      const __m256i unsafe = _mm256_cmpgt_epi16(pair_sums, _mm256_set1_epi16(kSafePairSum));
+      const __m256i top = _mm256_and_si256(unsafe, _mm256_and_si256(u, _mm256_set1_epi8(-128)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), _mm256_xor_si256(u, top));
+      const uint32_t listed_bits = static_cast<uint32_t>(_mm256_movemask_epi8(top));
+      if (listed_bits != 0) listed_count = list_set_channels(listed_bits, ch, listed, listed_count);
     }
-    for (; ch < c; ++ch) {
-      dst[ch] = static_cast<uint8_t>(src[ch] & 0x7f);
-      if (src[ch] >= 0) listed[listed_count++] = static_cast<uint16_t>(ch);
+    for (; ch < c; ch += 2) {  // the tail's pairs; past C, the quads' padding holds 0
+      const int u0 = src[ch] + 128, u1 = ch + 1 < c ? src[ch + 1] + 128 : 0;
+      const bool unsafe = u0 + u1 > kSafePairSum;
+      for (int j = 0; j < 2 && ch + j < c; ++j) {
+        const int u_j = j == 0 ? u0 : u1;
+        const bool listed_j = unsafe && u_j >= 128;
+        dst[ch + j] = static_cast<uint8_t>(listed_j ? u_j - 128 : u_j);
+        if (listed_j) listed[listed_count++] = static_cast<uint16_t>(ch + j);
+      }
     }
-    for (; ch < bytes; ++ch) dst[ch] = 0;
+    for (ch = c; ch < bytes; ++ch) dst[ch] = 0;
     // The sums for 8 registers (128 channels) at a time, then the rest in one pass.
     int32_t* top = chunk.top + i * width;
     int64_t v = 0;
