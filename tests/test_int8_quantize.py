@@ -700,6 +700,18 @@ def test_quantized_model_compiles_fullgraph(compiler, dynamic, monkeypatch):
 
 @pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_quantized_model_compiles_fullgraph_with_an_isa_set(monkeypatch):
+    """With TLCORE_INT8_CPU_ISA set, whether this CPU runs that instruction set is a constant to the
+    tracer (the check calls a C++ op that returns a bool, which fullgraph could not trace)."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, "scalar")
+    qmodel = tlcore.quantize(small_resnet(), batches(), progress=False)
+    x = batches(1, seed=12)[0]
+    compiled = torch.compile(qmodel, backend="aot_eager", fullgraph=True)
+    assert_traced_model_matches(compiled, qmodel, x, monkeypatch)
+
+
+@pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("trace", ["compile", "export"])
 def test_forced_module_backend_compiles_and_exports(trace, monkeypatch):
     """A module's own backend applies in eager mode only (a context manager does not trace); traced,

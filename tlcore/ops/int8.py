@@ -223,6 +223,7 @@ def selected_cpu_isa() -> int:
 
 
 @functools.cache
+@torch.compiler.assume_constant_result  # (traced calls, e.g. torch.compile's, take its value as it is)
 def _isa_runs_here(name: str) -> bool:
     """Whether the C++ kernel can run instruction set `name` on this CPU (True without the
     extension: then no C++ kernel runs, whatever is selected)."""
