@@ -405,18 +405,20 @@ def with_codes(case, codes, seed):
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 300), hw=st.tuples(st.integers(1, 13), st.integers(1, 13)),
        k=st.integers(1, 300), stride=st.integers(1, 3), padding=st.integers(0, 2), residual=st.booleans(),
-       relu=st.booleans(), seed=st.integers(0, 2**16))
-def test_cpu_split_bit_exact(codes, n, c, hw, k, stride, padding, residual, relu, seed):
-    """1x1 convs on AVX2 run the split algorithm (7-bit products, the top bits' weights added per listed
-    channel) and equal the reference: any C (32-channel steps and a tail, partial quads), K (partial
-    blocks, the top sums 128 channels at a time and the rest), stride, padding (pixels of x_zero), and
-    inputs with half, few or all codes >= 0."""
+       relu=st.booleans(), seed=st.integers(0, 2**16), reduce_range=st.booleans())
+def test_cpu_split_bit_exact(codes, n, c, hw, k, stride, padding, residual, relu, seed, reduce_range):
+    """1x1 convs on AVX2 run the split algorithm (two quads per int16 lane, the dropped top bits' weights
+    added per listed channel) and equal the reference: any C (32-channel steps and a tail, partial quads,
+    an odd last quad), K (partial blocks, the top sums 128 channels at a time and the rest), stride,
+    padding (pixels of x_zero), inputs with half, few or all codes >= 0, and 7-bit codes (cut to -1)."""
     h, w = hw
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
         case = with_codes(make_case(n, c, h, w, k, 1, 1, stride, padding, 1, residual, relu, seed), codes, seed)
-        assert q8.cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], q8._CPU_ISAS["avx2"]) == \
-            q8.CPU_ALGORITHMS["split"]
+        if reduce_range:
+            case = dict(case, x=case["x"].clamp(max=-1), x_zero=min(case["x_zero"], -1), x_max=-1)
+        isa = q8.cpu_isa_for(case["x_zero"], case["x_max"])
+        assert q8.cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], isa) == q8.CPU_ALGORITHMS["split"]
         assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, stride, padding)
 
 
@@ -449,39 +451,52 @@ def test_cpu_split_top_sums_past_int16(monkeypatch):
     assert_bit_exact(out, q8.requantize_reference(acc, multiplier, offset, 12, None, 0, 0, False), "split at C = 600")
 
 
-# Pairs of codes u = x + 128 around vpmaddubsw's int16 bound: a pair of channels at weights -128 sums to
-# -128 (u0 + u1), which saturates past u0 + u1 = 256; at 127 past 258.
-BOUNDARY_PAIRS = {
-    -128: [(255, 0), (128, 127), (127, 128), (128, 128), (255, 1), (1, 255), (156, 100), (255, 2), (2, 255),
-           (129, 128), (200, 57)],
-    127: [(255, 2), (129, 128), (255, 3), (129, 129), (3, 255), (130, 128), (255, 4), (130, 129), (200, 59)],
+# The split kernel sums 4 products in an int16 lane: channels 8m + (0, 1, 4, 5) and 8m + (2, 3, 6, 7), the
+# same lane of quads 2m and 2m + 1. Codes u = x + 128 of one lane around its bound: at weights -128 the
+# lane is w * (u0 + u1 + u2 + u3), which leaves int16 past a sum of 256; at 127 past 258. Some need
+# bit 7 dropped, some bit 6 (no code >= 128), some both.
+LANE_CHANNELS = ((0, 1, 4, 5), (2, 3, 6, 7))
+BOUNDARY_LANES = {
+    -128: [(255, 0, 0, 0), (255, 1, 0, 0), (255, 2, 0, 0), (64, 64, 64, 64), (64, 64, 64, 65), (128, 128, 0, 0),
+           (128, 128, 1, 0), (0, 1, 128, 128), (100, 100, 56, 0), (100, 100, 57, 0), (127, 127, 2, 0),
+           (127, 127, 3, 0), (96, 96, 65, 0), (0, 0, 200, 57), (200, 0, 0, 57)],
+    127: [(255, 2, 0, 0), (255, 3, 0, 0), (255, 4, 0, 0), (65, 64, 64, 64), (65, 65, 64, 64), (65, 65, 65, 64),
+          (127, 127, 4, 0), (127, 127, 5, 0), (0, 0, 4, 255)],
 }
 
 
 @needs_extension
-@pytest.mark.parametrize("c", [41, 71])  # a 32-channel step and a tail of pairs, the last channel alone
-def test_cpu_split_pairs_at_the_int16_bound(c, monkeypatch):
-    """The split runs vpmaddubsw on full 8-bit codes where a pair of channels sums to at most 256 and
-    lists the rest's top bits: output channel k reads only pair k, at weights -128 or 127, with codes
-    summing to just under, at and just over the bound in every pixel. Offset and shift 6 put those
-    sums' products near 0 at 64 per code, so a saturated pair (off by 126 or more) changes the output."""
+@pytest.mark.parametrize("c", [41, 77])  # a 32-channel step, then whole and partial lanes; 11 quads (odd) or 20
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
+def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, monkeypatch):
+    """The split runs vpmaddubsw on full codes where a lane's 4 codes sum to at most 256 and lists the top
+    bits of the rest: output channel k reads only lane k, at weights -128 or 127, with codes summing to
+    just under, at and just over the bound in every pixel (7-bit codes: those below 128). Offset
+    and shift 6 put those sums' products near 0 at 64 per code, so an overflowed lane changes the output."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
-    k, pixels = c // 2, 13
+    k, pixels = 2 * -(-c // 8), 13
     x = torch.full((1, c, 1, pixels), -128, dtype=torch.int8)
     weight = torch.zeros(k, c, 1, 1, dtype=torch.int8)
     offset = torch.empty(k, dtype=torch.int64)
-    for pair in range(k):
-        w = -128 if pair % 2 == 0 else 127
-        weight[pair, 2 * pair:2 * pair + 2] = w
-        offset[pair] = -w * (258 - 256 if w > 0 else 0)  # acc = sum x w = w (u0 + u1 - 256); near 0 at the bound
+    for lane in range(k):
+        channels = [8 * (lane // 2) + j for j in LANE_CHANNELS[lane % 2] if 8 * (lane // 2) + j < c]
+        w = -128 if lane % 3 else 127
+        # the lane's codes: those that fit its channels (a partial lane at the end) and the 7-bit range
+        fitting = [codes[:len(channels)] for codes in BOUNDARY_LANES[w]
+                   if not any(codes[len(channels):]) and max(codes) <= (127 if reduce_range else 255)]
+        if not fitting:  # (2 channels of 7-bit codes cannot reach the bound: the lane stays at weight 0)
+            offset[lane] = 0
+            continue
+        weight[lane, channels] = w
+        offset[lane] = w * (128 * len(channels) - (256 if w < 0 else 258))  # acc = w * sum(u - 128)
         for pixel in range(pixels):
-            codes = BOUNDARY_PAIRS[w][(pixel + pair) % len(BOUNDARY_PAIRS[w])]
-            x[0, 2 * pair:2 * pair + 2, 0, pixel] = torch.tensor(codes) - 128
+            x[0, channels, 0, pixel] = (torch.tensor(fitting[(pixel + lane) % len(fitting)]) - 128).to(torch.int8)
     x = x.contiguous(memory_format=torch.channels_last)
     multiplier = torch.ones(k, dtype=torch.int32)
-    assert q8.cpu_algorithm(weight.shape, [1, 1], [1, 1], q8._CPU_ISAS["avx2"]) == q8.CPU_ALGORITHMS["split"]
+    isa = q8.cpu_isa_for(-128, -1 if reduce_range else 127)
+    assert q8.cpu_algorithm(weight.shape, [1, 1], [1, 1], isa) == q8.CPU_ALGORITHMS["split"]
     with use_backend("cpu"):
-        out = q8.int8_conv2d(x, -128, weight, multiplier, offset, 6, out_zero=0)
+        out = q8.int8_conv2d(x, -128, weight, multiplier, offset, 6, out_zero=0, x_max=-1 if reduce_range else 127)
     expected = q8.requantize_reference(int64_conv(x, -128, weight, [1, 1], [0, 0], [1, 1]), multiplier, offset, 6,
                                        None, 0, 0, False)
     assert expected.min() > -128 and expected.max() < 127  # no clamping hides an error

@@ -1075,8 +1075,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     return;
   }
 #endif  // TLCORE_X86
-  // kSplit's products of the low 7 bits: the 7-bit quads kernel.
-  const TileFn run_tile = tile_fn(split ? Int8Isa::kAvx2U7 : isa);
+  const TileFn run_tile = split ? split_tile : tile_fn(isa);
   parallel_tasks(blocks * chunks, [&](ClaimedTasks& tasks) {
     // The epilogue runs once per chunk, on all its tiles' rows: its per-block setup (constants
     // loaded and shuffled) cost a third as much as its per-row work when it ran per tile.
@@ -1188,7 +1187,7 @@ bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int
     case Int8Algorithm::kRows:  // pairs must start on a word: every window start, stride_w * C elements apart
       return (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2) && dil_w == 1 && (c * stride_w) % 2 == 0;
     case Int8Algorithm::kSplit:  // its lists hold channels as uint16
-      return isa == Int8Isa::kAvx2 && r == 1 && s == 1 && c <= 65536;
+      return (isa == Int8Isa::kAvx2 || isa == Int8Isa::kAvx2U7) && r == 1 && s == 1 && c <= 65536;
   }
   return false;
 }
@@ -1199,9 +1198,11 @@ Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, in
     return int8_algorithm_supported(algorithm, c, r, s, stride_h, stride_w, dil_h, dil_w, isa, conv_groups);
   };
   if (supported(Int8Algorithm::kWinograd)) return Int8Algorithm::kWinograd;
-  // 7-bit products plus the listed top bits (int8_split.cpp) ran ResNet-50's forward 6-10% faster than
-  // the int16 pairs (AVX2-capped Intel Xeon, batch 1 and 8): its 1x1 convs up to 1.2x faster, those
-  // with C = K = 64 ~8% slower (the per-pixel lists cost as much as their few products save).
+  // Two quads per int16 lane plus the listed top bits (int8_split.cpp) ran ResNet-50's 1x1 convs at batch 8
+  // 1.06-1.35x as fast as the int16 pairs on 8-bit codes and 1.01-1.27x as fast as the 7-bit quads
+  // kernel on 7-bit ones (AVX2-capped AMD Zen 5). The exception is layer1.0's, whose max-pooled input
+  // is dense (two thirds of its lanes past the bound): 64 -> 256 and 64 -> 64 at 0.78x and 0.61x the
+  // pairs' time, ~1% of the model.
   if (supported(Int8Algorithm::kSplit)) return Int8Algorithm::kSplit;
   // Stride 2 saves a third of the products but has 25 / 9 as many weights to stream: measured (AVX2,
   // AMD EPYC) 7-23% faster at batch 8 for C * K <= 256 * 256 and as fast at batch 1, but at 256 x 512 no

@@ -163,9 +163,9 @@ int64_t split_table_words(int64_t k, int64_t c);
 void pack_split_table(const int8_t* weight, int64_t k, int64_t c, int32_t* table);
 
 // A chunk of a 1x1 conv's output pixels with their input pixels converted for the split algorithm:
-// `words` (rows, groups) quads of v = x & 127 (0 past C), and `top` (rows, K rounded up to blocks)
-// int32, 128 * (the sum of the table rows of the channels whose code is >= 0 - the sum of all of
-// them): where the 7-bit products' accumulators start (Tile::starts).
+// `words` (rows, groups) quads of the codes t split_tile multiplies (0 past C), and `top` (rows, K
+// rounded up to blocks) int32, 64 * (the sum of the listed table rows) - 128 * (the sum of all of
+// them): where split_tile's accumulators start (Tile::starts). See int8_split.cpp.
 struct SplitChunk {
   int32_t* words;
   int32_t* top;
@@ -187,6 +187,10 @@ class SplitBuffers {
 // correction: the quads' 128 * sum(w) of every block.
 void convert_split_rows(const Int8ConvArgs& a, int64_t groups, const int8_t* border, const int16_t* table,
                         const int32_t* correction, int64_t first, int64_t count, const SplitChunk& chunk);
+
+// The split algorithm's micro-kernel on converted rows (taps 1, starts set): per int16 lane the products of
+// two quads (vpmaddubsw twice, vpaddw), then one vpmaddwd + vpaddd: 5 instructions per 64 products.
+void split_tile(const Tile& t, int32_t (*acc)[kTileN]);
 
 // ---- AMX (int8_amx.cpp) ----
 

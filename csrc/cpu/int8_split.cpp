@@ -1,24 +1,25 @@
-// The split algorithm (Int8Algorithm::kSplit): exact 8-bit 1x1 convs on AVX2 CPUs without VNNI at
-// about the cost of 7-bit ones.
+// The split algorithm (Int8Algorithm::kSplit): 1x1 convs on AVX2 CPUs without VNNI, exact on 8-bit
+// codes, in fewer instructions per product than torch.ao's 7-bit kernel.
 //
 // AVX2's exact int16 pairs (vpmaddwd + vpaddd, int8_conv.cpp) take 4 instructions per 32
-// products; vpmaddubsw + vpmaddwd + vpaddd (torch.ao's reduce_range kernel) take 3, but
-// vpmaddubsw's pair of products u0 w0 + u1 w1 saturates at int16 on 8-bit inputs u = x + 128.
-// It is exact whenever u0 + u1 <= 256, for any int8 weights (|w| <= 128), and post-ReLU codes
-// are mostly small. So the quads kernel (tile_avx2u7) runs on codes t that keep u where the
-// pair (channels 2i, 2i + 1) is safe and drop bit 7 of both codes of an unsafe pair:
-//   u = t + 128 * b, with b = 1 exactly for the channels of unsafe pairs whose u >= 128,
-//   acc = sum_c x w = sum_c t w - 128 * sum_c w + 128 * sum_{c : b_c = 1} w.
+// products; vpmaddubsw + vpmaddwd + vpaddd (torch.ao's reduce_range kernel, tile_avx2u7) take 3.
+// split_tile takes 2.5: per int16 lane it adds the vpmaddubsw pairs of two quads (vpaddw) before
+// one vpmaddwd + vpaddd widens them, so a lane holds 4 products u w of codes u = x + 128. That is
+// exact, for any int8 weights (|w| <= 128), while the lane's 4 codes sum to at most 256, and
+// post-ReLU codes are mostly small. So the kernel runs on codes t that keep u where the lane is
+// safe; in a lane past the bound they drop bit 7, then bit 6 if that is not enough (4 codes < 64):
+//   u = t + 64 * l, with l (0..3) what a channel dropped, in units of 64,
+//   acc = sum_c x w = sum_c t w - 128 * sum_c w + 64 * sum_c l_c w.
 // The second sum is the quads' correction; the third adds, per pixel, the weights of the listed
-// channels (b = 1): one vpaddw per such channel and 16 output channels, over rows of a (C, K)
+// channels (a channel l_c times): one vpaddw per entry and 16 output channels, over rows of a (C, K)
 // int16 table read front to back (per block of 16 channels, C scattered 32-byte reads took a
 // third as long as the 7-bit products, waiting on L2). Both corrections are summed once per pixel
 // for all K, as the accumulators' starting values.
-// Post-ReLU activations list few: in ResNet-50's 1x1 convs (torchvision's initial weights,
-// minmax calibration) 0.9-6.4% of the codes have bit 7, but only 0-1.2% are in unsafe pairs, and
-// 0-26% of the 32-channel steps have any (listing every code with bit 7 would cost ~C
-// instructions a pixel whatever K). With every channel listed the conv would take ~1.5x the pairs
-// kernel's time: slower, never wrong.
+// Post-ReLU activations list few: in ResNet-50's 1x1 convs (torchvision's initial weights, minmax
+// calibration) 0.5-11% of the lanes are past the bound, 0.004-0.1 entries a code (mean codes 20-33),
+// except layer1.0's max-pooled input (mean 71): 67%, 0.5 entries a code. 7-bit codes (reduce_range)
+// take the same path: they never drop bit 7.
+// With every channel listed the conv would take ~1.5x the pairs kernel's time: slower, never wrong.
 #include "cpu/int8_cpu.h"
 
 #include <algorithm>
@@ -55,8 +56,10 @@ namespace {
 // The int16 sum of up to 256 table rows stays exact (|256 * -128| <= 2**15).
 constexpr int64_t kInt16Rows = 256;
 constexpr int64_t kPrefetchAhead = 4;
-// vpmaddubsw's u0 w0 + u1 w1 stays within int16 for every int8 w while u0 + u1 <= 256.
-constexpr int kSafePairSum = 256;
+// split_tile's int16 lane of 4 products stays within int16 for every int8 w while its 4 codes sum to <= 256.
+constexpr int kSafeLaneSum = 256;
+// The listed table rows are summed in units of 64 (bit 6); a channel's bit 7 is listed twice.
+constexpr int kListedUnitShift = 6;
 
 // top[0 .. 16 V) = 128 * the sum over `listed` of table rows' values [0 .. 16 V) (`width` apart)
 // - correction[0 .. 16 V): V ymm of int16 sums in registers, widened to int32 per run of kInt16Rows
@@ -86,7 +89,7 @@ __attribute__((target("avx2"), always_inline)) inline void sum_rows(const int16_
     for (int v = 0; v < V; ++v) {
       for (int h = 0; h < 2; ++h) {
         const __m128i half = h == 0 ? _mm256_castsi256_si128(sum[v]) : _mm256_extracti128_si256(sum[v], 1);
-        const __m256i products = _mm256_slli_epi32(_mm256_cvtepi16_epi32(half), 7);
+        const __m256i products = _mm256_slli_epi32(_mm256_cvtepi16_epi32(half), kListedUnitShift);
         const __m256i from = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 16 * v + 8 * h));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(top + 16 * v + 8 * h),
                             base == top ? _mm256_add_epi32(from, products) : _mm256_sub_epi32(products, from));
@@ -109,7 +112,7 @@ struct SetBits {
 constexpr SetBits kSetBits;
 
 // Appends channel + i for each set bit i of `set` (32 channels) to listed[count ..]; returns the new
-// count. Writes 8 entries per 8 channels whatever their bits (listed has room for 8 more than C),
+// count. Writes 8 entries per 8 channels whatever their bits (listed has room for 8 more),
 // without branches: with a loop over the set bits, which mispredicted its exit per 32 channels, a
 // 256 -> 64 1x1 conv's conversion took 0.7x as long as its 7-bit products; with this, 0.5x (perf).
 __attribute__((target("avx2"), always_inline)) inline int64_t list_set_channels(uint32_t set, int64_t channel,
@@ -124,6 +127,17 @@ __attribute__((target("avx2"), always_inline)) inline int64_t list_set_channels(
   return count;
 }
 
+// Lane j of quads 2m and 2m + 1, the int16 lane split_tile sums them in: 4 of the 8 channels from 8m.
+constexpr int kLaneChannels[2][4] = {{0, 1, 4, 5}, {2, 3, 6, 7}};
+
+// 0xffff in each int16 lane of 32 codes t whose split_tile lane (kLaneChannels) sums its 4 codes to
+// more than kSafeLaneSum; the two int16 lanes that hold one such sum get the same mask.
+__attribute__((target("avx2"), always_inline)) inline __m256i lanes_past_bound(__m256i t) {
+  const __m256i pair_sums = _mm256_maddubs_epi16(t, _mm256_set1_epi8(1));  // t0 + t1 <= 510: exact
+  const __m256i lane_sums = _mm256_add_epi16(pair_sums, _mm256_shuffle_epi32(pair_sums, 0xb1));  // + the other quad's
+  return _mm256_cmpgt_epi16(lane_sums, _mm256_set1_epi16(kSafeLaneSum));
+}
+
 }  // namespace
 
 __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, int64_t groups, const int8_t* border,
@@ -131,7 +145,8 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
                                                         int64_t first, int64_t count, const SplitChunk& chunk) {
   // Locals and __restrict: byte stores may alias anything, which would reload a's fields per byte.
   const int64_t c = a.c, bytes = 4 * groups, width = blocks_of(a.k) * kTileN;
-  std::vector<uint16_t> channels(static_cast<size_t>(c + 8));  // list_set_channels writes 8 at a time
+  // Each channel is listed at most 3 times (bit 7 twice, bit 6 once); list_set_channels writes 8 at a time.
+  std::vector<uint16_t> channels(static_cast<size_t>(3 * c + 8));
   uint16_t* __restrict listed = channels.data();
   int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
   for (int64_t i = 0; i < count; ++i) {
@@ -141,23 +156,38 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
     uint8_t* __restrict dst = reinterpret_cast<uint8_t*>(chunk.words + i * groups);
     int64_t ch = 0, listed_count = 0;
     for (; ch + 32 <= c; ch += 32) {
-      const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch)),
-                                         _mm256_set1_epi8(-128));
-      const __m256i pair_sums = _mm256_maddubs_epi16(u, _mm256_set1_epi8(1));  // u0 + u1 <= 510: exact
-      const __m256i unsafe = _mm256_cmpgt_epi16(pair_sums, _mm256_set1_epi16(kSafePairSum));
-      const __m256i top = _mm256_and_si256(unsafe, _mm256_and_si256(u, _mm256_set1_epi8(-128)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), _mm256_xor_si256(u, top));
-      const uint32_t listed_bits = static_cast<uint32_t>(_mm256_movemask_epi8(top));
-      if (listed_bits != 0) listed_count = list_set_channels(listed_bits, ch, listed, listed_count);
+      __m256i t = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch)),
+                                   _mm256_set1_epi8(-128));  // u = x + 128
+      __m256i unsafe = lanes_past_bound(t);
+      if (!_mm256_testz_si256(unsafe, unsafe)) {  // drop bit 7, then bit 6 where that is not enough
+        const __m256i top7 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(-128)));
+        t = _mm256_xor_si256(t, top7);
+        unsafe = lanes_past_bound(t);
+        const __m256i top6 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(64)));
+        t = _mm256_xor_si256(t, top6);
+        const uint32_t bits7 = static_cast<uint32_t>(_mm256_movemask_epi8(top7));
+        const uint32_t bits6 = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_add_epi8(top6, top6)));
+        listed_count = list_set_channels(bits7, ch, listed, listed_count);
+        listed_count = list_set_channels(bits7, ch, listed, listed_count);
+        listed_count = list_set_channels(bits6, ch, listed, listed_count);
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), t);
     }
-    for (; ch < c; ch += 2) {  // the tail's pairs; past C, the quads' padding holds 0
-      const int u0 = src[ch] + 128, u1 = ch + 1 < c ? src[ch + 1] + 128 : 0;
-      const bool unsafe = u0 + u1 > kSafePairSum;
-      for (int j = 0; j < 2 && ch + j < c; ++j) {
-        const int u_j = j == 0 ? u0 : u1;
-        const bool listed_j = unsafe && u_j >= 128;
-        dst[ch + j] = static_cast<uint8_t>(listed_j ? u_j - 128 : u_j);
-        if (listed_j) listed[listed_count++] = static_cast<uint16_t>(ch + j);
+    for (; ch < c; ch += 8) {  // the tail's lanes; past C, the quads' padding holds 0
+      for (const auto& lane : kLaneChannels) {
+        int t[4], sum = 0;
+        for (int e = 0; e < 4; ++e) sum += t[e] = ch + lane[e] < c ? src[ch + lane[e]] + 128 : 0;
+        for (int bit = 7; bit >= 6 && sum > kSafeLaneSum; --bit) {
+          for (int e = 0; e < 4; ++e) {
+            if (!(t[e] >> bit & 1)) continue;
+            t[e] -= 1 << bit;
+            sum -= 1 << bit;
+            for (int times = bit - 5; times > 0; --times) listed[listed_count++] = static_cast<uint16_t>(ch + lane[e]);
+          }
+        }
+        for (int e = 0; e < 4; ++e) {
+          if (ch + lane[e] < c) dst[ch + lane[e]] = static_cast<uint8_t>(t[e]);
+        }
       }
     }
     for (ch = c; ch < bytes; ++ch) dst[ch] = 0;
@@ -187,9 +217,74 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
   }
 }
 
+namespace {
+
+constexpr int64_t kPrefetchGroups = 64;  // 4 KB ahead in the block's weight stream
+
+// Register REG (8 of the block's 16 channels) of split_tile, for M rows.
+template <int M, int REG>
+__attribute__((target("avx2"))) void split_register(const Tile& t, int32_t (*acc)[kTileN]) {
+  __m256i sum[M];
+#pragma GCC unroll 6
+  for (int i = 0; i < M; ++i) {
+    sum[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.starts + i * t.start_stride + 8 * REG));
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int32_t* b = t.weight + 8 * REG;
+  const int64_t offset = t.tap_offsets[0];
+  int64_t g = 0;
+  for (; g + 2 <= t.groups; g += 2, b += 2 * kTileN) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kTileN));
+    if (REG == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchGroups * kTileN), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + (kPrefetchGroups + 1) * kTileN), _MM_HINT_T0);
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < M; ++i) {
+      const __m256i lanes = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi32(t.rows[i][offset + g]), w0),
+                                             _mm256_maddubs_epi16(_mm256_set1_epi32(t.rows[i][offset + g + 1]), w1));
+      sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(lanes, ones));
+    }
+  }
+  if (g < t.groups) {  // an odd last quad, alone
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+#pragma GCC unroll 6
+    for (int i = 0; i < M; ++i) {
+      const __m256i lanes = _mm256_maddubs_epi16(_mm256_set1_epi32(t.rows[i][offset + g]), w0);
+      sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(lanes, ones));
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < M; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[i] + 8 * REG), sum[i]);
+}
+
+template <int M>
+void split_rows(const Tile& t, int32_t (*acc)[kTileN]) {
+  split_register<M, 0>(t, acc);
+  split_register<M, 1>(t, acc);
+}
+
+}  // namespace
+
+void split_tile(const Tile& t, int32_t (*acc)[kTileN]) {
+  static_assert(kTileM == 6, "one case per row count");
+  switch (t.count) {
+    case 1: return split_rows<1>(t, acc);
+    case 2: return split_rows<2>(t, acc);
+    case 3: return split_rows<3>(t, acc);
+    case 4: return split_rows<4>(t, acc);
+    case 5: return split_rows<5>(t, acc);
+    default: return split_rows<6>(t, acc);
+  }
+}
+
 #else
 void convert_split_rows(const Int8ConvArgs&, int64_t, const int8_t*, const int16_t*, const int32_t*, int64_t,
                         int64_t, const SplitChunk&) {
+  throw std::logic_error("tlcore int8 conv: the split algorithm needs AVX2");
+}
+void split_tile(const Tile&, int32_t (*)[kTileN]) {
   throw std::logic_error("tlcore int8 conv: the split algorithm needs AVX2");
 }
 #endif  // TLCORE_X86
