@@ -468,11 +468,14 @@ BOUNDARY_LANES = {
 @needs_extension
 @pytest.mark.parametrize("c", [41, 77])  # a 32-channel step, then whole and partial lanes; 11 quads (odd) or 20
 @pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
-def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, monkeypatch):
+@pytest.mark.parametrize("first_pixel", ["sparse", "dense"])
+def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, first_pixel, monkeypatch):
     """The split runs vpmaddubsw on full codes where a lane's 4 codes sum to at most 256 and lists the top
     bits of the rest: output channel k reads only lane k, at weights -128 or 127, with codes summing to
-    just under, at and just over the bound in every pixel (7-bit codes: those below 128). Offset
-    and shift 6 put those sums' products near 0 at 64 per code, so an overflowed lane changes the output."""
+    just under, at and just over the bound in every pixel but the first (7-bit codes: those below 128).
+    Offset and shift 6 put those sums' products near 0 at 64 per code, so an overflowed lane changes the
+    output. The first pixel decides the rule for the rows converted with it: all codes 0 (sparse) keeps
+    the lanes of 4, all 127 (dense, which would list 3 entries a code) takes vpmaddubsw's pairs."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
     k, pixels = 2 * -(-c // 8), 13
     x = torch.full((1, c, 1, pixels), -128, dtype=torch.int8)
@@ -489,8 +492,9 @@ def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, monkeypatch):
             continue
         weight[lane, channels] = w
         offset[lane] = w * (128 * len(channels) - (256 if w < 0 else 258))  # acc = w * sum(u - 128)
-        for pixel in range(pixels):
+        for pixel in range(1, pixels):
             x[0, channels, 0, pixel] = (torch.tensor(fitting[(pixel + lane) % len(fitting)]) - 128).to(torch.int8)
+    x[..., 0] = -128 if first_pixel == "sparse" else (-1 if reduce_range else 127)
     x = x.contiguous(memory_format=torch.channels_last)
     multiplier = torch.ones(k, dtype=torch.int32)
     isa = q8.cpu_isa_for(-128, -1 if reduce_range else 127)
@@ -499,7 +503,7 @@ def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, monkeypatch):
         out = q8.int8_conv2d(x, -128, weight, multiplier, offset, 6, out_zero=0, x_max=-1 if reduce_range else 127)
     expected = q8.requantize_reference(int64_conv(x, -128, weight, [1, 1], [0, 0], [1, 1]), multiplier, offset, 6,
                                        None, 0, 0, False)
-    assert expected.min() > -128 and expected.max() < 127  # no clamping hides an error
+    assert expected[..., 1:].min() > -128 and expected[..., 1:].max() < 127  # no clamping hides an error
     assert torch.equal(out, expected), (out - expected).flatten().nonzero().numel()
 
 

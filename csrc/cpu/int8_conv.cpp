@@ -1075,7 +1075,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     return;
   }
 #endif  // TLCORE_X86
-  const TileFn run_tile = split ? split_tile : tile_fn(isa);
+  const TileFn run_tile = tile_fn(isa);
   parallel_tasks(blocks * chunks, [&](ClaimedTasks& tasks) {
     // The epilogue runs once per chunk, on all its tiles' rows: its per-block setup (constants
     // loaded and shuffled) cost a third as much as its per-row work when it ran per tile.
@@ -1095,6 +1095,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
       return own_split.at(0);
     };
     Tile t;
+    TileFn split_kernel = nullptr;  // kSplit: split_tile, or the 7-bit quads kernel, as its rows were converted
     t.tap_offsets = tap_offsets.data();
     t.taps = taps;
     t.groups = groups;
@@ -1115,6 +1116,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
           const SplitChunk converted = split_chunk(chunk);
           chunk_rows(converted.words, pixel_words, m0 - chunk * kChunkRows, m0, rows, t.rows, ms + slot);
           t.starts = converted.top + (m0 - chunk * kChunkRows) * t.start_stride + block * kTileN;
+          split_kernel = converted.lanes[m0 - chunk * kChunkRows] ? split_tile : tile_fn(Int8Isa::kAvx2U7);
         } else if (convert_chunks) {
           chunk_rows(converted_chunk(chunk, current, buffer) + window, pixel_words, m0 - chunk * kChunkRows, m0, rows,
                      t.rows, ms + slot);
@@ -1123,7 +1125,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
         }
         t.count = rows;
         if (pointwise) prefetch_residual(a, m0, rows, block * kTileN);
-        run_tile(t, acc + slot);
+        (split ? split_kernel : run_tile)(t, acc + slot);
       }
       // Only the chunk's last tile can be partial, so its first `rows` slots are its pixels in order.
       const int rows = static_cast<int>(std::min<int64_t>(kChunkRows, m_total - first_tile * kTileM));

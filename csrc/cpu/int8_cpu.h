@@ -163,12 +163,14 @@ int64_t split_table_words(int64_t k, int64_t c);
 void pack_split_table(const int8_t* weight, int64_t k, int64_t c, int32_t* table);
 
 // A chunk of a 1x1 conv's output pixels with their input pixels converted for the split algorithm:
-// `words` (rows, groups) quads of the codes t split_tile multiplies (0 past C), and `top` (rows, K
-// rounded up to blocks) int32, 64 * (the sum of the listed table rows) - 128 * (the sum of all of
-// them): where split_tile's accumulators start (Tile::starts). See int8_split.cpp.
+// `words` (rows, groups) quads of the codes t the micro-kernel multiplies (0 past C), `top` (rows, K
+// rounded up to blocks) int32, the listed table rows' sum in its unit - 128 * the sum of all of them:
+// where the accumulators start (Tile::starts), and `lanes` (rows): whether a row's codes are for
+// split_tile (else for the 7-bit quads kernel, tile_avx2u7). See int8_split.cpp.
 struct SplitChunk {
   int32_t* words;
   int32_t* top;
+  bool* lanes;
 };
 
 // Room for `rows` converted pixels; at(row): the SplitChunk that starts at pixel `row`.
@@ -180,6 +182,7 @@ class SplitBuffers {
  private:
   int64_t groups_, top_words_;
   std::unique_ptr<int32_t[]> words_, top_;
+  std::unique_ptr<bool[]> lanes_;
 };
 
 // Output pixels first .. first + count - 1 of a 1x1 conv (any stride and padding: padding pixels
@@ -188,8 +191,9 @@ class SplitBuffers {
 void convert_split_rows(const Int8ConvArgs& a, int64_t groups, const int8_t* border, const int16_t* table,
                         const int32_t* correction, int64_t first, int64_t count, const SplitChunk& chunk);
 
-// The split algorithm's micro-kernel on converted rows (taps 1, starts set): per int16 lane the products of
-// two quads (vpmaddubsw twice, vpaddw), then one vpmaddwd + vpaddd: 5 instructions per 64 products.
+// The split algorithm's micro-kernel on rows converted for it (SplitChunk::lanes; taps 1, starts set): per
+// int16 lane the products of two quads (vpmaddubsw twice, vpaddw), then one vpmaddwd + vpaddd: 5
+// instructions per 64 products.
 void split_tile(const Tile& t, int32_t (*acc)[kTileN]);
 
 // ---- AMX (int8_amx.cpp) ----

@@ -17,9 +17,13 @@
 // for all K, as the accumulators' starting values.
 // Post-ReLU activations list few: in ResNet-50's 1x1 convs (torchvision's initial weights, minmax
 // calibration) 0.5-11% of the lanes are past the bound, 0.004-0.1 entries a code (mean codes 20-33),
-// except layer1.0's max-pooled input (mean 71): 67%, 0.5 entries a code. 7-bit codes (reduce_range)
-// take the same path: they never drop bit 7.
-// With every channel listed the conv would take ~1.5x the pairs kernel's time: slower, never wrong.
+// except layer1.0's max-pooled input (mean 71): 67%, 0.5 entries a code. Rows that would list that
+// many (judged on their first pixel) take vpmaddubsw's pairs instead (tile_avx2u7, the same packed
+// weights), bounded the same way but in pairs of codes, which list ~1/100 as many there: layer1.0's
+// 1x1 convs ran 1.25-1.35x faster, and on uniform codes (half of them >= 128) 1024 -> 256, 256 -> 64
+// and 64 -> 256 convs 1.5-1.75x. With every channel listed the conv would take ~1.5x the int16 pairs
+// kernel's time: slower, never wrong. 7-bit codes (reduce_range) take the same path and never drop
+// bit 7.
 #include "cpu/int8_cpu.h"
 
 #include <algorithm>
@@ -46,9 +50,11 @@ void pack_split_table(const int8_t* weight, int64_t k, int64_t c, int32_t* table
 SplitBuffers::SplitBuffers(int64_t rows, int64_t groups, int64_t k_blocks)
     : groups_(groups), top_words_(k_blocks * kTileN),
       words_(new int32_t[static_cast<size_t>(rows * groups)]),
-      top_(new int32_t[static_cast<size_t>(rows * top_words_)]) {}
+      top_(new int32_t[static_cast<size_t>(rows * top_words_)]), lanes_(new bool[static_cast<size_t>(rows)]) {}
 
-SplitChunk SplitBuffers::at(int64_t row) const { return {words_.get() + row * groups_, top_.get() + row * top_words_}; }
+SplitChunk SplitBuffers::at(int64_t row) const {
+  return {words_.get() + row * groups_, top_.get() + row * top_words_, lanes_.get() + row};
+}
 
 #ifdef TLCORE_X86
 namespace {
@@ -56,10 +62,16 @@ namespace {
 // The int16 sum of up to 256 table rows stays exact (|256 * -128| <= 2**15).
 constexpr int64_t kInt16Rows = 256;
 constexpr int64_t kPrefetchAhead = 4;
-// split_tile's int16 lane of 4 products stays within int16 for every int8 w while its 4 codes sum to <= 256.
+// An int16 lane of products u w (2 in vpmaddubsw's pairs, 4 in split_tile's lanes) stays within int16
+// for every int8 w while its codes sum to <= 256.
 constexpr int kSafeLaneSum = 256;
-// The listed table rows are summed in units of 64 (bit 6); a channel's bit 7 is listed twice.
-constexpr int kListedUnitShift = 6;
+// The listed table rows are summed in units of 64 for split_tile (bit 6; bit 7 is listed twice), of 128
+// for the pairs (bit 7 only).
+constexpr int kLanesUnitShift = 6, kPairsUnitShift = 7;
+// Rows whose first pixel lists more than one entry per kDenseCodesPerEntry codes under split_tile's rule
+// take the pairs' (ResNet-50's layer1.0 input, the max-pool's: ~0.5 entries a code; the other 1x1 convs'
+// inputs 0.004-0.1).
+constexpr int64_t kDenseCodesPerEntry = 8;
 
 // top[0 .. 16 V) = 128 * the sum over `listed` of table rows' values [0 .. 16 V) (`width` apart)
 // - correction[0 .. 16 V): V ymm of int16 sums in registers, widened to int32 per run of kInt16Rows
@@ -67,7 +79,8 @@ constexpr int kListedUnitShift = 6;
 template <int V>
 __attribute__((target("avx2"), always_inline)) inline void sum_rows(const int16_t* table, int64_t width,
                                                                      const uint16_t* listed, int64_t count,
-                                                                     const int32_t* correction, int32_t* top) {
+                                                                     int unit_shift, const int32_t* correction,
+                                                                     int32_t* top) {
   int64_t e = 0;
   do {  // once at least: with no rows listed, top = -correction
     const int64_t stop = std::min(count, e + kInt16Rows);
@@ -89,7 +102,7 @@ __attribute__((target("avx2"), always_inline)) inline void sum_rows(const int16_
     for (int v = 0; v < V; ++v) {
       for (int h = 0; h < 2; ++h) {
         const __m128i half = h == 0 ? _mm256_castsi256_si128(sum[v]) : _mm256_extracti128_si256(sum[v], 1);
-        const __m256i products = _mm256_slli_epi32(_mm256_cvtepi16_epi32(half), kListedUnitShift);
+        const __m256i products = _mm256_sll_epi32(_mm256_cvtepi16_epi32(half), _mm_cvtsi32_si128(unit_shift));
         const __m256i from = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + 16 * v + 8 * h));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(top + 16 * v + 8 * h),
                             base == top ? _mm256_add_epi32(from, products) : _mm256_sub_epi32(products, from));
@@ -138,6 +151,81 @@ __attribute__((target("avx2"), always_inline)) inline __m256i lanes_past_bound(_
   return _mm256_cmpgt_epi16(lane_sums, _mm256_set1_epi16(kSafeLaneSum));
 }
 
+
+// split_tile's rule: codes t of one pixel's C channels into dst (C bytes), the channels that dropped
+// bits appended to listed, in units of 64; returns how many were listed.
+__attribute__((target("avx2"), always_inline)) inline int64_t convert_lanes(const int8_t* __restrict src,
+                                                                            uint8_t* __restrict dst, int64_t c,
+                                                                            uint16_t* __restrict listed) {
+  int64_t ch = 0, listed_count = 0;
+  for (; ch + 32 <= c; ch += 32) {
+    __m256i t = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch)),
+                                 _mm256_set1_epi8(-128));  // u = x + 128
+    __m256i unsafe = lanes_past_bound(t);
+    if (!_mm256_testz_si256(unsafe, unsafe)) {  // drop bit 7, then bit 6 where that is not enough
+      const __m256i top7 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(-128)));
+      t = _mm256_xor_si256(t, top7);
+      unsafe = lanes_past_bound(t);
+      const __m256i top6 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(64)));
+      t = _mm256_xor_si256(t, top6);
+      const uint32_t bits7 = static_cast<uint32_t>(_mm256_movemask_epi8(top7));
+      const uint32_t bits6 = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_add_epi8(top6, top6)));
+      listed_count = list_set_channels(bits7, ch, listed, listed_count);
+      listed_count = list_set_channels(bits7, ch, listed, listed_count);
+      listed_count = list_set_channels(bits6, ch, listed, listed_count);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), t);
+  }
+  for (; ch < c; ch += 8) {  // the tail's lanes; past C, the quads' padding holds 0
+    for (const auto& lane : kLaneChannels) {
+      int t[4], sum = 0;
+      for (int e = 0; e < 4; ++e) sum += t[e] = ch + lane[e] < c ? src[ch + lane[e]] + 128 : 0;
+      for (int bit = 7; bit >= 6 && sum > kSafeLaneSum; --bit) {
+        for (int e = 0; e < 4; ++e) {
+          if (!(t[e] >> bit & 1)) continue;
+          t[e] -= 1 << bit;
+          sum -= 1 << bit;
+          for (int times = bit - 5; times > 0; --times) listed[listed_count++] = static_cast<uint16_t>(ch + lane[e]);
+        }
+      }
+      for (int e = 0; e < 4; ++e) {
+        if (ch + lane[e] < c) dst[ch + lane[e]] = static_cast<uint8_t>(t[e]);
+      }
+    }
+  }
+  return listed_count;
+}
+
+// The pairs' rule (tile_avx2u7): vpmaddubsw's pair u0 w0 + u1 w1 is exact while u0 + u1 <= 256, so
+// codes t keep u where the pair is safe and drop bit 7 where not; those channels are listed once, in
+// units of 128. It lists far fewer than split_tile's rule where most lanes are past the bound.
+__attribute__((target("avx2"), always_inline)) inline int64_t convert_pairs(const int8_t* __restrict src,
+                                                                            uint8_t* __restrict dst, int64_t c,
+                                                                            uint16_t* __restrict listed) {
+  int64_t ch = 0, listed_count = 0;
+  for (; ch + 32 <= c; ch += 32) {
+    const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch)),
+                                       _mm256_set1_epi8(-128));
+    const __m256i pair_sums = _mm256_maddubs_epi16(u, _mm256_set1_epi8(1));
+    const __m256i unsafe = _mm256_cmpgt_epi16(pair_sums, _mm256_set1_epi16(kSafeLaneSum));
+    const __m256i top = _mm256_and_si256(unsafe, _mm256_and_si256(u, _mm256_set1_epi8(-128)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), _mm256_xor_si256(u, top));
+    const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(top));
+    if (bits != 0) listed_count = list_set_channels(bits, ch, listed, listed_count);
+  }
+  for (; ch < c; ch += 2) {  // the tail's pairs
+    const int u0 = src[ch] + 128, u1 = ch + 1 < c ? src[ch + 1] + 128 : 0;
+    const bool unsafe = u0 + u1 > kSafeLaneSum;
+    for (int j = 0; j < 2 && ch + j < c; ++j) {
+      const int u = j == 0 ? u0 : u1;
+      const bool dropped = unsafe && u >= 128;
+      dst[ch + j] = static_cast<uint8_t>(dropped ? u - 128 : u);
+      if (dropped) listed[listed_count++] = static_cast<uint16_t>(ch + j);
+    }
+  }
+  return listed_count;
+}
+
 }  // namespace
 
 __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, int64_t groups, const int8_t* border,
@@ -148,68 +236,40 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
   // Each channel is listed at most 3 times (bit 7 twice, bit 6 once); list_set_channels writes 8 at a time.
   std::vector<uint16_t> channels(static_cast<size_t>(3 * c + 8));
   uint16_t* __restrict listed = channels.data();
+  bool lanes = true;  // split_tile's rule, or the pairs' for a dense input (decided on the first pixel)
   int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t iy = y * a.stride_h - a.pad_h, ix = col * a.stride_w - a.pad_w;
     const bool inside = iy >= 0 && iy < a.h && ix >= 0 && ix < a.w;
     const int8_t* __restrict src = inside ? a.x + ((n * a.h + iy) * a.w + ix) * c : border;
     uint8_t* __restrict dst = reinterpret_cast<uint8_t*>(chunk.words + i * groups);
-    int64_t ch = 0, listed_count = 0;
-    for (; ch + 32 <= c; ch += 32) {
-      __m256i t = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch)),
-                                   _mm256_set1_epi8(-128));  // u = x + 128
-      __m256i unsafe = lanes_past_bound(t);
-      if (!_mm256_testz_si256(unsafe, unsafe)) {  // drop bit 7, then bit 6 where that is not enough
-        const __m256i top7 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(-128)));
-        t = _mm256_xor_si256(t, top7);
-        unsafe = lanes_past_bound(t);
-        const __m256i top6 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(64)));
-        t = _mm256_xor_si256(t, top6);
-        const uint32_t bits7 = static_cast<uint32_t>(_mm256_movemask_epi8(top7));
-        const uint32_t bits6 = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_add_epi8(top6, top6)));
-        listed_count = list_set_channels(bits7, ch, listed, listed_count);
-        listed_count = list_set_channels(bits7, ch, listed, listed_count);
-        listed_count = list_set_channels(bits6, ch, listed, listed_count);
-      }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), t);
+    int64_t listed_count = lanes ? convert_lanes(src, dst, c, listed) : convert_pairs(src, dst, c, listed);
+    if (i == 0 && lanes && listed_count * kDenseCodesPerEntry > c) {  // a dense input: pairs for these rows
+      lanes = false;
+      listed_count = convert_pairs(src, dst, c, listed);
     }
-    for (; ch < c; ch += 8) {  // the tail's lanes; past C, the quads' padding holds 0
-      for (const auto& lane : kLaneChannels) {
-        int t[4], sum = 0;
-        for (int e = 0; e < 4; ++e) sum += t[e] = ch + lane[e] < c ? src[ch + lane[e]] + 128 : 0;
-        for (int bit = 7; bit >= 6 && sum > kSafeLaneSum; --bit) {
-          for (int e = 0; e < 4; ++e) {
-            if (!(t[e] >> bit & 1)) continue;
-            t[e] -= 1 << bit;
-            sum -= 1 << bit;
-            for (int times = bit - 5; times > 0; --times) listed[listed_count++] = static_cast<uint16_t>(ch + lane[e]);
-          }
-        }
-        for (int e = 0; e < 4; ++e) {
-          if (ch + lane[e] < c) dst[ch + lane[e]] = static_cast<uint8_t>(t[e]);
-        }
-      }
-    }
-    for (ch = c; ch < bytes; ++ch) dst[ch] = 0;
+    for (int64_t ch = c; ch < bytes; ++ch) dst[ch] = 0;
     // The sums for 8 registers (128 channels) at a time, then the rest in one pass.
+    const int unit_shift = lanes ? kLanesUnitShift : kPairsUnitShift;
     int32_t* top = chunk.top + i * width;
     int64_t v = 0;
     for (; v + 8 <= width / 16; v += 8) {
-      sum_rows<8>(table + 16 * v, width, listed, listed_count, correction + 16 * v, top + 16 * v);
+      sum_rows<8>(table + 16 * v, width, listed, listed_count, unit_shift, correction + 16 * v, top + 16 * v);
     }
     const int16_t* rest = table + 16 * v;
     const int32_t* rest_correction = correction + 16 * v;
     top += 16 * v;
     switch (width / 16 - v) {
-      case 1: sum_rows<1>(rest, width, listed, listed_count, rest_correction, top); break;
-      case 2: sum_rows<2>(rest, width, listed, listed_count, rest_correction, top); break;
-      case 3: sum_rows<3>(rest, width, listed, listed_count, rest_correction, top); break;
-      case 4: sum_rows<4>(rest, width, listed, listed_count, rest_correction, top); break;
-      case 5: sum_rows<5>(rest, width, listed, listed_count, rest_correction, top); break;
-      case 6: sum_rows<6>(rest, width, listed, listed_count, rest_correction, top); break;
-      case 7: sum_rows<7>(rest, width, listed, listed_count, rest_correction, top); break;
+      case 1: sum_rows<1>(rest, width, listed, listed_count, unit_shift, rest_correction, top); break;
+      case 2: sum_rows<2>(rest, width, listed, listed_count, unit_shift, rest_correction, top); break;
+      case 3: sum_rows<3>(rest, width, listed, listed_count, unit_shift, rest_correction, top); break;
+      case 4: sum_rows<4>(rest, width, listed, listed_count, unit_shift, rest_correction, top); break;
+      case 5: sum_rows<5>(rest, width, listed, listed_count, unit_shift, rest_correction, top); break;
+      case 6: sum_rows<6>(rest, width, listed, listed_count, unit_shift, rest_correction, top); break;
+      case 7: sum_rows<7>(rest, width, listed, listed_count, unit_shift, rest_correction, top); break;
       default: break;
     }
+    chunk.lanes[i] = lanes;
     if (++col == a.ow) {
       col = 0;
       if (++y == a.oh) y = 0, ++n;
