@@ -1201,10 +1201,10 @@ Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, in
   };
   if (supported(Int8Algorithm::kWinograd)) return Int8Algorithm::kWinograd;
   // Two quads per int16 lane plus the listed top bits (int8_split.cpp) ran ResNet-50's 1x1 convs at batch 8
-  // 1.06-1.35x as fast as the int16 pairs on 8-bit codes and 1.01-1.27x as fast as the 7-bit quads
-  // kernel on 7-bit ones (AVX2-capped AMD Zen 5). The exception is layer1.0's, whose max-pooled input
-  // is dense (two thirds of its lanes past the bound): 64 -> 256 and 64 -> 64 at 0.78x and 0.61x the
-  // pairs' time, ~1% of the model.
+  // 0.99-1.35x as fast as the int16 pairs on 8-bit codes (all but one >= 1.05x) and 1.01-1.27x as fast
+  // as the 7-bit quads kernel on 7-bit ones (AVX2-capped AMD Zen 5). The exceptions read layer1.0's
+  // dense max-pooled input, whose rows take vpmaddubsw's pairs: 64 -> 256 and 64 -> 64 at 0.94x and
+  // 0.84x the int16 pairs' speed, ~0.3% of the model.
   if (supported(Int8Algorithm::kSplit)) return Int8Algorithm::kSplit;
   // Stride 2 saves a third of the products but has 25 / 9 as many weights to stream: measured (AVX2,
   // AMD EPYC) 7-23% faster at batch 8 for C * K <= 256 * 256 and as fast at batch 1, but at 256 x 512 no

@@ -7,7 +7,8 @@
 // one vpmaddwd + vpaddd widens them, so a lane holds 4 products u w of codes u = x + 128. That is
 // exact, for any int8 weights (|w| <= 128), while the lane's 4 codes sum to at most 256, and
 // post-ReLU codes are mostly small. So the kernel runs on codes t that keep u where the lane is
-// safe; in a lane past the bound they drop bit 7, then bit 6 if that is not enough (4 codes < 64):
+// safe; in a lane past the bound they drop bit 7, then bit 6 if that is not enough (4 codes < 64
+// sum to at most 252):
 //   u = t + 64 * l, with l (0..3) what a channel dropped, in units of 64,
 //   acc = sum_c x w = sum_c t w - 128 * sum_c w + 64 * sum_c l_c w.
 // The second sum is the quads' correction; the third adds, per pixel, the weights of the listed
@@ -73,7 +74,7 @@ constexpr int kLanesUnitShift = 6, kPairsUnitShift = 7;
 // inputs 0.004-0.1).
 constexpr int64_t kDenseCodesPerEntry = 8;
 
-// top[0 .. 16 V) = 128 * the sum over `listed` of table rows' values [0 .. 16 V) (`width` apart)
+// top[0 .. 16 V) = 2**unit_shift * the sum over `listed` of table rows' values [0 .. 16 V) (`width` apart)
 // - correction[0 .. 16 V): V ymm of int16 sums in registers, widened to int32 per run of kInt16Rows
 // rows; prefetching the rows kPrefetchAhead on cut the conversion's time by ~15% (L2 latency).
 template <int V>
@@ -150,7 +151,6 @@ __attribute__((target("avx2"), always_inline)) inline __m256i lanes_past_bound(_
   const __m256i lane_sums = _mm256_add_epi16(pair_sums, _mm256_shuffle_epi32(pair_sums, 0xb1));  // + the other quad's
   return _mm256_cmpgt_epi16(lane_sums, _mm256_set1_epi16(kSafeLaneSum));
 }
-
 
 // split_tile's rule: codes t of one pixel's C channels into dst (C bytes), the channels that dropped
 // bits appended to listed, in units of 64; returns how many were listed.
