@@ -423,6 +423,25 @@ def test_cpu_split_bit_exact(codes, n, c, hw, k, stride, padding, residual, relu
 
 
 @needs_extension
+@pytest.mark.parametrize("shape", [(2, 40, 13, 15, 36), (1, 1024, 7, 7, 40)], ids=["chunk-by-chunk", "tile-by-tile"])
+def test_cpu_split_dense_and_sparse_rows_in_one_conv(shape, monkeypatch):
+    """Rows converted together take one rule, chosen on their first pixel: an input whose first image
+    rows are dense (uniform codes) and the rest sparse (post-ReLU-like, mean code 32) runs both
+    micro-kernels in one conv, each tile on the codes its rows were converted for (chunks of 48 rows,
+    or tiles of 6 where the conv converts its whole input first)."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    n, c, h, w, k = shape
+    case = make_case(n, c, h, w, k, 1, 1, residual=True, relu=True, seed=7)
+    g = torch.Generator().manual_seed(7)
+    dense = SPLIT_CODES["uniform"](g, case["x"].shape)
+    sparse = (torch.randn(case["x"].shape, generator=g).abs() * 40).round().clamp(max=255) - 128
+    x = torch.where(torch.arange(h).view(1, 1, h, 1) < h // 2, dense, sparse).to(torch.int8)
+    case = dict(case, x=x.contiguous(memory_format=torch.channels_last))
+    assert q8.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], q8._CPU_ISAS["avx2"]) == q8.CPU_ALGORITHMS["split"]
+    assert_bit_exact(run(case, "cpu"), reference(case), f"split, dense then sparse rows, {shape}")
+
+
+@needs_extension
 def test_cpu_split_every_last_tile_and_chunk_size(monkeypatch):
     """1 to 13, 49 and 97 output pixels: every partial 6-row tile, and a chunk of 48 rows followed by a
     partial one (each tile's accumulators start from its own rows of the chunk's top-bit sums)."""
