@@ -67,9 +67,10 @@ Int8Isa int8_resolve_isa(Int8Isa isa);
 //   kStrideTwoWinograd  exact integer Winograd for 3x3 stride-2 convs (else as kWinograd): 2x2 output
 //              tiles, the even input rows and columns as F(2, 2) and the odd ones direct (25
 //              products per channel instead of 36; no wrapped sums to recover)
-//   kSplit     kDirect for 1x1 convs on avx2 (csrc/cpu/int8_split.cpp): each code's low 7 bits
-//              through vpmaddubsw (which cannot saturate on them), and per pixel the weights of the
-//              channels whose code is >= 0 (the top bit of x + 128) added from a list
+//   kSplit     kDirect for 1x1 convs on avx2 and avx2u7 (csrc/cpu/int8_split.cpp): vpmaddubsw on the
+//              codes x + 128, two quads summed per int16 lane, exact while a lane's codes sum to <= 256;
+//              in the lanes past that, bits 7 and 6 are dropped and the weights of those channels added
+//              per pixel from a list
 // Grouped convs (conv_groups > 1) run kDirect only.
 enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2, kStrideTwoWinograd = 3, kSplit = 4 };
 

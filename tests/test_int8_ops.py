@@ -377,7 +377,7 @@ def test_cpu_pointwise_with_weights_beyond_l2(isa, algorithm, image, monkeypatch
     int16 pairs, 279 KB as quads), on 2 threads. Over 2 * 13 * 15 = 390 output pixels (9 chunks of 48
     rows, >= 4 per thread) each chunk of rows is converted once and every weight block streams past it;
     over 63 or 56 output pixels (2 chunks) the threads share out the weight blocks, reading one converted
-    copy of the whole (strided) input (the split algorithm: its 7-bit codes and top-bit sums)."""
+    copy of the whole (strided) input (the split algorithm: its converted codes and top-bit sums)."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
     monkeypatch.setenv(q8.ALGORITHM_ENV, "auto" if algorithm == "split" else "direct")
     n, h, w, stride = image
@@ -386,11 +386,12 @@ def test_cpu_pointwise_with_weights_beyond_l2(isa, algorithm, image, monkeypatch
     assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} {algorithm} pointwise 1024 -> 272 on {image}")
 
 
-# Input codes for the split algorithm, which lists per pixel the channels whose code is >= 0.
+# Input codes for the split algorithm, which lists per pixel the channels whose top bits it drops from
+# lanes of 4 codes (u = x + 128) summing past 256, or from pairs where most lanes are (dense rows).
 SPLIT_CODES = {
-    "uniform": lambda g, shape: torch.randint(-128, 128, shape, generator=g),  # half listed
-    "post-relu": lambda g, shape: (torch.randn(shape, generator=g).abs() * 60).round().clamp(max=255) - 128,  # ~3%
-    "all-listed": lambda g, shape: torch.randint(0, 128, shape, generator=g),
+    "uniform": lambda g, shape: torch.randint(-128, 128, shape, generator=g),  # dense: the pairs' rule
+    "post-relu": lambda g, shape: (torch.randn(shape, generator=g).abs() * 60).round().clamp(max=255) - 128,  # 3% >= 0
+    "all-listed": lambda g, shape: torch.randint(0, 128, shape, generator=g),  # every u >= 128
 }
 
 
@@ -423,19 +424,20 @@ def test_cpu_split_bit_exact(codes, n, c, hw, k, stride, padding, residual, relu
 
 
 @needs_extension
-@pytest.mark.parametrize("shape", [(2, 40, 13, 15, 36), (1, 1024, 7, 7, 40)], ids=["chunk-by-chunk", "tile-by-tile"])
+# (1024 x 272 packed weights exceed the kernel's L2 budget: with 2 chunks, the whole input is converted first)
+@pytest.mark.parametrize("shape", [(2, 40, 13, 15, 36), (1, 1024, 7, 7, 272)], ids=["chunk-by-chunk", "tile-by-tile"])
 def test_cpu_split_dense_and_sparse_rows_in_one_conv(shape, monkeypatch):
     """Rows converted together take one rule, chosen on their first pixel: an input whose first image
-    rows are dense (uniform codes) and the rest sparse (post-ReLU-like, mean code 32) runs both
+    rows are sparse (post-ReLU-like, mean code 32) and the rest dense (uniform codes) runs both
     micro-kernels in one conv, each tile on the codes its rows were converted for (chunks of 48 rows,
-    or tiles of 6 where the conv converts its whole input first)."""
+    or tiles of 6 where the conv converts its whole input first: there a chunk holds tiles of both)."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
     n, c, h, w, k = shape
     case = make_case(n, c, h, w, k, 1, 1, residual=True, relu=True, seed=7)
     g = torch.Generator().manual_seed(7)
     dense = SPLIT_CODES["uniform"](g, case["x"].shape)
     sparse = (torch.randn(case["x"].shape, generator=g).abs() * 40).round().clamp(max=255) - 128
-    x = torch.where(torch.arange(h).view(1, 1, h, 1) < h // 2, dense, sparse).to(torch.int8)
+    x = torch.where(torch.arange(h).view(1, 1, h, 1) < h // 2, sparse, dense).to(torch.int8)
     case = dict(case, x=x.contiguous(memory_format=torch.channels_last))
     assert q8.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], q8._CPU_ISAS["avx2"]) == q8.CPU_ALGORITHMS["split"]
     assert_bit_exact(run(case, "cpu"), reference(case), f"split, dense then sparse rows, {shape}")
@@ -452,22 +454,26 @@ def test_cpu_split_every_last_tile_and_chunk_size(monkeypatch):
 
 
 @needs_extension
-def test_cpu_split_top_sums_past_int16(monkeypatch):
-    """Every code >= 0 at C = 600: each pixel lists 600 channels, summed in int16 runs of at most 256
-    table rows (|256 * -128| = 2**15) then widened; with rows of weights at -128 and at 127 those sums
-    reach their bounds, and the accumulators span +-600 * 127 * 128."""
+@pytest.mark.parametrize("rule", ["pairs", "lanes"])
+def test_cpu_split_top_sums_past_int16(rule, monkeypatch):
+    """Every code >= 0 at C = 600: each pixel lists every channel (the pairs' rule: bit 7, in units of 128)
+    or each 3 times (the lanes' rule, which a first pixel of zeros picks: bit 7 twice and bit 6, in units of
+    64), summed in int16 runs of at most 256 table rows (|256 * -128| = 2**15) then widened; with rows of
+    weights at -128 and at 127 those sums reach their bounds, and the accumulators span +-600 * 127 * 128."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, 128, (2, 600, 3, 4), generator=g, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
-    x[0, :, 0, 0] = 127
+    x[0, :, 0, 0] = 127 if rule == "pairs" else -128  # the rows' first pixel: dense, or no lane past the bound
+    x[0, :, 0, 1] = 127
     w = torch.randint(-128, 128, (40, 600, 1, 1), generator=g, dtype=torch.int8)
     w[0], w[1] = -128, 127
     multiplier, offset = torch.randint(1, 4, (40,), generator=g, dtype=torch.int32), torch.zeros(40, dtype=torch.int64)
     with use_backend("cpu"):
         out = q8.int8_conv2d(x, -128, w, multiplier, offset, 12, out_zero=0)
     acc = int64_conv(x, -128, w, [1, 1], [0, 0], [1, 1])
-    assert acc[0, 0, 0, 0] == -600 * 127 * 128 and acc[0, 1, 0, 0] == 600 * 127 * 127
-    assert_bit_exact(out, q8.requantize_reference(acc, multiplier, offset, 12, None, 0, 0, False), "split at C = 600")
+    assert acc[0, 0, 0, 1] == -600 * 127 * 128 and acc[0, 1, 0, 1] == 600 * 127 * 127
+    assert_bit_exact(out, q8.requantize_reference(acc, multiplier, offset, 12, None, 0, 0, False),
+                     f"split at C = 600, {rule}")
 
 
 # The split kernel sums 4 products in an int16 lane: channels 8m + (0, 1, 4, 5) and 8m + (2, 3, 6, 7), the

@@ -13,6 +13,8 @@
 // it is exact: kAvx2U7 runs the quads layout on AVX2's vpmaddubsw when every input code is <= -1
 // (u <= 127, checked), so a pair sums to at most 2 * 127 * 127 = 32258 < 32767 -- the 7-bit
 // activations of torch.ao's reduce_range, chosen by the model (tlcore.quantize(reduce_range=True)).
+// The split algorithm of 1x1 convs (int8_split.cpp, kAvx2 and kAvx2U7) runs vpmaddubsw on 8-bit
+// codes too, bounding the codes' sum per int16 lane itself (so it checks nothing).
 //
 // Layout. The input is copied once into a buffer of groups with the spatial padding written
 // out (x_zero) and channels padded to the group size (met by zero weights), so the inner loop
