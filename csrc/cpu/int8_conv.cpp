@@ -1077,7 +1077,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     return;
   }
 #endif  // TLCORE_X86
-  const TileFn run_tile = tile_fn(isa);
+  const TileFn run_tile = tile_fn(isa), quads_u7_tile = tile_fn(Int8Isa::kAvx2U7);
   parallel_tasks(blocks * chunks, [&](ClaimedTasks& tasks) {
     // The epilogue runs once per chunk, on all its tiles' rows: its per-block setup (constants
     // loaded and shuffled) cost a third as much as its per-row work when it ran per tile.
@@ -1118,7 +1118,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
           const SplitChunk converted = split_chunk(chunk);
           chunk_rows(converted.words, pixel_words, m0 - chunk * kChunkRows, m0, rows, t.rows, ms + slot);
           t.starts = converted.top + (m0 - chunk * kChunkRows) * t.start_stride + block * kTileN;
-          split_kernel = converted.lanes[m0 - chunk * kChunkRows] ? split_tile : tile_fn(Int8Isa::kAvx2U7);
+          split_kernel = converted.lanes[m0 - chunk * kChunkRows] ? split_tile : quads_u7_tile;
         } else if (convert_chunks) {
           chunk_rows(converted_chunk(chunk, current, buffer) + window, pixel_words, m0 - chunk * kChunkRows, m0, rows,
                      t.rows, ms + slot);
