@@ -209,6 +209,22 @@ def test_cpu_kernel_bit_exact(case, isa, monkeypatch):
 
 
 @needs_extension
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("out_zero, out_max", [(-128, 127), (-127, 127), (-128, 126), (-127, 126)])
+def test_cpu_epilogue_clamps_at_the_edges(out_zero, out_max, isa, monkeypatch):
+    """The saturating packs already clamp to [-128, 127]; ReLU's floor (out_zero) and out_max clamp where
+    they are tighter, by one code too. A 1x1 conv (the split algorithm on AVX2) and a 3x3 one (Winograd),
+    with K = 36: two whole channel blocks and a partial one; outputs 4x as spread as make_case's."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
+    for shape, padding in (((2, 40, 7, 9, 36, 1, 1), 0), ((1, 24, 9, 9, 36, 3, 3), 1)):
+        c = make_case(*shape, padding=padding, residual=True, relu=True)
+        c = dict(c, shift=c["shift"] - 2, out_zero=out_zero, out_max=out_max)
+        ref = reference(c)
+        assert ref.min() == out_zero and ref.max() == out_max  # both clamps bind
+        assert_bit_exact(run(c, "cpu"), ref, f"cpu/{isa} {shape} out_zero={out_zero} out_max={out_max}")
+
+
+@needs_extension
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_cpu_kernel_any_input_layout(isa, layout, monkeypatch):
@@ -457,9 +473,10 @@ def test_cpu_split_every_last_tile_and_chunk_size(monkeypatch):
 @pytest.mark.parametrize("rule", ["pairs", "lanes"])
 def test_cpu_split_top_sums_past_int16(rule, monkeypatch):
     """Every code >= 0 at C = 600: each pixel lists every channel (the pairs' rule: bit 7, in units of 128)
-    or each 3 times (the lanes' rule, which a first pixel of zeros picks: bit 7 twice and bit 6, in units of
-    64), summed in int16 runs of at most 256 table rows (|256 * -128| = 2**15) then widened; with rows of
-    weights at -128 and at 127 those sums reach their bounds, and the accumulators span +-600 * 127 * 128."""
+    or each twice (the lanes' rule, which a first pixel of zeros picks: bit 7 in a sum then doubled, and
+    bit 6, in units of 64), summed in int16 runs whose rows count 256 at most, a doubled one twice
+    (|256 * -128| = 2**15), then widened; with rows of weights at -128 and at 127 those sums reach their
+    bounds, and the accumulators span +-600 * 127 * 128."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, 128, (2, 600, 3, 4), generator=g, dtype=torch.int8).contiguous(memory_format=torch.channels_last)

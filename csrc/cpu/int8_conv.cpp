@@ -632,7 +632,11 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
   if (k0 + kTileN > a.k) return requantize(a, acc, ms, rows, k0);  // a partial channel block
   const __m128i shift = _mm_cvtsi32_si128(kHighWord ? a.shift - 32 : a.shift);
   const __m256i res_multiplier = _mm256_set1_epi64x(a.res_multiplier);  // |.| < 2**31: vpmuldq reads 32 bits
-  const __m128i lo = _mm_set1_epi8(static_cast<char>(a.relu ? std::max(a.out_zero, -128) : -128));
+  // The saturating packs clamp to [-128, 127]; ReLU's floor and out_max clamp the bytes where they are
+  // tighter (not for the usual post-ReLU zero point -128 and 8-bit codes).
+  const int32_t lo_code = a.relu ? std::max(a.out_zero, -128) : -128;
+  const bool clamp_lo = lo_code > -128, clamp_hi = a.out_max < 127;
+  const __m128i lo = _mm_set1_epi8(static_cast<char>(lo_code));
   const __m128i hi = _mm_set1_epi8(static_cast<char>(a.out_max));
   // Per 8 channels: multipliers (vpmuldq reads the even ones; >> 32 brings the odd ones down) and
   // the offsets of the even and of the odd channels, in lane order.
@@ -667,8 +671,10 @@ __attribute__((target("avx2"))) void requantize_avx2(const Int8ConvArgs& a, cons
     }
     // 16 int32 -> 16 int8 in channel order (packs works within 128-bit lanes: reorder once).
     const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(codes[0], codes[1]), 0xd8);
-    const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.out + row), _mm_min_epi8(_mm_max_epi8(bytes, lo), hi));
+    __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+    if (clamp_lo) bytes = _mm_max_epi8(bytes, lo);
+    if (clamp_hi) bytes = _mm_min_epi8(bytes, hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.out + row), bytes);
   }
 }
 
