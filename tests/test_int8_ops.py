@@ -907,18 +907,19 @@ def test_cpu_algorithm_direct_and_packing_mismatch(monkeypatch):
 
 @needs_extension
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
-@pytest.mark.parametrize("tiles", ["2x4", "2x2"])
+@pytest.mark.parametrize("tiles", ["4x4", "2x4", "2x2"])
 def test_cpu_winograd_at_its_channel_limits_stays_exact(tiles, isa, monkeypatch):
-    """The largest accumulators each Winograd tile shape accepts (its Y' = 48 or 4 * acc recovered from
-    wrapped int32 sums): every tap and product at +-128 * 128, at C = 910 (2x4) and C = 3640 (2x2)."""
+    """The largest accumulators each Winograd tile shape accepts (its Y' = 576, 48 or 4 * acc recovered
+    from wrapped int32 sums): every tap and product at +-128 * 128, at C = 227 (4x4), 910 (2x4) and 3640
+    (2x2), and one channel past the first two, where the next shape takes over."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip(isa))
-    wide = q8.WINOGRAD_WIDE_MAX_CHANNELS
-    limit = wide if tiles == "2x4" else (2**31 - 1) // (4 * 128 * 128 * 9)
+    limit = {"4x4": q8.WINOGRAD_4X4_MAX_CHANNELS, "2x4": q8.WINOGRAD_2X4_MAX_CHANNELS,
+             "2x2": (2**31 - 1) // (4 * 128 * 128 * 9)}[tiles]
     isa_code = q8.cpu_isa_for(-128, 127)
     assert q8.cpu_algorithm((1, limit, 3, 3), [1, 1], [1, 1], isa_code) == q8.CPU_ALGORITHMS["winograd"]
     if tiles == "2x2":
         assert q8.cpu_algorithm((1, limit + 1, 3, 3), [1, 1], [1, 1], isa_code) != q8.CPU_ALGORITHMS["winograd"]
-    sizes = [limit] if tiles == "2x2" else [limit, limit + 1]  # 911: the first C the 2x2 tiles take over
+    sizes = [limit] if tiles == "2x2" else [limit, limit + 1]
     for c in sizes:
         x = torch.full((1, c, 2, 5), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
         w = torch.full((2, c, 3, 3), -128, dtype=torch.int8)

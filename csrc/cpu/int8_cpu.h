@@ -80,7 +80,7 @@ void parallel_tasks(int64_t count, const Worker& worker) {
 // kSplitQuads: kQuads of a 1x1 conv followed by its int16 weight table (int8_split.cpp).
 enum class Layout : int32_t {
   kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4, kWinograd24Pairs = 5, kWinogradStrideTwoPairs = 6,
-  kAmxQuads = 7, kSplitQuads = 8
+  kAmxQuads = 7, kSplitQuads = 8, kWinograd44Pairs = 9
 };
 
 // One micro-tile's operands; every pointer and offset counts 4-byte groups.

@@ -52,8 +52,10 @@ _CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "
 CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
 ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct": no Winograd, rows or split in the C++ kernel (tests, benchmarks)
 CPU_ALGORITHMS = {"direct": 0, "winograd": 1, "rows": 2, "winograd_stride2": 3, "split": 4}  # csrc/int8_conv.h's Int8Algorithm
-# Winograd tiles: F(2x4, 3x3) while 48 * acc stays int32-recoverable (|acc| < 2**27), else F(2x2, 3x3).
-WINOGRAD_WIDE_MAX_CHANNELS = (2**27 - 1) // (128 * 128 * 9)
+# Winograd tiles: F(4x4, 3x3) while 576 * acc stays int32-recoverable (|acc| < 2**25), F(2x4, 3x3) while
+# 48 * acc does (|acc| < 2**27), else F(2x2, 3x3) (csrc/cpu/int8_winograd.cpp).
+WINOGRAD_4X4_MAX_CHANNELS = (2**25 - 1) // (128 * 128 * 9)
+WINOGRAD_2X4_MAX_CHANNELS = (2**27 - 1) // (128 * 128 * 9)
 # "dp4a" or "mma" forces the CUDA kernel (tests, benchmarks); auto/unset: mma (tensor cores) on
 # compute capability >= 8.0, dp4a below. Read by the C++ launcher on every call (csrc/int8_conv.h).
 CUDA_KERNEL_ENV = "TLCORE_INT8_CUDA_KERNEL"
@@ -256,7 +258,8 @@ def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: 
     """How the C++ kernel runs this conv with `isa` (CPU_ALGORITHMS; the results are the same bits).
 
     The fastest it supports: exact integer Winograd for 3x3 stride-1 convs on instruction sets
-    without VNNI (F(2x4, 3x3) tiles: 3 products per output instead of 9; 1.5-2x faster there),
+    without VNNI (F(4x4, 3x3) tiles up to 227 channels, F(2x4, 3x3) up to 910: 2.25 or 3 products per
+    output instead of 9; 1.5-2x faster there),
     and for 3x3 stride-2 convs with C * K <= 256 * 256 on 8-bit codes (25 products per 2x2 tile
     instead of 36; 7-bit codes run them direct on vpmaddubsw: as fast or faster),
     the split algorithm for 1x1 convs on AVX2 (vpmaddubsw, two quads per int16 lane, plus the
