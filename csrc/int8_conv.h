@@ -58,7 +58,7 @@ Int8Isa int8_resolve_isa(Int8Isa isa);
 // How the CPU kernel runs a conv; every algorithm gives the same bits.
 //   kDirect    implicit GEMM over (tap, channel); each padded input pixel holds its channels
 //              (csrc/cpu/int8_conv.cpp)
-//   kWinograd  exact integer Winograd, F(2x4, 3x3) or F(2x2, 3x3) tiles (csrc/cpu/int8_winograd.cpp):
+//   kWinograd  exact integer Winograd, F(4x4, 3x3), F(2x4, 3x3) or F(2x2, 3x3) tiles (csrc/cpu/int8_winograd.cpp):
 //              3x3, stride 1, dilation 1, an int16-pairs instruction set (scalar, avx2, avx2u7),
 //              and C <= 3640 so that acc is recoverable from its wrapped int32 sums
 //   kRows      kDirect with each padded input row stored as one run of (column, channel) int16

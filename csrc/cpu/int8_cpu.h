@@ -202,7 +202,7 @@ constexpr int64_t kAmxStepWords = 16;  // one TDPBUSD step reduces 16 words (64 
 bool amx_supported();                  // the CPU has AMX-INT8 and AVX-512, and Linux lets this process use it
 void int8_conv2d_amx(const Int8ConvArgs& a);  // the direct algorithm on AMX tiles (conv_groups 1)
 
-// ---- Winograd F(2x4, 3x3) and F(2x2, 3x3), and the stride-2 one (int8_winograd.cpp) ----
+// ---- Winograd F(4x4, 3x3), F(2x4, 3x3) and F(2x2, 3x3), and the stride-2 one (int8_winograd.cpp) ----
 
 bool winograd_supported(int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w, int64_t dil_h,
                         int64_t dil_w, Int8Isa isa);  // isa resolved; stride 1 or 2

@@ -12,13 +12,14 @@
 //   u = t + 64 * l, with l (0..3) what a channel dropped, in units of 64,
 //   acc = sum_c x w = sum_c t w - 128 * sum_c w + 64 * sum_c l_c w.
 // The second sum is the quads' correction; the third adds, per pixel, the weights of the listed
-// channels (those that dropped bit 7 in a sum that is then doubled, those that dropped bit 6 after it):
-// one vpaddw per entry and 16 output channels, over rows of a (C, K) int16 table read front to back (per block of 16 channels, C scattered 32-byte reads took a
-// third as long as the 7-bit products, waiting on L2). Both corrections are summed once per pixel
+// channels (those that dropped bit 7 in a sum that is then doubled, those that dropped bit 6 after
+// it): one vpaddw per entry and 16 output channels, over rows of a (C, K) int16 table read front to
+// back (per block of 16 channels, C scattered 32-byte reads took a third as long as the 7-bit
+// products, waiting on L2). Both corrections are summed once per pixel
 // for all K, as the accumulators' starting values.
 // Post-ReLU activations list few: in ResNet-50's 1x1 convs (torchvision's initial weights, minmax
-// calibration) 0.5-11% of the lanes are past the bound, 0.004-0.1 entries a code (mean codes 20-33),
-// except layer1.0's max-pooled input (mean 71): 67%, 0.5 entries a code. Rows that would list that
+// calibration) 0.5-11% of the lanes are past the bound, 0.004-0.1 units of 64 a code (mean codes
+// 20-33), except layer1.0's max-pooled input (mean 71): 67%, 0.5 units a code. Rows that would list that
 // many (judged on their first pixel) take vpmaddubsw's pairs instead (tile_avx2u7, the same packed
 // weights), bounded the same way but in pairs of codes, which list ~1/100 as many there: layer1.0's
 // 1x1 convs ran 1.25-1.35x faster, and on uniform codes (half of them >= 128) 1024 -> 256, 256 -> 64

@@ -23,8 +23,9 @@
 // 48 = 2**4 * 3, 576 = 2**6 * 9), Y' >> k (logical) is (odd * acc) mod 2**(32-k),
 // times the inverse of odd modulo 2**32 it is acc mod 2**(32-k), and sign-extending those 32-k
 // bits gives acc exactly whenever |acc| <= 128 * 128 * 9 * C < 2**(31-k): the C bounds above.
-// The result is bit-identical to the direct kernel's (tools: an exact Python model of this
-// arithmetic checked it, C = 910 with every operand -128 included; the tests check the kernel).
+// The result is bit-identical to the direct kernel's (an exact Python model of this arithmetic, not
+// kept, checked it at C = 910 with every operand -128, and F(4x4)'s bounds and recovery at C = 227
+// and 228; the tests check the kernel at those limits).
 //
 // Stride 2 (StrideTwoTransform1d): an output reads inputs 2o, 2o + 1, 2o + 2, so the even inputs
 // meet taps (w0, w2) as a stride-1 2-tap filter -- F(2, 2), 3 products for 2 outputs -- and the odd
