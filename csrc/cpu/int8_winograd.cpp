@@ -108,8 +108,9 @@ struct Winograd {
   }();
   static constexpr int64_t kMaxChannels = ((int64_t{1} << (31 - kShift)) - 1) / kAccLimit;
 };
-// F(4x4, 3x3) ran ResNet-50's 3x3 convs of 64 and 128 channels 8% and 13% faster than F(2x4) at batch 8
-// (10% and 2% at batch 1; AVX2-capped AMD Zen 5): a quarter fewer products, costlier transforms.
+// F(4x4, 3x3) ran ResNet-50's 3x3 convs of 64 and 128 channels 6-8% and 10-13% faster than F(2x4) at
+// batch 8, 7-16% and 0-13% at batch 1 (AVX2-capped AMD Zen 5, separate runs): a quarter fewer products,
+// costlier transforms.
 using F4x4 = Winograd<Transform1d<4>, Transform1d<4>>;
 using F2x4 = Winograd<Transform1d<2>, Transform1d<4>>;
 using F2x2 = Winograd<Transform1d<2>, Transform1d<2>>;
