@@ -32,8 +32,8 @@ def sqnr_report(model: nn.Module, qmodel: nn.Module, data, progress: bool = True
     Returns:
         {"conv1": dB, "layer1.0": dB, ..., "fc": dB} in the model's order; inf where the two agree exactly.
     """
+    parts = ("conv1", "maxpool", *LAYERS)
     for name, module in (("model", model), ("qmodel", qmodel)):
-        parts = ("conv1", "maxpool", *LAYERS)
         if not isinstance(module, nn.Module) or not all(hasattr(module, part) for part in parts):
             raise TypeError(f"tlcore.sqnr_report: {name} must be a torchvision ResNet (or its tlcore.quantize "
                             f"model), not a wrapper around one; got {type(module).__name__}")

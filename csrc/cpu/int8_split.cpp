@@ -71,10 +71,10 @@ constexpr int kSafeLaneSum = 256;
 // The listed table rows are summed in units of 64 for split_tile (bit 6 once, bit 7 doubled), of 128 for
 // the pairs (bit 7 only).
 constexpr int kLanesUnitShift = 6, kPairsUnitShift = 7;
-// Rows whose first pixel lists more than one unit per kDenseCodesPerEntry codes under split_tile's rule
+// Rows whose first pixel lists more than one unit per kDenseCodesPerUnit codes under split_tile's rule
 // take the pairs' (ResNet-50's layer1.0 input, the max-pool's: ~0.5 units a code; the other 1x1 convs'
 // inputs 0.004-0.1).
-constexpr int64_t kDenseCodesPerEntry = 8;
+constexpr int64_t kDenseCodesPerUnit = 8;
 
 // One pixel's listed channels, the table rows its top sums: 2 * the `doubled` rows + the `single` ones,
 // in the rule's unit. Adding the row of a dropped bit 7 once to a sum then doubled, instead of twice,
@@ -277,7 +277,7 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
     uint8_t* __restrict dst = reinterpret_cast<uint8_t*>(chunk.words + i * groups);
     Listed listed{channels.data(), channels.data() + c + 8};
     lanes ? convert_lanes(src, dst, c, listed) : convert_pairs(src, dst, c, listed);
-    if (i == 0 && lanes && listed.units() * kDenseCodesPerEntry > c) {  // a dense input: pairs for these rows
+    if (i == 0 && lanes && listed.units() * kDenseCodesPerUnit > c) {  // a dense input: pairs for these rows
       lanes = false;
       listed = Listed{channels.data(), channels.data() + c + 8};
       convert_pairs(src, dst, c, listed);
