@@ -17,19 +17,23 @@ FLAT_K_BELOW = 16  # convs with fewer input channels (the RGB stem) reduce over 
 
 
 def autotune_configs(shapes):
-    """triton.Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) tuples.
+    """triton.Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) tuples (tuned_configs)."""
+    return tuned_configs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st,
+                                        num_warps=wp) for bm, bn, bk, st, wp in shapes],
+                         interpreted={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
 
-    Under TRITON_INTERPRET=1 one config: the interpreter runs numpy per program, so a few
-    large tiles are fastest, and autotuning would only multiply the (slow) runs. With
-    TLCORE_AUTOTUNE=0 only the first tuple: each new specialization then compiles once
-    instead of once per config (GPU test runs on a fresh machine; not for timing).
+
+def tuned_configs(configs, interpreted):
+    """The triton.Configs a kernel autotunes over.
+
+    Under TRITON_INTERPRET=1 one config of the `interpreted` meta-parameters: the interpreter runs
+    numpy per program, so a few large tiles are fastest, and autotuning would only multiply the
+    (slow) runs. With TLCORE_AUTOTUNE=0 only the first config: each new specialization then compiles
+    once instead of once per config (GPU test runs on a fresh machine; not for timing).
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})]
-    if os.environ.get("TLCORE_AUTOTUNE") == "0":
-        shapes = shapes[:1]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
-            for bm, bn, bk, st, wp in shapes]
+        return [triton.Config(interpreted)]
+    return configs[:1] if os.environ.get("TLCORE_AUTOTUNE") == "0" else configs
 
 
 def flat_operands(x, weight, padding, fill):

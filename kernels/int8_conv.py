@@ -30,7 +30,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_operands, flat_strides,
-                                          nhwc_offsets, pixel_row_flags, reduction_steps, step_block_pointers)
+                                          nhwc_offsets, pixel_row_flags, reduction_steps, step_block_pointers,
+                                          tuned_configs)
 from tlcore.kernels.int8_border import border_class, border_corrections
 
 
@@ -139,18 +140,94 @@ def _int8_conv2d_fwd_kernel(
     out_mask = mask_m[:, None] & mask_n[None, :]
     multiplier = tl.load(mult_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     offset = tl.load(offset_ptr + offs_n, mask=mask_n, other=0)
-    total = acc.to(tl.int64) * multiplier[None, :] + offset[None, :]
+    res = 0
     if HAS_RESIDUAL:
         res_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, srn, src, srh, srw, OUT_PIXEL_ROWS)
-        res = tl.load(res_ptr + res_offs, mask=out_mask, other=0).to(tl.int64)
-        total += res * res_multiplier
+        res = tl.load(res_ptr + res_offs, mask=out_mask, other=0)
+    q = _requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max, HAS_RESIDUAL,
+                     SHIFT_ROUTE)
+    out_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, son, soc, soh, sow, OUT_PIXEL_ROWS)
+    tl.store(out_ptr + out_offs, q, mask=out_mask)
+
+
+def _pointwise_configs():
+    # (BLOCK_M, BLOCK_N, TILES, num_stages, num_warps). TILES = 1 is the general kernel's program
+    # shape, kept so that the autotuner can prefer it where looping does not pay.
+    shapes = [
+        (128, 64, 4, 3, 4),
+        (128, 128, 4, 3, 8),
+        (64, 128, 8, 4, 4),
+        (64, 64, 8, 4, 4),
+        (256, 64, 2, 3, 8),
+        (128, 64, 1, 2, 4),
+        (128, 128, 1, 2, 8),
+    ]
+    return tuned_configs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TILES": tiles}, num_stages=st, num_warps=wp)
+                          for bm, bn, tiles, st, wp in shapes],
+                         interpreted={"BLOCK_M": 32, "BLOCK_N": 64, "TILES": 3})
+
+
+@triton.autotune(configs=_pointwise_configs(), key=["M", "C", "K", "HAS_RESIDUAL", "SHIFT_ROUTE"])
+@triton.jit
+def _int8_pointwise_kernel(
+    x_ptr, w_ptr, mult_ptr, offset_ptr, res_ptr, out_ptr, M, C, K,
+    sxm, sxc, swk, swc, srm, src, som, soc,
+    shift, res_multiplier, out_zero, out_min, out_max,
+    C_PAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SHIFT_ROUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+):
+    """The int8 conv of a pointwise conv on pixel rows (pointwise_rows): out rows = requantized
+    (x rows (M, C) @ weight^T (C, K)); s*m: the tensors' pixel (row) strides, s*c / swk: channel ones.
+
+    Its reduction is one tensor-core step of C_PAD >= C channels (zero weights past C), so a program
+    of the general kernel is a chain of latencies -- rows loaded, one dot, the epilogue, the store --
+    with nothing to overlap them: the first H100 run's 64-channel 1x1 convs reached 3-7% of the int8
+    peak at the compiler's 1-2 programs per SM (bench/NOTES.md, sessions 15 and 17). Here a program
+    loads one column tile's weights, multipliers and offsets once, then runs TILES row tiles in a
+    loop, whose row loads the pipeliner issues stages ahead (cp.async) while earlier tiles compute.
+    """
+    # Column tiles vary fastest: the programs that read the same rows run side by side (L2).
+    num_n = tl.cdiv(K, BLOCK_N)
+    pid_n = tl.program_id(0) % num_n
+    first_m = tl.program_id(0) // num_n * (TILES * BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, C_PAD)
+    mask_n, mask_c = offs_n < K, offs_c < C
+    w = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * swk + offs_c[:, None] * swc,
+                mask=mask_c[:, None] & mask_n[None, :], other=0)
+    for tile in range(TILES):
+        multiplier = tl.load(mult_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+        offset = tl.load(offset_ptr + offs_n, mask=mask_n, other=0)
+        offs_m = first_m + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        rows = offs_m.to(tl.int64)
+        # Channels past C read 0 against zero weights; rows past M are not stored.
+        x = tl.load(x_ptr + rows[:, None] * sxm + offs_c[None, :] * sxc, mask=mask_m[:, None] & mask_c[None, :],
+                    other=0)
+        acc = tl.dot(x, w, out_dtype=tl.int32)
+        out_mask = mask_m[:, None] & mask_n[None, :]
+        res = 0
+        if HAS_RESIDUAL:
+            res = tl.load(res_ptr + rows[:, None] * srm + (offs_n * src)[None, :], mask=out_mask, other=0)
+        q = _requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max,
+                         HAS_RESIDUAL, SHIFT_ROUTE)
+        tl.store(out_ptr + rows[:, None] * som + (offs_n * soc)[None, :], q, mask=out_mask)
+
+
+@triton.jit
+def _requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max,
+                 HAS_RESIDUAL: tl.constexpr, SHIFT_ROUTE: tl.constexpr):
+    """The epilogue's integer math (tlcore/ops/int8.py) on a (BM, BN) int32 accumulator tile with its
+    columns' (BN,) int64 multiplier and offset; res: the (BM, BN) int8 residual (read with HAS_RESIDUAL).
+    Returns the int8 codes."""
+    total = acc.to(tl.int64) * multiplier[None, :] + offset[None, :]
+    if HAS_RESIDUAL:
+        total += res.to(tl.int64) * res_multiplier
     if SHIFT_ROUTE == "int64":
         q = (total >> shift) + out_zero  # arithmetic shift: floor division by 2**shift
     else:  # the same in 32-bit words (the int64 shift and clamp take ~12 instructions an output)
         q = _shifted_to_int32(total, shift, SHIFT_ROUTE) + out_zero
-    q = tl.minimum(tl.maximum(q, out_min), out_max)
-    out_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, son, soc, soh, sow, OUT_PIXEL_ROWS)
-    tl.store(out_ptr + out_offs, q.to(tl.int8), mask=out_mask)
+    return tl.minimum(tl.maximum(q, out_min), out_max).to(tl.int8)
 
 
 @triton.jit
@@ -179,10 +256,26 @@ def shift_route(shift: int) -> str:
     return "high" if shift >= 32 else "split" if shift >= 3 else "int64"
 
 
+POINTWISE_MAX_CHANNELS = 256  # _int8_pointwise_kernel's whole reduction is one tile of C_PAD channels
+
+
+def pointwise_rows(x, weight, residual, out, stride, padding, groups) -> bool:
+    """Whether _int8_pointwise_kernel runs this conv: 1x1, stride 1, unpadded, ungrouped, at most
+    POINTWISE_MAX_CHANNELS input channels, every tensor's pixels in row order (pixel_rows)."""
+    k, c, r, s = weight.shape
+    flags = pixel_row_flags(x, residual, out, (r, s), stride, padding)
+    return groups == 1 and c <= POINTWISE_MAX_CHANNELS and flags["X_PIXEL_ROWS"] and flags["OUT_PIXEL_ROWS"]
+
+
 def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
                 stride, padding, dilation, out_max, out, groups=1):
     """Launch the int8 conv kernel, writing `out` (shapes in the module docstring)."""
     weight = weight.contiguous(memory_format=torch.channels_last)  # (a no-op for tlcore's prepared weights)
+    out_min = max(out_zero, -128) if relu else -128
+    if pointwise_rows(x, weight, residual, out, stride, padding, groups):
+        _pointwise_int8_conv2d(x, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, out_min,
+                               out_max, out)
+        return
     flat = groups == 1 and x.shape[1] < FLAT_K_BELOW
     if flat:
         x, weight = flat_operands(x, weight, padding, fill=x_zero)
@@ -202,11 +295,28 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
         m, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max, c_group,
+        shift, res_multiplier, out_zero, out_min, out_max, c_group,
         k // groups, *border, R=r, S=s, FLAT_C=c if flat else 0, HAS_RESIDUAL=residual is not None,
         GROUPED=groups > 1,
         GROUP_ALIGN=math.gcd(c_group, 16), SHIFT_ROUTE=shift_route(shift),
         PADDED=padded, **pixel_row_flags(x, residual, out, (r, s), stride, padding),
+    )
+
+
+def _pointwise_int8_conv2d(x, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, out_min, out_max,
+                           out):
+    """Launch _int8_pointwise_kernel (pointwise_rows holds), writing `out`."""
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    m = n * h * w
+    res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
+    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]) * triton.cdiv(m, meta["TILES"] * meta["BLOCK_M"]),)  # noqa: E731
+    wrap_triton(_int8_pointwise_kernel)[grid](
+        x, weight, multiplier, offset, res, out, m, c, k,
+        x.stride(3), x.stride(1), weight.stride(0), weight.stride(1), res.stride(3), res.stride(1),
+        out.stride(3), out.stride(1),
+        shift, res_multiplier, out_zero, out_min, out_max,
+        C_PAD=max(32, triton.next_power_of_2(c)), HAS_RESIDUAL=residual is not None, SHIFT_ROUTE=shift_route(shift),
     )
 
 

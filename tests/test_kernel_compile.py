@@ -110,6 +110,36 @@ def test_every_autotune_config_compiles_well_on_hopper(monkeypatch, module, make
         assert result["spill_bytes"] == 0, f"{block}: {result['spill_bytes']} B of register spills"
 
 
+def pointwise_case(config, c_pad):
+    """_int8_pointwise_kernel with a residual (ResNet's expansions: the split epilogue route) on NHWC
+    tensors, at a reduction of c_pad channels."""
+    types = {"x_ptr": "*i8", "w_ptr": "*i8", "res_ptr": "*i8", "out_ptr": "*i8", "mult_ptr": "*i32",
+             "offset_ptr": "*i64"}
+    return {"kernel": "tlcore.kernels.int8_conv:_int8_pointwise_kernel", "target": 90, "num_warps": config.num_warps,
+            "num_stages": config.num_stages, "types": types,
+            "constexprs": {"C_PAD": c_pad, "HAS_RESIDUAL": True, "SHIFT_ROUTE": "split", **config.kwargs,
+                           "sxc": 1, "swc": 1, "src": 1, "soc": 1},
+            "divisible_by_16": ["x_ptr", "w_ptr", "res_ptr", "out_ptr", "mult_ptr", "offset_ptr", "C", "K", "sxm",
+                                "swk", "srm", "som"]}
+
+
+def test_every_pointwise_int8_config_pipelines_its_row_tiles_on_hopper(monkeypatch):
+    """Every autotune config of the row-tile loop kernel, at 64 and at 256 channels (the most it
+    takes): wgmma reading both operands from shared memory, no spills, within shared memory, and where
+    a program runs several row tiles, their loads software-pipelined (cp.async) across the tiles."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("TLCORE_AUTOTUNE", raising=False)
+    configs = int8_conv._pointwise_configs()
+    assert any(config.kwargs["TILES"] > 1 for config in configs)
+    cases = [(config, c_pad) for config in configs for c_pad in (64, int8_conv.POINTWISE_MAX_CHANNELS)]
+    for (config, c_pad), result in zip(cases, run_cases([pointwise_case(*case) for case in cases])):
+        what = f"{config.kwargs}, {config.num_stages} stages, {config.num_warps} warps, C_PAD {c_pad}"
+        assert result["wgmma"] and result["a_from_shared"], what
+        assert result["spill_bytes"] == 0, f"{what}: {result['spill_bytes']} B of register spills"
+        assert result["shared_bytes"] <= HOPPER_SHARED_LIMIT, f"{what}: {result['shared_bytes']} B shared"
+        assert (result["async_copies"] > 0) == (config.kwargs["TILES"] > 1), f"{what}: {result['async_copies']}"
+
+
 def test_int8_conv_feeds_the_tensor_cores_from_shared_memory(monkeypatch):
     """Nothing fills the input tile with the zero point, also where the conv is padded (the
     accumulator starts at the padding's share: kernels/int8_border.py), so wgmma reads both operands where the async
