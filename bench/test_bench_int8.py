@@ -221,20 +221,35 @@ LAYER_CASES = [(shape, False) for shape in SHAPES] + [
     (shape, True) for shape in SHAPES if shape[2:5] == (1, 1, 1) and shape[1] == 4 * shape[0]]
 
 
+def _pointwise_kernel_runs(shape) -> bool:
+    """Whether the Triton launcher runs this conv shape (NHWC operands) on its pointwise kernel."""
+    from tlcore.kernels.int8_conv import POINTWISE_MAX_CHANNELS
+
+    c, k, r, s, stride, padding, h, w = shape
+    return (r, s, stride, padding) == (1, 1, 1, 0) and c <= POINTWISE_MAX_CHANNELS
+
+
 @needs_gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "triton-general", "cuda"])
 @pytest.mark.parametrize("shape, residual", LAYER_CASES,
                          ids=[shape_id(shape) + ("-residual" if residual else "") for shape, residual in LAYER_CASES])
-def test_gpu_int8_conv_layer(benchmark, shape, residual, backend):
+def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
     """One int8 conv + requantize (+ residual) + ReLU (int8 NHWC in and out) on one GPU backend, checked
     bit-exact first: against the torch reference on 16 images, and at the timed batch (whose autotuned
-    tile config differs) against the other GPU backend where there is one."""
+    tile config differs) against the other GPU backend where there is one. "triton-general": the
+    pointwise convs that Triton runs on its row-tile loop kernel, on its general kernel instead."""
     from tlcore import _extension
     from tlcore.backend import select
+    from tlcore.kernels import int8_conv
     from tlcore.ops import int8 as q8
 
     if backend == "cuda" and not _extension.has_cuda_kernels():
         pytest.skip(f"no CUDA C++ kernels: {_extension.missing_reason()}")
+    if backend == "triton-general":
+        if not _pointwise_kernel_runs(shape):
+            pytest.skip("the general kernel is what Triton runs on this shape anyway")
+        monkeypatch.setattr(int8_conv, "POINTWISE_MAX_CHANNELS", 0)
+        backend = "triton"
     with use_backend(backend):  # a fallback to another backend would time the wrong kernel
         assert select(q8.CONV_OP, DEVICE, q8.conv_backends(1)) == backend
     c, k, r, s, stride, padding, h, w = shape
@@ -250,14 +265,16 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend):
                   shape=list(shape), residual=residual, batch=GPU_LAYER_BATCH, int8_peak_tops=_int8_peak_tops())
     benchmark.extra_info["share_of_int8_peak"] = benchmark.extra_info["tops"] / _int8_peak_tops()
     if backend == "triton":
-        benchmark.extra_info["triton_config"] = _autotuned_config()
+        benchmark.extra_info["triton_kernel"] = "pointwise" if _pointwise_kernel_runs(shape) else "general"
+        benchmark.extra_info["triton_config"] = _autotuned_config(benchmark.extra_info["triton_kernel"])
 
 
-def _autotuned_config() -> str:
-    """The tile configuration the autotuner picked for the int8 conv kernel's latest launch."""
-    from tlcore.kernels.int8_conv import _int8_conv2d_fwd_kernel
+def _autotuned_config(kernel: str = "general") -> str:
+    """The tile configuration the autotuner picked for the latest launch of the Triton int8 conv's
+    general or pointwise kernel."""
+    from tlcore.kernels.int8_conv import _int8_conv2d_fwd_kernel, _int8_pointwise_kernel
 
-    return str(_int8_conv2d_fwd_kernel.best_config)
+    return str((_int8_pointwise_kernel if kernel == "pointwise" else _int8_conv2d_fwd_kernel).best_config)
 
 
 RESNEXT_GROUPS = 32

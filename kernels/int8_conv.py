@@ -16,6 +16,10 @@ one reduction loop over (tap, channel block), or over (r, s, c) flattened for fe
 FLAT_K_BELOW channels (the RGB stem), on a copy of x whose padding the launcher writes out and
 whose channels it rounds up to a multiple of 4 (flat_operands).
 
+Pointwise convs (1x1, stride 1, unpadded) of up to POINTWISE_MAX_CHANNELS input channels on NHWC
+tensors run their own kernel, _int8_pointwise_kernel: a GEMM over pixel rows whose programs loop
+over several row tiles, so that one tile's loads overlap the previous tiles' dots and epilogues.
+
 Grouped convs (ResNeXt): a tile of BLOCK_N output channels reduces over the input channels of
 the groups it covers (a span as wide for every tile: the widest any tile needs), with zero
 weights where a column's group does not reach. With groups
@@ -262,7 +266,7 @@ POINTWISE_MAX_CHANNELS = 256  # _int8_pointwise_kernel's whole reduction is one 
 def pointwise_rows(x, weight, residual, out, stride, padding, groups) -> bool:
     """Whether _int8_pointwise_kernel runs this conv: 1x1, stride 1, unpadded, ungrouped, at most
     POINTWISE_MAX_CHANNELS input channels, every tensor's pixels in row order (pixel_rows)."""
-    k, c, r, s = weight.shape
+    _, c, r, s = weight.shape
     flags = pixel_row_flags(x, residual, out, (r, s), stride, padding)
     return groups == 1 and c <= POINTWISE_MAX_CHANNELS and flags["X_PIXEL_ROWS"] and flags["OUT_PIXEL_ROWS"]
 
@@ -310,7 +314,8 @@ def _pointwise_int8_conv2d(x, weight, multiplier, offset, shift, residual, res_m
     k = weight.shape[0]
     m = n * h * w
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
-    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]) * triton.cdiv(m, meta["TILES"] * meta["BLOCK_M"]),)  # noqa: E731
+    rows_per_program = lambda meta: meta["TILES"] * meta["BLOCK_M"]  # noqa: E731
+    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]) * triton.cdiv(m, rows_per_program(meta)),)  # noqa: E731
     wrap_triton(_int8_pointwise_kernel)[grid](
         x, weight, multiplier, offset, res, out, m, c, k,
         x.stride(3), x.stride(1), weight.stride(0), weight.stride(1), res.stride(3), res.stride(1),
