@@ -16,8 +16,8 @@ one reduction loop over (tap, channel block), or over (r, s, c) flattened for fe
 FLAT_K_BELOW channels (the RGB stem), on a copy of x whose padding the launcher writes out and
 whose channels it rounds up to a multiple of 4 (flat_operands).
 
-Pointwise convs (1x1, stride 1, unpadded) of up to POINTWISE_MAX_CHANNELS input channels on NHWC
-tensors run their own kernel, _int8_pointwise_kernel: a GEMM over pixel rows whose programs loop
+Pointwise convs (1x1, stride 1, unpadded) of up to POINTWISE_MAX_CHANNELS input channels on tensors
+whose pixels lie in row order (NHWC; pixel_rows) run their own kernel, _int8_pointwise_kernel: a GEMM over pixel rows whose programs loop
 over several row tiles, so that one tile's loads overlap the previous tiles' dots and epilogues.
 
 Grouped convs (ResNeXt): a tile of BLOCK_N output channels reduces over the input channels of
@@ -183,10 +183,10 @@ def _int8_pointwise_kernel(
     """The int8 conv of a pointwise conv on pixel rows (pointwise_rows): out rows = requantized
     (x rows (M, C) @ weight^T (C, K)); s*m: the tensors' pixel (row) strides, s*c / swk: channel ones.
 
-    Its reduction is one tensor-core step of C_PAD >= C channels (zero weights past C), so a program
-    of the general kernel is a chain of latencies -- rows loaded, one dot, the epilogue, the store --
-    with nothing to overlap them: the first H100 run's 64-channel 1x1 convs reached 3-7% of the int8
-    peak at the compiler's 1-2 programs per SM (bench/NOTES.md, sessions 15 and 17). Here a program
+    The reduction is short (in the general kernel one or a few tensor-core steps), so a program of the
+    general kernel is mostly a chain of latencies -- rows loaded, the dots, the epilogue, the store --
+    with little to overlap them: the first H100 run's 64-channel 1x1 convs reached 3-7% of the int8
+    peak, and session 17's register model put 1-2 programs on each SM (bench/NOTES.md). Here a program
     loads one column tile's weights, multipliers and offsets once, then runs TILES row tiles in a
     loop, whose row loads the pipeliner issues stages ahead (cp.async) while earlier tiles compute.
     """
@@ -197,8 +197,9 @@ def _int8_pointwise_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, C_PAD)
     mask_n, mask_c = offs_n < K, offs_c < C
-    w = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * swk + offs_c[:, None] * swc,
-                mask=mask_c[:, None] & mask_n[None, :], other=0)
+    # 64-bit offsets throughout: a single NCHW image (pixel rows too) has channel strides of H * W.
+    cols, chans = offs_n.to(tl.int64), offs_c.to(tl.int64)
+    w = tl.load(w_ptr + cols[None, :] * swk + chans[:, None] * swc, mask=mask_c[:, None] & mask_n[None, :], other=0)
     for tile in range(TILES):
         multiplier = tl.load(mult_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
         offset = tl.load(offset_ptr + offs_n, mask=mask_n, other=0)
@@ -206,16 +207,16 @@ def _int8_pointwise_kernel(
         mask_m = offs_m < M
         rows = offs_m.to(tl.int64)
         # Channels past C read 0 against zero weights; rows past M are not stored.
-        x = tl.load(x_ptr + rows[:, None] * sxm + offs_c[None, :] * sxc, mask=mask_m[:, None] & mask_c[None, :],
+        x = tl.load(x_ptr + rows[:, None] * sxm + chans[None, :] * sxc, mask=mask_m[:, None] & mask_c[None, :],
                     other=0)
         acc = tl.dot(x, w, out_dtype=tl.int32)
         out_mask = mask_m[:, None] & mask_n[None, :]
         res = 0
         if HAS_RESIDUAL:
-            res = tl.load(res_ptr + rows[:, None] * srm + (offs_n * src)[None, :], mask=out_mask, other=0)
+            res = tl.load(res_ptr + rows[:, None] * srm + (cols * src)[None, :], mask=out_mask, other=0)
         q = _requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max,
                          HAS_RESIDUAL, SHIFT_ROUTE)
-        tl.store(out_ptr + rows[:, None] * som + (offs_n * soc)[None, :], q, mask=out_mask)
+        tl.store(out_ptr + rows[:, None] * som + (cols * soc)[None, :], q, mask=out_mask)
 
 
 @triton.jit

@@ -1005,26 +1005,43 @@ def test_triton_pointwise_conv_reads_pixel_rows_only_where_they_are(device, x_la
     assert_bit_exact(out.cpu(), ref, f"triton 1x1 x {x_layout}, residual {residual_layout}")
 
 
+def channel_slice(t, extra):
+    """t (N, C, H, W) as the first C channels of a channels_last tensor of C + extra channels (its
+    pixels in row order, `extra` channels apart)."""
+    return F.pad(t, (0, 0, 0, 0, 0, extra), value=99).contiguous(memory_format=torch.channels_last)[:, :t.shape[1]]
+
+
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 3), c=st.sampled_from([1, 5, 32, 64, 100, 256, 257]),
        hw=st.tuples(st.integers(1, 11), st.integers(1, 11)), k=st.integers(1, 70), residual=st.booleans(),
-       relu=st.booleans(), seed=st.integers(0, 2**16))
-@example(n=3, c=64, hw=(7, 9), k=70, residual=True, relu=True, seed=1)  # 2 row programs, 2 column tiles
-@example(n=1, c=256, hw=(5, 5), k=67, residual=False, relu=False, seed=2)  # the widest reduction
-def test_triton_pointwise_kernel_random_shapes(n, c, hw, k, residual, relu, seed):
-    """1x1 stride-1 convs on channels_last tensors with up to POINTWISE_MAX_CHANNELS input channels run
-    the row-tile loop (_int8_pointwise_kernel; the interpreter's config runs 3 tiles of 32 rows a
-    program, so M past 96 spans programs and most last tiles are partial), one channel more the
-    general kernel: both bit-exact, into a poisoned output."""
+       relu=st.booleans(), layout=st.sampled_from(["channels_last", "channel_slices", "single_nchw"]),
+       seed=st.integers(0, 2**16))
+@example(n=3, c=64, hw=(7, 9), k=70, residual=True, relu=True, layout="channels_last", seed=1)  # 2 programs a way
+@example(n=1, c=256, hw=(5, 5), k=67, residual=True, relu=False, layout="channel_slices", seed=2)  # widest
+@example(n=1, c=100, hw=(6, 5), k=20, residual=False, relu=True, layout="single_nchw", seed=3)
+def test_triton_pointwise_kernel_random_shapes(n, c, hw, k, residual, relu, layout, seed):
+    """1x1 stride-1 convs whose tensors' pixels lie in row order, with up to POINTWISE_MAX_CHANNELS input
+    channels, run the row-tile loop (_int8_pointwise_kernel; the interpreter's config runs 3 tiles of 32
+    rows a program, so M past 96 spans programs and most last tiles are partial), one channel more the
+    general kernel: both bit-exact, into a poisoned output. Layouts: channels_last; x, the residual and
+    out as channel slices of wider tensors (pixel strides past C and K, each its own); a single NCHW
+    image as x (channel stride H * W)."""
     from tlcore.kernels.int8_conv import POINTWISE_MAX_CHANNELS, int8_conv2d, pointwise_rows
 
     case = make_case(n, c, *hw, k, 1, 1, residual=residual, relu=relu, seed=seed)
     ref = reference(case)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    slices = layout == "channel_slices"
     if residual:  # channels_last, as the op passes it
-        case["residual"] = case["residual"].contiguous(memory_format=torch.channels_last)
+        case["residual"] = channel_slice(case["residual"], 3) if slices else \
+            case["residual"].contiguous(memory_format=torch.channels_last)
+    if slices:
+        case["x"] = channel_slice(case["x"], 1)
+    elif layout == "single_nchw" and n == 1:
+        case["x"] = case["x"].contiguous()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     case = on_device(case, device)
-    out = torch.full(ref.shape, 85, dtype=torch.int8, device=device).contiguous(memory_format=torch.channels_last)
+    out = torch.full(ref.shape, 85, dtype=torch.int8, device=device)
+    out = channel_slice(out, 5) if slices else out.contiguous(memory_format=torch.channels_last)
     # (In batches of 1x1 images torch's channels_last strides of the size-1 dimensions may not give
     # the pixel stride, and then the general kernel runs: pixel_rows cannot tell.)
     if hw != (1, 1) or n == 1:
@@ -1032,7 +1049,7 @@ def test_triton_pointwise_kernel_random_shapes(n, c, hw, k, residual, relu, seed
             (c <= POINTWISE_MAX_CHANNELS)
     int8_conv2d(case["x"], case["x_zero"], case["weight"], case["multiplier"], case["offset"], case["shift"],
                 case["residual"], case["res_multiplier"], case["out_zero"], relu, [1, 1], [0, 0], [1, 1], 127, out)
-    assert torch.equal(out.cpu(), ref), f"{(n, c, hw, k, residual, relu, seed)}"
+    assert torch.equal(out.cpu(), ref), f"{(n, c, hw, k, residual, relu, layout, seed)}"
 
 
 @settings(max_examples=300, deadline=None)

@@ -125,8 +125,8 @@ def pointwise_case(config, c_pad):
 
 def test_every_pointwise_int8_config_pipelines_its_row_tiles_on_hopper(monkeypatch):
     """Every autotune config of the row-tile loop kernel, at 64 and at 256 channels (the most it
-    takes): wgmma reading both operands from shared memory, no spills, within shared memory, and where
-    a program runs several row tiles, their loads software-pipelined (cp.async) across the tiles."""
+    takes): wgmma reading A from shared memory, no spills, within shared memory, and asynchronous copies
+    (the loop's loads software-pipelined) exactly where a program loops over several row tiles."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("TLCORE_AUTOTUNE", raising=False)
     configs = int8_conv._pointwise_configs()
