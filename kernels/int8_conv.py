@@ -17,8 +17,9 @@ FLAT_K_BELOW channels (the RGB stem), on a copy of x whose padding the launcher 
 whose channels it rounds up to a multiple of 4 (flat_operands).
 
 Pointwise convs (1x1, stride 1, unpadded) of up to POINTWISE_MAX_CHANNELS input channels on tensors
-whose pixels lie in row order (NHWC; pixel_rows) run their own kernel, _int8_pointwise_kernel: a GEMM over pixel rows whose programs loop
-over several row tiles, so that one tile's loads overlap the previous tiles' dots and epilogues.
+whose pixels lie in row order (NHWC; pixel_rows) run their own kernel, _int8_pointwise_kernel: a GEMM
+over pixel rows whose programs loop over several row tiles, so that one tile's loads overlap the
+previous tiles' dots and epilogues.
 
 Grouped convs (ResNeXt): a tile of BLOCK_N output channels reduces over the input channels of
 the groups it covers (a span as wide for every tile: the widest any tile needs), with zero
@@ -187,8 +188,9 @@ def _int8_pointwise_kernel(
     general kernel is mostly a chain of latencies -- rows loaded, the dots, the epilogue, the store --
     with little to overlap them: the first H100 run's 64-channel 1x1 convs reached 3-7% of the int8
     peak, and session 17's register model put 1-2 programs on each SM (bench/NOTES.md). Here a program
-    loads one column tile's weights, multipliers and offsets once, then runs TILES row tiles in a
-    loop, whose row loads the pipeliner issues stages ahead (cp.async) while earlier tiles compute.
+    loads one column tile's weights once, then runs TILES row tiles in a loop, whose row loads the
+    pipeliner issues stages ahead (cp.async) while earlier tiles compute. (The columns' multipliers
+    and offsets load per tile: held across the loop, their int64 registers made four configs spill.)
     """
     # Column tiles vary fastest: the programs that read the same rows run side by side (L2).
     num_n = tl.cdiv(K, BLOCK_N)
