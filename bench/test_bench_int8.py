@@ -221,12 +221,16 @@ LAYER_CASES = [(shape, False) for shape in SHAPES] + [
     (shape, True) for shape in SHAPES if shape[2:5] == (1, 1, 1) and shape[1] == 4 * shape[0]]
 
 
-def _pointwise_kernel_runs(shape) -> bool:
-    """Whether the Triton launcher runs this conv shape (NHWC operands) on its pointwise kernel."""
-    from tlcore.kernels.int8_conv import POINTWISE_MAX_CHANNELS
+def _pointwise_kernel_runs(x, weight, shape) -> bool:
+    """Whether the Triton launcher runs this layer's conv of x on its pointwise kernel (pointwise_rows;
+    the op's output is channels_last, as is the layer's residual)."""
+    from tlcore.kernels.int8_conv import pointwise_rows
 
     c, k, r, s, stride, padding, h, w = shape
-    return (r, s, stride, padding) == (1, 1, 1, 0) and c <= POINTWISE_MAX_CHANNELS
+    oh, ow = output_size(h, r, stride, padding, 1), output_size(w, s, stride, padding, 1)
+    out = torch.empty((x.shape[0], k, oh, ow), dtype=torch.int8, device=x.device).contiguous(
+        memory_format=torch.channels_last)
+    return pointwise_rows(x, weight, None, out, (stride, stride), (padding, padding), 1)
 
 
 @needs_gpu
@@ -245,15 +249,15 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
 
     if backend == "cuda" and not _extension.has_cuda_kernels():
         pytest.skip(f"no CUDA C++ kernels: {_extension.missing_reason()}")
+    xs, weight, ops = gpu_layer_operands(shape)
     if backend == "triton-general":
-        if not _pointwise_kernel_runs(shape):
+        if not _pointwise_kernel_runs(xs[0], weight, shape):
             pytest.skip("the general kernel is what Triton runs on this shape anyway")
         monkeypatch.setattr(int8_conv, "POINTWISE_MAX_CHANNELS", 0)
         backend = "triton"
     with use_backend(backend):  # a fallback to another backend would time the wrong kernel
         assert select(q8.CONV_OP, DEVICE, q8.conv_backends(1)) == backend
     c, k, r, s, stride, padding, h, w = shape
-    xs, weight, ops = gpu_layer_operands(shape)
     layer = int8_layer(weight, stride, padding, residual=gpu_layer_residual(shape) if residual else None)
     assert torch.equal(layer(xs[0][:16], backend), layer(xs[0][:16], "torch"))
     other = "cuda" if backend == "triton" else "triton"
@@ -265,7 +269,7 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
                   shape=list(shape), residual=residual, batch=GPU_LAYER_BATCH, int8_peak_tops=_int8_peak_tops())
     benchmark.extra_info["share_of_int8_peak"] = benchmark.extra_info["tops"] / _int8_peak_tops()
     if backend == "triton":
-        benchmark.extra_info["triton_kernel"] = "pointwise" if _pointwise_kernel_runs(shape) else "general"
+        benchmark.extra_info["triton_kernel"] = "pointwise" if _pointwise_kernel_runs(xs[0], weight, shape) else "general"
         benchmark.extra_info["triton_config"] = _autotuned_config(benchmark.extra_info["triton_kernel"])
 
 
