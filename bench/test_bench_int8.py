@@ -3,8 +3,9 @@ eager and torch.ao's x86 int8, same run (and tlcore against torch.ao in turns, f
 and per layer, tlcore's int8 conv op against torch.ao's
 quantized conv on ResNet-18's conv shapes. On a GPU, per layer: the int8 conv op on each GPU
 backend over ResNet-50's conv shapes at batch 256 (its bottleneck expansions also with their
-residual), in TOP/s and as a share of the measured int8 matmul peak (test_bench_conv.py times the
-fp16 fused conv on the same shapes).
+residual), in TOP/s and as a share of the measured int8 matmul peak, beside cuDNN's fp16 conv of
+each shape and, for the 1x1 convs, cuBLAS's int8 GEMM (test_bench_conv.py times the fp16 fused conv
+on the same shapes).
 
     pytest bench/test_bench_int8.py --benchmark-only --benchmark-group-by=group
 
@@ -263,14 +264,55 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
     other = "cuda" if backend == "triton" else "triton"
     if other == "triton" or _extension.has_cuda_kernels():
         assert torch.equal(layer(xs[0], backend), layer(xs[0], other))
-    benchmark.group = (f"int8 conv c{c} k{k} {r}x{s}/{stride} h{h}{' + residual' if residual else ''} "
-                       f"batch {GPU_LAYER_BATCH} (GPU)")
+    benchmark.group = _layer_group(shape, residual)
     run_benchmark(benchmark, functools.partial(layer, backend=backend), xs, ops=ops, backend=backend,
                   shape=list(shape), residual=residual, batch=GPU_LAYER_BATCH, int8_peak_tops=_int8_peak_tops())
     benchmark.extra_info["share_of_int8_peak"] = benchmark.extra_info["tops"] / _int8_peak_tops()
     if backend == "triton":
         benchmark.extra_info["triton_kernel"] = "pointwise" if _pointwise_kernel_runs(xs[0], weight, shape) else "general"
         benchmark.extra_info["triton_config"] = _autotuned_config(benchmark.extra_info["triton_kernel"])
+
+
+def _layer_group(shape, residual: bool) -> str:
+    """The benchmark group of one GPU layer case: its int8 backends and its references side by side."""
+    c, k, r, s, stride, padding, h, w = shape
+    return (f"int8 conv c{c} k{k} {r}x{s}/{stride} h{h}{' + residual' if residual else ''} "
+            f"batch {GPU_LAYER_BATCH} (GPU)")
+
+
+# The references time the conv (or its GEMM) alone, so they sit beside the cases without a residual.
+REFERENCE_SHAPES = [shape for shape, residual in LAYER_CASES if not residual]
+
+
+@needs_gpu
+@pytest.mark.parametrize("impl", ["cudnn fp16", "cublas int8 gemm"])
+@pytest.mark.parametrize("shape", REFERENCE_SHAPES, ids=shape_id)
+def test_gpu_conv_layer_reference(benchmark, shape, impl):
+    """What the int8 conv of a layer case is measured against, in its group: cuDNN's fp16 conv of the
+    same shape (NHWC, no epilogue), the per-layer form of the issue's "int8 >= 1.5x fp16" bar; and,
+    for the 1x1 stride-1 convs, which are plain GEMMs over NHWC pixel rows, cuBLAS's int8 GEMM
+    (torch._int_mm: int32 out, no requantization), the ceiling a fused kernel's main loop could
+    reach on that shape. TOP/s counts the same operations as the int8 conv's."""
+    c, k, r, s, stride, padding, h, w = shape
+    xs, weight, ops = gpu_layer_operands(shape)
+    if impl == "cudnn fp16":
+        xs, weight = [x.half() for x in xs], weight.half()
+        run = lambda x: torch.nn.functional.conv2d(x, weight, None, stride, padding)  # noqa: E731
+    else:
+        if (r, s, stride, padding) != (1, 1, 1, 0):
+            pytest.skip("only a 1x1 stride-1 unpadded conv is a GEMM over the input's pixel rows")
+        xs = [pixel_matrix(x) for x in xs]
+        weight_matrix = weight.view(k, c).t()  # (C, K)
+        run = lambda x: torch._int_mm(x, weight_matrix)  # noqa: E731
+        rows = xs[0][:64]
+        assert torch.equal(run(xs[0])[:64].long(), rows.long() @ weight_matrix.long())
+    benchmark.group = _layer_group(shape, residual=False)
+    run_benchmark(benchmark, run, xs, ops=ops, impl=impl, shape=list(shape), batch=GPU_LAYER_BATCH)
+
+
+def pixel_matrix(x: torch.Tensor) -> torch.Tensor:
+    """A channels_last (N, C, H, W) tensor as its (N * H * W, C) matrix of pixel rows (a view)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def _autotuned_config(kernel: str = "general") -> str:
