@@ -1,13 +1,15 @@
 """tlcore.quantize end to end: a trained ResNet-18 on digits against FP32 and torch.ao, the API's errors."""
 import copy
 import io
+import re
+import warnings
 from typing import NamedTuple
 
 import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.ao.quantization import MinMaxObserver
+from torch.ao.quantization import MinMaxObserver, fuse_modules
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import tlcore
@@ -422,9 +424,12 @@ def test_float_fc_state_dict_loads_into_the_int8_fc():
 
 
 def test_skip_keeps_blocks_float():
+    """...and says nothing about it: the user asked for it."""
     model = small_resnet()
     x = batches(1, seed=5)[0]
-    qmodel = tlcore.quantize(model, batches(), skip=("conv1", "layer2.0", "fc"), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qmodel = tlcore.quantize(model, batches(), skip=("conv1", "layer2.0", "fc"), progress=False)
     assert isinstance(qmodel.layer2[0], FloatFallback) and "skipped on request" in repr(qmodel.layer2[0])
     assert not isinstance(qmodel.conv1, nn.Sequential)  # the stem stayed float
     assert type(qmodel.fc) is nn.Linear and torch.equal(qmodel.fc.weight, model.fc.weight)
@@ -470,12 +475,56 @@ def test_uncovered_conv_falls_back_to_float(change, reason):
     else:
         conv.__class__ = StandardizedConv2d
     x = batches(1, seed=5)[0]
-    qmodel = tlcore.quantize(model, batches(), progress=False)
+    with pytest.warns(UserWarning, match=rf"layer2\.0 stays float \(.*{re.escape(reason)}"):
+        qmodel = tlcore.quantize(model, batches(), progress=False)
     fallbacks = [m for m in qmodel.modules() if isinstance(m, FloatFallback)]
     assert len(fallbacks) == 1 and reason in fallbacks[0].reason
     assert qmodel.layer2[0] is fallbacks[0] and isinstance(qmodel.layer3[0], Int8ResidualBlock)
     with torch.no_grad():
         assert sqnr(model(x), qmodel(x)) > 25
+
+
+def test_blocks_with_batchnorm_folded_beforehand_stay_float_and_warn():
+    """BatchNorm folded into the body's convs before quantize (torch.ao's fuse_modules): those blocks
+    have no BatchNorm to fold and stay float, correct, and quantize names them rather than return a
+    mostly float model in silence."""
+    model = small_resnet()
+    for layer in (model.layer1, model.layer3):
+        for block in layer:
+            fuse_modules(block, [["conv1", "bn1"], ["conv2", "bn2"]], inplace=True)
+    with pytest.warns(UserWarning, match=r"layer1\.0, layer3\.0 stay float \(.*Identity is not a BatchNorm2d"):
+        qmodel = tlcore.quantize(model, batches(), progress=False)
+    assert isinstance(qmodel.layer2[0], Int8ResidualBlock) and isinstance(qmodel.layer1[0], FloatFallback)
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) > 25
+
+
+@pytest.mark.parametrize("stem", ["fused by torch.ao", "deep"])
+def test_a_stem_that_is_not_conv_bn_stays_float_and_warns(stem):
+    """A stem whose BatchNorm torch.ao's fuse_modules folded (a ConvReLU2d), or a deep stem (a module
+    chain), runs in float with a warning; the blocks still run in int8."""
+    model = small_resnet()
+    if stem == "deep":
+        model.conv1 = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                    nn.Conv2d(16, 64, 3, 1, 1)).eval()
+    else:
+        model = fuse_modules(model, [["conv1", "bn1", "relu"]]).eval()
+    with pytest.warns(UserWarning, match=f"conv1 stays float .*{type(model.conv1).__name__}"):
+        qmodel = tlcore.quantize(model, batches(), progress=False)
+    assert sum(isinstance(m, Int8ResidualBlock) for m in qmodel.modules()) == 4
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) > 25
+    with pytest.raises(ValueError, match="batch has 1 channels, the model's stem takes 3"):
+        tlcore.quantize(model, [x[:, :1]], progress=False)
+
+
+def test_a_stage_that_is_not_a_sequence_of_blocks_raises():
+    model = small_resnet()
+    model.layer4, model.fc = nn.Identity(), nn.Linear(256, 7)
+    with pytest.raises(TypeError, match="layer4 must be an nn.Sequential of torchvision BasicBlocks"):
+        tlcore.quantize(model.eval(), batches(), progress=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -829,6 +878,8 @@ def test_resnet_subclass_quantizes_unless_its_forward_differs():
     (dict(method="kl"), ValueError, "unknown method"),
     (dict(backend="gpu"), ValueError, "unknown backend"),
     (dict(method="percentile", percentile=20.0), ValueError, "percentile must be"),
+    (dict(method="percentile", percentile="99.9"), TypeError, "percentile must be a number"),
+    (dict(method="percentile", percentile=True), TypeError, "percentile must be a number"),
     (dict(percentile=99.9), ValueError, "percentile= applies to method='percentile' only"),
     (dict(skip=("avgpool",)), ValueError, "cannot skip"),
     (dict(skip=("layer9.0",)), ValueError, "cannot skip"),

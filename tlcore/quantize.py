@@ -22,10 +22,12 @@ row) and its math in fp32 (Int8Linear): a batch-1 fc waits for its weights, and 
 features keep the logits' precision.
 A block that cannot run in int8 (a conv stage fold_conv_stage does not cover) or that is
 named in `skip` stays float between a dequantize and a quantize (FloatFallback, whose repr
-says why). Models other than torchvision ResNets raise.
+says why); a stem that is not conv + BatchNorm (+ ReLU) stays float with its max-pool. quantize
+warns of the float parts skip did not name. Models other than torchvision ResNets raise.
 """
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 
@@ -162,6 +164,9 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
     if percentile is not None and method != "percentile":
         raise ValueError(f"tlcore.quantize: percentile= applies to method='percentile' only, got method={method!r}")
     percentile = DEFAULT_PERCENTILE if percentile is None else percentile
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
+        raise TypeError(f"tlcore.quantize: percentile must be a number in (50, 100], got {percentile!r}")
+    percentile = float(percentile)
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"tlcore.quantize: percentile must be in (50, 100], got {percentile}")
     for name, flag in (("reduce_range", reduce_range), ("progress", progress)):
@@ -178,16 +183,48 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
     folded = {m: f for m in fused.modules() if (f := fold_conv_stage(m)) is not None}  # the covered conv stages
     observers = _calibrate(fused, folded, calibration_data, method, percentile, progress, reduce_range)
     _check_ranges(fused, observers)
-    qmodel = _convert_resnet(fused, folded, observers, skip)
-    if not any(isinstance(module, Int8Conv2d) for module in qmodel.modules()):
-        reasons = {m.reason for m in qmodel.modules() if isinstance(m, FloatFallback)} - {"skipped on request"}
-        if reasons:
-            warnings.warn(f"tlcore.quantize: no conv could run in int8 ({'; '.join(sorted(reasons))}): the model "
-                          "stays float, with int8 activations between its blocks", stacklevel=2)
+    stem_reason = _stem_float_reason(fused, skip)
+    qmodel = _convert_resnet(fused, folded, observers, skip, stem_reason)
+    _warn_of_float_parts(qmodel, stem_reason)
     for module in qmodel.modules():
         if isinstance(module, _Int8Module):
             module.backend = backend
     return qmodel.eval()
+
+
+def _stem_float_reason(fused: nn.Module, skip: set) -> str:
+    """Why the fused ResNet's stem (conv1 and its max-pool) stays float ('' if it runs in int8)."""
+    if "conv1" in skip:
+        return "skipped on request"
+    stem = fused.conv1
+    if not isinstance(stem, FusedConv2dBNReLU):  # (tlcore.fuse says why where it left the conv stock)
+        reason = getattr(stem, "tlcore_reason", "")
+        return f"the stem: {reason}" if reason else \
+            f"the stem conv1 is a {type(stem).__name__}, not a Conv2d followed by a BatchNorm2d"
+    if type(fused.maxpool) not in (nn.MaxPool2d, nn.Identity):  # (CIFAR-style ResNets have an Identity)
+        return f"the stem's pool is a {type(fused.maxpool).__name__}, not an nn.MaxPool2d"
+    return ""
+
+
+def _warn_of_float_parts(qmodel: nn.Module, stem_reason: str) -> None:
+    """Warn where parts of the int8 model stay float without skip= asking for it: they run at float
+    speed (a model whose BatchNorm was folded into its convs beforehand, say, would otherwise come
+    back almost all float in silence)."""
+    requested = "skipped on request"
+    reasons = {name: m.reason for name, m in qmodel.named_modules() if isinstance(m, FloatFallback)}
+    if stem_reason:
+        reasons["conv1"] = stem_reason
+    unrequested = {name: reason for name, reason in reasons.items() if reason != requested}
+    if not unrequested:
+        return
+    why = "; ".join(sorted(set(unrequested.values())))
+    if not any(isinstance(module, Int8Conv2d) for module in qmodel.modules()):
+        warnings.warn(f"tlcore.quantize: no conv could run in int8 ({why}): the model stays float, with int8 "
+                      "activations between its blocks", stacklevel=3)
+    else:
+        verb = "stays" if len(unrequested) == 1 else "stay"
+        warnings.warn(f"tlcore.quantize: {', '.join(unrequested)} {verb} float ({why}), with no int8 speed-up; "
+                      "the model's repr says why for each block", stacklevel=3)
 
 
 def _skip_names(skip) -> set[str]:
@@ -228,7 +265,11 @@ def _check_resnet(model: nn.Module) -> None:
                         f"own forward, got {type(model).__name__}: quantize the ResNet inside a wrapper "
                         "(nn.Sequential, DataParallel); other architectures are not covered by its int8 scheme")
     for name in LAYERS:
-        for i, block in enumerate(getattr(model, name)):
+        layer = getattr(model, name)
+        if not isinstance(layer, nn.Sequential):
+            raise TypeError(f"tlcore.quantize: {name} must be an nn.Sequential of torchvision BasicBlocks or "
+                            f"Bottlenecks (an empty one drops the stage), got {type(layer).__name__}")
+        for i, block in enumerate(layer):
             if type(block) not in (BasicBlock, Bottleneck):
                 raise TypeError(f"tlcore.quantize: {name}.{i} is a {type(block).__name__}, not a torchvision "
                                 "BasicBlock or Bottleneck")
@@ -248,7 +289,8 @@ def _calibrate(fused: nn.Module, folded: dict, data, method: str, percentile: fl
     """Run the batches through the fused float model; returns {module or "input": observer}."""
     param = next(fused.parameters())
     device, dtype = param.device, param.dtype
-    channels = fused.conv1.in_channels
+    # the stem's first conv (the stem itself, or the first in a chain of modules)
+    channels = next((m.in_channels for m in fused.conv1.modules() if hasattr(m, "in_channels")), None)
     observers = {"input": _make_observer(method, percentile, reduce_range).to(device)}
 
     def observe(key, tensor) -> None:  # returns None: a hook's return value would replace the tensor
@@ -264,7 +306,7 @@ def _calibrate(fused: nn.Module, folded: dict, data, method: str, percentile: fl
     try:
         with torch.no_grad():
             for x in input_batches(data, "tlcore.quantize", "calibrating", progress):
-                if x.shape[1] != channels:
+                if channels is not None and x.shape[1] != channels:
                     raise ValueError(f"tlcore.quantize: a calibration batch has {x.shape[1]} channels, the model's "
                                      f"stem takes {channels}")
                 fused(x.to(device=device, dtype=dtype))
@@ -355,18 +397,18 @@ def _convert_block(block: FusedResidualBlock, folded: dict, in_q: QParams, q) ->
     return Int8ResidualBlock(nn.Sequential(*body), last, downsample)
 
 
-def _convert_resnet(model: nn.Module, folded: dict, observers: dict, skip: set) -> nn.Module:
+def _convert_resnet(model: nn.Module, folded: dict, observers: dict, skip: set, stem_reason: str) -> nn.Module:
     """Swap the fused ResNet's modules for int8 ones, in place; ResNet.forward stays as it is.
-    folded: {conv stage: FoldedConv} of the stages the int8 scheme covers."""
+    folded: {conv stage: FoldedConv} of the stages the int8 scheme covers; stem_reason: why the stem
+    stays float ('' if it does not)."""
     q = lambda module: _qparams(observers[module])  # noqa: E731
     input_q = _qparams(observers["input"])._replace(qmax=QMAX)  # QuantizeInput uses all 8 bits
     stem = model.conv1
-    # (CIFAR-style ResNets replace the max-pool with nn.Identity, which passes int8 codes as they are)
-    pool_kind = type(model.maxpool)
-    if isinstance(stem, FusedConv2dBNReLU) and "conv1" not in skip and pool_kind in (nn.MaxPool2d, nn.Identity):
+    if not stem_reason:
         current = q(stem)
         model.conv1 = nn.Sequential(QuantizeInput(input_q), Int8Conv2d.from_folded(folded[stem], input_q, current))
-        if pool_kind is nn.MaxPool2d:
+        # (CIFAR-style ResNets replace the max-pool with nn.Identity, which passes int8 codes as they are)
+        if type(model.maxpool) is nn.MaxPool2d:
             model.maxpool = Int8MaxPool2d(model.maxpool)
     else:  # the stem stays float; activations become int8 after the max-pool
         current = q(model.maxpool)._replace(qmax=QMAX)
