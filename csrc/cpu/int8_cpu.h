@@ -125,6 +125,16 @@ inline void prefetch_residual(const Int8ConvArgs& a, int64_t m0, int64_t rows, i
 #endif
 }
 
+// The output rows' first lines from column k0 (one per row: a tile's block or pair of blocks), into L1
+// before the epilogue stores to them: each store to a line not in cache waits on its read from DRAM.
+inline void prefetch_output(const Int8ConvArgs& a, int64_t m0, int64_t rows, int64_t k0) {
+#ifdef TLCORE_X86
+  for (int64_t i = 0; i < rows; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(a.out + (m0 + i) * a.k + k0), _MM_HINT_T0);
+  }
+#endif
+}
+
 TileFn pairs_tile_fn(Int8Isa isa);        // the int16-pairs micro-kernel of `isa` (vpmaddwd, or scalar)
 EpilogueFn epilogue_fn(Int8Isa isa, const Int8ConvArgs& a);  // the fastest exact one for a
 
