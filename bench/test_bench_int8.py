@@ -280,34 +280,37 @@ def _layer_group(shape, residual: bool) -> str:
             f"batch {GPU_LAYER_BATCH} (GPU)")
 
 
-# The references time the conv (or its GEMM) alone, so they sit beside the cases without a residual.
-REFERENCE_SHAPES = [shape for shape, residual in LAYER_CASES if not residual]
+# The references time the conv (or its GEMM) alone, so they sit beside the cases without a residual;
+# only a 1x1 stride-1 unpadded conv is a GEMM over its input's pixel rows.
+REFERENCE_CASES = [(shape, "cudnn fp16") for shape in SHAPES] + [
+    (shape, "cublas int8 gemm") for shape in SHAPES if shape[2:6] == (1, 1, 1, 0)]
 
 
 @needs_gpu
-@pytest.mark.parametrize("impl", ["cudnn fp16", "cublas int8 gemm"])
-@pytest.mark.parametrize("shape", REFERENCE_SHAPES, ids=shape_id)
-def test_gpu_conv_layer_reference(benchmark, shape, impl):
+@pytest.mark.parametrize("shape, impl", REFERENCE_CASES, ids=[f"{shape_id(shape)}-{impl.replace(' ', '-')}"
+                                                              for shape, impl in REFERENCE_CASES])
+def test_gpu_conv_layer_reference(benchmark, shape, impl, monkeypatch):
     """What the int8 conv of a layer case is measured against, in its group: cuDNN's fp16 conv of the
-    same shape (NHWC, no epilogue), the per-layer form of the issue's "int8 >= 1.5x fp16" bar; and,
-    for the 1x1 stride-1 convs, which are plain GEMMs over NHWC pixel rows, cuBLAS's int8 GEMM
-    (torch._int_mm: int32 out, no requantization), the ceiling a fused kernel's main loop could
-    reach on that shape. TOP/s counts the same operations as the int8 conv's."""
+    same shape (NHWC, no epilogue, its fastest algorithm: cudnn.benchmark), the per-layer form of the
+    issue's "int8 >= 1.5x fp16" bar; and, for the 1x1 stride-1 convs, which are plain GEMMs over NHWC
+    pixel rows, cuBLAS's int8 GEMM (torch._int_mm: int32 out, no requantization), the ceiling a fused
+    kernel's main loop could reach on that shape. TOP/s counts the same operations as the int8 conv's."""
     c, k, r, s, stride, padding, h, w = shape
     xs, weight, ops = gpu_layer_operands(shape)
     if impl == "cudnn fp16":
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
         xs, weight = [x.half() for x in xs], weight.half()
         run = lambda x: torch.nn.functional.conv2d(x, weight, None, stride, padding)  # noqa: E731
     else:
-        if (r, s, stride, padding) != (1, 1, 1, 0):
-            pytest.skip("only a 1x1 stride-1 unpadded conv is a GEMM over the input's pixel rows")
         xs = [pixel_matrix(x) for x in xs]
         weight_matrix = weight.view(k, c).t()  # (C, K)
         run = lambda x: torch._int_mm(x, weight_matrix)  # noqa: E731
+        # float64 products and sums are exact here (|sum| <= 128 * 128 * C < 2**53); CUDA has no int64 matmul
         rows = xs[0][:64]
-        assert torch.equal(run(xs[0])[:64].long(), rows.long() @ weight_matrix.long())
+        assert torch.equal(run(xs[0])[:64].double(), rows.double() @ weight_matrix.double())
     benchmark.group = _layer_group(shape, residual=False)
-    run_benchmark(benchmark, run, xs, ops=ops, impl=impl, shape=list(shape), batch=GPU_LAYER_BATCH)
+    run_benchmark(benchmark, run, xs, ops=ops, impl=impl, shape=list(shape), batch=GPU_LAYER_BATCH,
+                  cudnn_benchmark=torch.backends.cudnn.benchmark)
 
 
 def pixel_matrix(x: torch.Tensor) -> torch.Tensor:

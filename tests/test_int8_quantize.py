@@ -500,17 +500,24 @@ def test_blocks_with_batchnorm_folded_beforehand_stay_float_and_warn():
         assert sqnr(model(x), qmodel(x)) > 25
 
 
-@pytest.mark.parametrize("stem", ["fused by torch.ao", "deep"])
-def test_a_stem_that_is_not_conv_bn_stays_float_and_warns(stem):
-    """A stem whose BatchNorm torch.ao's fuse_modules folded (a ConvReLU2d), or a deep stem (a module
-    chain), runs in float with a warning; the blocks still run in int8."""
+@pytest.mark.parametrize("stem, reason", [
+    ("conv, BN and ReLU fused by torch.ao", "the stem conv1 is a ConvReLU2d"),
+    ("conv and BN fused by torch.ao", "the stem: Identity is not a BatchNorm2d"),
+    ("deep", "the stem conv1 is a Sequential"),
+    ("average pool", "the stem's pool is AvgPool2d"),
+])
+def test_a_stem_that_is_not_conv_bn_stays_float_and_warns(stem, reason):
+    """A stem whose BatchNorm torch.ao's fuse_modules folded, a deep stem (a module chain) or a stem with
+    another pool runs in float with a warning that says why; the blocks still run in int8."""
     model = small_resnet()
     if stem == "deep":
         model.conv1 = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
                                     nn.Conv2d(16, 64, 3, 1, 1)).eval()
+    elif stem == "average pool":
+        model.maxpool = nn.AvgPool2d(3, 2, 1).eval()
     else:
-        model = fuse_modules(model, [["conv1", "bn1", "relu"]]).eval()
-    with pytest.warns(UserWarning, match=f"conv1 stays float .*{type(model.conv1).__name__}"):
+        model = fuse_modules(model, [["conv1", "bn1", "relu"] if "ReLU" in stem else ["conv1", "bn1"]]).eval()
+    with pytest.warns(UserWarning, match=rf"conv1 stays float \({re.escape(reason)}"):
         qmodel = tlcore.quantize(model, batches(), progress=False)
     assert sum(isinstance(m, Int8ResidualBlock) for m in qmodel.modules()) == 4
     x = batches(1, seed=5)[0]

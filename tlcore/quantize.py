@@ -23,7 +23,7 @@ features keep the logits' precision.
 A block that cannot run in int8 (a conv stage fold_conv_stage does not cover) or that is
 named in `skip` stays float between a dequantize and a quantize (FloatFallback, whose repr
 says why); a stem that is not conv + BatchNorm (+ ReLU) stays float with its max-pool. quantize
-warns of the float parts skip did not name. Models other than torchvision ResNets raise.
+warns of the float blocks and stem that skip did not name. Models other than torchvision ResNets raise.
 """
 import copy
 import math
@@ -46,6 +46,7 @@ from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8Glo
 from tlcore.ops.int8 import MAX_REDUCTION, QMAX, QMIN
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
+SKIPPED = "skipped on request"  # the reason of a part left float because skip= names it
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 _OBSERVER_ARGS = dict(dtype=torch.qint8, qscheme=torch.per_tensor_affine, quant_min=QMIN, quant_max=QMAX)
 # reduce_range: 128 codes. torch.ao's observers want a range holding 0, so they compute it as
@@ -195,36 +196,35 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
 def _stem_float_reason(fused: nn.Module, skip: set) -> str:
     """Why the fused ResNet's stem (conv1 and its max-pool) stays float ('' if it runs in int8)."""
     if "conv1" in skip:
-        return "skipped on request"
+        return SKIPPED
     stem = fused.conv1
     if not isinstance(stem, FusedConv2dBNReLU):  # (tlcore.fuse says why where it left the conv stock)
         reason = getattr(stem, "tlcore_reason", "")
         return f"the stem: {reason}" if reason else \
             f"the stem conv1 is a {type(stem).__name__}, not a Conv2d followed by a BatchNorm2d"
     if type(fused.maxpool) not in (nn.MaxPool2d, nn.Identity):  # (CIFAR-style ResNets have an Identity)
-        return f"the stem's pool is a {type(fused.maxpool).__name__}, not an nn.MaxPool2d"
+        return f"the stem's pool is {type(fused.maxpool).__name__}, not nn.MaxPool2d"
     return ""
 
 
 def _warn_of_float_parts(qmodel: nn.Module, stem_reason: str) -> None:
-    """Warn where parts of the int8 model stay float without skip= asking for it: they run at float
-    speed (a model whose BatchNorm was folded into its convs beforehand, say, would otherwise come
-    back almost all float in silence)."""
-    requested = "skipped on request"
-    reasons = {name: m.reason for name, m in qmodel.named_modules() if isinstance(m, FloatFallback)}
-    if stem_reason:
-        reasons["conv1"] = stem_reason
-    unrequested = {name: reason for name, reason in reasons.items() if reason != requested}
+    """Warn where the stem or blocks of the int8 model stay float without skip= asking for it: they
+    run at float speed (a model whose BatchNorm was folded into its convs beforehand, say, would
+    otherwise come back almost all float in silence)."""
+    reasons = {"conv1": stem_reason} if stem_reason else {}
+    reasons |= {name: m.reason for name, m in qmodel.named_modules() if isinstance(m, FloatFallback)}
+    unrequested = {name: reason for name, reason in reasons.items() if reason != SKIPPED}
     if not unrequested:
         return
     why = "; ".join(sorted(set(unrequested.values())))
-    if not any(isinstance(module, Int8Conv2d) for module in qmodel.modules()):
+    blocks_unrequested = any(name != "conv1" for name in unrequested)
+    if blocks_unrequested and not any(isinstance(module, Int8Conv2d) for module in qmodel.modules()):
         warnings.warn(f"tlcore.quantize: no conv could run in int8 ({why}): the model stays float, with int8 "
                       "activations between its blocks", stacklevel=3)
     else:
         verb = "stays" if len(unrequested) == 1 else "stay"
-        warnings.warn(f"tlcore.quantize: {', '.join(unrequested)} {verb} float ({why}), with no int8 speed-up; "
-                      "the model's repr says why for each block", stacklevel=3)
+        warnings.warn(f"tlcore.quantize: {', '.join(unrequested)} {verb} float ({why}), with no int8 speed-up "
+                      "(print(qmodel) shows each float block's reason)", stacklevel=3)
 
 
 def _skip_names(skip) -> set[str]:
@@ -417,7 +417,7 @@ def _convert_resnet(model: nn.Module, folded: dict, observers: dict, skip: set, 
     for name in LAYERS:
         layer = getattr(model, name)
         for i, block in enumerate(layer):
-            reason = "skipped on request" if f"{name}.{i}" in skip else _float_reason(block, folded)
+            reason = SKIPPED if f"{name}.{i}" in skip else _float_reason(block, folded)
             out_q = q(block.last) if isinstance(block, FusedResidualBlock) else q(block)
             if reason:
                 layer[i] = FloatFallback(block, current, out_q, reason)
