@@ -995,6 +995,10 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
   const bool converts_rows = pointwise || split;
   const bool rows_outer = weights_fit_l2 || (converts_rows && chunks >= 4 * at::get_num_threads());
   const bool convert_chunks = converts_rows && rows_outer;
+  // Where tasks share a chunk and chunks are plenty, a task takes every block of its chunk: its rows are
+  // then converted once, not by each thread that took one of its blocks (ResNet-50 at batch 8, AVX2: the
+  // 1x1 convs of layer3 and layer4 3-5% faster, the forward ~1% at batches 1 and 8; AVX-512 VNNI: no change).
+  const bool whole_chunks = rows_outer && chunks >= 4 * at::get_num_threads();
   constexpr int64_t kChunkRows = kChunkM * kTileM;
   std::unique_ptr<int32_t[]> x;
   std::unique_ptr<SplitBuffers> split_input;
@@ -1042,48 +1046,51 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     const int64_t units = (blocks + unit_blocks - 1) / unit_blocks;
     const int64_t zmm_tiles = (m_total + M - 1) / M;
     const int64_t zmm_chunks = (zmm_tiles + kZmmChunkM - 1) / kZmmChunkM;
-    parallel_tasks(units * zmm_chunks, [&](ClaimedTasks& tasks) {
+    const int64_t unit_tasks = whole_chunks ? 1 : units;  // tasks per chunk
+    parallel_tasks(unit_tasks * zmm_chunks, [&](ClaimedTasks& tasks) {
       alignas(64) int32_t acc[2 * M][kTileN];
       int64_t ms[M];
       const int32_t* rows[M];
       std::vector<int32_t> buffer;
       int64_t current = -1;
       for (int64_t task; tasks.next(task);) {
-        const int64_t unit = rows_outer ? task % units : task / zmm_chunks;
-        const int64_t chunk = rows_outer ? task / units : task % zmm_chunks;
-        const int64_t block = unit_blocks * unit;
-        const int64_t window = windows.start[block];  // the tile rows point at the block's channel window
-        const int n_blocks = block + 1 < blocks && unit_blocks == 2 ? 2 : 1;
-        const int32_t* w = weight + block * block_words;
-        const int32_t* corr = correction + block * kTileN;
-        const int64_t tile_end = std::min(zmm_tiles, (chunk + 1) * kZmmChunkM);
-        const int64_t rows_end = std::min(m_total, tile_end * M);
-        for (int64_t tile = chunk * kZmmChunkM; tile < tile_end; ++tile) {
-          const int64_t m0 = tile * M;
-          const int count = static_cast<int>(std::min<int64_t>(M, m_total - m0));
-          // The output lines a tile ahead (and the first tile's own): at this kernel's speed, stores to
-          // cold lines stalled the epilogue (in ResNet-50 at batch 8 on AMD Zen 5, four of layer1's and
-          // layer2's 1x1 convs took 7-13% less time, layer4's 2-4% more, the forward ~1.5% less; the AVX2
-          // kernels, three times slower, did not gain).
-          if (tile == chunk * kZmmChunkM) prefetch_output(a, m0, count, block * kTileN);
-          if (m0 + M < rows_end) prefetch_output(a, m0 + M, std::min<int64_t>(M, rows_end - m0 - M), block * kTileN);
-          if (convert_chunks) {
-            chunk_rows(converted_chunk(chunk, current, buffer) + window, pixel_words, m0 - chunk * kChunkRows, m0, count,
-                       rows, ms);
-          } else {
-            tile_rows(a, x.get() + window, hp, row_words, column_words, m0, count, rows, ms);
+        const int64_t first_unit = rows_outer ? task % unit_tasks : task / zmm_chunks;
+        const int64_t chunk = rows_outer ? task / unit_tasks : task % zmm_chunks;
+        for (int64_t unit = first_unit; unit < (whole_chunks ? units : first_unit + 1); ++unit) {
+          const int64_t block = unit_blocks * unit;
+          const int64_t window = windows.start[block];  // the tile rows point at the block's channel window
+          const int n_blocks = block + 1 < blocks && unit_blocks == 2 ? 2 : 1;
+          const int32_t* w = weight + block * block_words;
+          const int32_t* corr = correction + block * kTileN;
+          const int64_t tile_end = std::min(zmm_tiles, (chunk + 1) * kZmmChunkM);
+          const int64_t rows_end = std::min(m_total, tile_end * M);
+          for (int64_t tile = chunk * kZmmChunkM; tile < tile_end; ++tile) {
+            const int64_t m0 = tile * M;
+            const int count = static_cast<int>(std::min<int64_t>(M, m_total - m0));
+            // The output lines a tile ahead (and the first tile's own): at this kernel's speed, stores to
+            // cold lines stalled the epilogue (in ResNet-50 at batch 8 on AMD Zen 5, four of layer1's and
+            // layer2's 1x1 convs took 7-13% less time, layer4's 2-4% more, the forward ~1.5% less; the AVX2
+            // kernels, three times slower, did not gain).
+            if (tile == chunk * kZmmChunkM) prefetch_output(a, m0, count, block * kTileN);
+            if (m0 + M < rows_end) prefetch_output(a, m0 + M, std::min<int64_t>(M, rows_end - m0 - M), block * kTileN);
+            if (convert_chunks) {
+              chunk_rows(converted_chunk(chunk, current, buffer) + window, pixel_words, m0 - chunk * kChunkRows, m0, count,
+                         rows, ms);
+            } else {
+              tile_rows(a, x.get() + window, hp, row_words, column_words, m0, count, rows, ms);
+            }
+            if (pointwise) prefetch_residual(a, m0, count, block * kTileN);
+            for (int i = count; i < M; ++i) rows[i] = rows[count - 1];  // zmm_tile may compute up to M rows
+            const int64_t* offsets = tap_offsets.data();
+            // Narrow groups have 1 or 2 words a group (quads: 4 or 8 channels), `groups` per tap.
+            const int used =
+                windows.narrow ? (groups == 1 ? zmm_tile<1, 1>(count, rows, w, block_words, offsets, taps, groups, corr, acc)
+                                              : zmm_tile<1, 2>(count, rows, w, block_words, offsets, taps, groups, corr, acc))
+                : n_blocks == 2 ? zmm_tile<2, 0>(count, rows, w, block_words, offsets, taps, groups, corr, acc)
+                                : zmm_tile<1, 0>(count, rows, w, block_words, offsets, taps, groups, corr, acc);
+            // The epilogue takes one block's 16 channels, all the tile's rows at once.
+            for (int j = 0; j < n_blocks; ++j) epilogue(a, acc + j * used, ms, count, (block + j) * kTileN);
           }
-          if (pointwise) prefetch_residual(a, m0, count, block * kTileN);
-          for (int i = count; i < M; ++i) rows[i] = rows[count - 1];  // zmm_tile may compute up to M rows
-          const int64_t* offsets = tap_offsets.data();
-          // Narrow groups have 1 or 2 words a group (quads: 4 or 8 channels), `groups` per tap.
-          const int used =
-              windows.narrow ? (groups == 1 ? zmm_tile<1, 1>(count, rows, w, block_words, offsets, taps, groups, corr, acc)
-                                            : zmm_tile<1, 2>(count, rows, w, block_words, offsets, taps, groups, corr, acc))
-              : n_blocks == 2 ? zmm_tile<2, 0>(count, rows, w, block_words, offsets, taps, groups, corr, acc)
-                              : zmm_tile<1, 0>(count, rows, w, block_words, offsets, taps, groups, corr, acc);
-          // The epilogue takes one block's 16 channels, all the tile's rows at once.
-          for (int j = 0; j < n_blocks; ++j) epilogue(a, acc + j * used, ms, count, (block + j) * kTileN);
         }
       }
     });
@@ -1091,7 +1098,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
   }
 #endif  // TLCORE_X86
   const TileFn run_tile = tile_fn(isa), quads_u7_tile = tile_fn(Int8Isa::kAvx2U7);
-  parallel_tasks(blocks * chunks, [&](ClaimedTasks& tasks) {
+  const int64_t block_tasks = whole_chunks ? 1 : blocks;  // tasks per chunk
+  parallel_tasks(block_tasks * chunks, [&](ClaimedTasks& tasks) {
     // The epilogue runs once per chunk, on all its tiles' rows: its per-block setup (constants
     // loaded and shuffled) cost a third as much as its per-row work when it ran per tile.
     alignas(32) int32_t acc[kChunkRows][kTileN];
@@ -1117,34 +1125,36 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     t.narrow = windows.narrow;
     t.start_stride = blocks * kTileN;  // kSplit: SplitChunk::top's rows
     for (int64_t task; tasks.next(task);) {
-      const int64_t block = rows_outer ? task % blocks : task / chunks;
-      const int64_t window = windows.start[block];  // the tile rows point at the block's channel window
-      const int64_t chunk = rows_outer ? task / blocks : task % chunks;
-      t.weight = weight + block * block_words;
-      t.correction = correction == nullptr ? nullptr : correction + block * kTileN;
-      const int64_t first_tile = chunk * kChunkM, tile_end = std::min(tiles, first_tile + kChunkM);
-      for (int64_t tile = first_tile; tile < tile_end; ++tile) {
-        const int64_t m0 = tile * kTileM;
-        const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
-        const int64_t slot = (tile - first_tile) * kTileM;
-        if (split) {
-          const SplitChunk converted = split_chunk(chunk);
-          chunk_rows(converted.words, pixel_words, m0 - chunk * kChunkRows, m0, rows, t.rows, ms + slot);
-          t.starts = converted.top + (m0 - chunk * kChunkRows) * t.start_stride + block * kTileN;
-          split_kernel = converted.lanes[m0 - chunk * kChunkRows] ? split_tile : quads_u7_tile;
-        } else if (convert_chunks) {
-          chunk_rows(converted_chunk(chunk, current, buffer) + window, pixel_words, m0 - chunk * kChunkRows, m0, rows,
-                     t.rows, ms + slot);
-        } else {
-          tile_rows(a, x.get() + window, hp, row_words, column_words, m0, rows, t.rows, ms + slot);
+      const int64_t first_block = rows_outer ? task % block_tasks : task / chunks;
+      const int64_t chunk = rows_outer ? task / block_tasks : task % chunks;
+      for (int64_t block = first_block; block < (whole_chunks ? blocks : first_block + 1); ++block) {
+        const int64_t window = windows.start[block];  // the tile rows point at the block's channel window
+        t.weight = weight + block * block_words;
+        t.correction = correction == nullptr ? nullptr : correction + block * kTileN;
+        const int64_t first_tile = chunk * kChunkM, tile_end = std::min(tiles, first_tile + kChunkM);
+        for (int64_t tile = first_tile; tile < tile_end; ++tile) {
+          const int64_t m0 = tile * kTileM;
+          const int rows = static_cast<int>(std::min<int64_t>(kTileM, m_total - m0));
+          const int64_t slot = (tile - first_tile) * kTileM;
+          if (split) {
+            const SplitChunk converted = split_chunk(chunk);
+            chunk_rows(converted.words, pixel_words, m0 - chunk * kChunkRows, m0, rows, t.rows, ms + slot);
+            t.starts = converted.top + (m0 - chunk * kChunkRows) * t.start_stride + block * kTileN;
+            split_kernel = converted.lanes[m0 - chunk * kChunkRows] ? split_tile : quads_u7_tile;
+          } else if (convert_chunks) {
+            chunk_rows(converted_chunk(chunk, current, buffer) + window, pixel_words, m0 - chunk * kChunkRows, m0, rows,
+                       t.rows, ms + slot);
+          } else {
+            tile_rows(a, x.get() + window, hp, row_words, column_words, m0, rows, t.rows, ms + slot);
+          }
+          t.count = rows;
+          if (pointwise) prefetch_residual(a, m0, rows, block * kTileN);
+          (split ? split_kernel : run_tile)(t, acc + slot);
         }
-        t.count = rows;
-        if (pointwise) prefetch_residual(a, m0, rows, block * kTileN);
-        (split ? split_kernel : run_tile)(t, acc + slot);
+        // Only the chunk's last tile can be partial, so its first `rows` slots are its pixels in order.
+        const int rows = static_cast<int>(std::min<int64_t>(kChunkRows, m_total - first_tile * kTileM));
+        epilogue(a, acc, ms, rows, block * kTileN);
       }
-      // Only the chunk's last tile can be partial, so its first `rows` slots are its pixels in order.
-      const int rows = static_cast<int>(std::min<int64_t>(kChunkRows, m_total - first_tile * kTileM));
-      epilogue(a, acc, ms, rows, block * kTileN);
     }
   });
   if (seven_bit && eight_bit.load()) throw_eight_bit_input();
