@@ -70,7 +70,8 @@ Int8Isa int8_resolve_isa(Int8Isa isa);
 //   kSplit     kDirect for 1x1 convs on avx2 and avx2u7 (csrc/cpu/int8_split.cpp): vpmaddubsw on the
 //              codes x + 128, two quads summed per int16 lane, exact while a lane's codes sum to <= 256;
 //              in the lanes past that, bits 7 and 6 are dropped and the weights of those channels added
-//              per pixel from a list
+//              per pixel from a list. Larger kernels (C % 8 == 0) as the 1x1 conv of their R S C taps' codes;
+//              R S C <= 65536
 // Grouped convs (conv_groups > 1) run kDirect only.
 enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2, kStrideTwoWinograd = 3, kSplit = 4 };
 

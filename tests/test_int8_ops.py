@@ -549,6 +549,84 @@ def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, first_pixel, monkey
     assert torch.equal(out, expected), (out - expected).flatten().nonzero().numel()
 
 
+def run_split(case, isa):
+    """The C++ op on the split algorithm, forced (the automatic choice takes it only where C % 32 == 0)."""
+    last = lambda t: None if t is None else t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    case = dict(case, weight=last(case["weight"]), residual=last(case["residual"]))
+    code = q8.CPU_ALGORITHMS["split"]
+    packed = torch.ops.tlcore._int8_pack_weight_cpu(case["weight"], isa, code)
+    return torch.ops.tlcore._int8_conv_cpu(*_op_args(case)[:14], packed, isa, code)
+
+
+@needs_extension
+@pytest.mark.parametrize("codes", SPLIT_CODES)
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 3), c=st.sampled_from([8, 32, 40, 64]), hw=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+       k=st.integers(1, 40), rs=st.tuples(st.integers(1, 4), st.integers(1, 4)), stride=st.integers(1, 3),
+       padding=st.integers(0, 2), dilation=st.integers(1, 2), residual=st.booleans(), relu=st.booleans(),
+       seed=st.integers(0, 2**16), reduce_range=st.booleans())
+@example(n=3, c=64, hw=(12, 12), k=40, rs=(3, 3), stride=2, padding=1, dilation=1, residual=True, relu=True, seed=1,
+         reduce_range=False)  # 108 output pixels: converted chunk by chunk
+def test_cpu_split_taps_bit_exact(codes, n, c, hw, k, rs, stride, padding, dilation, residual, relu, seed,
+                                  reduce_range):
+    """Convs with several taps run the split algorithm on one row per output pixel: its taps' codes in the
+    weight's (R, S, C) order, x_zero where a tap falls in the padding, the listed channels numbered across
+    taps. Equal to the reference for any kernel size, stride, padding and dilation, C of whole 32-channel
+    steps or with a tail of 8, inputs with few, half or all codes >= 0, and 7-bit codes."""
+    (h, w), (r, s) = hw, rs
+    assume(r * s > 1)
+    if h + 2 * padding < dilation * (r - 1) + 1 or w + 2 * padding < dilation * (s - 1) + 1:
+        return
+    case = with_codes(make_case(n, c, h, w, k, r, s, stride, padding, dilation, residual, relu, seed), codes, seed)
+    if reduce_range:
+        case = dict(case, x=case["x"].clamp(max=-1), x_zero=min(case["x_zero"], -1), x_max=-1)
+    isa = q8._CPU_ISAS[isa_or_skip("avx2u7" if reduce_range else "avx2")]
+    assert torch.equal(run_split(case, isa), reference(case)), (n, c, h, w, k, r, s, stride, padding, dilation)
+
+
+@needs_extension
+def test_cpu_split_taps_chosen_where_measured_faster(monkeypatch):
+    """The automatic choice runs the split algorithm on kernels with several taps where C is a multiple of 32
+    (the conversion's vector steps) and neither Winograd kernel takes the conv: ResNet-50's 512-channel
+    stride-2 3x3 conv, 5x5 and dilated 3x3 convs, and 7-bit stride-2 3x3 ones; the result is the reference's."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    avx2, avx2u7, split = q8._CPU_ISAS["avx2"], q8._CPU_ISAS["avx2u7"], q8.CPU_ALGORITHMS["split"]
+    assert q8.cpu_algorithm((512, 512, 3, 3), [2, 2], [1, 1], avx2) == split
+    assert q8.cpu_algorithm((64, 32, 5, 5), [1, 1], [1, 1], avx2) == split
+    assert q8.cpu_algorithm((64, 64, 3, 3), [1, 1], [2, 2], avx2) == split
+    assert q8.cpu_algorithm((128, 128, 3, 3), [2, 2], [1, 1], avx2u7) == split
+    assert q8.cpu_algorithm((128, 128, 3, 3), [2, 2], [1, 1], avx2) == q8.CPU_ALGORITHMS["winograd_stride2"]
+    assert q8.cpu_algorithm((64, 64, 3, 3), [1, 1], [1, 1], avx2) == q8.CPU_ALGORITHMS["winograd"]
+    assert q8.cpu_algorithm((64, 40, 5, 5), [1, 1], [1, 1], avx2) == q8.CPU_ALGORITHMS["direct"]
+    case = with_codes(make_case(2, 32, 11, 9, 24, 5, 5, 1, 2, 1, residual=True, relu=True, seed=3), "post-relu", 3)
+    assert_bit_exact(run(case, "cpu"), reference(case), "split, 5x5 over 32 channels")
+
+
+@needs_extension
+@pytest.mark.parametrize("rule", ["pairs", "lanes"])
+def test_cpu_split_taps_top_sums_past_int16(rule, monkeypatch):
+    """A 3x3 stride-3 conv over C = 96: each pixel's row holds 864 codes, every one >= 0 from the second
+    pixel on, so its list runs past the int16 sums' 256 rows (as at C = 600 for a 1x1 conv) with channels
+    numbered across taps; the first pixel's window (all 127, or all -128) picks the rule. Weights at -128
+    and 127 take the accumulators to +-864 * 127 * 128."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 128, (2, 96, 6, 7), generator=g, dtype=torch.int8)
+    x[0, :, 0:3, 0:3] = 127 if rule == "pairs" else -128  # the first output pixel's window
+    x[0, :, 0:3, 3:6] = 127  # the second's
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (40, 96, 3, 3), generator=g, dtype=torch.int8)
+    w[0], w[1] = -128, 127
+    multiplier, offset = torch.randint(1, 4, (40,), generator=g, dtype=torch.int32), torch.zeros(40, dtype=torch.int64)
+    case = dict(x=x, x_zero=-128, weight=w, multiplier=multiplier, offset=offset, shift=14, residual=None,
+                res_multiplier=0, out_zero=0, relu=False, stride=[3, 3], padding=[0, 0], dilation=[1, 1],
+                out_max=127, x_max=127)
+    acc = int64_conv(x, -128, w, [3, 3], [0, 0], [1, 1])
+    assert acc[0, 0, 0, 1] == -864 * 127 * 128 and acc[0, 1, 0, 1] == 864 * 127 * 127
+    assert_bit_exact(run_split(case, q8._CPU_ISAS["avx2"]),
+                     q8.requantize_reference(acc, multiplier, offset, 14, None, 0, 0, False), f"split taps, {rule}")
+
+
 @needs_extension
 @pytest.mark.parametrize("algorithm", ["direct", "winograd"])
 @pytest.mark.parametrize("shift", [20, 31, 32, 36])
@@ -787,8 +865,10 @@ def test_cpu_winograd_bit_exact(isa, stride, n, c, hw, k, padding, residual, rel
         if isa == "avx2u7":
             case = seven_bit(case)
         isa = q8.cpu_isa_for(case["x_zero"], case["x_max"])
-        # 7-bit codes run stride-2 convs direct (vpmaddubsw's products are cheaper than Winograd's saving).
-        algorithm = "winograd" if stride == 1 else "direct" if isa == q8._CPU_ISAS["avx2u7"] else "winograd_stride2"
+        # 7-bit codes run stride-2 convs on vpmaddubsw (its products are cheaper than Winograd's saving):
+        # the split algorithm where C is a multiple of 32, else direct.
+        seven = "split" if c % 32 == 0 else "direct"
+        algorithm = "winograd" if stride == 1 else seven if isa == q8._CPU_ISAS["avx2u7"] else "winograd_stride2"
         assert q8.cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], isa) == q8.CPU_ALGORITHMS[algorithm]
         assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, padding)
         packed = q8.pack_weight_cpu(case["weight"], case["stride"], [1, 1], case["x_zero"], case["x_max"])
@@ -812,6 +892,7 @@ def test_cpu_winograd_task_layouts(shape, monkeypatch, two_threads):
 THREAD_CASES = {  # isa, algorithm, (n, c, h, w, k, r, stride, padding)
     "split-chunks": ("avx2", "split", (2, 40, 13, 15, 36, 1, 1, 0)),  # 390 pixels: chunk by chunk
     "split-whole-input": ("avx2", "split", (1, 1024, 7, 7, 40, 1, 1, 0)),  # 49 pixels, converted tile by tile
+    "split-taps": ("avx2", "split", (2, 32, 25, 23, 40, 5, 2, 2)),  # 312 pixels of 800 codes
     "avx2-direct": ("avx2", "direct", (1, 24, 11, 9, 56, 3, 2, 1)),
     "winograd": ("avx2", "winograd", (2, 16, 30, 26, 24, 3, 1, 1)),
     "avx512vnni": ("avx512vnni", "direct", (1, 40, 13, 11, 72, 3, 1, 1)),
@@ -889,7 +970,7 @@ def test_cpu_algorithm_direct_and_packing_mismatch(monkeypatch):
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
     for case, algorithm in (((2, 16, 9, 9, 24, 3, 3, 1, 1, 1), "winograd"), ((1, 3, 17, 19, 16, 7, 7, 2, 3, 1), "rows"),
                             ((2, 14, 11, 13, 21, 3, 3, 2, 1, 1), "winograd_stride2"),
-                            ((2, 16, 9, 9, 24, 1, 1, 1, 0, 1), "split")):
+                            ((2, 16, 9, 9, 24, 1, 1, 1, 0, 1), "split"), ((2, 32, 9, 9, 24, 5, 5, 1, 2, 1), "split")):
         c = make_case(*case)
         assert q8.cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], q8._CPU_ISAS["avx2"]) == \
             q8.CPU_ALGORITHMS[algorithm]

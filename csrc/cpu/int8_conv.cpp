@@ -13,8 +13,9 @@
 // it is exact: kAvx2U7 runs the quads layout on AVX2's vpmaddubsw when every input code is <= -1
 // (u <= 127, checked), so a pair sums to at most 2 * 127 * 127 = 32258 < 32767 -- the 7-bit
 // activations of torch.ao's reduce_range, chosen by the model (tlcore.quantize(reduce_range=True)).
-// The split algorithm of 1x1 convs (int8_split.cpp, kAvx2 and kAvx2U7) runs vpmaddubsw on 8-bit
-// codes too, bounding the codes' sum per int16 lane itself (so it checks nothing).
+// The split algorithm (int8_split.cpp, kAvx2 and kAvx2U7; 1x1 convs, and larger kernels on rows of
+// their taps' codes) runs vpmaddubsw on 8-bit codes too, bounding the codes' sum per int16 lane
+// itself (so it checks nothing).
 //
 // Layout. The input is copied once into a buffer of groups with the spatial padding written
 // out (x_zero) and channels padded to the group size (met by zero weights), so the inner loop
@@ -835,7 +836,10 @@ int64_t block_rows(Layout layout, int64_t reduction_words) {
 int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout, int64_t conv_groups) {
   // The rows layout packs a (K, R, S, C) weight as the (K, R, 1, S * C) one: a tap row's (s, c) run.
   if (layout == Layout::kRowPairs) return direct_packed_words(k, s * c, r, 1, Layout::kPairs);
-  if (layout == Layout::kSplitQuads) return direct_packed_words(k, c, 1, 1, Layout::kQuads) + split_table_words(k, c);
+  // The split layout packs it as the (K, 1, 1, R * S * C) one: an output pixel's converted row is its taps' codes.
+  if (layout == Layout::kSplitQuads) {
+    return direct_packed_words(k, r * s * c, 1, 1, Layout::kQuads) + split_table_words(k, r * s * c);
+  }
   const int64_t blocks = (k + kTileN - 1) / kTileN;
   const int64_t correction = is_quads(layout) ? blocks * kTileN : 0;
   return kHeaderWords + blocks * block_rows(layout, r * s * channel_windows(k, c, conv_groups, layout).words) * kTileN +
@@ -849,10 +853,10 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
     pack_direct_weight(weight, k, s * c, r, 1, Layout::kPairs, packed);
     return write_header(packed, Layout::kRowPairs, k, c, r, s);
   }
-  if (layout == Layout::kSplitQuads) {  // (K, 1, 1, C)
-    pack_direct_weight(weight, k, c, 1, 1, Layout::kQuads, packed);
-    pack_split_table(weight, k, c, packed + direct_packed_words(k, c, 1, 1, Layout::kQuads));
-    return write_header(packed, Layout::kSplitQuads, k, c, 1, 1);
+  if (layout == Layout::kSplitQuads) {  // as (K, 1, 1, R * S * C)
+    pack_direct_weight(weight, k, r * s * c, 1, 1, Layout::kQuads, packed);
+    pack_split_table(weight, k, r * s * c, packed + direct_packed_words(k, r * s * c, 1, 1, Layout::kQuads));
+    return write_header(packed, Layout::kSplitQuads, k, c, r, s);
   }
   const ChannelWindows windows = channel_windows(k, c, conv_groups, layout);
   const int64_t size = group_size(layout), groups = windows.words, taps = r * s;
@@ -943,6 +947,11 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     column_words = a.stride_w * a.c / 2;
     pixel_words = groups = (a.s * a.c + 1) / 2;
     for (int64_t r = 0; r < a.r; ++r) tap_offsets.push_back(r * a.dil_h * row_words);
+  } else if (split) {  // one tap: a converted row holds an output pixel's R x S taps (convert_split_rows)
+    windows = channel_windows(a.k, a.r * a.s * a.c, 1, layout);
+    pixel_words = groups = windows.words;
+    row_words = column_words = 0;  // no padded input
+    tap_offsets.push_back(0);
   } else {
     const int64_t size = group_size(layout);
     pixel_words = (a.c + size - 1) / size;
@@ -990,8 +999,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
   // so those tasks share a block, and convert the whole input once first (converting each task's
   // chunk again cost 8% of ResNet-50's 256 -> 1024 1x1 at 14x14, batch 1, 2 threads).
   const bool weights_fit_l2 = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
-  // kSplit converts as a pointwise conv does (with its padding, if any): the tasks' own chunks, or
-  // the whole input first (its top sums then take 4 bytes per output value).
+  // kSplit converts as a pointwise conv does (with its padding and taps, if any): the tasks' own chunks,
+  // or the whole input first (its top sums then take 4 bytes per output value).
   const bool converts_rows = pointwise || split;
   const bool rows_outer = weights_fit_l2 || (converts_rows && chunks >= 4 * at::get_num_threads());
   const bool convert_chunks = converts_rows && rows_outer;
@@ -1213,8 +1222,8 @@ bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int
       return stride_h == 2 && stride_w == 2 && winograd_supported(c, r, s, stride_h, stride_w, dil_h, dil_w, isa);
     case Int8Algorithm::kRows:  // pairs must start on a word: every window start, stride_w * C elements apart
       return (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2) && dil_w == 1 && (c * stride_w) % 2 == 0;
-    case Int8Algorithm::kSplit:  // its lists hold channels as uint16
-      return (isa == Int8Isa::kAvx2 || isa == Int8Isa::kAvx2U7) && r == 1 && s == 1 && c <= 65536;
+    case Int8Algorithm::kSplit:  // its lists hold (tap, channel) as uint16; each tap starts on a lane of 8 channels
+      return (isa == Int8Isa::kAvx2 || isa == Int8Isa::kAvx2U7) && (r * s == 1 || c % 8 == 0) && r * s * c <= 65536;
   }
   return false;
 }
@@ -1230,7 +1239,7 @@ Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, in
   // as the 7-bit quads kernel on 7-bit ones (AVX2-capped AMD Zen 5). The exceptions read layer1.0's
   // dense max-pooled input, whose rows take vpmaddubsw's pairs: 64 -> 256 and 64 -> 64 at 0.94x and
   // 0.84x the int16 pairs' speed, ~0.3% of the model.
-  if (supported(Int8Algorithm::kSplit)) return Int8Algorithm::kSplit;
+  if (supported(Int8Algorithm::kSplit) && r * s == 1) return Int8Algorithm::kSplit;
   // Stride 2 saves a third of the products but has 25 / 9 as many weights to stream: measured (AVX2,
   // AMD EPYC) 7-23% faster at batch 8 for C * K <= 256 * 256 and as fast at batch 1, but at 256 x 512 no
   // faster at batch 8 and 5-15% slower at batch 1. Not for 7-bit codes: its int16 products cost 4
@@ -1239,6 +1248,14 @@ Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, in
   if (c * k <= 256 * 256 && isa != Int8Isa::kAvx2U7 && supported(Int8Algorithm::kStrideTwoWinograd)) {
     return Int8Algorithm::kStrideTwoWinograd;
   }
+  // Larger kernels run the split algorithm on each output pixel's taps converted into one row of R S C
+  // codes. On ResNet-50's in-model inputs at batch 8 (AVX2-capped AMD Zen 5), the 512-channel 3x3
+  // stride-2 conv took 0.73x direct's time, but the 128- and 256-channel ones 0.95x and 1.15x stride-2
+  // Winograd's: 3-9% of their codes are >= 128, and each listed code costs K / 16 additions per pixel.
+  // On synthetic post-ReLU codes (none >= 128) 5x5 and dilated 3x3 convs ran as fast or faster from
+  // 32 channels up; where C is not a multiple of 32 the conversion's scalar tail runs every tap, and
+  // 8-48 channels ran up to 4x slower than direct.
+  if (supported(Int8Algorithm::kSplit) && c % 32 == 0) return Int8Algorithm::kSplit;
   // Odd C wastes a pair slot per pixel in the direct layout; the rows layout wastes at most one per tap row.
   if (c % 2 == 1 && s > 1 && supported(Int8Algorithm::kRows)) return Int8Algorithm::kRows;
   return Int8Algorithm::kDirect;

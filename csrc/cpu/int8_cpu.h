@@ -168,12 +168,13 @@ bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, 
 // ---- The split algorithm's input and top-bit products (int8_split.cpp) ----
 
 // The int16 weight table of a (K, 1, 1, C) weight: C rows of K rounded up to whole blocks of 16
-// (0 past K), row c the weights of input channel c. split_table_words: its size in words.
+// (0 past K), row c the weights of input channel c. split_table_words: its size in words. (A (K, R, S, C)
+// weight is packed as the (K, 1, 1, R S C) one.)
 int64_t split_table_words(int64_t k, int64_t c);
 void pack_split_table(const int8_t* weight, int64_t k, int64_t c, int32_t* table);
 
-// A chunk of a 1x1 conv's output pixels with their input pixels converted for the split algorithm:
-// `words` (rows, groups) quads of the codes t the micro-kernel multiplies (0 past C), `top` (rows, K
+// A chunk of a conv's output pixels with their input pixels (all their taps') converted for the split
+// algorithm: `words` (rows, groups) quads of the codes t the micro-kernel multiplies (0 past R S C), `top` (rows, K
 // rounded up to blocks) int32, the listed table rows' sum in its unit - 128 * the sum of all of them:
 // where the accumulators start (Tile::starts), and `lanes` (rows): whether a row's codes are for
 // split_tile (else for the 7-bit quads kernel, tile_avx2u7). See int8_split.cpp.
@@ -195,9 +196,9 @@ class SplitBuffers {
   std::unique_ptr<bool[]> lanes_;
 };
 
-// Output pixels first .. first + count - 1 of a 1x1 conv (any stride and padding: padding pixels
-// read x_zero) into `chunk`. border: C codes of x_zero; table: split_table's, past the packed header;
-// correction: the quads' 128 * sum(w) of every block.
+// Output pixels first .. first + count - 1 of a conv (any kernel, stride, padding and dilation: taps in
+// the padding read x_zero; C % 8 == 0 where R S > 1) into `chunk`. border: C codes of x_zero; table:
+// split_table's, past the packed header; correction: the quads' 128 * sum(w) of every block.
 void convert_split_rows(const Int8ConvArgs& a, int64_t groups, const int8_t* border, const int16_t* table,
                         const int32_t* correction, int64_t first, int64_t count, const SplitChunk& chunk);
 

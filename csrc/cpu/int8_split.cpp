@@ -1,5 +1,7 @@
 // The split algorithm (Int8Algorithm::kSplit): 1x1 convs on AVX2 CPUs without VNNI, exact on 8-bit
-// codes, in fewer instructions per product than torch.ao's 7-bit kernel.
+// codes, in fewer instructions per product than torch.ao's 7-bit kernel. A conv with R x S taps runs as
+// the 1x1 conv of R S C channels whose input pixel is an output pixel's taps (convert_taps: an im2col
+// row, converted as it is gathered; the weights packed as (K, 1, 1, R S C)).
 //
 // AVX2's exact int16 pairs (vpmaddwd + vpaddd, int8_conv.cpp) take 4 instructions per 32
 // products; vpmaddubsw + vpmaddwd + vpaddd (torch.ao's reduce_range kernel, tile_avx2u7) take 3.
@@ -183,10 +185,11 @@ __attribute__((target("avx2"), always_inline)) inline __m256i lanes_past_bound(_
 }
 
 // split_tile's rule: codes t of one pixel's C channels into dst (C bytes), the channels that dropped
-// bit 7 listed doubled and those that dropped bit 6 single (units of 64).
+// bit 7 listed doubled and those that dropped bit 6 single (units of 64), numbered from first_channel
+// (a tap's place in the row of a conv with several).
 __attribute__((target("avx2"), always_inline)) inline void convert_lanes(const int8_t* __restrict src,
                                                                          uint8_t* __restrict dst, int64_t c,
-                                                                         Listed& listed) {
+                                                                         int64_t first_channel, Listed& listed) {
   int64_t ch = 0;
   for (; ch + 32 <= c; ch += 32) {
     __m256i t = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch)),
@@ -200,8 +203,8 @@ __attribute__((target("avx2"), always_inline)) inline void convert_lanes(const i
       t = _mm256_xor_si256(t, top6);
       const uint32_t bits7 = static_cast<uint32_t>(_mm256_movemask_epi8(top7));
       const uint32_t bits6 = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_add_epi8(top6, top6)));
-      listed.doubled_count = list_set_channels(bits7, ch, listed.doubled, listed.doubled_count);
-      listed.single_count = list_set_channels(bits6, ch, listed.single, listed.single_count);
+      listed.doubled_count = list_set_channels(bits7, first_channel + ch, listed.doubled, listed.doubled_count);
+      listed.single_count = list_set_channels(bits6, first_channel + ch, listed.single, listed.single_count);
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), t);
   }
@@ -214,10 +217,11 @@ __attribute__((target("avx2"), always_inline)) inline void convert_lanes(const i
           if (!(t[e] >> bit & 1)) continue;
           t[e] -= 1 << bit;
           sum -= 1 << bit;
+          const auto channel = static_cast<uint16_t>(first_channel + ch + lane[e]);
           if (bit == 7) {
-            listed.doubled[listed.doubled_count++] = static_cast<uint16_t>(ch + lane[e]);
+            listed.doubled[listed.doubled_count++] = channel;
           } else {
-            listed.single[listed.single_count++] = static_cast<uint16_t>(ch + lane[e]);
+            listed.single[listed.single_count++] = channel;
           }
         }
       }
@@ -233,7 +237,7 @@ __attribute__((target("avx2"), always_inline)) inline void convert_lanes(const i
 // units of 128. It lists far fewer than split_tile's rule where most lanes are past the bound.
 __attribute__((target("avx2"), always_inline)) inline void convert_pairs(const int8_t* __restrict src,
                                                                          uint8_t* __restrict dst, int64_t c,
-                                                                         Listed& listed) {
+                                                                         int64_t first_channel, Listed& listed) {
   int64_t ch = 0;
   int64_t& listed_count = listed.single_count;
   uint16_t* __restrict single = listed.single;
@@ -245,7 +249,7 @@ __attribute__((target("avx2"), always_inline)) inline void convert_pairs(const i
     const __m256i top = _mm256_and_si256(unsafe, _mm256_and_si256(u, _mm256_set1_epi8(-128)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), _mm256_xor_si256(u, top));
     const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(top));
-    if (bits != 0) listed_count = list_set_channels(bits, ch, single, listed_count);
+    if (bits != 0) listed_count = list_set_channels(bits, first_channel + ch, single, listed_count);
   }
   for (; ch < c; ch += 2) {  // the tail's pairs
     const int u0 = src[ch] + 128, u1 = ch + 1 < c ? src[ch + 1] + 128 : 0;
@@ -254,7 +258,25 @@ __attribute__((target("avx2"), always_inline)) inline void convert_pairs(const i
       const int u = j == 0 ? u0 : u1;
       const bool dropped = unsafe && u >= 128;
       dst[ch + j] = static_cast<uint8_t>(dropped ? u - 128 : u);
-      if (dropped) single[listed_count++] = static_cast<uint16_t>(ch + j);
+      if (dropped) single[listed_count++] = static_cast<uint16_t>(first_channel + ch + j);
+    }
+  }
+}
+
+// One output pixel's row: the codes of its R x S taps in the weight's (R, S, C) order, tap (i, j) from
+// input pixel (iy + i dil_h, ix + j dil_w) of image n, or from `border` (C codes of x_zero) outside
+// the image; by split_tile's rule (lanes) or the pairs'. C is a multiple of 8 where R S > 1, so every
+// tap starts on a lane of split_tile.
+__attribute__((target("avx2"), always_inline)) inline void convert_taps(const Int8ConvArgs& a, int64_t n, int64_t iy,
+                                                                        int64_t ix, const int8_t* border, bool lanes,
+                                                                        uint8_t* dst, Listed& listed) {
+  const int64_t c = a.c;
+  for (int64_t i = 0, tap = 0; i < a.r; ++i) {
+    for (int64_t j = 0; j < a.s; ++j, ++tap) {
+      const int64_t y = iy + i * a.dil_h, x = ix + j * a.dil_w;
+      const bool inside = y >= 0 && y < a.h && x >= 0 && x < a.w;
+      const int8_t* src = inside ? a.x + ((n * a.h + y) * a.w + x) * c : border;
+      lanes ? convert_lanes(src, dst + tap * c, c, tap * c, listed) : convert_pairs(src, dst + tap * c, c, tap * c, listed);
     }
   }
 }
@@ -265,24 +287,22 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
                                                         const int16_t* table, const int32_t* correction,
                                                         int64_t first, int64_t count, const SplitChunk& chunk) {
   // Locals and __restrict: byte stores may alias anything, which would reload a's fields per byte.
-  const int64_t c = a.c, bytes = 4 * groups, width = blocks_of(a.k) * kTileN;
-  // Each channel is in each list at most once; list_set_channels writes 8 at a time.
-  std::vector<uint16_t> channels(static_cast<size_t>(2 * (c + 8)));
+  const int64_t row_c = a.r * a.s * a.c, bytes = 4 * groups, width = blocks_of(a.k) * kTileN;
+  // Each (tap, channel) is in each list at most once; list_set_channels writes 8 at a time.
+  std::vector<uint16_t> channels(static_cast<size_t>(2 * (row_c + 8)));
   bool lanes = true;  // split_tile's rule, or the pairs' for a dense input (decided on the first pixel)
   int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t iy = y * a.stride_h - a.pad_h, ix = col * a.stride_w - a.pad_w;
-    const bool inside = iy >= 0 && iy < a.h && ix >= 0 && ix < a.w;
-    const int8_t* __restrict src = inside ? a.x + ((n * a.h + iy) * a.w + ix) * c : border;
     uint8_t* __restrict dst = reinterpret_cast<uint8_t*>(chunk.words + i * groups);
-    Listed listed{channels.data(), channels.data() + c + 8};
-    lanes ? convert_lanes(src, dst, c, listed) : convert_pairs(src, dst, c, listed);
-    if (i == 0 && lanes && listed.units() * kDenseCodesPerUnit > c) {  // a dense input: pairs for these rows
+    Listed listed{channels.data(), channels.data() + row_c + 8};
+    convert_taps(a, n, iy, ix, border, lanes, dst, listed);
+    if (i == 0 && lanes && listed.units() * kDenseCodesPerUnit > row_c) {  // a dense input: pairs for these rows
       lanes = false;
-      listed = Listed{channels.data(), channels.data() + c + 8};
-      convert_pairs(src, dst, c, listed);
+      listed = Listed{channels.data(), channels.data() + row_c + 8};
+      convert_taps(a, n, iy, ix, border, false, dst, listed);
     }
-    for (int64_t ch = c; ch < bytes; ++ch) dst[ch] = 0;
+    for (int64_t ch = row_c; ch < bytes; ++ch) dst[ch] = 0;
     // The sums for 8 registers (128 channels) at a time, then the rest in one pass.
     const int unit_shift = lanes ? kLanesUnitShift : kPairsUnitShift;
     int32_t* top = chunk.top + i * width;
