@@ -67,11 +67,11 @@ Int8Isa int8_resolve_isa(Int8Isa isa);
 //   kStrideTwoWinograd  exact integer Winograd for 3x3 stride-2 convs (else as kWinograd): 2x2 output
 //              tiles, the even input rows and columns as F(2, 2) and the odd ones direct (25
 //              products per channel instead of 36; no wrapped sums to recover)
-//   kSplit     kDirect for 1x1 convs on avx2 and avx2u7 (csrc/cpu/int8_split.cpp): vpmaddubsw on the
-//              codes x + 128, two quads summed per int16 lane, exact while a lane's codes sum to <= 256;
-//              in the lanes past that, bits 7 and 6 are dropped and the weights of those channels added
-//              per pixel from a list. Larger kernels (C % 8 == 0) as the 1x1 conv of their R S C taps' codes;
-//              R S C <= 65536
+//   kSplit     kDirect for 1x1 convs, and R x S ones with C % 8 == 0, on avx2 and avx2u7
+//              (csrc/cpu/int8_split.cpp): vpmaddubsw on the codes x + 128, two quads summed per int16
+//              lane, exact while a lane's codes sum to <= 256; in the lanes past that, bits 7 and 6 are
+//              dropped and the weights of those channels added per pixel from a list. R x S convs run as
+//              the 1x1 conv of their R S C taps' codes; R S C <= 65536
 // Grouped convs (conv_groups > 1) run kDirect only.
 enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2, kStrideTwoWinograd = 3, kSplit = 4 };
 

@@ -441,15 +441,17 @@ def test_cpu_split_bit_exact(codes, n, c, hw, k, stride, padding, residual, relu
 
 @needs_extension
 # (1024 x 272 packed weights exceed the kernel's L2 budget: with 2 chunks, the whole input is converted first)
-@pytest.mark.parametrize("shape", [(2, 40, 13, 15, 36), (1, 1024, 7, 7, 272)], ids=["chunk-by-chunk", "tile-by-tile"])
+@pytest.mark.parametrize("shape", [(2, 40, 13, 15, 36, 1), (1, 1024, 7, 7, 272, 1), (2, 64, 13, 15, 36, 5)],
+                         ids=["chunk-by-chunk", "tile-by-tile", "5x5-taps"])
 def test_cpu_split_dense_and_sparse_rows_in_one_conv(shape, monkeypatch):
     """Rows converted together take one rule, chosen on their first pixel: an input whose first image
     rows are sparse (post-ReLU-like, mean code 32) and the rest dense (uniform codes) runs both
     micro-kernels in one conv, each tile on the codes its rows were converted for (chunks of 48 rows,
-    or tiles of 6 where the conv converts its whole input first: there a chunk holds tiles of both)."""
+    or tiles of 6 where the conv converts its whole input first: there a chunk holds tiles of both;
+    a 5x5 conv's rows hold the codes of 25 taps, some from both halves)."""
     monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2"))
-    n, c, h, w, k = shape
-    case = make_case(n, c, h, w, k, 1, 1, residual=True, relu=True, seed=7)
+    n, c, h, w, k, r = shape
+    case = make_case(n, c, h, w, k, r, r, padding=r // 2, residual=True, relu=True, seed=7)
     g = torch.Generator().manual_seed(7)
     dense = SPLIT_CODES["uniform"](g, case["x"].shape)
     sparse = (torch.randn(case["x"].shape, generator=g).abs() * 40).round().clamp(max=255) - 128
@@ -550,7 +552,7 @@ def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, first_pixel, monkey
 
 
 def run_split(case, isa):
-    """The C++ op on the split algorithm, forced (the automatic choice takes it only where C % 32 == 0)."""
+    """The C++ op on the split algorithm, forced (for R S > 1 the automatic choice takes it only where C % 32 == 0)."""
     last = lambda t: None if t is None else t.contiguous(memory_format=torch.channels_last)  # noqa: E731
     case = dict(case, weight=last(case["weight"]), residual=last(case["residual"]))
     code = q8.CPU_ALGORITHMS["split"]
@@ -561,21 +563,23 @@ def run_split(case, isa):
 @needs_extension
 @pytest.mark.parametrize("codes", SPLIT_CODES)
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(1, 3), c=st.sampled_from([8, 32, 40, 64]), hw=st.tuples(st.integers(1, 12), st.integers(1, 12)),
-       k=st.integers(1, 40), rs=st.tuples(st.integers(1, 4), st.integers(1, 4)), stride=st.integers(1, 3),
-       padding=st.integers(0, 2), dilation=st.integers(1, 2), residual=st.booleans(), relu=st.booleans(),
-       seed=st.integers(0, 2**16), reduce_range=st.booleans())
-@example(n=3, c=64, hw=(12, 12), k=40, rs=(3, 3), stride=2, padding=1, dilation=1, residual=True, relu=True, seed=1,
-         reduce_range=False)  # 108 output pixels: converted chunk by chunk
+@given(n=st.integers(1, 3), c=st.sampled_from([8, 16, 24, 32, 40, 48, 56, 64]),
+       hw=st.tuples(st.integers(1, 12), st.integers(1, 12)), k=st.integers(1, 40),
+       rs=st.tuples(st.integers(1, 4), st.integers(1, 4)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       residual=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16), reduce_range=st.booleans())
+@example(n=3, c=64, hw=(12, 12), k=40, rs=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), residual=True,
+         relu=True, seed=1, reduce_range=False)  # 108 output pixels: converted chunk by chunk
 def test_cpu_split_taps_bit_exact(codes, n, c, hw, k, rs, stride, padding, dilation, residual, relu, seed,
                                   reduce_range):
     """Convs with several taps run the split algorithm on one row per output pixel: its taps' codes in the
     weight's (R, S, C) order, x_zero where a tap falls in the padding, the listed channels numbered across
-    taps. Equal to the reference for any kernel size, stride, padding and dilation, C of whole 32-channel
-    steps or with a tail of 8, inputs with few, half or all codes >= 0, and 7-bit codes."""
+    taps. Equal to the reference for any kernel size, stride, padding and dilation (each its own along
+    height and width), C of whole 32-channel steps and with tails of 8-24 channels per tap, inputs with
+    few, half or all codes >= 0, and 7-bit codes."""
     (h, w), (r, s) = hw, rs
     assume(r * s > 1)
-    if h + 2 * padding < dilation * (r - 1) + 1 or w + 2 * padding < dilation * (s - 1) + 1:
+    if h + 2 * padding[0] < dilation[0] * (r - 1) + 1 or w + 2 * padding[1] < dilation[1] * (s - 1) + 1:
         return
     case = with_codes(make_case(n, c, h, w, k, r, s, stride, padding, dilation, residual, relu, seed), codes, seed)
     if reduce_range:
@@ -625,6 +629,31 @@ def test_cpu_split_taps_top_sums_past_int16(rule, monkeypatch):
     assert acc[0, 0, 0, 1] == -864 * 127 * 128 and acc[0, 1, 0, 1] == 864 * 127 * 127
     assert_bit_exact(run_split(case, q8._CPU_ISAS["avx2"]),
                      q8.requantize_reference(acc, multiplier, offset, 14, None, 0, 0, False), f"split taps, {rule}")
+
+
+@needs_extension
+def test_cpu_split_taps_row_limits():
+    """The largest row the split algorithm takes, 4 x 4 taps of C = 4096 (65536 codes, the last channel
+    numbered 65535 in its uint16 lists), every code >= 0 so that the lists hold channels past 32767; a
+    row one lane longer, and C % 8 != 0 (a tap would start inside a lane), are refused when forced and
+    left to the direct kernel by the automatic choice."""
+    g = torch.Generator().manual_seed(8)
+    avx2 = q8._CPU_ISAS[isa_or_skip("avx2")]
+    case = make_case(1, 4096, 4, 5, 3, 4, 4, relu=False, seed=8)
+    case["x"] = torch.randint(0, 128, case["x"].shape, generator=g, dtype=torch.int8).contiguous(
+        memory_format=torch.channels_last)
+    case = dict(case, x_zero=-128, residual=None)
+    assert q8.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], avx2) == q8.CPU_ALGORITHMS["split"]
+    assert torch.equal(run_split(case, avx2), reference(case))
+    split = q8.CPU_ALGORITHMS["split"]
+    for c, r in ((4104, 4), (12, 5)):  # 65664 codes; 12 channels a tap
+        refused = make_case(1, c, 5, 5, 3, r, r, residual=False, seed=8)
+        refused["weight"] = refused["weight"].contiguous(memory_format=torch.channels_last)
+        assert q8.cpu_algorithm(refused["weight"].shape, [1, 1], [1, 1], avx2) == q8.CPU_ALGORITHMS["direct"]
+        with pytest.raises(ValueError, match="no packing of this algorithm"):
+            torch.ops.tlcore._int8_pack_weight_cpu(refused["weight"], avx2, split)
+        with pytest.raises(RuntimeError, match="cannot run this conv"):
+            torch.ops.tlcore._int8_conv_cpu(*_op_args(refused)[:14], None, avx2, split)
 
 
 @needs_extension
@@ -891,8 +920,9 @@ def test_cpu_winograd_task_layouts(shape, monkeypatch, two_threads):
 
 THREAD_CASES = {  # isa, algorithm, (n, c, h, w, k, r, stride, padding)
     "split-chunks": ("avx2", "split", (2, 40, 13, 15, 36, 1, 1, 0)),  # 390 pixels: chunk by chunk
-    "split-whole-input": ("avx2", "split", (1, 1024, 7, 7, 40, 1, 1, 0)),  # 49 pixels, converted tile by tile
-    "split-taps": ("avx2", "split", (2, 32, 25, 23, 40, 5, 2, 2)),  # 312 pixels of 800 codes
+    "split-whole-input": ("avx2", "split", (1, 1024, 7, 7, 272, 1, 1, 0)),  # 49 pixels, converted tile by tile
+    "split-taps": ("avx2", "split", (2, 32, 25, 23, 40, 5, 2, 2)),  # 312 pixels of 800 codes, chunk by chunk
+    "split-taps-whole-input": ("avx2", "split", (1, 256, 9, 9, 48, 5, 1, 2)),  # 307 KB of weights, 81 pixels
     "avx2-direct": ("avx2", "direct", (1, 24, 11, 9, 56, 3, 2, 1)),
     "winograd": ("avx2", "winograd", (2, 16, 30, 26, 24, 3, 1, 1)),
     "avx512vnni": ("avx512vnni", "direct", (1, 40, 13, 11, 72, 3, 1, 1)),

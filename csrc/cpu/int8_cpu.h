@@ -77,7 +77,8 @@ void parallel_tasks(int64_t count, const Worker& worker) {
 
 // How a packed weight and the padded input group channels into 4-byte words (int8_conv.cpp).
 // kAmxQuads: kQuads with each block's (tap, group) rows padded to whole AMX steps (int8_amx.cpp).
-// kSplitQuads: kQuads of a 1x1 conv followed by its int16 weight table (int8_split.cpp).
+// kSplitQuads: kQuads of the (K, 1, 1, R S C) weight followed by its int16 weight table (int8_split.cpp);
+// the header keeps (K, C, R, S).
 enum class Layout : int32_t {
   kPairs = 1, kQuads = 2, kWinogradPairs = 3, kRowPairs = 4, kWinograd24Pairs = 5, kWinogradStrideTwoPairs = 6,
   kAmxQuads = 7, kSplitQuads = 8, kWinograd44Pairs = 9

@@ -1,5 +1,5 @@
-// The split algorithm (Int8Algorithm::kSplit): 1x1 convs on AVX2 CPUs without VNNI, exact on 8-bit
-// codes, in fewer instructions per product than torch.ao's 7-bit kernel. A conv with R x S taps runs as
+// The split algorithm (Int8Algorithm::kSplit): convs on AVX2 CPUs without VNNI, exact on 8-bit codes, in
+// fewer instructions per product than torch.ao's 7-bit kernel; described below for a 1x1 conv. A conv with R x S taps runs as
 // the 1x1 conv of R S C channels whose input pixel is an output pixel's taps (convert_taps: an im2col
 // row, converted as it is gathered; the weights packed as (K, 1, 1, R S C)).
 //

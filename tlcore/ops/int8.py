@@ -261,7 +261,7 @@ def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: 
     without VNNI (F(4x4, 3x3) tiles up to 227 channels, F(2x4, 3x3) up to 910: 2.25 or 3 products per
     output instead of 9; 1.5-2x faster there),
     and for 3x3 stride-2 convs with C * K <= 256 * 256 on 8-bit codes (25 products per 2x2 tile
-    instead of 36; 7-bit codes run them direct on vpmaddubsw: as fast or faster),
+    instead of 36; 7-bit codes run them on vpmaddubsw, split or direct: as fast or faster),
     the split algorithm for 1x1 convs on AVX2 (vpmaddubsw, two quads per int16 lane, plus the
     listed top bits of lanes past its bound: ResNet-50's 1x1 convs up to 1.35x faster than on the
     int16 pairs, and 7-bit ones up to 1.27x faster than on the 7-bit quads) and for the other convs
