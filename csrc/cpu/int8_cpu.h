@@ -175,8 +175,8 @@ int64_t split_table_words(int64_t k, int64_t c);
 void pack_split_table(const int8_t* weight, int64_t k, int64_t c, int32_t* table);
 
 // A chunk of a conv's output pixels with their input pixels (all their taps') converted for the split
-// algorithm: `words` (rows, groups) quads of the codes t the micro-kernel multiplies (0 past R S C), `top` (rows, K
-// rounded up to blocks) int32, the listed table rows' sum in its unit - 128 * the sum of all of them:
+// algorithm: `words` (rows, groups) quads of the codes t the micro-kernel multiplies (0 past R S C),
+// `top` (rows, K rounded up to blocks) int32, the listed table rows' sum in its unit - 128 * the sum of all of them:
 // where the accumulators start (Tile::starts), and `lanes` (rows): whether a row's codes are for
 // split_tile (else for the 7-bit quads kernel, tile_avx2u7). See int8_split.cpp.
 struct SplitChunk {

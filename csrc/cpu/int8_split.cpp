@@ -1,7 +1,7 @@
-// The split algorithm (Int8Algorithm::kSplit): convs on AVX2 CPUs without VNNI, exact on 8-bit codes, in
-// fewer instructions per product than torch.ao's 7-bit kernel; described below for a 1x1 conv. A conv with R x S taps runs as
-// the 1x1 conv of R S C channels whose input pixel is an output pixel's taps (convert_taps: an im2col
-// row, converted as it is gathered; the weights packed as (K, 1, 1, R S C)).
+// The split algorithm (Int8Algorithm::kSplit): convs on AVX2 CPUs without VNNI, exact on 8-bit codes,
+// in fewer instructions per product than torch.ao's 7-bit kernel; described below for a 1x1 conv. A
+// conv with R x S taps runs as the 1x1 conv of R S C channels whose input pixel is an output pixel's
+// taps (convert_taps: an im2col row, converted as it is gathered; the weights packed as (K, 1, 1, R S C)).
 //
 // AVX2's exact int16 pairs (vpmaddwd + vpaddd, int8_conv.cpp) take 4 instructions per 32
 // products; vpmaddubsw + vpmaddwd + vpaddd (torch.ao's reduce_range kernel, tile_avx2u7) take 3.
@@ -276,7 +276,11 @@ __attribute__((target("avx2"), always_inline)) inline void convert_taps(const In
       const int64_t y = iy + i * a.dil_h, x = ix + j * a.dil_w;
       const bool inside = y >= 0 && y < a.h && x >= 0 && x < a.w;
       const int8_t* src = inside ? a.x + ((n * a.h + y) * a.w + x) * c : border;
-      lanes ? convert_lanes(src, dst + tap * c, c, tap * c, listed) : convert_pairs(src, dst + tap * c, c, tap * c, listed);
+      if (lanes) {
+        convert_lanes(src, dst + tap * c, c, tap * c, listed);
+      } else {
+        convert_pairs(src, dst + tap * c, c, tap * c, listed);
+      }
     }
   }
 }
