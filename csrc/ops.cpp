@@ -169,19 +169,20 @@ bool int8_cpu_isa_supported(int64_t isa) {
 
 // ---- the int8 model's other layers (csrc/int8_layers.h) ------------------------------------------
 
-// reject_nan: raise ValueError if x holds a NaN (the int8 model's input check, found in the same pass).
-at::Tensor quantize_cpu(const at::Tensor& x, double inv_scale, int64_t zero_point, bool reject_nan) {
+// reject_non_finite: raise ValueError if x holds a NaN or an infinity (the int8 model's input check, found in
+// the same pass).
+at::Tensor quantize_cpu(const at::Tensor& x, double inv_scale, int64_t zero_point, bool reject_non_finite) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "tlcore quantize: x must be a CPU fp32 (N, C, H, W) tensor");
   TORCH_CHECK(zero_point >= -128 && zero_point <= 127, "tlcore quantize: zero_point must be in [-128, 127]");
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor src = channels_last ? x : x.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar).memory_format(at::MemoryFormat::ChannelsLast));
-  const bool nan = tlcore::quantize_to_nhwc_cpu(src.data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3),
+  const bool non_finite = tlcore::quantize_to_nhwc_cpu(src.data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3),
                                                 channels_last, static_cast<float>(inv_scale),
                                                 static_cast<int32_t>(zero_point), out.data_ptr<int8_t>());
-  TORCH_CHECK_VALUE(!(reject_nan && nan),
-                    "tlcore int8 model: the input contains NaN (or a stem or block left float turned an inf into NaN)");
+  TORCH_CHECK_VALUE(!(reject_non_finite && non_finite),
+                    "tlcore int8 model: the input contains NaN or inf (or a stem or block left float produced one)");
   return out;
 }
 
@@ -456,7 +457,7 @@ TORCH_LIBRARY(tlcore, m) {
   m.def("_int8_cpu_packed_words(int k, int c, int r, int s, int isa, int algorithm, int groups=1) -> int",
         &ValueErrors<&int8_cpu_packed_words>::call);
   m.def("_int8_cpu_resolve_isa(int isa) -> int", &ValueErrors<&int8_cpu_resolve_isa>::call);
-  m.def("_quantize_cpu(Tensor x, float inv_scale, int zero_point, bool reject_nan=False) -> Tensor");
+  m.def("_quantize_cpu(Tensor x, float inv_scale, int zero_point, bool reject_non_finite=False) -> Tensor");
   m.def("_int8_global_avg_pool_cpu(Tensor q, float scale, int zero_point) -> Tensor");
   m.def("_int8_weight_linear_cpu(Tensor x, Tensor weight, Tensor w_scale, Tensor bias, bool plain=False) -> Tensor");
   m.def("_int8_max_pool_cpu(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "

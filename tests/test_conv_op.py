@@ -174,7 +174,7 @@ def test_bad_input_raises_clear_error(mutate, error, match):
 
 def test_device_mismatch_raises():
     x, weight, scale, shift, _ = make_case("cpu", torch.float16, 1, 4, 6, 6, 5, 3, 3, None)
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(ValueError, match="x is on cpu but scale on meta: put them on one device"):
         tlcore.ops.conv2d_bn_relu(x, weight, scale.to("meta"), shift, padding=1)
 
 

@@ -285,8 +285,17 @@ def test_seven_bit_kernel_rejects_eight_bit_input(monkeypatch):
         c["x"][0, 3, 2, 2] = 0  # one 8-bit code: vpmaddubsw could saturate, so the kernel must refuse
         with pytest.raises(ValueError, match="input code >= 0"):
             run(c, "cpu")
-    with pytest.raises(ValueError, match="x_zero <= -1"):
-        run(dict(seven_bit(make_case(1, 8, 6, 6, 16, 3, 3, stride=2, padding=1)), x_zero=0, x_max=127), "cpu")
+
+
+@needs_extension
+def test_seven_bit_selection_runs_eight_bit_inputs_exactly(monkeypatch):
+    """TLCORE_INT8_CPU_ISA=avx2u7 on a conv whose input may hold 8-bit codes (x_max = 127: a
+    reduce_range model's stem) runs AVX2's exact kernel instead of refusing the codes >= 0."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, isa_or_skip("avx2u7"))
+    assert q8.cpu_isa_for(-128, 127) == q8._CPU_ISAS["avx2"] and q8.cpu_isa_for(-128, -1) == q8._CPU_ISAS["avx2u7"]
+    c = make_case(1, 8, 6, 6, 16, 3, 3, stride=2, padding=1)
+    c["x"][0, 3] = 127  # a row of the largest codes, where vpmaddubsw's pairs would saturate
+    assert_bit_exact(run(c, "cpu"), reference(c), "avx2u7 selected, 8-bit input")
 
 
 @needs_extension
@@ -1433,6 +1442,8 @@ def test_zero_input_channels_give_the_requantized_offsets(device):
     (dict(residual=torch.zeros(1, 6, 2, 2, dtype=torch.int8)), ValueError, "residual must be int8 of shape"),
     (dict(padding=[0, 0], x=torch.zeros(1, 4, 2, 2, dtype=torch.int8)), ValueError, "smaller than"),
     (dict(stride=[0, 1]), ValueError, "stride >= 1"),
+    (dict(x=torch.zeros(1, 4, 5, 5, dtype=torch.int8, device="meta")), ValueError,
+     "x is on meta but weight on cpu, multiplier on cpu, offset on cpu, residual on cpu: put them on one device"),
 ])
 def test_bad_arguments_raise(change, error, match):
     c = make_case(1, 4, 5, 5, 6, 3, 3, padding=1)
@@ -1619,19 +1630,21 @@ def test_quantize_cpu_from_nchw_matches_torch(shape):
 
 @pytest.mark.parametrize("backend_name", ["cpu", "torch"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_quantize_input_rejects_nan_only(backend_name, layout):
-    """quantize_input raises on a NaN anywhere (the C++ kernel's vector body or scalar tail, any
-    block, either layout) and quantizes infinities like quantize_per_tensor."""
+def test_quantize_input_rejects_non_finite_values(backend_name, layout):
+    """quantize_input raises on a NaN or an infinity anywhere (the C++ kernel's vector body or scalar
+    tail, any block, either layout), and quantizes finite values past the codes' range (whose sum
+    overflows float32 too) like quantize_per_tensor."""
     x = torch.randn(2, 3, 13, 11, generator=torch.Generator().manual_seed(3))
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
-    x[0, 0, 0, 0], x[1, 2, 12, 10] = float("inf"), float("-inf")
+    x[0, 0, 0, 0], x[0, 0, 0, 1], x[1, 2, 12, 10] = 3e38, 3e38, -3e38
     with use_backend(backend_name):
         assert torch.equal(q8.quantize_input(x, 0.05, -3), q8.quantize_per_tensor(x, 0.05, -3))
-        for position in [(0, 0, 0, 0), (0, 1, 5, 7), (1, 2, 12, 10), (1, 2, 12, 3)]:
-            bad = x.clone()
-            bad[position] = float("nan")
-            with pytest.raises(ValueError, match="contains NaN"):
-                q8.quantize_input(bad, 0.05, -3)
+        for value in ("nan", "inf", "-inf"):
+            for position in [(0, 0, 0, 0), (0, 1, 5, 7), (1, 2, 12, 10), (1, 2, 12, 3)]:
+                bad = x.clone()
+                bad[position] = float(value)
+                with pytest.raises(ValueError, match="contains NaN or inf"):
+                    q8.quantize_input(bad, 0.05, -3)
 
 
 # 3.5e38 and 1e39 overflow float32 (dequantizing gave NaN), 3e38 times a code does (inf); 1e-39 is

@@ -27,6 +27,14 @@ _ADD_CALLS = {operator.add, operator.iadd, torch.add}
 _SHARED = "called from more than one place (fusing would change the other calls)"
 
 
+def require_eval(model: nn.Module, why: str) -> None:
+    """Raise ValueError naming the first module of `model` in train mode; `why` starts the message."""
+    training = next((name or type(model).__name__ for name, m in model.named_modules() if m.training), None)
+    if training is not None:
+        raise ValueError(f"{why}, but {training!r} is in train mode: call model.eval() after the last change to the "
+                         "model (a module assigned after eval() starts in train mode)")
+
+
 def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return `model` with its conv + BN (+ residual) (+ ReLU) chains fused (inference only).
 
@@ -36,11 +44,7 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     memory format work, channels_last is fastest. torchvision ResNets keep their class;
     other models whose chains are found through torch.fx come back as fx.GraphModules.
     """
-    training = next((name or type(model).__name__ for name, m in model.named_modules() if m.training), None)
-    if training is not None:
-        raise ValueError(f"tlcore.fuse folds BatchNorm running statistics and returns an inference model, but "
-                         f"{training!r} is in train mode: call model.eval() after the last change to the model "
-                         "(a module assigned after eval() starts in train mode)")
+    require_eval(model, "tlcore.fuse folds BatchNorm running statistics and returns an inference model")
     if not inplace:
         model = copy.deepcopy(model)
     hooked = {name: m for name, m in model.named_modules() if has_hooks(m)}

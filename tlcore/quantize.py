@@ -37,7 +37,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from tqdm.auto import tqdm
 
 from tlcore.backend import BACKENDS
-from tlcore.fuse import fuse, has_hooks, hook_dicts
+from tlcore.fuse import fuse, has_hooks, hook_dicts, require_eval
 from tlcore.nn.blocks import FusedResidualBlock
 from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d
 from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear,
@@ -156,8 +156,7 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
         model's forward or backward hooks (they would see int8 codes; a warning names them).
     """
     _check_resnet(model)  # first: a wrapper left in train mode around an eval'd ResNet would get the wrong hint
-    if model.training:
-        raise ValueError("tlcore.quantize calibrates an inference model and folds BatchNorm: call model.eval() first")
+    require_eval(model, "tlcore.quantize calibrates an inference model and folds BatchNorm")
     if method not in METHODS:
         raise ValueError(f"tlcore.quantize: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if backend is not None and backend not in BACKENDS:
@@ -264,6 +263,10 @@ def _check_resnet(model: nn.Module) -> None:
         raise TypeError(f"tlcore.quantize supports torchvision ResNet models (BasicBlock/Bottleneck) with their "
                         f"own forward, got {type(model).__name__}: quantize the ResNet inside a wrapper "
                         "(nn.Sequential, DataParallel); other architectures are not covered by its int8 scheme")
+    dtypes = {p.dtype for p in model.parameters()} - {torch.float32, torch.float16, torch.bfloat16}
+    if dtypes:  # (its convs would all stay float, each with a warning)
+        raise TypeError(f"tlcore.quantize takes fp32, fp16 or bf16 models, got parameters of "
+                        f"{', '.join(sorted(map(str, dtypes)))}: cast the model first, e.g. model.float()")
     for name in LAYERS:
         layer = getattr(model, name)
         if not isinstance(layer, nn.Sequential):

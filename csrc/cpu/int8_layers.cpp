@@ -24,19 +24,19 @@ namespace {
 constexpr int64_t kBlock = 512;  // pixels quantized per step of the NCHW -> NHWC transpose
 
 // No fused multiply-add: x * inv_scale is rounded to fp32 before + 0.5, as on every backend.
-// Each span returns whether it met a NaN.
+// Each span returns whether it met a NaN or an infinity in x.
 __attribute__((optimize("fp-contract=off"))) bool quantize_span_scalar(const float* x, int64_t count, float inv,
                                                                         int32_t zero, int8_t* out) {
   const float lo = static_cast<float>(-128 - zero), hi = static_cast<float>(127 - zero);
-  bool nan = false;
+  bool non_finite = false;
   for (int64_t i = 0; i < count; ++i) {
+    non_finite |= !std::isfinite(x[i]);
     const float product = x[i] * inv;
     float t = std::floor(product + 0.5f);
-    nan |= std::isnan(t);
     t = std::isnan(t) ? 0.0f : std::min(std::max(t, lo), hi);
     out[i] = static_cast<int8_t>(static_cast<int32_t>(t) + zero);
   }
-  return nan;
+  return non_finite;
 }
 
 #ifdef TLCORE_X86
@@ -45,20 +45,20 @@ __attribute__((target("avx2"))) bool quantize_span_avx2(const float* x, int64_t 
   const __m256 scale = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f);
   const __m256 lo = _mm256_set1_ps(static_cast<float>(-128 - zero)), hi = _mm256_set1_ps(static_cast<float>(127 - zero));
   const __m256i zero_point = _mm256_set1_epi32(zero);
-  __m256 ordered = _mm256_cmp_ps(half, half, _CMP_EQ_OQ);  // all lanes set; a NaN clears its lane
+  __m256 finite = _mm256_cmp_ps(half, half, _CMP_EQ_OQ);  // all lanes set; a NaN or an infinity clears its lane
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
-    __m256 t = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), scale), half));
-    const __m256 not_nan = _mm256_cmp_ps(t, t, _CMP_ORD_Q);
-    ordered = _mm256_and_ps(ordered, not_nan);
-    t = _mm256_and_ps(t, not_nan);  // NaN -> 0
+    const __m256 v = _mm256_loadu_ps(x + i);
+    finite = _mm256_and_ps(finite, _mm256_cmp_ps(_mm256_sub_ps(v, v), half, _CMP_LT_OQ));  // v - v: 0, or NaN
+    __m256 t = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(v, scale), half));
+    t = _mm256_and_ps(t, _mm256_cmp_ps(t, t, _CMP_ORD_Q));  // NaN -> 0
     t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
     const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(t), zero_point);  // integral already: exact
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packs_epi16(q16, q16));
   }
-  const bool nan = _mm256_movemask_ps(ordered) != 0xFF;
-  return quantize_span_scalar(x + i, count - i, inv, zero, out + i) || nan;
+  const bool non_finite = _mm256_movemask_ps(finite) != 0xFF;
+  return quantize_span_scalar(x + i, count - i, inv, zero, out + i) || non_finite;
 }
 #endif
 
@@ -262,14 +262,14 @@ LinearBlocks linear_blocks(bool plain) {
 bool quantize_to_nhwc_cpu(const float* x, int64_t n, int64_t c, int64_t hw, bool channels_last, float inv_scale,
                           int32_t zero_point, int8_t* out) {
   const QuantizeSpan span = quantize_span();
-  std::atomic<bool> nan{false};
+  std::atomic<bool> non_finite{false};
   if (channels_last || c == 1) {  // the same element order in and out
     const int64_t total = n * hw * c;
     at::parallel_for(0, (total + kBlock - 1) / kBlock, 16, [&](int64_t begin, int64_t end) {
       const int64_t first = begin * kBlock, last = std::min(total, end * kBlock);
-      if (span(x + first, last - first, inv_scale, zero_point, out + first)) nan.store(true, std::memory_order_relaxed);
+      if (span(x + first, last - first, inv_scale, zero_point, out + first)) non_finite.store(true, std::memory_order_relaxed);
     });
-    return nan.load();
+    return non_finite.load();
   }
   const Interleave to_pixels = interleave(c);
   const int64_t blocks = (hw + kBlock - 1) / kBlock;
@@ -283,9 +283,9 @@ bool quantize_to_nhwc_cpu(const float* x, int64_t n, int64_t c, int64_t hw, bool
       }
       to_pixels(planes.data(), c, count, out + (image * hw + first) * c);
     }
-    if (found) nan.store(true, std::memory_order_relaxed);
+    if (found) non_finite.store(true, std::memory_order_relaxed);
   });
-  return nan.load();
+  return non_finite.load();
 }
 
 void int8_max_pool_cpu(const Int8PoolArgs& args) {

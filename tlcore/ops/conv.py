@@ -38,6 +38,14 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def check_same_device(where: str, x: torch.Tensor, others: dict) -> None:
+    """ValueError unless every tensor of `others` ({name: tensor or None}) is on x's device."""
+    elsewhere = [f"{name} on {t.device}" for name, t in others.items() if t is not None and t.device != x.device]
+    if elsewhere:
+        raise ValueError(f"{where}: x is on {x.device} but {', '.join(elsewhere)}: put them on one device "
+                         "(a model's input on the model's device)")
+
+
 def _check_args(x, weight, scale, shift, residual, stride, padding, dilation) -> tuple[int, int]:
     """Validate the op's arguments with clear errors; return the output (OH, OW)."""
     where = "tlcore.ops.conv2d_bn_relu"
@@ -63,10 +71,7 @@ def _check_args(x, weight, scale, shift, residual, stride, padding, dilation) ->
     if oh < 1 or ow < 1:
         raise ValueError(f"{where}: input {tuple(x.shape[2:])} is smaller than the (dilated) kernel "
                          f"{(r, s)} with padding {tuple(padding)}")
-    tensors = [weight, scale, shift] + ([residual] if residual is not None else [])
-    if any(t.device != x.device for t in tensors):
-        raise ValueError(f"{where}: all tensors must be on x's device {x.device}, got "
-                         f"{[str(t.device) for t in tensors]}")
+    check_same_device(where, x, {"weight": weight, "scale": scale, "shift": shift, "residual": residual})
     if residual is not None:
         expected = (x.shape[0], k, oh, ow)
         if tuple(residual.shape) != expected or residual.dtype != x.dtype:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.library import triton_op
 
 from tlcore import _extension, backend
-from tlcore.ops.conv import output_size
+from tlcore.ops.conv import check_same_device, output_size
 
 QMIN, QMAX = -128, 127
 WEIGHT_QMAX = 127  # symmetric weights: -128 is never used, so -w_q always fits
@@ -154,10 +154,7 @@ def _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res
     if oh < 1 or ow < 1:
         raise ValueError(f"{where}: input {tuple(x.shape[2:])} is smaller than the (dilated) kernel {(r, s)} "
                          f"with padding {tuple(padding)}")
-    tensors = [weight, multiplier, offset] + ([residual] if residual is not None else [])
-    if any(t.device != x.device for t in tensors):
-        raise ValueError(f"{where}: all tensors must be on x's device {x.device}, got "
-                         f"{[str(t.device) for t in tensors]}")
+    check_same_device(where, x, {"weight": weight, "multiplier": multiplier, "offset": offset, "residual": residual})
     if residual is not None and (residual.dtype != torch.int8 or tuple(residual.shape) != (x.shape[0], k, oh, ow)):
         raise ValueError(f"{where}: residual must be int8 of shape {(x.shape[0], k, oh, ow)}, "
                          f"got {residual.dtype} {tuple(residual.shape)}")
@@ -237,11 +234,15 @@ def cpu_isa_for(x_zero: int, x_max: int) -> int:
 
     Where the kernel would run AVX2 without VNNI (chosen automatically or by
     TLCORE_INT8_CPU_ISA=avx2), 7-bit inputs (x_max <= -1) take vpmaddubsw, exact for them;
-    otherwise the selected set (VNNI is faster than either).
+    otherwise the selected set (VNNI is faster than either). An input that may hold 8-bit codes
+    runs AVX2's exact kernels even where avx2u7 is selected: a reduce_range model's stem takes
+    the 8-bit input quantization, and vpmaddubsw could saturate on it.
     """
     isa = selected_cpu_isa()
     if not _extension.loaded():
         return isa  # no C++ kernel to choose for
+    if isa == _CPU_ISAS["avx2u7"] and x_max > -1:
+        return _CPU_ISAS["avx2"]
     avx2 = (_auto_isa() if isa == _CPU_ISAS["auto"] else isa) == _CPU_ISAS["avx2"]
     if avx2 and x_max <= -1 and x_zero <= -1:
         return _CPU_ISAS["avx2u7"]
@@ -458,7 +459,7 @@ def _register_compiled_fakes() -> None:
     torch.library.register_fake("tlcore::_int8_conv_cuda")(_int8_conv2d_fake)
 
     @torch.library.register_fake("tlcore::_quantize_cpu")
-    def _(x, inv_scale, zero_point, reject_nan=False):
+    def _(x, inv_scale, zero_point, reject_non_finite=False):
         return _quantize_fake(x, inv_scale, zero_point)
 
     @torch.library.register_fake("tlcore::_int8_global_avg_pool_cpu")
@@ -605,12 +606,13 @@ def _quantize_fake(x, inv_scale, zero_point):
 
 
 # (the C++ quantize op raises the same message)
-NAN_INPUT = "tlcore int8 model: the input contains NaN (or a stem or block left float turned an inf into NaN)"
+NON_FINITE_INPUT = "tlcore int8 model: the input contains NaN or inf (or a stem or block left float produced one)"
 
 
 @torch.library.custom_op("tlcore::quantize_input", mutates_args=())
 def quantize_input(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """quantize_per_tensor for an int8 model's input, which must hold no NaN (ValueError).
+    """quantize_per_tensor for an int8 model's input, which must hold no NaN or inf (ValueError): saturated
+    to the largest code, an infinity would pass for a plausible input where the float model gives NaN.
 
     One op, opaque to tracing, so the check survives torch.compile and torch.export (inductor
     on torch 2.6 drops an _assert_async from the graph). x: (N, C, H, W) float.
@@ -618,10 +620,10 @@ def quantize_input(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
     _check_qparams("tlcore.ops.quantize_input", scale, zero_point)
     if x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0 \
             and runs_cpu_kernel("quantize_per_tensor", x, QUANTIZE_BACKENDS):
-        return torch.ops.tlcore._quantize_cpu(x, 1.0 / scale, zero_point, True)  # checks for NaN in its pass
+        return torch.ops.tlcore._quantize_cpu(x, 1.0 / scale, zero_point, True)  # checks in the same pass
     # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
-    if not torch.isfinite(x.sum()) and torch.isnan(x).any():
-        raise ValueError(NAN_INPUT)
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+        raise ValueError(NON_FINITE_INPUT)
     return quantize_per_tensor(x, scale, zero_point)
 
 
