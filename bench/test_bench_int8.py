@@ -31,6 +31,7 @@ from test_bench_conv import SHAPES, conv_shapes, shape_id
 from tlcore.backend import use_backend
 from tlcore.benchmark.provenance import LIBRARY_CAPS
 from tlcore.benchmark.timing import Turns, matmul_peak_tflops
+from tlcore.ops import int8 as q8
 from tlcore.ops.conv import output_size
 
 CASES = [("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8), ("resnext50_32x4d", 1),
@@ -79,16 +80,6 @@ def _variants(name: str) -> dict:
     return variants
 
 
-def _tlcore_isa() -> str:
-    """The instruction set tlcore's C++ kernel resolves to here for 8-bit inputs."""
-    from tlcore.ops import int8 as q8
-
-    if not q8.cpu_isa_supported("scalar"):
-        return "no C++ extension"
-    resolved = torch.ops.tlcore._int8_cpu_resolve_isa(q8.selected_cpu_isa())
-    return next(name for name, value in q8._CPU_ISAS.items() if value == resolved)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("model,batch", CASES)
 def test_cpu_int8_forward(benchmark, model, batch, variant):
@@ -100,7 +91,8 @@ def test_cpu_int8_forward(benchmark, model, batch, variant):
     benchmark.group = f"{model} batch {batch} (CPU, {torch.get_num_threads()} threads)"
     benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(),
                                 logits_sqnr_db=None if variant == "fp32 eager" else sqnr,
-                                tlcore_cpu_isa=_tlcore_isa(), env={name: os.environ.get(name) for name in ISA_CAPS})
+                                tlcore_cpu_isa=q8.resolved_cpu_isa_name(),
+                                env={name: os.environ.get(name) for name in ISA_CAPS})
     turn = iter(range(10**9))
     with torch.no_grad():
         benchmark.pedantic(lambda: fn(inputs[next(turn) % len(inputs)]), rounds=10, iterations=1, warmup_rounds=2)
@@ -125,7 +117,8 @@ def test_cpu_int8_forward_in_turns(benchmark, model, batch):
     benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(), median_ms=medians,
                                 speedup_over_torch_ao=ao_ms / medians["tlcore int8"],
                                 seven_bit_speedup_over_torch_ao=ao_ms / medians["tlcore int8 7-bit"],
-                                tlcore_cpu_isa=_tlcore_isa(), env={name: os.environ.get(name) for name in ISA_CAPS})
+                                tlcore_cpu_isa=q8.resolved_cpu_isa_name(),
+                                env={name: os.environ.get(name) for name in ISA_CAPS})
 
 
 # (C, K, H, kernel, stride): ResNet-18's distinct conv shapes at 224x224
@@ -138,8 +131,6 @@ LAYER_BATCH = 8
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda shape: "C{}-K{}-H{}-{}x{}s{}".format(*shape[:4], *shape[3:]))
 def test_cpu_int8_conv_layer(benchmark, layer, variant):
     """One conv + requantize + ReLU, int8 NHWC in and out; both sides get prepacked weights."""
-    from tlcore.ops import int8 as q8
-
     c, k, h, r, stride = layer
     g = torch.Generator().manual_seed(2)
     x = torch.randint(-128, 128, (LAYER_BATCH, c, h, h), generator=g, dtype=torch.int8)
@@ -150,7 +141,7 @@ def test_cpu_int8_conv_layer(benchmark, layer, variant):
         packed = q8.pack_weight_cpu(weight, [stride, stride], [1, 1])
         run = lambda: q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride,  # noqa: E731
                                      padding=r // 2, relu=True, packed_weight=packed)
-        benchmark.extra_info.update(tlcore_cpu_isa=_tlcore_isa(), algorithm=q8.cpu_algorithm(
+        benchmark.extra_info.update(tlcore_cpu_isa=q8.resolved_cpu_isa_name(), algorithm=q8.cpu_algorithm(
             weight.shape, [stride, stride], [1, 1], q8.cpu_isa_for(-128, 127)))
     else:
         torch.backends.quantized.engine = "x86"
@@ -203,8 +194,6 @@ def int8_layer(weight, stride, padding, groups=1, residual=None):
     """conv(x, backend): int8 conv of x with weight + requantize (+ residual) + ReLU, int8 NHWC out, on
     that backend. residual: int8 (N, K, OH, OW) for the first N images of x (a ResNet block's last
     conv), at a scale that gives the requantization shift such convs get in tlcore's models (30)."""
-    from tlcore.ops import int8 as q8
-
     multiplier, offset, shift, res_multiplier = q8.requantization(
         0.02, -128, weight, torch.full((weight.shape[0],), 0.01), None, 0.5, -128,
         None if residual is None else 0.4, -128)
@@ -246,8 +235,6 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
     from tlcore import _extension
     from tlcore.backend import select
     from tlcore.kernels import int8_conv
-    from tlcore.ops import int8 as q8
-
     if backend == "cuda" and not _extension.has_cuda_kernels():
         pytest.skip(f"no CUDA C++ kernels: {_extension.missing_reason()}")
     xs, weight, ops = gpu_layer_operands(shape)
@@ -340,8 +327,6 @@ def test_gpu_grouped_conv_layer(benchmark, shape, impl):
     users otherwise have. TOP/s counts the products a grouped conv needs (the kernel also
     multiplies zero weights across groups)."""
     from tlcore.backend import select
-    from tlcore.ops import int8 as q8
-
     c, k, r, s, stride, padding, h, w = shape
     xs, weight, ops = gpu_layer_operands(shape, RESNEXT_GROUPS)
     if impl == "cudnn fp16":

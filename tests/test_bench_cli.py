@@ -1,5 +1,7 @@
 """`python -m tlcore bench`: modes, checks before timing, JSON, chart."""
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,10 +15,13 @@ def test_fuse_mode_writes_table_json_and_chart(tmp_path, capsys):
                      "--device", "cpu", "--out", str(out), "--plot", str(chart)])
     assert code == 0
     table = capsys.readouterr().out
-    assert "tlcore.fuse fp32" in table and "eager fp32" in table
+    assert "resnet18, batch 1, 32x32" in table and "tlcore.fuse fp32" in table and "eager fp32" in table
     data = json.loads(out.read_text())
-    for key in ("device", "cpu", "torch", "triton", "tlcore_commit", "date"):
+    for key in ("device", "cpu", "torch", "triton", "tlcore_commit", "date", "tlcore_cpu_isa"):
         assert key in data["provenance"]
+    assert data["provenance"]["run"] == {"model": "resnet18", "batch": 1, "size": 32, "modes": ["fuse"],
+                                         "min_time_s": 0.05, "compile": False, "compile_mode": None,
+                                         "low_precision": "fp32 (CPU)"}
     rows = {r["variant"]: r for r in data["results"]}
     assert rows["eager fp32"]["speedup"] == pytest.approx(1.0)
     fused = rows["tlcore.fuse fp32"]
@@ -39,24 +44,50 @@ def test_a_variant_that_disagrees_is_failed_not_timed():
     assert results["raises"].status.startswith("failed: IndexError")
 
 
-def test_modes_and_bad_flags():
+def test_modes_and_bad_flags(monkeypatch):
     assert cli.parse_modes("all") == ["fuse", "int8", "optim"]
     assert cli.parse_modes("fp16,optim,fuse") == ["fuse", "optim"]
+    assert cli.parse_modes("int8,") == ["int8"]
     with pytest.raises(SystemExit, match="unknown mode 'int4'"):
         cli.parse_modes("int4")
-    with pytest.raises(SystemExit):
-        cli.main(["--batch", "0", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="--min-time above 0"):
-        cli.main(["--min-time", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="names no mode"):
+        cli.parse_modes(" , ")
+    monkeypatch.setattr(cli.suites, "run", lambda *args: pytest.fail("ran the suite"))
+    for flags, message in ((["--batch", "0"], "--batch 0: must be at least 1"),
+                           (["--size", "16"], "--size 16: must be at least 32"),
+                           (["--min-time", "0"], "--min-time 0.0: must be above 0"),
+                           (["--modes", "int9"], "unknown mode 'int9'")):
+        with pytest.raises(SystemExit, match=message):
+            cli.main(flags + ["--device", "cpu"])
+
+
+def test_options_that_do_not_apply_are_named(capsys, monkeypatch):
+    monkeypatch.setattr(cli.suites, "run", lambda *args: [])
+    monkeypatch.setattr(cli.suites, "optim_suite", lambda *args: SimpleNamespace(variants=[]))
+    assert cli.main(["--modes", "optim", "--device", "cpu", "--dtype", "bf16", "--compile"]) == 0
+    assert "note: --dtype, --compile does not apply to this run" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("option", ["--out", "--plot"])
-@pytest.mark.parametrize("where", ["missing folder", "a folder"])
+@pytest.mark.parametrize("where", ["missing folder", "a folder", "/proc"])
 def test_unwritable_output_paths_stop_before_the_run(option, where, tmp_path, monkeypatch):
+    """Tried before the run: a folder that exists but takes no new file (/proc, even for root) too."""
     monkeypatch.setattr(cli.suites, "run", lambda *args: pytest.fail("ran the suite"))
-    path = tmp_path / "missing" / "r.json" if where == "missing folder" else tmp_path
-    with pytest.raises(SystemExit, match=f"{option} .*not a file in an existing folder"):
+    path = {"missing folder": tmp_path / "missing" / "r.png", "a folder": tmp_path / "r.png",
+            "/proc": Path("/proc/tlcore-bench-r.png")}[where]
+    if where == "a folder":
+        path.mkdir()
+    with pytest.raises(SystemExit, match=f"{option} .*cannot write it"):
         cli.main(["--modes", "optim", "--device", "cpu", option, str(path)])
+    assert where != "missing folder" or not path.parent.exists()
+
+
+def test_plot_must_be_a_png_named_before_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.suites, "run", lambda *args: pytest.fail("ran the suite"))
+    for name in ("chart", "chart.jpg"):
+        with pytest.raises(SystemExit, match=f"--plot .*{name}: the chart is a PNG"):
+            cli.main(["--modes", "optim", "--device", "cpu", "--plot", str(tmp_path / name)])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fp32_variants_on_a_gpu_get_tf32_tolerance_when_torch_allows_tf32(monkeypatch):

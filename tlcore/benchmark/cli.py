@@ -26,28 +26,50 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="all",
                    help="comma-separated: fuse (alias fp16), int8, optim, or all (default: all)")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
-    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="GPU low precision (default: fp16)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="GPU low precision (default: fp16)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile variants (default: on GPU only; slow to compile on CPU)")
-    p.add_argument("--compile-mode", default="default",
+    p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for the compiled variants, e.g. max-autotune (default: default)")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per variant (default: 1)")
     p.add_argument("--out", default=None, help="write results with provenance to this JSON file")
-    p.add_argument("--plot", default=None, help="write a PNG bar chart of speedups to this file")
+    p.add_argument("--plot", default=None, help="write a bar chart of speedups to this .png file (needs matplotlib)")
     return p
 
 
 def parse_modes(text: str) -> list[str]:
     modes = []
-    for word in text.split(","):
-        word = word.strip()
+    for word in filter(None, (word.strip() for word in text.split(","))):
         expanded = ALIASES.get(word, word)
         for mode in (expanded if isinstance(expanded, tuple) else (expanded,)):
             if mode not in MODES:
                 raise SystemExit(f"unknown mode {word!r}; choose from fuse, fp16, int8, optim, all")
             if mode not in modes:
                 modes.append(mode)
+    if not modes:
+        raise SystemExit("--modes names no mode; choose from fuse, fp16, int8, optim, all")
     return modes
+
+
+def check_writable(option: str, path: str) -> None:
+    """Exit with a message unless `path` can be written (tried now, before the run, not after it)."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise SystemExit(f"{option} {path}: cannot write it ({error.strerror})") from None
+    if not existed:
+        os.remove(path)
+
+
+def check_plotting(path: str) -> None:
+    if not path.lower().endswith(".png"):
+        raise SystemExit(f"--plot {path}: the chart is a PNG, name a .png file")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib (or tlcore[bench])") from None
 
 
 def main(argv=None) -> int:
@@ -58,25 +80,42 @@ def main(argv=None) -> int:
     on_gpu = device.type == "cuda"
     model = args.model or ("resnet50" if on_gpu else "resnet18")
     batch = args.batch if args.batch is not None else (64 if on_gpu else 8)
-    if batch < 1 or args.size < 32 or args.min_time <= 0:
-        raise SystemExit("--batch must be at least 1, --size at least 32 and --min-time above 0")
-    for option, path in (("--out", args.out), ("--plot", args.plot)):  # before the run, not after it
-        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
-            raise SystemExit(f"{option} {path}: not a file in an existing folder")
-    dtype = DTYPES[args.dtype]
+    for option, value, ok, need in (("--batch", batch, batch >= 1, "at least 1"), ("--size", args.size, args.size >= 32,
+                                     "at least 32"), ("--min-time", args.min_time, args.min_time > 0, "above 0")):
+        if not ok:
+            raise SystemExit(f"{option} {value}: must be {need}")
+    modes = parse_modes(args.modes)
+    if args.plot:
+        check_plotting(args.plot)
+    for option, path in (("--out", args.out), ("--plot", args.plot)):
+        if path:
+            check_writable(option, path)
     compile_ = on_gpu if args.compile is None else args.compile
+    unused = [option for option, given, used in (
+        ("--dtype", args.dtype, on_gpu and ("fuse" in modes or "int8" in modes)),
+        ("--compile", args.compile, "fuse" in modes),
+        ("--compile-mode", args.compile_mode, "fuse" in modes and compile_)) if given is not None and not used]
+    if unused:
+        print(f"note: {', '.join(unused)} does not apply to this run (--dtype: the GPU's fuse and int8 modes; "
+              "--compile and --compile-mode: the fuse mode, compiled)")
+    dtype = DTYPES[args.dtype or "fp16"]
+    compile_mode = args.compile_mode or "default"
     builders = {
-        "fuse": lambda: suites.fuse_suite(model, batch, device, dtype, compile_, args.compile_mode, args.size),
+        "fuse": lambda: suites.fuse_suite(model, batch, device, dtype, compile_, compile_mode, args.size),
         "int8": lambda: suites.int8_suite(model, batch, device, dtype, args.size),
         "optim": lambda: suites.optim_suite(model, device, torch.float32),
     }
     from tqdm import tqdm
 
     info = provenance(device)
-    print(f"tlcore bench: {model}, batch {batch}, on {info['device']} ({info['cpu']}), torch {info['torch']}")
+    info["run"] = {"model": model, "batch": batch, "size": args.size, "modes": modes, "min_time_s": args.min_time,
+                   "compile": compile_, "compile_mode": compile_mode if compile_ else None,
+                   "low_precision": (args.dtype or "fp16") if on_gpu else "fp32 (CPU)"}
+    print(f"tlcore bench: {model}, batch {batch}, {args.size}x{args.size}, on {info['device']} ({info['cpu']}), "
+          f"torch {info['torch']}")
     results = []
     with tqdm(desc="variants", unit="variant", leave=False) as progress:
-        for mode in parse_modes(args.modes):
+        for mode in modes:
             try:
                 suite = builders[mode]()
             except Exception as error:  # noqa: BLE001 - report the mode as failed, run the others

@@ -7,15 +7,27 @@ from pathlib import Path
 
 import torch
 
+from tlcore.ops.int8 import resolved_cpu_isa_name
 
-def _cpu_model() -> str:
+
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            name, _, value = line.partition(":")
+            if name.strip() == field:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    """The CPU's name, with its family and model numbers where the name alone may not tell its generation
+    (a VM's "AMD EPYC")."""
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def _commit() -> str:
@@ -62,6 +74,7 @@ def provenance(device: torch.device) -> dict:
         "python": platform.python_version(),
         "tlcore_settings": tlcore_settings(),
         "library_caps": library_caps(),
+        "tlcore_cpu_isa": resolved_cpu_isa_name(),  # the C++ int8 kernel's instruction set here
     }
     try:
         import triton

@@ -285,6 +285,14 @@ def _best_algorithm(k: int, c: int, r: int, s: int, stride: tuple, dilation: tup
     return torch.ops.tlcore._int8_cpu_best_algorithm(k, c, r, s, list(stride), list(dilation), isa, groups)
 
 
+def resolved_cpu_isa_name() -> str:
+    """The instruction set the C++ kernel runs here for 8-bit inputs ("no C++ extension" without it)."""
+    if not _extension.loaded():
+        return "no C++ extension"
+    resolved = torch.ops.tlcore._int8_cpu_resolve_isa(selected_cpu_isa())
+    return next(name for name, value in _CPU_ISAS.items() if value == resolved)
+
+
 def cpu_isa_supported(name: str) -> bool:
     """Whether the C++ int8 kernel can run with instruction set `name` here (see _CPU_ISAS)."""
     return _extension.loaded() and torch.ops.tlcore._int8_cpu_isa_supported(_CPU_ISAS[name])
