@@ -178,9 +178,9 @@ at::Tensor quantize_cpu(const at::Tensor& x, double inv_scale, int64_t zero_poin
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor src = channels_last ? x : x.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar).memory_format(at::MemoryFormat::ChannelsLast));
-  const bool non_finite = tlcore::quantize_to_nhwc_cpu(src.data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3),
-                                                channels_last, static_cast<float>(inv_scale),
-                                                static_cast<int32_t>(zero_point), out.data_ptr<int8_t>());
+  const bool non_finite = tlcore::quantize_to_nhwc_cpu(
+      src.data_ptr<float>(), x.size(0), x.size(1), x.size(2) * x.size(3), channels_last, static_cast<float>(inv_scale),
+      static_cast<int32_t>(zero_point), out.data_ptr<int8_t>());
   TORCH_CHECK_VALUE(!(reject_non_finite && non_finite),
                     "tlcore int8 model: the input contains NaN or inf (or a stem or block left float produced one)");
   return out;

@@ -267,7 +267,9 @@ bool quantize_to_nhwc_cpu(const float* x, int64_t n, int64_t c, int64_t hw, bool
     const int64_t total = n * hw * c;
     at::parallel_for(0, (total + kBlock - 1) / kBlock, 16, [&](int64_t begin, int64_t end) {
       const int64_t first = begin * kBlock, last = std::min(total, end * kBlock);
-      if (span(x + first, last - first, inv_scale, zero_point, out + first)) non_finite.store(true, std::memory_order_relaxed);
+      if (span(x + first, last - first, inv_scale, zero_point, out + first)) {
+        non_finite.store(true, std::memory_order_relaxed);
+      }
     });
     return non_finite.load();
   }
