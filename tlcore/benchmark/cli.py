@@ -80,8 +80,9 @@ def main(argv=None) -> int:
     on_gpu = device.type == "cuda"
     model = args.model or ("resnet50" if on_gpu else "resnet18")
     batch = args.batch if args.batch is not None else (64 if on_gpu else 8)
-    for option, value, ok, need in (("--batch", batch, batch >= 1, "at least 1"), ("--size", args.size, args.size >= 32,
-                                     "at least 32"), ("--min-time", args.min_time, args.min_time > 0, "above 0")):
+    for option, value, ok, need in (("--batch", batch, batch >= 1, "at least 1"),
+                                    ("--size", args.size, args.size >= 32, "at least 32"),
+                                    ("--min-time", args.min_time, args.min_time > 0, "above 0")):
         if not ok:
             raise SystemExit(f"{option} {value}: must be {need}")
     modes = parse_modes(args.modes)

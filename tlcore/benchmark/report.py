@@ -46,8 +46,8 @@ def plot(path: str, provenance: dict, results: list[Result]) -> None:
         ax.barh([r.variant for r in rows], [r.speedup for r in rows],
                 color=["tab:orange" if r.variant.startswith("tlcore") else "tab:gray" for r in rows])
         ax.axvline(1.0, color="black", linewidth=1)
-        ax.set_title(f"{mode}: {rows[0].model}, batch {rows[0].batch}" if rows and mode != "optim" else
-                     f"{mode}: {rows[0].model if rows else ''}")
+        batch = f", batch {rows[0].batch}" if rows and mode != "optim" else ""  # (optim steps have no batch)
+        ax.set_title(f"{mode}: {rows[0].model}{batch}" if rows else mode)
         ax.set_xlabel("speedup over stock (higher is better)")
         ax.invert_yaxis()
     where = provenance["device"] if provenance["device"] != "cpu" else provenance["cpu"]

@@ -289,7 +289,8 @@ def resolved_cpu_isa_name() -> str:
     """The instruction set the C++ kernel runs here for 8-bit inputs ("no C++ extension" without it)."""
     if not _extension.loaded():
         return "no C++ extension"
-    resolved = torch.ops.tlcore._int8_cpu_resolve_isa(selected_cpu_isa())
+    isa = selected_cpu_isa()
+    resolved = _auto_isa() if isa == _CPU_ISAS["auto"] else isa
     return next(name for name, value in _CPU_ISAS.items() if value == resolved)
 
 
