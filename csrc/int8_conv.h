@@ -72,10 +72,11 @@ Int8Isa int8_resolve_isa(Int8Isa isa);
 //              lane, exact while a lane's codes sum to <= 256; in the lanes past that, bits 7 and 6 are
 //              dropped and the weights of those channels added per pixel from a list. R x S convs run as
 //              the 1x1 conv of their R S C taps' codes; R S C <= 65536
-// Grouped convs (conv_groups > 1) run kDirect only.
+// Grouped convs (conv_groups > 1) run kDirect, or kSplit where C / G and K / G are multiples of 16 and
+// C <= 32768 (on their input converted once, the tiles reading its taps as kDirect's do).
 enum class Int8Algorithm : int { kDirect = 0, kWinograd = 1, kRows = 2, kStrideTwoWinograd = 3, kSplit = 4 };
 
-bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int64_t s, int64_t stride_h,
+bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t k, int64_t c, int64_t r, int64_t s, int64_t stride_h,
                               int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa, int64_t conv_groups = 1);
 
 // The fastest supported algorithm for a conv of this shape on `isa` (resolved).

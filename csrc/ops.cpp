@@ -112,7 +112,7 @@ at::Tensor int8_conv_cpu(const at::Tensor& x, int64_t x_zero, const at::Tensor& 
                              out_zero, relu, stride, padding, dilation, out, groups);
   args.out_max = static_cast<int32_t>(out_max);
   const tlcore::Int8Algorithm chosen = checked_algorithm(algorithm);
-  TORCH_CHECK(tlcore::int8_algorithm_supported(chosen, args.c, args.r, args.s, args.stride_h, args.stride_w,
+  TORCH_CHECK(tlcore::int8_algorithm_supported(chosen, args.k, args.c, args.r, args.s, args.stride_h, args.stride_w,
                                                args.dil_h, args.dil_w, tlcore::int8_resolve_isa(wanted), groups),
               "tlcore int8 conv: algorithm ", algorithm, " cannot run this conv on this instruction set (see "
               "Int8Algorithm in csrc/int8_conv.h)");

@@ -3,9 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
 from numerics import opcheck_utils
-from test_int8_ops import (assert_bit_exact, int64_conv, isa_or_skip, make_case, needs_extension, on_device,
-                           reference, run, seven_bit)
+from test_int8_ops import (SPLIT_CODES, assert_bit_exact, int64_conv, isa_or_skip, make_case, needs_extension,
+                           on_device, reference, run, run_split, seven_bit, with_codes)
 from tlcore import _extension
 from tlcore.backend import use_backend
 from tlcore.ops import int8 as q8
@@ -69,6 +72,36 @@ def test_cpu_kernel_seven_bit_bit_exact(case, monkeypatch):
 
 
 @needs_extension
+@pytest.mark.parametrize("codes", SPLIT_CODES)
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 2), c_group=st.sampled_from([16, 32, 48, 64]), k_group=st.sampled_from([16, 32, 48]),
+       groups=st.integers(2, 4), hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+       rs=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       padding=st.tuples(st.integers(0, 1), st.integers(0, 1)), dilation=st.integers(1, 2), residual=st.booleans(),
+       relu=st.booleans(), seed=st.integers(0, 2**16), reduce_range=st.booleans())
+@example(n=2, c_group=16, k_group=32, groups=3, hw=(9, 9), rs=(3, 3), stride=(1, 1), padding=(1, 1), dilation=1,
+         residual=True, relu=True, seed=3, reduce_range=False)  # 162 output pixels: top sums chunk by chunk
+def test_cpu_split_grouped_bit_exact(codes, n, c_group, k_group, groups, hw, rs, stride, padding, dilation, residual,
+                                     relu, seed, reduce_range):
+    """Grouped convs on the split algorithm (AVX2): the padded input converted once (its pixels' listed
+    channels kept per group, one rule for the whole input, decided on its first row), each block reading
+    its own group's codes at each tap, and each output pixel's top sums gathered from its taps' lists and
+    added to its own group's outputs only. Equal to the reference for 2-4 groups of 16-64 input and 16-48
+    output channels, 1x1 to 3x3 kernels with stride, padding (x_zero's codes listed too) and dilation,
+    inputs with few, half or all codes >= 0, and 7-bit codes."""
+    (h, w), (r, s) = hw, rs
+    if h + 2 * padding[0] < dilation * (r - 1) + 1 or w + 2 * padding[1] < dilation * (s - 1) + 1:
+        return
+    case = make_case(n, c_group * groups, h, w, k_group * groups, r, s, stride, padding, dilation, residual, relu, seed,
+                     groups=groups)
+    case = with_codes(case, codes, seed)
+    if reduce_range:
+        case = dict(case, x=case["x"].clamp(max=-1), x_zero=min(case["x_zero"], -1), x_max=-1)
+    isa = q8._CPU_ISAS[isa_or_skip("avx2u7" if reduce_range else "avx2")]
+    assert torch.equal(run_split(case, isa), reference(case)), (n, c_group, k_group, groups, h, w, r, s, stride)
+
+
+@needs_extension
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512vnni", "amx"])
 @pytest.mark.parametrize("k, groups", [(96, 4), (64, 16)], ids=["wide-groups", "narrow-groups"])
 def test_cpu_kernel_batch_of_many_chunks(k, groups, isa, monkeypatch):
@@ -90,6 +123,22 @@ def test_narrow_groups_pack_only_their_own_channels(channels, isa):
     want = header + (k // 16) * 9 * words_a_group * 16 + correction
     packed = torch.ops.tlcore._int8_cpu_packed_words(k, c, 3, 3, q8._CPU_ISAS[isa_or_skip(isa)], 0, c // channels)
     assert packed == want
+
+
+@needs_extension
+def test_cpu_split_chosen_for_grouped_convs_where_measured_faster(monkeypatch):
+    """On AVX2 the split algorithm runs ResNeXt's grouped 3x3 convs of 32 or 64 channels a group (any
+    stride), and of 16 on 7-bit codes: there it measured faster than direct. Groups of 16 on 8-bit codes
+    and the narrow groups of 4 and 8 stay direct."""
+    monkeypatch.delenv(q8.ALGORITHM_ENV, raising=False)
+    avx2, avx2u7 = q8._CPU_ISAS[isa_or_skip("avx2")], q8._CPU_ISAS[isa_or_skip("avx2u7")]
+    split, direct = q8.CPU_ALGORITHMS["split"], q8.CPU_ALGORITHMS["direct"]
+
+    def choice(c_group, isa, stride=1):
+        return q8.cpu_algorithm((32 * c_group, c_group, 3, 3), [stride, stride], [1, 1], isa, groups=32)
+
+    assert [choice(32, avx2), choice(64, avx2), choice(32, avx2, stride=2), choice(16, avx2u7)] == [split] * 4
+    assert [choice(16, avx2), choice(8, avx2u7), choice(4, avx2)] == [direct] * 3
 
 
 @pytest.mark.parametrize("case", [GROUPED_CASES[i] for i in (0, 2, 3, 8)], ids=str)

@@ -564,9 +564,9 @@ def run_split(case, isa):
     """The C++ op on the split algorithm, forced (for R S > 1 the automatic choice takes it only where C % 32 == 0)."""
     last = lambda t: None if t is None else t.contiguous(memory_format=torch.channels_last)  # noqa: E731
     case = dict(case, weight=last(case["weight"]), residual=last(case["residual"]))
-    code = q8.CPU_ALGORITHMS["split"]
-    packed = torch.ops.tlcore._int8_pack_weight_cpu(case["weight"], isa, code)
-    return torch.ops.tlcore._int8_conv_cpu(*_op_args(case)[:14], packed, isa, code)
+    code, groups = q8.CPU_ALGORITHMS["split"], case.get("groups", 1)
+    packed = torch.ops.tlcore._int8_pack_weight_cpu(case["weight"], isa, code, groups)
+    return torch.ops.tlcore._int8_conv_cpu(*_op_args(case)[:14], packed, isa, code, groups)
 
 
 @needs_extension

@@ -836,9 +836,11 @@ int64_t block_rows(Layout layout, int64_t reduction_words) {
 int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout, int64_t conv_groups) {
   // The rows layout packs a (K, R, S, C) weight as the (K, R, 1, S * C) one: a tap row's (s, c) run.
   if (layout == Layout::kRowPairs) return direct_packed_words(k, s * c, r, 1, Layout::kPairs);
-  // The split layout packs it as the (K, 1, 1, R * S * C) one: an output pixel's converted row is its taps' codes.
+  // The split layout packs it as the (K, 1, 1, R * S * C / G) one: an output pixel's converted row is its
+  // taps' codes, group by group, and a block reduces over its group's.
   if (layout == Layout::kSplitQuads) {
-    return direct_packed_words(k, r * s * c, 1, 1, Layout::kQuads) + split_table_words(k, r * s * c);
+    const int64_t group_c = r * s * (c / conv_groups);
+    return direct_packed_words(k, group_c, 1, 1, Layout::kQuads) + split_table_words(k, group_c);
   }
   const int64_t blocks = (k + kTileN - 1) / kTileN;
   const int64_t correction = is_quads(layout) ? blocks * kTileN : 0;
@@ -853,10 +855,11 @@ void pack_direct_weight(const int8_t* weight, int64_t k, int64_t c, int64_t r, i
     pack_direct_weight(weight, k, s * c, r, 1, Layout::kPairs, packed);
     return write_header(packed, Layout::kRowPairs, k, c, r, s);
   }
-  if (layout == Layout::kSplitQuads) {  // as (K, 1, 1, R * S * C)
-    pack_direct_weight(weight, k, r * s * c, 1, 1, Layout::kQuads, packed);
-    pack_split_table(weight, k, r * s * c, packed + direct_packed_words(k, r * s * c, 1, 1, Layout::kQuads));
-    return write_header(packed, Layout::kSplitQuads, k, c, r, s);
+  if (layout == Layout::kSplitQuads) {  // as (K, 1, 1, R * S * C / G)
+    const int64_t group_c = r * s * (c / conv_groups);
+    pack_direct_weight(weight, k, group_c, 1, 1, Layout::kQuads, packed);
+    pack_split_table(weight, k, group_c, packed + direct_packed_words(k, group_c, 1, 1, Layout::kQuads));
+    return write_header(packed, Layout::kSplitQuads, k, c, r, s, conv_groups);
   }
   const ChannelWindows windows = channel_windows(k, c, conv_groups, layout);
   const int64_t size = group_size(layout), groups = windows.words, taps = r * s;
@@ -948,12 +951,12 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     column_words = a.stride_w * a.c / 2;
     pixel_words = groups = (a.s * a.c + 1) / 2;
     for (int64_t r = 0; r < a.r; ++r) tap_offsets.push_back(r * a.dil_h * row_words);
-  } else if (split) {  // one tap: a converted row holds an output pixel's R x S taps (convert_split_rows)
+  } else if (split && a.conv_groups == 1) {  // one tap: a converted row holds an output pixel's R x S taps
     windows = channel_windows(a.k, a.r * a.s * a.c, 1, layout);
     pixel_words = groups = windows.words;
     row_words = column_words = 0;  // no padded input
     tap_offsets.push_back(0);
-  } else {
+  } else {  // (grouped split: the taps of its converted input, convert_split_input)
     const int64_t size = group_size(layout);
     pixel_words = (a.c + size - 1) / size;
     windows = channel_windows(a.k, a.c, a.conv_groups, layout);
@@ -1014,8 +1017,13 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
   std::unique_ptr<int32_t[]> x;
   std::unique_ptr<SplitBuffers> split_input;
   const std::vector<int8_t> border(static_cast<size_t>(split ? a.c : 0), static_cast<int8_t>(a.x_zero));
+  // A grouped split conv's input, converted once; its tiles read their taps there, and its chunks hold only
+  // top sums.
+  const bool grouped_split = split && a.conv_groups > 1;
+  const SplitInput grouped_input = grouped_split ? convert_split_input(a, wp, border.data()) : SplitInput{};
   // kSplit: output pixels first .. first + count - 1 converted into `into`.
   const auto convert_split = [&](int64_t first, int64_t count, const SplitChunk& into) {
+    if (grouped_split) return grouped_split_tops(a, grouped_input, split_table, correction, first, count, into);
     convert_split_rows(a, pixel_words, border.data(), split_table, correction, first, count, into);
   };
   if (rows_layout) {
@@ -1149,7 +1157,11 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
           const int64_t slot = (tile - first_tile) * kTileM;
           if (split) {
             const SplitChunk converted = split_chunk(chunk);
-            chunk_rows(converted.words, pixel_words, m0 - chunk * kChunkRows, m0, rows, t.rows, ms + slot);
+            if (grouped_split) {
+              tile_rows(a, grouped_input.words.get() + window, hp, row_words, column_words, m0, rows, t.rows, ms + slot);
+            } else {
+              chunk_rows(converted.words, pixel_words, m0 - chunk * kChunkRows, m0, rows, t.rows, ms + slot);
+            }
             t.starts = converted.top + (m0 - chunk * kChunkRows) * t.start_stride + block * kTileN;
             split_kernel = converted.lanes[m0 - chunk * kChunkRows] ? split_tile : quads_u7_tile;
           } else if (convert_chunks) {
@@ -1212,9 +1224,17 @@ Int8Isa int8_resolve_isa(Int8Isa isa) {
   return isa;
 }
 
-bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int64_t s, int64_t stride_h,
+bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t k, int64_t c, int64_t r, int64_t s, int64_t stride_h,
                               int64_t stride_w, int64_t dil_h, int64_t dil_w, Int8Isa isa, int64_t conv_groups) {
-  if (conv_groups != 1) return algorithm == Int8Algorithm::kDirect;
+  const bool split_isa = isa == Int8Isa::kAvx2 || isa == Int8Isa::kAvx2U7;
+  if (conv_groups != 1) {
+    // Grouped split: each block of 16 output channels within one group, whose channels start on a lane of
+    // split_tile; its lists hold the input's channels as uint16, and its entries a group's in 15 bits.
+    const int64_t c_group = c / conv_groups, k_group = k / conv_groups;
+    return algorithm == Int8Algorithm::kDirect ||
+           (algorithm == Int8Algorithm::kSplit && split_isa && c_group % 16 == 0 && k_group % kTileN == 0 &&
+            c <= 32768);
+  }
   switch (algorithm) {
     case Int8Algorithm::kDirect:
       return true;
@@ -1225,7 +1245,7 @@ bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int
     case Int8Algorithm::kRows:  // pairs must start on a word: every window start, stride_w * C elements apart
       return (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2) && dil_w == 1 && (c * stride_w) % 2 == 0;
     case Int8Algorithm::kSplit:  // its lists hold (tap, channel) as uint16; each tap starts on a lane of 8 channels
-      return (isa == Int8Isa::kAvx2 || isa == Int8Isa::kAvx2U7) && (r * s == 1 || c % 8 == 0) && r * s * c <= 65536;
+      return split_isa && (r * s == 1 || c % 8 == 0) && r * s * c <= 65536;
   }
   return false;
 }
@@ -1233,8 +1253,16 @@ bool int8_algorithm_supported(Int8Algorithm algorithm, int64_t c, int64_t r, int
 Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, int64_t stride_h, int64_t stride_w,
                                   int64_t dil_h, int64_t dil_w, Int8Isa isa, int64_t conv_groups) {
   const auto supported = [&](Int8Algorithm algorithm) {
-    return int8_algorithm_supported(algorithm, c, r, s, stride_h, stride_w, dil_h, dil_w, isa, conv_groups);
+    return int8_algorithm_supported(algorithm, k, c, r, s, stride_h, stride_w, dil_h, dil_w, isa, conv_groups);
   };
+  if (conv_groups != 1) {
+    // On ResNeXt's in-model inputs (AVX2-capped AMD Zen 5, batch 8) the split algorithm ran the grouped 3x3
+    // convs of 32 and 64 channels a group in 0.47-0.88x direct's time (8-bit and 7-bit codes; stride 2 the
+    // least), and those of 16 in 0.89-0.95x on 7-bit codes but 0.96-1.15x on 8-bit ones, whose lists it
+    // gathers from 9 taps for as few products per pixel.
+    const bool split = supported(Int8Algorithm::kSplit) && ((c / conv_groups) % 32 == 0 || isa == Int8Isa::kAvx2U7);
+    return split ? Int8Algorithm::kSplit : Int8Algorithm::kDirect;
+  }
   if (supported(Int8Algorithm::kWinograd)) return Int8Algorithm::kWinograd;
   // Two quads per int16 lane plus the listed top bits (int8_split.cpp) ran ResNet-50's 1x1 convs at batch 8
   // 0.99-1.35x as fast as the int16 pairs on 8-bit codes (all but one >= 1.05x) and 1.01-1.27x as fast
@@ -1271,7 +1299,7 @@ int64_t int8_packed_weight_words(int64_t k, int64_t c, int64_t r, int64_t s, Int
     case Int8Algorithm::kWinograd: return winograd_packed_words(k, c, false);
     case Int8Algorithm::kStrideTwoWinograd: return winograd_packed_words(k, c, true);
     case Int8Algorithm::kRows: return direct_packed_words(k, c, r, s, Layout::kRowPairs);
-    case Int8Algorithm::kSplit: return direct_packed_words(k, c, r, s, Layout::kSplitQuads);
+    case Int8Algorithm::kSplit: return direct_packed_words(k, c, r, s, Layout::kSplitQuads, conv_groups);
     default: return direct_packed_words(k, c, r, s, layout_for(isa, conv_groups), conv_groups);
   }
 }
@@ -1290,8 +1318,8 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
                           Int8Algorithm algorithm, int32_t* packed, int64_t conv_groups) {
   isa = int8_resolve_isa(isa);
   check_conv_groups(c, k, conv_groups);
-  if (conv_groups != 1 && algorithm != Int8Algorithm::kDirect) {
-    throw std::invalid_argument("tlcore int8 conv: grouped convs are packed for the direct algorithm only");
+  if (conv_groups != 1 && algorithm != Int8Algorithm::kDirect && algorithm != Int8Algorithm::kSplit) {
+    throw std::invalid_argument("tlcore int8 conv: grouped convs are packed for the direct and split algorithms only");
   }
   // Stride and dilation only restrict which convs may use a packing, not the packing itself.
   const bool packable = algorithm == Int8Algorithm::kDirect ||
@@ -1299,7 +1327,7 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
                         (algorithm == Int8Algorithm::kStrideTwoWinograd && winograd_supported(c, r, s, 2, 2, 1, 1, isa)) ||
                         (algorithm == Int8Algorithm::kRows && (isa == Int8Isa::kScalar || isa == Int8Isa::kAvx2)) ||
                         (algorithm == Int8Algorithm::kSplit &&
-                         int8_algorithm_supported(algorithm, c, r, s, 1, 1, 1, 1, isa, conv_groups));
+                         int8_algorithm_supported(algorithm, k, c, r, s, 1, 1, 1, 1, isa, conv_groups));
   if (!packable) {
     throw std::invalid_argument("tlcore int8 conv: no packing of this algorithm for this weight and instruction set");
   }
@@ -1307,7 +1335,7 @@ void pack_int8_weight_cpu(const int8_t* weight, int64_t k, int64_t c, int64_t r,
     case Int8Algorithm::kWinograd: return pack_winograd_weight(weight, k, c, false, packed);
     case Int8Algorithm::kStrideTwoWinograd: return pack_winograd_weight(weight, k, c, true, packed);
     case Int8Algorithm::kRows: return pack_direct_weight(weight, k, c, r, s, Layout::kRowPairs, packed);
-    case Int8Algorithm::kSplit: return pack_direct_weight(weight, k, c, r, s, Layout::kSplitQuads, packed);
+    case Int8Algorithm::kSplit: return pack_direct_weight(weight, k, c, r, s, Layout::kSplitQuads, packed, conv_groups);
     default: return pack_direct_weight(weight, k, c, r, s, layout_for(isa, conv_groups), packed, conv_groups);
   }
 }
@@ -1321,7 +1349,7 @@ Int8Isa int8_conv2d_cpu(const Int8ConvArgs& a, Int8Isa isa) {
                                 "tlcore.ops.requantization");
   }
   const auto algorithm = static_cast<Int8Algorithm>(a.algorithm);
-  if (!int8_algorithm_supported(algorithm, a.c, a.r, a.s, a.stride_h, a.stride_w, a.dil_h, a.dil_w, isa,
+  if (!int8_algorithm_supported(algorithm, a.k, a.c, a.r, a.s, a.stride_h, a.stride_w, a.dil_h, a.dil_w, isa,
                                 a.conv_groups)) {
     throw std::invalid_argument("tlcore int8 conv: this algorithm cannot run this conv on this instruction set "
                                 "(see Int8Algorithm in csrc/int8_conv.h)");

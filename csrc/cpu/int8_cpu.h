@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -170,7 +171,8 @@ bool header_matches(const int32_t* packed, Layout layout, int64_t k, int64_t c, 
 
 // The int16 weight table of a (K, 1, 1, C) weight: C rows of K rounded up to whole blocks of 16
 // (0 past K), row c the weights of input channel c. split_table_words: its size in words. (A (K, R, S, C)
-// weight is packed as the (K, 1, 1, R S C) one.)
+// weight is packed as the (K, 1, 1, R S C) one, a grouped (K, R, S, C / G) one as (K, 1, 1, R S C / G): row c
+// then holds each output channel's weight of channel c of its own group.)
 int64_t split_table_words(int64_t k, int64_t c);
 void pack_split_table(const int8_t* weight, int64_t k, int64_t c, int32_t* table);
 
@@ -197,15 +199,37 @@ class SplitBuffers {
   std::unique_ptr<bool[]> lanes_;
 };
 
-// Output pixels first .. first + count - 1 of a conv (any kernel, stride, padding and dilation: taps in
-// the padding read x_zero; C % 8 == 0 where R S > 1) into `chunk`. border: C codes of x_zero; table:
-// split_table's, past the packed header; correction: the quads' 128 * sum(w) of every block.
+// Output pixels first .. first + count - 1 of an ungrouped conv (any kernel, stride, padding and dilation:
+// taps in the padding read x_zero; C % 8 == 0 where R S > 1) into `chunk`. border: C codes of x_zero;
+// table: split_table's, past the packed header; correction: the quads' 128 * sum(w) of every block.
 void convert_split_rows(const Int8ConvArgs& a, int64_t groups, const int8_t* border, const int16_t* table,
                         const int32_t* correction, int64_t first, int64_t count, const SplitChunk& chunk);
 
-// The split algorithm's micro-kernel on rows converted for it (SplitChunk::lanes; taps 1, starts set): per
-// int16 lane the products of two quads (vpmaddubsw twice, vpaddw), then one vpmaddwd + vpaddd: 5
-// instructions per 64 products.
+// A grouped conv's input for the split algorithm (C / G and K / G multiples of 16, C / G < 32768), converted
+// once: `words` (N, hp, wp, C / 4) quads of codes t, the padding converted from x_zero (hp = H + 2 pad_h);
+// `rows` (N hp) the channels each padded row's pixels listed, and `lanes`: split_tile's rule for all of
+// them (else the pairs', for the 7-bit quads kernel).
+struct SplitInput {
+  struct RowLists {
+    // pixel by pixel: group << 16 | channel within the group << 1 | doubled (else single)
+    std::vector<uint32_t> entries;
+    std::vector<uint32_t> starts;  // (wp + 1): where pixel x's entries start; each run ends where the next starts
+  };
+  std::unique_ptr<int32_t[]> words;
+  std::vector<RowLists> rows;
+  bool lanes = true;
+};
+SplitInput convert_split_input(const Int8ConvArgs& a, int64_t wp, const int8_t* border);
+
+// The top sums of output pixels first .. first + count - 1 of a grouped conv (SplitChunk::top and lanes;
+// its words are not used: the tiles read `input`): each tap's listed channels add their table rows (tap *
+// C / G + the channel within the group) to their group's K / G values.
+void grouped_split_tops(const Int8ConvArgs& a, const SplitInput& input, const int16_t* table,
+                        const int32_t* correction, int64_t first, int64_t count, const SplitChunk& chunk);
+
+// The split algorithm's micro-kernel on rows converted for it (SplitChunk::lanes, SplitInput::lanes; starts
+// set; `groups` even where taps > 1): per int16 lane the products of two quads (vpmaddubsw twice, vpaddw),
+// then one vpmaddwd + vpaddd: 5 instructions per 64 products.
 void split_tile(const Tile& t, int32_t (*acc)[kTileN]);
 
 // ---- AMX (int8_amx.cpp) ----

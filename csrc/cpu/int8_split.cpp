@@ -2,6 +2,13 @@
 // in fewer instructions per product than torch.ao's 7-bit kernel; described below for a 1x1 conv. A
 // conv with R x S taps runs as the 1x1 conv of R S C channels whose input pixel is an output pixel's
 // taps (convert_taps: an im2col row, converted as it is gathered; the weights packed as (K, 1, 1, R S C)).
+// A grouped conv (C / G and K / G multiples of 16: ResNeXt's wider stages) instead converts its padded
+// input once (convert_split_input: the codes, and per pixel and group the listed channels), and its tiles
+// read the taps of each block's own group there, as the direct algorithm's do (split_tile over taps): an
+// im2col row would convert each code once per tap, which took half of a stride-1 3x3 conv's time. Each
+// output pixel's top sums gather its taps' lists per group (grouped_split_tops) and add their table rows
+// to that group's K / G channels only; the weights are packed as (K, 1, 1, R S C / G), which is the
+// direct layout of the group's window.
 //
 // AVX2's exact int16 pairs (vpmaddwd + vpaddd, int8_conv.cpp) take 4 instructions per 32
 // products; vpmaddubsw + vpmaddwd + vpaddd (torch.ao's reduce_range kernel, tile_avx2u7) take 3.
@@ -184,29 +191,64 @@ __attribute__((target("avx2"), always_inline)) inline __m256i lanes_past_bound(_
   return _mm256_cmpgt_epi16(lane_sums, _mm256_set1_epi16(kSafeLaneSum));
 }
 
-// split_tile's rule: codes t of one pixel's C channels into dst (C bytes), the channels that dropped
-// bit 7 listed doubled and those that dropped bit 6 single (units of 64), numbered from first_channel
-// (a tap's place in the row of a conv with several).
-__attribute__((target("avx2"), always_inline)) inline void convert_lanes(const int8_t* __restrict src,
+// split_tile's rule on 32 codes x, channels first .. first + 31: returns the codes t to store; lists the
+// channels that dropped bit 7 doubled and those that dropped bit 6 single (units of 64).
+__attribute__((target("avx2"), always_inline)) inline __m256i lanes_rule(__m256i x, int64_t first, Listed& listed) {
+  __m256i t = _mm256_xor_si256(x, _mm256_set1_epi8(-128));  // u = x + 128
+  __m256i unsafe = lanes_past_bound(t);
+  if (_mm256_testz_si256(unsafe, unsafe)) return t;
+  // drop bit 7, then bit 6 where that is not enough
+  const __m256i top7 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(-128)));
+  t = _mm256_xor_si256(t, top7);
+  unsafe = lanes_past_bound(t);
+  const __m256i top6 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(64)));
+  t = _mm256_xor_si256(t, top6);
+  const uint32_t bits7 = static_cast<uint32_t>(_mm256_movemask_epi8(top7));
+  const uint32_t bits6 = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_add_epi8(top6, top6)));
+  listed.doubled_count = list_set_channels(bits7, first, listed.doubled, listed.doubled_count);
+  listed.single_count = list_set_channels(bits6, first, listed.single, listed.single_count);
+  return t;
+}
+
+// The pairs' rule (tile_avx2u7) on 32 codes x, channels first .. first + 31: vpmaddubsw's pair
+// u0 w0 + u1 w1 is exact while u0 + u1 <= 256, so codes t keep u where the pair is safe and drop bit 7
+// where not; those channels are listed single, in units of 128. It lists far fewer than split_tile's
+// rule where most lanes are past the bound.
+__attribute__((target("avx2"), always_inline)) inline __m256i pairs_rule(__m256i x, int64_t first, Listed& listed) {
+  const __m256i u = _mm256_xor_si256(x, _mm256_set1_epi8(-128));
+  const __m256i pair_sums = _mm256_maddubs_epi16(u, _mm256_set1_epi8(1));
+  const __m256i unsafe = _mm256_cmpgt_epi16(pair_sums, _mm256_set1_epi16(kSafeLaneSum));
+  const __m256i top = _mm256_and_si256(unsafe, _mm256_and_si256(u, _mm256_set1_epi8(-128)));
+  const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(top));
+  if (bits != 0) listed.single_count = list_set_channels(bits, first, listed.single, listed.single_count);
+  return _mm256_xor_si256(u, top);
+}
+
+// One pixel's C codes into dst (C bytes) by split_tile's rule (LANES) or the pairs', numbered from
+// first_channel (a tap's place in the row of a conv with several). Each list comes out in runs of 8
+// channels in increasing order.
+template <bool LANES>
+__attribute__((target("avx2"), always_inline)) inline void convert_codes(const int8_t* __restrict src,
                                                                          uint8_t* __restrict dst, int64_t c,
                                                                          int64_t first_channel, Listed& listed) {
   int64_t ch = 0;
   for (; ch + 32 <= c; ch += 32) {
-    __m256i t = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch)),
-                                 _mm256_set1_epi8(-128));  // u = x + 128
-    __m256i unsafe = lanes_past_bound(t);
-    if (!_mm256_testz_si256(unsafe, unsafe)) {  // drop bit 7, then bit 6 where that is not enough
-      const __m256i top7 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(-128)));
-      t = _mm256_xor_si256(t, top7);
-      unsafe = lanes_past_bound(t);
-      const __m256i top6 = _mm256_and_si256(unsafe, _mm256_and_si256(t, _mm256_set1_epi8(64)));
-      t = _mm256_xor_si256(t, top6);
-      const uint32_t bits7 = static_cast<uint32_t>(_mm256_movemask_epi8(top7));
-      const uint32_t bits6 = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_add_epi8(top6, top6)));
-      listed.doubled_count = list_set_channels(bits7, first_channel + ch, listed.doubled, listed.doubled_count);
-      listed.single_count = list_set_channels(bits6, first_channel + ch, listed.single, listed.single_count);
-    }
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch));
+    const __m256i t = LANES ? lanes_rule(x, first_channel + ch, listed) : pairs_rule(x, first_channel + ch, listed);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), t);
+  }
+  if (!LANES) {
+    for (; ch < c; ch += 2) {  // the tail's pairs
+      const int u0 = src[ch] + 128, u1 = ch + 1 < c ? src[ch + 1] + 128 : 0;
+      const bool unsafe = u0 + u1 > kSafeLaneSum;
+      for (int j = 0; j < 2 && ch + j < c; ++j) {
+        const int u = j == 0 ? u0 : u1;
+        const bool dropped = unsafe && u >= 128;
+        dst[ch + j] = static_cast<uint8_t>(dropped ? u - 128 : u);
+        if (dropped) listed.single[listed.single_count++] = static_cast<uint16_t>(first_channel + ch + j);
+      }
+    }
+    return;
   }
   for (; ch < c; ch += 8) {  // the tail's lanes; past C, the quads' padding holds 0
     for (const auto& lane : kLaneChannels) {
@@ -232,56 +274,43 @@ __attribute__((target("avx2"), always_inline)) inline void convert_lanes(const i
   }
 }
 
-// The pairs' rule (tile_avx2u7): vpmaddubsw's pair u0 w0 + u1 w1 is exact while u0 + u1 <= 256, so
-// codes t keep u where the pair is safe and drop bit 7 where not; those channels are listed single, in
-// units of 128. It lists far fewer than split_tile's rule where most lanes are past the bound.
-__attribute__((target("avx2"), always_inline)) inline void convert_pairs(const int8_t* __restrict src,
-                                                                         uint8_t* __restrict dst, int64_t c,
-                                                                         int64_t first_channel, Listed& listed) {
-  int64_t ch = 0;
-  int64_t& listed_count = listed.single_count;
-  uint16_t* __restrict single = listed.single;
-  for (; ch + 32 <= c; ch += 32) {
-    const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + ch)),
-                                       _mm256_set1_epi8(-128));
-    const __m256i pair_sums = _mm256_maddubs_epi16(u, _mm256_set1_epi8(1));
-    const __m256i unsafe = _mm256_cmpgt_epi16(pair_sums, _mm256_set1_epi16(kSafeLaneSum));
-    const __m256i top = _mm256_and_si256(unsafe, _mm256_and_si256(u, _mm256_set1_epi8(-128)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch), _mm256_xor_si256(u, top));
-    const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(top));
-    if (bits != 0) listed_count = list_set_channels(bits, first_channel + ch, single, listed_count);
-  }
-  for (; ch < c; ch += 2) {  // the tail's pairs
-    const int u0 = src[ch] + 128, u1 = ch + 1 < c ? src[ch + 1] + 128 : 0;
-    const bool unsafe = u0 + u1 > kSafeLaneSum;
-    for (int j = 0; j < 2 && ch + j < c; ++j) {
-      const int u = j == 0 ? u0 : u1;
-      const bool dropped = unsafe && u >= 128;
-      dst[ch + j] = static_cast<uint8_t>(dropped ? u - 128 : u);
-      if (dropped) single[listed_count++] = static_cast<uint16_t>(first_channel + ch + j);
-    }
-  }
-}
-
 // One output pixel's row: the codes of its R x S taps in the weight's (R, S, C) order, tap (i, j) from
 // input pixel (iy + i dil_h, ix + j dil_w) of image n, or from `border` (C codes of x_zero) outside
-// the image; by split_tile's rule (lanes) or the pairs'. C is a multiple of 8 where R S > 1, so every
+// the image; by split_tile's rule (LANES) or the pairs'. C is a multiple of 8 where R S > 1, so every
 // tap starts on a lane of split_tile.
-__attribute__((target("avx2"), always_inline)) inline void convert_taps(const Int8ConvArgs& a, int64_t n, int64_t iy,
-                                                                        int64_t ix, const int8_t* border, bool lanes,
-                                                                        uint8_t* dst, Listed& listed) {
-  const int64_t c = a.c;
+template <bool LANES>
+__attribute__((target("avx2"))) void convert_taps(const Int8ConvArgs& a, int64_t n, int64_t iy, int64_t ix,
+                                                  const int8_t* border, uint8_t* dst, Listed& listed) {
+  const int64_t c = a.c;  // a local: byte stores may alias a's fields
   for (int64_t i = 0, tap = 0; i < a.r; ++i) {
     for (int64_t j = 0; j < a.s; ++j, ++tap) {
       const int64_t y = iy + i * a.dil_h, x = ix + j * a.dil_w;
       const bool inside = y >= 0 && y < a.h && x >= 0 && x < a.w;
-      const int8_t* src = inside ? a.x + ((n * a.h + y) * a.w + x) * c : border;
-      if (lanes) {
-        convert_lanes(src, dst + tap * c, c, tap * c, listed);
-      } else {
-        convert_pairs(src, dst + tap * c, c, tap * c, listed);
-      }
+      convert_codes<LANES>(inside ? a.x + ((n * a.h + y) * a.w + x) * c : border, dst + tap * c, c, tap * c, listed);
     }
+  }
+}
+
+// top[0 .. columns) for `listed` (sum_rows), 8 registers (128 channels) at a time, then the rest in one pass.
+__attribute__((target("avx2"))) void sum_columns(const int16_t* table, int64_t width, const Listed& listed,
+                                                 int unit_shift, const int32_t* correction, int32_t* top,
+                                                 int64_t columns) {
+  int64_t v = 0;
+  for (; v + 8 <= columns / 16; v += 8) {
+    sum_rows<8>(table + 16 * v, width, listed, unit_shift, correction + 16 * v, top + 16 * v);
+  }
+  table += 16 * v;
+  correction += 16 * v;
+  top += 16 * v;
+  switch (columns / 16 - v) {
+    case 1: return sum_rows<1>(table, width, listed, unit_shift, correction, top);
+    case 2: return sum_rows<2>(table, width, listed, unit_shift, correction, top);
+    case 3: return sum_rows<3>(table, width, listed, unit_shift, correction, top);
+    case 4: return sum_rows<4>(table, width, listed, unit_shift, correction, top);
+    case 5: return sum_rows<5>(table, width, listed, unit_shift, correction, top);
+    case 6: return sum_rows<6>(table, width, listed, unit_shift, correction, top);
+    case 7: return sum_rows<7>(table, width, listed, unit_shift, correction, top);
+    default: return;
   }
 }
 
@@ -290,7 +319,6 @@ __attribute__((target("avx2"), always_inline)) inline void convert_taps(const In
 __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, int64_t groups, const int8_t* border,
                                                         const int16_t* table, const int32_t* correction,
                                                         int64_t first, int64_t count, const SplitChunk& chunk) {
-  // Locals and __restrict: byte stores may alias anything, which would reload a's fields per byte.
   const int64_t row_c = a.r * a.s * a.c, bytes = 4 * groups, width = blocks_of(a.k) * kTileN;
   // Each (tap, channel) is in each list at most once; list_set_channels writes 8 at a time.
   std::vector<uint16_t> channels(static_cast<size_t>(2 * (row_c + 8)));
@@ -298,36 +326,120 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
   int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t iy = y * a.stride_h - a.pad_h, ix = col * a.stride_w - a.pad_w;
-    uint8_t* __restrict dst = reinterpret_cast<uint8_t*>(chunk.words + i * groups);
+    uint8_t* dst = reinterpret_cast<uint8_t*>(chunk.words + i * groups);
     Listed listed{channels.data(), channels.data() + row_c + 8};
-    convert_taps(a, n, iy, ix, border, lanes, dst, listed);
+    (lanes ? convert_taps<true> : convert_taps<false>)(a, n, iy, ix, border, dst, listed);
     if (i == 0 && lanes && listed.units() * kDenseCodesPerUnit > row_c) {  // a dense input: pairs for these rows
       lanes = false;
       listed = Listed{channels.data(), channels.data() + row_c + 8};
-      convert_taps(a, n, iy, ix, border, false, dst, listed);
+      convert_taps<false>(a, n, iy, ix, border, dst, listed);
     }
-    for (int64_t ch = row_c; ch < bytes; ++ch) dst[ch] = 0;
-    // The sums for 8 registers (128 channels) at a time, then the rest in one pass.
-    const int unit_shift = lanes ? kLanesUnitShift : kPairsUnitShift;
-    int32_t* top = chunk.top + i * width;
-    int64_t v = 0;
-    for (; v + 8 <= width / 16; v += 8) {
-      sum_rows<8>(table + 16 * v, width, listed, unit_shift, correction + 16 * v, top + 16 * v);
-    }
-    const int16_t* rest = table + 16 * v;
-    const int32_t* rest_correction = correction + 16 * v;
-    top += 16 * v;
-    switch (width / 16 - v) {
-      case 1: sum_rows<1>(rest, width, listed, unit_shift, rest_correction, top); break;
-      case 2: sum_rows<2>(rest, width, listed, unit_shift, rest_correction, top); break;
-      case 3: sum_rows<3>(rest, width, listed, unit_shift, rest_correction, top); break;
-      case 4: sum_rows<4>(rest, width, listed, unit_shift, rest_correction, top); break;
-      case 5: sum_rows<5>(rest, width, listed, unit_shift, rest_correction, top); break;
-      case 6: sum_rows<6>(rest, width, listed, unit_shift, rest_correction, top); break;
-      case 7: sum_rows<7>(rest, width, listed, unit_shift, rest_correction, top); break;
-      default: break;
-    }
+    std::fill(dst + row_c, dst + bytes, 0);
+    sum_columns(table, width, listed, lanes ? kLanesUnitShift : kPairsUnitShift, correction, chunk.top + i * width,
+                width);
     chunk.lanes[i] = lanes;
+    if (++col == a.ow) {
+      col = 0;
+      if (++y == a.oh) y = 0, ++n;
+    }
+  }
+}
+
+// ---- Grouped convs: the input converted once ----
+
+namespace {
+
+// One padded pixel's codes into dst and its listed channels onto `lists` (SplitInput::RowLists) as entries
+// (group << 16 | channel within the group << 1 | doubled). scratch: room for 2 (C + 8) channels.
+template <bool LANES>
+__attribute__((target("avx2"))) void convert_input_pixel(const int8_t* src, int64_t c, int64_t c_group, uint8_t* dst,
+                                                         uint16_t* scratch, SplitInput::RowLists& lists) {
+  Listed listed{scratch, scratch + c + 8};
+  convert_codes<LANES>(src, dst, c, 0, listed);
+  const auto entry = [c_group](uint16_t channel, uint32_t doubled) {
+    return static_cast<uint32_t>(channel / c_group) << 16 | static_cast<uint32_t>(channel % c_group) << 1 | doubled;
+  };
+  for (int64_t d = 0; d < listed.doubled_count; ++d) lists.entries.push_back(entry(listed.doubled[d], 1));
+  for (int64_t e = 0; e < listed.single_count; ++e) lists.entries.push_back(entry(listed.single[e], 0));
+  lists.starts.push_back(static_cast<uint32_t>(lists.entries.size()));
+}
+
+template <bool LANES>
+__attribute__((target("avx2"))) void convert_input_row(const Int8ConvArgs& a, int64_t wp, const int8_t* border,
+                                                       int64_t row, uint8_t* dst, uint16_t* scratch,
+                                                       SplitInput::RowLists& lists) {
+  const int64_t hp = a.h + 2 * a.pad_h, n = row / hp, y = row % hp - a.pad_h, c_group = a.c / a.conv_groups;
+  lists.entries.clear();
+  lists.starts.assign(1, 0);
+  for (int64_t x = 0; x < wp; ++x) {
+    const bool inside = y >= 0 && y < a.h && x >= a.pad_w && x < a.pad_w + a.w;
+    const int8_t* src = inside ? a.x + ((n * a.h + y) * a.w + x - a.pad_w) * a.c : border;
+    convert_input_pixel<LANES>(src, a.c, c_group, dst + x * a.c, scratch, lists);
+  }
+}
+
+}  // namespace
+
+SplitInput convert_split_input(const Int8ConvArgs& a, int64_t wp, const int8_t* border) {
+  const int64_t hp = a.h + 2 * a.pad_h, rows = a.n * hp;
+  SplitInput input{std::unique_ptr<int32_t[]>(new int32_t[static_cast<size_t>(rows * wp * a.c / 4)]),
+                   std::vector<SplitInput::RowLists>(static_cast<size_t>(rows)), true};
+  uint8_t* codes = reinterpret_cast<uint8_t*>(input.words.get());
+  // The rule, decided on the first image row (dense rows list more than one unit per kDenseCodesPerUnit
+  // codes under split_tile's): every tile reads taps of several rows, so all must take the same one.
+  {
+    std::vector<uint16_t> scratch(static_cast<size_t>(2 * (a.c + 8)));
+    SplitInput::RowLists& first = input.rows[a.pad_h];
+    convert_input_row<true>(a, wp, border, a.pad_h, codes + a.pad_h * wp * a.c, scratch.data(), first);
+    int64_t units = 0;
+    for (const uint32_t entry : first.entries) units += 1 + (entry & 1);
+    input.lanes = units * kDenseCodesPerUnit <= wp * a.c;
+  }
+  parallel_tasks(rows, [&](ClaimedTasks& tasks) {
+    std::vector<uint16_t> scratch(static_cast<size_t>(2 * (a.c + 8)));
+    for (int64_t row; tasks.next(row);) {
+      (input.lanes ? convert_input_row<true> : convert_input_row<false>)(a, wp, border, row, codes + row * wp * a.c,
+                                                                         scratch.data(), input.rows[row]);
+    }
+  });
+  return input;
+}
+
+__attribute__((target("avx2"))) void grouped_split_tops(const Int8ConvArgs& a, const SplitInput& input,
+                                                        const int16_t* table, const int32_t* correction,
+                                                        int64_t first, int64_t count, const SplitChunk& chunk) {
+  const int64_t hp = a.h + 2 * a.pad_h, width = blocks_of(a.k) * kTileN;
+  const int64_t c_group = a.c / a.conv_groups, k_group = a.k / a.conv_groups;
+  const int unit_shift = input.lanes ? kLanesUnitShift : kPairsUnitShift;
+  int64_t n = first / (a.oh * a.ow), y = (first / a.ow) % a.oh, col = first % a.ow;
+  for (int64_t i = 0; i < count; ++i) {
+    int32_t* top = chunk.top + i * width;
+    for (int64_t k = 0; k < width; k += 8) {
+      const __m256i from = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(correction + k));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(top + k), _mm256_sub_epi32(_mm256_setzero_si256(), from));
+    }
+    // Each tap's listed channels add their table rows (tap * C / G + the channel within the group) to their
+    // group's K / G values, in int32 (wrapping, like the accumulators they start).
+    for (int64_t r = 0, tap = 0; r < a.r; ++r) {
+      const SplitInput::RowLists& lists = input.rows[n * hp + y * a.stride_h + r * a.dil_h];
+      for (int64_t s = 0; s < a.s; ++s, ++tap) {
+        const int64_t x = col * a.stride_w + s * a.dil_w;
+        for (uint32_t e = lists.starts[x]; e < lists.starts[x + 1]; ++e) {
+          const uint32_t entry = lists.entries[e];
+          const int64_t g = entry >> 16, channel = entry >> 1 & 0x7fff;
+          const int16_t* values = table + (tap * c_group + channel) * width + g * k_group;
+          int32_t* dst = top + g * k_group;
+          const __m128i shift = _mm_cvtsi32_si128(unit_shift + static_cast<int>(entry & 1));
+          for (int64_t k = 0; k < k_group; k += 8) {
+            const __m256i products = _mm256_sll_epi32(
+                _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + k))), shift);
+            const __m256i sum = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + k)), products);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), sum);
+          }
+        }
+      }
+    }
+    chunk.lanes[i] = input.lanes;
     if (++col == a.ow) {
       col = 0;
       if (++y == a.oh) y = 0, ++n;
@@ -349,28 +461,31 @@ __attribute__((target("avx2"))) void split_register(const Tile& t, int32_t (*acc
   }
   const __m256i ones = _mm256_set1_epi16(1);
   const int32_t* b = t.weight + 8 * REG;
-  const int64_t offset = t.tap_offsets[0];
-  int64_t g = 0;
-  for (; g + 2 <= t.groups; g += 2, b += 2 * kTileN) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kTileN));
-    if (REG == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchGroups * kTileN), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + (kPrefetchGroups + 1) * kTileN), _MM_HINT_T0);
-    }
+  for (int64_t tap = 0; tap < t.taps; ++tap) {
+    const int64_t offset = t.tap_offsets[tap];
+    int64_t g = 0;
+    for (; g + 2 <= t.groups; g += 2, b += 2 * kTileN) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kTileN));
+      if (REG == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchGroups * kTileN), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + (kPrefetchGroups + 1) * kTileN), _MM_HINT_T0);
+      }
 #pragma GCC unroll 6
-    for (int i = 0; i < M; ++i) {
-      const __m256i lanes = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi32(t.rows[i][offset + g]), w0),
-                                             _mm256_maddubs_epi16(_mm256_set1_epi32(t.rows[i][offset + g + 1]), w1));
-      sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(lanes, ones));
+      for (int i = 0; i < M; ++i) {
+        const __m256i lanes = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi32(t.rows[i][offset + g]), w0),
+                                               _mm256_maddubs_epi16(_mm256_set1_epi32(t.rows[i][offset + g + 1]), w1));
+        sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(lanes, ones));
+      }
     }
-  }
-  if (g < t.groups) {  // an odd last quad, alone
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    if (g < t.groups) {  // an odd last quad, alone (a conv of one tap)
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
 #pragma GCC unroll 6
-    for (int i = 0; i < M; ++i) {
-      const __m256i lanes = _mm256_maddubs_epi16(_mm256_set1_epi32(t.rows[i][offset + g]), w0);
-      sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(lanes, ones));
+      for (int i = 0; i < M; ++i) {
+        const __m256i lanes = _mm256_maddubs_epi16(_mm256_set1_epi32(t.rows[i][offset + g]), w0);
+        sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(lanes, ones));
+      }
+      b += kTileN;
     }
   }
 #pragma GCC unroll 6
@@ -403,6 +518,13 @@ void convert_split_rows(const Int8ConvArgs&, int64_t, const int8_t*, const int16
   throw std::logic_error("tlcore int8 conv: the split algorithm needs AVX2");
 }
 void split_tile(const Tile&, int32_t (*)[kTileN]) {
+  throw std::logic_error("tlcore int8 conv: the split algorithm needs AVX2");
+}
+SplitInput convert_split_input(const Int8ConvArgs&, int64_t, const int8_t*) {
+  throw std::logic_error("tlcore int8 conv: the split algorithm needs AVX2");
+}
+void grouped_split_tops(const Int8ConvArgs&, const SplitInput&, const int16_t*, const int32_t*, int64_t, int64_t,
+                        const SplitChunk&) {
   throw std::logic_error("tlcore int8 conv: the split algorithm needs AVX2");
 }
 #endif  // TLCORE_X86
