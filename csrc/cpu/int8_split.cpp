@@ -279,8 +279,9 @@ __attribute__((target("avx2"), always_inline)) inline void convert_codes(const i
 // the image; by split_tile's rule (LANES) or the pairs'. C is a multiple of 8 where R S > 1, so every
 // tap starts on a lane of split_tile.
 template <bool LANES>
-__attribute__((target("avx2"))) void convert_taps(const Int8ConvArgs& a, int64_t n, int64_t iy, int64_t ix,
-                                                  const int8_t* border, uint8_t* dst, Listed& listed) {
+__attribute__((target("avx2"), always_inline)) inline void convert_taps(const Int8ConvArgs& a, int64_t n, int64_t iy,
+                                                                        int64_t ix, const int8_t* border, uint8_t* dst,
+                                                                        Listed& listed) {
   const int64_t c = a.c;  // a local: byte stores may alias a's fields
   for (int64_t i = 0, tap = 0; i < a.r; ++i) {
     for (int64_t j = 0; j < a.s; ++j, ++tap) {
@@ -292,9 +293,10 @@ __attribute__((target("avx2"))) void convert_taps(const Int8ConvArgs& a, int64_t
 }
 
 // top[0 .. columns) for `listed` (sum_rows), 8 registers (128 channels) at a time, then the rest in one pass.
-__attribute__((target("avx2"))) void sum_columns(const int16_t* table, int64_t width, const Listed& listed,
-                                                 int unit_shift, const int32_t* correction, int32_t* top,
-                                                 int64_t columns) {
+__attribute__((target("avx2"), always_inline)) inline void sum_columns(const int16_t* table, int64_t width,
+                                                                       const Listed& listed, int unit_shift,
+                                                                       const int32_t* correction, int32_t* top,
+                                                                       int64_t columns) {
   int64_t v = 0;
   for (; v + 8 <= columns / 16; v += 8) {
     sum_rows<8>(table + 16 * v, width, listed, unit_shift, correction + 16 * v, top + 16 * v);
@@ -328,7 +330,11 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
     const int64_t iy = y * a.stride_h - a.pad_h, ix = col * a.stride_w - a.pad_w;
     uint8_t* dst = reinterpret_cast<uint8_t*>(chunk.words + i * groups);
     Listed listed{channels.data(), channels.data() + row_c + 8};
-    (lanes ? convert_taps<true> : convert_taps<false>)(a, n, iy, ix, border, dst, listed);
+    if (lanes) {
+      convert_taps<true>(a, n, iy, ix, border, dst, listed);
+    } else {
+      convert_taps<false>(a, n, iy, ix, border, dst, listed);
+    }
     if (i == 0 && lanes && listed.units() * kDenseCodesPerUnit > row_c) {  // a dense input: pairs for these rows
       lanes = false;
       listed = Listed{channels.data(), channels.data() + row_c + 8};
