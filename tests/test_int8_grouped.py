@@ -23,6 +23,7 @@ GROUPED_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation, groups
     (2, 64, 7, 9, 64, 3, 3, 2, 1, 1, 8),      # 8 channels a group (ResNeXt-50's second stage), strided
     (1, 48, 5, 7, 48, 1, 1, 1, 0, 1, 6),      # 8 channels a group, pointwise
     (1, 160, 4, 5, 160, 3, 3, 1, 1, 1, 4),    # 40 a group: a tile of 64 columns from 64 on spans 3 groups
+    (1, 64, 6, 5, 64, 3, 3, 1, 1, 1, 2),      # 32 a group: the split codes on AVX2
 ]
 GROUPED_IDS = ["x".join(map(str, c[:7])) + f"-g{c[10]}" for c in GROUPED_CASES]
 
@@ -77,20 +78,24 @@ def test_cpu_kernel_seven_bit_bit_exact(case, monkeypatch):
 @given(n=st.integers(1, 2), c_group=st.sampled_from([16, 32, 48, 64]), k_group=st.sampled_from([16, 32, 48]),
        groups=st.integers(2, 4), hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
        rs=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-       padding=st.tuples(st.integers(0, 1), st.integers(0, 1)), dilation=st.integers(1, 2), residual=st.booleans(),
-       relu=st.booleans(), seed=st.integers(0, 2**16), reduce_range=st.booleans())
-@example(n=2, c_group=16, k_group=32, groups=3, hw=(9, 9), rs=(3, 3), stride=(1, 1), padding=(1, 1), dilation=1,
-         residual=True, relu=True, seed=3, reduce_range=False)  # 162 output pixels: top sums chunk by chunk
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       residual=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16), reduce_range=st.booleans())
+@example(n=2, c_group=16, k_group=32, groups=3, hw=(9, 9), rs=(3, 3), stride=(1, 1), padding=(1, 1),
+         dilation=(1, 1), residual=True, relu=True, seed=3, reduce_range=False)  # 162 output pixels: top sums chunk by chunk
+@example(n=1, c_group=32, k_group=32, groups=32, hw=(7, 7), rs=(3, 3), stride=(1, 1), padding=(1, 1),
+         dilation=(1, 1), residual=True, relu=True, seed=4, reduce_range=False)  # ResNeXt-50's layer4 at batch 1:
+# weights past the kernel's L2 budget and 2 chunks, so every output pixel's top sums come first
 def test_cpu_split_grouped_bit_exact(codes, n, c_group, k_group, groups, hw, rs, stride, padding, dilation, residual,
                                      relu, seed, reduce_range):
     """Grouped convs on the split algorithm (AVX2): the padded input converted once (its pixels' listed
     channels kept per group, one rule for the whole input, decided on its first row), each block reading
     its own group's codes at each tap, and each output pixel's top sums gathered from its taps' lists and
     added to its own group's outputs only. Equal to the reference for 2-4 groups of 16-64 input and 16-48
-    output channels, 1x1 to 3x3 kernels with stride, padding (x_zero's codes listed too) and dilation,
-    inputs with few, half or all codes >= 0, and 7-bit codes."""
+    output channels, 1x1 to 3x3 kernels with stride, padding (x_zero's codes listed too) and dilation (each
+    its own along height and width), inputs with few, half or all codes >= 0, and 7-bit codes; and ResNeXt-50's
+    layer4 at batch 1, whose top sums are made for all output pixels first."""
     (h, w), (r, s) = hw, rs
-    if h + 2 * padding[0] < dilation * (r - 1) + 1 or w + 2 * padding[1] < dilation * (s - 1) + 1:
+    if h + 2 * padding[0] < dilation[0] * (r - 1) + 1 or w + 2 * padding[1] < dilation[1] * (s - 1) + 1:
         return
     case = make_case(n, c_group * groups, h, w, k_group * groups, r, s, stride, padding, dilation, residual, relu, seed,
                      groups=groups)
@@ -123,6 +128,33 @@ def test_narrow_groups_pack_only_their_own_channels(channels, isa):
     want = header + (k // 16) * 9 * words_a_group * 16 + correction
     packed = torch.ops.tlcore._int8_cpu_packed_words(k, c, 3, 3, q8._CPU_ISAS[isa_or_skip(isa)], 0, c // channels)
     assert packed == want
+
+
+@needs_extension
+@pytest.mark.parametrize("first_rows", ["sparse", "dense"])
+def test_cpu_split_grouped_one_rule_for_mixed_rows(first_rows, monkeypatch):
+    """A grouped conv's input takes one rule, chosen on its first image row: sparse first rows (post-ReLU-like
+    codes) keep the lanes of 4 for the dense rest too, which then lists most channels, and dense first rows
+    put the sparse rest on vpmaddubsw's pairs. Exact either way."""
+    isa = q8._CPU_ISAS[isa_or_skip("avx2")]
+    case = make_case(2, 64, 9, 8, 64, 3, 3, padding=1, residual=True, relu=True, seed=9, groups=2)
+    g = torch.Generator().manual_seed(9)
+    dense = SPLIT_CODES["uniform"](g, case["x"].shape)
+    sparse = (torch.randn(case["x"].shape, generator=g).abs() * 40).round().clamp(max=255) - 128
+    top = torch.arange(9).view(1, 1, 9, 1) < 4
+    x = torch.where(top, sparse, dense) if first_rows == "sparse" else torch.where(top, dense, sparse)
+    case = dict(case, x=x.to(torch.int8).contiguous(memory_format=torch.channels_last))
+    assert torch.equal(run_split(case, isa), reference(case))
+
+
+@needs_extension
+@pytest.mark.parametrize("c_group, k_group", [(24, 32), (32, 24), (8, 32)])
+def test_cpu_split_refuses_groups_off_its_lanes(c_group, k_group):
+    """The split needs each group's input channels in runs of 16 codes and its outputs in whole blocks of 16;
+    other grouped convs are refused, not run wrong."""
+    weight = torch.zeros(4 * k_group, c_group, 3, 3, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="no packing of this algorithm"):
+        torch.ops.tlcore._int8_pack_weight_cpu(weight, q8._CPU_ISAS[isa_or_skip("avx2")], q8.CPU_ALGORITHMS["split"], 4)
 
 
 @needs_extension

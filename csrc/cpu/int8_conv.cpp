@@ -836,8 +836,9 @@ int64_t block_rows(Layout layout, int64_t reduction_words) {
 int64_t direct_packed_words(int64_t k, int64_t c, int64_t r, int64_t s, Layout layout, int64_t conv_groups) {
   // The rows layout packs a (K, R, S, C) weight as the (K, R, 1, S * C) one: a tap row's (s, c) run.
   if (layout == Layout::kRowPairs) return direct_packed_words(k, s * c, r, 1, Layout::kPairs);
-  // The split layout packs it as the (K, 1, 1, R * S * C / G) one: an output pixel's converted row is its
-  // taps' codes, group by group, and a block reduces over its group's.
+  // The split layout packs it as the (K, 1, 1, R * S * C / G) one: an ungrouped conv's converted row is an
+  // output pixel's taps' codes; a grouped conv's blocks read their group's codes at each tap of the converted
+  // input, in the same order.
   if (layout == Layout::kSplitQuads) {
     const int64_t group_c = r * s * (c / conv_groups);
     return direct_packed_words(k, group_c, 1, 1, Layout::kQuads) + split_table_words(k, group_c);
@@ -1005,7 +1006,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
   const bool weights_fit_l2 = blocks * block_words * static_cast<int64_t>(sizeof(int32_t)) <= kL2Bytes;
   // kSplit converts as a pointwise conv does (with its padding and taps, if any): the tasks' own chunks,
   // or the whole input first (then R S C bytes per output pixel, an im2col copy, and its top sums 4 bytes
-  // per output value).
+  // per output value; a grouped conv's chunks hold only top sums, its input converted once).
   const bool converts_rows = pointwise || split;
   const bool rows_outer = weights_fit_l2 || (converts_rows && chunks >= 4 * at::get_num_threads());
   const bool convert_chunks = converts_rows && rows_outer;
@@ -1030,7 +1031,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     x = pad_input_rows(a, hp, wp, row_words);
   } else if (split && !convert_chunks) {
     // A task per tile's rows, not per chunk: at batch 1 a 7x7 conv has one chunk of 48 rows and one of 1.
-    split_input = std::make_unique<SplitBuffers>(m_total, pixel_words, blocks);
+    split_input = std::make_unique<SplitBuffers>(m_total, grouped_split ? 0 : pixel_words, blocks);
     parallel_tasks(tiles, [&](ClaimedTasks& tasks) {
       for (int64_t tile; tasks.next(tile);) {
         const int64_t first = tile * kTileM;
@@ -1125,7 +1126,7 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
     int64_t ms[kChunkRows];  // the chunk's output pixels, each tile's written by its rows helper
     std::vector<int32_t> buffer;
     int64_t current = -1;
-    const SplitBuffers own_split(split && convert_chunks ? kChunkRows : 0, pixel_words, blocks);
+    const SplitBuffers own_split(split && convert_chunks ? kChunkRows : 0, grouped_split ? 0 : pixel_words, blocks);
     // kSplit: chunk `chunk`, converted into own_split once per run of tasks on it, or from split_input.
     const auto split_chunk = [&](int64_t chunk) {
       const int64_t first = chunk * kChunkRows;

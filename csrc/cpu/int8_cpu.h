@@ -177,7 +177,8 @@ int64_t split_table_words(int64_t k, int64_t c);
 void pack_split_table(const int8_t* weight, int64_t k, int64_t c, int32_t* table);
 
 // A chunk of a conv's output pixels with their input pixels (all their taps') converted for the split
-// algorithm: `words` (rows, groups) quads of the codes t the micro-kernel multiplies (0 past R S C),
+// algorithm: `words` (rows, groups) quads of the codes t the micro-kernel multiplies (0 past R S C; none for a
+// grouped conv, whose tiles read its SplitInput),
 // `top` (rows, K rounded up to blocks) int32, the listed table rows' sum in its unit - 128 * the sum of all of them:
 // where the accumulators start (Tile::starts), and `lanes` (rows): whether a row's codes are for
 // split_tile (else for the 7-bit quads kernel, tile_avx2u7). See int8_split.cpp.
@@ -205,7 +206,7 @@ class SplitBuffers {
 void convert_split_rows(const Int8ConvArgs& a, int64_t groups, const int8_t* border, const int16_t* table,
                         const int32_t* correction, int64_t first, int64_t count, const SplitChunk& chunk);
 
-// A grouped conv's input for the split algorithm (C / G and K / G multiples of 16, C / G < 32768), converted
+// A grouped conv's input for the split algorithm (C / G and K / G multiples of 16, C <= 32768), converted
 // once: `words` (N, hp, wp, C / 4) quads of codes t, the padding converted from x_zero (hp = H + 2 pad_h);
 // `rows` (N hp) the channels each padded row's pixels listed, and `lanes`: split_tile's rule for all of
 // them (else the pairs', for the 7-bit quads kernel).

@@ -29,12 +29,12 @@
 // Post-ReLU activations list few: in ResNet-50's 1x1 convs (torchvision's initial weights, minmax
 // calibration) 0.5-11% of the lanes are past the bound, 0.004-0.1 units of 64 a code (mean codes
 // 20-33), except layer1.0's max-pooled input (mean 71): 67%, 0.5 units a code. Rows that would list that
-// many (judged on their first pixel) take vpmaddubsw's pairs instead (tile_avx2u7, the same packed
-// weights), bounded the same way but in pairs of codes, which list ~1/100 as many there: layer1.0's
-// 1x1 convs ran 1.25-1.35x faster, and on uniform codes (half of them >= 128) 1024 -> 256, 256 -> 64
-// and 64 -> 256 convs 1.5-1.75x. With every channel listed the conv would take ~1.5x the int16 pairs
-// kernel's time: slower, never wrong. 7-bit codes (reduce_range) take the same path and never drop
-// bit 7.
+// many (judged on their first pixel; a grouped conv's whole input on its first row) take vpmaddubsw's
+// pairs instead (tile_avx2u7, the same packed weights), bounded the same way but in pairs of codes, which
+// list ~1/100 as many there: layer1.0's 1x1 convs ran 1.25-1.35x faster, and on uniform codes (half of
+// them >= 128) 1024 -> 256, 256 -> 64 and 64 -> 256 convs 1.5-1.75x. With every channel listed the conv
+// would take ~1.5x the int16 pairs kernel's time: slower, never wrong. 7-bit codes (reduce_range) take
+// the same path and never drop bit 7.
 #include "cpu/int8_cpu.h"
 
 #include <algorithm>

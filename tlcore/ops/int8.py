@@ -267,9 +267,10 @@ def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: 
     listed top bits of lanes past its bound: ResNet-50's 1x1 convs up to 1.35x faster than on the
     int16 pairs, and 7-bit ones up to 1.27x faster than on the 7-bit quads) and for the other convs
     with C a multiple of 32 on the rows of their taps' codes (ResNet-50's 512-channel stride-2 3x3
-    conv 1.37x faster than direct, 7-bit stride-2 ones 1.2-1.25x) and for grouped 3x3 convs of 32 or 64
-    channels a group, or 16 on 7-bit codes (ResNeXt's: 0.47-0.95x direct's time), the rows layout for
-    odd channel counts (the RGB stem), else direct.
+    conv 1.37x faster than direct, 7-bit stride-2 ones 1.2-1.25x) and for grouped convs whose groups
+    hold a multiple of 32 input channels, or of 16 on 7-bit codes, and of 16 output channels
+    (ResNeXt's grouped 3x3 convs of 32-64 channels a group: 0.47-0.88x direct's time), the rows layout
+    for odd channel counts (the RGB stem), else direct.
     TLCORE_INT8_CPU_ALGORITHM=direct keeps every conv direct.
     """
     setting = os.environ.get(ALGORITHM_ENV) or "auto"
