@@ -330,6 +330,22 @@ def test_backends_are_bit_identical_through_the_model(monkeypatch):
         assert_same_model_outputs(out, outputs["torch"], name)
 
 
+@pytest.mark.skipif(not _extension.loaded() or not q8.cpu_isa_supported("avx2"), reason="needs tlcore._C and AVX2")
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
+def test_resnext_grouped_convs_bit_identical_on_avx2(reduce_range, monkeypatch):
+    """A ResNeXt (32 groups of 4 channels in layer1 up to 32 in layer4) on AVX2: its grouped convs run direct
+    or on the split codes (int8_best_algorithm), and the model's outputs equal the torch backend's."""
+    monkeypatch.setenv(q8.CPU_ISA_ENV, "avx2")
+    model = small_resnet(Bottleneck, groups=32, width_per_group=4)
+    x = batches(1, size=32, batch=2, seed=7)[0]
+    expected = features_and_logits(
+        tlcore.quantize(model, batches(size=32), reduce_range=reduce_range, backend="torch", progress=False), x)
+    qmodel = tlcore.quantize(model, batches(size=32), reduce_range=reduce_range, backend="cpu", progress=False)
+    grouped = [m for m in qmodel.modules() if isinstance(m, Int8Conv2d) and m.state["groups"] > 1]
+    assert {m._packed_weight()[1] for m in grouped} == {q8.CPU_ALGORITHMS["direct"], q8.CPU_ALGORITHMS["split"]}
+    assert_same_model_outputs(features_and_logits(qmodel, x), expected)
+
+
 @pytest.mark.skipif(not _extension.loaded() or not q8.cpu_isa_supported("avx2u7"), reason="needs tlcore._C and AVX2")
 def test_seven_bit_model_runs_vpmaddubsw_bit_identically(monkeypatch):
     """reduce_range on an AVX2 CPU without VNNI: 7-bit layers take vpmaddubsw, the 8-bit stem does not."""
