@@ -47,8 +47,8 @@ bool int8_requantization_in_range(const Int8ConvArgs& args);
 // Instruction sets of the CPU kernel; kAuto picks the best one the CPU has. kAvx2U7 (AVX2's
 // vpmaddubsw, never picked by kAuto) needs 7-bit inputs, x and x_zero <= -1, and checks them
 // where its direct kernel runs vpmaddubsw on them (Winograd's int16 products and the split codes
-// are exact for any code). kAmx: Intel's tile
-// unit (TDPBUSD) for ungrouped direct convs, the AVX512-VNNI kernel for grouped ones.
+// are exact for any code). kAmx: Intel's tile unit (TDPBUSD) for ungrouped direct convs, the
+// AVX512-VNNI kernel for grouped ones.
 enum class Int8Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvxVnni = 3, kAvx512Vnni = 4, kAvx2U7 = 5, kAmx = 6 };
 
 bool int8_isa_supported(Int8Isa isa);

@@ -78,17 +78,20 @@ def test_cpu_kernel_seven_bit_bit_exact(case, monkeypatch):
 @given(n=st.integers(1, 2), c_group=st.sampled_from([16, 32, 48, 64]), k_group=st.sampled_from([16, 32, 48]),
        groups=st.integers(2, 4), hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
        rs=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-       residual=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16), reduce_range=st.booleans())
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), residual=st.booleans(), relu=st.booleans(),
+       seed=st.integers(0, 2**16), reduce_range=st.booleans())
+# 162 output pixels: top sums chunk by chunk
 @example(n=2, c_group=16, k_group=32, groups=3, hw=(9, 9), rs=(3, 3), stride=(1, 1), padding=(1, 1),
-         dilation=(1, 1), residual=True, relu=True, seed=3, reduce_range=False)  # 162 output pixels: top sums chunk by chunk
+         dilation=(1, 1), residual=True, relu=True, seed=3, reduce_range=False)
+# ResNeXt-50's layer4 at batch 1: weights past the kernel's L2 budget and 2 chunks, so every output pixel's
+# top sums come first
 @example(n=1, c_group=32, k_group=32, groups=32, hw=(7, 7), rs=(3, 3), stride=(1, 1), padding=(1, 1),
-         dilation=(1, 1), residual=True, relu=True, seed=4, reduce_range=False)  # ResNeXt-50's layer4 at batch 1:
-# weights past the kernel's L2 budget and 2 chunks, so every output pixel's top sums come first
+         dilation=(1, 1), residual=True, relu=True, seed=4, reduce_range=False)
 def test_cpu_split_grouped_bit_exact(codes, n, c_group, k_group, groups, hw, rs, stride, padding, dilation, residual,
                                      relu, seed, reduce_range):
     """Grouped convs on the split algorithm (AVX2): the padded input converted once (its pixels' listed
-    channels kept per group, one rule for the whole input, decided on its first row), each block reading
+    channels kept with their groups, one rule for the whole input, decided on its first row), each block reading
     its own group's codes at each tap, and each output pixel's top sums gathered from its taps' lists and
     added to its own group's outputs only. Equal to the reference for 2-4 groups of 16-64 input and 16-48
     output channels, 1x1 to 3x3 kernels with stride, padding (x_zero's codes listed too) and dilation (each

@@ -561,7 +561,8 @@ def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, first_pixel, monkey
 
 
 def run_split(case, isa):
-    """The C++ op on the split algorithm, forced (the automatic choice takes it for fewer convs: int8_best_algorithm)."""
+    """The C++ op on the split algorithm, forced (the automatic choice takes it for fewer convs: see
+    int8_best_algorithm)."""
     last = lambda t: None if t is None else t.contiguous(memory_format=torch.channels_last)  # noqa: E731
     case = dict(case, weight=last(case["weight"]), residual=last(case["residual"]))
     code, groups = q8.CPU_ALGORITHMS["split"], case.get("groups", 1)

@@ -1159,7 +1159,8 @@ void int8_conv2d_direct(const Int8ConvArgs& a, Int8Isa isa, Int8Algorithm algori
           if (split) {
             const SplitChunk converted = split_chunk(chunk);
             if (grouped_split) {
-              tile_rows(a, grouped_input.words.get() + window, hp, row_words, column_words, m0, rows, t.rows, ms + slot);
+              const int32_t* input = grouped_input.words.get() + window;
+              tile_rows(a, input, hp, row_words, column_words, m0, rows, t.rows, ms + slot);
             } else {
               chunk_rows(converted.words, pixel_words, m0 - chunk * kChunkRows, m0, rows, t.rows, ms + slot);
             }
@@ -1259,8 +1260,9 @@ Int8Algorithm int8_best_algorithm(int64_t k, int64_t c, int64_t r, int64_t s, in
   if (conv_groups != 1) {
     // On ResNeXt's in-model inputs (AVX2-capped AMD Zen 5, batch 8) the split algorithm ran the grouped 3x3
     // convs of 32 and 64 channels a group in 0.47-0.88x direct's time (8-bit and 7-bit codes; stride 2 the
-    // least), and those of 16 in 0.89-0.95x on 7-bit codes but 0.96-1.15x on 8-bit ones, whose lists it
-    // gathers from 9 taps for as few products per pixel.
+    // least), and those of 16 in 0.89-0.95x on 7-bit codes but 0.96-1.15x on 8-bit ones: 8-bit codes list
+    // more channels, and each listed channel's weights are added at every tap that reads it, against the
+    // products of only 16 channels a group.
     const bool split = supported(Int8Algorithm::kSplit) && ((c / conv_groups) % 32 == 0 || isa == Int8Isa::kAvx2U7);
     return split ? Int8Algorithm::kSplit : Int8Algorithm::kDirect;
   }

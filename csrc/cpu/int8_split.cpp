@@ -370,6 +370,7 @@ __attribute__((target("avx2"))) void convert_input_pixel(const int8_t* src, int6
   lists.starts.push_back(static_cast<uint32_t>(lists.entries.size()));
 }
 
+// Padded row `row` (image row * hp + row within the padded image) into dst (wp pixels of C codes) and `lists`.
 template <bool LANES>
 __attribute__((target("avx2"))) void convert_input_row(const Int8ConvArgs& a, int64_t wp, const int8_t* border,
                                                        int64_t row, uint8_t* dst, uint16_t* scratch,
@@ -439,8 +440,8 @@ __attribute__((target("avx2"))) void grouped_split_tops(const Int8ConvArgs& a, c
           for (int64_t k = 0; k < k_group; k += 8) {
             const __m256i products = _mm256_sll_epi32(
                 _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + k))), shift);
-            const __m256i sum = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + k)), products);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), sum);
+            const __m256i sum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + k));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_add_epi32(sum, products));
           }
         }
       }
