@@ -135,7 +135,7 @@ def test_narrow_groups_pack_only_their_own_channels(channels, isa):
 
 @needs_extension
 @pytest.mark.parametrize("first_rows", ["sparse", "dense"])
-def test_cpu_split_grouped_one_rule_for_mixed_rows(first_rows, monkeypatch):
+def test_cpu_split_grouped_one_rule_for_mixed_rows(first_rows):
     """A grouped conv's input takes one rule, chosen on its first image row: sparse first rows (post-ReLU-like
     codes) keep the lanes of 4 for the dense rest too, which then lists most channels, and dense first rows
     put the sparse rest on vpmaddubsw's pairs. Exact either way."""
