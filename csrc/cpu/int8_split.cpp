@@ -292,19 +292,18 @@ __attribute__((target("avx2"), always_inline)) inline void convert_taps(const In
   }
 }
 
-// top[0 .. columns) for `listed` (sum_rows), 8 registers (128 channels) at a time, then the rest in one pass.
+// top[0 .. width) for `listed` (sum_rows), 8 registers (128 channels) at a time, then the rest in one pass.
 __attribute__((target("avx2"), always_inline)) inline void sum_columns(const int16_t* table, int64_t width,
                                                                        const Listed& listed, int unit_shift,
-                                                                       const int32_t* correction, int32_t* top,
-                                                                       int64_t columns) {
+                                                                       const int32_t* correction, int32_t* top) {
   int64_t v = 0;
-  for (; v + 8 <= columns / 16; v += 8) {
+  for (; v + 8 <= width / 16; v += 8) {
     sum_rows<8>(table + 16 * v, width, listed, unit_shift, correction + 16 * v, top + 16 * v);
   }
   table += 16 * v;
   correction += 16 * v;
   top += 16 * v;
-  switch (columns / 16 - v) {
+  switch (width / 16 - v) {
     case 1: return sum_rows<1>(table, width, listed, unit_shift, correction, top);
     case 2: return sum_rows<2>(table, width, listed, unit_shift, correction, top);
     case 3: return sum_rows<3>(table, width, listed, unit_shift, correction, top);
@@ -341,8 +340,7 @@ __attribute__((target("avx2"))) void convert_split_rows(const Int8ConvArgs& a, i
       convert_taps<false>(a, n, iy, ix, border, dst, listed);
     }
     std::fill(dst + row_c, dst + bytes, 0);
-    sum_columns(table, width, listed, lanes ? kLanesUnitShift : kPairsUnitShift, correction, chunk.top + i * width,
-                width);
+    sum_columns(table, width, listed, lanes ? kLanesUnitShift : kPairsUnitShift, correction, chunk.top + i * width);
     chunk.lanes[i] = lanes;
     if (++col == a.ow) {
       col = 0;
