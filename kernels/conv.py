@@ -17,10 +17,10 @@ Accumulation is fp32; the epilogue runs on the fp32 accumulator before one round
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_tile, flat_operands, flat_strides,
                                           nhwc_offsets, pixel_row_flags, reduction_steps, step_block_pointers)
+from tlcore.kernels.launch import launch_tuned
 
 
 def _configs():
@@ -123,7 +123,7 @@ def conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilat
     m = n * oh * ow
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(_conv2d_bn_act_fwd_kernel)[grid](
+    launch_tuned(_conv2d_bn_act_fwd_kernel, grid, 
         x, weight, scale, shift, res, out,
         m, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),

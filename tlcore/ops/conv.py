@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.library import triton_op
 
 from tlcore import backend
+from tlcore.ops.eager import skips_dispatcher
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OP = "conv2d_bn_relu"
@@ -98,8 +99,7 @@ def _conv2d_bn_act_torch(x, weight, scale, shift, residual, stride, padding, dil
     return out.copy_(y)
 
 
-@triton_op("tlcore::conv2d_bn_relu", mutates_args=())
-def _conv2d_bn_relu_op(
+def _conv2d_bn_relu_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -121,6 +121,9 @@ def _conv2d_bn_relu_op(
                       relu, allow_tf32=torch.backends.cudnn.allow_tf32)
         return out
     return _conv2d_bn_act_torch(x, weight, scale, shift, residual, stride, padding, dilation, relu, out)
+
+
+_conv2d_bn_relu_op = triton_op("tlcore::conv2d_bn_relu", mutates_args=())(_conv2d_bn_relu_impl)
 
 
 @_conv2d_bn_relu_op.register_fake
@@ -160,7 +163,8 @@ def conv2d_bn_relu(
     Returns:
         (N, K, OH, OW) in x's dtype, channels_last.
     """
-    return torch.ops.tlcore.conv2d_bn_relu(
-        x, weight, scale, shift, residual,
-        _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), relu,
-    )
+    args = (x, weight, scale, shift, residual, _pair(stride, "stride"), _pair(padding, "padding"),
+            _pair(dilation, "dilation"), relu)
+    if skips_dispatcher(x, weight, scale, shift, residual):
+        return _conv2d_bn_relu_impl(*args)
+    return torch.ops.tlcore.conv2d_bn_relu(*args)

@@ -38,6 +38,7 @@ from torch.library import triton_op
 
 from tlcore import _extension, backend
 from tlcore.ops.conv import check_same_device, output_size
+from tlcore.ops.eager import skips_dispatcher
 
 QMIN, QMAX = -128, 127
 WEIGHT_QMAX = 127  # symmetric weights: -128 is never used, so -w_q always fits
@@ -305,8 +306,7 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-@triton_op("tlcore::int8_conv2d", mutates_args=())
-def _int8_conv2d_op(
+def _int8_conv2d_impl(
     x: torch.Tensor,
     x_zero: int,
     weight: torch.Tensor,
@@ -357,6 +357,9 @@ def _int8_conv2d_op(
         if x.device.type == "cuda" else None
     real = type(x) is torch.Tensor
     return launch(backend.select_fastest(CONV_OP, x.device, conv_backends(groups), key, launch if real else None))
+
+
+_int8_conv2d_op = triton_op("tlcore::int8_conv2d", mutates_args=())(_int8_conv2d_impl)
 
 
 def _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out_max, groups) -> tuple | None:
@@ -543,9 +546,12 @@ def int8_conv2d(
     if not torch.compiler.is_compiling() and x.device.type == "cpu" and \
             backend.select(CONV_OP, x.device, conv_backends(groups)) != "cpu":  # (the C++ kernel checks itself)
         _check_headroom(weight, multiplier, offset, res_multiplier)
-    return torch.ops.tlcore.int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier,
-                                        out_zero, relu, _pair(stride, "stride"), _pair(padding, "padding"),
-                                        _pair(dilation, "dilation"), out_max, x_max, packed_weight, groups)
+    args = (x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
+            _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), out_max, x_max,
+            packed_weight, groups)
+    if skips_dispatcher(x, weight, multiplier, offset, residual):
+        return _int8_conv2d_impl(*args)
+    return torch.ops.tlcore.int8_conv2d(*args)
 
 
 def pack_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int], x_zero: int = QMIN,

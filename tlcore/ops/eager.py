@@ -1,0 +1,33 @@
+"""When a tlcore op may skip torch's dispatcher and run its implementation as a plain call.
+
+Through `torch.ops.tlcore.*`, a triton_op's eager call costs ~60 us of host time on an H100
+machine (its Python autograd and backend layers; bench/NOTES.md, session 39), a quarter of a
+fused conv's. Models run host-bound in eager mode, so the public wrappers call the
+implementation directly wherever the dispatcher would do nothing but call it.
+"""
+import torch
+
+
+def skips_dispatcher(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether an op on these tensors may run its implementation without torch's dispatcher: a plain
+    eager call (plain_eager_call) on GPU tensors. CPU calls keep the dispatcher: their C++ kernels
+    dwarf its cost."""
+    return x.is_cuda and plain_eager_call(x, *others)
+
+
+def plain_eager_call(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the dispatcher would do nothing for an op on these tensors but call its implementation:
+    not traced (torch.compile and torch.export pass tensors that are not plain ones), not under a
+    functorch transform (vmap), no dispatch or function mode active (FakeTensorMode, a
+    `with torch.device(...)` block), nothing that needs gradients, and no profiler (which lists the
+    op by name).
+    """
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling() \
+            or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() \
+            or torch._C._autograd._profiler_enabled():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in others)):
+        return False
+    return True
