@@ -123,7 +123,7 @@ def conv2d_bn_act(x, weight, scale, shift, residual, out, stride, padding, dilat
     m = n * oh * ow
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
-    launch_tuned(_conv2d_bn_act_fwd_kernel, grid, 
+    launch_tuned(_conv2d_bn_act_fwd_kernel, grid,
         x, weight, scale, shift, res, out,
         m, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),

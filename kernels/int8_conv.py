@@ -298,7 +298,7 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
     if padded:
         corr, border = border_corrections(weight, x_zero, (h, w), (oh, ow), stride, padding, dilation)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
-    launch_tuned(_int8_conv2d_fwd_kernel, grid, 
+    launch_tuned(_int8_conv2d_fwd_kernel, grid,
         x, weight, multiplier, offset, corr, res, out,
         m, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
@@ -320,7 +320,7 @@ def _pointwise_int8_conv2d(x, weight, multiplier, offset, shift, residual, res_m
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
     rows_per_program = lambda meta: meta["TILES"] * meta["BLOCK_M"]  # noqa: E731
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]) * triton.cdiv(m, rows_per_program(meta)),)  # noqa: E731
-    launch_tuned(_int8_pointwise_kernel, grid, 
+    launch_tuned(_int8_pointwise_kernel, grid,
         x, weight, multiplier, offset, res, out, m, c, k,
         x.stride(3), x.stride(1), weight.stride(0), weight.stride(1), res.stride(3), res.stride(1),
         out.stride(3), out.stride(1),
