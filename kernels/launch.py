@@ -11,6 +11,8 @@ import torch
 from torch.library import wrap_triton
 from triton.runtime.autotuner import Autotuner
 
+from tlcore.ops.eager import traced
+
 _chosen: dict[tuple, object] = {}  # (kernel, key) -> the triton.Config the autotuner chose
 _key_positions: dict[Autotuner, list[tuple[int, str]]] = {}  # kernel -> (argument index, name) of its keys
 
@@ -28,12 +30,11 @@ def launch_tuned(kernel: Autotuner, grid, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)` for a triton.autotune'd kernel, minus the autotuner's per-call
     work once it has tuned this call's key.
 
-    Traced (torch.compile, torch.export: args[0] is no plain tensor, or a dispatch mode records the
-    call) it goes through wrap_triton, so that the graph records the autotuned kernel. args: the
-    kernel's leading arguments in order, args[0] a tensor; kwargs the rest by name (its key
-    arguments among them).
+    Traced (tlcore.ops.eager.traced) it goes through wrap_triton, so that the graph records the
+    autotuned kernel. args: the kernel's leading arguments in order, args[0] a tensor; kwargs the rest
+    by name (its key arguments among them).
     """
-    if type(args[0]) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if traced(args[0]):
         wrap_triton(kernel)[grid](*args, **kwargs)
         return
     entry = (kernel, _tuning_key(kernel, args, kwargs))

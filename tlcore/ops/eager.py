@@ -15,19 +15,20 @@ def skips_dispatcher(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return x.is_cuda and plain_eager_call(x, *others)
 
 
+def traced(x: torch.Tensor) -> bool:
+    """Whether a call on x is being traced or transformed rather than run: torch.compile and
+    torch.export (their tensors are not plain ones), a dispatch mode recording it (FakeTensorMode,
+    make_fx), or a functorch transform (vmap)."""
+    return type(x) is not torch.Tensor or torch.compiler.is_compiling() \
+        or bool(torch._C._len_torch_dispatch_stack()) or torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def plain_eager_call(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether the dispatcher would do nothing for an op on these tensors but call its implementation:
-    not traced (torch.compile and torch.export pass tensors that are not plain ones), not under a
-    functorch transform (vmap), no dispatch or function mode active (FakeTensorMode, a
-    `with torch.device(...)` block), nothing that needs gradients, and no profiler (which lists the
-    op by name).
+    not traced, no function mode active (a `with torch.device(...)` block), no profiler (which lists
+    the op by name), and nothing that needs gradients.
     """
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling() \
-            or torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if traced(x) or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled():
         return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() \
-            or torch._C._autograd._profiler_enabled():
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in others)):
-        return False
-    return True
+    needs_grad = x.requires_grad or any(t is not None and t.requires_grad for t in others)
+    return not (needs_grad and torch.is_grad_enabled())
