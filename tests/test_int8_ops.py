@@ -1687,27 +1687,65 @@ POOL_CASES = [  # shape, kernel, stride, padding, dilation, ceil_mode
 ]
 
 
-@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+def _pool_device(backend_name, device):
+    return device if backend_name == "triton" else torch.device("cpu")
+
+
+@pytest.mark.parametrize("backend_name", ["triton", pytest.param("cpu", marks=needs_extension), "torch"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "sliced"])
 @pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[0])))
-def test_int8_max_pool_matches_float_pool(case, backend_name):
+def test_int8_max_pool_matches_float_pool(case, layout, backend_name, device):
     shape, kernel, stride, padding, dilation, ceil_mode = case
-    q = torch.randint(-128, 128, shape, generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    g = torch.Generator().manual_seed(0)
+    if layout == "sliced":  # every other channel and column of a wider tensor: no stride is the packed one
+        wide = torch.randint(-128, 128, (shape[0], 2 * shape[1], shape[2], 2 * shape[3]), generator=g, dtype=torch.int8)
+        q = wide.contiguous(memory_format=torch.channels_last)[:, ::2, :, ::2]
+    else:
+        q = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+        q = q.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else q
     ref = F.max_pool2d(q.double(), kernel, stride, padding, dilation, ceil_mode).to(torch.int8)
     with use_backend(backend_name):
-        out = q8.int8_max_pool2d(q, kernel, stride, padding, dilation, ceil_mode)
-    assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
+        out = q8.int8_max_pool2d(q.to(_pool_device(backend_name, device)), kernel, stride, padding, dilation,
+                                 ceil_mode)
+    assert torch.equal(out.cpu(), ref) and out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend_name", [pytest.param("cpu", marks=needs_extension), "torch"])
-def test_int8_max_pool_window_of_padding_only(backend_name):
+def test_triton_max_pool_writes_every_output_code(device):
+    """The launcher on a poisoned output: every code is written (no tile or channel block left out), on
+    more channels than one block holds and more pixels than one program's tile."""
+    from tlcore.kernels.int8_pool import int8_max_pool2d as triton_max_pool
+
+    q = torch.randint(-128, 128, (2, 130, 19, 21), generator=torch.Generator().manual_seed(3), dtype=torch.int8)
+    ref = F.max_pool2d(q.double(), 3, 2, 1).to(torch.int8)
+    for poison in (-128, 127):
+        out = torch.full(ref.shape, poison, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+        out = out.to(device)
+        triton_max_pool(q.to(device), (3, 3), (2, 2), (1, 1), (1, 1), out)
+        assert torch.equal(out.cpu(), ref), poison
+
+
+@pytest.mark.parametrize("backend_name", ["triton", pytest.param("cpu", marks=needs_extension), "torch"])
+def test_int8_max_pool_window_of_padding_only(backend_name, device):
     """A dilated window that lands on padding only (PyTorch's -inf) gives the lowest code, -128, on
-    every backend; a non-int8 input is refused (uint8 200 would wrap to -56)."""
-    q = torch.tensor([[[[5], [-7]]]], dtype=torch.int8)  # (1, 1, 2, 1)
+    every backend; a non-int8 input or padding past half the kernel is refused (uint8 200 would
+    wrap to -56)."""
+    q = torch.tensor([[[[5], [-7]]]], dtype=torch.int8, device=_pool_device(backend_name, device))  # (1, 1, 2, 1)
     with use_backend(backend_name):
         out = q8.int8_max_pool2d(q, (2, 1), (4, 1), (1, 0), (3, 1))
         assert out.flatten().tolist() == [-128]
         with pytest.raises(TypeError, match="int8"):
             q8.int8_max_pool2d(q.to(torch.uint8), 2, 2, 0, 1)
+        with pytest.raises(ValueError, match="padding <= kernel_size / 2"):
+            q8.int8_max_pool2d(q, 2, 1, (0, 2), 1)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_opcheck_int8_max_pool(backend_name, device):
+    dev = _pool_device(backend_name, device)
+    q = torch.randint(-128, 128, (2, 5, 7, 6), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    with use_backend(backend_name):
+        torch.library.opcheck(torch.ops.tlcore.int8_max_pool2d.default, (q.to(dev), [3, 3], [2, 2], [1, 1], [1, 1], True),
+                              test_utils=opcheck_utils(backend_name, dev))
 
 
 @needs_extension

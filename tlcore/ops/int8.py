@@ -486,10 +486,7 @@ def _register_compiled_fakes() -> None:
 
     @torch.library.register_fake("tlcore::_int8_max_pool_cpu")
     def _(x, kernel, stride, padding, dilation, ceil_mode):
-        oh, ow = (_pool_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i], ceil_mode)
-                  for i in range(2))
-        return torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=torch.int8, device=x.device,
-                           memory_format=torch.channels_last)
+        return _int8_max_pool_fake(x, kernel, stride, padding, dilation, ceil_mode)
 
 
 _register_compiled_fakes()
@@ -705,6 +702,18 @@ def _pool_output_size(size: int, kernel: int, stride: int, padding: int, dilatio
     return out
 
 
+POOL_BACKENDS = ("triton", "cpu", "torch")
+
+
+def _check_pool_args(kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int]) -> None:
+    for i in range(2):
+        if not (kernel_size[i] > 0 and stride[i] > 0 and dilation[i] > 0 and 0 <= 2 * padding[i] <= kernel_size[i]):
+            raise ValueError(f"tlcore.ops.int8_max_pool2d: need kernel_size, stride, dilation > 0 and "
+                             f"0 <= padding <= kernel_size / 2 (PyTorch's rule), got kernel_size={kernel_size}, "
+                             f"stride={stride}, padding={padding}, dilation={dilation}")
+
+
 def int8_max_pool2d(q: torch.Tensor, kernel_size: int | Sequence[int], stride: int | Sequence[int],
                     padding: int | Sequence[int], dilation: int | Sequence[int],
                     ceil_mode: bool = False) -> torch.Tensor:
@@ -717,13 +726,40 @@ def int8_max_pool2d(q: torch.Tensor, kernel_size: int | Sequence[int], stride: i
         raise TypeError(f"tlcore.ops.int8_max_pool2d: expected int8 (N, C, H, W) codes, got {q.dtype} of rank {q.dim()}")
     kernel_size, stride, padding, dilation = (_pair(value, name, "int8_max_pool2d") for value, name in (
         (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    if runs_cpu_kernel("int8_max_pool2d", q):
+    _check_pool_args(kernel_size, stride, padding, dilation)
+    if runs_cpu_kernel("int8_max_pool2d", q, POOL_BACKENDS):  # (straight to the C++ op: no Python op body on CPU)
+        return torch.ops.tlcore._int8_max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode)
+    return torch.ops.tlcore.int8_max_pool2d(q, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@triton_op("tlcore::int8_max_pool2d", mutates_args=())
+def _int8_max_pool_op(q: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], ceil_mode: bool) -> torch.Tensor:
+    out = _int8_max_pool_fake(q, kernel_size, stride, padding, dilation, ceil_mode)
+    if out.numel() == 0:
+        return out
+    chosen = backend.select("int8_max_pool2d", q.device, POOL_BACKENDS)
+    if chosen == "triton":
+        from tlcore.kernels.int8_pool import int8_max_pool2d as triton_max_pool
+
+        triton_max_pool(q, kernel_size, stride, padding, dilation, out)
+        return out
+    if chosen == "cpu":
         return torch.ops.tlcore._int8_max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode)
     # CUDA has no integer max-pool, and the CPU one rejects an int8 tensor of more than 127
     # elements per image (an int8-typed size check); fp16 holds every int8 value exactly. A window
-    # of padding only gives -inf: -128, the lowest code, as the C++ kernel gives.
+    # of padding only gives -inf: -128, the lowest code, as the kernels give.
     y = F.max_pool2d(q.half(), kernel_size, stride, padding, dilation, ceil_mode)
-    return y.clamp(min=-128).to(torch.int8).contiguous(memory_format=torch.channels_last)
+    return y.clamp(min=QMIN).to(torch.int8).contiguous(memory_format=torch.channels_last)
+
+
+@_int8_max_pool_op.register_fake
+def _int8_max_pool_fake(q, kernel_size, stride, padding, dilation, ceil_mode):
+    _check_pool_args(kernel_size, stride, padding, dilation)
+    oh, ow = (_pool_output_size(q.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
+              for i in range(2))
+    return torch.empty((q.shape[0], q.shape[1], oh, ow), dtype=torch.int8, device=q.device,
+                       memory_format=torch.channels_last)
 
 
 # ---- the tail: global average pool and fc -------------------------------------------------------
