@@ -276,8 +276,12 @@ def pointwise_rows(x, weight, residual, out, stride, padding, groups) -> bool:
 
 
 def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
-                stride, padding, dilation, out_max, out, groups=1):
-    """Launch the int8 conv kernel, writing `out` (shapes in the module docstring)."""
+                stride, padding, dilation, out_max, out, groups=1, corrections=None):
+    """Launch the int8 conv kernel, writing `out` (shapes in the module docstring).
+
+    corrections: a function with border_corrections' arguments and result (one that caches them),
+    or None for border_corrections itself.
+    """
     weight = weight.contiguous(memory_format=torch.channels_last)  # (a no-op for tlcore's prepared weights)
     out_min = max(out_zero, -128) if relu else -128
     if pointwise_rows(x, weight, residual, out, stride, padding, groups):
@@ -296,7 +300,7 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
     padded = padding[0] > 0 or padding[1] > 0
     corr, border = multiplier, (0, 0, 0, 0)  # (corr is never read unpadded)
     if padded:
-        corr, border = border_corrections(weight, x_zero, (h, w), (oh, ow), stride, padding, dilation)
+        corr, border = (corrections or border_corrections)(weight, x_zero, (h, w), (oh, ow), stride, padding, dilation)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
     launch_tuned(_int8_conv2d_fwd_kernel, grid,
         x, weight, multiplier, offset, corr, res, out,

@@ -169,3 +169,15 @@ def test_provenance_records_tlcore_settings_and_library_caps(monkeypatch):
     assert tlcore_settings()["TLCORE_INT8_CPU_ISA"] == "avx2" and "ONEDNN_MAX_CPU_ISA" not in tlcore_settings()
     assert library_caps() == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert provenance(torch.device("cpu"))["library_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_timing_measures_kernels_and_declines_a_host_sync():
+    """graph_median_ms times a capturable call (rotating its inputs) and gives None, leaving the GPU
+    usable, for one that synchronises with the host."""
+    inputs = [torch.randn(2048, 2048, device="cuda") for _ in range(2)]
+    ms = timing.graph_median_ms(lambda x: x @ x, inputs, rep_ms=50)
+    assert ms is not None and 0 < ms < timing.median_ms(lambda x: x @ x, inputs, torch.device("cuda"), 0.2) * 2
+    assert timing.graph_median_ms(lambda x: x.sum().item(), inputs, rep_ms=50) is None
+    assert torch.equal(inputs[0] + 0, inputs[0])

@@ -327,6 +327,39 @@ def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
         run(dict(c, packed_weight=q8.pack_weight_cpu(lookalike, c["stride"], c["dilation"])), "cpu")
 
 
+def test_triton_conv_computes_each_weights_border_corrections_once(monkeypatch, device):
+    """Eager Triton calls compute a padded conv's border corrections once per weight and geometry, and
+    again after an in-place change, for another zero point or input size, or once told the weight
+    changed (forget_derived_values: inference tensors keep no version)."""
+    from tlcore.kernels import int8_border
+    from tlcore.kernels.implicit_gemm import FLAT_K_BELOW
+
+    computed = []
+    compute = int8_border.border_corrections
+    monkeypatch.setattr(int8_border, "border_corrections", lambda *args: computed.append(args) or compute(*args))
+    case = (2, 19, 11, 13, 21, 3, 3, 2, 1, 1)  # padded, strided; channels enough for the per-tap reduction
+    assert case[1] >= FLAT_K_BELOW  # (fewer are padded by a copy instead: no corrections)
+    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in make_case(*case).items()}
+    c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)
+
+    def check(case, what, count):
+        assert_bit_exact(run(case, "triton").cpu(), reference({k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                               for k, v in case.items()}), what)
+        assert len(computed) == count, what
+
+    for _ in range(2):
+        check(c, "cached corrections", 1)
+    with torch.no_grad():
+        c["weight"].copy_(-c["weight"])  # in place: same tensor, new version
+    check(c, "after an in-place change", 2)
+    taller = torch.cat([c["x"], c["x"][:, :, :1]], dim=2)  # 12 rows: as many output rows, none at the bottom border
+    check(dict(c, x=taller.contiguous(memory_format=torch.channels_last)), "another input size", 3)
+    check(c, "back to the first size (one entry per weight)", 4)
+    check(dict(c, x_zero=c["x_zero"] + 3), "another zero point", 5)
+    q8.forget_derived_values(c["weight"])
+    check(dict(c, x_zero=c["x_zero"] + 3), "forgotten", 6)
+
+
 @needs_extension
 def test_cpu_op_packs_each_weight_once(monkeypatch):
     """Without a packed_weight (as in a compiled or exported model) the CPU op packs a weight on its

@@ -11,10 +11,10 @@ def _fmt(value, spec):
 
 def table(results: list[Result]) -> str:
     """A plain-text table, one row per variant."""
-    header = ["mode", "model", "batch", "variant", "median ms", "img/s", "speedup", "rate", "% peak", "rel err",
-              "status"]
+    header = ["mode", "model", "batch", "variant", "median ms", "graph ms", "img/s", "speedup", "rate", "% peak",
+              "rel err", "status"]
     rows = [[r.mode, r.model, str(r.batch) if r.mode != "optim" else "-", r.variant, _fmt(r.median_ms, ".3f"),
-             _fmt(r.images_per_s, ".1f"), _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
+             _fmt(r.graph_ms, ".3f"), _fmt(r.images_per_s, ".1f"), _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
              (_fmt(r.rate, ".2f") + " " + r.rate_unit) if r.rate is not None else "-",
              _fmt(None if r.peak_share is None else 100 * r.peak_share, ".0f"), _fmt(r.rel_error, ".1e"), r.status]
             for r in results]

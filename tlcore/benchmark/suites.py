@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 import tlcore
-from tlcore.benchmark.timing import memory_peak_gbs, matmul_peak_tflops, median_ms, time_in_turns
+from tlcore.benchmark.timing import graph_median_ms, memory_peak_gbs, matmul_peak_tflops, median_ms, time_in_turns
 
 ROTATING_INPUTS = 3  # batches cycled through while timing
 CALIBRATION_BATCHES = 4
@@ -60,6 +60,7 @@ class Result:
     variant: str
     status: str = "ok"  # "ok", "failed: <why>" or "skipped: <why>"
     median_ms: float | None = None
+    graph_ms: float | None = None  # GPU models: the median replayed as a CUDA graph (None: not capturable)
     images_per_s: float | None = None
     speedup: float | None = None
     rate: float | None = None
@@ -88,6 +89,8 @@ def run(suite: Suite, min_run_time_s: float, progress=None) -> list[Result]:
                     result.status = f"failed: error {result.rel_error:.3g} > {variant.tolerance:g}"
                 elif suite.device.type == "cuda":
                     result.median_ms = median_ms(variant.fn, variant.inputs, suite.device, min_run_time_s)
+                    if suite.mode != "optim":  # (an optimizer's step count lives on the host)
+                        result.graph_ms = graph_median_ms(variant.fn, variant.inputs)
                 else:
                     checked.append((variant, result))
                     timed_later = True

@@ -27,6 +27,25 @@ def median_ms(fn: Callable[[object], object], inputs: Sequence[object], device: 
     return measurement.blocked_autorange(min_run_time=min_run_time_s).median * 1e3
 
 
+def graph_median_ms(fn: Callable[[object], object], inputs: Sequence[object], rep_ms: int = 500) -> float | None:
+    """GPU: median milliseconds of fn(input) replayed as a CUDA graph (triton.testing.do_bench_cudagraph),
+    cycling through `inputs` as median_ms does; None where fn cannot be captured (it synchronises
+    with the host, or allocates outside the graph's pool).
+
+    A replayed graph launches its kernels without Python, so this is the kernels' time: where an
+    eager call's host work outlasts its kernels, median_ms measures the host instead
+    (bench/NOTES.md, session 39). Call fn once before (autotuning and a backend's timing do not capture).
+    """
+    from triton.testing import do_bench_cudagraph
+
+    cycle = itertools.cycle(inputs)
+    try:
+        return float(do_bench_cudagraph(lambda: fn(next(cycle)), rep=rep_ms, return_mode="median"))
+    except RuntimeError:  # a capture that failed: nothing was launched
+        torch.cuda.synchronize()
+        return None
+
+
 class Turns:
     """Calls callables in turns, one call of each per round, and keeps each call's time.
 

@@ -16,7 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU, explicit_padding, folding_unsupported_reason
 from tlcore.ops.int8 import (CONV_OP, QMAX, QUANTIZE_BACKENDS, WEIGHT_QMAX, cached_packed_weight_cpu,
-                             dequantize_per_tensor, forget_packed_weight, int8_conv2d, int8_global_avg_pool,
+                             dequantize_per_tensor, forget_derived_values, int8_conv2d, int8_global_avg_pool,
                              int8_max_pool2d, int8_weight_linear, quantize_input, requantization, runs_cpu_kernel)
 
 
@@ -250,8 +250,9 @@ class Int8Conv2d(_Int8Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         # The weight changed in place: under torch.inference_mode its version counter does not
-        # count that, and the C++ kernel's cached packing would go on with the old weights.
-        forget_packed_weight(self._buffers["weight"])
+        # count that, and the kernels' cached values (the C++ packing, the Triton border corrections)
+        # would go on with the old weights.
+        forget_derived_values(self._buffers["weight"])
 
     def __setstate__(self, state: dict) -> None:  # a whole pickled module, saved before groups
         super().__setstate__(state)

@@ -30,7 +30,7 @@ import functools
 import math
 import os
 import weakref
-from typing import Optional, Sequence  # typing forms: torch.library's schema inference reads them on torch 2.6
+from typing import Callable, Optional, Sequence, TypeVar  # typing forms: torch.library's schema inference reads them on torch 2.6
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,9 @@ from torch.library import triton_op
 
 from tlcore import _extension, backend
 from tlcore.ops.conv import check_same_device, output_size
-from tlcore.ops.eager import skips_dispatcher
+from tlcore.ops.eager import skips_dispatcher, traced
+
+T = TypeVar("T")
 
 QMIN, QMAX = -128, 127
 WEIGHT_QMAX = 127  # symmetric weights: -128 is never used, so -w_q always fits
@@ -347,7 +349,8 @@ def _int8_conv2d_impl(
         if chosen == "triton":
             from tlcore.kernels.int8_conv import int8_conv2d as triton_int8_conv2d
 
-            triton_int8_conv2d(x, *args, out, groups)
+            # (traced, the corrections are part of the graph: computed where it runs)
+            triton_int8_conv2d(x, *args, out, groups, corrections=None if traced(x) else cached_border_corrections)
             return out
         return _int8_conv2d_torch(x, *args, groups)
 
@@ -393,42 +396,70 @@ def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, re
                        memory_format=torch.channels_last)
 
 
-# The C++ kernel's packed weights by id(weight): (weakref to the weight, (its storage, version, isa,
-# algorithm), packed). Entries leave with their weight. (A WeakKeyDictionary would compare tensors with ==.)
-_packed_weights: dict[int, tuple] = {}
+# Values derived from a weight tensor (the C++ kernel's packing, the Triton kernel's padding
+# corrections) by (id(weight), what): (weakref to the weight, key, value). Entries leave with their
+# weight. (A WeakKeyDictionary would compare tensors with ==.)
+_derived: dict[tuple[int, str], tuple] = {}
+_DERIVED_KINDS = ("cpu packing", "border corrections")
+
+
+def derived_from_weight(weight: torch.Tensor, what: str, key: tuple, derive: Callable[[], T]) -> T:
+    """derive(), computed once per weight tensor and `what`, and again when `key`, the weight's storage
+    (`w.data = ...`) or its version (an in-place change) changes. Inference tensors (made under
+    torch.inference_mode) have no version and count as unchanging unless forget_derived_values says
+    otherwise (Int8Conv2d's load_state_dict does)."""
+    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, *key)
+    entry_key = (id(weight), what)
+    cached = _derived.get(entry_key)
+    new_entry = cached is None or cached[0]() is not weight
+    if new_entry or cached[1] != key:
+        cached = (weakref.ref(weight), key, derive())
+        _derived[entry_key] = cached
+        if new_entry:
+            weakref.finalize(weight, _derived.pop, entry_key, None)
+    return cached[2]
+
+
+def forget_derived_values(weight: torch.Tensor) -> None:
+    """Make every value derived from weight stale: it changed in a way its version does not show. (The
+    entries stay, so their finalizers are not registered again: the next call derives under the same entry.)"""
+    for what in _DERIVED_KINDS:
+        cached = _derived.get((id(weight), what))
+        if cached is not None:
+            _derived[(id(weight), what)] = (cached[0], None, cached[2])
 
 
 def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int],
                              x_zero: int = QMIN, x_max: int = QMAX,
                              groups: int = 1) -> tuple[int | None, int | None, torch.Tensor | None]:
     """(isa, algorithm, pack_weight_cpu(weight, ...)) for a conv on inputs with codes up to x_max,
-    packed once per weight tensor and again when its storage (`w.data = ...`), its version (an
-    in-place change) or the kernel's choice (TLCORE_INT8_CPU_ISA, _ALGORITHM) changes. Inference
-    tensors (made under torch.inference_mode) have no version and count as unchanging unless
-    forget_packed_weight says otherwise (Int8Conv2d's load_state_dict does).
-    (None, None, None) without the extension or off the CPU.
+    packed once per weight tensor (derived_from_weight) and again when the kernel's choice
+    (TLCORE_INT8_CPU_ISA, _ALGORITHM) changes. (None, None, None) without the extension or off the CPU.
     """
     if not _extension.loaded() or weight.device.type != "cpu":
         return None, None, None
     isa = cpu_isa_for(x_zero, x_max)
     algorithm = cpu_algorithm(weight.shape, stride, dilation, isa, groups)
-    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, isa, algorithm, groups)
-    cached = _packed_weights.get(id(weight))
-    new_entry = cached is None or cached[0]() is not weight
-    if new_entry or cached[1] != key:
-        cached = (weakref.ref(weight), key, pack_weight_cpu(weight, stride, dilation, x_zero, x_max, groups))
-        _packed_weights[id(weight)] = cached
-        if new_entry:
-            weakref.finalize(weight, _packed_weights.pop, id(weight), None)
-    return isa, algorithm, cached[2]
+    packed = derived_from_weight(weight, "cpu packing", (isa, algorithm, groups),
+                                 lambda: pack_weight_cpu(weight, stride, dilation, x_zero, x_max, groups))
+    return isa, algorithm, packed
 
 
-def forget_packed_weight(weight: torch.Tensor) -> None:
-    """Make weight's cached packing stale: it changed in a way its version does not show. (The entry
-    stays, so its finalizer is not registered again: the next call repacks under the same entry.)"""
-    cached = _packed_weights.get(id(weight))
-    if cached is not None:
-        _packed_weights[id(weight)] = (cached[0], None, cached[2])
+def cached_border_corrections(weight: torch.Tensor, x_zero: int, in_size: Sequence[int], out_size: Sequence[int],
+                              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    """The Triton conv's padding corrections (kernels/int8_border.py's border_corrections, same
+    arguments and result) computed once per weight and geometry: one launch less per padded conv
+    and call in eager mode. Inside a CUDA graph being captured they are computed without caching
+    (the graph's tensors belong to its memory pool)."""
+    from tlcore.kernels.int8_border import border_corrections
+
+    def derive():
+        return border_corrections(weight, x_zero, in_size, out_size, stride, padding, dilation)
+
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        return derive()
+    key = (x_zero, *in_size, *out_size, *stride, *padding, *dilation)
+    return derived_from_weight(weight, "border corrections", key, derive)
 
 
 @torch.library.custom_op("tlcore::_int8_conv_cpu_cached", mutates_args=())
