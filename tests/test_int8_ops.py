@@ -1679,6 +1679,28 @@ def test_quantize_input_rejects_non_finite_values(backend_name, layout):
                 bad[position] = float(value)
                 with pytest.raises(ValueError, match="contains NaN or inf"):
                     q8.quantize_input(bad, 0.05, -3)
+                # unchecked: quantize_per_tensor's codes (NaN -> the zero point, infinities saturated)
+                assert torch.equal(q8.quantize_input(bad, 0.05, -3, check_finite=False),
+                                   q8.quantize_per_tensor(bad, 0.05, -3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_quantize_input_in_a_captured_cuda_graph():
+    """Unchecked, quantize_input is captured and replays the eager codes; checked, it refuses the
+    capture with a message naming the way out, and the GPU stays usable."""
+    x = torch.randn(2, 3, 13, 11, device="cuda")
+    q8.quantize_input(x, 0.05, -3, check_finite=False)  # (the kernel compiles outside the capture)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = q8.quantize_input(x, 0.05, -3, check_finite=False)
+    x.copy_(torch.randn(2, 3, 13, 11, device="cuda"))
+    expected = q8.quantize_input(x, 0.05, -3)
+    graph.replay()
+    assert torch.equal(captured, expected)
+    with pytest.raises(RuntimeError, match="check_finite=False"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        q8.quantize_input(x, 0.05, -3)
+    assert torch.equal(q8.quantize_input(x, 0.05, -3), expected)
 
 
 # 3.5e38 and 1e39 overflow float32 (dequantizing gave NaN), 3e38 times a code does (inf); 1e-39 is

@@ -17,7 +17,7 @@ from digits import digits_loaders, digits_tensors
 from numerics import rel_error
 from tlcore import _extension
 from tlcore.nn import DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear, Int8ResidualBlock
-from tlcore.nn.int8 import QParams
+from tlcore.nn.int8 import QParams, QuantizeInput
 from tlcore.quantize import METHODS
 from tlcore.ops import int8 as q8
 
@@ -679,6 +679,25 @@ def test_non_finite_input_raises(skip):
         x[0, 1, 2, 3] = float(value)
         with pytest.raises(ValueError, match="contains NaN or inf"):
             qmodel(x)
+
+
+def test_unchecked_model_quantizes_non_finite_inputs_without_raising():
+    """check_finite=False: no error; NaN reads as the zero point (real 0) and infinities saturate, so
+    the logits equal those of the input with these values put in (and stay finite)."""
+    model, data = small_resnet(), batches()
+    qmodel = tlcore.quantize(model, data, progress=False, check_finite=False)
+    assert all(m.check_finite is False for m in qmodel.modules() if isinstance(m, QuantizeInput))
+    x = batches(1)[0]
+    scale = qmodel.conv1[0].state["scale"]
+    bad, stand_in = x.clone(), x.clone()
+    for position, value, replacement in (((0, 1, 2, 3), "nan", 0.0), ((0, 0, 5, 5), "inf", 1e4 * scale),
+                                         ((1, 2, 7, 1), "-inf", -1e4 * scale)):
+        bad[position], stand_in[position] = float(value), replacement
+    with torch.no_grad():
+        logits = qmodel(bad)
+        assert torch.isfinite(logits).all() and torch.equal(logits, qmodel(stand_in))
+    with pytest.raises(TypeError, match="check_finite must be True or False"):
+        tlcore.quantize(model, data, progress=False, check_finite=None)
 
 
 def test_wrong_channel_count_names_it():

@@ -129,7 +129,8 @@ DEFAULT_PERCENTILE = 99.99
 
 
 def quantize(model: nn.Module, calibration_data, method: str = "minmax", percentile: float | None = None,
-             skip=(), backend: str | None = None, reduce_range: bool = False, progress: bool = True) -> nn.Module:
+             skip=(), backend: str | None = None, reduce_range: bool = False, progress: bool = True,
+             check_finite: bool = True) -> nn.Module:
     """An INT8 copy of a torchvision ResNet, calibrated on `calibration_data`.
 
     Args:
@@ -149,6 +150,10 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
             backend: half the resolution, but on AVX2 CPUs without VNNI the C++ kernel can then
             use vpmaddubsw exactly (about 1.4x faster there). Off: full 8 bits.
         progress: show a progress bar while calibrating.
+        check_finite: raise ValueError on an input (or a float block's output) with NaN or inf. On
+            GPUs the check waits for the GPU once a forward, which a CUDA graph (torch.cuda.graph,
+            torch.compile(mode="reduce-overhead")) cannot capture: False skips it, and then NaN
+            quantizes to the zero point and infinities saturate (finite, meaningless logits).
 
     Returns:
         The quantized model: float (N, 3, H, W) in, fp32 logits out. Its state_dict loads
@@ -169,7 +174,7 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
     percentile = float(percentile)
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"tlcore.quantize: percentile must be in (50, 100], got {percentile}")
-    for name, flag in (("reduce_range", reduce_range), ("progress", progress)):
+    for name, flag in (("reduce_range", reduce_range), ("progress", progress), ("check_finite", check_finite)):
         if not isinstance(flag, bool):
             raise TypeError(f"tlcore.quantize: {name} must be True or False, got {flag!r}")
     skip = _skip_names(skip)
@@ -189,6 +194,8 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
     for module in qmodel.modules():
         if isinstance(module, _Int8Module):
             module.backend = backend
+        if isinstance(module, QuantizeInput):
+            module.check_finite = check_finite
     return qmodel.eval()
 
 

@@ -96,16 +96,20 @@ _CALLERS_BACKEND = contextlib.nullcontext()  # (reusable: it holds no state)
 
 
 class QuantizeInput(_Int8Module):
-    """float (N, C, H, W) -> int8 (N, C, H, W) channels_last with the calibrated input scale."""
+    """float (N, C, H, W) -> int8 (N, C, H, W) channels_last with the calibrated input scale.
+
+    `check_finite` (a setting, not saved): raise ValueError on NaN or inf (tlcore.ops.quantize_input).
+    """
 
     IMPLEMENTED = QUANTIZE_BACKENDS
+    check_finite = True  # (a class default: modules pickled before the setting have it too)
 
     def __init__(self, qparams: QParams):
         super().__init__(scale=float(qparams.scale), zero_point=int(qparams.zero_point))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self._backend():
-            return quantize_input(x, self.state["scale"], self.state["zero_point"])
+            return quantize_input(x, self.state["scale"], self.state["zero_point"], self.check_finite)
 
     @property
     def output_qparams(self) -> QParams:

@@ -654,26 +654,37 @@ def _quantize_fake(x, inv_scale, zero_point):
 NON_FINITE_INPUT = "tlcore int8 model: the input contains NaN or inf (or a stem or block left float produced one)"
 
 
+CAPTURED_CHECK = ("tlcore int8 model: its input check for NaN and inf reads a value on the host, which a CUDA graph "
+                  "being captured cannot do; build the model with tlcore.quantize(..., check_finite=False) to capture "
+                  "it (then such inputs give finite, meaningless logits)")
+
+
 @torch.library.custom_op("tlcore::quantize_input", mutates_args=())
-def quantize_input(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """quantize_per_tensor for an int8 model's input, which must hold no NaN or inf (ValueError): saturated
-    to the largest code, an infinity would pass for a plausible input where the float model gives NaN.
+def quantize_input(x: torch.Tensor, scale: float, zero_point: int, check_finite: bool = True) -> torch.Tensor:
+    """quantize_per_tensor for an int8 model's input, which must hold no NaN or inf (ValueError) unless
+    check_finite is False: saturated to the largest code, an infinity would pass for a plausible input
+    where the float model gives NaN.
 
     One op, opaque to tracing, so the check survives torch.compile and torch.export (inductor
-    on torch 2.6 drops an _assert_async from the graph). x: (N, C, H, W) float.
+    on torch 2.6 drops an _assert_async from the graph), and the codes equal eager ones (quantize_per_tensor's
+    note). x: (N, C, H, W) float. On GPUs the check waits for the GPU: inside a CUDA graph being
+    captured it raises RuntimeError (CAPTURED_CHECK) instead of failing the capture.
     """
     _check_qparams("tlcore.ops.quantize_input", scale, zero_point)
     if x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0 \
             and runs_cpu_kernel("quantize_per_tensor", x, QUANTIZE_BACKENDS):
-        return torch.ops.tlcore._quantize_cpu(x, 1.0 / scale, zero_point, True)  # checks in the same pass
-    # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
-    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
-        raise ValueError(NON_FINITE_INPUT)
+        return torch.ops.tlcore._quantize_cpu(x, 1.0 / scale, zero_point, check_finite)  # checks in the same pass
+    if check_finite:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(CAPTURED_CHECK)
+        # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+            raise ValueError(NON_FINITE_INPUT)
     return quantize_per_tensor(x, scale, zero_point)
 
 
 @quantize_input.register_fake
-def _(x, scale, zero_point):
+def _(x, scale, zero_point, check_finite=True):
     _check_qparams("tlcore.ops.quantize_input", scale, zero_point)
     return _quantize_fake(x, 1.0 / scale, zero_point)
 
