@@ -400,7 +400,6 @@ def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, re
 # corrections) by (id(weight), what): (weakref to the weight, key, value). Entries leave with their
 # weight. (A WeakKeyDictionary would compare tensors with ==.)
 _derived: dict[tuple[int, str], tuple] = {}
-_DERIVED_KINDS = ("cpu packing", "border corrections")
 
 
 def derived_from_weight(weight: torch.Tensor, what: str, key: tuple, derive: Callable[[], T]) -> T:
@@ -423,10 +422,9 @@ def derived_from_weight(weight: torch.Tensor, what: str, key: tuple, derive: Cal
 def forget_derived_values(weight: torch.Tensor) -> None:
     """Make every value derived from weight stale: it changed in a way its version does not show. (The
     entries stay, so their finalizers are not registered again: the next call derives under the same entry.)"""
-    for what in _DERIVED_KINDS:
-        cached = _derived.get((id(weight), what))
-        if cached is not None:
-            _derived[(id(weight), what)] = (cached[0], None, cached[2])
+    for entry_key in [k for k, cached in _derived.items() if cached[0]() is weight]:
+        cached = _derived[entry_key]
+        _derived[entry_key] = (cached[0], None, cached[2])
 
 
 def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int],
