@@ -74,8 +74,10 @@ def profile_models(out: Path) -> None:
     for variant in variants:
         summary["variants"][variant.name] = profile_variant(variant, out, trace=variant.name == "tlcore.quantize int8")
         print(variant.name, summary["variants"][variant.name], flush=True)
-    # the GPU kernel each int8 conv configuration ran on, by its timing key (tlcore/ops/int8.py's _timing_key)
-    summary["int8 conv backends"] = {str(key): chosen for (_, _, key), chosen in backend.fastest_choices().items()}
+    # the GPU kernel each int8 conv configuration ran on, by its timing key (tlcore/ops/int8.py's _timing_key):
+    # the backend, and the Triton backend's kernel where it had two
+    choices = backend.fastest_choices().items()
+    summary["int8 conv backends"] = {f"{op} {key}": chosen for (op, _, key), chosen in choices}
     (out / "models.json").write_text(json.dumps(summary, indent=1))
 
 

@@ -223,15 +223,29 @@ def _pointwise_kernel_runs(x, weight, shape) -> bool:
     return pointwise_rows(x, weight, None, out, (stride, stride), (padding, padding), 1)
 
 
+def _tma_kernel_runs(x, weight, shape) -> bool:
+    """Whether the Triton backend's TMA kernel takes this layer's conv of x (tma_applies; channels_last
+    output and residual, as the op's)."""
+    from tlcore.kernels.int8_conv_tma import tma_applies
+
+    c, k, r, s, stride, padding, h, w = shape
+    oh, ow = output_size(h, r, stride, padding, 1), output_size(w, s, stride, padding, 1)
+    out = torch.empty((x.shape[0], k, oh, ow), dtype=torch.int8, device=x.device).contiguous(
+        memory_format=torch.channels_last)
+    return tma_applies(x, weight.contiguous(memory_format=torch.channels_last), None, out, (stride, stride), 1)
+
+
 @needs_gpu
-@pytest.mark.parametrize("backend", ["triton", "triton-general", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "triton-general", "triton-tma", "cuda"])
 @pytest.mark.parametrize("shape, residual", LAYER_CASES,
                          ids=[shape_id(shape) + ("-residual" if residual else "") for shape, residual in LAYER_CASES])
 def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
     """One int8 conv + requantize (+ residual) + ReLU (int8 NHWC in and out) on one GPU backend, checked
     bit-exact first: against the torch reference on 16 images, and at the timed batch (whose autotuned
-    tile config differs) against the other GPU backend where there is one. "triton-general": the
-    pointwise convs that Triton runs on its row-tile loop kernel, on its general kernel instead."""
+    tile config differs) against the other GPU backend where there is one. "triton": the Triton
+    backend's pointer-fed kernels (its pointwise row-tile loop kernel where it applies, else the
+    general kernel); "triton-general": the general kernel on the convs the pointwise one takes;
+    "triton-tma": its TMA-fed kernel (sm_90+, stride 1, kernels/int8_conv_tma.py)."""
     from tlcore import _extension
     from tlcore.backend import select
     from tlcore.kernels import int8_conv
@@ -242,7 +256,11 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
         if not _pointwise_kernel_runs(xs[0], weight, shape):
             pytest.skip("the general kernel is what Triton runs on this shape anyway")
         monkeypatch.setattr(int8_conv, "POINTWISE_MAX_CHANNELS", 0)
-        backend = "triton"
+    if backend == "triton-tma" and not _tma_kernel_runs(xs[0], weight, shape):
+        pytest.skip("the TMA kernel does not take this conv (or this GPU)")
+    triton_kernel = "tma" if backend == "triton-tma" else "pointers"
+    monkeypatch.setenv(q8.TRITON_KERNEL_ENV, triton_kernel)
+    label, backend = backend, "cuda" if backend == "cuda" else "triton"
     with use_backend(backend):  # a fallback to another backend would time the wrong kernel
         assert select(q8.CONV_OP, DEVICE, q8.conv_backends(1)) == backend
     c, k, r, s, stride, padding, h, w = shape
@@ -252,12 +270,14 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
     if other == "triton" or _extension.has_cuda_kernels():
         assert torch.equal(layer(xs[0], backend), layer(xs[0], other))
     benchmark.group = _layer_group(shape, residual)
-    run_benchmark(benchmark, functools.partial(layer, backend=backend), xs, ops=ops, backend=backend,
+    run_benchmark(benchmark, functools.partial(layer, backend=backend), xs, ops=ops, backend=label,
                   shape=list(shape), residual=residual, batch=GPU_LAYER_BATCH, int8_peak_tops=_int8_peak_tops())
     benchmark.extra_info["share_of_int8_peak"] = benchmark.extra_info["tops"] / _int8_peak_tops()
     if backend == "triton":
-        benchmark.extra_info["triton_kernel"] = "pointwise" if _pointwise_kernel_runs(xs[0], weight, shape) else "general"
-        benchmark.extra_info["triton_config"] = _autotuned_config(benchmark.extra_info["triton_kernel"])
+        kernel = "tma" if triton_kernel == "tma" else \
+            "pointwise" if _pointwise_kernel_runs(xs[0], weight, shape) else "general"
+        benchmark.extra_info["triton_kernel"] = kernel
+        benchmark.extra_info["triton_config"] = _autotuned_config(kernel, pointwise=r == s == 1)
 
 
 def _layer_group(shape, residual: bool) -> str:
@@ -305,12 +325,14 @@ def pixel_matrix(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
-def _autotuned_config(kernel: str = "general") -> str:
+def _autotuned_config(kernel: str = "general", pointwise: bool = False) -> str:
     """The tile configuration the autotuner picked for the latest launch of the Triton int8 conv's
-    general or pointwise kernel."""
-    from tlcore.kernels.int8_conv import _int8_conv2d_fwd_kernel, _int8_pointwise_kernel
+    general, pointwise or tma kernel (pointwise: the TMA kernel's row runs of a 1x1 conv)."""
+    from tlcore.kernels import int8_conv, int8_conv_tma
 
-    return str((_int8_pointwise_kernel if kernel == "pointwise" else _int8_conv2d_fwd_kernel).best_config)
+    tuned = {"general": int8_conv._int8_conv2d_fwd_kernel, "pointwise": int8_conv._int8_pointwise_kernel,
+             "tma": int8_conv_tma._int8_pointwise_tma_kernel if pointwise else int8_conv_tma._int8_conv_tma_kernel}
+    return str(tuned[kernel].best_config)
 
 
 RESNEXT_GROUPS = 32

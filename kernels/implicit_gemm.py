@@ -26,13 +26,14 @@ def autotune_configs(shapes):
 def tuned_configs(configs, interpreted):
     """The triton.Configs a kernel autotunes over.
 
-    Under TRITON_INTERPRET=1 one config of the `interpreted` meta-parameters: the interpreter runs
-    numpy per program, so a few large tiles are fastest, and autotuning would only multiply the
-    (slow) runs. With TLCORE_AUTOTUNE=0 only the first config: each new specialization then compiles
-    once instead of once per config (GPU test runs on a fresh machine; not for timing).
+    Under TRITON_INTERPRET=1 one config of the `interpreted` meta-parameters (with the configs'
+    pre-hook, which they share): the interpreter runs numpy per program, so a few large tiles are
+    fastest, and autotuning would only multiply the (slow) runs. With TLCORE_AUTOTUNE=0 only the first
+    config: each new specialization then compiles once instead of once per config (GPU test runs on a
+    fresh machine; not for timing).
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config(interpreted)]
+        return [triton.Config(interpreted, pre_hook=configs[0].pre_hook)]
     return configs[:1] if os.environ.get("TLCORE_AUTOTUNE") == "0" else configs
 
 

@@ -31,10 +31,10 @@ def launch_tuned(kernel: Autotuner, grid, *args, **kwargs) -> None:
     work once it has tuned this call's key.
 
     Traced (tlcore.ops.eager.traced) it goes through wrap_triton, so that the graph records the
-    autotuned kernel. args: the kernel's leading arguments in order, args[0] a tensor; kwargs the rest
+    autotuned kernel. args: the kernel's leading arguments in order, a tensor among them; kwargs the rest
     by name (its key arguments among them).
     """
-    if traced(args[0]):
+    if traced(next(a for a in args if isinstance(a, torch.Tensor))):
         wrap_triton(kernel)[grid](*args, **kwargs)
         return
     entry = (kernel, _tuning_key(kernel, args, kwargs))
@@ -43,4 +43,6 @@ def launch_tuned(kernel: Autotuner, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         _chosen[entry] = kernel.best_config
         return
+    if config.pre_hook is not None:  # (as the autotuner does: e.g. TMA descriptors' boxes for this config)
+        config.pre_hook({**dict(zip(kernel.arg_names, args)), **kwargs, **config.all_kwargs()})
     kernel.fn[grid](*args, **kwargs, **config.all_kwargs())

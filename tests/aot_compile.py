@@ -47,6 +47,7 @@ def compile_case(case: dict) -> dict:
         "async_copies": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
         "wgmma": "wgmma" in ptx,
         "a_from_shared": a_operand_from_shared(ttgir),
+        "shared_reshapes": ttgir.count("ttg.memdesc_reshape"),  # loaded tiles reshaped where they lie
         "mma_sync": "mma.sync" in ptx,
         "divisions": len(re.findall(r"\b(?:div|rem)\.[su](?:32|64)\b", ptx)),  # integer / and %
         **resource_usage(compiled.asm["cubin"]),

@@ -1390,9 +1390,10 @@ def test_gpu_backend_timed_once_and_bit_exact(monkeypatch):
         assert_bit_exact(run(c, None).cpu(), ref, "timed gpu backend")
         assert_bit_exact(run(c, None).cpu(), ref, "timed gpu backend, second call")
     assert not [w for w in caught if "failed while timed" in str(w.message)]
-    assert sorted(timed) == [("cuda",), ("triton",)]
-    (entry, chosen), = backend.fastest_choices().items()
-    assert entry[0] == q8.CONV_OP and chosen in ("triton", "cuda")
+    # (on sm_90 the Triton backend's first call also times its two kernels: tests/test_int8_conv_tma.py)
+    assert sorted(t for t in timed if t[0] in backend.BACKENDS) == [("cuda",), ("triton",)]
+    (entry, chosen), = [(e, name) for e, name in backend.fastest_choices().items() if e[0] == q8.CONV_OP]
+    assert chosen in ("triton", "cuda")
 
 
 @pytest.mark.gpu

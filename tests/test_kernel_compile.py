@@ -145,6 +145,46 @@ def test_every_pointwise_int8_config_pipelines_its_row_tiles_on_hopper(monkeypat
         assert (result["async_copies"] > 0) == (config.kwargs["TILES"] > 1), f"{what}: {result['async_copies']}"
 
 
+def tma_case(config, taps, padded, residual, shift_route):
+    """The TMA int8 conv (kernels/int8_conv_tma.py) with this autotune config's boxes."""
+    meta = config.kwargs
+    pixels = f"{meta['TILE_N']}, {meta['TILE_H']}, {meta['TILE_W']}"
+    types = {"x_desc": f"tensordesc<i8[{pixels}, {meta['BLOCK_K']}]>",
+             "w_desc": f"tensordesc<i8[{meta['BLOCK_N']}, {meta['BLOCK_K']}]>",
+             "res_desc": f"tensordesc<i8[{pixels}, {meta['BLOCK_N']}]>",
+             "out_desc": f"tensordesc<i8[{pixels}, {meta['BLOCK_N']}]>",
+             "mult_ptr": "*i32", "offset_ptr": "*i64", "corr_ptr": "*i32"}
+    return {"kernel": "tlcore.kernels.int8_conv_tma:_int8_conv_tma_body", "target": 90,
+            "num_warps": config.num_warps, "num_stages": config.num_stages, "types": types,
+            "constexprs": {"R": taps, "S": taps, "PADDED": padded, "HAS_RESIDUAL": residual,
+                           "SHIFT_ROUTE": shift_route, **meta},
+            "divisible_by_16": ["mult_ptr", "offset_ptr", "corr_ptr", "K", "C"]}
+
+
+def test_every_tma_int8_config_compiles_well_on_hopper(monkeypatch):
+    """Every autotune config of the TMA int8 conv, 3x3 padded and pointwise, with and without a residual:
+    TMA copies, wgmma with the image-grid box reshaped in shared memory (not sent through registers), no
+    spills, within shared memory. And at most 168 registers a thread: from a constant-zero accumulator
+    Triton compiled the unpadded loop with ~200 (2 fewer CTAs of 4 warps per SM; the kernel's comment)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("TLCORE_AUTOTUNE", raising=False)
+    int8_conv_tma = importlib.import_module("tlcore.kernels.int8_conv_tma")
+    if int8_conv_tma.TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    cases = [(config, 3, True, residual, route) for config in int8_conv_tma._configs(pointwise=False)
+             for residual, route in ((False, "high"), (True, "split"))]
+    cases += [(config, 1, False, residual, route) for config in int8_conv_tma._configs(pointwise=True)
+              for residual, route in ((False, "high"), (True, "split"))]
+    for case, result in zip(cases, run_cases([tma_case(*case) for case in cases])):
+        what = f"{case[0].kwargs}, {case[0].num_stages} stages, {case[0].num_warps} warps, {case[1:]}"
+        # (a pointwise box, 1 x 1 x rows x channels, needs no reshape)
+        assert result["wgmma"] and result["a_from_shared"] and (result["shared_reshapes"] > 0 or case[1] == 1), \
+            f"{what}: {result}"
+        assert result["async_copies"] > 0, f"{what}: no TMA copies"
+        assert result["spill_bytes"] == 0 and result["registers"] <= 168, f"{what}: {result}"
+        assert result["shared_bytes"] <= HOPPER_SHARED_LIMIT, f"{what}: {result['shared_bytes']} B shared"
+
+
 def test_int8_conv_feeds_the_tensor_cores_from_shared_memory(monkeypatch):
     """Nothing fills the input tile with the zero point, also where the conv is padded (the
     accumulator starts at the padding's share: kernels/int8_border.py), so wgmma reads both operands where the async

@@ -23,7 +23,7 @@ import contextvars
 import functools
 import os
 import warnings
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Mapping
 
 import torch
 from torch._dynamo import source as _dynamo_source
@@ -154,17 +154,31 @@ def select_fastest(op: str, device: torch.device, implemented: Collection[str], 
     default = select(op, device, implemented)
     candidates = [name for name in _DEFAULT_ORDER["cuda"]
                   if name != "torch" and name in implemented and not _why_not(name, device)]
-    if len(candidates) < 2 or launch is None or torch.cuda.is_current_stream_capturing():
+    if len(candidates) < 2 or launch is None:
         return default
+    return fastest_of(entry, {name: functools.partial(launch, name) for name in candidates}, device) or default
+
+
+def fastest_of(entry: tuple[str, torch.device, Hashable], candidates: Mapping[str, Callable[[], object]],
+               device: torch.device) -> str | None:
+    """The name of the fastest of `candidates` (calls of op entry[0], one per kernel, on one call's
+    tensors), timed on `device` the first time `entry` comes and remembered; None where nothing could
+    be timed (while a CUDA graph is being captured, or every candidate failed): the caller's default
+    runs, and the next call tries again. A candidate that raises is no candidate, with a warning."""
+    chosen = _fastest.get(entry)
+    if chosen is not None:
+        return chosen
+    if torch.cuda.is_current_stream_capturing():
+        return None
     times = {}
-    for name in candidates:
+    for name, call in candidates.items():
         try:
-            times[name] = _median_ms(functools.partial(launch, name), device)
+            times[name] = _median_ms(call, device)
         except Exception as error:  # noqa: BLE001 - a kernel refusing the call (Triton's errors too) is no candidate
-            _warn_once((op, name, "timing"), f"tlcore: {op}'s {name} kernel failed while timed, so it was "
-                                             f"not chosen: {type(error).__name__}: {error}")
-    if not times:  # nothing measured (e.g. out of memory for the timing): try again next call
-        return default
+            _warn_once((entry[0], name, "timing"), f"tlcore: {entry[0]}'s {name} kernel failed while timed, so it "
+                                                   f"was not chosen: {type(error).__name__}: {error}")
+    if not times:  # nothing measured (e.g. out of memory for the timing)
+        return None
     _fastest[entry] = min(times, key=times.get)
     return _fastest[entry]
 

@@ -62,6 +62,11 @@ WINOGRAD_2X4_MAX_CHANNELS = (2**27 - 1) // (128 * 128 * 9)
 # "dp4a" or "mma" forces the CUDA kernel (tests, benchmarks); auto/unset: mma (tensor cores) on
 # compute capability >= 8.0, dp4a below. Read by the C++ launcher on every call (csrc/int8_conv.h).
 CUDA_KERNEL_ENV = "TLCORE_INT8_CUDA_KERNEL"
+# The Triton backend's two int8 conv kernels: "pointers" (kernels/int8_conv.py: any conv) and "tma"
+# (kernels/int8_conv_tma.py: stride-1 ungrouped NHWC convs on sm_90+). Unforced, a GPU times both on
+# a call configuration's first call where both apply; elsewhere "pointers" runs.
+TRITON_KERNEL_ENV = "TLCORE_INT8_TRITON_KERNEL"
+TRITON_CONV_KERNEL = "int8_conv2d (Triton kernel)"  # backend.fastest_of's op name for that choice
 
 
 # ---- float scales -> fixed point --------------------------------------------------------------
@@ -347,10 +352,7 @@ def _int8_conv2d_impl(
         if chosen == "cuda":
             return torch.ops.tlcore._int8_conv_cuda(_nhwc(x), *args)
         if chosen == "triton":
-            from tlcore.kernels.int8_conv import int8_conv2d as triton_int8_conv2d
-
-            # (traced, the corrections are part of the graph: computed where it runs)
-            triton_int8_conv2d(x, *args, out, groups, corrections=None if traced(x) else cached_border_corrections)
+            _triton_int8_conv2d(x, args, out, groups, key)
             return out
         return _int8_conv2d_torch(x, *args, groups)
 
@@ -362,17 +364,42 @@ def _int8_conv2d_impl(
     return launch(backend.select_fastest(CONV_OP, x.device, conv_backends(groups), key, launch if real else None))
 
 
+def _triton_int8_conv2d(x: torch.Tensor, args: tuple, out: torch.Tensor, groups: int, key: tuple | None) -> None:
+    """Run the Triton int8 conv into `out` (args: the launchers' arguments after x, weight channels_last)
+    on the kernel TRITON_KERNEL_ENV forces, else on the one of triton_conv_kernels' measured fastest
+    for this call's key (GPUs), else on the first."""
+    from tlcore.kernels.int8_conv import int8_conv2d as on_pointers
+    from tlcore.kernels.int8_conv_tma import int8_conv2d_tma, tma_applies
+
+    weight, residual, stride = args[1], args[5], args[9]
+    kernels = ["pointers"] + (["tma"] if not traced(x) and tma_applies(x, weight, residual, out, stride, groups)
+                              else [])
+    # (traced, the corrections are part of the graph: computed where it runs)
+    corrections = None if traced(x) else cached_border_corrections
+    run = lambda kernel: (int8_conv2d_tma if kernel == "tma" else on_pointers)(  # noqa: E731
+        x, *args, out, groups, corrections=corrections)
+    kernel = os.environ.get(TRITON_KERNEL_ENV) or None
+    if kernel not in (None, "pointers", "tma"):
+        raise ValueError(f"{TRITON_KERNEL_ENV}={kernel!r}; choose pointers or tma")
+    if kernel not in kernels:  # nothing forced, or a kernel that cannot run this call
+        kernel = kernels[0]
+        if len(kernels) > 1 and key is not None and x.is_cuda and os.environ.get(backend.TIMING_ENV) != "0":
+            kernel = backend.fastest_of((TRITON_CONV_KERNEL, x.device, key),
+                                        {name: functools.partial(run, name) for name in kernels}, x.device) or kernel
+    run(kernel)
+
+
 _int8_conv2d_op = triton_op("tlcore::int8_conv2d", mutates_args=())(_int8_conv2d_impl)
 
 
 def _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out_max, groups) -> tuple | None:
     """What the GPU kernels' speed depends on in one int8_conv2d call (backend.select_fastest's key):
-    what Triton's autotuner keys on, and the CUDA kernel forced, if any; None where a size is
+    what Triton's autotuner keys on, and the CUDA and Triton kernels forced, if any; None where a size is
     symbolic (torch.compile's dynamic shapes). Not the pointers' alignment, which traced calls do
     not know (torch's allocations are 512-byte aligned; views may not be)."""
     key = (tuple(x.shape), tuple(x.stride()), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
            groups, shift, relu, out_max, None if residual is None else tuple(residual.stride()),
-           os.environ.get(CUDA_KERNEL_ENV))
+           os.environ.get(CUDA_KERNEL_ENV), os.environ.get(TRITON_KERNEL_ENV))
     try:
         hash(key)  # symbolic sizes are unhashable
     except TypeError:

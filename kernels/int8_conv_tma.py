@@ -1,0 +1,214 @@
+"""Int8 conv fed by the Tensor Memory Accelerator (TMA): stride-1 convs on NHWC tensors, for Hopper GPUs.
+
+    x:          (N, C, H, W)     int8 NHWC (channel stride 1), C a multiple of 16
+    weight:     (K, C, R, S)     int8 channels_last, in [-127, 127]
+    multiplier: (K,) int32       offset: (K,) int64      corrections: (classes, K) int32 (padded convs)
+    residual:   (N, K, OH, OW)   int8 NHWC, optional
+    out:        (N, K, OH, OW)   int8 NHWC, K a multiple of 16
+
+The same integer math as kernels/int8_conv.py, bit for bit (its epilogue, `_requantized`, and its
+padding started in the accumulator, kernels/int8_border.py). What differs is how tiles reach the
+tensor cores. The general kernel computes a pointer and a mask per loaded element (index math that
+held ~130 instructions per warp and reduction step on sm_90: bench/NOTES.md, sessions 16-17) and
+copies tiles asynchronously a thread at a time. Here one thread asks the TMA unit for a whole box of
+x: TILE_N images x TILE_H rows x TILE_W columns x BLOCK_K channels at (n, oh + r - pad, ow + s - pad, c),
+shifted by each tap; the unit zero-fills positions outside the tensor, which is exactly the padding
+the accumulator's start corrects for. Output tiles are such pixel boxes too, so no pixel needs a
+division, and the output and residual move as boxes (TMA clips the store at the tensor's edges).
+
+Orientation: the accumulator is (output channels, pixels), weights x pixels^T. Triton keeps a
+tensor-core operand in shared memory through a reshape of the loaded box only on the B side
+(memdesc_reshape; on the A side the box goes through registers), so the pixel box is B (the wgmma's
+N: any multiple of 8 pixels) and the weights (A) come as a plain 2-D box of the (K, R*S*C) matrix.
+
+Pointwise convs (1x1, unpadded) on tensors whose pixels lie in row order see x and out as one
+image of one row of M pixels: their tiles are runs of BLOCK_M rows, with no waste at image edges.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from tlcore.kernels.implicit_gemm import pixel_rows, tuned_configs
+from tlcore.kernels.int8_border import border_class, border_corrections
+from tlcore.kernels.int8_conv import _requantized, shift_route
+from tlcore.kernels.launch import launch_tuned
+
+try:  # Triton >= 3.4 (torch >= 2.8); older ones run the general kernel
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+_ALIGN = 16  # bytes: TMA wants 16-byte aligned bases and strides
+
+
+def _configs(pointwise: bool):
+    # (BLOCK_N, TILE_N, TILE_H, TILE_W, BLOCK_K, num_stages, num_warps). Spatial tiles: 8x8 divides
+    # 56x56 exactly, 4x32 and 8x16 suit 28 and 14-wide maps (2 of 32 or 16 columns idle), 2x8x8 puts
+    # two 7x7 images in a tile. Pointwise tiles are rows (TILE_N = TILE_H = 1); runs of 256 spill with
+    # a residual. Each compiles without spills on sm_90 (tests/test_kernel_compile.py).
+    shapes = [(128, 1, 1, 128, 64, 4, 8), (64, 1, 1, 128, 64, 4, 4), (128, 1, 1, 128, 128, 3, 8),
+              (128, 1, 1, 64, 64, 4, 4), (64, 1, 1, 64, 64, 6, 4)] if pointwise else \
+             [(128, 1, 8, 16, 64, 4, 8), (64, 1, 8, 16, 64, 4, 4), (128, 1, 8, 8, 64, 4, 4), (128, 1, 4, 32, 64, 4, 8),
+              (128, 2, 8, 8, 64, 4, 8), (128, 1, 8, 16, 128, 3, 8)]
+    return tuned_configs([triton.Config({"BLOCK_N": bn, "TILE_N": tn, "TILE_H": th, "TILE_W": tw, "BLOCK_K": bk},
+                                        num_stages=st, num_warps=wp, pre_hook=_set_box_shapes)
+                          for bn, tn, th, tw, bk, st, wp in shapes],
+                         interpreted={"BLOCK_N": 64, "TILE_N": 1, "TILE_H": 1 if pointwise else 4,
+                                      "TILE_W": 64 if pointwise else 8, "BLOCK_K": 32})
+
+
+def _set_box_shapes(nargs: dict) -> None:
+    """The autotuner's pre-hook: each descriptor's box for this config (they are made before one is chosen)."""
+    pixels = [nargs["TILE_N"], nargs["TILE_H"], nargs["TILE_W"]]
+    nargs["x_desc"].block_shape = pixels + [nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    nargs["res_desc"].block_shape = pixels + [nargs["BLOCK_N"]]
+    nargs["out_desc"].block_shape = pixels + [nargs["BLOCK_N"]]
+
+
+_KEY = ["N", "OH", "OW", "K", "C", "R", "S", "PADDED", "HAS_RESIDUAL", "SHIFT_ROUTE"]
+
+
+@triton.jit
+def _int8_conv_tma_body(
+    x_desc, w_desc, res_desc, out_desc, mult_ptr, offset_ptr, corr_ptr,
+    N, OH, OW, K, C, pad_h, pad_w, dil_h, dil_w,
+    shift, res_multiplier, out_zero, out_min, out_max, top_h, bottom_h, top_w, bottom_w,
+    R: tl.constexpr, S: tl.constexpr, PADDED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SHIFT_ROUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program: BLOCK_N output channels of a TILE_N x TILE_H x TILE_W box of output pixels.
+    (N, OH, OW): the output's pixel grid as the descriptors see it."""
+    BLOCK_M: tl.constexpr = TILE_N * TILE_H * TILE_W
+    # Channel tiles vary fastest: the programs that read the same pixels run side by side (L2).
+    num_k = tl.cdiv(K, BLOCK_N)
+    pid_k = tl.program_id(0) % num_k
+    box = tl.program_id(0) // num_k
+    boxes_w = tl.cdiv(OW, TILE_W)
+    boxes_h = tl.cdiv(OH, TILE_H)
+    ow0 = (box % boxes_w) * TILE_W
+    oh0 = (box // boxes_w % boxes_h) * TILE_H
+    n0 = box // (boxes_w * boxes_h) * TILE_N
+    k0 = pid_k * BLOCK_N
+    offs_k = k0 + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+
+    if PADDED:  # the accumulator starts at the padding's correction (kernels/int8_border.py)
+        pix = tl.arange(0, BLOCK_M)
+        oh = oh0 + pix // TILE_W % TILE_H
+        ow = ow0 + pix % TILE_W
+        inside = (n0 + pix // (TILE_W * TILE_H) < N) & (oh < OH) & (ow < OW)  # (the table has no row past OH)
+        cls = border_class(oh, OH, top_h, bottom_h) * (1 + top_w + bottom_w) + border_class(ow, OW, top_w, bottom_w)
+        table_mask = ((cls > 0) & inside)[None, :] & mask_k[:, None]
+        acc = tl.load(corr_ptr + cls[None, :] * K + offs_k[:, None], mask=table_mask, other=0)
+    else:
+        # A zero the compiler cannot see (K > 0): from a constant zero, Triton (3.6 to 3.9) compiles the
+        # loop for sm_90 with twice the registers (94 -> 199 a thread for 128x128 tiles, in the cubin).
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32) + (K < 0).to(tl.int32)
+
+    # Reduction steps over (tap, channel block). Channels past C load as 0 on the pixel side (outside
+    # x's box), so the weights they meet (the next tap's, or past the matrix: 0) add nothing.
+    c_blocks = tl.cdiv(C, BLOCK_K)
+    for step in range(R * S * c_blocks):
+        if R * S == 1:
+            tap = 0
+            c0 = step * BLOCK_K
+        else:
+            tap = step // c_blocks
+            c0 = (step - tap * c_blocks) * BLOCK_K
+        r = tap // S
+        s = tap - r * S
+        w = w_desc.load([k0, tap * C + c0])
+        px = x_desc.load([n0, oh0 + r * dil_h - pad_h, ow0 + s * dil_w - pad_w, c0])
+        acc = tl.dot(w, tl.reshape(px, (BLOCK_M, BLOCK_K)).T, acc, out_dtype=tl.int32)
+
+    multiplier = tl.load(mult_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    offset = tl.load(offset_ptr + offs_k, mask=mask_k, other=0)
+    res = 0
+    if HAS_RESIDUAL:
+        res = tl.reshape(res_desc.load([n0, oh0, ow0, k0]), (BLOCK_M, BLOCK_N))
+    # (pixels, channels) again: a transposed view of the registers
+    q = _requantized(acc.T, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max, HAS_RESIDUAL,
+                     SHIFT_ROUTE)
+    out_desc.store([n0, oh0, ow0, k0], tl.reshape(q, (TILE_N, TILE_H, TILE_W, BLOCK_N)))
+
+
+# Two autotuned kernels of one body: their config lists differ (pixel boxes or row runs).
+_int8_conv_tma_kernel = triton.autotune(configs=_configs(pointwise=False), key=_KEY)(_int8_conv_tma_body)
+_int8_pointwise_tma_kernel = triton.autotune(configs=_configs(pointwise=True), key=_KEY)(_int8_conv_tma_body)
+
+
+def _pixel_strides(t) -> tuple[int, int, int]:
+    """t's (N, C, H, W) image, row and pixel strides, those of size-1 dimensions (which torch leaves
+    arbitrary and nothing reads through) replaced by a dense tensor's."""
+    n, c, h, w = t.shape
+    s_w = t.stride(3) if w > 1 else c
+    s_h = t.stride(2) if h > 1 else w * s_w
+    return (t.stride(0) if n > 1 else h * s_h), s_h, s_w
+
+
+def _nhwc_box_ready(t) -> bool:
+    """Whether TMA can read or write t (N, C, H, W) int8 as a 4-D (N, H, W, C) tensor: unit channel
+    stride, 16-byte aligned base and strides."""
+    return t.stride(1) == 1 and all(v % _ALIGN == 0 for v in (t.data_ptr(), t.shape[1], *_pixel_strides(t)))
+
+
+def tma_applies(x, weight, residual, out, stride, groups) -> bool:
+    """Whether int8_conv2d_tma runs this conv: Triton with tensor descriptors; a CUDA device of compute
+    capability 9+ (or the interpreter); stride 1, ungrouped; x, the weight, out and the residual NHWC
+    (channels_last) with 16-byte aligned strides (C and K multiples of 16)."""
+    if TensorDescriptor is None or groups != 1 or tuple(stride) != (1, 1):
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    weight_rows_ready = weight.is_contiguous(memory_format=torch.channels_last) and \
+        weight.data_ptr() % _ALIGN == 0 and weight.shape[1] % _ALIGN == 0  # (K, R*S*C) rows, 16-byte aligned
+    return weight_rows_ready and all(_nhwc_box_ready(t) for t in (x, out) + (() if residual is None else (residual,)))
+
+
+def _pixel_grid(t, pointwise: bool) -> tuple[list[int], list[int]]:
+    """t (N, C, H, W) as the descriptors' (N, H, W, C) shape and strides; for a pointwise conv one image
+    of one row of N*H*W pixels (t's pixels in row order)."""
+    n, c, h, w = t.shape
+    s_n, s_h, s_w = _pixel_strides(t)
+    if pointwise:
+        return [1, 1, n * h * w, c], [n * h * w * s_w, n * h * w * s_w, s_w, 1]
+    return [n, h, w, c], [s_n, s_h, s_w, 1]
+
+
+def int8_conv2d_tma(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
+                    stride, padding, dilation, out_max, out, groups=1, corrections=None):
+    """Launch the TMA conv, writing `out`: kernels/int8_conv.py's int8_conv2d, for the convs tma_applies
+    to (weight channels_last)."""
+    if not tma_applies(x, weight, residual, out, stride, groups):
+        raise ValueError("int8_conv2d_tma: the TMA kernel does not take this conv (tma_applies)")
+    out_min = max(out_zero, -128) if relu else -128
+    k, c, r, s = weight.shape
+    _, _, oh, ow = out.shape
+    pointwise = (r, s) == (1, 1) and tuple(padding) == (0, 0) \
+        and all(pixel_rows(t) for t in (x, out) + (() if residual is None else (residual,)))
+    padded = padding[0] > 0 or padding[1] > 0
+    corr, border = multiplier, (0, 0, 0, 0)  # (corr is never read unpadded)
+    if padded:
+        corr, border = (corrections or border_corrections)(weight, x_zero, x.shape[2:], (oh, ow), (1, 1), padding,
+                                                           dilation)
+    placeholder = [1, 1, 1, _ALIGN]  # every box is set per config (_set_box_shapes)
+    x_desc = TensorDescriptor(x, *_pixel_grid(x, pointwise), placeholder)
+    out_shape, out_strides = _pixel_grid(out, pointwise)
+    out_desc = TensorDescriptor(out, out_shape, out_strides, placeholder)
+    res_desc = out_desc if residual is None else TensorDescriptor(residual, *_pixel_grid(residual, pointwise),
+                                                                  placeholder)
+    w_desc = TensorDescriptor(weight, [k, r * s * c], [r * s * c, 1], [1, _ALIGN])
+    grid_n, grid_h, grid_w = out_shape[:3]
+
+    def grid(meta):
+        boxes = triton.cdiv(grid_n, meta["TILE_N"]) * triton.cdiv(grid_h, meta["TILE_H"]) * \
+            triton.cdiv(grid_w, meta["TILE_W"])
+        return (boxes * triton.cdiv(k, meta["BLOCK_N"]),)
+
+    launch_tuned(_int8_pointwise_tma_kernel if pointwise else _int8_conv_tma_kernel, grid,
+        x_desc, w_desc, res_desc, out_desc, multiplier, offset, corr,
+        grid_n, grid_h, grid_w, k, c, padding[0], padding[1], dilation[0], dilation[1],
+        shift, res_multiplier, out_zero, out_min, out_max, *border,
+        R=r, S=s, PADDED=padded, HAS_RESIDUAL=residual is not None, SHIFT_ROUTE=shift_route(shift),
+    )
