@@ -320,12 +320,23 @@ def assert_same_model_outputs(got: tuple[torch.Tensor, torch.Tensor], expected: 
 def test_backends_are_bit_identical_through_the_model(monkeypatch):
     model = small_resnet()
     x = batches(1, size=16, batch=2, seed=7)[0]
-    outputs = {}
+    outputs, qmodels = {}, {}
     for name in ("torch", "cpu", "triton"):
-        outputs[name] = features_and_logits(tlcore.quantize(model, batches(size=16), backend=name, progress=False), x)
+        qmodels[name] = tlcore.quantize(model, batches(size=16), backend=name, progress=False)
+        outputs[name] = features_and_logits(qmodels[name], x)
     monkeypatch.setenv(q8.CPU_ISA_ENV, "scalar")
     outputs["cpu-scalar"] = features_and_logits(
         tlcore.quantize(model, batches(size=16), backend="cpu", progress=False), x)
+    # the Triton backend's TMA kernel on every conv it takes (the stride-1 ones past the stem)
+    from tlcore.kernels import int8_conv_tma
+
+    if int8_conv_tma.TensorDescriptor is not None and not torch.cuda.is_available():
+        launches = []
+        launcher = int8_conv_tma.int8_conv2d_tma
+        monkeypatch.setattr(int8_conv_tma, "int8_conv2d_tma", lambda *a, **k: launches.append(1) or launcher(*a, **k))
+        monkeypatch.setenv(q8.TRITON_KERNEL_ENV, "tma")
+        outputs["triton-tma"] = features_and_logits(qmodels["triton"], x)
+        assert launches
     for name, out in outputs.items():
         assert_same_model_outputs(out, outputs["torch"], name)
 
