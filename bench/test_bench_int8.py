@@ -245,7 +245,7 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
     tile config differs) against the other GPU backend where there is one. "triton": the Triton
     backend's pointer-fed kernels (its pointwise row-tile loop kernel where it applies, else the
     general kernel); "triton-general": the general kernel on the convs the pointwise one takes;
-    "triton-tma": its TMA-fed kernel (sm_90+, stride 1, kernels/int8_conv_tma.py)."""
+    "triton-tma": its TMA-fed kernel (sm_90+, kernels/int8_conv_tma.py)."""
     from tlcore import _extension
     from tlcore.backend import select
     from tlcore.kernels import int8_conv
@@ -277,7 +277,8 @@ def test_gpu_int8_conv_layer(benchmark, shape, residual, backend, monkeypatch):
         kernel = "tma" if triton_kernel == "tma" else \
             "pointwise" if _pointwise_kernel_runs(xs[0], weight, shape) else "general"
         benchmark.extra_info["triton_kernel"] = kernel
-        benchmark.extra_info["triton_config"] = _autotuned_config(kernel, pointwise=r == s == 1)
+        pointwise = (r, s, stride, padding) == (1, 1, 1, 0)  # (the TMA kernel's row runs)
+        benchmark.extra_info["triton_config"] = _autotuned_config(kernel, pointwise=pointwise)
 
 
 def _layer_group(shape, residual: bool) -> str:

@@ -1,4 +1,4 @@
-"""Int8 conv fed by the Tensor Memory Accelerator (TMA): stride-1 convs on NHWC tensors, for Hopper GPUs.
+"""Int8 conv fed by the Tensor Memory Accelerator (TMA): stride-1 and -2 convs on NHWC tensors, for Hopper GPUs.
 
     x:          (N, C, H, W)     int8 NHWC (channel stride 1), C a multiple of 16
     weight:     (K, C, R, S)     int8 channels_last, in [-127, 127]
@@ -21,8 +21,15 @@ tensor-core operand in shared memory through a reshape of the loaded box only on
 (memdesc_reshape; on the A side the box goes through registers), so the pixel box is B (the wgmma's
 N: any multiple of 8 pixels) and the weights (A) come as a plain 2-D box of the (K, R*S*C) matrix.
 
-Pointwise convs (1x1, unpadded) on tensors whose pixels lie in row order see x and out as one
-image of one row of M pixels: their tiles are runs of BLOCK_M rows, with no waste at image edges.
+Pointwise convs (1x1, stride 1, unpadded) on tensors whose pixels lie in row order see x and out as
+one image of one row of M pixels: their tiles are runs of BLOCK_M rows, with no waste at image edges.
+
+Stride 2 (ResNets' downsampling 3x3 and 1x1 convs; even H and W, dense pixels): a TMA box steps
+through memory one element at a time, so x is seen as (N, H/2, 2, W/2, 2C): input row 2i + p is
+(i, p), and pixel 2j + q's channels start at q*C of column j. A tap at row offset d from 2*oh then
+reads rows (oh + floor(d/2), d mod 2) of every output row oh, one box again, zero-filled where
+oh + floor(d/2) leaves the image exactly where 2*oh + d does. A box of channels must then stay
+within one pixel's C (C a multiple of every BLOCK_K, STRIDED_CHANNELS).
 """
 import torch
 import triton
@@ -39,6 +46,7 @@ except ImportError:
     TensorDescriptor = None
 
 _ALIGN = 16  # bytes: TMA wants 16-byte aligned bases and strides
+STRIDED_CHANNELS = 128  # stride-2 convs need C a multiple of this: the largest BLOCK_K of _configs
 
 
 def _configs(pointwise: bool):
@@ -60,13 +68,16 @@ def _configs(pointwise: bool):
 def _set_box_shapes(nargs: dict) -> None:
     """The autotuner's pre-hook: each descriptor's box for this config (they are made before one is chosen)."""
     pixels = [nargs["TILE_N"], nargs["TILE_H"], nargs["TILE_W"]]
-    nargs["x_desc"].block_shape = pixels + [nargs["BLOCK_K"]]
+    strided = len(nargs["x_desc"].shape) == 5  # (N, H/2, 2, W/2, 2C): one row of each pair a box
+    if strided and nargs["C"] % nargs["BLOCK_K"]:  # (a box would reach into the next pixel's channels)
+        raise RuntimeError(f"BLOCK_K {nargs['BLOCK_K']} does not divide STRIDED_CHANNELS {STRIDED_CHANNELS}")
+    nargs["x_desc"].block_shape = (pixels[:2] + [1] + pixels[2:] if strided else pixels) + [nargs["BLOCK_K"]]
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
     nargs["res_desc"].block_shape = pixels + [nargs["BLOCK_N"]]
     nargs["out_desc"].block_shape = pixels + [nargs["BLOCK_N"]]
 
 
-_KEY = ["N", "OH", "OW", "K", "C", "R", "S", "PADDED", "HAS_RESIDUAL", "SHIFT_ROUTE"]
+_KEY = ["N", "OH", "OW", "K", "C", "R", "S", "STRIDE", "PADDED", "HAS_RESIDUAL", "SHIFT_ROUTE"]
 
 
 @triton.jit
@@ -74,7 +85,8 @@ def _int8_conv_tma_body(
     x_desc, w_desc, res_desc, out_desc, mult_ptr, offset_ptr, corr_ptr,
     N, OH, OW, K, C, pad_h, pad_w, dil_h, dil_w,
     shift, res_multiplier, out_zero, out_min, out_max, top_h, bottom_h, top_w, bottom_w,
-    R: tl.constexpr, S: tl.constexpr, PADDED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SHIFT_ROUTE: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PADDED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SHIFT_ROUTE: tl.constexpr,
     BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program: BLOCK_N output channels of a TILE_N x TILE_H x TILE_W box of output pixels.
@@ -119,7 +131,14 @@ def _int8_conv_tma_body(
         r = tap // S
         s = tap - r * S
         w = w_desc.load([k0, tap * C + c0])
-        px = x_desc.load([n0, oh0 + r * dil_h - pad_h, ow0 + s * dil_w - pad_w, c0])
+        dh = r * dil_h - pad_h  # the tap's offset from the output pixel's row (times STRIDE), and column
+        dw = s * dil_w - pad_w
+        if STRIDE == 1:
+            px = x_desc.load([n0, oh0 + dh, ow0 + dw, c0])
+        else:  # x as (N, H/2, 2, W/2, 2C); the offsets made non-negative first, so that // and % floor
+            dh += 2 * pad_h
+            dw += 2 * pad_w
+            px = x_desc.load([n0, oh0 + dh // 2 - pad_h, dh % 2, ow0 + dw // 2 - pad_w, dw % 2 * C + c0])
         acc = tl.dot(w, tl.reshape(px, (BLOCK_M, BLOCK_K)).T, acc, out_dtype=tl.int32)
 
     multiplier = tl.load(mult_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
@@ -149,15 +168,20 @@ def _pixel_strides(t) -> tuple[int, int, int]:
 
 def _nhwc_box_ready(t) -> bool:
     """Whether TMA can read or write t (N, C, H, W) int8 as a 4-D (N, H, W, C) tensor: unit channel
-    stride, 16-byte aligned base and strides."""
-    return t.stride(1) == 1 and all(v % _ALIGN == 0 for v in (t.data_ptr(), t.shape[1], *_pixel_strides(t)))
+    stride, 16-byte aligned base and strides, none 0 (an expanded tensor)."""
+    strides = _pixel_strides(t)
+    return t.stride(1) == 1 and min(strides) > 0 and all(v % _ALIGN == 0 for v in (t.data_ptr(), t.shape[1], *strides))
 
 
 def tma_applies(x, weight, residual, out, stride, groups) -> bool:
     """Whether int8_conv2d_tma runs this conv: Triton with tensor descriptors; a CUDA device of compute
-    capability 9+ (or the interpreter); stride 1, ungrouped; x, the weight, out and the residual NHWC
-    (channels_last) with 16-byte aligned strides (C and K multiples of 16)."""
-    if TensorDescriptor is None or groups != 1 or tuple(stride) != (1, 1):
+    capability 9+ (or the interpreter); ungrouped; x, the weight, out and the residual NHWC
+    (channels_last) with 16-byte aligned strides (C and K multiples of 16); stride 1, or stride 2 on
+    even H and W with x's pixels C apart and C a multiple of STRIDED_CHANNELS."""
+    if TensorDescriptor is None or groups != 1 or tuple(stride) not in ((1, 1), (2, 2)):
+        return False
+    n, c, h, w = x.shape
+    if tuple(stride) == (2, 2) and (h % 2 or w % 2 or c % STRIDED_CHANNELS or _pixel_strides(x)[2] != c):
         return False
     if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
@@ -166,13 +190,16 @@ def tma_applies(x, weight, residual, out, stride, groups) -> bool:
     return weight_rows_ready and all(_nhwc_box_ready(t) for t in (x, out) + (() if residual is None else (residual,)))
 
 
-def _pixel_grid(t, pointwise: bool) -> tuple[list[int], list[int]]:
+def _pixel_grid(t, pointwise: bool = False, strided: bool = False) -> tuple[list[int], list[int]]:
     """t (N, C, H, W) as the descriptors' (N, H, W, C) shape and strides; for a pointwise conv one image
-    of one row of N*H*W pixels (t's pixels in row order)."""
+    of one row of N*H*W pixels (t's pixels in row order); for a stride-2 conv's x, (N, H/2, 2, W/2, 2C)
+    (even H and W, pixels C apart)."""
     n, c, h, w = t.shape
     s_n, s_h, s_w = _pixel_strides(t)
     if pointwise:
         return [1, 1, n * h * w, c], [n * h * w * s_w, n * h * w * s_w, s_w, 1]
+    if strided:
+        return [n, h // 2, 2, w // 2, 2 * c], [s_n, 2 * s_h, s_h, 2 * s_w, 1]
     return [n, h, w, c], [s_n, s_h, s_w, 1]
 
 
@@ -185,15 +212,16 @@ def int8_conv2d_tma(x, x_zero, weight, multiplier, offset, shift, residual, res_
     out_min = max(out_zero, -128) if relu else -128
     k, c, r, s = weight.shape
     _, _, oh, ow = out.shape
-    pointwise = (r, s) == (1, 1) and tuple(padding) == (0, 0) \
+    strided = tuple(stride) == (2, 2)
+    pointwise = (r, s) == (1, 1) and tuple(padding) == (0, 0) and not strided \
         and all(pixel_rows(t) for t in (x, out) + (() if residual is None else (residual,)))
     padded = padding[0] > 0 or padding[1] > 0
     corr, border = multiplier, (0, 0, 0, 0)  # (corr is never read unpadded)
     if padded:
-        corr, border = (corrections or border_corrections)(weight, x_zero, x.shape[2:], (oh, ow), (1, 1), padding,
+        corr, border = (corrections or border_corrections)(weight, x_zero, x.shape[2:], (oh, ow), stride, padding,
                                                            dilation)
     placeholder = [1, 1, 1, _ALIGN]  # every box is set per config (_set_box_shapes)
-    x_desc = TensorDescriptor(x, *_pixel_grid(x, pointwise), placeholder)
+    x_desc = TensorDescriptor(x, *_pixel_grid(x, pointwise, strided), [1] * strided + placeholder)
     out_shape, out_strides = _pixel_grid(out, pointwise)
     out_desc = TensorDescriptor(out, out_shape, out_strides, placeholder)
     res_desc = out_desc if residual is None else TensorDescriptor(residual, *_pixel_grid(residual, pointwise),
@@ -210,5 +238,5 @@ def int8_conv2d_tma(x, x_zero, weight, multiplier, offset, shift, residual, res_
         x_desc, w_desc, res_desc, out_desc, multiplier, offset, corr,
         grid_n, grid_h, grid_w, k, c, padding[0], padding[1], dilation[0], dilation[1],
         shift, res_multiplier, out_zero, out_min, out_max, *border,
-        R=r, S=s, PADDED=padded, HAS_RESIDUAL=residual is not None, SHIFT_ROUTE=shift_route(shift),
+        R=r, S=s, STRIDE=stride[0], PADDED=padded, HAS_RESIDUAL=residual is not None, SHIFT_ROUTE=shift_route(shift),
     )

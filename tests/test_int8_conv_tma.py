@@ -21,6 +21,7 @@ CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (2, 32, 9, 11, 48, 3, 3, 1, 1, 1),      # partial boxes in both directions
     (1, 16, 7, 7, 16, 3, 3, 1, 1, 1),       # batch 1, a 7x7 map
     (1, 48, 10, 9, 80, 3, 3, 1, 2, 2),      # dilation; two channel tiles, the second partial
+    (2, 32, 9, 11, 48, 3, 3, 1, (1, 2), (1, 2)),  # dilation and padding differing by direction
     (3, 16, 5, 5, 16, 1, 3, 1, (0, 1), 1),  # asymmetric kernel and padding
     (2, 32, 6, 5, 16, 3, 3, 1, 0, 1),       # unpadded 3x3
     (2, 16, 6, 7, 32, 5, 5, 1, 2, 1),       # 5x5
@@ -28,6 +29,10 @@ CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (1, 512, 3, 3, 32, 3, 3, 1, 1, 1),      # K = 3*3*512 = 4608, the deepest ResNet reduction
     (3, 32, 1, 1, 16, 1, 1, 1, 0, 1),       # 1x1 images: torch's channels_last strides of H and W are 1
     (2, 32, 1, 1, 16, 3, 3, 1, 1, 1),       # ... and a padded conv on them (the image grid, not pixel rows)
+    (2, 128, 8, 10, 48, 3, 3, 2, 1, 1),     # stride 2: x as pairs of rows and of pixels; odd output width
+    (1, 128, 6, 6, 64, 1, 1, 2, 0, 1),      # a downsampling 1x1
+    (2, 128, 10, 8, 16, 3, 3, 2, 2, 2),     # stride 2, dilation 2: every tap on an even offset
+    (2, 256, 8, 6, 32, 5, 5, 2, 2, 1),      # 5x5 stride 2: taps two pairs away
 ]
 
 
@@ -101,21 +106,35 @@ def test_tma_kernel_on_views(layout):
 
 
 def test_tma_applies_only_where_boxes_fit():
-    """The TMA kernel takes stride-1 ungrouped convs whose tensors are NHWC with 16-byte aligned strides;
+    """The TMA kernel takes ungrouped convs whose tensors are NHWC with 16-byte aligned strides, of
+    stride 1, or of stride 2 where x's rows and pixels pair up and a channel box stays in its pixel;
     the launcher refuses the rest with a ValueError rather than read through a wrong box."""
     c = on_device(nhwc_case(2, 32, 6, 6, 16, 3, 3, padding=1), DEVICE)
     x, weight, res = c["x"], c["weight"].contiguous(memory_format=torch.channels_last), c["residual"]
     out = torch.empty(2, 16, 6, 6, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
     assert T.tma_applies(x, weight, res, out, (1, 1), 1)
     wide = torch.zeros(2, 40, 6, 6, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x128 = torch.zeros(2, 128, 6, 6, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w128 = torch.zeros(16, 128, 3, 3, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    out2 = out[:, :, :3, :3]
+    out24 = torch.empty(2, 24, 6, 6, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    assert T.tma_applies(x128, w128, None, out2, (2, 2), 1)
     refused = {
-        "stride 2": (x, weight, res, out, (2, 2), 1),
+        "stride 3": (x, weight, res, out, (3, 3), 1),
+        "stride (1, 2)": (x, weight, res, out, (1, 2), 1),
+        "stride 2 on 32 channels": (x, weight, None, out2, (2, 2), 1),
+        "stride 2 on odd rows": (x128[:, :, :5], w128, None, out2, (2, 2), 1),
+        "stride 2 on odd columns": (x128[..., :5], w128, None, out2, (2, 2), 1),
+        "stride 2, pixels 256 channels apart": (torch.cat([x128, x128], 1)[:, :128], w128, None, out2, (2, 2), 1),
         "groups": (x, weight, res, out, (1, 1), 2),
         "NCHW x": (x.contiguous(), weight, res, out, (1, 1), 1),
         "NCHW weight": (x, weight.contiguous(), res, out, (1, 1), 1),
         "NCHW residual": (x, weight, res.contiguous(), out, (1, 1), 1),
         "x's pixels 40 bytes apart": (wide[:, :32], weight, res, out, (1, 1), 1),
         "8 channels": (x[:, :8], weight[:, :8], res, out, (1, 1), 1),
+        "24 output channels": (x, weight, None, out24, (1, 1), 1),
+        "a base 8 bytes past alignment": (torch.cat([x, x], 1)[:, 8:40], weight, res, out, (1, 1), 1),
+        "an expanded x": (x[:1].expand(2, -1, -1, -1), weight, res, out, (1, 1), 1),
     }
     for what, args in refused.items():
         assert not T.tma_applies(*args), what
@@ -130,7 +149,7 @@ def test_op_runs_the_forced_triton_kernel(forced, monkeypatch):
     call launches the tuned config directly, with its boxes set), and the general one elsewhere."""
     calls = []
     launcher = T.int8_conv2d_tma
-    monkeypatch.setattr(T, "int8_conv2d_tma", lambda *a, **k: calls.append(a[9]) or launcher(*a, **k))
+    monkeypatch.setattr(T, "int8_conv2d_tma", lambda *a, **k: calls.append(1) or launcher(*a, **k))
     monkeypatch.setenv(q8.TRITON_KERNEL_ENV, forced)
     for case, applies in [((2, 32, 7, 9, 48, 3, 3, 1, 1, 1), True), ((2, 16, 9, 9, 16, 3, 3, 2, 1, 1), False)]:
         c = make_case(*case)
@@ -147,15 +166,21 @@ def test_op_runs_the_forced_triton_kernel(forced, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_triton_kernel_timed_once_per_call_configuration(monkeypatch):
-    """Unforced on sm_90, a call configuration's first Triton call times both kernels (neither fails)
-    and keeps the faster; both give the reference's codes on ResNet-50 shapes, and so does the choice."""
+    """Unforced on sm_90, a call configuration's first Triton call times both kernels (neither fails:
+    the TMA kernel's codes equal the pointer kernels') and keeps the faster; a second call times
+    nothing. Both kernels, and the choice, give the reference's codes on ResNet-50 shapes."""
     from tlcore import backend
 
     monkeypatch.delenv(q8.TRITON_KERNEL_ENV, raising=False)
     monkeypatch.delenv(backend.TIMING_ENV, raising=False)
     monkeypatch.setattr(backend, "_fastest", {})
-    for shape in [(8, 64, 56, 56, 64, 3, 3, 1, 1, 1), (8, 256, 14, 14, 1024, 1, 1, 1, 0, 1),
-                  (4, 512, 7, 7, 512, 3, 3, 1, 1, 1), (8, 128, 28, 28, 128, 3, 3, 1, 1, 1)]:
+    timed = []
+    median_ms = backend._median_ms
+    monkeypatch.setattr(backend, "_median_ms", lambda call, device: timed.append(1) or median_ms(call, device))
+    shapes = [(8, 64, 56, 56, 64, 3, 3, 1, 1, 1), (8, 256, 14, 14, 1024, 1, 1, 1, 0, 1),
+              (4, 512, 7, 7, 512, 3, 3, 1, 1, 1), (8, 128, 28, 28, 128, 3, 3, 1, 1, 1),
+              (8, 256, 28, 28, 256, 3, 3, 2, 1, 1), (8, 512, 28, 28, 1024, 1, 1, 2, 0, 1)]
+    for shape in shapes:
         c = make_case(*shape)
         ref = reference(c)
         c = on_device(c, "cuda")
@@ -166,6 +191,35 @@ def test_gpu_triton_kernel_timed_once_per_call_configuration(monkeypatch):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert_bit_exact(run(c, "triton").cpu(), ref, f"timed {shape}")
+            timings = len(timed)
+            assert_bit_exact(run(c, "triton").cpu(), ref, f"chosen {shape}")
         assert not [w for w in caught if "failed while timed" in str(w.message)]
+        assert len(timed) == timings > 0, shape
     choices = [name for entry, name in backend.fastest_choices().items() if entry[0] == q8.TRITON_CONV_KERNEL]
-    assert len(choices) == 4 and set(choices) <= {"tma", "pointers"}, choices
+    assert len(choices) == len(shapes) and set(choices) <= {"tma", "pointers"}, choices
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_tma_kernel_that_disagrees_is_not_chosen(monkeypatch):
+    """Before it is timed, the TMA kernel's codes are compared with the pointer kernels': one wrong code
+    and it is no candidate, with a warning, and the call's codes are right."""
+    from tlcore import backend
+
+    monkeypatch.delenv(q8.TRITON_KERNEL_ENV, raising=False)
+    monkeypatch.delenv(backend.TIMING_ENV, raising=False)
+    monkeypatch.setattr(backend, "_fastest", {})
+    monkeypatch.setattr(backend, "_warned", set())
+    launcher = T.int8_conv2d_tma
+
+    def off_by_one(*args, **kwargs):
+        launcher(*args, **kwargs)
+        args[14].view(-1)[0] += 1  # (out)
+
+    monkeypatch.setattr(T, "int8_conv2d_tma", off_by_one)
+    c = make_case(8, 64, 14, 14, 64, 3, 3, padding=1)
+    ref = reference(c)
+    with pytest.warns(UserWarning, match="tma kernel failed while timed.*differ from the pointer kernels"):
+        assert_bit_exact(run(on_device(c, "cuda"), "triton").cpu(), ref, "after a wrong TMA kernel")
+    choices = [name for entry, name in backend.fastest_choices().items() if entry[0] == q8.TRITON_CONV_KERNEL]
+    assert choices == ["pointers"]

@@ -145,27 +145,28 @@ def test_every_pointwise_int8_config_pipelines_its_row_tiles_on_hopper(monkeypat
         assert (result["async_copies"] > 0) == (config.kwargs["TILES"] > 1), f"{what}: {result['async_copies']}"
 
 
-def tma_case(config, taps, padded, residual, shift_route):
+def tma_case(config, taps, padded, residual, shift_route, stride=1):
     """The TMA int8 conv (kernels/int8_conv_tma.py) with this autotune config's boxes."""
     meta = config.kwargs
     pixels = f"{meta['TILE_N']}, {meta['TILE_H']}, {meta['TILE_W']}"
-    types = {"x_desc": f"tensordesc<i8[{pixels}, {meta['BLOCK_K']}]>",
+    x_pixels = f"{meta['TILE_N']}, {meta['TILE_H']}, 1, {meta['TILE_W']}" if stride == 2 else pixels
+    types = {"x_desc": f"tensordesc<i8[{x_pixels}, {meta['BLOCK_K']}]>",
              "w_desc": f"tensordesc<i8[{meta['BLOCK_N']}, {meta['BLOCK_K']}]>",
              "res_desc": f"tensordesc<i8[{pixels}, {meta['BLOCK_N']}]>",
              "out_desc": f"tensordesc<i8[{pixels}, {meta['BLOCK_N']}]>",
              "mult_ptr": "*i32", "offset_ptr": "*i64", "corr_ptr": "*i32"}
     return {"kernel": "tlcore.kernels.int8_conv_tma:_int8_conv_tma_body", "target": 90,
             "num_warps": config.num_warps, "num_stages": config.num_stages, "types": types,
-            "constexprs": {"R": taps, "S": taps, "PADDED": padded, "HAS_RESIDUAL": residual,
+            "constexprs": {"R": taps, "S": taps, "STRIDE": stride, "PADDED": padded, "HAS_RESIDUAL": residual,
                            "SHIFT_ROUTE": shift_route, **meta},
             "divisible_by_16": ["mult_ptr", "offset_ptr", "corr_ptr", "K", "C"]}
 
 
 def test_every_tma_int8_config_compiles_well_on_hopper(monkeypatch):
-    """Every autotune config of the TMA int8 conv, 3x3 padded and pointwise, with and without a residual:
-    TMA copies, wgmma with the image-grid box reshaped in shared memory (not sent through registers), no
-    spills, within shared memory. And at most 168 registers a thread: from a constant-zero accumulator
-    Triton compiled the unpadded loop with ~200 (2 fewer CTAs of 4 warps per SM; the kernel's comment)."""
+    """Every autotune config of the TMA int8 conv, 3x3 padded (stride 1 and 2) and pointwise, with and
+    without a residual: TMA copies, wgmma with the image-grid box reshaped in shared memory (not sent
+    through registers), no spills, within shared memory. And at most 168 registers a thread: from a
+    constant-zero accumulator Triton compiled the unpadded loop with ~200 (the kernel's comment)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("TLCORE_AUTOTUNE", raising=False)
     int8_conv_tma = importlib.import_module("tlcore.kernels.int8_conv_tma")
@@ -173,6 +174,7 @@ def test_every_tma_int8_config_compiles_well_on_hopper(monkeypatch):
         pytest.skip("this Triton has no tensor descriptors")
     cases = [(config, 3, True, residual, route) for config in int8_conv_tma._configs(pointwise=False)
              for residual, route in ((False, "high"), (True, "split"))]
+    cases += [(config, 3, True, False, "high", 2) for config in int8_conv_tma._configs(pointwise=False)]
     cases += [(config, 1, False, residual, route) for config in int8_conv_tma._configs(pointwise=True)
               for residual, route in ((False, "high"), (True, "split"))]
     for case, result in zip(cases, run_cases([tma_case(*case) for case in cases])):

@@ -176,7 +176,7 @@ def fastest_of(entry: tuple[str, torch.device, Hashable], candidates: Mapping[st
             times[name] = _median_ms(call, device)
         except Exception as error:  # noqa: BLE001 - a kernel refusing the call (Triton's errors too) is no candidate
             _warn_once((entry[0], name, "timing"), f"tlcore: {entry[0]}'s {name} kernel failed while timed, so it "
-                                                   f"was not chosen: {type(error).__name__}: {error}")
+                                                   f"was not chosen: {type(error).__name__}: {error}", stacklevel=5)
     if not times:  # nothing measured (e.g. out of memory for the timing)
         return None
     _fastest[entry] = min(times, key=times.get)
@@ -197,7 +197,7 @@ def _median_ms(call: Callable[[], object], device: torch.device) -> float:
         return float(do_bench(call, warmup=5, rep=20, return_mode="median"))
 
 
-def _warn_once(key: tuple[str, str, str], message: str) -> None:
+def _warn_once(key: tuple[str, str, str], message: str, stacklevel: int = 4) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, stacklevel=4)
+        warnings.warn(message, stacklevel=stacklevel)

@@ -63,7 +63,7 @@ WINOGRAD_2X4_MAX_CHANNELS = (2**27 - 1) // (128 * 128 * 9)
 # compute capability >= 8.0, dp4a below. Read by the C++ launcher on every call (csrc/int8_conv.h).
 CUDA_KERNEL_ENV = "TLCORE_INT8_CUDA_KERNEL"
 # The Triton backend's two int8 conv kernels: "pointers" (kernels/int8_conv.py: any conv) and "tma"
-# (kernels/int8_conv_tma.py: stride-1 ungrouped NHWC convs on sm_90+). Unforced, a GPU times both on
+# (kernels/int8_conv_tma.py: ungrouped NHWC convs of stride 1 or 2 on sm_90+). Unforced, a GPU times both on
 # a call configuration's first call where both apply; elsewhere "pointers" runs.
 TRITON_KERNEL_ENV = "TLCORE_INT8_TRITON_KERNEL"
 TRITON_CONV_KERNEL = "int8_conv2d (Triton kernel)"  # backend.fastest_of's op name for that choice
@@ -366,8 +366,11 @@ def _int8_conv2d_impl(
 
 def _triton_int8_conv2d(x: torch.Tensor, args: tuple, out: torch.Tensor, groups: int, key: tuple | None) -> None:
     """Run the Triton int8 conv into `out` (args: the launchers' arguments after x, weight channels_last)
-    on the kernel TRITON_KERNEL_ENV forces, else on the one of triton_conv_kernels' measured fastest
-    for this call's key (GPUs), else on the first."""
+    on the kernel TRITON_KERNEL_ENV forces where it applies; else, where both apply on a GPU, on the
+    one measured faster for this call's key (backend.fastest_of); else on the pointer kernels.
+
+    Before the TMA kernel is timed for a key, its codes must equal the pointer kernels' on the call's
+    tensors: where they differ it raises, which makes it no candidate (with a warning)."""
     from tlcore.kernels.int8_conv import int8_conv2d as on_pointers
     from tlcore.kernels.int8_conv_tma import int8_conv2d_tma, tma_applies
 
@@ -376,17 +379,38 @@ def _triton_int8_conv2d(x: torch.Tensor, args: tuple, out: torch.Tensor, groups:
                               else [])
     # (traced, the corrections are part of the graph: computed where it runs)
     corrections = None if traced(x) else cached_border_corrections
-    run = lambda kernel: (int8_conv2d_tma if kernel == "tma" else on_pointers)(  # noqa: E731
-        x, *args, out, groups, corrections=corrections)
-    kernel = os.environ.get(TRITON_KERNEL_ENV) or None
-    if kernel not in (None, "pointers", "tma"):
-        raise ValueError(f"{TRITON_KERNEL_ENV}={kernel!r}; choose pointers or tma")
+
+    def run(kernel: str, into: torch.Tensor = out) -> None:
+        launcher = int8_conv2d_tma if kernel == "tma" else on_pointers
+        launcher(x, *args, into, groups, corrections=corrections)
+
+    checked: list[bool] = []
+
+    def tma_checked_once() -> None:  # (do_bench's first, untimed call does the check)
+        if not checked:
+            expected = torch.empty_like(out)
+            run("pointers", expected)
+            run("tma")
+            if not torch.equal(out, expected):
+                raise RuntimeError("its codes differ from the pointer kernels' on this call")
+            checked.append(True)
+        run("tma")
+
+    kernel = forced_triton_kernel()
     if kernel not in kernels:  # nothing forced, or a kernel that cannot run this call
         kernel = kernels[0]
         if len(kernels) > 1 and key is not None and x.is_cuda and os.environ.get(backend.TIMING_ENV) != "0":
-            kernel = backend.fastest_of((TRITON_CONV_KERNEL, x.device, key),
-                                        {name: functools.partial(run, name) for name in kernels}, x.device) or kernel
+            candidates = {"pointers": functools.partial(run, "pointers"), "tma": tma_checked_once}
+            kernel = backend.fastest_of((TRITON_CONV_KERNEL, x.device, key), candidates, x.device) or kernel
     run(kernel)
+
+
+def forced_triton_kernel() -> str | None:
+    """The Triton int8 conv kernel TRITON_KERNEL_ENV forces (None: unset), checked."""
+    kernel = os.environ.get(TRITON_KERNEL_ENV) or None
+    if kernel not in (None, "pointers", "tma"):
+        raise ValueError(f"{TRITON_KERNEL_ENV}={kernel!r}; choose pointers or tma")
+    return kernel
 
 
 _int8_conv2d_op = triton_op("tlcore::int8_conv2d", mutates_args=())(_int8_conv2d_impl)
@@ -399,7 +423,7 @@ def _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out
     not know (torch's allocations are 512-byte aligned; views may not be)."""
     key = (tuple(x.shape), tuple(x.stride()), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
            groups, shift, relu, out_max, None if residual is None else tuple(residual.stride()),
-           os.environ.get(CUDA_KERNEL_ENV), os.environ.get(TRITON_KERNEL_ENV))
+           os.environ.get(CUDA_KERNEL_ENV), forced_triton_kernel())
     try:
         hash(key)  # symbolic sizes are unhashable
     except TypeError:
