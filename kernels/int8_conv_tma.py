@@ -53,11 +53,13 @@ def _configs(pointwise: bool):
     # (BLOCK_N, TILE_N, TILE_H, TILE_W, BLOCK_K, num_stages, num_warps). Spatial tiles: 8x8 divides
     # 56x56 exactly, 4x32 and 8x16 suit 28 and 14-wide maps (2 of 32 or 16 columns idle), 2x8x8 puts
     # two 7x7 images in a tile. Pointwise tiles are rows (TILE_N = TILE_H = 1); runs of 256 spill with
-    # a residual. Each compiles without spills on sm_90 (tests/test_kernel_compile.py).
+    # a residual. Each compiles without spills on sm_90 (tests/test_kernel_compile.py). Triton waits for
+    # each wgmma with an int32 accumulator before the next (no fp32 accumulator, no overlap: its
+    # WGMMAPipeline's rule), so BLOCK_K 128 halves those waits where C allows.
     shapes = [(128, 1, 1, 128, 64, 4, 8), (64, 1, 1, 128, 64, 4, 4), (128, 1, 1, 128, 128, 3, 8),
-              (128, 1, 1, 64, 64, 4, 4), (64, 1, 1, 64, 64, 6, 4)] if pointwise else \
+              (64, 1, 1, 128, 128, 3, 4), (128, 1, 1, 64, 64, 4, 4), (64, 1, 1, 64, 64, 6, 4)] if pointwise else \
              [(128, 1, 8, 16, 64, 4, 8), (64, 1, 8, 16, 64, 4, 4), (128, 1, 8, 8, 64, 4, 4), (128, 1, 4, 32, 64, 4, 8),
-              (128, 2, 8, 8, 64, 4, 8), (128, 1, 8, 16, 128, 3, 8)]
+              (128, 2, 8, 8, 64, 4, 8), (128, 1, 8, 16, 128, 3, 8), (128, 1, 8, 8, 128, 3, 4), (128, 2, 8, 8, 128, 3, 8)]
     return tuned_configs([triton.Config({"BLOCK_N": bn, "TILE_N": tn, "TILE_H": th, "TILE_W": tw, "BLOCK_K": bk},
                                         num_stages=st, num_warps=wp, pre_hook=_set_box_shapes)
                           for bn, tn, th, tw, bk, st, wp in shapes],
