@@ -232,7 +232,7 @@ def _tma_kernel_runs(x, weight, shape) -> bool:
     oh, ow = output_size(h, r, stride, padding, 1), output_size(w, s, stride, padding, 1)
     out = torch.empty((x.shape[0], k, oh, ow), dtype=torch.int8, device=x.device).contiguous(
         memory_format=torch.channels_last)
-    return tma_applies(x, weight.contiguous(memory_format=torch.channels_last), None, out, (stride, stride), 1)
+    return tma_applies(x, weight.contiguous(memory_format=torch.channels_last), None, out, (stride, stride), (1, 1), 1)
 
 
 @needs_gpu

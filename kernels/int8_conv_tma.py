@@ -30,8 +30,13 @@ through memory one element at a time, so x is seen as (N, H/2, 2, W/2, 2C): inpu
 reads rows (oh + floor(d/2), d mod 2) of every output row oh, one box again, zero-filled where
 oh + floor(d/2) leaves the image exactly where 2*oh + d does. A box of channels must then stay
 within one pixel's C (C a multiple of every BLOCK_K, STRIDED_CHANNELS).
+
+The RGB stem (stride 2, at most STEM_CHANNELS channels: too few for a box) runs as a stride-1 conv on
+a copy of x: padded (with x's zero point) and rearranged space-to-depth, each 2x2 block of pixels
+one pixel of 4 * STEM_CHANNELS channels, with the weight rearranged alike (space_to_depth_operands).
 """
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -47,6 +52,7 @@ except ImportError:
 
 _ALIGN = 16  # bytes: TMA wants 16-byte aligned bases and strides
 STRIDED_CHANNELS = 128  # stride-2 convs need C a multiple of this: the largest BLOCK_K of _configs
+STEM_CHANNELS = 8  # stride-2 convs with at most this many channels run space-to-depth: 4 * 8 = 32 channels
 
 
 def _configs(pointwise: bool):
@@ -59,7 +65,8 @@ def _configs(pointwise: bool):
     shapes = [(128, 1, 1, 128, 64, 4, 8), (64, 1, 1, 128, 64, 4, 4), (128, 1, 1, 128, 128, 3, 8),
               (64, 1, 1, 128, 128, 3, 4), (128, 1, 1, 64, 64, 4, 4), (64, 1, 1, 64, 64, 6, 4)] if pointwise else \
              [(128, 1, 8, 16, 64, 4, 8), (64, 1, 8, 16, 64, 4, 4), (128, 1, 8, 8, 64, 4, 4), (128, 1, 4, 32, 64, 4, 8),
-              (128, 2, 8, 8, 64, 4, 8), (128, 1, 8, 16, 128, 3, 8), (128, 1, 8, 8, 128, 3, 4), (128, 2, 8, 8, 128, 3, 8)]
+              (128, 2, 8, 8, 64, 4, 8), (128, 1, 8, 16, 128, 3, 8), (128, 1, 8, 8, 128, 3, 4),
+              (128, 2, 8, 8, 128, 3, 8)]
     return tuned_configs([triton.Config({"BLOCK_N": bn, "TILE_N": tn, "TILE_H": th, "TILE_W": tw, "BLOCK_K": bk},
                                         num_stages=st, num_warps=wp, pre_hook=_set_box_shapes)
                           for bn, tn, th, tw, bk, st, wp in shapes],
@@ -175,21 +182,56 @@ def _nhwc_box_ready(t) -> bool:
     return t.stride(1) == 1 and min(strides) > 0 and all(v % _ALIGN == 0 for v in (t.data_ptr(), t.shape[1], *strides))
 
 
-def tma_applies(x, weight, residual, out, stride, groups) -> bool:
+def tma_applies(x, weight, residual, out, stride, dilation, groups) -> bool:
     """Whether int8_conv2d_tma runs this conv: Triton with tensor descriptors; a CUDA device of compute
-    capability 9+ (or the interpreter); ungrouped; x, the weight, out and the residual NHWC
-    (channels_last) with 16-byte aligned strides (C and K multiples of 16); stride 1, or stride 2 on
-    even H and W with x's pixels C apart and C a multiple of STRIDED_CHANNELS."""
-    if TensorDescriptor is None or groups != 1 or tuple(stride) not in ((1, 1), (2, 2)):
-        return False
-    n, c, h, w = x.shape
-    if tuple(stride) == (2, 2) and (h % 2 or w % 2 or c % STRIDED_CHANNELS or _pixel_strides(x)[2] != c):
+    capability 9+ (or the interpreter); ungrouped; the weight, out and the residual NHWC (channels_last)
+    with 16-byte aligned strides (K a multiple of 16); and x likewise (C a multiple of 16) at stride 1,
+    or at stride 2 on even H and W with x's pixels C apart and C a multiple of STRIDED_CHANNELS; or x
+    of at most STEM_CHANNELS channels, any layout, at stride 2 without dilation (space_to_depth_operands)."""
+    if TensorDescriptor is None or groups != 1:
         return False
     if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
+    if not all(_nhwc_box_ready(t) for t in (out,) + (() if residual is None else (residual,))):
+        return False
+    if _space_to_depth_applies(x, stride, dilation):
+        return True
+    n, c, h, w = x.shape
+    if tuple(stride) not in ((1, 1), (2, 2)):
+        return False
+    if tuple(stride) == (2, 2) and (h % 2 or w % 2 or c % STRIDED_CHANNELS or _pixel_strides(x)[2] != c):
+        return False
     weight_rows_ready = weight.is_contiguous(memory_format=torch.channels_last) and \
         weight.data_ptr() % _ALIGN == 0 and weight.shape[1] % _ALIGN == 0  # (K, R*S*C) rows, 16-byte aligned
-    return weight_rows_ready and all(_nhwc_box_ready(t) for t in (x, out) + (() if residual is None else (residual,)))
+    return weight_rows_ready and _nhwc_box_ready(x)
+
+
+def _space_to_depth_applies(x, stride, dilation) -> bool:
+    return x.shape[1] <= STEM_CHANNELS and tuple(stride) == (2, 2) and tuple(dilation) == (1, 1)
+
+
+def space_to_depth_operands(x, weight, x_zero, padding):
+    """A stride-2 conv of x (N, C, H, W) with weight (K, C, R, S), C <= STEM_CHANNELS, as the stride-1,
+    unpadded conv of x2 (N, 4 * STEM_CHANNELS, ceil(H' / 2), ceil(W' / 2)) with w2 (K, 4 * STEM_CHANNELS,
+    ceil(R / 2), ceil(S / 2)), both channels_last; H', W': x's padded sizes.
+
+    x padded with x_zero (the padding written out, rounded up to even sizes; channels to STEM_CHANNELS),
+    then x2[n, (p, q, c), i, j] = x[n, c, 2i + p, 2j + q]. Likewise w2[k, (p, q, c), a, b] =
+    weight[k, c, 2a + p, 2b + q], zero past R, S and C, so that sum over (r, s, c) of
+    x[n, c, 2 oh + r, 2 ow + s] weight[k, c, r, s] is sum over (a, b, (p, q, c)) of
+    x2[n, (p, q, c), oh + a, ow + b] w2[k, (p, q, c), a, b]: the same products, exact.
+    """
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    (ph, pw), more = padding, STEM_CHANNELS - c
+    x = F.pad(x, (pw, pw + (w + 2 * pw) % 2, ph, ph + (h + 2 * ph) % 2, 0, more), value=x_zero)
+    _, _, hp, wp = x.shape
+    blocks = x.permute(0, 2, 3, 1).reshape(n, hp // 2, 2, wp // 2, 2, STEM_CHANNELS)  # (n, i, p, j, q, c)
+    x2 = blocks.permute(0, 1, 3, 2, 4, 5).reshape(n, hp // 2, wp // 2, 4 * STEM_CHANNELS).permute(0, 3, 1, 2)
+    r2, s2 = -(-r // 2), -(-s // 2)
+    weight = F.pad(weight, (0, 2 * s2 - s, 0, 2 * r2 - r, 0, more))  # (k, c, (a, p), (b, q))
+    w2 = weight.reshape(k, STEM_CHANNELS, r2, 2, s2, 2).permute(0, 3, 5, 1, 2, 4).reshape(k, -1, r2, s2)
+    return x2, w2.contiguous(memory_format=torch.channels_last)
 
 
 def _pixel_grid(t, pointwise: bool = False, strided: bool = False) -> tuple[list[int], list[int]]:
@@ -209,8 +251,11 @@ def int8_conv2d_tma(x, x_zero, weight, multiplier, offset, shift, residual, res_
                     stride, padding, dilation, out_max, out, groups=1, corrections=None):
     """Launch the TMA conv, writing `out`: kernels/int8_conv.py's int8_conv2d, for the convs tma_applies
     to (weight channels_last)."""
-    if not tma_applies(x, weight, residual, out, stride, groups):
+    if not tma_applies(x, weight, residual, out, stride, dilation, groups):
         raise ValueError("int8_conv2d_tma: the TMA kernel does not take this conv (tma_applies)")
+    if _space_to_depth_applies(x, stride, dilation):
+        x, weight = space_to_depth_operands(x, weight, x_zero, padding)
+        stride, padding = (1, 1), (0, 0)
     out_min = max(out_zero, -128) if relu else -128
     k, c, r, s = weight.shape
     _, _, oh, ow = out.shape

@@ -33,6 +33,10 @@ CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (1, 128, 6, 6, 64, 1, 1, 2, 0, 1),      # a downsampling 1x1
     (2, 128, 10, 8, 16, 3, 3, 2, 2, 2),     # stride 2, dilation 2: every tap on an even offset
     (2, 256, 8, 6, 32, 5, 5, 2, 2, 1),      # 5x5 stride 2: taps two pairs away
+    (1, 3, 17, 19, 16, 7, 7, 2, 3, 1),      # the RGB stem (space-to-depth), odd sizes
+    (2, 3, 12, 12, 32, 7, 7, 2, 3, 1),      # ... even sizes, 2 images
+    (2, 1, 10, 11, 16, 5, 5, 2, 2, 1),      # one channel, 5x5
+    (1, 8, 6, 6, 16, 1, 1, 2, 0, 1),        # STEM_CHANNELS, 1x1
 ]
 
 
@@ -63,7 +67,7 @@ def test_tma_kernel_bit_exact(case):
     for poison in (85, -42):
         out = poisoned(ref, poison)
         assert T.tma_applies(c["x"], c["weight"].contiguous(memory_format=torch.channels_last), c["residual"], out,
-                             c["stride"], 1)
+                             c["stride"], c["dilation"], 1)
         launch_tma(c, out)
         assert_bit_exact(out.cpu(), ref, f"tma {case}")
 
@@ -107,34 +111,41 @@ def test_tma_kernel_on_views(layout):
 
 def test_tma_applies_only_where_boxes_fit():
     """The TMA kernel takes ungrouped convs whose tensors are NHWC with 16-byte aligned strides, of
-    stride 1, or of stride 2 where x's rows and pixels pair up and a channel box stays in its pixel;
-    the launcher refuses the rest with a ValueError rather than read through a wrong box."""
+    stride 1, or of stride 2 where x's rows and pixels pair up and a channel box stays in its pixel, and
+    stride-2 convs of a few channels (the stem, space-to-depth); the launcher refuses the rest with a
+    ValueError rather than read through a wrong box."""
     c = on_device(nhwc_case(2, 32, 6, 6, 16, 3, 3, padding=1), DEVICE)
     x, weight, res = c["x"], c["weight"].contiguous(memory_format=torch.channels_last), c["residual"]
     out = torch.empty(2, 16, 6, 6, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    assert T.tma_applies(x, weight, res, out, (1, 1), 1)
+    assert T.tma_applies(x, weight, res, out, (1, 1), (1, 1), 1)
     wide = torch.zeros(2, 40, 6, 6, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
     x128 = torch.zeros(2, 128, 6, 6, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
     w128 = torch.zeros(16, 128, 3, 3, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
     out2 = out[:, :, :3, :3]
     out24 = torch.empty(2, 24, 6, 6, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    assert T.tma_applies(x128, w128, None, out2, (2, 2), 1)
+    assert T.tma_applies(x128, w128, None, out2, (2, 2), (1, 1), 1)
+    rgb = torch.zeros(2, 3, 6, 6, dtype=torch.int8, device=DEVICE)  # (NCHW: space_to_depth_operands copies)
+    w_rgb = torch.zeros(16, 3, 3, 3, dtype=torch.int8, device=DEVICE)
+    assert T.tma_applies(rgb, w_rgb, None, out2, (2, 2), (1, 1), 1)
     refused = {
-        "stride 3": (x, weight, res, out, (3, 3), 1),
-        "stride (1, 2)": (x, weight, res, out, (1, 2), 1),
-        "stride 2 on 32 channels": (x, weight, None, out2, (2, 2), 1),
-        "stride 2 on odd rows": (x128[:, :, :5], w128, None, out2, (2, 2), 1),
-        "stride 2 on odd columns": (x128[..., :5], w128, None, out2, (2, 2), 1),
-        "stride 2, pixels 256 channels apart": (torch.cat([x128, x128], 1)[:, :128], w128, None, out2, (2, 2), 1),
-        "groups": (x, weight, res, out, (1, 1), 2),
-        "NCHW x": (x.contiguous(), weight, res, out, (1, 1), 1),
-        "NCHW weight": (x, weight.contiguous(), res, out, (1, 1), 1),
-        "NCHW residual": (x, weight, res.contiguous(), out, (1, 1), 1),
-        "x's pixels 40 bytes apart": (wide[:, :32], weight, res, out, (1, 1), 1),
-        "8 channels": (x[:, :8], weight[:, :8], res, out, (1, 1), 1),
-        "24 output channels": (x, weight, None, out24, (1, 1), 1),
-        "a base 8 bytes past alignment": (torch.cat([x, x], 1)[:, 8:40], weight, res, out, (1, 1), 1),
-        "an expanded x": (x[:1].expand(2, -1, -1, -1), weight, res, out, (1, 1), 1),
+        "stride 3": (x, weight, res, out, (3, 3), (1, 1), 1),
+        "stride (1, 2)": (x, weight, res, out, (1, 2), (1, 1), 1),
+        "stride 2 on 32 channels": (x, weight, None, out2, (2, 2), (1, 1), 1),
+        "stride 2 on odd rows": (x128[:, :, :5], w128, None, out2, (2, 2), (1, 1), 1),
+        "stride 2 on odd columns": (x128[..., :5], w128, None, out2, (2, 2), (1, 1), 1),
+        "stride 2, pixels 256 channels apart":
+            (torch.cat([x128, x128], 1)[:, :128], w128, None, out2, (2, 2), (1, 1), 1),
+        "groups": (x, weight, res, out, (1, 1), (1, 1), 2),
+        "NCHW x": (x.contiguous(), weight, res, out, (1, 1), (1, 1), 1),
+        "NCHW weight": (x, weight.contiguous(), res, out, (1, 1), (1, 1), 1),
+        "NCHW residual": (x, weight, res.contiguous(), out, (1, 1), (1, 1), 1),
+        "x's pixels 40 bytes apart": (wide[:, :32], weight, res, out, (1, 1), (1, 1), 1),
+        "8 channels": (x[:, :8], weight[:, :8], res, out, (1, 1), (1, 1), 1),
+        "24 output channels": (x, weight, None, out24, (1, 1), (1, 1), 1),
+        "a base 8 bytes past alignment": (torch.cat([x, x], 1)[:, 8:40], weight, res, out, (1, 1), (1, 1), 1),
+        "an expanded x": (x[:1].expand(2, -1, -1, -1), weight, res, out, (1, 1), (1, 1), 1),
+        "a stem with dilation": (rgb, w_rgb, None, out2, (2, 2), (2, 2), 1),
+        "12 channels at stride 2": (wide[:, :12], weight[:, :12], None, out2, (2, 2), (1, 1), 1),
     }
     for what, args in refused.items():
         assert not T.tma_applies(*args), what

@@ -63,8 +63,8 @@ WINOGRAD_2X4_MAX_CHANNELS = (2**27 - 1) // (128 * 128 * 9)
 # compute capability >= 8.0, dp4a below. Read by the C++ launcher on every call (csrc/int8_conv.h).
 CUDA_KERNEL_ENV = "TLCORE_INT8_CUDA_KERNEL"
 # The Triton backend's two int8 conv kernels: "pointers" (kernels/int8_conv.py: any conv) and "tma"
-# (kernels/int8_conv_tma.py: ungrouped NHWC convs of stride 1 or 2 on sm_90+). Unforced, a GPU times both on
-# a call configuration's first call where both apply; elsewhere "pointers" runs.
+# (kernels/int8_conv_tma.py: ungrouped NHWC convs of stride 1 or 2, and the stem, on sm_90+). Unforced,
+# a GPU times both on a call configuration's first call where both apply; elsewhere "pointers" runs.
 TRITON_KERNEL_ENV = "TLCORE_INT8_TRITON_KERNEL"
 TRITON_CONV_KERNEL = "int8_conv2d (Triton kernel)"  # backend.fastest_of's op name for that choice
 
@@ -374,9 +374,9 @@ def _triton_int8_conv2d(x: torch.Tensor, args: tuple, out: torch.Tensor, groups:
     from tlcore.kernels.int8_conv import int8_conv2d as on_pointers
     from tlcore.kernels.int8_conv_tma import int8_conv2d_tma, tma_applies
 
-    weight, residual, stride = args[1], args[5], args[9]
-    kernels = ["pointers"] + (["tma"] if not traced(x) and tma_applies(x, weight, residual, out, stride, groups)
-                              else [])
+    weight, residual, stride, dilation = args[1], args[5], args[9], args[11]
+    applies = not traced(x) and tma_applies(x, weight, residual, out, stride, dilation, groups)
+    kernels = ["pointers", "tma"] if applies else ["pointers"]
     # (traced, the corrections are part of the graph: computed where it runs)
     corrections = None if traced(x) else cached_border_corrections
 
