@@ -150,7 +150,7 @@ def _int8_conv2d_fwd_kernel(
     if HAS_RESIDUAL:
         res_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, srn, src, srh, srw, OUT_PIXEL_ROWS)
         res = tl.load(res_ptr + res_offs, mask=out_mask, other=0)
-    q = _requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max, HAS_RESIDUAL,
+    q = requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max, HAS_RESIDUAL,
                      SHIFT_ROUTE)
     out_offs = nhwc_offsets(offs_m, n, oh, ow, offs_n, son, soc, soh, sow, OUT_PIXEL_ROWS)
     tl.store(out_ptr + out_offs, q, mask=out_mask)
@@ -217,13 +217,13 @@ def _int8_pointwise_kernel(
         res = 0
         if HAS_RESIDUAL:
             res = tl.load(res_ptr + rows[:, None] * srm + (cols * src)[None, :], mask=out_mask, other=0)
-        q = _requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max,
+        q = requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max,
                          HAS_RESIDUAL, SHIFT_ROUTE)
         tl.store(out_ptr + rows[:, None] * som + (cols * soc)[None, :], q, mask=out_mask)
 
 
 @triton.jit
-def _requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max,
+def requantized(acc, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max,
                  HAS_RESIDUAL: tl.constexpr, SHIFT_ROUTE: tl.constexpr):
     """The epilogue's integer math (tlcore/ops/int8.py) on a (BM, BN) int32 accumulator tile with its
     columns' (BN,) int64 multiplier and offset; res: the (BM, BN) int8 residual (read with HAS_RESIDUAL).

@@ -1,12 +1,12 @@
 """Int8 conv fed by the Tensor Memory Accelerator (TMA): stride-1 and -2 convs on NHWC tensors, for Hopper GPUs.
 
-    x:          (N, C, H, W)     int8 NHWC (channel stride 1), C a multiple of 16
+    x:          (N, C, H, W)     int8 NHWC (channel stride 1), C a multiple of 16 (the stem: any layout)
     weight:     (K, C, R, S)     int8 channels_last, in [-127, 127]
     multiplier: (K,) int32       offset: (K,) int64      corrections: (classes, K) int32 (padded convs)
     residual:   (N, K, OH, OW)   int8 NHWC, optional
     out:        (N, K, OH, OW)   int8 NHWC, K a multiple of 16
 
-The same integer math as kernels/int8_conv.py, bit for bit (its epilogue, `_requantized`, and its
+The same integer math as kernels/int8_conv.py, bit for bit (its epilogue, `requantized`, and its
 padding started in the accumulator, kernels/int8_border.py). What differs is how tiles reach the
 tensor cores. The general kernel computes a pointer and a mask per loaded element (index math that
 held ~130 instructions per warp and reduction step on sm_90: bench/NOTES.md, sessions 16-17) and
@@ -42,7 +42,7 @@ import triton.language as tl
 
 from tlcore.kernels.implicit_gemm import pixel_rows, tuned_configs
 from tlcore.kernels.int8_border import border_class, border_corrections
-from tlcore.kernels.int8_conv import _requantized, shift_route
+from tlcore.kernels.int8_conv import requantized, shift_route
 from tlcore.kernels.launch import launch_tuned
 
 try:  # Triton >= 3.4 (torch >= 2.8); older ones run the general kernel
@@ -156,7 +156,7 @@ def _int8_conv_tma_body(
     if HAS_RESIDUAL:
         res = tl.reshape(res_desc.load([n0, oh0, ow0, k0]), (BLOCK_M, BLOCK_N))
     # (pixels, channels) again: a transposed view of the registers
-    q = _requantized(acc.T, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max, HAS_RESIDUAL,
+    q = requantized(acc.T, multiplier, offset, res, res_multiplier, shift, out_zero, out_min, out_max, HAS_RESIDUAL,
                      SHIFT_ROUTE)
     out_desc.store([n0, oh0, ow0, k0], tl.reshape(q, (TILE_N, TILE_H, TILE_W, BLOCK_N)))
 
