@@ -38,7 +38,7 @@ from tlcore.kernels.implicit_gemm import (FLAT_K_BELOW, autotune_configs, conv_t
                                           nhwc_offsets, pixel_row_flags, reduction_steps, step_block_pointers,
                                           tuned_configs)
 from tlcore.kernels.int8_border import border_class, border_corrections
-from tlcore.kernels.launch import launch_tuned
+from tlcore.kernels.launch import TunedLaunch
 
 
 def _configs():
@@ -277,60 +277,82 @@ def pointwise_rows(x, weight, residual, out, stride, padding, groups) -> bool:
 
 def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
                 stride, padding, dilation, out_max, out, groups=1, corrections=None):
-    """Launch the int8 conv kernel, writing `out` (shapes in the module docstring).
+    """Launch the int8 conv kernel, writing `out` (shapes in the module docstring): Int8ConvLaunch's one call."""
+    launch = Int8ConvLaunch(x_zero, shift, res_multiplier, out_zero, relu, stride, padding, dilation, out_max, groups,
+                            corrections)
+    launch(x, weight, multiplier, offset, residual, out)
+
+
+class Int8ConvLaunch:
+    """The int8 conv kernels' launches, writing `out` (shapes in the module docstring), for calls with
+    the constants given here. The first call picks the kernel (pointwise_rows or the general one) and
+    works out its grid and its other arguments, the padding corrections from its weight among them.
+    Later calls, which must bring tensors of the first one's sizes and strides and its weight (a launch
+    plan's: tlcore/ops/int8.py), only launch.
 
     corrections: a function with border_corrections' arguments and result (one that caches them),
     or None for border_corrections itself.
     """
-    weight = weight.contiguous(memory_format=torch.channels_last)  # (a no-op for tlcore's prepared weights)
-    out_min = max(out_zero, -128) if relu else -128
-    if pointwise_rows(x, weight, residual, out, stride, padding, groups):
-        _pointwise_int8_conv2d(x, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, out_min,
-                               out_max, out)
-        return
-    flat = groups == 1 and x.shape[1] < FLAT_K_BELOW
-    if flat:
-        x, weight = flat_operands(x, weight, padding, fill=x_zero)
-        padding = (0, 0)
-    n, c, h, w = x.shape
-    k, c_group, r, s = weight.shape
-    _, _, oh, ow = out.shape
-    m = n * oh * ow
-    res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
-    padded = padding[0] > 0 or padding[1] > 0
-    corr, border = multiplier, (0, 0, 0, 0)  # (corr is never read unpadded)
-    if padded:
-        corr, border = (corrections or border_corrections)(weight, x_zero, (h, w), (oh, ow), stride, padding, dilation)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
-    launch_tuned(_int8_conv2d_fwd_kernel, grid,
-        x, weight, multiplier, offset, corr, res, out,
-        m, c, h, w, k, oh, ow,
-        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        shift, res_multiplier, out_zero, out_min, out_max, c_group,
-        k // groups, *border, R=r, S=s, FLAT_C=c if flat else 0, HAS_RESIDUAL=residual is not None,
-        GROUPED=groups > 1,
-        GROUP_ALIGN=math.gcd(c_group, 16), SHIFT_ROUTE=shift_route(shift),
-        PADDED=padded, **pixel_row_flags(x, residual, out, (r, s), stride, padding),
-    )
 
+    def __init__(self, x_zero, shift, res_multiplier, out_zero, relu, stride, padding, dilation, out_max, groups=1,
+                 corrections=None):
+        self._x_zero, self._stride, self._padding, self._dilation, self._groups = x_zero, stride, padding, dilation, groups
+        self._epilogue = (shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max)
+        self._corrections = corrections or border_corrections
+        self._kernel: TunedLaunch | None = None  # the first call sets it and what follows
+        self._pointwise = self._flat = False
+        self._corr: torch.Tensor | None = None  # the padding corrections (padded convs)
+        self._scalars: tuple = ()
+        self._constexprs: dict = {}
 
-def _pointwise_int8_conv2d(x, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, out_min, out_max,
-                           out):
-    """Launch _int8_pointwise_kernel (pointwise_rows holds), writing `out`."""
-    n, c, h, w = x.shape
-    k = weight.shape[0]
-    m = n * h * w
-    res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
-    rows_per_program = lambda meta: meta["TILES"] * meta["BLOCK_M"]  # noqa: E731
-    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_N"]) * triton.cdiv(m, rows_per_program(meta)),)  # noqa: E731
-    launch_tuned(_int8_pointwise_kernel, grid,
-        x, weight, multiplier, offset, res, out, m, c, k,
-        x.stride(3), x.stride(1), weight.stride(0), weight.stride(1), res.stride(3), res.stride(1),
-        out.stride(3), out.stride(1),
-        shift, res_multiplier, out_zero, out_min, out_max,
-        C_PAD=max(32, triton.next_power_of_2(c)), HAS_RESIDUAL=residual is not None, SHIFT_ROUTE=shift_route(shift),
-    )
+    def __call__(self, x, weight, multiplier, offset, residual, out) -> None:
+        weight = weight.contiguous(memory_format=torch.channels_last)  # (a no-op for tlcore's prepared weights)
+        if self._kernel is None:
+            self._pointwise = pointwise_rows(x, weight, residual, out, self._stride, self._padding, self._groups)
+            self._flat = not self._pointwise and self._groups == 1 and x.shape[1] < FLAT_K_BELOW
+        if self._flat:
+            x, weight = flat_operands(x, weight, self._padding, fill=self._x_zero)
+        res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
+        if self._kernel is None:
+            (self._plan_pointwise if self._pointwise else self._plan_general)(x, weight, residual, res, out)
+        if self._pointwise:
+            self._kernel(x, weight, multiplier, offset, res, out, *self._scalars, **self._constexprs)
+        else:  # (corr is never read unpadded)
+            corr = multiplier if self._corr is None else self._corr
+            self._kernel(x, weight, multiplier, offset, corr, res, out, *self._scalars, **self._constexprs)
+
+    def _plan_general(self, x, weight, residual, res, out) -> None:
+        n, c, h, w = x.shape
+        k, c_group, r, s = weight.shape
+        _, _, oh, ow = out.shape
+        m = n * oh * ow
+        stride, dilation, groups = self._stride, self._dilation, self._groups
+        padding = (0, 0) if self._flat else self._padding  # (flat_operands wrote the padding out)
+        padded = padding[0] > 0 or padding[1] > 0
+        border = (0, 0, 0, 0)
+        if padded:
+            self._corr, border = self._corrections(weight, self._x_zero, (h, w), (oh, ow), stride, padding, dilation)
+        self._kernel = TunedLaunch(_int8_conv2d_fwd_kernel,
+                                   lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),))
+        self._scalars = (m, c, h, w, k, oh, ow, *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+                         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                         *self._epilogue, c_group, k // groups, *border)
+        self._constexprs = dict(
+            R=r, S=s, FLAT_C=c if self._flat else 0, HAS_RESIDUAL=residual is not None, GROUPED=groups > 1,
+            GROUP_ALIGN=math.gcd(c_group, 16), SHIFT_ROUTE=shift_route(self._epilogue[0]), PADDED=padded,
+            **pixel_row_flags(x, residual, out, (r, s), stride, padding))
+
+    def _plan_pointwise(self, x, weight, residual, res, out) -> None:
+        n, c, h, w = x.shape
+        k = weight.shape[0]
+        m = n * h * w
+        rows_per_program = lambda meta: meta["TILES"] * meta["BLOCK_M"]  # noqa: E731
+        self._kernel = TunedLaunch(_int8_pointwise_kernel, lambda meta: (
+            triton.cdiv(k, meta["BLOCK_N"]) * triton.cdiv(m, rows_per_program(meta)),))
+        self._scalars = (m, c, k, x.stride(3), x.stride(1), weight.stride(0), weight.stride(1), res.stride(3),
+                         res.stride(1), out.stride(3), out.stride(1), *self._epilogue)
+        self._constexprs = dict(C_PAD=max(32, triton.next_power_of_2(c)), HAS_RESIDUAL=residual is not None,
+                                SHIFT_ROUTE=shift_route(self._epilogue[0]))
 
 
 _ELEMENTWISE_BLOCK = 1024

@@ -43,7 +43,7 @@ import triton.language as tl
 from tlcore.kernels.implicit_gemm import pixel_rows, tuned_configs
 from tlcore.kernels.int8_border import border_class, border_corrections
 from tlcore.kernels.int8_conv import requantized, shift_route
-from tlcore.kernels.launch import launch_tuned
+from tlcore.kernels.launch import TunedLaunch
 
 try:  # Triton >= 3.4 (torch >= 2.8); older ones run the general kernel
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -250,40 +250,80 @@ def _pixel_grid(t, pointwise: bool = False, strided: bool = False) -> tuple[list
 def int8_conv2d_tma(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
                     stride, padding, dilation, out_max, out, groups=1, corrections=None):
     """Launch the TMA conv, writing `out`: kernels/int8_conv.py's int8_conv2d, for the convs tma_applies
-    to (weight channels_last)."""
-    if not tma_applies(x, weight, residual, out, stride, dilation, groups):
-        raise ValueError("int8_conv2d_tma: the TMA kernel does not take this conv (tma_applies)")
-    if _space_to_depth_applies(x, stride, dilation):
-        x, weight = space_to_depth_operands(x, weight, x_zero, padding)
-        stride, padding = (1, 1), (0, 0)
-    out_min = max(out_zero, -128) if relu else -128
-    k, c, r, s = weight.shape
-    _, _, oh, ow = out.shape
-    strided = tuple(stride) == (2, 2)
-    pointwise = (r, s) == (1, 1) and tuple(padding) == (0, 0) and not strided \
-        and all(pixel_rows(t) for t in (x, out) + (() if residual is None else (residual,)))
-    padded = padding[0] > 0 or padding[1] > 0
-    corr, border = multiplier, (0, 0, 0, 0)  # (corr is never read unpadded)
-    if padded:
-        corr, border = (corrections or border_corrections)(weight, x_zero, x.shape[2:], (oh, ow), stride, padding,
-                                                           dilation)
-    placeholder = [1, 1, 1, _ALIGN]  # every box is set per config (_set_box_shapes)
-    x_desc = TensorDescriptor(x, *_pixel_grid(x, pointwise, strided), [1] * strided + placeholder)
-    out_shape, out_strides = _pixel_grid(out, pointwise)
-    out_desc = TensorDescriptor(out, out_shape, out_strides, placeholder)
-    res_desc = out_desc if residual is None else TensorDescriptor(residual, *_pixel_grid(residual, pointwise),
-                                                                  placeholder)
-    w_desc = TensorDescriptor(weight, [k, r * s * c], [r * s * c, 1], [1, _ALIGN])
-    grid_n, grid_h, grid_w = out_shape[:3]
+    to (weight channels_last); Int8ConvTmaLaunch's one call."""
+    launch = Int8ConvTmaLaunch(x_zero, shift, res_multiplier, out_zero, relu, stride, padding, dilation, out_max,
+                               groups, corrections)
+    launch(x, weight, multiplier, offset, residual, out)
 
-    def grid(meta):
-        boxes = triton.cdiv(grid_n, meta["TILE_N"]) * triton.cdiv(grid_h, meta["TILE_H"]) * \
-            triton.cdiv(grid_w, meta["TILE_W"])
-        return (boxes * triton.cdiv(k, meta["BLOCK_N"]),)
 
-    launch_tuned(_int8_pointwise_tma_kernel if pointwise else _int8_conv_tma_kernel, grid,
-        x_desc, w_desc, res_desc, out_desc, multiplier, offset, corr,
-        grid_n, grid_h, grid_w, k, c, padding[0], padding[1], dilation[0], dilation[1],
-        shift, res_multiplier, out_zero, out_min, out_max, *border,
-        R=r, S=s, STRIDE=stride[0], PADDED=padded, HAS_RESIDUAL=residual is not None, SHIFT_ROUTE=shift_route(shift),
-    )
+class Int8ConvTmaLaunch:
+    """The TMA conv's launches, writing `out`, for calls with the constants given here (as
+    kernels/int8_conv.py's Int8ConvLaunch). The first call checks tma_applies, picks the kernel (row runs
+    or pixel boxes) and works out the descriptors' shapes, the grid and the other arguments, the
+    padding corrections from its weight among them. Later calls, which must bring tensors of the first
+    one's sizes and strides (x and the residual 16-byte aligned too) and its weight (a launch plan's:
+    tlcore/ops/int8.py), make the descriptors and launch.
+
+    corrections: as int8_conv2d's (kernels/int8_conv.py).
+    """
+
+    def __init__(self, x_zero, shift, res_multiplier, out_zero, relu, stride, padding, dilation, out_max, groups=1,
+                 corrections=None):
+        self._x_zero, self._stride, self._padding, self._dilation, self._groups = x_zero, stride, padding, dilation, groups
+        self._epilogue = (shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max)
+        self._corrections = corrections or border_corrections
+        self._kernel: TunedLaunch | None = None  # the first call sets it and what follows
+        self._space_to_depth = False
+        self._corr: torch.Tensor | None = None  # the padding corrections (padded convs)
+        self._grids: tuple = ()  # the (shape, strides) of x, the residual and out as descriptors see them
+        self._scalars: tuple = ()
+        self._constexprs: dict = {}
+
+    def __call__(self, x, weight, multiplier, offset, residual, out) -> None:
+        if self._kernel is None:
+            if not tma_applies(x, weight, residual, out, self._stride, self._dilation, self._groups):
+                raise ValueError("int8_conv2d_tma: the TMA kernel does not take this conv (tma_applies)")
+            self._space_to_depth = _space_to_depth_applies(x, self._stride, self._dilation)
+        if self._space_to_depth:
+            x, weight = space_to_depth_operands(x, weight, self._x_zero, self._padding)
+        if self._kernel is None:
+            self._plan(x, weight, residual, out)
+        (x_shape, x_strides), (res_shape, res_strides), (out_shape, out_strides) = self._grids
+        placeholder = [1, 1, 1, _ALIGN]  # every box is set per config (_set_box_shapes)
+        x_desc = TensorDescriptor(x, x_shape, x_strides, [1] * (len(x_shape) - 4) + placeholder)
+        out_desc = TensorDescriptor(out, out_shape, out_strides, placeholder)
+        res_desc = out_desc if residual is None else TensorDescriptor(residual, res_shape, res_strides, placeholder)
+        k, c, r, s = weight.shape
+        w_desc = TensorDescriptor(weight, [k, r * s * c], [r * s * c, 1], [1, _ALIGN])
+        corr = multiplier if self._corr is None else self._corr  # (corr is never read unpadded)
+        self._kernel(x_desc, w_desc, res_desc, out_desc, multiplier, offset, corr, *self._scalars, **self._constexprs)
+
+    def _plan(self, x, weight, residual, out) -> None:
+        stride, padding, dilation = self._stride, self._padding, self._dilation
+        if self._space_to_depth:
+            stride, padding = (1, 1), (0, 0)
+        k, c, r, s = weight.shape
+        _, _, oh, ow = out.shape
+        strided = tuple(stride) == (2, 2)
+        pointwise = (r, s) == (1, 1) and tuple(padding) == (0, 0) and not strided \
+            and all(pixel_rows(t) for t in (x, out) + (() if residual is None else (residual,)))
+        padded = padding[0] > 0 or padding[1] > 0
+        border = (0, 0, 0, 0)
+        if padded:
+            self._corr, border = self._corrections(weight, self._x_zero, x.shape[2:], (oh, ow), stride, padding,
+                                                   dilation)
+        out_grid = _pixel_grid(out, pointwise)
+        self._grids = (_pixel_grid(x, pointwise, strided),
+                       out_grid if residual is None else _pixel_grid(residual, pointwise), out_grid)
+        grid_n, grid_h, grid_w = out_grid[0][:3]
+
+        def grid(meta):
+            boxes = triton.cdiv(grid_n, meta["TILE_N"]) * triton.cdiv(grid_h, meta["TILE_H"]) * \
+                triton.cdiv(grid_w, meta["TILE_W"])
+            return (boxes * triton.cdiv(k, meta["BLOCK_N"]),)
+
+        self._kernel = TunedLaunch(_int8_pointwise_tma_kernel if pointwise else _int8_conv_tma_kernel, grid)
+        self._scalars = (grid_n, grid_h, grid_w, k, c, padding[0], padding[1], dilation[0], dilation[1],
+                         *self._epilogue, *border)
+        self._constexprs = dict(R=r, S=s, STRIDE=stride[0], PADDED=padded, HAS_RESIDUAL=residual is not None,
+                                SHIFT_ROUTE=shift_route(self._epilogue[0]))

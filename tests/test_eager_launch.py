@@ -42,6 +42,25 @@ def test_launch_tuned_reuses_the_chosen_config_per_key(monkeypatch, device):
     assert len(launch._chosen) == 3
 
 
+def test_tuned_launch_keeps_the_config_and_grid_of_its_first_call(monkeypatch, device):
+    """TunedLaunch: the first call tunes through launch_tuned; later calls (same sizes, other data) launch
+    the chosen config's JIT function without the autotuner or the grid function."""
+    tuned_calls, grids = [], []
+    autotuned_run = type(_scaled_copy_kernel).run
+    monkeypatch.setattr(type(_scaled_copy_kernel), "run",
+                        lambda self, *a, **k: tuned_calls.append(1) or autotuned_run(self, *a, **k))
+    monkeypatch.setattr(launch, "_chosen", {})
+    n = 100
+    tuned = launch.TunedLaunch(_scaled_copy_kernel, lambda meta: grids.append(1) or (triton.cdiv(n, meta["BLOCK"]),))
+    for _ in range(3):
+        x = torch.randn(n, device=device)
+        out = torch.full_like(x, float("nan"))
+        tuned(x, out, n, 2.5)
+        torch.testing.assert_close(out, x * 2.5, rtol=0, atol=0)
+    assert len(tuned_calls) == 1
+    assert len(grids) == 2  # the tuned launch's, then TunedLaunch's own, once
+
+
 def test_launch_tuned_key_follows_the_autotuner_key():
     x, out = torch.ones(4), torch.ones(4)
     key = launch._tuning_key(_scaled_copy_kernel, (x, out, 4, 2.0), {})
@@ -112,3 +131,73 @@ def test_gpu_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
         conv_ops.conv2d_bn_relu(x, weight, scale, shift, padding=1)
     assert impl_calls == [1]
     assert any(e.name == "tlcore::conv2d_bn_relu" for e in prof.events())
+
+
+@pytest.mark.parametrize("kernel", ["pointers", "tma"])
+def test_int8_conv_launch_plans_are_reused_only_for_calls_like_their_first(kernel, monkeypatch, device):
+    """An eager Triton int8 conv keeps its first call's launch plan (kernel, tile config, grid, other
+    arguments) per weight version and call configuration: calls on other data of the same sizes reuse it,
+    and a new weight version, batch size, residual layout, x's alignment (the TMA kernel's) or forced
+    kernel makes a new one. Every output, freshly allocated and poisoned, equals the integer reference."""
+    from test_int8_ops import assert_bit_exact, make_case, reference, run
+    from tlcore.kernels import int8_conv, int8_conv_tma
+
+    tma_here = int8_conv_tma.TensorDescriptor is not None and not (
+        device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9)
+    if kernel == "tma" and not tma_here:
+        pytest.skip("no TMA kernel here")
+    monkeypatch.setenv(int8_ops.TRITON_KERNEL_ENV, kernel)
+    poison = iter([-128, 127] * 50)
+    allocate = int8_ops._int8_output
+    monkeypatch.setattr(int8_ops, "_int8_output", lambda *a: allocate(*a).fill_(next(poison)))
+    plans_made = []
+    make_plan = int8_ops._triton_plan
+    monkeypatch.setattr(int8_ops, "_triton_plan", lambda *a: plans_made.append(1) or make_plan(*a))
+    launched = []
+    for launcher in (int8_conv.Int8ConvLaunch, int8_conv_tma.Int8ConvTmaLaunch):
+        monkeypatch.setattr(launcher, "__call__", lambda self, *a, call=launcher.__call__: launched.append(
+            type(self).__name__) or call(self, *a))
+    tma_name = "Int8ConvTmaLaunch" if kernel == "tma" else "Int8ConvLaunch"
+
+    def check(case, what, plans, launcher=tma_name):
+        on_cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+        on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+        assert_bit_exact(run(on_device, "triton").cpu(), reference(on_cpu), what)
+        assert len(plans_made) == plans and launched[-1] == launcher, what
+
+    shape = (2, 32, 7, 9, 48, 3, 3, 1, 1, 1)  # padded: the plan keeps the weight's border corrections
+    c = make_case(*shape, seed=1)
+    c["weight"] = c["weight"].to(device).contiguous(memory_format=torch.channels_last)
+    c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
+    check(c, "first call", 1)
+    check(dict(c, x=make_case(*shape, seed=2)["x"], residual=make_case(*shape, seed=3)["residual"].contiguous(
+        memory_format=torch.channels_last)), "other x and residual values", 1)
+    with torch.no_grad():
+        c["weight"].copy_(-c["weight"])  # in place: a new version, new corrections
+    check(c, "after an in-place change of the weight", 2)
+    check(c, "again", 2)
+    bigger = make_case(3, *shape[1:], seed=4)
+    check(dict(bigger, weight=c["weight"]), "another batch size", 3)
+    check(dict(c, residual=c["residual"].contiguous()), "an NCHW residual", 4)
+    check(c, "back to the first configuration", 4)
+    # x 1 byte past 16-byte alignment, same sizes and strides: TMA cannot box it
+    storage = torch.empty(c["x"].numel() + 1, dtype=torch.int8)
+    shifted = storage[1:].as_strided(c["x"].shape, c["x"].stride()).copy_(c["x"])
+    check(dict(c, x=shifted), "x off alignment", 5, "Int8ConvLaunch")
+    monkeypatch.setenv(int8_ops.TRITON_KERNEL_ENV, "pointers" if kernel == "tma" else "tma")
+    check(c, "the other kernel forced", 6, "Int8ConvTmaLaunch" if kernel == "pointers" and tma_here else "Int8ConvLaunch")
+
+
+def test_int8_conv_launch_plans_only_for_untraced_gpu_kernel_calls(monkeypatch):
+    """No plan for traced calls (their tensors are fake) or for calls that run the C++ CPU kernel."""
+    from test_int8_ops import make_case, run
+
+    c = make_case(1, 16, 5, 5, 16, 3, 3, 1, 1, 1)
+    with FakeTensorMode() as mode:
+        assert int8_ops._launch_plans(mode.from_tensor(c["x"]), mode.from_tensor(c["weight"])) is None
+    if int8_ops.backend.interpreting():  # (else CPU tensors never get plans)
+        run(c, "cpu")
+        run(c, "torch")
+        assert int8_ops._launch_plans(c["x"], c["weight"]) == {}
+        run(c, "triton")
+        assert len(int8_ops._launch_plans(c["x"], c["weight"])) == 1

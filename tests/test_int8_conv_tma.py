@@ -159,8 +159,8 @@ def test_op_runs_the_forced_triton_kernel(forced, monkeypatch):
     """TLCORE_INT8_TRITON_KERNEL picks the Triton backend's kernel where it applies (twice: the second
     call launches the tuned config directly, with its boxes set), and the general one elsewhere."""
     calls = []
-    launcher = T.int8_conv2d_tma
-    monkeypatch.setattr(T, "int8_conv2d_tma", lambda *a, **k: calls.append(1) or launcher(*a, **k))
+    launch = T.Int8ConvTmaLaunch.__call__
+    monkeypatch.setattr(T.Int8ConvTmaLaunch, "__call__", lambda *a: calls.append(1) or launch(*a))
     monkeypatch.setenv(q8.TRITON_KERNEL_ENV, forced)
     for case, applies in [((2, 32, 7, 9, 48, 3, 3, 1, 1, 1), True), ((2, 16, 9, 9, 16, 3, 3, 2, 1, 1), False)]:
         c = make_case(*case)
@@ -221,13 +221,13 @@ def test_gpu_tma_kernel_that_disagrees_is_not_chosen(monkeypatch):
     monkeypatch.delenv(backend.TIMING_ENV, raising=False)
     monkeypatch.setattr(backend, "_fastest", {})
     monkeypatch.setattr(backend, "_warned", set())
-    launcher = T.int8_conv2d_tma
+    launch = T.Int8ConvTmaLaunch.__call__
 
-    def off_by_one(*args, **kwargs):
-        launcher(*args, **kwargs)
-        args[14].view(-1)[0] += 1  # (out)
+    def off_by_one(self, x, weight, multiplier, offset, residual, out):
+        launch(self, x, weight, multiplier, offset, residual, out)
+        out.view(-1)[0] += 1
 
-    monkeypatch.setattr(T, "int8_conv2d_tma", off_by_one)
+    monkeypatch.setattr(T.Int8ConvTmaLaunch, "__call__", off_by_one)
     c = make_case(8, 64, 14, 14, 64, 3, 3, padding=1)
     ref = reference(c)
     with pytest.warns(UserWarning, match="tma kernel failed while timed.*differ from the pointer kernels"):

@@ -332,28 +332,38 @@ def _int8_conv2d_impl(
     packed_weight: Optional[torch.Tensor],
     groups: int = 1,
 ) -> torch.Tensor:
-    out = _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
-                            relu, stride, padding, dilation, out_max, x_max, packed_weight, groups)
-    if out.numel() == 0:
-        return out
-    args = (x_zero, _nhwc(weight), multiplier.contiguous(), offset.contiguous(), shift,
-            None if residual is None else _nhwc(residual), res_multiplier, out_zero, relu,
-            list(stride), list(padding), list(dilation), out_max)
+    plans = _launch_plans(x, weight)
+    if plans is not None:
+        plan_key = _plan_key(x, weight, multiplier, offset, residual, (x_zero, shift, res_multiplier, out_zero, relu,
+                             *stride, *padding, *dilation, out_max, x_max, groups))
+        plan = plans.get(plan_key)
+        if plan is not None:  # every eager GPU call but a configuration's first ends here
+            return plan(x, weight, multiplier, offset, residual)
+    oh, ow = _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
+                              stride, padding, dilation, out_max, x_max, groups)
+    out_shape = (x.shape[0], weight.shape[0], oh, ow)
+    if math.prod(out_shape) == 0:
+        return _int8_output(out_shape, x.device)
+    constants = (x_zero, shift, res_multiplier, out_zero, relu, list(stride), list(padding), list(dilation), out_max)
+    made = {}  # the GPU backends' launch plans made for this call (the timing runs each)
 
     def launch(chosen: str) -> torch.Tensor:
+        if chosen in ("triton", "cuda") and chosen not in made:
+            made[chosen] = _triton_plan((x, weight, multiplier, offset, residual), constants, out_shape, groups, key) \
+                if chosen == "triton" else functools.partial(_int8_conv_cuda, constants=constants)
+        if chosen in made:
+            return made[chosen](x, weight, multiplier, offset, residual)
         if chosen == "cpu" and packed_weight is None:
             return torch.ops.tlcore._int8_conv_cpu_cached(x, weight, multiplier, offset, residual, x_zero, shift,
                                                           res_multiplier, out_zero, relu, list(stride), list(padding),
                                                           list(dilation), out_max, x_max, groups)
+        args = (x_zero, _nhwc(weight), multiplier.contiguous(), offset.contiguous(), shift,
+                None if residual is None else _nhwc(residual), res_multiplier, out_zero, relu,
+                list(stride), list(padding), list(dilation), out_max)
         if chosen == "cpu":
             isa = cpu_isa_for(x_zero, x_max)
             return torch.ops.tlcore._int8_conv_cpu(_nhwc(x), *args, packed_weight, isa,
                                                    cpu_algorithm(weight.shape, stride, dilation, isa, groups), groups)
-        if chosen == "cuda":
-            return torch.ops.tlcore._int8_conv_cuda(_nhwc(x), *args)
-        if chosen == "triton":
-            _triton_int8_conv2d(x, args, out, groups, key)
-            return out
         return _int8_conv2d_torch(x, *args, groups)
 
     # Only GPUs have a choice to time. torch.compile runs this body on functional tensors: they reuse
@@ -361,48 +371,94 @@ def _int8_conv2d_impl(
     key = _timing_key(x, weight, residual, shift, relu, stride, padding, dilation, out_max, groups) \
         if x.device.type == "cuda" else None
     real = type(x) is torch.Tensor
-    return launch(backend.select_fastest(CONV_OP, x.device, conv_backends(groups), key, launch if real else None))
+    chosen = backend.select_fastest(CONV_OP, x.device, conv_backends(groups), key, launch if real else None)
+    out = launch(chosen)
+    if plans is not None and chosen in made and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        plans[plan_key] = made[chosen]  # (not while capturing: the plan would keep the graph pool's tensors)
+    return out
 
 
-def _triton_int8_conv2d(x: torch.Tensor, args: tuple, out: torch.Tensor, groups: int, key: tuple | None) -> None:
-    """Run the Triton int8 conv into `out` (args: the launchers' arguments after x, weight channels_last)
-    on the kernel TRITON_KERNEL_ENV forces where it applies; else, where both apply on a GPU, on the
-    one measured faster for this call's key (backend.fastest_of); else on the pointer kernels.
+def _launch_plans(x: torch.Tensor, weight: torch.Tensor) -> dict | None:
+    """The launch plans of int8_conv2d calls with this weight (_plan_key -> plan), where this call may use
+    one: an untraced call on a GPU (or in Triton's interpreter); else None.
+
+    A plan is a function plan(x, weight, multiplier, offset, residual) -> out: the GPU kernel a
+    configuration's first call chose (backend, Triton kernel and tile config), with the grid and the
+    other arguments it worked out, so that later calls skip the checks and choices (host time: in eager
+    mode ResNet-50's convs are host-bound at batch 256; bench/NOTES.md, session 42). They are kept per
+    weight version (derived_from_weight): some arguments derive from the weight (padding corrections).
+    """
+    if not (x.is_cuda or backend.interpreting()) or traced(x):
+        return None
+    return derived_from_weight(weight, "launch plans", (), dict)
+
+
+def _plan_key(x, weight, multiplier, offset, residual, constants: tuple) -> tuple:
+    """What an int8_conv2d call's launch plan depends on besides the weight's values: the tensors' sizes,
+    strides, dtypes and devices, x's and the residual's 16-byte alignment (the TMA kernel's), the
+    constants, and the backend and kernels forced (environment variables, use_backend)."""
+    tensors = tuple((t.shape, t.stride(), t.dtype, t.device) for t in (x, weight, multiplier, offset))
+    res = None if residual is None else \
+        (residual.shape, residual.stride(), residual.dtype, residual.device, residual.data_ptr() % 16)
+    return (tensors, x.data_ptr() % 16, res, constants, backend.forced(), os.environ.get(backend.TIMING_ENV),
+            os.environ.get(CUDA_KERNEL_ENV), forced_triton_kernel())
+
+
+def _int8_output(shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int8, device=device, memory_format=torch.channels_last)
+
+
+def _int8_conv_cuda(x, weight, multiplier, offset, residual, constants: tuple) -> torch.Tensor:
+    """The CUDA C++ conv: a launch plan (constants: x_zero, shift, res_multiplier, out_zero, relu, stride,
+    padding, dilation, out_max)."""
+    x_zero, shift, res_multiplier, out_zero, relu, stride, padding, dilation, out_max = constants
+    return torch.ops.tlcore._int8_conv_cuda(_nhwc(x), x_zero, _nhwc(weight), multiplier.contiguous(),
+                                            offset.contiguous(), shift, None if residual is None else _nhwc(residual),
+                                            res_multiplier, out_zero, relu, stride, padding, dilation, out_max)
+
+
+def _triton_plan(tensors: tuple, constants: tuple, out_shape: Sequence[int], groups: int,
+                 key: tuple | None) -> Callable:
+    """A launch plan on the Triton int8 conv for calls like this one (tensors: its x, weight, multiplier,
+    offset and residual; constants as _int8_conv_cuda's): on the kernel TRITON_KERNEL_ENV forces where
+    it applies; else, where both apply on a GPU, on the one measured faster for this call's key
+    (backend.fastest_of, on this call's tensors); else on the pointer kernels.
 
     Before the TMA kernel is timed for a key, its codes must equal the pointer kernels' on the call's
     tensors: where they differ it raises, which makes it no candidate (with a warning)."""
-    from tlcore.kernels.int8_conv import int8_conv2d as on_pointers
-    from tlcore.kernels.int8_conv_tma import int8_conv2d_tma, tma_applies
+    from tlcore.kernels.int8_conv import Int8ConvLaunch
+    from tlcore.kernels.int8_conv_tma import Int8ConvTmaLaunch, tma_applies
 
-    weight, residual, stride, dilation = args[1], args[5], args[9], args[11]
-    applies = not traced(x) and tma_applies(x, weight, residual, out, stride, dilation, groups)
-    kernels = ["pointers", "tma"] if applies else ["pointers"]
+    x, weight, _, _, residual = tensors
     # (traced, the corrections are part of the graph: computed where it runs)
-    corrections = None if traced(x) else cached_border_corrections
+    launch_args = (*constants, groups, None if traced(x) else cached_border_corrections)
+    launchers = {"pointers": Int8ConvLaunch(*launch_args)}
+    stride, dilation = constants[5], constants[7]
+    if not traced(x) and tma_applies(x, _nhwc(weight), None if residual is None else _nhwc(residual),
+                                     _int8_output(out_shape, x.device), stride, dilation, groups):
+        launchers["tma"] = Int8ConvTmaLaunch(*launch_args)
 
-    def run(kernel: str, into: torch.Tensor = out) -> None:
-        launcher = int8_conv2d_tma if kernel == "tma" else on_pointers
-        launcher(x, *args, into, groups, corrections=corrections)
+    def plan(x, weight, multiplier, offset, residual, kernel=None):
+        out = _int8_output(out_shape, x.device)
+        launchers[kernel or chosen](x, _nhwc(weight), multiplier.contiguous(), offset.contiguous(),
+                                    None if residual is None else _nhwc(residual), out)
+        return out
 
-    checked: list[bool] = []
-
-    def tma_checked_once() -> None:  # (do_bench's first, untimed call does the check)
+    def tma_checked_once(*tensors) -> None:  # (do_bench's first, untimed call does the check)
         if not checked:
-            expected = torch.empty_like(out)
-            run("pointers", expected)
-            run("tma")
-            if not torch.equal(out, expected):
+            if not torch.equal(plan(*tensors, kernel="tma"), plan(*tensors, kernel="pointers")):
                 raise RuntimeError("its codes differ from the pointer kernels' on this call")
             checked.append(True)
-        run("tma")
+        plan(*tensors, kernel="tma")
 
-    kernel = forced_triton_kernel()
-    if kernel not in kernels:  # nothing forced, or a kernel that cannot run this call
-        kernel = kernels[0]
-        if len(kernels) > 1 and key is not None and x.is_cuda and os.environ.get(backend.TIMING_ENV) != "0":
-            candidates = {"pointers": functools.partial(run, "pointers"), "tma": tma_checked_once}
-            kernel = backend.fastest_of((TRITON_CONV_KERNEL, x.device, key), candidates, x.device) or kernel
-    run(kernel)
+    checked: list[bool] = []
+    chosen = forced_triton_kernel()
+    if chosen not in launchers:  # nothing forced, or a kernel that cannot run this call
+        chosen = "pointers"
+        if len(launchers) > 1 and key is not None and x.is_cuda and os.environ.get(backend.TIMING_ENV) != "0":
+            candidates = {"pointers": lambda: plan(*tensors, kernel="pointers"), "tma": lambda: tma_checked_once(*tensors)}
+            chosen = backend.fastest_of((TRITON_CONV_KERNEL, x.device, key), candidates, x.device) or chosen
+    return plan
 
 
 def forced_triton_kernel() -> str | None:
@@ -443,8 +499,7 @@ def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, re
     """Validates and allocates the (N, K, OH, OW) int8 channels_last output; launches nothing."""
     oh, ow = _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
                               stride, padding, dilation, out_max, x_max, groups)
-    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=torch.int8, device=x.device,
-                       memory_format=torch.channels_last)
+    return _int8_output((x.shape[0], weight.shape[0], oh, ow), x.device)
 
 
 # Values derived from a weight tensor (the C++ kernel's packing, the Triton kernel's padding
