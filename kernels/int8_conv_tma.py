@@ -52,13 +52,14 @@ except ImportError:
 
 _ALIGN = 16  # bytes: TMA wants 16-byte aligned bases and strides
 STRIDED_CHANNELS = 128  # stride-2 convs need C a multiple of this: the largest BLOCK_K of _configs
+USEFUL_SHARE_KEPT = 0.8  # the autotuner times the configs within this share of the least wasteful's
 STEM_CHANNELS = 8  # stride-2 convs with at most this many channels run space-to-depth: 4 * 8 = 32 channels
 
 
 def _configs(pointwise: bool):
     # (BLOCK_N, TILE_N, TILE_H, TILE_W, BLOCK_K, num_stages, num_warps). Spatial tiles: 8x8 divides
     # 56x56 exactly, 4x32 and 8x16 suit 28 and 14-wide maps (2 of 32 or 16 columns idle), 2x8x8 puts
-    # two 7x7 images in a tile. Pointwise tiles are rows (TILE_N = TILE_H = 1); runs of 256 spill with
+    # two 7x7 images in a tile, 64x8x8 fits 64-channel convs on 56x56 maps. Pointwise tiles are rows (TILE_N = TILE_H = 1); runs of 256 spill with
     # a residual. Each compiles without spills on sm_90 (tests/test_kernel_compile.py). Triton waits for
     # each wgmma with an int32 accumulator before the next (no fp32 accumulator, no overlap: its
     # WGMMAPipeline's rule), so BLOCK_K 128 halves those waits where C allows.
@@ -66,12 +67,34 @@ def _configs(pointwise: bool):
               (64, 1, 1, 128, 128, 3, 4), (128, 1, 1, 64, 64, 4, 4), (64, 1, 1, 64, 64, 6, 4)] if pointwise else \
              [(128, 1, 8, 16, 64, 4, 8), (64, 1, 8, 16, 64, 4, 4), (128, 1, 8, 8, 64, 4, 4), (128, 1, 4, 32, 64, 4, 8),
               (128, 2, 8, 8, 64, 4, 8), (128, 1, 8, 16, 128, 3, 8), (128, 1, 8, 8, 128, 3, 4),
-              (128, 2, 8, 8, 128, 3, 8)]
+              (128, 2, 8, 8, 128, 3, 8), (64, 1, 8, 8, 64, 4, 4)]
     return tuned_configs([triton.Config({"BLOCK_N": bn, "TILE_N": tn, "TILE_H": th, "TILE_W": tw, "BLOCK_K": bk},
                                         num_stages=st, num_warps=wp, pre_hook=_set_box_shapes)
                           for bn, tn, th, tw, bk, st, wp in shapes],
                          interpreted={"BLOCK_N": 64, "TILE_N": 1, "TILE_H": 1 if pointwise else 4,
                                       "TILE_W": 64 if pointwise else 8, "BLOCK_K": 32})
+
+
+def useful_share(config: triton.Config, named_args: dict) -> float:
+    """The share of a config's tensor-core work that lands on real outputs and inputs for a launch with
+    these arguments (N, OH, OW: the output's pixel grid as the descriptors see it; K, C): tiles past K
+    output channels, reduction blocks past C channels (zero-filled) and boxes past the pixel grid
+    compute what nothing reads."""
+    meta, args = config.kwargs, named_args
+
+    def covered(size: int, tile: int) -> float:
+        return size / (-(-size // tile) * tile)
+
+    return covered(args["K"], meta["BLOCK_N"]) * covered(args["C"], meta["BLOCK_K"]) * covered(
+        args["N"], meta["TILE_N"]) * covered(args["OH"], meta["TILE_H"]) * covered(args["OW"], meta["TILE_W"])
+
+
+def _prune_wasteful(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's early prune: the configs whose useful_share is within USEFUL_SHARE_KEPT of the best
+    one's. A 64-channel conv (ResNet-50's first stage) computes half zeros in 128-channel tiles, a 7x7
+    map 4x32 boxes 81% waste: timing those would only add compiles to a model's first forward."""
+    shares = [useful_share(config, named_args) for config in configs]
+    return [config for config, share in zip(configs, shares) if share >= USEFUL_SHARE_KEPT * max(shares)]
 
 
 def _set_box_shapes(nargs: dict) -> None:
@@ -162,8 +185,11 @@ def _int8_conv_tma_body(
 
 
 # Two autotuned kernels of one body: their config lists differ (pixel boxes or row runs).
-_int8_conv_tma_kernel = triton.autotune(configs=_configs(pointwise=False), key=_KEY)(_int8_conv_tma_body)
-_int8_pointwise_tma_kernel = triton.autotune(configs=_configs(pointwise=True), key=_KEY)(_int8_conv_tma_body)
+_PRUNE = {"early_config_prune": _prune_wasteful}
+_int8_conv_tma_kernel = triton.autotune(configs=_configs(pointwise=False), key=_KEY, prune_configs_by=_PRUNE)(
+    _int8_conv_tma_body)
+_int8_pointwise_tma_kernel = triton.autotune(configs=_configs(pointwise=True), key=_KEY, prune_configs_by=_PRUNE)(
+    _int8_conv_tma_body)
 
 
 def _pixel_strides(t) -> tuple[int, int, int]:

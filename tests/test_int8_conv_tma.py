@@ -234,3 +234,30 @@ def test_gpu_tma_kernel_that_disagrees_is_not_chosen(monkeypatch):
         assert_bit_exact(run(on_device(c, "cuda"), "triton").cpu(), ref, "after a wrong TMA kernel")
     choices = [name for entry, name in backend.fastest_choices().items() if entry[0] == q8.TRITON_CONV_KERNEL]
     assert choices == ["pointers"]
+
+
+def test_autotuner_times_only_the_least_wasteful_configs(monkeypatch):
+    """The TMA kernels' early prune (on GPUs, where they autotune over every config) keeps the configs
+    within USEFUL_SHARE_KEPT of the least wasteful: 64-channel convs get no 128-channel tiles or
+    reduction blocks, 7x7 maps no 4x32 boxes; 28x28 maps of 128 channels keep them all."""
+    # (interpreted, or with TLCORE_AUTOTUNE=0 as in GPU test runs, the kernels have a single config)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("TLCORE_AUTOTUNE", raising=False)
+    spatial, rows = T._configs(pointwise=False), T._configs(pointwise=True)
+    assert len(spatial) > 1 and len(rows) > 1
+
+    def kept(configs, **args):
+        names = ("BLOCK_N", "TILE_N", "TILE_H", "TILE_W", "BLOCK_K")
+        kept = T._prune_wasteful(configs, args)
+        assert kept and set(map(id, kept)) <= set(map(id, configs))
+        best = max(configs, key=lambda config: T.useful_share(config, args))
+        assert best in kept
+        return [tuple(config.kwargs[name] for name in names) for config in kept]
+
+    first_stage = kept(spatial, N=8, OH=56, OW=56, K=64, C=64)
+    assert (64, 1, 8, 8, 64) in first_stage and all(n == 64 and k == 64 for n, _, _, _, k in first_stage)
+    assert all(n == 64 and k == 64 for n, _, _, _, k in kept(rows, N=1, OH=1, OW=8 * 56 * 56, K=64, C=64))
+    assert all((h, w) != (4, 32) for _, _, h, w, _ in kept(spatial, N=8, OH=7, OW=7, K=512, C=512))
+    assert len(kept(spatial, N=8, OH=28, OW=28, K=128, C=128)) == len(spatial)
+    for kernel in (T._int8_conv_tma_kernel, T._int8_pointwise_tma_kernel):
+        assert kernel.early_config_prune is T._prune_wasteful
