@@ -299,7 +299,7 @@ class Int8ConvLaunch:
         self._x_zero, self._stride, self._padding, self._dilation, self._groups = x_zero, stride, padding, dilation, groups
         self._epilogue = (shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max)
         self._corrections = corrections or border_corrections
-        self._kernel: TunedLaunch | None = None  # the first call sets it and what follows
+        self._kernel: TunedLaunch | None = None  # set last by the first call's plan (raising, it stays None)
         self._pointwise = self._flat = False
         self._corr: torch.Tensor | None = None  # the padding corrections (padded convs)
         self._scalars: tuple = ()
@@ -332,8 +332,6 @@ class Int8ConvLaunch:
         border = (0, 0, 0, 0)
         if padded:
             self._corr, border = self._corrections(weight, self._x_zero, (h, w), (oh, ow), stride, padding, dilation)
-        self._kernel = TunedLaunch(_int8_conv2d_fwd_kernel,
-                                   lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),))
         self._scalars = (m, c, h, w, k, oh, ow, *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
                          stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                          *self._epilogue, c_group, k // groups, *border)
@@ -341,18 +339,20 @@ class Int8ConvLaunch:
             R=r, S=s, FLAT_C=c if self._flat else 0, HAS_RESIDUAL=residual is not None, GROUPED=groups > 1,
             GROUP_ALIGN=math.gcd(c_group, 16), SHIFT_ROUTE=shift_route(self._epilogue[0]), PADDED=padded,
             **pixel_row_flags(x, residual, out, (r, s), stride, padding))
+        self._kernel = TunedLaunch(_int8_conv2d_fwd_kernel,
+                                   lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),))
 
     def _plan_pointwise(self, x, weight, residual, res, out) -> None:
         n, c, h, w = x.shape
         k = weight.shape[0]
         m = n * h * w
         rows_per_program = lambda meta: meta["TILES"] * meta["BLOCK_M"]  # noqa: E731
-        self._kernel = TunedLaunch(_int8_pointwise_kernel, lambda meta: (
-            triton.cdiv(k, meta["BLOCK_N"]) * triton.cdiv(m, rows_per_program(meta)),))
         self._scalars = (m, c, k, x.stride(3), x.stride(1), weight.stride(0), weight.stride(1), res.stride(3),
                          res.stride(1), out.stride(3), out.stride(1), *self._epilogue)
         self._constexprs = dict(C_PAD=max(32, triton.next_power_of_2(c)), HAS_RESIDUAL=residual is not None,
                                 SHIFT_ROUTE=shift_route(self._epilogue[0]))
+        self._kernel = TunedLaunch(_int8_pointwise_kernel, lambda meta: (
+            triton.cdiv(k, meta["BLOCK_N"]) * triton.cdiv(m, rows_per_program(meta)),))
 
 
 _ELEMENTWISE_BLOCK = 1024

@@ -298,7 +298,7 @@ class Int8ConvTmaLaunch:
         self._x_zero, self._stride, self._padding, self._dilation, self._groups = x_zero, stride, padding, dilation, groups
         self._epilogue = (shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max)
         self._corrections = corrections or border_corrections
-        self._kernel: TunedLaunch | None = None  # the first call sets it and what follows
+        self._kernel: TunedLaunch | None = None  # set last by the first call's plan (raising, it stays None)
         self._space_to_depth = False
         self._corr: torch.Tensor | None = None  # the padding corrections (padded convs)
         self._grids: tuple = ()  # the (shape, strides) of x, the residual and out as descriptors see them
@@ -348,8 +348,8 @@ class Int8ConvTmaLaunch:
                 triton.cdiv(grid_w, meta["TILE_W"])
             return (boxes * triton.cdiv(k, meta["BLOCK_N"]),)
 
-        self._kernel = TunedLaunch(_int8_pointwise_tma_kernel if pointwise else _int8_conv_tma_kernel, grid)
         self._scalars = (grid_n, grid_h, grid_w, k, c, padding[0], padding[1], dilation[0], dilation[1],
                          *self._epilogue, *border)
         self._constexprs = dict(R=r, S=s, STRIDE=stride[0], PADDED=padded, HAS_RESIDUAL=residual is not None,
                                 SHIFT_ROUTE=shift_route(self._epilogue[0]))
+        self._kernel = TunedLaunch(_int8_pointwise_tma_kernel if pointwise else _int8_conv_tma_kernel, grid)

@@ -164,8 +164,10 @@ def test_select_fastest_keeps_select_without_a_choice_to_make(timed_gpu, monkeyp
     else:
         device, implemented = torch.device("cpu"), ("triton", "cuda", "cpu", "torch")
         expected = "cpu" if _extension.loaded() else "torch"
+    unmeasured = backend.unmeasured_choices()
     assert backend.select_fastest("op", device, implemented, key, launch) == expected
     assert timed == [] and backend.fastest_choices() == {}
+    assert backend.unmeasured_choices() == unmeasured + (why == "capturing")  # (a timing that measured nothing)
 
 
 class CompilationError(Exception):
@@ -198,10 +200,13 @@ def test_nothing_measured_is_not_kept(timed_gpu):
             raise RuntimeError("CUDA out of memory")
         return name
 
+    unmeasured = backend.unmeasured_choices()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert backend.select_fastest("oom_probe", GPU, GPU_KERNELS, ("shape",), launch_unless_failing) == "triton"
     assert timed == [] and backend.fastest_choices() == {}
+    assert backend.unmeasured_choices() == unmeasured + 1  # (what callers keeping a choice's plan look at)
     failing = False
     assert backend.select_fastest("oom_probe", GPU, GPU_KERNELS, ("shape",), launch_unless_failing) == "cuda"
     assert sorted(timed) == ["cuda", "triton"]
+    assert backend.unmeasured_choices() == unmeasured + 1

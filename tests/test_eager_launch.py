@@ -201,3 +201,88 @@ def test_int8_conv_launch_plans_only_for_untraced_gpu_kernel_calls(monkeypatch):
         assert int8_ops._launch_plans(c["x"], c["weight"]) == {}
         run(c, "triton")
         assert len(int8_ops._launch_plans(c["x"], c["weight"])) == 1
+
+
+def _plan_test_case(device, seed=0, n=1):
+    """A small padded conv on `device` (the plans' weight is the device copy)."""
+    from test_int8_ops import make_case
+
+    case = make_case(n, 16, 5, 5, 16, 3, 3, 1, 1, 1, seed=seed)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
+def _op_call(case, stride=(1, 1), padding=(1, 1), dilation=(1, 1)):
+    with use_backend("triton"):
+        return torch.ops.tlcore.int8_conv2d(case["x"], case["x_zero"], case["weight"], case["multiplier"],
+                                            case["offset"], case["shift"], case["residual"], case["res_multiplier"],
+                                            case["out_zero"], case["relu"], list(stride), list(padding),
+                                            list(dilation), 127, 127, None, 1)
+
+
+def test_a_launch_plan_never_skips_the_checks_of_other_arguments(device):
+    """stride [1], padding [1, 1, 1] holds the same numbers as a valid call's pairs: its plan key must
+    differ, so that the call is checked (and refused) rather than launched on the valid call's plan."""
+    case = _plan_test_case(device)
+    _op_call(case)
+    with pytest.raises(ValueError, match="pairs"):
+        _op_call(case, stride=(1,), padding=(1, 1, 1))
+    with pytest.raises(ValueError, match="pairs"):
+        _op_call(case, padding=(1,), dilation=(1, 1, 1))
+
+
+def test_launch_plans_are_not_used_or_kept_while_a_cuda_graph_is_captured(monkeypatch, device):
+    """A plan made before the capture holds corrections of the weight's values then (outside the graph's
+    pool); one made during it would keep the pool's tensors. Inside a capture every call plans afresh
+    and nothing is stored."""
+    from test_int8_ops import reference
+
+    case = _plan_test_case(device)
+    expected = reference({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
+    _op_call(case)
+    plans = int8_ops._launch_plans(case["x"], case["weight"])
+    assert len(plans) == 1
+    made = []
+    make_plan = int8_ops._triton_plan
+    monkeypatch.setattr(int8_ops, "_triton_plan", lambda *a: made.append(1) or make_plan(*a))
+    monkeypatch.setattr(int8_ops, "capturing_graph", lambda t: True)
+    for _ in range(2):
+        assert torch.equal(_op_call(case).cpu(), expected)
+    assert len(made) == 2 and len(plans) == 1
+    monkeypatch.undo()
+    assert int8_ops._launch_plans(case["x"], case["weight"]) is plans
+
+
+def test_a_launch_plan_is_not_kept_when_its_timing_measured_nothing(monkeypatch, device):
+    """A plan whose kernel choice fell back to a default because the timing failed is not stored: the
+    next call plans (and times) again."""
+    from tlcore import backend
+
+    case = _plan_test_case(device)
+    made = []
+    make_plan = int8_ops._triton_plan
+
+    def plan_while_timing_fails(*args):
+        made.append(1)
+        monkeypatch.setattr(backend, "_unmeasured", backend.unmeasured_choices() + 1)  # as fastest_of failing does
+        return make_plan(*args)
+
+    monkeypatch.setattr(int8_ops, "_triton_plan", plan_while_timing_fails)
+    _op_call(case)
+    _op_call(case)
+    assert len(made) == 2 and int8_ops._launch_plans(case["x"], case["weight"]) == {}
+    monkeypatch.setattr(int8_ops, "_triton_plan", lambda *a: made.append(1) or make_plan(*a))
+    _op_call(case)
+    _op_call(case)
+    assert len(made) == 3 and len(int8_ops._launch_plans(case["x"], case["weight"])) == 1
+
+
+def test_launch_plans_per_weight_are_bounded(monkeypatch, device):
+    """Calls of ever-new sizes start a weight's plans over past MAX_LAUNCH_PLANS."""
+    monkeypatch.setattr(int8_ops, "MAX_LAUNCH_PLANS", 2)
+    case = _plan_test_case(device)
+    sizes = []
+    for n in (1, 2, 3, 1):
+        x = _plan_test_case(device, seed=n, n=n)
+        _op_call(dict(x, weight=case["weight"], residual=None))
+        sizes.append(len(int8_ops._launch_plans(case["x"], case["weight"])))
+    assert sizes == [1, 2, 1, 2]

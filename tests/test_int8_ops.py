@@ -1402,7 +1402,8 @@ def test_gpu_backend_timed_once_and_bit_exact(monkeypatch):
 @pytest.mark.parametrize("chosen", ["triton", "cuda"])
 def test_gpu_backend_choice_replays_in_a_cuda_graph(monkeypatch, chosen):
     """A measured choice, either one, holds while a CUDA graph is captured, and the replay gives the
-    reference's codes."""
+    reference's codes, also after the weight changes in place (the graph computes the padding
+    corrections from the weight's values when it replays: no launch plan made before brings its own)."""
     from tlcore import backend
 
     monkeypatch.delenv("TLCORE_BACKEND", raising=False)
@@ -1421,6 +1422,11 @@ def test_gpu_backend_choice_replays_in_a_cuda_graph(monkeypatch, chosen):
     graph.replay()
     assert_bit_exact(out.cpu(), ref, f"{chosen} replayed in a CUDA graph")
     assert backend.fastest_choices() == {(q8.CONV_OP, c["x"].device, key): chosen}
+    with torch.no_grad():
+        c["weight"].neg_()  # (weights lie in [-127, 127])
+    out.fill_(0x5A)
+    graph.replay()
+    assert_bit_exact(out.cpu(), reference(on_device(c, "cpu")), f"{chosen} replayed after the weight changed")
 
 
 def padding_past_int32_case(c, rows):

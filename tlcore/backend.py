@@ -37,6 +37,8 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tlcore_b
 _warned: set[tuple[str, str, str]] = set()
 # select_fastest's measured choices: (op, device, call key) -> backend.
 _fastest: dict[tuple[str, torch.device, Hashable], str] = {}
+# How many times fastest_of timed nothing (unmeasured_choices).
+_unmeasured = 0
 
 
 def _check_name(name: str) -> str:
@@ -165,10 +167,12 @@ def fastest_of(entry: tuple[str, torch.device, Hashable], candidates: Mapping[st
     tensors), timed on `device` the first time `entry` comes and remembered; None where nothing could
     be timed (while a CUDA graph is being captured, or every candidate failed): the caller's default
     runs, and the next call tries again. A candidate that raises is no candidate, with a warning."""
+    global _unmeasured
     chosen = _fastest.get(entry)
     if chosen is not None:
         return chosen
     if torch.cuda.is_current_stream_capturing():
+        _unmeasured += 1
         return None
     times = {}
     for name, call in candidates.items():
@@ -178,9 +182,17 @@ def fastest_of(entry: tuple[str, torch.device, Hashable], candidates: Mapping[st
             _warn_once((entry[0], name, "timing"), f"tlcore: {entry[0]}'s {name} kernel failed while timed, so it "
                                                    f"was not chosen: {type(error).__name__}: {error}", stacklevel=5)
     if not times:  # nothing measured (e.g. out of memory for the timing)
+        _unmeasured += 1
         return None
     _fastest[entry] = min(times, key=times.get)
     return _fastest[entry]
+
+
+def unmeasured_choices() -> int:
+    """How many times fastest_of has timed nothing so far: a caller that keeps what it derived from a
+    choice (a launch plan) keeps it only if this count did not change meanwhile, so that the next call
+    times again."""
+    return _unmeasured
 
 
 def fastest_choices() -> dict[tuple[str, torch.device, Hashable], str]:

@@ -67,6 +67,9 @@ CUDA_KERNEL_ENV = "TLCORE_INT8_CUDA_KERNEL"
 # a GPU times both on a call configuration's first call where both apply; elsewhere "pointers" runs.
 TRITON_KERNEL_ENV = "TLCORE_INT8_TRITON_KERNEL"
 TRITON_CONV_KERNEL = "int8_conv2d (Triton kernel)"  # backend.fastest_of's op name for that choice
+# Launch plans kept per weight (_launch_plans); past this many they start over, so that a workload of
+# ever-new sizes (variable batch or image sizes) does not grow them without bound.
+MAX_LAUNCH_PLANS = 32
 
 
 # ---- float scales -> fixed point --------------------------------------------------------------
@@ -335,7 +338,7 @@ def _int8_conv2d_impl(
     plans = _launch_plans(x, weight)
     if plans is not None:
         plan_key = _plan_key(x, weight, multiplier, offset, residual, (x_zero, shift, res_multiplier, out_zero, relu,
-                             *stride, *padding, *dilation, out_max, x_max, groups))
+                             tuple(stride), tuple(padding), tuple(dilation), out_max, x_max, groups))
         plan = plans.get(plan_key)
         if plan is not None:  # every eager GPU call but a configuration's first ends here
             return plan(x, weight, multiplier, offset, residual)
@@ -346,6 +349,7 @@ def _int8_conv2d_impl(
         return _int8_output(out_shape, x.device)
     constants = (x_zero, shift, res_multiplier, out_zero, relu, list(stride), list(padding), list(dilation), out_max)
     made = {}  # the GPU backends' launch plans made for this call (the timing runs each)
+    unmeasured = backend.unmeasured_choices()
 
     def launch(chosen: str) -> torch.Tensor:
         if chosen in ("triton", "cuda") and chosen not in made:
@@ -373,8 +377,11 @@ def _int8_conv2d_impl(
     real = type(x) is torch.Tensor
     chosen = backend.select_fastest(CONV_OP, x.device, conv_backends(groups), key, launch if real else None)
     out = launch(chosen)
-    if plans is not None and chosen in made and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        plans[plan_key] = made[chosen]  # (not while capturing: the plan would keep the graph pool's tensors)
+    # A choice made where a timing measured nothing is a default: not kept, so the next call times again.
+    if plans is not None and chosen in made and backend.unmeasured_choices() == unmeasured:
+        if len(plans) >= MAX_LAUNCH_PLANS:
+            plans.clear()
+        plans[plan_key] = made[chosen]
     return out
 
 
@@ -387,10 +394,17 @@ def _launch_plans(x: torch.Tensor, weight: torch.Tensor) -> dict | None:
     other arguments it worked out, so that later calls skip the checks and choices (host time: in eager
     mode ResNet-50's convs are host-bound at batch 256; bench/NOTES.md, session 42). They are kept per
     weight version (derived_from_weight): some arguments derive from the weight (padding corrections).
+    None while a CUDA graph is captured: a plan made before would bring its corrections (of the weight's
+    values then, outside the graph's pool) into the graph; one made then, the graph pool's tensors out.
     """
-    if not (x.is_cuda or backend.interpreting()) or traced(x):
+    if not (x.is_cuda or backend.interpreting()) or traced(x) or capturing_graph(x):
         return None
     return derived_from_weight(weight, "launch plans", (), dict)
+
+
+def capturing_graph(t: torch.Tensor) -> bool:
+    """Whether t is a GPU tensor and a CUDA graph is being captured on the current stream."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _plan_key(x, weight, multiplier, offset, residual, constants: tuple) -> tuple:
@@ -560,7 +574,7 @@ def cached_border_corrections(weight: torch.Tensor, x_zero: int, in_size: Sequen
     def derive():
         return border_corrections(weight, x_zero, in_size, out_size, stride, padding, dilation)
 
-    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing_graph(weight):
         return derive()
     key = (x_zero, *in_size, *out_size, *stride, *padding, *dilation)
     return derived_from_weight(weight, "border corrections", key, derive)
@@ -779,7 +793,7 @@ def quantize_input(x: torch.Tensor, scale: float, zero_point: int, check_finite:
             and runs_cpu_kernel("quantize_per_tensor", x, QUANTIZE_BACKENDS):
         return torch.ops.tlcore._quantize_cpu(x, 1.0 / scale, zero_point, check_finite)  # checks in the same pass
     if check_finite:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        if capturing_graph(x):
             raise RuntimeError(CAPTURED_CHECK)
         # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
         if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
