@@ -283,12 +283,9 @@ def int8_conv2d(x, x_zero, weight, multiplier, offset, shift, residual, res_mult
     launch(x, weight, multiplier, offset, residual, out)
 
 
-class Int8ConvLaunch:
-    """The int8 conv kernels' launches, writing `out` (shapes in the module docstring), for calls with
-    the constants given here. The first call picks the kernel (pointwise_rows or the general one) and
-    works out its grid and its other arguments, the padding corrections from its weight among them.
-    Later calls, which must bring tensors of the first one's sizes and strides and its weight (a launch
-    plan's: tlcore/ops/int8.py), only launch.
+class PlannedConvLaunch:
+    """What a Triton int8 conv launcher keeps: the constants of its calls, given here, and what its
+    first call plans (the kernel, set last; the padding corrections; the other arguments).
 
     corrections: a function with border_corrections' arguments and result (one that caches them),
     or None for border_corrections itself.
@@ -299,11 +296,23 @@ class Int8ConvLaunch:
         self._x_zero, self._stride, self._padding, self._dilation, self._groups = x_zero, stride, padding, dilation, groups
         self._epilogue = (shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max)
         self._corrections = corrections or border_corrections
-        self._kernel: TunedLaunch | None = None  # set last by the first call's plan (raising, it stays None)
-        self._pointwise = self._flat = False
+        self._kernel: TunedLaunch | None = None  # (a plan that raises leaves it None)
         self._corr: torch.Tensor | None = None  # the padding corrections (padded convs)
         self._scalars: tuple = ()
         self._constexprs: dict = {}
+
+
+class Int8ConvLaunch(PlannedConvLaunch):
+    """The int8 conv kernels' launches, writing `out` (shapes in the module docstring), for calls with
+    the constants given here. The first call picks the kernel (pointwise_rows or the general one) and
+    works out its grid and its other arguments, the padding corrections from its weight among them.
+    Later calls, which must bring tensors of the first one's sizes and strides and its weight (a launch
+    plan's: tlcore/ops/int8.py), only launch. Constants: PlannedConvLaunch's.
+    """
+
+    def __init__(self, *constants, **kwargs):
+        super().__init__(*constants, **kwargs)
+        self._pointwise = self._flat = False
 
     def __call__(self, x, weight, multiplier, offset, residual, out) -> None:
         weight = weight.contiguous(memory_format=torch.channels_last)  # (a no-op for tlcore's prepared weights)

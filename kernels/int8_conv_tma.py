@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from tlcore.kernels.implicit_gemm import pixel_rows, tuned_configs
-from tlcore.kernels.int8_border import border_class, border_corrections
-from tlcore.kernels.int8_conv import requantized, shift_route
+from tlcore.kernels.int8_border import border_class
+from tlcore.kernels.int8_conv import PlannedConvLaunch, requantized, shift_route
 from tlcore.kernels.launch import TunedLaunch
 
 try:  # Triton >= 3.4 (torch >= 2.8); older ones run the general kernel
@@ -282,28 +282,19 @@ def int8_conv2d_tma(x, x_zero, weight, multiplier, offset, shift, residual, res_
     launch(x, weight, multiplier, offset, residual, out)
 
 
-class Int8ConvTmaLaunch:
+class Int8ConvTmaLaunch(PlannedConvLaunch):
     """The TMA conv's launches, writing `out`, for calls with the constants given here (as
     kernels/int8_conv.py's Int8ConvLaunch). The first call checks tma_applies, picks the kernel (row runs
     or pixel boxes) and works out the descriptors' shapes, the grid and the other arguments, the
     padding corrections from its weight among them. Later calls, which must bring tensors of the first
     one's sizes and strides (x and the residual 16-byte aligned too) and its weight (a launch plan's:
-    tlcore/ops/int8.py), make the descriptors and launch.
-
-    corrections: as int8_conv2d's (kernels/int8_conv.py).
+    tlcore/ops/int8.py), make the descriptors and launch. Constants: PlannedConvLaunch's.
     """
 
-    def __init__(self, x_zero, shift, res_multiplier, out_zero, relu, stride, padding, dilation, out_max, groups=1,
-                 corrections=None):
-        self._x_zero, self._stride, self._padding, self._dilation, self._groups = x_zero, stride, padding, dilation, groups
-        self._epilogue = (shift, res_multiplier, out_zero, max(out_zero, -128) if relu else -128, out_max)
-        self._corrections = corrections or border_corrections
-        self._kernel: TunedLaunch | None = None  # set last by the first call's plan (raising, it stays None)
+    def __init__(self, *constants, **kwargs):
+        super().__init__(*constants, **kwargs)
         self._space_to_depth = False
-        self._corr: torch.Tensor | None = None  # the padding corrections (padded convs)
         self._grids: tuple = ()  # the (shape, strides) of x, the residual and out as descriptors see them
-        self._scalars: tuple = ()
-        self._constexprs: dict = {}
 
     def __call__(self, x, weight, multiplier, offset, residual, out) -> None:
         if self._kernel is None:
