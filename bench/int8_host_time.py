@@ -34,7 +34,7 @@ def _stub_launches() -> None:
     def tuned_without_launch(kernel, grid, *args, **kwargs):
         config = kernel.configs[0]
         if config.pre_hook is not None:
-            config.pre_hook({**dict(zip(kernel.arg_names, args)), **kwargs, **config.all_kwargs()})
+            config.pre_hook(launch._named_arguments(kernel, args, kwargs, config.all_kwargs()))
         return config
 
     tuned_call = launch.TunedLaunch.__call__

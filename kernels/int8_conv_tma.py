@@ -59,10 +59,11 @@ STEM_CHANNELS = 8  # stride-2 convs with at most this many channels run space-to
 def _configs(pointwise: bool):
     # (BLOCK_N, TILE_N, TILE_H, TILE_W, BLOCK_K, num_stages, num_warps). Spatial tiles: 8x8 divides
     # 56x56 exactly, 4x32 and 8x16 suit 28 and 14-wide maps (2 of 32 or 16 columns idle), 2x8x8 puts
-    # two 7x7 images in a tile, 64x8x8 fits 64-channel convs on 56x56 maps. Pointwise tiles are rows (TILE_N = TILE_H = 1); runs of 256 spill with
-    # a residual. Each compiles without spills on sm_90 (tests/test_kernel_compile.py). Triton waits for
-    # each wgmma with an int32 accumulator before the next (no fp32 accumulator, no overlap: its
-    # WGMMAPipeline's rule), so BLOCK_K 128 halves those waits where C allows.
+    # two 7x7 images in a tile, 64x8x8 fits 64-channel convs on 56x56 maps. Pointwise tiles are rows
+    # (TILE_N = TILE_H = 1); runs of 256 spill with a residual. Each compiles without spills on sm_90
+    # (tests/test_kernel_compile.py). Triton waits for each wgmma with an int32 accumulator before the
+    # next (no fp32 accumulator, no overlap: its WGMMAPipeline's rule), so BLOCK_K 128 halves those
+    # waits where C allows.
     shapes = [(128, 1, 1, 128, 64, 4, 8), (64, 1, 1, 128, 64, 4, 4), (128, 1, 1, 128, 128, 3, 8),
               (64, 1, 1, 128, 128, 3, 4), (128, 1, 1, 64, 64, 4, 4), (64, 1, 1, 64, 64, 6, 4)] if pointwise else \
              [(128, 1, 8, 16, 64, 4, 8), (64, 1, 8, 16, 64, 4, 4), (128, 1, 8, 8, 64, 4, 4), (128, 1, 4, 32, 64, 4, 8),

@@ -33,7 +33,8 @@ def launch_tuned(kernel: Autotuner, grid, *args, **kwargs) -> triton.Config | No
     work once it has tuned this call's key. Returns the config it launched (None when traced).
 
     Traced (tlcore.ops.eager.traced) it goes through wrap_triton, so that the graph records the
-    autotuned kernel. args: the kernel's leading arguments in order, a tensor among them; kwargs the rest by name (its key arguments among them).
+    autotuned kernel. args: the kernel's leading arguments in order, a tensor among them; kwargs the rest
+    by name (its key arguments among them).
     """
     if traced(next(a for a in args if isinstance(a, torch.Tensor))):
         wrap_triton(kernel)[grid](*args, **kwargs)
@@ -44,10 +45,16 @@ def launch_tuned(kernel: Autotuner, grid, *args, **kwargs) -> triton.Config | No
         kernel[grid](*args, **kwargs)
         config = _chosen[entry] = kernel.best_config
         return config
+    meta = config.all_kwargs()
     if config.pre_hook is not None:  # (as the autotuner does: e.g. TMA descriptors' boxes for this config)
-        config.pre_hook({**dict(zip(kernel.arg_names, args)), **kwargs, **config.all_kwargs()})
-    kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        config.pre_hook(_named_arguments(kernel, args, kwargs, meta))
+    kernel.fn[grid](*args, **kwargs, **meta)
     return config
+
+
+def _named_arguments(kernel: Autotuner, args: tuple, kwargs: dict, meta: dict) -> dict:
+    """A call's arguments by name, with a config's meta-parameters: what pre-hooks and grids get."""
+    return {**dict(zip(kernel.arg_names, args)), **kwargs, **meta}
 
 
 class TunedLaunch:
@@ -67,10 +74,11 @@ class TunedLaunch:
         if config is None:
             config = launch_tuned(self._kernel, self._grid, *args, **kwargs)
             if config is not None:  # (traced: nothing to keep)
-                meta = {**dict(zip(self._kernel.arg_names, args)), **kwargs, **config.all_kwargs()}
-                self._launch = self._kernel.fn[self._grid(meta) if callable(self._grid) else self._grid]
                 self._config, self._meta = config, config.all_kwargs()
+                grid = self._grid(_named_arguments(self._kernel, args, kwargs, self._meta)) if callable(self._grid) \
+                    else self._grid
+                self._launch = self._kernel.fn[grid]
             return
         if config.pre_hook is not None:
-            config.pre_hook({**dict(zip(self._kernel.arg_names, args)), **kwargs, **self._meta})
+            config.pre_hook(_named_arguments(self._kernel, args, kwargs, self._meta))
         self._launch(*args, **kwargs, **self._meta)

@@ -139,7 +139,7 @@ def test_int8_conv_launch_plans_are_reused_only_for_calls_like_their_first(kerne
     arguments) per weight version and call configuration: calls on other data of the same sizes reuse it,
     and a new weight version, batch size, residual layout, x's alignment (the TMA kernel's) or forced
     kernel makes a new one. Every output, freshly allocated and poisoned, equals the integer reference."""
-    from test_int8_ops import assert_bit_exact, make_case, reference, run
+    from test_int8_ops import assert_bit_exact, make_case, on_device, reference, run
     from tlcore.kernels import int8_conv, int8_conv_tma
 
     tma_here = int8_conv_tma.TensorDescriptor is not None and not (
@@ -160,9 +160,7 @@ def test_int8_conv_launch_plans_are_reused_only_for_calls_like_their_first(kerne
     tma_name = "Int8ConvTmaLaunch" if kernel == "tma" else "Int8ConvLaunch"
 
     def check(case, what, plans, launcher=tma_name):
-        on_cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-        on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-        assert_bit_exact(run(on_device, "triton").cpu(), reference(on_cpu), what)
+        assert_bit_exact(run(on_device(case, device), "triton").cpu(), reference(on_device(case, "cpu")), what)
         assert len(plans_made) == plans and launched[-1] == launcher, what
 
     shape = (2, 32, 7, 9, 48, 3, 3, 1, 1, 1)  # padded: the plan keeps the weight's border corrections
@@ -185,7 +183,8 @@ def test_int8_conv_launch_plans_are_reused_only_for_calls_like_their_first(kerne
     shifted = storage[1:].as_strided(c["x"].shape, c["x"].stride()).copy_(c["x"])
     check(dict(c, x=shifted), "x off alignment", 5, "Int8ConvLaunch")
     monkeypatch.setenv(int8_ops.TRITON_KERNEL_ENV, "pointers" if kernel == "tma" else "tma")
-    check(c, "the other kernel forced", 6, "Int8ConvTmaLaunch" if kernel == "pointers" and tma_here else "Int8ConvLaunch")
+    check(c, "the other kernel forced", 6,
+          "Int8ConvTmaLaunch" if kernel == "pointers" and tma_here else "Int8ConvLaunch")
 
 
 def test_int8_conv_launch_plans_only_for_untraced_gpu_kernel_calls(monkeypatch):
@@ -205,10 +204,9 @@ def test_int8_conv_launch_plans_only_for_untraced_gpu_kernel_calls(monkeypatch):
 
 def _plan_test_case(device, seed=0, n=1):
     """A small padded conv on `device` (the plans' weight is the device copy)."""
-    from test_int8_ops import make_case
+    from test_int8_ops import make_case, on_device
 
-    case = make_case(n, 16, 5, 5, 16, 3, 3, 1, 1, 1, seed=seed)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    return on_device(make_case(n, 16, 5, 5, 16, 3, 3, 1, 1, 1, seed=seed), device)
 
 
 def _op_call(case, stride=(1, 1), padding=(1, 1), dilation=(1, 1)):
@@ -234,10 +232,10 @@ def test_launch_plans_are_not_used_or_kept_while_a_cuda_graph_is_captured(monkey
     """A plan made before the capture holds corrections of the weight's values then (outside the graph's
     pool); one made during it would keep the pool's tensors. Inside a capture every call plans afresh
     and nothing is stored."""
-    from test_int8_ops import reference
+    from test_int8_ops import on_device, reference
 
     case = _plan_test_case(device)
-    expected = reference({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
+    expected = reference(on_device(case, "cpu"))
     _op_call(case)
     plans = int8_ops._launch_plans(case["x"], case["weight"])
     assert len(plans) == 1

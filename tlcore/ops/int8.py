@@ -335,25 +335,24 @@ def _int8_conv2d_impl(
     packed_weight: Optional[torch.Tensor],
     groups: int = 1,
 ) -> torch.Tensor:
+    constants = (x_zero, shift, res_multiplier, out_zero, relu, tuple(stride), tuple(padding), tuple(dilation),
+                 out_max)
     plans = _launch_plans(x, weight)
     if plans is not None:
-        plan_key = _plan_key(x, weight, multiplier, offset, residual, (x_zero, shift, res_multiplier, out_zero, relu,
-                             tuple(stride), tuple(padding), tuple(dilation), out_max, x_max, groups))
+        plan_key = _plan_key(x, weight, multiplier, offset, residual, (*constants, x_max, groups))
         plan = plans.get(plan_key)
         if plan is not None:  # every eager GPU call but a configuration's first ends here
             return plan(x, weight, multiplier, offset, residual)
-    oh, ow = _check_conv_args(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
-                              stride, padding, dilation, out_max, x_max, groups)
-    out_shape = (x.shape[0], weight.shape[0], oh, ow)
-    if math.prod(out_shape) == 0:
-        return _int8_output(out_shape, x.device)
-    constants = (x_zero, shift, res_multiplier, out_zero, relu, list(stride), list(padding), list(dilation), out_max)
+    out_like = _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero,
+                                 relu, stride, padding, dilation, out_max, x_max, packed_weight, groups)  # (checks)
+    if out_like.numel() == 0:
+        return out_like
     made = {}  # the GPU backends' launch plans made for this call (the timing runs each)
     unmeasured = backend.unmeasured_choices()
 
     def launch(chosen: str) -> torch.Tensor:
         if chosen in ("triton", "cuda") and chosen not in made:
-            made[chosen] = _triton_plan((x, weight, multiplier, offset, residual), constants, out_shape, groups, key) \
+            made[chosen] = _triton_plan((x, weight, multiplier, offset, residual), constants, out_like, groups, key) \
                 if chosen == "triton" else functools.partial(_int8_conv_cuda, constants=constants)
         if chosen in made:
             return made[chosen](x, weight, multiplier, offset, residual)
@@ -431,10 +430,11 @@ def _int8_conv_cuda(x, weight, multiplier, offset, residual, constants: tuple) -
                                             res_multiplier, out_zero, relu, stride, padding, dilation, out_max)
 
 
-def _triton_plan(tensors: tuple, constants: tuple, out_shape: Sequence[int], groups: int,
+def _triton_plan(tensors: tuple, constants: tuple, out_like: torch.Tensor, groups: int,
                  key: tuple | None) -> Callable:
     """A launch plan on the Triton int8 conv for calls like this one (tensors: its x, weight, multiplier,
-    offset and residual; constants as _int8_conv_cuda's): on the kernel TRITON_KERNEL_ENV forces where
+    offset and residual; constants as _int8_conv_cuda's; out_like: an output as the plan allocates
+    them, which it does not keep): on the kernel TRITON_KERNEL_ENV forces where
     it applies; else, where both apply on a GPU, on the one measured faster for this call's key
     (backend.fastest_of, on this call's tensors); else on the pointer kernels.
 
@@ -444,12 +444,13 @@ def _triton_plan(tensors: tuple, constants: tuple, out_shape: Sequence[int], gro
     from tlcore.kernels.int8_conv_tma import Int8ConvTmaLaunch, tma_applies
 
     x, weight, _, _, residual = tensors
+    out_shape = out_like.shape
     # (traced, the corrections are part of the graph: computed where it runs)
     launch_args = (*constants, groups, None if traced(x) else cached_border_corrections)
     launchers = {"pointers": Int8ConvLaunch(*launch_args)}
     stride, dilation = constants[5], constants[7]
-    if not traced(x) and tma_applies(x, _nhwc(weight), None if residual is None else _nhwc(residual),
-                                     _int8_output(out_shape, x.device), stride, dilation, groups):
+    if not traced(x) and tma_applies(x, _nhwc(weight), None if residual is None else _nhwc(residual), out_like,
+                                     stride, dilation, groups):
         launchers["tma"] = Int8ConvTmaLaunch(*launch_args)
 
     def plan(x, weight, multiplier, offset, residual, kernel=None):
@@ -458,7 +459,7 @@ def _triton_plan(tensors: tuple, constants: tuple, out_shape: Sequence[int], gro
                                     None if residual is None else _nhwc(residual), out)
         return out
 
-    def tma_checked_once(*tensors) -> None:  # (do_bench's first, untimed call does the check)
+    def tma_checked_once() -> None:  # (do_bench's first, untimed call does the check)
         if not checked:
             if not torch.equal(plan(*tensors, kernel="tma"), plan(*tensors, kernel="pointers")):
                 raise RuntimeError("its codes differ from the pointer kernels' on this call")
@@ -470,7 +471,7 @@ def _triton_plan(tensors: tuple, constants: tuple, out_shape: Sequence[int], gro
     if chosen not in launchers:  # nothing forced, or a kernel that cannot run this call
         chosen = "pointers"
         if len(launchers) > 1 and key is not None and x.is_cuda and os.environ.get(backend.TIMING_ENV) != "0":
-            candidates = {"pointers": lambda: plan(*tensors, kernel="pointers"), "tma": lambda: tma_checked_once(*tensors)}
+            candidates = {"pointers": lambda: plan(*tensors, kernel="pointers"), "tma": tma_checked_once}
             chosen = backend.fastest_of((TRITON_CONV_KERNEL, x.device, key), candidates, x.device) or chosen
     return plan
 
