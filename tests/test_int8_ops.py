@@ -386,6 +386,19 @@ def test_cpu_op_packs_each_weight_once(monkeypatch):
     other["weight"].data = -other["weight"]  # new storage, same tensor and version
     assert_bit_exact(run(other, "cpu"), reference(other), "new storage")
     assert len(packs) == 5
+    # A new storage where the old one lay (as when the allocator hands its memory back): two tensors over one
+    # buffer have the same data_ptr but storages of their own.
+    n, ch, r, s = other["weight"].shape
+    memory = bytearray(other["weight"].permute(0, 2, 3, 1).numpy().tobytes())  # (channels_last, as packed)
+    over_memory = lambda: torch.frombuffer(memory, dtype=torch.int8).view(n, r, s, ch).permute(0, 3, 1, 2)
+    other["weight"].data = over_memory()
+    address = other["weight"].data_ptr()
+    assert_bit_exact(run(other, "cpu"), reference(other), "a weight over a buffer")
+    memory[:] = (-other["weight"]).permute(0, 2, 3, 1).numpy().tobytes()  # no tensor's version sees this
+    other["weight"].data = over_memory()
+    assert other["weight"].data_ptr() == address
+    assert_bit_exact(run(other, "cpu"), reference(other), "another storage at the same address")
+    assert len(packs) == 7
     torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu_cached.default,
                           (c["x"], c["weight"], c["multiplier"], c["offset"], c["residual"], c["x_zero"], c["shift"],
                            c["res_multiplier"], c["out_zero"], c["relu"], c["stride"], c["padding"], c["dilation"],

@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence, TypeVar  # typing forms: torch.
 import torch
 import torch.nn.functional as F
 from torch.library import triton_op
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from tlcore import _extension, backend
 from tlcore.ops.conv import check_same_device, output_size
@@ -518,8 +519,9 @@ def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, re
 
 
 # Values derived from a weight tensor (the C++ kernel's packing, the Triton kernel's padding
-# corrections) by (id(weight), what): (weakref to the weight, key, value). Entries leave with their
-# weight. (A WeakKeyDictionary would compare tensors with ==.)
+# corrections) by (id(weight), what): (weakref to the weight, key, value, weak reference to the storage
+# the value derives from). Entries leave with their weight. (A WeakKeyDictionary would compare tensors
+# with ==.)
 _derived: dict[tuple[int, str], tuple] = {}
 
 
@@ -528,12 +530,16 @@ def derived_from_weight(weight: torch.Tensor, what: str, key: tuple, derive: Cal
     (`w.data = ...`) or its version (an in-place change) changes. Inference tensors (made under
     torch.inference_mode) have no version and count as unchanging unless forget_derived_values says
     otherwise (Int8Conv2d's load_state_dict does)."""
-    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, *key)
+    # The storage by identity, not only by address: `w.data = new` keeps w's version, and the new storage
+    # may lie where the old one did. The entry's weak reference keeps the old StorageImpl's identity from
+    # being reused while the entry holds it.
+    storage = weight.untyped_storage()
+    key = (storage._cdata, weight.data_ptr(), None if weight.is_inference() else weight._version, *key)
     entry_key = (id(weight), what)
     cached = _derived.get(entry_key)
     new_entry = cached is None or cached[0]() is not weight
     if new_entry or cached[1] != key:
-        cached = (weakref.ref(weight), key, derive())
+        cached = (weakref.ref(weight), key, derive(), StorageWeakRef(storage))
         _derived[entry_key] = cached
         if new_entry:
             weakref.finalize(weight, _derived.pop, entry_key, None)
@@ -543,9 +549,10 @@ def derived_from_weight(weight: torch.Tensor, what: str, key: tuple, derive: Cal
 def forget_derived_values(weight: torch.Tensor) -> None:
     """Make every value derived from weight stale: it changed in a way its version does not show. (The
     entries stay, so their finalizers are not registered again: the next call derives under the same entry.)"""
-    for entry_key in [k for k, cached in _derived.items() if cached[0]() is weight]:
-        cached = _derived[entry_key]
-        _derived[entry_key] = (cached[0], None, cached[2])
+    # (over a copy: another thread's first call, or a weight's finalizer, may change the dict meanwhile)
+    for entry_key, cached in list(_derived.items()):
+        if cached[0]() is weight:
+            _derived[entry_key] = (cached[0], None, *cached[2:])
 
 
 def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int],
