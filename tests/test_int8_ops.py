@@ -406,6 +406,21 @@ def test_cpu_op_packs_each_weight_once(monkeypatch):
 
 
 @needs_extension
+def test_forgetting_a_weight_forgets_what_its_aliases_derived():
+    """forget_derived_values(w) (what Int8Conv2d's load_state_dict calls: under torch.inference_mode an
+    in-place write leaves no version) makes stale what was derived through any tensor over w's storage, such
+    as a traced module's parameters, which may be other tensor objects over the same storage."""
+    c = make_case(*CASES[4])
+    with torch.inference_mode():
+        weight = c["weight"].contiguous(memory_format=torch.channels_last).clone()  # an inference tensor
+        case = dict(c, weight=weight.view_as(weight))  # another tensor object over its storage
+        assert_bit_exact(run(case, "cpu"), reference(case), "first call")
+        weight.neg_()  # (no version counts this)
+        q8.forget_derived_values(weight)
+        assert_bit_exact(run(case, "cpu"), reference(case), "after the weight was forgotten")
+
+
+@needs_extension
 def test_cpu_kernel_saturates_exactly(monkeypatch):
     """Extreme operands: the largest accumulators, every output saturated to 127 or -128."""
     x = torch.full((1, 512, 3, 3), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)

@@ -547,11 +547,13 @@ def derived_from_weight(weight: torch.Tensor, what: str, key: tuple, derive: Cal
 
 
 def forget_derived_values(weight: torch.Tensor) -> None:
-    """Make every value derived from weight stale: it changed in a way its version does not show. (The
-    entries stay, so their finalizers are not registered again: the next call derives under the same entry.)"""
+    """Make every value derived from weight's storage stale, also through other tensor objects over it (a
+    traced module's parameters may be such): it changed in a way its version does not show. (The entries
+    stay, so their finalizers are not registered again: the next call derives under the same entry.)"""
+    storage = weight.untyped_storage()._cdata  # (an entry's weak reference keeps its storage's identity unique)
     # (over a copy: another thread's first call, or a weight's finalizer, may change the dict meanwhile)
     for entry_key, cached in list(_derived.items()):
-        if cached[0]() is weight:
+        if cached[3].cdata == storage:
             _derived[entry_key] = (cached[0], None, *cached[2:])
 
 
