@@ -30,7 +30,7 @@ import functools
 import math
 import os
 import weakref
-from typing import Callable, Optional, Sequence, TypeVar  # typing forms: torch.library's schema inference reads them on torch 2.6
+from typing import Callable, NamedTuple, Optional, Sequence, TypeVar  # typing forms: torch.library's schema inference reads them on torch 2.6
 
 import torch
 import torch.nn.functional as F
@@ -518,11 +518,18 @@ def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, re
     return _int8_output((x.shape[0], weight.shape[0], oh, ow), x.device)
 
 
+class _Derived(NamedTuple):
+    """A value derived from a weight tensor, as kept by derived_from_weight."""
+    weight: weakref.ref  # the tensor
+    key: tuple | None  # what it was derived for (None: stale)
+    value: object
+    storage: StorageWeakRef  # the storage it was derived from
+
+
 # Values derived from a weight tensor (the C++ kernel's packing, the Triton kernel's padding
-# corrections) by (id(weight), what): (weakref to the weight, key, value, weak reference to the storage
-# the value derives from). Entries leave with their weight. (A WeakKeyDictionary would compare tensors
-# with ==.)
-_derived: dict[tuple[int, str], tuple] = {}
+# corrections) by (id(weight), what). Entries leave with their weight. (A WeakKeyDictionary would
+# compare tensors with ==.)
+_derived: dict[tuple[int, str], _Derived] = {}
 
 
 def derived_from_weight(weight: torch.Tensor, what: str, key: tuple, derive: Callable[[], T]) -> T:
@@ -537,13 +544,13 @@ def derived_from_weight(weight: torch.Tensor, what: str, key: tuple, derive: Cal
     key = (storage._cdata, weight.data_ptr(), None if weight.is_inference() else weight._version, *key)
     entry_key = (id(weight), what)
     cached = _derived.get(entry_key)
-    new_entry = cached is None or cached[0]() is not weight
-    if new_entry or cached[1] != key:
-        cached = (weakref.ref(weight), key, derive(), StorageWeakRef(storage))
+    new_entry = cached is None or cached.weight() is not weight
+    if new_entry or cached.key != key:
+        cached = _Derived(weakref.ref(weight), key, derive(), StorageWeakRef(storage))
         _derived[entry_key] = cached
         if new_entry:
             weakref.finalize(weight, _derived.pop, entry_key, None)
-    return cached[2]
+    return cached.value
 
 
 def forget_derived_values(weight: torch.Tensor) -> None:
@@ -553,8 +560,8 @@ def forget_derived_values(weight: torch.Tensor) -> None:
     storage = weight.untyped_storage()._cdata  # (an entry's weak reference keeps its storage's identity unique)
     # (over a copy: another thread's first call, or a weight's finalizer, may change the dict meanwhile)
     for entry_key, cached in list(_derived.items()):
-        if cached[3].cdata == storage:
-            _derived[entry_key] = (cached[0], None, *cached[2:])
+        if cached.storage.cdata == storage:
+            _derived[entry_key] = cached._replace(key=None)
 
 
 def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int],
