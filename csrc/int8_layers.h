@@ -8,7 +8,7 @@ namespace tlcore {
 // x: fp32 (N, C, H, W), NCHW-contiguous (channels_last = false) or NHWC-contiguous (true);
 // out: int8 (N, H, W, C) contiguous.
 // q = clamp(floor(x * inv_scale + 0.5) + zero_point, -128, 127), NaN -> zero_point: the same fp32
-// operations, unfused, as the other backends (tlcore/ops/int8.py), so every backend agrees bit for bit.
+// operations, unfused, as the other backends (tlcore/ops/int8_layers.py), so every backend agrees bit for bit.
 // Returns whether x holds a NaN or an infinity (found in the same pass, for the int8 model's input check).
 bool quantize_to_nhwc_cpu(const float* x, int64_t n, int64_t c, int64_t hw, bool channels_last, float inv_scale,
                           int32_t zero_point, int8_t* out);

@@ -52,7 +52,7 @@ def int8_max_pool2d(q: torch.Tensor, kernel_size, stride, padding, dilation, out
 
     q: (N, C, H, W) int8, any strides; kernel_size, stride, padding, dilation: (h, w) pairs
     (PyTorch's rules: padding <= kernel / 2); out: (N, C, OH, OW) int8 channels_last, its size
-    from PyTorch's formula (tlcore.ops.int8._pool_output_size).
+    from PyTorch's formula (tlcore.ops.int8_layers._pool_output_size).
     """
     n, c, h, w = q.shape
     oh, ow = out.shape[2:]

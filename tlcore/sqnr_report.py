@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tlcore.nn.int8 import Int8Conv2d, Int8Linear, QParams
-from tlcore.ops.int8 import dequantize_per_tensor
+from tlcore.ops.int8_layers import dequantize_per_tensor
 from tlcore.quantize import LAYERS, input_batches
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tlcore.ops.int8 import resolved_cpu_isa_name
+from tlcore.ops.int8_cpu import resolved_cpu_isa_name
 
 
 def _cpuinfo(field: str) -> str | None:

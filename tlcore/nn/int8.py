@@ -15,9 +15,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from tlcore.backend import use_backend
 from tlcore.nn.conv import FusedConv2dBNReLU, explicit_padding, folding_unsupported_reason
-from tlcore.ops.int8 import (CONV_OP, QMAX, QUANTIZE_BACKENDS, WEIGHT_QMAX, cached_packed_weight_cpu,
-                             dequantize_per_tensor, forget_derived_values, int8_conv2d, int8_global_avg_pool,
-                             int8_max_pool2d, int8_weight_linear, quantize_input, requantization, runs_cpu_kernel)
+from tlcore.ops.int8 import CONV_OP, QMAX, WEIGHT_QMAX, cached_packed_weight_cpu, int8_conv2d, requantization
+from tlcore.ops.int8_cpu import runs_cpu_kernel
+from tlcore.ops.int8_layers import (QUANTIZE_BACKENDS, dequantize_per_tensor, int8_global_avg_pool, int8_max_pool2d,
+                                    int8_weight_linear, quantize_input)
+from tlcore.ops.weight_derived import forget_derived_values
 
 
 class QParams(NamedTuple):

@@ -12,12 +12,14 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OP = "conv2d_bn_relu"
 
 
-def _pair(value, name: str) -> list[int]:
+def int_pair(value, name: str, op: str) -> list[int]:
+    """An (h, w) conv or pool argument as a list of two ints (an int applies to both); op names the op
+    in the error."""
     if isinstance(value, str):
-        raise ValueError(f"tlcore.ops.conv2d_bn_relu: {name}={value!r} is not supported; pass explicit integers")
+        raise ValueError(f"tlcore.ops.{op}: {name}={value!r} is not supported; pass explicit integers")
     pair = [value, value] if isinstance(value, int) else list(value)
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise ValueError(f"tlcore.ops.conv2d_bn_relu: {name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"tlcore.ops.{op}: {name} must be an int or a pair of ints, got {value!r}")
     return pair
 
 
@@ -163,8 +165,8 @@ def conv2d_bn_relu(
     Returns:
         (N, K, OH, OW) in x's dtype, channels_last.
     """
-    args = (x, weight, scale, shift, residual, _pair(stride, "stride"), _pair(padding, "padding"),
-            _pair(dilation, "dilation"), relu)
+    args = (x, weight, scale, shift, residual, int_pair(stride, "stride", _OP), int_pair(padding, "padding", _OP),
+            int_pair(dilation, "dilation", _OP), relu)
     if skips_dispatcher(x, weight, scale, shift, residual):
         return _conv2d_bn_relu_impl(*args)
     return torch.ops.tlcore.conv2d_bn_relu(*args)

@@ -29,19 +29,17 @@ which would make Triton, CUDA and C++ results differ in the last code.
 import functools
 import math
 import os
-import weakref
-from typing import Callable, NamedTuple, Optional, Sequence, TypeVar  # typing forms: torch.library's schema inference reads them on torch 2.6
+from typing import Callable, Optional, Sequence  # typing forms: torch.library's schema inference reads them on torch 2.6
 
 import torch
 import torch.nn.functional as F
 from torch.library import triton_op
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from tlcore import _extension, backend
-from tlcore.ops.conv import check_same_device, output_size
+from tlcore.ops.conv import check_same_device, int_pair, output_size
 from tlcore.ops.eager import skips_dispatcher, traced
-
-T = TypeVar("T")
+from tlcore.ops.int8_cpu import cpu_algorithm, cpu_isa_for
+from tlcore.ops.weight_derived import derived_from_weight
 
 QMIN, QMAX = -128, 127
 WEIGHT_QMAX = 127  # symmetric weights: -128 is never used, so -w_q always fits
@@ -52,14 +50,6 @@ MAX_SHIFT = 46
 _INT64_HEADROOM = 0.99 * 2**62  # the bound on epilogue totals; the C++ kernel's int8_requantization_in_range
 
 CONV_OP = "int8_conv2d"
-_CPU_ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx2u7": 5, "amx": 6}
-CPU_ISA_ENV = "TLCORE_INT8_CPU_ISA"  # force the C++ kernel's instruction set (tests, benchmarks)
-ALGORITHM_ENV = "TLCORE_INT8_CPU_ALGORITHM"  # "direct": no Winograd, rows or split in the C++ kernel (tests, benchmarks)
-CPU_ALGORITHMS = {"direct": 0, "winograd": 1, "rows": 2, "winograd_stride2": 3, "split": 4}  # csrc/int8_conv.h's Int8Algorithm
-# Winograd tiles: F(4x4, 3x3) while 576 * acc stays int32-recoverable (|acc| < 2**25), F(2x4, 3x3) while
-# 48 * acc does (|acc| < 2**27), else F(2x2, 3x3) (csrc/cpu/int8_winograd.cpp).
-WINOGRAD_4X4_MAX_CHANNELS = (2**25 - 1) // (128 * 128 * 9)
-WINOGRAD_2X4_MAX_CHANNELS = (2**27 - 1) // (128 * 128 * 9)
 # "dp4a" or "mma" forces the CUDA kernel (tests, benchmarks); auto/unset: mma (tensor cores) on
 # compute capability >= 8.0, dp4a below. Read by the C++ launcher on every call (csrc/int8_conv.h).
 CUDA_KERNEL_ENV = "TLCORE_INT8_CUDA_KERNEL"
@@ -220,97 +210,6 @@ def requantize_reference(acc, multiplier, offset, shift, residual, res_multiplie
     q = torch.div(total, 2**shift, rounding_mode="floor") + out_zero
     q = q.clamp(max(out_zero, QMIN) if relu else QMIN, out_max)
     return q.to(torch.int8).contiguous(memory_format=torch.channels_last)
-
-
-def selected_cpu_isa() -> int:
-    """The C++ kernel's instruction set selected now (TLCORE_INT8_CPU_ISA, default auto); packed weights depend on it."""
-    name = os.environ.get(CPU_ISA_ENV) or "auto"
-    if name not in _CPU_ISAS:
-        raise ValueError(f"{CPU_ISA_ENV}={name!r}; choose one of {', '.join(_CPU_ISAS)}")
-    if not _isa_runs_here(name):
-        here = [isa for isa in _CPU_ISAS if _isa_runs_here(isa)]
-        raise ValueError(f"{CPU_ISA_ENV}={name!r}: this CPU has no {name}; it can run {', '.join(here)}")
-    return _CPU_ISAS[name]
-
-
-@functools.cache
-@torch.compiler.assume_constant_result  # (traced calls, e.g. torch.compile's, take its value as it is)
-def _isa_runs_here(name: str) -> bool:
-    """Whether the C++ kernel can run instruction set `name` on this CPU (True without the
-    extension: then no C++ kernel runs, whatever is selected)."""
-    return name == "auto" or not _extension.loaded() or cpu_isa_supported(name)
-
-
-def cpu_isa_for(x_zero: int, x_max: int) -> int:
-    """The C++ kernel's instruction set for an input whose codes lie in [-128, x_max].
-
-    Where the kernel would run AVX2 without VNNI (chosen automatically or by
-    TLCORE_INT8_CPU_ISA=avx2), 7-bit inputs (x_max <= -1) take vpmaddubsw, exact for them;
-    otherwise the selected set (VNNI is faster than either). An input that may hold 8-bit codes
-    runs AVX2's exact kernels even where avx2u7 is selected: a reduce_range model's stem takes
-    the 8-bit input quantization, and vpmaddubsw could saturate on it.
-    """
-    isa = selected_cpu_isa()
-    if not _extension.loaded():
-        return isa  # no C++ kernel to choose for
-    if isa == _CPU_ISAS["avx2u7"] and x_max > -1:
-        return _CPU_ISAS["avx2"]
-    avx2 = (_auto_isa() if isa == _CPU_ISAS["auto"] else isa) == _CPU_ISAS["avx2"]
-    if avx2 and x_max <= -1 and x_zero <= -1:
-        return _CPU_ISAS["avx2u7"]
-    return isa
-
-
-@functools.cache
-def _auto_isa() -> int:
-    return torch.ops.tlcore._int8_cpu_resolve_isa(_CPU_ISAS["auto"])
-
-
-def cpu_algorithm(weight_shape: Sequence[int], stride: Sequence[int], dilation: Sequence[int], isa: int,
-                  groups: int = 1) -> int:
-    """How the C++ kernel runs this conv with `isa` (CPU_ALGORITHMS; the results are the same bits).
-
-    The fastest it supports: exact integer Winograd for 3x3 stride-1 convs on instruction sets
-    without VNNI (F(4x4, 3x3) tiles up to 227 channels, F(2x4, 3x3) up to 910: 2.25 or 3 products per
-    output instead of 9; 1.5-2x faster there),
-    and for 3x3 stride-2 convs with C * K <= 256 * 256 on 8-bit codes (25 products per 2x2 tile
-    instead of 36; 7-bit codes run them on vpmaddubsw, split or direct: as fast or faster),
-    the split algorithm for 1x1 convs on AVX2 (vpmaddubsw, two quads per int16 lane, plus the
-    listed top bits of lanes past its bound: ResNet-50's 1x1 convs up to 1.35x faster than on the
-    int16 pairs, and 7-bit ones up to 1.27x faster than on the 7-bit quads) and for the other convs
-    with C a multiple of 32 on the rows of their taps' codes (ResNet-50's 512-channel stride-2 3x3
-    conv 1.37x faster than direct, 7-bit stride-2 ones 1.2-1.25x) and for grouped convs whose groups
-    hold a multiple of 32 input channels, or of 16 on 7-bit codes, and of 16 output channels
-    (ResNeXt's grouped 3x3 convs of 32-64 channels a group: 0.47-0.88x direct's time), the rows layout
-    for odd channel counts (the RGB stem), else direct.
-    TLCORE_INT8_CPU_ALGORITHM=direct keeps every conv direct.
-    """
-    setting = os.environ.get(ALGORITHM_ENV) or "auto"
-    if setting not in ("auto", "direct"):
-        raise ValueError(f"{ALGORITHM_ENV}={setting!r}; choose auto or direct")
-    if setting == "direct" or not _extension.loaded():
-        return CPU_ALGORITHMS["direct"]
-    k, c, r, s = (int(size) for size in weight_shape)  # weight sizes: static even under dynamic-shape tracing
-    return _best_algorithm(k, c * groups, r, s, tuple(stride), tuple(dilation), isa, groups)
-
-
-@functools.cache
-def _best_algorithm(k: int, c: int, r: int, s: int, stride: tuple, dilation: tuple, isa: int, groups: int) -> int:
-    return torch.ops.tlcore._int8_cpu_best_algorithm(k, c, r, s, list(stride), list(dilation), isa, groups)
-
-
-def resolved_cpu_isa_name() -> str:
-    """The instruction set the C++ kernel runs here for 8-bit inputs ("no C++ extension" without it)."""
-    if not _extension.loaded():
-        return "no C++ extension"
-    isa = selected_cpu_isa()
-    resolved = _auto_isa() if isa == _CPU_ISAS["auto"] else isa
-    return next(name for name, value in _CPU_ISAS.items() if value == resolved)
-
-
-def cpu_isa_supported(name: str) -> bool:
-    """Whether the C++ int8 kernel can run with instruction set `name` here (see _CPU_ISAS)."""
-    return _extension.loaded() and torch.ops.tlcore._int8_cpu_isa_supported(_CPU_ISAS[name])
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -518,52 +417,6 @@ def _int8_conv2d_fake(x, x_zero, weight, multiplier, offset, shift, residual, re
     return _int8_output((x.shape[0], weight.shape[0], oh, ow), x.device)
 
 
-class _Derived(NamedTuple):
-    """A value derived from a weight tensor, as kept by derived_from_weight."""
-    weight: weakref.ref  # the tensor
-    key: tuple | None  # what it was derived for (None: stale)
-    value: object
-    storage: StorageWeakRef  # the storage it was derived from
-
-
-# Values derived from a weight tensor (the C++ kernel's packing, the Triton kernel's padding
-# corrections) by (id(weight), what). Entries leave with their weight. (A WeakKeyDictionary would
-# compare tensors with ==.)
-_derived: dict[tuple[int, str], _Derived] = {}
-
-
-def derived_from_weight(weight: torch.Tensor, what: str, key: tuple, derive: Callable[[], T]) -> T:
-    """derive(), computed once per weight tensor and `what`, and again when `key`, the weight's storage
-    (`w.data = ...`) or its version (an in-place change) changes. Inference tensors (made under
-    torch.inference_mode) have no version and count as unchanging unless forget_derived_values says
-    otherwise (Int8Conv2d's load_state_dict does)."""
-    # The storage by identity, not only by address: `w.data = new` keeps w's version, and the new storage
-    # may lie where the old one did. The entry's weak reference keeps the old StorageImpl's identity from
-    # being reused while the entry holds it.
-    storage = weight.untyped_storage()
-    key = (storage._cdata, weight.data_ptr(), None if weight.is_inference() else weight._version, *key)
-    entry_key = (id(weight), what)
-    cached = _derived.get(entry_key)
-    new_entry = cached is None or cached.weight() is not weight
-    if new_entry or cached.key != key:
-        cached = _Derived(weakref.ref(weight), key, derive(), StorageWeakRef(storage))
-        _derived[entry_key] = cached
-        if new_entry:
-            weakref.finalize(weight, _derived.pop, entry_key, None)
-    return cached.value
-
-
-def forget_derived_values(weight: torch.Tensor) -> None:
-    """Make every value derived from weight's storage stale, also through other tensor objects over it (a
-    traced module's parameters may be such): it changed in a way its version does not show. (The entries
-    stay, so their finalizers are not registered again: the next call derives under the same entry.)"""
-    storage = weight.untyped_storage()._cdata  # (an entry's weak reference keeps its storage's identity unique)
-    # (over a copy: another thread's first call, or a weight's finalizer, may change the dict meanwhile)
-    for entry_key, cached in list(_derived.items()):
-        if cached.storage.cdata == storage:
-            _derived[entry_key] = cached._replace(key=None)
-
-
 def cached_packed_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int],
                              x_zero: int = QMIN, x_max: int = QMAX,
                              groups: int = 1) -> tuple[int | None, int | None, torch.Tensor | None]:
@@ -621,6 +474,7 @@ def _(x, weight, multiplier, offset, residual, x_zero, shift, res_multiplier, ou
 
 
 def _register_compiled_fakes() -> None:
+    """Fakes of the conv's C++ kernels (csrc/ops.cpp), which traced calls reach directly."""
     if not _extension.loaded():
         return
 
@@ -638,31 +492,8 @@ def _register_compiled_fakes() -> None:
 
     torch.library.register_fake("tlcore::_int8_conv_cuda")(_int8_conv2d_fake)
 
-    @torch.library.register_fake("tlcore::_quantize_cpu")
-    def _(x, inv_scale, zero_point, reject_non_finite=False):
-        return _quantize_fake(x, inv_scale, zero_point)
-
-    @torch.library.register_fake("tlcore::_int8_global_avg_pool_cpu")
-    def _(q, scale, zero_point):
-        return q.new_empty((q.shape[0], q.shape[1], 1, 1), dtype=torch.float32)
-
-    @torch.library.register_fake("tlcore::_int8_weight_linear_cpu")
-    def _(x, weight, w_scale, bias, plain=False):
-        return x.new_empty((x.shape[0], weight.shape[0]))
-
-    @torch.library.register_fake("tlcore::_int8_max_pool_cpu")
-    def _(x, kernel, stride, padding, dilation, ceil_mode):
-        return _int8_max_pool_fake(x, kernel, stride, padding, dilation, ceil_mode)
-
 
 _register_compiled_fakes()
-
-
-def _pair(value, name: str, op: str = "int8_conv2d") -> list[int]:
-    pair = [value, value] if isinstance(value, int) else list(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise ValueError(f"tlcore.ops.{op}: {name} must be an int or a pair of ints, got {value!r}")
-    return pair
 
 
 def int8_conv2d(
@@ -710,7 +541,8 @@ def int8_conv2d(
             backend.select(CONV_OP, x.device, conv_backends(groups)) != "cpu":  # (the C++ kernel checks itself)
         _check_headroom(weight, multiplier, offset, res_multiplier)
     args = (x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
-            _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), out_max, x_max,
+            int_pair(stride, "stride", CONV_OP), int_pair(padding, "padding", CONV_OP),
+            int_pair(dilation, "dilation", CONV_OP), out_max, x_max,
             packed_weight, groups)
     if skips_dispatcher(x, weight, multiplier, offset, residual):
         return _int8_conv2d_impl(*args)
@@ -727,256 +559,3 @@ def pack_weight_cpu(weight: torch.Tensor, stride: Sequence[int], dilation: Seque
     isa = cpu_isa_for(x_zero, x_max)
     return torch.ops.tlcore._int8_pack_weight_cpu(_nhwc(weight), isa,
                                                   cpu_algorithm(weight.shape, stride, dilation, isa, groups), groups)
-
-
-def runs_cpu_kernel(op: str, t: torch.Tensor, implemented: Sequence[str] = ("cpu", "torch")) -> bool:
-    """Whether `op` (with kernels for the `implemented` backends) runs its C++ CPU kernel on tensor t."""
-    return t.device.type == "cpu" and backend.select(op, t.device, implemented) == "cpu"
-
-
-# ---- quantize / dequantize ------------------------------------------------------------------
-
-# Scales are applied in float32, as 1 / scale (quantizing) and as scale times up to 255 codes
-# (dequantizing): the scale and its inverse must be normal numbers there, and 255 * scale finite.
-_SCALE_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max / 256)
-
-
-def _check_qparams(where: str, scale: float, zero_point: int) -> None:
-    if not (math.isfinite(scale) and _SCALE_RANGE[0] <= scale <= _SCALE_RANGE[1]):
-        raise ValueError(f"{where}: scale must be a positive number in [{_SCALE_RANGE[0]:.3g}, "
-                         f"{_SCALE_RANGE[1]:.3g}] (float32 must hold it, its inverse and 255 times it), got {scale}")
-    if not QMIN <= zero_point <= QMAX:
-        raise ValueError(f"{where}: zero_point must be in [{QMIN}, {QMAX}], got {zero_point}")
-
-
-def _quantize_torch(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch.Tensor:
-    inv = torch.tensor(inv_scale, dtype=torch.float32, device=x.device)
-    t = torch.floor(x.float() * inv + 0.5)  # round half up, the same expression in every backend
-    t = torch.where(torch.isnan(t), 0.0, t)
-    return (t.clamp(QMIN - zero_point, QMAX - zero_point) + zero_point).to(torch.int8) \
-        .contiguous(memory_format=torch.channels_last)
-
-
-QUANTIZE_BACKENDS = ("triton", "cpu", "torch")
-
-
-@triton_op("tlcore::quantize_per_tensor", mutates_args=())
-def _quantize_op(x: torch.Tensor, inv_scale: float, zero_point: int) -> torch.Tensor:
-    out = _quantize_fake(x, inv_scale, zero_point)
-    if out.numel() == 0:
-        return out
-    chosen = backend.select("quantize_per_tensor", x.device, QUANTIZE_BACKENDS)
-    if chosen == "triton":
-        from tlcore.kernels.int8_conv import quantize_per_tensor as triton_quantize
-
-        triton_quantize(x, inv_scale, zero_point, out)
-        return out
-    if chosen == "cpu" and x.dtype == torch.float32:  # fp16/bf16 inputs take the PyTorch path
-        return torch.ops.tlcore._quantize_cpu(x, inv_scale, zero_point)
-    return _quantize_torch(x, inv_scale, zero_point)
-
-
-@_quantize_op.register_fake
-def _quantize_fake(x, inv_scale, zero_point):
-    if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"tlcore.ops.quantize_per_tensor: x must be a floating (N, C, H, W) tensor, "
-                         f"got {x.dtype} of rank {x.dim()}")
-    _check_qparams("tlcore.ops.quantize_per_tensor", 1.0 / inv_scale if inv_scale else 0.0, zero_point)
-    return torch.empty(x.shape, dtype=torch.int8, device=x.device, memory_format=torch.channels_last)
-
-
-# (the C++ quantize op raises the same message)
-NON_FINITE_INPUT = "tlcore int8 model: the input contains NaN or inf (or a stem or block left float produced one)"
-
-
-CAPTURED_CHECK = ("tlcore int8 model: its input check for NaN and inf reads a value on the host, which a CUDA graph "
-                  "being captured cannot do; build the model with tlcore.quantize(..., check_finite=False) to capture "
-                  "it (then such inputs give finite, meaningless logits)")
-
-
-@torch.library.custom_op("tlcore::quantize_input", mutates_args=())
-def quantize_input(x: torch.Tensor, scale: float, zero_point: int, check_finite: bool = True) -> torch.Tensor:
-    """quantize_per_tensor for an int8 model's input, which must hold no NaN or inf (ValueError) unless
-    check_finite is False: saturated to the largest code, an infinity would pass for a plausible input
-    where the float model gives NaN.
-
-    One op, opaque to tracing, so the check survives torch.compile and torch.export (inductor
-    on torch 2.6 drops an _assert_async from the graph), and the codes equal eager ones (quantize_per_tensor's
-    note). x: (N, C, H, W) float. On GPUs the check waits for the GPU: inside a CUDA graph being
-    captured it raises RuntimeError (CAPTURED_CHECK) instead of failing the capture.
-    """
-    _check_qparams("tlcore.ops.quantize_input", scale, zero_point)
-    if x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0 \
-            and runs_cpu_kernel("quantize_per_tensor", x, QUANTIZE_BACKENDS):
-        return torch.ops.tlcore._quantize_cpu(x, 1.0 / scale, zero_point, check_finite)  # checks in the same pass
-    if check_finite:
-        if capturing_graph(x):
-            raise RuntimeError(CAPTURED_CHECK)
-        # One fast reduction; only a non-finite sum (NaN, inf, or an overflowing sum) pays for the exact check.
-        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
-            raise ValueError(NON_FINITE_INPUT)
-    return quantize_per_tensor(x, scale, zero_point)
-
-
-@quantize_input.register_fake
-def _(x, scale, zero_point, check_finite=True):
-    _check_qparams("tlcore.ops.quantize_input", scale, zero_point)
-    return _quantize_fake(x, 1.0 / scale, zero_point)
-
-
-def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """q = clamp(floor(x * fp32(1 / scale) + 0.5) + zero_point, -128, 127); NaN -> zero_point.
-
-    x: (N, C, H, W) fp32/fp16/bf16, any layout. Returns (N, C, H, W) int8 channels_last.
-    """
-    _check_qparams("tlcore.ops.quantize_per_tensor", scale, zero_point)
-    return torch.ops.tlcore.quantize_per_tensor(x, 1.0 / scale, zero_point)
-
-
-def _dequantize_torch(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    s = torch.tensor(scale, dtype=torch.float32, device=q.device)
-    return ((q.to(torch.float32) - zero_point) * s).contiguous()
-
-
-@triton_op("tlcore::dequantize_per_tensor", mutates_args=())
-def _dequantize_op(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    out = _dequantize_fake(q, scale, zero_point)
-    if out.numel() == 0:
-        return out
-    if backend.select("dequantize_per_tensor", q.device, ("triton", "torch")) == "triton":
-        from tlcore.kernels.int8_conv import dequantize_per_tensor as triton_dequantize
-
-        triton_dequantize(q, scale, zero_point, out)
-        return out
-    return _dequantize_torch(q, scale, zero_point)
-
-
-@_dequantize_op.register_fake
-def _dequantize_fake(q, scale, zero_point):
-    if q.dim() != 4 or q.dtype != torch.int8:
-        raise ValueError(f"tlcore.ops.dequantize_per_tensor: q must be an int8 (N, C, H, W) tensor, "
-                         f"got {q.dtype} of rank {q.dim()}")
-    _check_qparams("tlcore.ops.dequantize_per_tensor", scale, zero_point)
-    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
-
-
-def dequantize_per_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """x = (q - zero_point) * fp32(scale). q: (N, C, H, W) int8, any layout. Returns fp32 NCHW contiguous."""
-    return torch.ops.tlcore.dequantize_per_tensor(q, scale, zero_point)
-
-
-# ---- max-pool -------------------------------------------------------------------------------
-
-def _pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
-    """PyTorch's max-pool output size (the last window starts inside the image or its left padding;
-    with ceil_mode it may run past the image)."""
-    span = size + 2 * padding - dilation * (kernel - 1) - 1
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    if out < 1:
-        raise ValueError("tlcore int8 max-pool: the input is smaller than the (dilated) kernel with this padding")
-    return out
-
-
-POOL_BACKENDS = ("triton", "cpu", "torch")
-
-
-def _check_pool_args(kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                     dilation: Sequence[int]) -> None:
-    for i in range(2):
-        if not (kernel_size[i] > 0 and stride[i] > 0 and dilation[i] > 0 and 0 <= 2 * padding[i] <= kernel_size[i]):
-            raise ValueError(f"tlcore.ops.int8_max_pool2d: need kernel_size, stride, dilation > 0 and "
-                             f"0 <= padding <= kernel_size / 2 (PyTorch's rule), got kernel_size={kernel_size}, "
-                             f"stride={stride}, padding={padding}, dilation={dilation}")
-
-
-def int8_max_pool2d(q: torch.Tensor, kernel_size: int | Sequence[int], stride: int | Sequence[int],
-                    padding: int | Sequence[int], dilation: int | Sequence[int],
-                    ceil_mode: bool = False) -> torch.Tensor:
-    """Max-pool on int8 codes: exact, and the output keeps the input's scale and zero point.
-
-    q: (N, C, H, W) int8, any layout; kernel_size, stride, padding, dilation: int or (h, w) pair.
-    Returns (N, C, OH, OW) int8 channels_last (PyTorch's output size and implicit -inf padding).
-    """
-    if q.dtype != torch.int8 or q.dim() != 4:
-        raise TypeError(f"tlcore.ops.int8_max_pool2d: expected int8 (N, C, H, W) codes, got {q.dtype} of rank {q.dim()}")
-    kernel_size, stride, padding, dilation = (_pair(value, name, "int8_max_pool2d") for value, name in (
-        (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    _check_pool_args(kernel_size, stride, padding, dilation)
-    if runs_cpu_kernel("int8_max_pool2d", q, POOL_BACKENDS):  # (straight to the C++ op: no Python op body on CPU)
-        return torch.ops.tlcore._int8_max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode)
-    return torch.ops.tlcore.int8_max_pool2d(q, kernel_size, stride, padding, dilation, ceil_mode)
-
-
-@triton_op("tlcore::int8_max_pool2d", mutates_args=())
-def _int8_max_pool_op(q: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                      dilation: Sequence[int], ceil_mode: bool) -> torch.Tensor:
-    out = _int8_max_pool_fake(q, kernel_size, stride, padding, dilation, ceil_mode)
-    if out.numel() == 0:
-        return out
-    chosen = backend.select("int8_max_pool2d", q.device, POOL_BACKENDS)
-    if chosen == "triton":
-        from tlcore.kernels.int8_pool import int8_max_pool2d as triton_max_pool
-
-        triton_max_pool(q, kernel_size, stride, padding, dilation, out)
-        return out
-    if chosen == "cpu":
-        return torch.ops.tlcore._int8_max_pool_cpu(q, kernel_size, stride, padding, dilation, ceil_mode)
-    # CUDA has no integer max-pool, and the CPU one rejects an int8 tensor of more than 127
-    # elements per image (an int8-typed size check); fp16 holds every int8 value exactly. A window
-    # of padding only gives -inf: -128, the lowest code, as the kernels give.
-    y = F.max_pool2d(q.half(), kernel_size, stride, padding, dilation, ceil_mode)
-    return y.clamp(min=QMIN).to(torch.int8).contiguous(memory_format=torch.channels_last)
-
-
-@_int8_max_pool_op.register_fake
-def _int8_max_pool_fake(q, kernel_size, stride, padding, dilation, ceil_mode):
-    _check_pool_args(kernel_size, stride, padding, dilation)
-    oh, ow = (_pool_output_size(q.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
-              for i in range(2))
-    return torch.empty((q.shape[0], q.shape[1], oh, ow), dtype=torch.int8, device=q.device,
-                       memory_format=torch.channels_last)
-
-
-# ---- the tail: global average pool and fc -------------------------------------------------------
-
-def int8_global_avg_pool(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """A ResNet's average pool on int8 codes: fp32 scale * (mean of the codes - zero_point).
-
-    q: (N, C, H, W) int8, any layout. Returns fp32 (N, C, 1, 1). The codes are summed exactly
-    (int64: 255 * H * W passes int32 past 8.4 M pixels) and scaled once, by fp32(scale / (H * W)),
-    on every backend.
-    """
-    if q.dtype != torch.int8 or q.dim() != 4:
-        raise ValueError(f"tlcore int8 global average pool: expected int8 (N, C, H, W) codes, got {q.dtype} "
-                         f"of rank {q.dim()}")
-    if not torch.compiler.is_compiling():  # traced with dynamic=True, scale is symbolic (math.isfinite fails)
-        _check_qparams("tlcore int8 global average pool", scale, zero_point)
-    pixels = q.shape[2] * q.shape[3]
-    if pixels == 0:
-        raise ValueError("tlcore int8 global average pool: the feature map is empty")
-    if runs_cpu_kernel("int8_global_avg_pool", q):
-        return torch.ops.tlcore._int8_global_avg_pool_cpu(q, scale, zero_point)
-    sums = q.sum(dim=(2, 3), keepdim=True, dtype=torch.int64) - pixels * zero_point
-    return sums.float() * (scale / pixels)
-
-
-def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor) -> torch.Tensor:
-    """An fc on int8 weights: x @ (w_scale[:, None] * weight).T + bias, in fp32.
-
-    x: fp32 (N, C); weight: int8 (K, C); w_scale, bias: fp32 (K,). Returns fp32 (N, K). Only the
-    weights are quantized (a quarter of fp32's memory traffic, which a batch-1 fc waits for); the
-    pooled features and the sums stay fp32, so the logits keep the precision the int8 body gives them.
-    """
-    if x.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.int8 or weight.dim() != 2 \
-            or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"tlcore int8 linear: expected fp32 x (N, C) and int8 weight (K, C), got {x.dtype} "
-                         f"{tuple(x.shape)} and {weight.dtype} {tuple(weight.shape)}")
-    if runs_cpu_kernel("int8_weight_linear", x):
-        # TLCORE_INT8_CPU_ISA=scalar: no SIMD here either (read when traced, unlike the convs' setting:
-        # it only serves tests and benchmarks of the plain kernel).
-        plain = selected_cpu_isa() == _CPU_ISAS["scalar"]
-        return torch.ops.tlcore._int8_weight_linear_cpu(x, weight, w_scale, bias, plain)
-    return torch.addmm(bias, x, (weight.float() * w_scale[:, None]).T)
