@@ -14,6 +14,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import tlcore
 from digits import digits_loaders, digits_tensors
+from markers import needs_extension
 from numerics import rel_error
 from tlcore import _extension
 from tlcore.nn import DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear, Int8ResidualBlock
@@ -316,7 +317,7 @@ def assert_same_model_outputs(got: tuple[torch.Tensor, torch.Tensor], expected: 
     assert rel_error(got[1], expected[1]) < 1e-6, name
 
 
-@pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+@needs_extension
 def test_backends_are_bit_identical_through_the_model(monkeypatch):
     model = small_resnet()
     x = batches(1, size=16, batch=2, seed=7)[0]
@@ -394,7 +395,7 @@ def test_state_dict_round_trip_weights_only():
         assert torch.equal(rebuilt(x), expected)
 
 
-@pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+@needs_extension
 def test_state_dict_loads_into_a_used_model_under_inference_mode():
     """Inference tensors have no version counter: loading new weights into a model that has run
     (its C++ packings cached) must still give the loaded model's codes."""
@@ -792,7 +793,7 @@ def assert_traced_model_matches(traced, qmodel, x, monkeypatch):
             traced(x)
 
 
-@pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+@needs_extension
 def test_quantized_model_exports(monkeypatch):
     """torch.export keeps tlcore's ops (the instruction set is chosen where the program runs), gives
     the same codes, packs each CPU weight once, and keeps the NaN check."""
@@ -804,7 +805,7 @@ def test_quantized_model_exports(monkeypatch):
     assert_traced_model_matches(exported.module(), qmodel, x, monkeypatch)
 
 
-@pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+@needs_extension
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("compiler, dynamic", [("aot_eager", None), ("inductor", None), ("aot_eager", True)])
 def test_quantized_model_compiles_fullgraph(compiler, dynamic, monkeypatch):
@@ -814,7 +815,7 @@ def test_quantized_model_compiles_fullgraph(compiler, dynamic, monkeypatch):
     assert_traced_model_matches(compiled, qmodel, x, monkeypatch)
 
 
-@pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+@needs_extension
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_quantized_model_compiles_fullgraph_with_an_isa_set(monkeypatch):
     """With TLCORE_INT8_CPU_ISA set, whether this CPU runs that instruction set is a constant to the
@@ -829,7 +830,7 @@ def test_quantized_model_compiles_fullgraph_with_an_isa_set(monkeypatch):
     assert_traced_model_matches(compiled, qmodel, x, monkeypatch)
 
 
-@pytest.mark.skipif(not _extension.loaded(), reason="tlcore._C is not built")
+@needs_extension
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("trace", ["compile", "export"])
 def test_forced_module_backend_compiles_and_exports(trace, monkeypatch):
