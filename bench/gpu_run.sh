@@ -50,8 +50,8 @@ if want cpu-int8; then
   # (the debugger needs the interpreter's binary, not a wrapper script; gdb exits 1 after a crash, else
   # with pytest's code)
   step cpu-int8 env TLCORE_AUTOTUNE=0 "${runner[@]}" "$(python -c 'import sys; print(sys.executable)')" -m pytest -q \
-    tests/test_int8_ops.py tests/test_int8_layers.py tests/test_int8_quantize.py tests/test_int8_grouped.py -m "not gpu" \
-    -p no:cacheprovider
+    tests/test_int8_ops.py tests/test_int8_layers.py tests/test_int8_quantize.py tests/test_int8_grouped.py \
+    -m "not gpu" -p no:cacheprovider
 fi
 if want sanitize; then
   # memcheck over the fused conv kernel on odd shapes (out-of-bounds reads/writes, misaligned access)

@@ -31,7 +31,8 @@ from test_bench_conv import SHAPES, conv_shapes, shape_id
 from tlcore.backend import use_backend
 from tlcore.benchmark.provenance import LIBRARY_CAPS
 from tlcore.benchmark.timing import Turns, matmul_peak_tflops
-from tlcore.ops import int8 as q8, int8_cpu
+from tlcore.ops import int8 as q8
+from tlcore.ops.int8_cpu import cpu_algorithm, cpu_isa_for, resolved_cpu_isa_name
 from tlcore.ops.conv import output_size
 
 CASES = [("resnet18", 1), ("resnet18", 8), ("resnet50", 1), ("resnet50", 8), ("resnext50_32x4d", 1),
@@ -91,7 +92,7 @@ def test_cpu_int8_forward(benchmark, model, batch, variant):
     benchmark.group = f"{model} batch {batch} (CPU, {torch.get_num_threads()} threads)"
     benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(),
                                 logits_sqnr_db=None if variant == "fp32 eager" else sqnr,
-                                tlcore_cpu_isa=int8_cpu.resolved_cpu_isa_name(),
+                                tlcore_cpu_isa=resolved_cpu_isa_name(),
                                 env={name: os.environ.get(name) for name in ISA_CAPS})
     turn = iter(range(10**9))
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_cpu_int8_forward_in_turns(benchmark, model, batch):
     benchmark.extra_info.update(model=model, batch=batch, threads=torch.get_num_threads(), median_ms=medians,
                                 speedup_over_torch_ao=ao_ms / medians["tlcore int8"],
                                 seven_bit_speedup_over_torch_ao=ao_ms / medians["tlcore int8 7-bit"],
-                                tlcore_cpu_isa=int8_cpu.resolved_cpu_isa_name(),
+                                tlcore_cpu_isa=resolved_cpu_isa_name(),
                                 env={name: os.environ.get(name) for name in ISA_CAPS})
 
 
@@ -141,8 +142,8 @@ def test_cpu_int8_conv_layer(benchmark, layer, variant):
         packed = q8.pack_weight_cpu(weight, [stride, stride], [1, 1])
         run = lambda: q8.int8_conv2d(x, -128, weight, multiplier, offset, shift, stride=stride,  # noqa: E731
                                      padding=r // 2, relu=True, packed_weight=packed)
-        benchmark.extra_info.update(tlcore_cpu_isa=int8_cpu.resolved_cpu_isa_name(), algorithm=int8_cpu.cpu_algorithm(
-            weight.shape, [stride, stride], [1, 1], int8_cpu.cpu_isa_for(-128, 127)))
+        benchmark.extra_info.update(tlcore_cpu_isa=resolved_cpu_isa_name(), algorithm=cpu_algorithm(
+            weight.shape, [stride, stride], [1, 1], cpu_isa_for(-128, 127)))
     else:
         torch.backends.quantized.engine = "x86"
         with warnings.catch_warnings():

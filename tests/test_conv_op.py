@@ -162,6 +162,7 @@ def test_empty_batch_returns_empty(device):
     (lambda a: {**a, "residual": torch.zeros(1, 5, 3, 3, dtype=torch.float16)}, ValueError, "residual"),
     (lambda a: {**a, "padding": "same"}, ValueError, "padding"),
     (lambda a: {**a, "stride": 0}, ValueError, "stride"),
+    (lambda a: {**a, "stride": 1.5}, ValueError, "stride must be an int or a pair of ints"),
     (lambda a: {**a, "x": a["x"][:, :, :1, :1], "padding": 0}, ValueError, "smaller than"),
 ])
 def test_bad_input_raises_clear_error(mutate, error, match):

@@ -11,7 +11,8 @@ from test_int8_ops import (SPLIT_CODES, assert_bit_exact, int64_conv, isa_or_ski
                            on_device, reference, run, run_split, seven_bit, with_codes)
 from tlcore import _extension
 from tlcore.backend import use_backend
-from tlcore.ops import int8 as q8, int8_cpu
+from tlcore.ops import int8 as q8
+from tlcore.ops.int8_cpu import ALGORITHM_ENV, CPU_ALGORITHMS, CPU_ISA_ENV, CPU_ISAS, cpu_algorithm
 
 GROUPED_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation, groups
     (2, 32, 9, 11, 32, 3, 3, 1, 1, 1, 8),     # ResNeXt-50's first stage: 4 channels a group
@@ -54,7 +55,7 @@ def test_torch_backend_bit_exact(case):
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512vnni", "amx"])
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=GROUPED_IDS)
 def test_cpu_kernel_bit_exact(case, isa, monkeypatch):
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     for residual, relu, layout in ((True, True, "channels_last"), (False, False, "strided")):
         c = grouped_case(case, residual=residual, relu=relu, layout=layout)
         ref = reference(c)
@@ -67,7 +68,7 @@ def test_cpu_kernel_bit_exact(case, isa, monkeypatch):
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=GROUPED_IDS)
 def test_cpu_kernel_seven_bit_bit_exact(case, monkeypatch):
     """AVX2's vpmaddubsw kernel on 7-bit inputs (tlcore.quantize(reduce_range=True))."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2u7"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2u7"))
     c = seven_bit(grouped_case(case))
     assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/avx2u7 {case}")
 
@@ -105,7 +106,7 @@ def test_cpu_split_grouped_bit_exact(codes, n, c_group, k_group, groups, hw, rs,
     case = with_codes(case, codes, seed)
     if reduce_range:
         case = dict(case, x=case["x"].clamp(max=-1), x_zero=min(case["x_zero"], -1), x_max=-1)
-    isa = int8_cpu.CPU_ISAS[isa_or_skip("avx2u7" if reduce_range else "avx2")]
+    isa = CPU_ISAS[isa_or_skip("avx2u7" if reduce_range else "avx2")]
     assert torch.equal(run_split(case, isa), reference(case)), (n, c_group, k_group, groups, h, w, r, s, stride)
 
 
@@ -114,7 +115,7 @@ def test_cpu_split_grouped_bit_exact(codes, n, c_group, k_group, groups, hw, rs,
 @pytest.mark.parametrize("k, groups", [(96, 4), (64, 16)], ids=["wide-groups", "narrow-groups"])
 def test_cpu_kernel_batch_of_many_chunks(k, groups, isa, monkeypatch):
     """A grouped 1x1 conv whose tasks convert their own rows (pointwise, many chunks a thread)."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     c = make_case(3, 64, 17, 19, k, 1, 1, groups=groups)
     assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} pointwise, {groups} groups")
 
@@ -129,7 +130,7 @@ def test_narrow_groups_pack_only_their_own_channels(channels, isa):
     words_a_group = channels // (2 if isa == "avx2" else 4)  # int16 pairs, or quads of bytes
     header, correction = 16, 0 if isa == "avx2" else k     # quads keep 128 * sum(w) per channel
     want = header + (k // 16) * 9 * words_a_group * 16 + correction
-    packed = torch.ops.tlcore._int8_cpu_packed_words(k, c, 3, 3, int8_cpu.CPU_ISAS[isa_or_skip(isa)], 0, c // channels)
+    packed = torch.ops.tlcore._int8_cpu_packed_words(k, c, 3, 3, CPU_ISAS[isa_or_skip(isa)], 0, c // channels)
     assert packed == want
 
 
@@ -139,7 +140,7 @@ def test_cpu_split_grouped_one_rule_for_mixed_rows(first_rows):
     """A grouped conv's input takes one rule, chosen on its first image row: sparse first rows (post-ReLU-like
     codes) keep the lanes of 4 for the dense rest too, which then lists most channels, and dense first rows
     put the sparse rest on vpmaddubsw's pairs. Exact either way."""
-    isa = int8_cpu.CPU_ISAS[isa_or_skip("avx2")]
+    isa = CPU_ISAS[isa_or_skip("avx2")]
     case = make_case(2, 64, 9, 8, 64, 3, 3, padding=1, residual=True, relu=True, seed=9, groups=2)
     g = torch.Generator().manual_seed(9)
     dense = SPLIT_CODES["uniform"](g, case["x"].shape)
@@ -157,7 +158,7 @@ def test_cpu_split_refuses_groups_off_its_lanes(c_group, k_group):
     other grouped convs are refused, not run wrong."""
     weight = torch.zeros(4 * k_group, c_group, 3, 3, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="no packing of this algorithm"):
-        torch.ops.tlcore._int8_pack_weight_cpu(weight, int8_cpu.CPU_ISAS[isa_or_skip("avx2")], int8_cpu.CPU_ALGORITHMS["split"], 4)
+        torch.ops.tlcore._int8_pack_weight_cpu(weight, CPU_ISAS[isa_or_skip("avx2")], CPU_ALGORITHMS["split"], 4)
 
 
 @needs_extension
@@ -165,12 +166,12 @@ def test_cpu_split_chosen_for_grouped_convs_where_measured_faster(monkeypatch):
     """On AVX2 the split algorithm runs ResNeXt's grouped 3x3 convs of 32 or 64 channels a group (any
     stride), and of 16 on 7-bit codes: there it measured faster than direct. Groups of 16 on 8-bit codes
     and the narrow groups of 4 and 8 stay direct."""
-    monkeypatch.delenv(int8_cpu.ALGORITHM_ENV, raising=False)
-    avx2, avx2u7 = int8_cpu.CPU_ISAS[isa_or_skip("avx2")], int8_cpu.CPU_ISAS[isa_or_skip("avx2u7")]
-    split, direct = int8_cpu.CPU_ALGORITHMS["split"], int8_cpu.CPU_ALGORITHMS["direct"]
+    monkeypatch.delenv(ALGORITHM_ENV, raising=False)
+    avx2, avx2u7 = CPU_ISAS[isa_or_skip("avx2")], CPU_ISAS[isa_or_skip("avx2u7")]
+    split, direct = CPU_ALGORITHMS["split"], CPU_ALGORITHMS["direct"]
 
     def choice(c_group, isa, stride=1):
-        return int8_cpu.cpu_algorithm((32 * c_group, c_group, 3, 3), [stride, stride], [1, 1], isa, groups=32)
+        return cpu_algorithm((32 * c_group, c_group, 3, 3), [stride, stride], [1, 1], isa, groups=32)
 
     assert [choice(32, avx2), choice(64, avx2), choice(32, avx2, stride=2), choice(16, avx2u7)] == [split] * 4
     assert [choice(16, avx2), choice(8, avx2u7), choice(4, avx2)] == [direct] * 3
@@ -205,7 +206,7 @@ def test_bad_groups_raise(groups, match):
 
 @needs_extension
 def test_packed_weight_of_other_groups_is_refused(monkeypatch):
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
     c = grouped_case(GROUPED_CASES[0])  # weight (32, 4, 3, 3): also the 1-group weight of a 4-channel input
     ungrouped = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"])
     with pytest.raises(RuntimeError, match="packed_weight does not match"):  # (its size differs)

@@ -8,7 +8,8 @@ from markers import needs_extension
 from numerics import opcheck_utils, rel_error
 from tlcore import _extension
 from tlcore.backend import use_backend
-from tlcore.ops import int8_cpu, int8_layers
+from tlcore.ops import int8_layers
+from tlcore.ops.int8_cpu import CPU_ISA_ENV
 
 
 @pytest.mark.parametrize("backend_name", ["cpu", "torch", "triton"])
@@ -199,6 +200,10 @@ def test_int8_max_pool_window_of_padding_only(backend_name, device):
             int8_layers.int8_max_pool2d(q.to(torch.uint8), 2, 2, 0, 1)
         with pytest.raises(ValueError, match="padding <= kernel_size / 2"):
             int8_layers.int8_max_pool2d(q, 2, 1, (0, 2), 1)
+        with pytest.raises(ValueError, match="int8_max_pool2d: stride must be an int or a pair of ints"):
+            int8_layers.int8_max_pool2d(q, 2, 1.5, 0, 1)
+        with pytest.raises(ValueError, match="int8_max_pool2d: padding='same' is not supported"):
+            int8_layers.int8_max_pool2d(q, 2, 1, "same", 1)
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
@@ -281,7 +286,7 @@ def linear_case(n: int, c: int, k: int, seed: int = 0):
 def test_int8_weight_linear_against_float64(n, c, k, backend_name, isa, monkeypatch):
     """Random sizes (channels not a multiple of 8, weight rows not a multiple of 4, odd batches),
     a transposed x; as accurate as stock fp32 F.linear on the dequantized weight (2x its error)."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa)
+    monkeypatch.setenv(CPU_ISA_ENV, isa)
     x, weight, w_scale, bias = linear_case(n, c, k)
     dequantized = weight.double() * w_scale.double()[:, None]
     ref = x.double() @ dequantized.T + bias.double()

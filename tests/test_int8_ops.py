@@ -13,8 +13,10 @@ from numerics import opcheck_utils
 from tlcore import _extension
 from tlcore.backend import use_backend
 from tlcore.ops import int8 as q8, int8_cpu, weight_derived
+from tlcore.ops.int8_cpu import (ALGORITHM_ENV, CPU_ALGORITHMS, CPU_ISA_ENV, CPU_ISAS, WINOGRAD_2X4_MAX_CHANNELS,
+                                WINOGRAD_4X4_MAX_CHANNELS, cpu_algorithm, cpu_isa_for, cpu_isa_supported)
 
-CPU_ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni", "amx"]  # avx2u7 needs 7-bit inputs: its own tests
+TESTED_ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni", "amx"]  # avx2u7 needs 7-bit inputs: its own tests
 
 
 def int64_conv(x, x_zero, weight, stride, padding, dilation, groups=1):
@@ -111,7 +113,7 @@ def two_threads():
 
 
 def isa_or_skip(isa):
-    if not int8_cpu.cpu_isa_supported(isa):
+    if not cpu_isa_supported(isa):
         pytest.skip(f"this CPU has no {isa}")
     return isa
 
@@ -200,23 +202,23 @@ def test_requantization_of_a_huge_bias(backend):
 # ---- backends against the reference ---------------------------------------------------------
 
 @needs_extension
-@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("isa", TESTED_ISAS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cpu_kernel_bit_exact(case, isa, monkeypatch):
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     for residual, relu in ((True, True), (False, False)):
         c = make_case(*case, residual=residual, relu=relu)
         assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} {case} residual={residual} relu={relu}")
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("isa", TESTED_ISAS)
 @pytest.mark.parametrize("out_zero, out_max", [(-128, 127), (-127, 127), (-128, 126), (-127, 126)])
 def test_cpu_epilogue_clamps_at_the_edges(out_zero, out_max, isa, monkeypatch):
     """The saturating packs already clamp to [-128, 127]; ReLU's floor (out_zero) and out_max clamp where
     they are tighter, by one code too. A 1x1 conv (the split algorithm on AVX2) and a 3x3 one (Winograd),
     with K = 36: two whole channel blocks and a partial one; outputs 4x as spread as make_case's."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     for shape, padding in (((2, 40, 7, 9, 36, 1, 1), 0), ((1, 24, 9, 9, 36, 3, 3), 1)):
         c = make_case(*shape, padding=padding, residual=True, relu=True)
         c = dict(c, shift=c["shift"] - 2, out_zero=out_zero, out_max=out_max)
@@ -229,7 +231,7 @@ def test_cpu_epilogue_clamps_at_the_edges(out_zero, out_max, isa, monkeypatch):
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_cpu_kernel_any_input_layout(isa, layout, monkeypatch):
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     c = make_case(2, 11, 8, 7, 9, 3, 3, padding=1, layout=layout)
     assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} {layout}")
 
@@ -258,7 +260,7 @@ def seven_bit(case):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cpu_kernel_seven_bit_bit_exact(case, isa, monkeypatch):
     """7-bit activations: AVX2's vpmaddubsw kernel is exact on them, and out_max = -1 clamps the output."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     for residual, relu in ((True, True), (False, False)):
         c = seven_bit(make_case(*case, residual=residual, relu=relu))
         ref = reference(c)
@@ -279,8 +281,8 @@ def test_seven_bit_other_backends(device):
 
 @needs_extension
 def test_seven_bit_kernel_rejects_eight_bit_input(monkeypatch):
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2u7"))
-    monkeypatch.setenv(int8_cpu.ALGORITHM_ENV, "direct")  # Winograd's int16 products are exact for any code
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2u7"))
+    monkeypatch.setenv(ALGORITHM_ENV, "direct")  # Winograd's int16 products are exact for any code
     for kernel, stride, padding in ((3, 2, 1), (1, 1, 0)):  # a padded copy; a 1x1 conv's per-task conversion
         c = seven_bit(make_case(1, 8, 6, 6, 16, kernel, kernel, stride=stride, padding=padding))
         c["x"][0, 3, 2, 2] = 0  # one 8-bit code: vpmaddubsw could saturate, so the kernel must refuse
@@ -292,8 +294,8 @@ def test_seven_bit_kernel_rejects_eight_bit_input(monkeypatch):
 def test_seven_bit_selection_runs_eight_bit_inputs_exactly(monkeypatch):
     """TLCORE_INT8_CPU_ISA=avx2u7 on a conv whose input may hold 8-bit codes (x_max = 127: a
     reduce_range model's stem) runs AVX2's exact kernel instead of refusing the codes >= 0."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2u7"))
-    assert int8_cpu.cpu_isa_for(-128, 127) == int8_cpu.CPU_ISAS["avx2"] and int8_cpu.cpu_isa_for(-128, -1) == int8_cpu.CPU_ISAS["avx2u7"]
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2u7"))
+    assert cpu_isa_for(-128, 127) == CPU_ISAS["avx2"] and cpu_isa_for(-128, -1) == CPU_ISAS["avx2u7"]
     c = make_case(1, 8, 6, 6, 16, 3, 3, stride=2, padding=1)
     c["x"][0, 3] = 127  # a row of the largest codes, where vpmaddubsw's pairs would saturate
     assert_bit_exact(run(c, "cpu"), reference(c), "avx2u7 selected, 8-bit input")
@@ -301,18 +303,18 @@ def test_seven_bit_selection_runs_eight_bit_inputs_exactly(monkeypatch):
 
 @needs_extension
 def test_seven_bit_inputs_pick_vpmaddubsw_only_without_vnni(monkeypatch):
-    monkeypatch.delenv(int8_cpu.CPU_ISA_ENV, raising=False)  # automatic choice (a run may set the variable)
-    monkeypatch.setattr(int8_cpu, "_auto_isa", lambda: int8_cpu.CPU_ISAS["avx2"])  # an AVX2 CPU without VNNI
-    assert int8_cpu.cpu_isa_for(-128, -1) == int8_cpu.CPU_ISAS["avx2u7"]
-    assert int8_cpu.cpu_isa_for(-128, 127) == int8_cpu.CPU_ISAS["auto"]  # 8-bit inputs keep the exact int16 kernel
-    monkeypatch.setattr(int8_cpu, "_auto_isa", lambda: int8_cpu.CPU_ISAS["avxvnni"])  # VNNI is faster and exact anyway
-    assert int8_cpu.cpu_isa_for(-128, -1) == int8_cpu.CPU_ISAS["auto"]
+    monkeypatch.delenv(CPU_ISA_ENV, raising=False)  # automatic choice (a run may set the variable)
+    monkeypatch.setattr(int8_cpu, "_auto_isa", lambda: CPU_ISAS["avx2"])  # an AVX2 CPU without VNNI
+    assert cpu_isa_for(-128, -1) == CPU_ISAS["avx2u7"]
+    assert cpu_isa_for(-128, 127) == CPU_ISAS["auto"]  # 8-bit inputs keep the exact int16 kernel
+    monkeypatch.setattr(int8_cpu, "_auto_isa", lambda: CPU_ISAS["avxvnni"])  # VNNI is faster and exact anyway
+    assert cpu_isa_for(-128, -1) == CPU_ISAS["auto"]
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("isa", TESTED_ISAS)
 def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     for case in (CASES[0], CASES[7], CASES[4]):
         c = make_case(*case)
         packed = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"])
@@ -321,7 +323,7 @@ def test_cpu_kernel_with_prepacked_weight(isa, monkeypatch):
     with pytest.raises(RuntimeError, match="packed_weight does not match"):
         run(dict(c, packed_weight=packed[:-16]), "cpu")
     # A weight of another shape with as many words: the packed header tells them apart.
-    monkeypatch.setenv(int8_cpu.ALGORITHM_ENV, "direct")
+    monkeypatch.setenv(ALGORITHM_ENV, "direct")
     c = make_case(2, 14, 11, 13, 21, 3, 3, 2, 1, 1)  # even C: the direct layout's words as the 1 x 9 weight's
     lookalike = c["weight"].reshape(*c["weight"].shape[:2], 1, -1)
     with pytest.raises(ValueError, match="packed for another weight"):
@@ -378,7 +380,7 @@ def test_cpu_op_packs_each_weight_once(monkeypatch):
         c["weight"].copy_(-c["weight"])  # in place: same tensor, new version
     assert_bit_exact(run(c, "cpu"), reference(c), "after an in-place change")
     assert len(packs) == 2
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, "scalar")
+    monkeypatch.setenv(CPU_ISA_ENV, "scalar")
     assert_bit_exact(run(c, "cpu"), reference(c), "scalar")
     assert len(packs) == 3
     other = dict(c, weight=c["weight"].clone())  # another tensor with the same values: its own entry
@@ -429,7 +431,7 @@ def test_cpu_kernel_saturates_exactly(monkeypatch):
     w[1::2] = 127
     multiplier, offset, shift, _ = q8.requantization(0.1, 0, w, torch.full((34,), 0.1), None, 0.05, 0)
     for isa in ("scalar", "avx2"):
-        monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+        monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
         with use_backend("cpu"):
             out = q8.int8_conv2d(x, 0, w, multiplier, offset, shift, padding=1)
         acc = int64_conv(x, 0, w, [1, 1], [1, 1], [1, 1])
@@ -442,7 +444,7 @@ def test_cpu_kernel_saturates_exactly(monkeypatch):
 def test_cpu_kernel_exact_when_codes_overflow_int32(isa, monkeypatch):
     """A requantization factor of 50000: codes before the clamp exceed int32, so the AVX2 epilogue's
     int32 shortcut does not apply and the int64 path must give the reference's saturated outputs."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     g = torch.Generator().manual_seed(5)
     x = torch.randint(-128, 128, (2, 16, 5, 5), generator=g, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
     w = torch.randint(-127, 128, (32, 16, 1, 1), generator=g, dtype=torch.int8)
@@ -466,11 +468,11 @@ def test_cpu_pointwise_with_weights_beyond_l2(isa, algorithm, image, monkeypatch
     rows, >= 4 per thread) each chunk of rows is converted once and every weight block streams past it;
     over 63 or 56 output pixels (2 chunks) the threads share out the weight blocks, reading one converted
     copy of the whole (strided) input (the split algorithm: its converted codes and top-bit sums)."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
-    monkeypatch.setenv(int8_cpu.ALGORITHM_ENV, "auto" if algorithm == "split" else "direct")
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(ALGORITHM_ENV, "auto" if algorithm == "split" else "direct")
     n, h, w, stride = image
     c = make_case(n, 1024, h, w, 272, 1, 1, stride=stride, residual=True, relu=True)
-    assert int8_cpu.cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], int8_cpu.CPU_ISAS[isa]) == int8_cpu.CPU_ALGORITHMS[algorithm]
+    assert cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], CPU_ISAS[isa]) == CPU_ALGORITHMS[algorithm]
     assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/{isa} {algorithm} pointwise 1024 -> 272 on {image}")
 
 
@@ -502,12 +504,12 @@ def test_cpu_split_bit_exact(codes, n, c, hw, k, stride, padding, residual, relu
     padding (pixels of x_zero), inputs with half, few or all codes >= 0, and 7-bit codes (cut to -1)."""
     h, w = hw
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
+        patch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
         case = with_codes(make_case(n, c, h, w, k, 1, 1, stride, padding, 1, residual, relu, seed), codes, seed)
         if reduce_range:
             case = dict(case, x=case["x"].clamp(max=-1), x_zero=min(case["x_zero"], -1), x_max=-1)
-        isa = int8_cpu.cpu_isa_for(case["x_zero"], case["x_max"])
-        assert int8_cpu.cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], isa) == int8_cpu.CPU_ALGORITHMS["split"]
+        isa = cpu_isa_for(case["x_zero"], case["x_max"])
+        assert cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], isa) == CPU_ALGORITHMS["split"]
         assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, stride, padding)
 
 
@@ -521,7 +523,7 @@ def test_cpu_split_dense_and_sparse_rows_in_one_conv(shape, monkeypatch):
     micro-kernels in one conv, each tile on the codes its rows were converted for (chunks of 48 rows,
     or tiles of 6 where the conv converts its whole input first: there a chunk holds tiles of both;
     a 5x5 conv's rows hold the codes of 25 taps, some from both halves)."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
     n, c, h, w, k, r = shape
     case = make_case(n, c, h, w, k, r, r, padding=r // 2, residual=True, relu=True, seed=7)
     g = torch.Generator().manual_seed(7)
@@ -529,7 +531,7 @@ def test_cpu_split_dense_and_sparse_rows_in_one_conv(shape, monkeypatch):
     sparse = (torch.randn(case["x"].shape, generator=g).abs() * 40).round().clamp(max=255) - 128
     x = torch.where(torch.arange(h).view(1, 1, h, 1) < h // 2, sparse, dense).to(torch.int8)
     case = dict(case, x=x.contiguous(memory_format=torch.channels_last))
-    assert int8_cpu.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], int8_cpu.CPU_ISAS["avx2"]) == int8_cpu.CPU_ALGORITHMS["split"]
+    assert cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], CPU_ISAS["avx2"]) == CPU_ALGORITHMS["split"]
     assert_bit_exact(run(case, "cpu"), reference(case), f"split, dense then sparse rows, {shape}")
 
 
@@ -537,7 +539,7 @@ def test_cpu_split_dense_and_sparse_rows_in_one_conv(shape, monkeypatch):
 def test_cpu_split_every_last_tile_and_chunk_size(monkeypatch):
     """1 to 13, 49 and 97 output pixels: every partial 6-row tile, and a chunk of 48 rows followed by a
     partial one (each tile's accumulators start from its own rows of the chunk's top-bit sums)."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
     for pixels in [*range(1, 14), 49, 97]:
         case = with_codes(make_case(1, 40, 1, pixels, 36, 1, 1, relu=False, seed=pixels), "post-relu", pixels)
         assert_bit_exact(run(case, "cpu"), reference(case), f"split on {pixels} pixels")
@@ -551,7 +553,7 @@ def test_cpu_split_top_sums_past_int16(rule, monkeypatch):
     bit 6, in units of 64), summed in int16 runs whose rows count 256 at most, a doubled one twice
     (|256 * -128| = 2**15), then widened; with rows of weights at -128 and at 127 those sums reach their
     bounds, and the accumulators span +-600 * 127 * 128."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, 128, (2, 600, 3, 4), generator=g, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
     x[0, :, 0, 0] = 127 if rule == "pairs" else -128  # the rows' first pixel: dense, or no lane past the bound
@@ -592,7 +594,7 @@ def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, first_pixel, monkey
     Offset and shift 6 put those sums' products near 0 at 64 per code, so an overflowed lane changes the
     output. The first pixel decides the rule for the rows converted with it: all codes 0 (sparse) keeps
     the lanes of 4, all 127 (dense, which would list 3 entries a code) takes vpmaddubsw's pairs."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
     k, pixels = 2 * -(-c // 8), 13
     x = torch.full((1, c, 1, pixels), -128, dtype=torch.int8)
     weight = torch.zeros(k, c, 1, 1, dtype=torch.int8)
@@ -613,8 +615,8 @@ def test_cpu_split_lanes_at_the_int16_bound(c, reduce_range, first_pixel, monkey
     x[..., 0] = -128 if first_pixel == "sparse" else (-1 if reduce_range else 127)
     x = x.contiguous(memory_format=torch.channels_last)
     multiplier = torch.ones(k, dtype=torch.int32)
-    isa = int8_cpu.cpu_isa_for(-128, -1 if reduce_range else 127)
-    assert int8_cpu.cpu_algorithm(weight.shape, [1, 1], [1, 1], isa) == int8_cpu.CPU_ALGORITHMS["split"]
+    isa = cpu_isa_for(-128, -1 if reduce_range else 127)
+    assert cpu_algorithm(weight.shape, [1, 1], [1, 1], isa) == CPU_ALGORITHMS["split"]
     with use_backend("cpu"):
         out = q8.int8_conv2d(x, -128, weight, multiplier, offset, 6, out_zero=0, x_max=-1 if reduce_range else 127)
     expected = q8.requantize_reference(int64_conv(x, -128, weight, [1, 1], [0, 0], [1, 1]), multiplier, offset, 6,
@@ -628,7 +630,7 @@ def run_split(case, isa):
     int8_best_algorithm)."""
     last = lambda t: None if t is None else t.contiguous(memory_format=torch.channels_last)  # noqa: E731
     case = dict(case, weight=last(case["weight"]), residual=last(case["residual"]))
-    code, groups = int8_cpu.CPU_ALGORITHMS["split"], case.get("groups", 1)
+    code, groups = CPU_ALGORITHMS["split"], case.get("groups", 1)
     packed = torch.ops.tlcore._int8_pack_weight_cpu(case["weight"], isa, code, groups)
     return torch.ops.tlcore._int8_conv_cpu(*_op_args(case)[:14], packed, isa, code, groups)
 
@@ -657,7 +659,7 @@ def test_cpu_split_taps_bit_exact(codes, n, c, hw, k, rs, stride, padding, dilat
     case = with_codes(make_case(n, c, h, w, k, r, s, stride, padding, dilation, residual, relu, seed), codes, seed)
     if reduce_range:
         case = dict(case, x=case["x"].clamp(max=-1), x_zero=min(case["x_zero"], -1), x_max=-1)
-    isa = int8_cpu.CPU_ISAS[isa_or_skip("avx2u7" if reduce_range else "avx2")]
+    isa = CPU_ISAS[isa_or_skip("avx2u7" if reduce_range else "avx2")]
     assert torch.equal(run_split(case, isa), reference(case)), (n, c, h, w, k, r, s, stride, padding, dilation)
 
 
@@ -666,15 +668,15 @@ def test_cpu_split_taps_chosen_where_measured_faster(monkeypatch):
     """The automatic choice runs the split algorithm on kernels with several taps where C is a multiple of 32
     (the conversion's vector steps) and neither Winograd kernel takes the conv: ResNet-50's 512-channel
     stride-2 3x3 conv, 5x5 and dilated 3x3 convs, and 7-bit stride-2 3x3 ones; the result is the reference's."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
-    avx2, avx2u7, split = int8_cpu.CPU_ISAS["avx2"], int8_cpu.CPU_ISAS["avx2u7"], int8_cpu.CPU_ALGORITHMS["split"]
-    assert int8_cpu.cpu_algorithm((512, 512, 3, 3), [2, 2], [1, 1], avx2) == split
-    assert int8_cpu.cpu_algorithm((64, 32, 5, 5), [1, 1], [1, 1], avx2) == split
-    assert int8_cpu.cpu_algorithm((64, 64, 3, 3), [1, 1], [2, 2], avx2) == split
-    assert int8_cpu.cpu_algorithm((128, 128, 3, 3), [2, 2], [1, 1], avx2u7) == split
-    assert int8_cpu.cpu_algorithm((128, 128, 3, 3), [2, 2], [1, 1], avx2) == int8_cpu.CPU_ALGORITHMS["winograd_stride2"]
-    assert int8_cpu.cpu_algorithm((64, 64, 3, 3), [1, 1], [1, 1], avx2) == int8_cpu.CPU_ALGORITHMS["winograd"]
-    assert int8_cpu.cpu_algorithm((64, 40, 5, 5), [1, 1], [1, 1], avx2) == int8_cpu.CPU_ALGORITHMS["direct"]
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
+    avx2, avx2u7, split = CPU_ISAS["avx2"], CPU_ISAS["avx2u7"], CPU_ALGORITHMS["split"]
+    assert cpu_algorithm((512, 512, 3, 3), [2, 2], [1, 1], avx2) == split
+    assert cpu_algorithm((64, 32, 5, 5), [1, 1], [1, 1], avx2) == split
+    assert cpu_algorithm((64, 64, 3, 3), [1, 1], [2, 2], avx2) == split
+    assert cpu_algorithm((128, 128, 3, 3), [2, 2], [1, 1], avx2u7) == split
+    assert cpu_algorithm((128, 128, 3, 3), [2, 2], [1, 1], avx2) == CPU_ALGORITHMS["winograd_stride2"]
+    assert cpu_algorithm((64, 64, 3, 3), [1, 1], [1, 1], avx2) == CPU_ALGORITHMS["winograd"]
+    assert cpu_algorithm((64, 40, 5, 5), [1, 1], [1, 1], avx2) == CPU_ALGORITHMS["direct"]
     case = with_codes(make_case(2, 32, 11, 9, 24, 5, 5, 1, 2, 1, residual=True, relu=True, seed=3), "post-relu", 3)
     assert_bit_exact(run(case, "cpu"), reference(case), "split, 5x5 over 32 channels")
 
@@ -686,7 +688,7 @@ def test_cpu_split_taps_top_sums_past_int16(rule, monkeypatch):
     pixel on, so its list runs past the int16 sums' 256 rows (as at C = 600 for a 1x1 conv) with channels
     numbered across taps; the first pixel's window (all 127, or all -128) picks the rule. Weights at -128
     and 127 take the accumulators to +-864 * 127 * 128."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
     g = torch.Generator().manual_seed(6)
     x = torch.randint(0, 128, (2, 96, 6, 7), generator=g, dtype=torch.int8)
     x[0, :, 0:3, 0:3] = 127 if rule == "pairs" else -128  # the first output pixel's window
@@ -700,7 +702,7 @@ def test_cpu_split_taps_top_sums_past_int16(rule, monkeypatch):
                 out_max=127, x_max=127)
     acc = int64_conv(x, -128, w, [3, 3], [0, 0], [1, 1])
     assert acc[0, 0, 0, 1] == -864 * 127 * 128 and acc[0, 1, 0, 1] == 864 * 127 * 127
-    assert_bit_exact(run_split(case, int8_cpu.CPU_ISAS["avx2"]),
+    assert_bit_exact(run_split(case, CPU_ISAS["avx2"]),
                      q8.requantize_reference(acc, multiplier, offset, 14, None, 0, 0, False), f"split taps, {rule}")
 
 
@@ -711,18 +713,18 @@ def test_cpu_split_taps_row_limits():
     row one lane longer, and C % 8 != 0 (a tap would start inside a lane), are refused when forced and
     left to the direct kernel by the automatic choice."""
     g = torch.Generator().manual_seed(8)
-    avx2 = int8_cpu.CPU_ISAS[isa_or_skip("avx2")]
+    avx2 = CPU_ISAS[isa_or_skip("avx2")]
     case = make_case(1, 4096, 4, 5, 3, 4, 4, relu=False, seed=8)
     case["x"] = torch.randint(0, 128, case["x"].shape, generator=g, dtype=torch.int8).contiguous(
         memory_format=torch.channels_last)
     case = dict(case, x_zero=-128, residual=None)
-    assert int8_cpu.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], avx2) == int8_cpu.CPU_ALGORITHMS["split"]
+    assert cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], avx2) == CPU_ALGORITHMS["split"]
     assert torch.equal(run_split(case, avx2), reference(case))
-    split = int8_cpu.CPU_ALGORITHMS["split"]
+    split = CPU_ALGORITHMS["split"]
     for c, r in ((4104, 4), (12, 5)):  # 65664 codes; 12 channels a tap
         refused = make_case(1, c, 5, 5, 3, r, r, residual=False, seed=8)
         refused["weight"] = refused["weight"].contiguous(memory_format=torch.channels_last)
-        assert int8_cpu.cpu_algorithm(refused["weight"].shape, [1, 1], [1, 1], avx2) == int8_cpu.CPU_ALGORITHMS["direct"]
+        assert cpu_algorithm(refused["weight"].shape, [1, 1], [1, 1], avx2) == CPU_ALGORITHMS["direct"]
         with pytest.raises(ValueError, match="no packing of this algorithm"):
             torch.ops.tlcore._int8_pack_weight_cpu(refused["weight"], avx2, split)
         with pytest.raises(RuntimeError, match="cannot run this conv"):
@@ -737,10 +739,10 @@ def test_avx2_epilogue_both_shift_routes(shift, algorithm, monkeypatch):
     by a logical shift's low word below: both bit-exact with residual, ReLU and outputs in every regime
     (saturated high and low, in range). K = 32 (full blocks: the AVX2 epilogue, not the scalar tail)
     and 2 * 7 * 9 = 126 output pixels (two 48-row chunks of the direct kernel and a partial one)."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
-    monkeypatch.setenv(int8_cpu.ALGORITHM_ENV, "auto" if algorithm == "winograd" else "direct")
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(ALGORITHM_ENV, "auto" if algorithm == "winograd" else "direct")
     c, ref = shift_route_case(shift, make_case(2, 10, 7, 9, 32, 3, 3, padding=1, residual=True, relu=True, x_zero=3))
-    assert int8_cpu.cpu_algorithm(c["weight"].shape, [1, 1], [1, 1], int8_cpu.cpu_isa_for(3, 127)) == int8_cpu.CPU_ALGORITHMS[algorithm]
+    assert cpu_algorithm(c["weight"].shape, [1, 1], [1, 1], cpu_isa_for(3, 127)) == CPU_ALGORITHMS[algorithm]
     assert_bit_exact(run(c, "cpu"), ref, f"avx2 epilogue shift={shift} {algorithm}")
 
 
@@ -790,7 +792,7 @@ def test_cpu_epilogue_large_shifts(shift, out_zero, isa, monkeypatch):
     """Shifts up to the op's limit of 62 with totals near the 2**62 headroom (huge_total_case): the
     vector epilogues fold out_zero * 2**shift into the int64 totals (the AVX-512 one wrapped above
     shift 55), so they leave shifts above 54 to the scalar one."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     c, ref = huge_total_case(shift, out_zero)
     out = run(c, "cpu")
     assert torch.equal(out, ref), f"cpu/{isa} shift={shift}: {(out != ref).sum().item()} codes differ"
@@ -826,7 +828,7 @@ def test_avx512_epilogue_saturates_with_residual(relu, monkeypatch):
     """avx512vnni's AVX-512 epilogue (codes fit int32): a tenth of make_case's output scale saturates
     many outputs at 127 and at -128 (or the ReLU floor, out_zero -7), with a residual added; K = 40
     ends in a partial 16-channel block and 2 * 63 output pixels in a partial 12-row tile."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx512vnni"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx512vnni"))
     c = make_case(2, 8, 7, 9, 40, 3, 3, padding=1, residual=True, relu=relu, x_zero=5)
     g = torch.Generator().manual_seed(3)
     w_scale, bias = torch.rand(40, generator=g) * 0.01 + 1e-3, torch.randn(40, generator=g) * 5
@@ -876,13 +878,13 @@ def test_triton_kernel_random_padded_shapes(n, c, hw, k, rs, stride, padding, di
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", CPU_ISAS + ["avx2u7"])
+@pytest.mark.parametrize("isa", TESTED_ISAS + ["avx2u7"])
 @pytest.mark.parametrize("kernel", [(1, 0), (3, 1)], ids=["1x1", "3x3"])
 def test_cpu_kernel_every_last_tile_size(isa, kernel, monkeypatch):
     """1 to 13 and 49 output pixels: every partial last tile of the 6-row (AVX2, scalar) and the 12-row
     (AVX-512 VNNI) micro-kernels, which compute only the rows a tile has."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
-    monkeypatch.setenv(int8_cpu.ALGORITHM_ENV, "direct")
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(ALGORITHM_ENV, "direct")
     r, padding = kernel
     for pixels in [*range(1, 14), 49]:
         case = make_case(1, 10, 1, pixels, 36, r, r, padding=padding, relu=False, seed=pixels)
@@ -916,7 +918,7 @@ AMX_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
 @needs_extension
 @pytest.mark.parametrize("case", AMX_CASES, ids=["x".join(map(str, c[:7])) for c in AMX_CASES])
 def test_amx_kernel_bit_exact(case, monkeypatch):
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("amx"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("amx"))
     for residual, relu in ((True, True), (False, False)):
         c = make_case(*case, residual=residual, relu=relu)
         assert_bit_exact(run(c, "cpu"), reference(c), f"cpu/amx {case} residual={residual} relu={relu}")
@@ -926,7 +928,7 @@ def test_amx_kernel_bit_exact(case, monkeypatch):
 def test_amx_packing_pads_each_block_to_whole_steps():
     """16 channels a block, (tap, group) rows rounded up to 16 (one TDPBUSD step) with zero weights,
     then 128 * sum(w) per channel: 3x3 over 20 channels (5 words a pixel, 45 rows -> 48), K = 40."""
-    isa = int8_cpu.CPU_ISAS[isa_or_skip("amx")]
+    isa = CPU_ISAS[isa_or_skip("amx")]
     header, blocks = 16, 3
     assert torch.ops.tlcore._int8_cpu_packed_words(40, 20, 3, 3, isa, 0, 1) == header + blocks * 48 * 16 + blocks * 16
 
@@ -938,13 +940,13 @@ WINOGRAD_ISAS = ["scalar", "avx2", "avx2u7"]  # the int16-pairs instruction sets
 @pytest.mark.parametrize("isa", WINOGRAD_ISAS)
 def test_cpu_winograd_every_last_tile_size(isa, monkeypatch):
     """1 to 7 and 13 Winograd tiles (2x4 outputs each): every partial last micro-tile of 6."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     for tiles in [*range(1, 8), 13]:
         case = make_case(1, 12, 2, 4 * tiles, 36, 3, 3, padding=1, relu=False, seed=tiles)
         if isa == "avx2u7":
             case = seven_bit(case)
-        isa_code = int8_cpu.cpu_isa_for(case["x_zero"], case["x_max"])
-        assert int8_cpu.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], isa_code) == int8_cpu.CPU_ALGORITHMS["winograd"]
+        isa_code = cpu_isa_for(case["x_zero"], case["x_max"])
+        assert cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], isa_code) == CPU_ALGORITHMS["winograd"]
         assert_bit_exact(run(case, "cpu"), reference(case), f"winograd/{isa} {tiles} tiles")
 
 
@@ -962,16 +964,16 @@ def test_cpu_winograd_bit_exact(isa, stride, n, c, hw, k, padding, residual, rel
     if h + 2 * padding < 3 or w + 2 * padding < 3:
         return
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+        patch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
         case = make_case(n, c, h, w, k, 3, 3, stride, padding, 1, residual, relu, seed)
         if isa == "avx2u7":
             case = seven_bit(case)
-        isa = int8_cpu.cpu_isa_for(case["x_zero"], case["x_max"])
+        isa = cpu_isa_for(case["x_zero"], case["x_max"])
         # 7-bit codes run stride-2 convs on vpmaddubsw (its products are cheaper than Winograd's saving):
         # the split algorithm where C is a multiple of 32, else direct.
         seven = "split" if c % 32 == 0 else "direct"
-        algorithm = "winograd" if stride == 1 else seven if isa == int8_cpu.CPU_ISAS["avx2u7"] else "winograd_stride2"
-        assert int8_cpu.cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], isa) == int8_cpu.CPU_ALGORITHMS[algorithm]
+        algorithm = "winograd" if stride == 1 else seven if isa == CPU_ISAS["avx2u7"] else "winograd_stride2"
+        assert cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], isa) == CPU_ALGORITHMS[algorithm]
         assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, padding)
         packed = q8.pack_weight_cpu(case["weight"], case["stride"], [1, 1], case["x_zero"], case["x_max"])
         assert torch.equal(run(dict(case, packed_weight=packed), "cpu"), reference(case))
@@ -984,10 +986,10 @@ def test_cpu_winograd_task_layouts(shape, monkeypatch, two_threads):
     """Each way the Winograd kernel splits its work over 2 threads equals the reference: a small image's
     tiles as one chunk with K split per thread (transformed tiles <= 512 KB), few chunks with K split
     (C = 512 at 12x16: 590 KB of transformed tiles), and many chunks (918 4x4 tiles of C = 16: 20 chunks of 48)."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
     n, c, h, w, k = shape
     case = make_case(n, c, h, w, k, 3, 3, padding=1, residual=True, relu=True, seed=c)
-    assert int8_cpu.cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], int8_cpu.CPU_ISAS["avx2"]) == int8_cpu.CPU_ALGORITHMS["winograd"]
+    assert cpu_algorithm(case["weight"].shape, [1, 1], [1, 1], CPU_ISAS["avx2"]) == CPU_ALGORITHMS["winograd"]
     assert_bit_exact(run(case, "cpu"), reference(case), f"winograd {shape}")
 
 
@@ -1010,11 +1012,11 @@ def test_cpu_kernel_any_thread_count(kind, threads, monkeypatch):
     """The threads claim runs of tasks from a shared counter (parallel_tasks): on 1, 3 or 5 threads, with
     tasks of unequal cost (short last chunks and tiles), every output is computed, once."""
     isa, algorithm, (n, c, h, w, k, r, stride, padding) = THREAD_CASES[kind]
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
-    monkeypatch.setenv(int8_cpu.ALGORITHM_ENV, "direct" if algorithm == "direct" else "auto")
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(ALGORITHM_ENV, "direct" if algorithm == "direct" else "auto")
     case = make_case(n, c, h, w, k, r, r, stride, padding, residual=True, relu=True, seed=threads)
-    assert int8_cpu.cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], int8_cpu.CPU_ISAS[isa]) == \
-        int8_cpu.CPU_ALGORITHMS[algorithm]
+    assert cpu_algorithm(case["weight"].shape, case["stride"], [1, 1], CPU_ISAS[isa]) == \
+        CPU_ALGORITHMS[algorithm]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -1030,11 +1032,11 @@ def test_cpu_stride_two_winograd_at_the_reduction_limit(isa, monkeypatch):
     """Stride-2 Winograd at the largest C int32 accumulation allows (9 C * 128 * 128 < 2**31): every
     tap and product at +-128 * 128, int16 transforms at their bounds (|U| = 4 * 128 for the -128
     weights); and past C * K = 256 * 256 the direct kernel takes over."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
     c = q8.MAX_REDUCTION // 9
-    isa_code = int8_cpu.cpu_isa_for(-128, 127)
-    assert int8_cpu.cpu_algorithm((2, c, 3, 3), [2, 2], [1, 1], isa_code) == int8_cpu.CPU_ALGORITHMS["winograd_stride2"]
-    assert int8_cpu.cpu_algorithm((256, 258, 3, 3), [2, 2], [1, 1], isa_code) == int8_cpu.CPU_ALGORITHMS["direct"]
+    isa_code = cpu_isa_for(-128, 127)
+    assert cpu_algorithm((2, c, 3, 3), [2, 2], [1, 1], isa_code) == CPU_ALGORITHMS["winograd_stride2"]
+    assert cpu_algorithm((256, 258, 3, 3), [2, 2], [1, 1], isa_code) == CPU_ALGORITHMS["direct"]
     x = torch.full((1, c, 4, 5), -128, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
     w = torch.full((2, c, 3, 3), -128, dtype=torch.int8)
     w[1] = 127
@@ -1060,31 +1062,31 @@ def test_cpu_rows_layout_bit_exact(isa, n, c, hw, k, rs, stride, padding, dilati
     if h + 2 * padding[0] < dilation_h * (r - 1) + 1 or w + 2 * padding[1] < s:
         return
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
+        patch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
         case = make_case(n, c, h, w, k, r, s, stride, padding, (dilation_h, 1), residual, relu, seed)
-        algorithm = int8_cpu.cpu_algorithm(case["weight"].shape, case["stride"], case["dilation"], int8_cpu.CPU_ISAS[isa])
-        assert algorithm == int8_cpu.CPU_ALGORITHMS["rows"]
+        algorithm = cpu_algorithm(case["weight"].shape, case["stride"], case["dilation"], CPU_ISAS[isa])
+        assert algorithm == CPU_ALGORITHMS["rows"]
         assert torch.equal(run(case, "cpu"), reference(case)), (n, c, h, w, k, r, s, stride, padding, dilation_h)
 
 
 @needs_extension
 def test_cpu_algorithm_direct_and_packing_mismatch(monkeypatch):
     """TLCORE_INT8_CPU_ALGORITHM=direct runs the direct kernel; a weight packed for one algorithm is refused by another."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip("avx2"))
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip("avx2"))
     for case, algorithm in (((2, 16, 9, 9, 24, 3, 3, 1, 1, 1), "winograd"), ((1, 3, 17, 19, 16, 7, 7, 2, 3, 1), "rows"),
                             ((2, 14, 11, 13, 21, 3, 3, 2, 1, 1), "winograd_stride2"),
                             ((2, 16, 9, 9, 24, 1, 1, 1, 0, 1), "split"), ((2, 32, 9, 9, 24, 5, 5, 1, 2, 1), "split")):
         c = make_case(*case)
-        assert int8_cpu.cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], int8_cpu.CPU_ISAS["avx2"]) == \
-            int8_cpu.CPU_ALGORITHMS[algorithm]
+        assert cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], CPU_ISAS["avx2"]) == \
+            CPU_ALGORITHMS[algorithm]
         packed = q8.pack_weight_cpu(c["weight"], c["stride"], c["dilation"])
-        monkeypatch.setenv(int8_cpu.ALGORITHM_ENV, "direct")
-        assert int8_cpu.cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], int8_cpu.CPU_ISAS["avx2"]) == 0
+        monkeypatch.setenv(ALGORITHM_ENV, "direct")
+        assert cpu_algorithm(c["weight"].shape, c["stride"], [1, 1], CPU_ISAS["avx2"]) == 0
         assert_bit_exact(run(c, "cpu"), reference(c), f"direct {case}")
         with pytest.raises(RuntimeError, match="packed_weight"):
             run(dict(c, packed_weight=packed), "cpu")
-        monkeypatch.delenv(int8_cpu.ALGORITHM_ENV)
-    monkeypatch.setenv(int8_cpu.ALGORITHM_ENV, "sometimes")
+        monkeypatch.delenv(ALGORITHM_ENV)
+    monkeypatch.setenv(ALGORITHM_ENV, "sometimes")
     with pytest.raises(ValueError, match="auto or direct"):
         run(c, "cpu")
 
@@ -1096,17 +1098,17 @@ def test_cpu_winograd_at_its_channel_limits_stays_exact(tiles, isa, monkeypatch)
     """The largest accumulators each Winograd tile shape accepts (its Y' = 576, 48 or 4 * acc recovered
     from wrapped int32 sums): every tap and product at +-128 * 128, at C = 227 (4x4), 910 (2x4) and 3640
     (2x2), and one channel past the first two, where the next shape takes over."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, isa_or_skip(isa))
-    limit = {"4x4": int8_cpu.WINOGRAD_4X4_MAX_CHANNELS, "2x4": int8_cpu.WINOGRAD_2X4_MAX_CHANNELS,
+    monkeypatch.setenv(CPU_ISA_ENV, isa_or_skip(isa))
+    limit = {"4x4": WINOGRAD_4X4_MAX_CHANNELS, "2x4": WINOGRAD_2X4_MAX_CHANNELS,
              "2x2": (2**31 - 1) // (4 * 128 * 128 * 9)}[tiles]
-    isa_code = int8_cpu.cpu_isa_for(-128, 127)
-    assert int8_cpu.cpu_algorithm((1, limit, 3, 3), [1, 1], [1, 1], isa_code) == int8_cpu.CPU_ALGORITHMS["winograd"]
+    isa_code = cpu_isa_for(-128, 127)
+    assert cpu_algorithm((1, limit, 3, 3), [1, 1], [1, 1], isa_code) == CPU_ALGORITHMS["winograd"]
     if tiles == "2x2":
-        assert int8_cpu.cpu_algorithm((1, limit + 1, 3, 3), [1, 1], [1, 1], isa_code) != int8_cpu.CPU_ALGORITHMS["winograd"]
+        assert cpu_algorithm((1, limit + 1, 3, 3), [1, 1], [1, 1], isa_code) != CPU_ALGORITHMS["winograd"]
     # The shape that runs: its packed weights (one block of 16 channels) are a header of 16 words and
     # per position C / 2 int16 pairs, rounded up to 8, for each of the 16 channels.
     positions = {"4x4": 36, "2x4": 24, "2x2": 16}[tiles]
-    assert torch.ops.tlcore._int8_cpu_packed_words(16, limit, 3, 3, isa_code, int8_cpu.CPU_ALGORITHMS["winograd"], 1) == \
+    assert torch.ops.tlcore._int8_cpu_packed_words(16, limit, 3, 3, isa_code, CPU_ALGORITHMS["winograd"], 1) == \
         16 + positions * -(-limit // 16) * 8 * 16
     sizes = [limit] if tiles == "2x2" else [limit, limit + 1]
     for c in sizes:
@@ -1513,6 +1515,8 @@ def test_zero_input_channels_give_the_requantized_offsets(device):
     (dict(residual=torch.zeros(1, 6, 2, 2, dtype=torch.int8)), ValueError, "residual must be int8 of shape"),
     (dict(padding=[0, 0], x=torch.zeros(1, 4, 2, 2, dtype=torch.int8)), ValueError, "smaller than"),
     (dict(stride=[0, 1]), ValueError, "stride >= 1"),
+    (dict(padding="same"), ValueError, "int8_conv2d: padding='same' is not supported; pass explicit integers"),
+    (dict(dilation=(1, 1, 1)), ValueError, "int8_conv2d: dilation must be an int or a pair of ints"),
     (dict(x=torch.zeros(1, 4, 5, 5, dtype=torch.int8, device="meta")), ValueError,
      "x is on meta but weight on cpu, multiplier on cpu, offset on cpu, residual on cpu: put them on one device"),
 ])
@@ -1571,15 +1575,15 @@ def test_cpu_kernel_op_validates_its_arguments(change, error, match):
 
 @needs_extension
 def test_unsupported_isa_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, "sse9")
+    monkeypatch.setenv(CPU_ISA_ENV, "sse9")
     with pytest.raises(ValueError, match="TLCORE_INT8_CPU_ISA"):
         run(make_case(1, 4, 5, 5, 6, 3, 3), "cpu")
-    lacking = next((isa for isa in CPU_ISAS if not int8_cpu.cpu_isa_supported(isa)), None)
+    lacking = next((isa for isa in TESTED_ISAS if not cpu_isa_supported(isa)), None)
     if lacking is not None:  # (a CPU with every instruction set has none to lack)
-        monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, lacking)
+        monkeypatch.setenv(CPU_ISA_ENV, lacking)
         with pytest.raises(ValueError, match=f"TLCORE_INT8_CPU_ISA='{lacking}': this CPU has no {lacking}; it can run"):
             run(make_case(1, 4, 5, 5, 6, 3, 3), "cpu")
-    for variable in (int8_cpu.CPU_ISA_ENV, int8_cpu.ALGORITHM_ENV):  # set but empty: as if unset
+    for variable in (CPU_ISA_ENV, ALGORITHM_ENV):  # set but empty: as if unset
         monkeypatch.setenv(variable, "")
     c = make_case(*CASES[1])
     assert_bit_exact(run(c, "cpu"), reference(c), "empty settings")
@@ -1611,7 +1615,7 @@ def test_opcheck_cpu_kernel_op():
     c = make_case(1, 5, 6, 6, 7, 3, 3, padding=1)
     c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)  # the public op's job
     c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
-    scalar = int8_cpu.CPU_ISAS["scalar"]
+    scalar = CPU_ISAS["scalar"]
     for isa, algorithm in ((0, 0), (scalar, 0), (scalar, 1)):
         torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], None, isa, algorithm))
         packed = torch.ops.tlcore._int8_pack_weight_cpu(c["weight"], isa, algorithm)
@@ -1622,7 +1626,7 @@ def test_opcheck_cpu_kernel_op():
         c = make_case(*case)
         c["weight"] = c["weight"].contiguous(memory_format=torch.channels_last)
         c["residual"] = c["residual"].contiguous(memory_format=torch.channels_last)
-        code = int8_cpu.CPU_ALGORITHMS[algorithm]
+        code = CPU_ALGORITHMS[algorithm]
         packed = torch.ops.tlcore._int8_pack_weight_cpu(c["weight"], scalar, code)
         torch.library.opcheck(torch.ops.tlcore._int8_conv_cpu.default, (*_op_args(c)[:14], packed, scalar, code))
         torch.library.opcheck(torch.ops.tlcore._int8_pack_weight_cpu.default, (c["weight"], scalar, code))

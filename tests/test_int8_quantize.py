@@ -21,6 +21,7 @@ from tlcore.nn import DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvg
 from tlcore.nn.int8 import QParams, QuantizeInput
 from tlcore.quantize import METHODS
 from tlcore.ops import int8 as q8, int8_cpu
+from tlcore.ops.int8_cpu import CPU_ALGORITHMS, CPU_ISA_ENV, CPU_ISAS, cpu_isa_supported
 
 EPOCHS = 5
 
@@ -325,7 +326,7 @@ def test_backends_are_bit_identical_through_the_model(monkeypatch):
     for name in ("torch", "cpu", "triton"):
         qmodels[name] = tlcore.quantize(model, batches(size=16), backend=name, progress=False)
         outputs[name] = features_and_logits(qmodels[name], x)
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, "scalar")
+    monkeypatch.setenv(CPU_ISA_ENV, "scalar")
     outputs["cpu-scalar"] = features_and_logits(
         tlcore.quantize(model, batches(size=16), backend="cpu", progress=False), x)
     # the Triton backend's TMA kernel on every conv it takes (the stride-1 ones past the stem)
@@ -342,23 +343,23 @@ def test_backends_are_bit_identical_through_the_model(monkeypatch):
         assert_same_model_outputs(out, outputs["torch"], name)
 
 
-@pytest.mark.skipif(not _extension.loaded() or not int8_cpu.cpu_isa_supported("avx2"), reason="needs tlcore._C and AVX2")
+@pytest.mark.skipif(not _extension.loaded() or not cpu_isa_supported("avx2"), reason="needs tlcore._C and AVX2")
 @pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
 def test_resnext_grouped_convs_bit_identical_on_avx2(reduce_range, monkeypatch):
     """A ResNeXt (32 groups of 4 channels in layer1 up to 32 in layer4) on AVX2: its grouped convs run direct
     or on the split codes (int8_best_algorithm), and the model's outputs equal the torch backend's."""
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, "avx2")
+    monkeypatch.setenv(CPU_ISA_ENV, "avx2")
     model = small_resnet(Bottleneck, groups=32, width_per_group=4)
     x = batches(1, size=32, batch=2, seed=7)[0]
     expected = features_and_logits(
         tlcore.quantize(model, batches(size=32), reduce_range=reduce_range, backend="torch", progress=False), x)
     qmodel = tlcore.quantize(model, batches(size=32), reduce_range=reduce_range, backend="cpu", progress=False)
     grouped = [m for m in qmodel.modules() if isinstance(m, Int8Conv2d) and m.state["groups"] > 1]
-    assert {m._packed_weight()[1] for m in grouped} == {int8_cpu.CPU_ALGORITHMS["direct"], int8_cpu.CPU_ALGORITHMS["split"]}
+    assert {m._packed_weight()[1] for m in grouped} == {CPU_ALGORITHMS["direct"], CPU_ALGORITHMS["split"]}
     assert_same_model_outputs(features_and_logits(qmodel, x), expected)
 
 
-@pytest.mark.skipif(not _extension.loaded() or not int8_cpu.cpu_isa_supported("avx2u7"), reason="needs tlcore._C and AVX2")
+@pytest.mark.skipif(not _extension.loaded() or not cpu_isa_supported("avx2u7"), reason="needs tlcore._C and AVX2")
 def test_seven_bit_model_runs_vpmaddubsw_bit_identically(monkeypatch):
     """reduce_range on an AVX2 CPU without VNNI: 7-bit layers take vpmaddubsw, the 8-bit stem does not."""
     model = small_resnet(Bottleneck)
@@ -368,14 +369,14 @@ def test_seven_bit_model_runs_vpmaddubsw_bit_identically(monkeypatch):
     convs = [m for m in qmodel.modules() if isinstance(m, Int8Conv2d)]
     assert convs[0].state["x_max"] == 127 and all(m.state["x_max"] == -1 for m in convs[1:])
     assert all(m.state["out_max"] == -1 for m in convs)
-    monkeypatch.setattr(int8_cpu, "_auto_isa", lambda: int8_cpu.CPU_ISAS["avx2"])  # as on an AVX2 CPU without VNNI
+    monkeypatch.setattr(int8_cpu, "_auto_isa", lambda: CPU_ISAS["avx2"])  # as on an AVX2 CPU without VNNI
     expected = features_and_logits(reference, x)
     assert_same_model_outputs(features_and_logits(qmodel, x), expected)
     with torch.no_grad():
         assert sqnr(model(x), expected[1]) > 20
     # Selected by hand, avx2u7 leaves the 8-bit stem to AVX2's exact kernel: inputs bright enough for
     # codes >= 0 there (which vpmaddubsw could saturate on) run, and give the reference's outputs.
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, "avx2u7")
+    monkeypatch.setenv(CPU_ISA_ENV, "avx2u7")
     bright = x + 4 * x.abs().amax()
     assert_same_model_outputs(features_and_logits(qmodel, bright), features_and_logits(reference, bright))
 
@@ -823,7 +824,7 @@ def test_quantized_model_compiles_fullgraph_with_an_isa_set(monkeypatch):
     # The fc reads the variable when traced (int8_weight_linear): a graph compiled by an earlier test
     # for the same model structure would be reused with that test's setting.
     torch.compiler.reset()
-    monkeypatch.setenv(int8_cpu.CPU_ISA_ENV, "scalar")
+    monkeypatch.setenv(CPU_ISA_ENV, "scalar")
     qmodel = tlcore.quantize(small_resnet(), batches(), progress=False)
     x = batches(1, seed=12)[0]
     compiled = torch.compile(qmodel, backend="aot_eager", fullgraph=True)

@@ -17,8 +17,8 @@ def int_pair(value, name: str, op: str) -> list[int]:
     in the error."""
     if isinstance(value, str):
         raise ValueError(f"tlcore.ops.{op}: {name}={value!r} is not supported; pass explicit integers")
-    pair = [value, value] if isinstance(value, int) else list(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+    pair = [value, value] if isinstance(value, int) else list(value) if isinstance(value, Sequence) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int) for v in pair):
         raise ValueError(f"tlcore.ops.{op}: {name} must be an int or a pair of ints, got {value!r}")
     return pair
 
