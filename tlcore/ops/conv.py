@@ -17,10 +17,10 @@ def int_pair(value, name: str, op: str) -> list[int]:
     in the error."""
     if isinstance(value, str):
         raise ValueError(f"tlcore.ops.{op}: {name}={value!r} is not supported; pass explicit integers")
-    pair = [value, value] if isinstance(value, int) else list(value) if isinstance(value, Sequence) else None
-    if pair is None or len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+    pair = (value, value) if isinstance(value, int) else value
+    if not isinstance(pair, Sequence) or len(pair) != 2 or not all(isinstance(v, int) for v in pair):
         raise ValueError(f"tlcore.ops.{op}: {name} must be an int or a pair of ints, got {value!r}")
-    return pair
+    return list(pair)
 
 
 def conv_unsupported_reason(*, groups: int, padding_mode: str, dtype: torch.dtype, transposed: bool = False) -> str:

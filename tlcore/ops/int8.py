@@ -542,8 +542,7 @@ def int8_conv2d(
         _check_headroom(weight, multiplier, offset, res_multiplier)
     args = (x, x_zero, weight, multiplier, offset, shift, residual, res_multiplier, out_zero, relu,
             int_pair(stride, "stride", CONV_OP), int_pair(padding, "padding", CONV_OP),
-            int_pair(dilation, "dilation", CONV_OP), out_max, x_max,
-            packed_weight, groups)
+            int_pair(dilation, "dilation", CONV_OP), out_max, x_max, packed_weight, groups)
     if skips_dispatcher(x, weight, multiplier, offset, residual):
         return _int8_conv2d_impl(*args)
     return torch.ops.tlcore.int8_conv2d(*args)
