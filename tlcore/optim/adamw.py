@@ -5,7 +5,7 @@ from typing import Any, Optional
 import torch
 
 from tlcore.ops.optim import sr_adamw_
-from tlcore.optim.base import StochasticRoundingOptimizer, group_values
+from tlcore.optim.base import StochasticRoundingOptimizer, check_lr, group_values
 
 
 class AdamW(StochasticRoundingOptimizer):
@@ -38,8 +38,7 @@ class AdamW(StochasticRoundingOptimizer):
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, stochastic_rounding: bool = True, seed: Optional[int] = None,
                  state_dtype: Optional[torch.dtype] = None):
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from tlcore.ops.optim import MAX_SEED, is_dense
+from tlcore.ops.optim import MAX_SEED, SUPPORTED_DTYPES, is_dense
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 # torch.optim options that tlcore does not implement: accepted (for drop-in use, and in a loaded
@@ -53,6 +53,14 @@ def group_values(groups: list[dict[str, Any]], where: torch.Tensor, name: str,
     values = [torch.as_tensor(g[name] if index is None else g[name][index], dtype=torch.float64).cpu().reshape(())
               for g in groups]
     return torch.stack(values)[where]
+
+
+def check_lr(lr: float | torch.Tensor) -> None:
+    """torch.optim's checks of a learning rate: a float or a one-element tensor, not negative (nor NaN)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
 
 
 def draw_seed() -> int:
@@ -111,8 +119,18 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                              f"{group['state_dtype']} (fp16 states cannot hold squared gradients' range)")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch.optim's, with the group's tlcore settings checked first (a bad group is not added)."""
+        """torch.optim's, with the group's tlcore settings checked first (a bad group is not added) and a
+        parameter listed twice in it refused (torch.optim only warns): one fused launch would update its
+        two entries at once, from the same step count, racing on the same memory."""
         self._check_group({**self.defaults, **param_group})
+        params = param_group["params"]
+        if not isinstance(params, set):  # (torch.optim refuses sets itself)
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # (named parameters come as pairs)
+            if len({id(t) for t in tensors}) != len(tensors):
+                raise ValueError(f"{self._op_name}: a parameter is listed more than once in one param group; "
+                                 "list each parameter once")
+            param_group = dict(param_group, params=params)
         if "seed" in param_group:
             param_group = dict(param_group, seed=int(param_group["seed"]))
         super().add_param_group(param_group)
@@ -147,17 +165,23 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         if found_inf is None and grad_scale is None:
             return 1.0
         # one host sync for both (the step needs them on the host to skip or to fill the table)
-        values = torch.stack([t.float().reshape(()).cpu() for t in (found_inf, grad_scale) if t is not None])
+        # (found_inf is the int 0 when the scaler saw no gradients at all)
+        values = torch.stack([torch.as_tensor(t, dtype=torch.float32).reshape(()).cpu()
+                              for t in (found_inf, grad_scale) if t is not None])
         if found_inf is not None and values[0].item() != 0:
             return None
         return 1.0 / values[-1].item() if grad_scale is not None else 1.0
 
     def _check_grad(self, p: torch.Tensor, grad: torch.Tensor, position: int) -> torch.Tensor:
+        """p's gradient as the op takes it (p's strides), or a clear error for what the op cannot update."""
         if grad.is_sparse:
             raise RuntimeError(f"{self._op_name} does not support sparse gradients (parameter {position})")
         if grad.is_complex() or p.is_complex():
             raise RuntimeError(f"{self._op_name} does not support complex parameters or gradients "
                                f"(parameter {position}); view them as real with torch.view_as_real")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{self._op_name}: parameter {position} has dtype {p.dtype}; supported are fp32, bf16, "
+                            "fp16 (leave the others to a torch.optim optimizer of their own)")
         if grad.dtype != p.dtype:
             raise TypeError(f"{self._op_name}: parameter {position} is {p.dtype} but its gradient is {grad.dtype}")
         if grad.stride() != p.stride():  # the kernels pair elements by memory position
@@ -196,7 +220,7 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         return fresh
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's loading, except that:
+        """torch.optim's loading (its load_state_dict hooks included), except that:
 
         - states keep their saved dtype: torch.optim casts floating-point states to their
           parameter's dtype, which would squeeze the fp32 states of fp16 parameters into fp16;
@@ -206,7 +230,30 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
           into AdamW, NAdam's, torch.optim.Adam's with L2 weight decay) is refused where its
           settings or states tell it apart (an Adam saved before torch recorded
           decoupled_weight_decay does not).
+
+        Both happen in hooks of their own around the user's: the checks and the saved states are
+        those of the state_dict the user's pre-hooks hand over, and the user's post-hooks see the
+        states as loaded.
         """
+        loading: list[dict[str, Any]] = []
+
+        def check(optimizer, final_state_dict):
+            self._check_loadable(final_state_dict)
+            loading.append(final_state_dict)
+
+        def keep_saved_states(optimizer):
+            self._restore_saved_states(loading[-1])
+
+        hooks = [self.register_load_state_dict_pre_hook(check),  # (after the user's)
+                 self.register_load_state_dict_post_hook(keep_saved_states, prepend=True)]  # (before theirs)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a state_dict whose groups or states tell that another optimizer saved it."""
         own = set(self.defaults) - set(OFF_ONLY_OPTIONS) - {"seed", "stochastic_rounding", "state_dtype"}
         for saved in state_dict["param_groups"]:
             if own - set(saved):
@@ -216,7 +263,10 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         foreign = {name for state in state_dict["state"].values() for name in state} - {"step", *self._STATE_KEYS}
         if foreign:  # (e.g. NAdam's mu_product, Adamax's exp_inf: an algorithm with AdamW's settings)
             raise ValueError(f"{self._op_name}: the state_dict holds states {sorted(foreign)}: it is another optimizer's")
-        super().load_state_dict(state_dict)
+
+    def _restore_saved_states(self, state_dict: dict[str, Any]) -> None:
+        """After torch.optim's loading: the states in their saved dtypes, int64 step counts, and this
+        optimizer's defaults in groups that lack them (a torch.optim state_dict's)."""
         for group in self.param_groups:
             for name, value in self.defaults.items():
                 group.setdefault(name, value)
@@ -256,6 +306,8 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 grad = self._check_grad(local, _local(p.grad), position)
                 self._check_state_shapes(group, p, position)
                 todo.append((group_index, p, local, grad, position))
+        if not todo:  # (no gradient at all: nothing to do, as in torch.optim)
+            return loss
         batches: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         for group_index, p, local, grad, position in todo:
             group = self.param_groups[group_index]

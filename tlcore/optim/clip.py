@@ -5,9 +5,10 @@ from typing import Optional
 import torch
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, *,
                     scaler: Optional["torch.amp.GradScaler"] = None) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ (2-norm) for fp16/bf16 gradients, also scaled ones.
+    """torch.nn.utils.clip_grad_norm_ (2-norm only: norm_type is there for drop-in calls) for fp16/bf16
+    gradients, also scaled ones.
 
     With fp16 parameters a GradScaler refuses to unscale_ the gradients, so they are clipped while
     still scaled: their norm is summed in fp32 (in fp16 it overflows past 65504: at the default
@@ -24,6 +25,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
 
     Returns the total norm of the unscaled gradients (fp32, 0-dim).
     """
+    if norm_type != 2.0:
+        raise ValueError(f"tlcore.optim.clip_grad_norm_: norm_type={norm_type!r}; only the 2-norm is implemented "
+                         "(torch.nn.utils.clip_grad_norm_ takes the others, on unscaled gradients)")
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:

@@ -5,7 +5,7 @@ from typing import Any, Optional
 import torch
 
 from tlcore.ops.optim import sr_sgd_
-from tlcore.optim.base import StochasticRoundingOptimizer, group_values
+from tlcore.optim.base import StochasticRoundingOptimizer, check_lr, group_values
 
 
 class SGD(StochasticRoundingOptimizer):
@@ -31,8 +31,7 @@ class SGD(StochasticRoundingOptimizer):
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  stochastic_rounding: bool = True, seed: Optional[int] = None,
                  state_dtype: Optional[torch.dtype] = None):
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
