@@ -428,3 +428,194 @@ def test_hooks_on_fused_away_modules_are_reported():
     model.layer2.register_forward_hook(lambda *args: None)  # kept: the Sequential stays
     with pytest.warns(UserWarning, match=r"hooks on \['bn1', 'layer4.1'\] are gone"):
         tlcore.fuse(model)
+
+
+# ---- what fusing must not change around the chains (an audit's cases) ---------------------------
+
+class UntraceableParent(nn.Module):
+    """A forward torch.fx cannot trace (a check on a value) that calls its block's conv on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Inner()
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            x = x * 1.0
+        return self.block(x) + self.block.conv(x)
+
+
+class UntraceableWrapper(nn.Module):
+    """Untraceable too, but its code reaches no module below its child: relu here is torch's."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torchvision.models.resnet18(num_classes=6)
+
+    def forward(self, x):
+        if x.shape[-1] > 8:
+            x = x * 1.0
+        return torch.relu(self.net(x))
+
+
+def test_modules_an_untraceable_forward_reaches_stay_stock():
+    model = _fx_model(UntraceableParent)
+    fused = tlcore.fuse(model)
+    assert isinstance(fused.block.conv, StockConv2d) and "called from more than one place" in repr(fused)
+    x = torch.randn(2, 3, 7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    wrapper = tlcore.fuse(_fx_model(UntraceableWrapper))
+    assert sum(isinstance(m, FusedConv2dBNReLU) for m in wrapper.modules()) == 20
+
+
+class PreActivation(nn.Module):
+    """An in-place ReLU writes the conv's input after the conv has read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        shortcut = self.relu(x)
+        return self.relu(out + shortcut)
+
+
+class OptionalScale(nn.Module):
+    """torch.fx would trace `scale is None` as False: the forward's default path differs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, scale=None):
+        y = torch.relu(self.bn(self.conv(x)))
+        return y if scale is None else y * scale
+
+
+class ReusedHookedRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.act(self.conv2(self.act(self.bn(self.conv(x)))))
+
+
+def test_in_place_writes_and_optional_arguments_keep_stock_semantics():
+    for cls, channels in ((PreActivation, 4), (OptionalScale, 3)):
+        model = _fx_model(cls)
+        fused = tlcore.fuse(model)
+        x = torch.randn(2, channels, 7, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-5, atol=1e-5)
+    assert "optional arguments" in repr(fused.conv)
+
+
+def test_a_hooked_relu_called_twice_keeps_both_calls():
+    model = _fx_model(ReusedHookedRelu)
+    calls = []
+    model.act.register_forward_hook(lambda *args: calls.append(1))
+    fused = tlcore.fuse(model)
+    with torch.no_grad():
+        fused(torch.randn(1, 3, 6, 6))
+    assert len(calls) == 2 and isinstance(fused.conv, FusedConv2dBNReLU)
+
+
+class BlockWithAttributes(nn.Module):
+    """A residual block with a plain attribute and a method that callers use: an fx.GraphModule
+    would drop both, so it is fused in place, without its residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.scale = 0.5
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)) + x)
+
+    def scaled(self, x):
+        return self(x) * self.scale
+
+
+def test_fused_modules_keep_their_class_attributes_and_indices():
+    model = _fx_model(BlockWithAttributes)
+    fused = tlcore.fuse(model)
+    assert type(fused) is BlockWithAttributes and isinstance(fused.conv, FusedConv2dBNReLU)
+    x = torch.randn(2, 4, 7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.scaled(x), model.scaled(x), rtol=1e-5, atol=1e-5)
+    features = randomize_batchnorm(torchvision.models.vgg11_bn().features[:8]).eval()  # VGG's features: a Sequential
+    fused = tlcore.fuse(features)
+    assert type(fused) is nn.Sequential and len(fused) == len(features)
+    assert [type(m) for m in fused[:3]] == [FusedConv2dBNReLU, nn.Identity, nn.Identity]
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        for depth in (3, 8):  # perceptual losses cut the Sequential at a ReLU
+            torch.testing.assert_close(fused[:depth](x), features[:depth](x), rtol=1e-4, atol=1e-5)
+
+
+class StockBatchNormFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.bn0(x)))
+
+
+def test_a_refused_train_mode_call_changes_no_statistics():
+    fused = tlcore.fuse(_fx_model(StockBatchNormFirst))
+    before = fused.bn0.running_mean.clone()
+    fused.train()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fused(torch.randn(2, 3, 6, 6))
+    assert torch.equal(fused.bn0.running_mean, before)
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.body(x)
+
+    def norm(self, x):
+        return self.body[1](x)
+
+
+class ReachesInByIndex(nn.Module):
+    """A forward torch.fx does not follow (optional argument) that reaches below its child by index,
+    through the child's own method, or through an alias."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = ConvBN(), ConvBN(), ConvBN()
+
+    def forward(me, x, y=None):
+        norm = me.c.norm
+        return me.a.body[1](me.a(x)) + me.b.norm(me.b(x)) + norm(me.c(x))
+
+
+def test_modules_reached_by_index_method_or_hook_stay_stock():
+    model = _fx_model(ReachesInByIndex)
+    fused = tlcore.fuse(model)
+    assert not any(isinstance(m, FusedConv2dBNReLU) for m in fused.modules())
+    hooked = _fx_model(ConvBN)
+    hooked.register_forward_hook(lambda module, args, out: module.body[1](out))
+    assert not any(isinstance(m, FusedConv2dBNReLU) for m in tlcore.fuse(hooked).modules())
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))

@@ -1,26 +1,38 @@
 """`tlcore.fuse(model)`: swap conv → BN (→ residual add) (→ ReLU) chains for fused kernels.
 
 torchvision ResNets (BasicBlock, Bottleneck, the stem) are rewritten by handlers that
-keep the model's class and module names; in any other module, Conv2d → BatchNorm2d
-(→ add) (→ ReLU) chains are found in its torch.fx graph, and that module becomes an
-fx.GraphModule (its forward is the traced graph). A conv that cannot be fused stays
-stock, and print(model) says why.
+keep the model's class and module names. In any other module, Conv2d → BatchNorm2d
+(→ add) (→ ReLU) chains are found in its torch.fx graph. A chain without a residual add is
+fused in place: the conv becomes the fused module and the BN and ReLU modules nn.Identity,
+so the module keeps its class, forward, methods and attributes (a Sequential stays one,
+with its indices). Fusing a residual add needs the traced forward: that module becomes an
+fx.GraphModule, but only where nothing else would be lost (graph_rewrite_loses); elsewhere
+its conv and BN fuse without the add. A conv that cannot be fused stays stock, and
+print(model) says why.
+
+Which modules another forward also calls (those must stay as they are) comes from the traced
+forwards, and from the code of forwards torch.fx cannot follow (untraced_reach).
 
 torch.fx records `a += b` as `a + b`: a forward that adds in place into a tensor it reads
 again afterwards traces into a different function, fused or not. torchvision's blocks
 (`out += identity; out = relu(out)`) are not affected, and are not traced anyway.
 """
+import ast
 import copy
+import inspect
 import operator
+import textwrap
 import warnings
 from collections import Counter, defaultdict
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from tlcore.nn.blocks import FusedResidualBlock
-from tlcore.nn.conv import FusedConv2dBNReLU, fusion_unsupported_reason, is_frozen_batchnorm, mark_stock
+from tlcore.nn.conv import (TRAIN_MODE_ERROR, FusedConv2dBNReLU, fusion_unsupported_reason, is_frozen_batchnorm,
+                            mark_stock)
 
 _RELU_CALLS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _ADD_CALLS = {operator.add, operator.iadd, torch.add}
@@ -41,9 +53,20 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     model: an nn.Module in eval mode (BN running statistics are folded), fp16/bf16/fp32.
     inplace: rewrite `model` itself instead of a deep copy.
     The result computes the same function within the dtype's tolerance; inputs of any
-    memory format work, channels_last is fastest. torchvision ResNets keep their class;
-    other models whose chains are found through torch.fx come back as fx.GraphModules.
+    memory format work, channels_last is fastest. Modules keep their class, but for those whose
+    residual add is fused through torch.fx, which come back as fx.GraphModules (module docstring).
+    A call in train mode raises before any module runs.
     """
+    fused = fuse_chains(model, inplace)
+    has_fused = any(isinstance(m, FusedConv2dBNReLU) for m in fused.modules())
+    if has_fused and refuse_train_mode not in fused._forward_pre_hooks.values():
+        fused.register_forward_pre_hook(refuse_train_mode)
+    return fused
+
+
+def fuse_chains(model: nn.Module, inplace: bool) -> nn.Module:
+    """fuse() without the train-mode check on the result's calls (tlcore.quantize builds its int8 model,
+    which has its own rules, from this one)."""
     require_eval(model, "tlcore.fuse folds BatchNorm running statistics and returns an inference model")
     if not inplace:
         model = copy.deepcopy(model)
@@ -53,8 +76,15 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     dropped = [name or type(model).__name__ for name, m in hooked.items() if id(m) not in kept]
     if dropped:
         warnings.warn(f"tlcore.fuse: the hooks on {dropped} are gone with those modules, which were fused into "
-                      "others: register them on the fused model", stacklevel=2)
+                      "others: register them on the fused model", stacklevel=3)
     return fused
+
+
+def refuse_train_mode(model: nn.Module, args) -> None:
+    """A fused model's forward pre-hook: a train-mode call raises before any module runs (a stock
+    BatchNorm ahead of the first fused module would otherwise update its statistics first)."""
+    if model.training:
+        raise RuntimeError(TRAIN_MODE_ERROR)
 
 
 def hook_dicts(module: nn.Module) -> tuple[dict, ...]:
@@ -77,21 +107,88 @@ def _trace(module: nn.Module) -> fx.Graph:
     return _OneLevelTracer().trace(module)
 
 
+def untraced_reason(module: nn.Module) -> tuple[str, fx.Graph | None]:
+    """(why torch.fx cannot stand for module's forward, or ''; its traced graph where it can)."""
+    signature = inspect.signature(module.forward)
+    if any(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+           for p in signature.parameters.values()):
+        # A proxy is never None: torch.fx would follow one branch of `if arg is None` whatever the call.
+        return f"{type(module).__name__}.forward has optional arguments, which torch.fx cannot follow", None
+    try:
+        return "", _trace(module)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: leave it stock
+        return f"{type(module).__name__} does not trace with torch.fx ({type(error).__name__})", None
+
+
+def _children_reached_within(cls: type) -> set[str] | None:
+    """The children of a `cls` module whose insides its methods (not __init__) may reach: those its code
+    uses other than by calling them (`self.body[1]`, `self.block.conv`, `self.child.method()`,
+    `b = self.block`); None for all of them (`self` used otherwise, e.g. `self.modules()`; no source)."""
+    reached: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn.") or klass is object:
+            continue  # (torch's containers and nn.Module call their children only)
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            return None
+        methods = [node for node in tree.body[0].body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   and node.name != "__init__"]  # (construction code: not called at run time)
+        for method in methods:
+            if not method.args.args:
+                continue
+            self_name = method.args.args[0].arg  # ("self", by convention only)
+            parents = {child: node for node in ast.walk(method) for child in ast.iter_child_nodes(node)}
+            for node in ast.walk(method):
+                if not (isinstance(node, ast.Name) and node.id == self_name):
+                    continue
+                use = parents[node]
+                if not isinstance(use, ast.Attribute):
+                    return None  # (self passed on, or used as a whole)
+                called = isinstance(parents.get(use), ast.Call) and parents[use].func is use
+                if not called:  # (self.child(...) only calls the child)
+                    reached.add(use.attr)
+    return reached
+
+
+def untraced_reach(module: nn.Module) -> list[nn.Module]:
+    """The modules below module's children that code torch.fx cannot follow may call directly: its
+    forward's (where it does not trace) and its forward hooks'. All below the children its class's code
+    uses other than by calling them (_children_reached_within), all below every child for hooks."""
+    names = None if any(hook_dicts(module)[:2]) else _children_reached_within(type(module))
+    return [m for name, child in module.named_children() if names is None or name in names
+            for m in list(child.modules())[1:]]
+
+
 def _callers(model: nn.Module) -> dict[int, Counter]:
     """For each module called in the forwards of model's tree (by id): how many calls each caller's
-    forward makes (by the caller's id). Modules whose forward does not trace are not counted."""
+    forward makes (by the caller's id). A forward torch.fx cannot follow counts one call of each of
+    its children and of what its code may reach below them, and a module's forward hooks one call of
+    what they may reach (untraced_reach)."""
     callers = defaultdict(Counter)
     for module in model.modules():
         if next(module.children(), None) is None:
             continue
-        try:
-            graph = _trace(module)
-        except Exception:  # noqa: BLE001 - untraceable forwards stay stock anyway
+        reason, graph = untraced_reason(module)
+        if reason or any(hook_dicts(module)[:2]):  # (forward hooks may call anything below)
+            for callee in untraced_reach(module):
+                callers[id(callee)][id(module)] += 1
+        if reason:
+            for callee in module.children():
+                callers[id(callee)][id(module)] += 1
             continue
         for node in graph.nodes:
             if node.op == "call_module":
                 callers[id(module.get_submodule(node.target))][id(module)] += 1
     return callers
+
+
+class _Chain(NamedTuple):
+    """A conv → BN (→ add residual) (→ ReLU) chain in a module's fx graph."""
+
+    nodes: list[fx.Node]  # the conv's, the BN's, then the add's and the ReLU's where they are absorbed
+    residual: fx.Node | None  # the add's other operand
+    relu: bool
 
 
 class _Fuser:
@@ -111,6 +208,11 @@ class _Fuser:
         """Whether a forward other than owner's calls `module`: fusing it away would change those
         calls, or break them (a fused model drops the modules it folded)."""
         return any(caller != id(owner) for caller in self.callers[id(module)])
+
+    def called_once(self, module: nn.Module) -> bool:
+        """Whether exactly one call, in all of the model's forwards, calls `module`: then nn.Identity
+        may stand in for it."""
+        return sum(self.callers[id(module)].values()) == 1
 
     def used_outside(self, owner: nn.Module, names: tuple[str, ...]) -> str:
         """Why the modules `names` of owner (a ResNet block or stem, or its downsample) cannot be
@@ -200,67 +302,148 @@ class _Fuser:
     # ---- any other model, through torch.fx ------------------------------------------------------
 
     def graph(self, module: nn.Module) -> nn.Module:
-        """Fuse Conv2d → BN (→ add) (→ ReLU) chains in module's fx graph; stock if it does not trace."""
-        try:
-            graph = _trace(module)
-        except Exception as error:  # noqa: BLE001 - any tracing failure means: leave it stock
+        """Fuse the Conv2d → BN (→ add) (→ ReLU) chains of module's fx graph (module docstring);
+        returns module or its fx.GraphModule. Stock where torch.fx cannot stand for its forward."""
+        reason, graph = untraced_reason(module)
+        if reason:
             for child in module.children():
                 if type(child) is nn.Conv2d:
-                    mark_stock(child, f"{type(module).__name__} does not trace with torch.fx "
-                                      f"({type(error).__name__})")
+                    mark_stock(child, reason)
             return module
+        modules = dict(module.named_modules())
+        chains = [chain for node in graph.nodes if node.op == "call_module" and type(modules[node.target]) is nn.Conv2d
+                  for chain in [self.chain(modules, node, module)] if chain is not None]
+        if any(chain.residual is not None for chain in chains) and not graph_rewrite_loses(module):
+            return self.rewrite(module, graph, chains)
+        for chain in chains:
+            self.swap(module, modules, chain)
+        return module
+
+    def chain(self, modules, conv_node: fx.Node, owner: nn.Module) -> _Chain | None:
+        """The chain from conv_node in owner's graph, or None (a refused conv marked with the reason).
+        A BN or ReLU module that another forward calls too is not absorbed (the fused graph drops those
+        it folds), nor a ReLU module that has hooks and another call here."""
+        conv = modules[conv_node.target]
+        bn_users = [u for u in conv_node.users if u.op == "call_module" and _is_batchnorm(modules[u.target])]
+        if not bn_users:
+            return None
+        bn_node = bn_users[0]
+        if len(conv_node.users) > 1:
+            mark_stock(conv, "its output is used by more than the BatchNorm, which cannot be folded into it")
+            return None
+        if len(conv_node.args) != 1 or conv_node.kwargs:
+            return None
+        bn = modules[bn_node.target]
+        read = [n.target for n in conv_node.graph.nodes if n.op == "get_attr" and
+                n.target.rpartition(".")[0] in (conv_node.target, bn_node.target)]
+        reason = self.reason(conv, bn) or (f"its BatchNorm is also called from outside {type(owner).__name__}"
+                                           if self.called_elsewhere(bn, owner) else "") or \
+            (f"{type(owner).__name__}.forward reads {read[0]}" if read else "")
+        if reason:
+            mark_stock(conv, reason)
+            return None
+
+        def absorbable_relu(node):
+            if not _is_relu(node, modules) or node.op != "call_module":
+                return _is_relu(node, modules)
+            relu = modules[node.target]
+            return not self.called_elsewhere(relu, owner) and (self.called_once(relu) or not has_hooks(relu))
+
+        after_bn = _only_user(bn_node)
+        other = _residual_of(after_bn, bn_node)
+        if other is not None and absorbable_relu(_only_user(after_bn)):
+            nodes = [conv_node, bn_node, after_bn, _only_user(after_bn)]
+            if not _mutation_between(nodes, modules):
+                return _Chain(nodes, other, relu=True)
+            return _Chain(nodes[:2], None, relu=False)  # (the fused call moves to the chain's end)
+        if absorbable_relu(after_bn):
+            return _Chain([conv_node, bn_node, after_bn], None, relu=True)
+        return _Chain([conv_node, bn_node], None, relu=False)
+
+    def rewrite(self, module: nn.Module, graph: fx.Graph, chains: list[_Chain]) -> fx.GraphModule:
+        """module as an fx.GraphModule whose graph calls a fused module for each chain: where the
+        conv was called, or where a residual chain ends (no in-place write lies between: chain)."""
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
-        modules = dict(gm.named_modules())
-        fused_any = False
-        for node in list(gm.graph.nodes):
-            if node.op == "call_module" and type(modules[node.target]) is nn.Conv2d:
-                fused_any |= self.chain(gm, modules, node, module)
-        if not fused_any:
-            return module
+        for chain in chains:
+            conv_node, bn_node = chain.nodes[:2]
+            fused = FusedConv2dBNReLU.from_modules(gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target),
+                                                   relu=chain.relu, residual=chain.residual is not None)
+            gm.add_submodule(conv_node.target, fused)  # the conv's place in the module tree
+            with gm.graph.inserting_before(conv_node if chain.residual is None else chain.nodes[-1]):
+                args = (conv_node.args[0],) if chain.residual is None else (conv_node.args[0], chain.residual)
+                new = gm.graph.call_module(conv_node.target, args)
+            chain.nodes[-1].replace_all_uses_with(new)
+            for node in reversed(chain.nodes):
+                gm.graph.erase_node(node)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
         return gm
 
-    def chain(self, gm: fx.GraphModule, modules, conv_node: fx.Node, owner: nn.Module) -> bool:
-        """Replace conv_node → bn (→ add residual → relu | → relu) in owner's graph with one fused call
-        (a BN or ReLU module that another forward calls too stays: the fused graph drops those it folds)."""
-        conv = modules[conv_node.target]
-        bn_users = [u for u in conv_node.users if u.op == "call_module" and _is_batchnorm(modules[u.target])]
-        if not bn_users:
-            return False
-        bn_node = bn_users[0]
-        if len(conv_node.users) > 1:
-            mark_stock(conv, "its output is used by more than the BatchNorm, which cannot be folded into it")
-            return False
-        if len(conv_node.args) != 1 or conv_node.kwargs:
-            return False
+    def swap(self, module: nn.Module, modules, chain: _Chain) -> None:
+        """Fuse a chain in place, module's forward unchanged: its conv becomes the fused module, and
+        the BN (and a ReLU module called only there) nn.Identity. A residual add stays as it is."""
+        conv_node, bn_node = chain.nodes[:2]
         bn = modules[bn_node.target]
-        reason = self.reason(conv, bn) or (f"its BatchNorm is also called from outside {type(owner).__name__}"
-                                           if self.called_elsewhere(bn, owner) else "")
-        if reason:
-            mark_stock(conv, reason)
-            return False
-        absorbable_relu = lambda node: _is_relu(node, modules) and not (  # noqa: E731
-            node.op == "call_module" and self.called_elsewhere(modules[node.target], owner))
-        chain, residual, relu = [conv_node, bn_node], None, False
-        after_bn = _only_user(bn_node)
-        other = _residual_of(after_bn, bn_node)
-        if other is not None and absorbable_relu(_only_user(after_bn)):
-            residual, relu = other, True
-            chain += [after_bn, _only_user(after_bn)]
-        elif absorbable_relu(after_bn):
-            relu = True
-            chain.append(after_bn)
-        fused = FusedConv2dBNReLU.from_modules(conv, bn, relu=relu, residual=residual is not None)
-        gm.add_submodule(conv_node.target, fused)  # the conv's place in the module tree
-        with gm.graph.inserting_before(chain[-1]):
-            args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
-            new = gm.graph.call_module(conv_node.target, args)
-        chain[-1].replace_all_uses_with(new)
-        for node in reversed(chain):
-            gm.graph.erase_node(node)
-        return True
+        if not self.called_once(bn):  # (an nn.Identity would stand in for its other calls too)
+            mark_stock(modules[conv_node.target], "its BatchNorm is called more than once")
+            return
+        relu_node = chain.nodes[2] if chain.relu and chain.residual is None else None
+        relu = relu_node is not None and relu_node.op == "call_module" and self.called_once(modules[relu_node.target])
+        _set_submodule(module, conv_node.target, FusedConv2dBNReLU.from_modules(modules[conv_node.target], bn, relu))
+        _set_submodule(module, bn_node.target, nn.Identity())
+        if relu:
+            _set_submodule(module, relu_node.target, nn.Identity())
+
+
+def graph_rewrite_loses(module: nn.Module) -> str:
+    """What module would lose as an fx.GraphModule, which keeps its traced forward and the modules
+    and tensors that forward uses, and nothing else ('' if nothing): its class's other methods and
+    attributes, its base classes, its plain attributes, its hooks."""
+    cls = type(module)
+    if cls.__bases__ != (nn.Module,):
+        return f"{cls.__name__} derives from {cls.__bases__[0].__name__}"
+    own = [name for name in vars(cls) if name not in ("__init__", "forward") and not
+           (name.startswith("__") and name.endswith("__"))]
+    plain = [name for name in vars(module) if not name.startswith("_") and name != "training"]
+    if own or plain:
+        return f"{cls.__name__} has {(own + plain)[0]!r}"
+    return "its hooks" if has_hooks(module) else ""
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _mutation_between(chain: list[fx.Node], modules) -> bool:
+    """Whether a node between a chain's first and last (in graph order; not the chain's own) may write a
+    tensor in place: the fused call then cannot move from the conv's place to the chain's end."""
+    node = chain[0].next
+    while node is not chain[-1]:
+        if node not in chain and _writes_in_place(node, modules):
+            return True
+        node = node.next
+    return False
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift, operator.setitem}
+
+
+def _writes_in_place(node: fx.Node, modules) -> bool:
+    """Whether node may write a tensor in place: an in-place module (ReLU(inplace=True)), method (x.add_)
+    or function (torch.relu_, F.relu(x, inplace=True), x += y, x[i] = y, out=)."""
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")) or \
+            bool(node.kwargs.get("inplace")) or "out" in node.kwargs
+    return False
 
 
 def _not_relu(activation: nn.Module) -> str:

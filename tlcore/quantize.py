@@ -37,7 +37,7 @@ from torch.ao.quantization import HistogramObserver, MinMaxObserver
 from tqdm.auto import tqdm
 
 from tlcore.backend import BACKENDS
-from tlcore.fuse import fuse, has_hooks, hook_dicts, require_eval
+from tlcore.fuse import fuse_chains, has_hooks, hook_dicts, require_eval
 from tlcore.nn.blocks import FusedResidualBlock
 from tlcore.nn.conv import FusedConv2dBNReLU, StockConv2d
 from tlcore.nn.int8 import (DequantizeOutput, FloatFallback, Int8Conv2d, Int8GlobalAvgPool, Int8Linear,
@@ -184,7 +184,7 @@ def quantize(model: nn.Module, calibration_data, method: str = "minmax", percent
                          "the blocks 'layer1.0', ... and 'fc'")
     model = copy.deepcopy(model)
     _drop_hooks(model)
-    fused = fuse(model, inplace=True)
+    fused = fuse_chains(model, inplace=True)
     folded = {m: f for m in fused.modules() if (f := fold_conv_stage(m)) is not None}  # the covered conv stages
     observers = _calibrate(fused, folded, calibration_data, method, percentile, progress, reduce_range)
     _check_ranges(fused, observers)

@@ -7,6 +7,10 @@ from tlcore.ops import conv2d_bn_relu, conv_unsupported_reason
 from tlcore.ops.conv import output_size
 
 
+TRAIN_MODE_ERROR = ("tlcore fused modules are inference-only (BatchNorm is folded with its running statistics); "
+                    "call .eval() on the model, or train the stock model and fuse again")
+
+
 def is_frozen_batchnorm(module: nn.Module) -> bool:
     """torchvision's FrozenBatchNorm2d (its detection backbones' BN): fixed running statistics,
     weight and bias as buffers, the eval-mode BatchNorm2d formula."""
@@ -98,8 +102,7 @@ class FusedConv2dBNReLU(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
-            raise RuntimeError("tlcore fused modules are inference-only (BatchNorm is folded with its running "
-                               "statistics); call .eval() on the model, or train the stock model and fuse again")
+            raise RuntimeError(TRAIN_MODE_ERROR)
         if residual is not None and not self._fits(x, residual):
             # A generic graph may add something broadcastable instead of a same-shape residual.
             y = self._conv(x, None, relu=False) + residual
