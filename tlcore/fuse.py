@@ -344,8 +344,10 @@ class _Fuser:
             return None
 
         def absorbable_relu(node):
-            if not _is_relu(node, modules) or node.op != "call_module":
-                return _is_relu(node, modules)
+            if not _is_relu(node, modules):
+                return False
+            if node.op != "call_module":
+                return True  # (torch.relu, F.relu, x.relu())
             relu = modules[node.target]
             return not self.called_elsewhere(relu, owner) and (self.called_once(relu) or not has_hooks(relu))
 
