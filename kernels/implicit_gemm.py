@@ -20,7 +20,7 @@ def autotune_configs(shapes):
     """triton.Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) tuples (tuned_configs)."""
     return tuned_configs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st,
                                         num_warps=wp) for bm, bn, bk, st, wp in shapes],
-                         interpreted={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
+                         interpreted={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4})
 
 
 def tuned_configs(configs, interpreted):

@@ -21,8 +21,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-_BLOCK_N = 64  # output channels per program
-_BLOCK_C = 64  # input channels summed per step
+from tlcore.backend import interpreting
+
+# (output channels per program, input channels summed per step). The interpreter's cost is per
+# program and per step, hardly per element: it runs larger blocks (multi-block loops stay covered
+# by the models' 256- and 512-channel convs).
+_BLOCKS, _INTERPRETED_BLOCKS = (64, 64), (128, 128)
 
 
 def border_lines(size: int, out_size: int, taps: int, stride: int, pad: int, dilation: int) -> tuple[int, int]:
@@ -88,9 +92,10 @@ def border_corrections(weight, x_zero, in_size, out_size, stride, padding, dilat
     top_w, bottom_w = border_lines(in_size[1], out_size[1], s, stride[1], padding[1], dilation[1])
     classes = (1 + top_h + bottom_h) * (1 + top_w + bottom_w)
     corr = torch.empty((classes, k), dtype=torch.int32, device=weight.device)
-    grid = (classes, triton.cdiv(k, _BLOCK_N))  # (classes first: a grid's second axis stops at 65535)
+    block_n, block_c = _INTERPRETED_BLOCKS if interpreting() else _BLOCKS
+    grid = (classes, triton.cdiv(k, block_n))  # (classes first: a grid's second axis stops at 65535)
     wrap_triton(_border_correction_kernel)[grid](
         weight, corr, k, c_group, *in_size, *out_size, *weight.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        x_zero, top_h, bottom_h, top_w, bottom_w, R=r, S=s, BLOCK_N=_BLOCK_N, BLOCK_C=_BLOCK_C)
+        x_zero, top_h, bottom_h, top_w, bottom_w, R=r, S=s, BLOCK_N=block_n, BLOCK_C=block_c)
     return corr, (top_h, bottom_h, top_w, bottom_w)

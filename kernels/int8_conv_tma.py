@@ -73,7 +73,7 @@ def _configs(pointwise: bool):
                                         num_stages=st, num_warps=wp, pre_hook=_set_box_shapes)
                           for bn, tn, th, tw, bk, st, wp in shapes],
                          interpreted={"BLOCK_N": 64, "TILE_N": 1, "TILE_H": 1 if pointwise else 4,
-                                      "TILE_W": 64 if pointwise else 8, "BLOCK_K": 32})
+                                      "TILE_W": 64 if pointwise else 8, "BLOCK_K": 64})
 
 
 def useful_share(config: triton.Config, named_args: dict) -> float:
