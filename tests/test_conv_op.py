@@ -179,6 +179,25 @@ def test_device_mismatch_raises():
         tlcore.ops.conv2d_bn_relu(x, weight, scale.to("meta"), shift, padding=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_runs_in_the_regions_dtype(device, backend, dtype):
+    """Under torch.autocast the op casts x, weight and residual to the region's dtype, as stock conv2d does, and
+    keeps scale and shift fp32: the result equals a call on the cast inputs, bit for bit. Mixed inputs (a stock
+    layer's autocast output into a fused layer's fp32 weight) meet there too; fp64 is not cast and stays refused."""
+    x, weight, scale, shift, _ = make_case(device, torch.float32, 2, 6, 7, 9, 5, 3, 3, None)
+    residual = torch.randn(2, 5, 7, 9, device=device)
+    with use_backend(backend):
+        expected = tlcore.ops.conv2d_bn_relu(x.to(dtype), weight.to(dtype), scale, shift, padding=1,
+                                             residual=residual.to(dtype))
+        with torch.autocast(device.type, dtype=dtype):
+            out = tlcore.ops.conv2d_bn_relu(x, weight, scale, shift, padding=1, residual=residual)
+            mixed = tlcore.ops.conv2d_bn_relu(x.to(dtype), weight, scale, shift, padding=1, residual=residual)
+            with pytest.raises(TypeError, match="float64"):
+                tlcore.ops.conv2d_bn_relu(x.double(), weight.double(), scale, shift, padding=1)
+    assert out.dtype == dtype and torch.equal(out, expected) and torch.equal(mixed, expected)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_opcheck(device, backend, with_residual):

@@ -86,6 +86,8 @@ def test_plain_eager_calls_skip_the_dispatcher_only_when_it_would_do_nothing(mon
         assert not plain_eager_call(x)
     with torch.profiler.profile():
         assert not plain_eager_call(x)
+    with torch.autocast("cpu"):  # the op's autocast kernel casts the inputs
+        assert not plain_eager_call(x)
     assert torch.vmap(lambda t: torch.tensor(plain_eager_call(t)))(x).eq(False).all()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not plain_eager_call(x)
@@ -110,6 +112,9 @@ def test_gpu_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
                                                              True)
         direct = conv_ops.conv2d_bn_relu(x, weight, scale, shift, padding=1)
     torch.testing.assert_close(direct, through_dispatcher, rtol=0, atol=0)
+    with torch.no_grad(), torch.autocast("cuda"):  # fp32 inputs cast back to x's and weight's fp16 values
+        autocast = conv_ops.conv2d_bn_relu(x.float(), weight.float(), scale, shift, padding=1)
+    torch.testing.assert_close(autocast, direct, rtol=0, atol=0)
 
     xq = torch.randint(-128, 128, (2, 16, 7, 7), dtype=torch.int8, device="cuda")
     wq = torch.randint(-127, 128, (24, 16, 3, 3), dtype=torch.int8, device="cuda")

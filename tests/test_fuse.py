@@ -381,6 +381,24 @@ def test_compile_traces_fullgraph():
         torch.testing.assert_close(compiled(x), fused(x))
 
 
+def test_autocast_region_gives_stock_dtypes():
+    """Under torch.autocast a fused ResNeXt computes as stock does there: its stock grouped convs hand bf16 to
+    the fused layers after them (a dtype error before the op cast under autocast), and its logits are bf16
+    within 2x of stock's error; torch.compile traces the same."""
+    model = resnet("resnext50_32x4d", "cpu")
+    fused = tlcore.fuse(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = _float64_copy(model)(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16), use_backend("torch"):
+            stock = model(x)
+            out = fused(x)
+            compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)(x)
+    assert out.dtype == stock.dtype == torch.bfloat16
+    assert_close_to_stock(out, stock, ref, torch.bfloat16, what="ResNeXt-50 under autocast")
+    torch.testing.assert_close(compiled, out, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="torch.compile over Triton ops needs a GPU")
 def test_compile_inductor_on_gpu():

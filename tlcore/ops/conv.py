@@ -140,6 +140,30 @@ def _conv2d_bn_relu_fake(x, weight, scale, shift, residual, stride, padding, dil
                        memory_format=torch.channels_last)
 
 
+def _autocast_kernel(device_type: str):
+    """conv2d_bn_relu inside `torch.autocast(device_type)`: x, weight and residual in the region's dtype,
+    as stock autocast runs conv2d (fp64 stays fp64 there, and is refused here); scale and shift stay
+    fp32, the epilogue's precision. A model's stock layers (grouped convs) under autocast then hand the
+    fused ones matching dtypes, and on a GPU the fused convs run their fp16/bf16 kernels, not fp32 ones."""
+
+    def in_autocast_dtype(x, weight, scale, shift, residual, stride, padding, dilation, relu):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.tlcore.conv2d_bn_relu(cast(x), cast(weight), scale, shift, cast(residual), stride,
+                                                   padding, dilation, relu)
+
+    return in_autocast_dtype
+
+
+_autocast_library = torch.library.Library("tlcore", "FRAGMENT")  # keeps the autocast kernels registered
+for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+    _autocast_library.impl(_OP, _autocast_kernel(_device_type), _key)
+
+
 def conv2d_bn_relu(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -163,7 +187,8 @@ def conv2d_bn_relu(
         relu: apply ReLU (NaN stays NaN, as in torch.relu).
 
     Returns:
-        (N, K, OH, OW) in x's dtype, channels_last.
+        (N, K, OH, OW) in x's dtype, channels_last. Inside torch.autocast, x, weight and residual are
+        first cast to the region's dtype (_autocast_kernel).
     """
     args = (x, weight, scale, shift, residual, int_pair(stride, "stride", _OP), int_pair(padding, "padding", _OP),
             int_pair(dilation, "dilation", _OP), relu)
