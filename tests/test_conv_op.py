@@ -69,6 +69,7 @@ CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (1, 5, 12, 12, 7, 3, 3, 1, 2, 2),    # dilation
     (2, 6, 9, 14, 10, 1, 3, (1, 2), (0, 1), 1),  # asymmetric kernel and stride
     (1, 70, 6, 6, 70, 3, 3, 1, 1, 1),    # C beyond one channel block
+    (1, 70, 7, 5, 17, 1, 1, 1, 0, 1),    # 1x1 over two channel blocks, the second partial
     (2, 18, 6, 7, 12, 1, 1, 1, 1, 1),    # a padded 1x1 conv: its border outputs read only padding
 ]
 

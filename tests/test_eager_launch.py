@@ -86,11 +86,19 @@ def test_plain_eager_calls_skip_the_dispatcher_only_when_it_would_do_nothing(mon
         assert not plain_eager_call(x)
     with torch.profiler.profile():
         assert not plain_eager_call(x)
-    with torch.autocast("cpu"):  # the op's autocast kernel casts the inputs
-        assert not plain_eager_call(x)
     assert torch.vmap(lambda t: torch.tensor(plain_eager_call(t)))(x).eq(False).all()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not plain_eager_call(x)
+
+
+def test_autocast_regions_keep_the_dispatcher(monkeypatch):
+    """Inside torch.autocast the fused conv goes through the dispatcher even where it would skip it (GPU
+    tensors, patched in here), so that the op's autocast kernel casts its inputs."""
+    monkeypatch.setattr(conv_ops, "skips_dispatcher", lambda *tensors: True)
+    x, weight, scale, shift = _conv_args()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv_ops.conv2d_bn_relu(x, weight, scale, shift, padding=1).dtype == torch.bfloat16
+    assert conv_ops.conv2d_bn_relu(x, weight, scale, shift, padding=1).dtype == torch.float32
 
 
 def test_cpu_calls_keep_the_dispatcher(monkeypatch):

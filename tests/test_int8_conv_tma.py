@@ -37,6 +37,8 @@ CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation
     (2, 3, 12, 12, 32, 7, 7, 2, 3, 1),      # ... even sizes, 2 images
     (2, 1, 10, 11, 16, 5, 5, 2, 2, 1),      # one channel, 5x5
     (1, 8, 6, 6, 16, 1, 1, 2, 0, 1),        # STEM_CHANNELS, 1x1
+    (1, 80, 6, 7, 32, 3, 3, 1, 1, 1),       # two channel steps a tap, the second partial (its box reaches the next tap)
+    (2, 160, 5, 6, 80, 1, 1, 1, 0, 1),      # pointwise over three channel steps, the last partial
 ]
 
 

@@ -25,6 +25,7 @@ GROUPED_CASES = [  # n, c, h, w, k, r, s, stride, padding, dilation, groups
     (1, 48, 5, 7, 48, 1, 1, 1, 0, 1, 6),      # 8 channels a group, pointwise
     (1, 160, 4, 5, 160, 3, 3, 1, 1, 1, 4),    # 40 a group: a tile of 64 columns from 64 on spans 3 groups
     (1, 64, 6, 5, 64, 3, 3, 1, 1, 1, 2),      # 32 a group: the split codes on AVX2
+    (1, 160, 5, 5, 160, 1, 1, 1, 0, 1, 4),    # 40 a group, pointwise: a tile's 120-channel span in two blocks
 ]
 GROUPED_IDS = ["x".join(map(str, c[:7])) + f"-g{c[10]}" for c in GROUPED_CASES]
 

@@ -1125,7 +1125,8 @@ def test_cpu_winograd_at_its_channel_limits_stays_exact(tiles, isa, monkeypatch)
 
 TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[6], (1, 512, 3, 3, 8, 3, 3, 1, 1, 1),
                 (2, 18, 6, 7, 12, 1, 1, 1, 1, 1),   # a padded 1x1 conv: its border outputs read only padding
-                (2, 20, 9, 9, 24, 1, 1, 2, 0, 1)]   # a strided 1x1 conv (downsample) past the flat path's C
+                (2, 20, 9, 9, 24, 1, 1, 2, 0, 1),   # a strided 1x1 conv (downsample) past the flat path's C
+                (1, 70, 6, 5, 20, 3, 3, 1, 1, 1)]   # two channel blocks a tap, the second partial
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c[:7])))
@@ -1174,11 +1175,11 @@ def test_triton_pointwise_conv_reads_pixel_rows_only_where_they_are(device, x_la
     """A 1x1 stride-1 conv takes output row m from x's pixel m (X_PIXEL_ROWS) only when x's pixels
     lie in row order, and the epilogue addresses out and the residual by row (OUT_PIXEL_ROWS) only
     when both do: every layout of x and of the residual is bit-exact (the launcher called directly:
-    the op itself passes residuals channels_last)."""
+    the op itself passes residuals channels_last). 70 channels: two reduction blocks, the second partial."""
     from tlcore.kernels.implicit_gemm import pixel_row_flags
     from tlcore.kernels.int8_conv import int8_conv2d
 
-    c = make_case(2, 20, 5, 6, 24, 1, 1)
+    c = make_case(2, 70, 5, 6, 24, 1, 1)
     ref = reference(c)
     c = on_device(dict(c, x=in_layout(c["x"], x_layout), residual=in_layout(c["residual"], residual_layout)),
                   device)

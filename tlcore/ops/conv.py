@@ -192,6 +192,7 @@ def conv2d_bn_relu(
     """
     args = (x, weight, scale, shift, residual, int_pair(stride, "stride", _OP), int_pair(padding, "padding", _OP),
             int_pair(dilation, "dilation", _OP), relu)
-    if skips_dispatcher(x, weight, scale, shift, residual):
+    # inside an autocast region the dispatcher runs the op's autocast kernel, which casts the inputs
+    if skips_dispatcher(x, weight, scale, shift, residual) and not torch.is_autocast_enabled(x.device.type):
         return _conv2d_bn_relu_impl(*args)
     return torch.ops.tlcore.conv2d_bn_relu(*args)

@@ -26,11 +26,9 @@ def traced(x: torch.Tensor) -> bool:
 def plain_eager_call(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether the dispatcher would do nothing for an op on these tensors but call its implementation:
     not traced, no function mode active (a `with torch.device(...)` block), no profiler (which lists
-    the op by name), no autocast region on x's device (whose kernel casts the inputs), and nothing
-    that needs gradients.
+    the op by name), and nothing that needs gradients.
     """
-    if traced(x) or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled() \
-            or torch.is_autocast_enabled(x.device.type):
+    if traced(x) or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled():
         return False
     needs_grad = x.requires_grad or any(t is not None and t.requires_grad for t in others)
     return not (needs_grad and torch.is_grad_enabled())
