@@ -159,6 +159,8 @@ def _autocast_kernel(device_type: str):
     return in_autocast_dtype
 
 
+# Not torch.library.register_autocast: it casts every floating input (scale and shift too) to one fixed
+# dtype, where stock autocast follows the region's dtype.
 _autocast_library = torch.library.Library("tlcore", "FRAGMENT")  # keeps the autocast kernels registered
 for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
     _autocast_library.impl(_OP, _autocast_kernel(_device_type), _key)
