@@ -6,18 +6,19 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from markers import triton_kernels_or_skip
 from tlcore.backend import use_backend
 from tlcore.kernels import launch
 from tlcore.ops import conv as conv_ops
 from tlcore.ops import int8 as int8_ops
 from tlcore.ops.eager import plain_eager_call
 
-
-@triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2)], key=["n"])
-@triton.jit
-def _scaled_copy_kernel(x_ptr, out_ptr, n, factor, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * factor, mask=offs < n)
+with triton_kernels_or_skip():
+    @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2)], key=["n"])
+    @triton.jit
+    def _scaled_copy_kernel(x_ptr, out_ptr, n, factor, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * factor, mask=offs < n)
 
 
 def _scaled_copy(x: torch.Tensor, factor: float) -> torch.Tensor:

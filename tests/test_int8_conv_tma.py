@@ -6,10 +6,12 @@ import pytest
 import torch
 import triton
 
+from markers import triton_kernels_or_skip
 from test_int8_ops import assert_bit_exact, in_layout, make_case, on_device, reference, run
 from tlcore.ops import int8 as q8
 
-T = pytest.importorskip("tlcore.kernels.int8_conv_tma")
+with triton_kernels_or_skip():
+    T = pytest.importorskip("tlcore.kernels.int8_conv_tma")
 if T.TensorDescriptor is None:
     pytest.skip("this Triton has no tensor descriptors (the op runs the general kernel)", allow_module_level=True)
 

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 
-try:
+from markers import triton_kernels_or_skip
+
+with triton_kernels_or_skip():
     from tlcore.kernels import conv, int8_conv
-except RuntimeError as error:  # Triton 3.2's autotuner asks for a GPU driver when its kernels are defined
-    if "active drivers" not in str(error):
-        raise
-    pytest.skip(f"the Triton kernels cannot be imported without a GPU here: {error}", allow_module_level=True)
 
 HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 AMPERE_SHARED_LIMIT = 163 * 1024  # on sm_80

@@ -30,7 +30,8 @@ def missing_reason() -> str:
     if LOAD_ERROR is not None:
         return f"tlcore's compiled extension failed to load ({LOAD_ERROR!r})"
     if _C is not None and not _C.WITH_CUDA:
-        return "tlcore's compiled extension was built without CUDA sources (no CUDA toolkit at build time)"
+        return ("tlcore's compiled extension was built without CUDA sources (at build time no CUDA toolkit "
+                "of torch's CUDA major version was found, torch was a CPU-only build, or TLCORE_CUDA=0)")
     return ""
 
 
