@@ -363,10 +363,11 @@ def test_shared_conv_is_not_fused():
 
 # ---- compilation and export ---------------------------------------------------------------------
 
-def test_export_keeps_the_custom_op():
+@pytest.mark.parametrize("strict", [False, True])  # (strict: torch.export's default before torch 2.7)
+def test_export_keeps_the_custom_op(strict):
     fused = tlcore.fuse(resnet("resnet18", "cpu"))
     x = torch.randn(2, 3, 32, 32)
-    exported = torch.export.export(fused, (x,))
+    exported = torch.export.export(fused, (x,), strict=strict)
     ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     assert "tlcore.conv2d_bn_relu.default" in ops
     with torch.no_grad():

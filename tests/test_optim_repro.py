@@ -447,8 +447,10 @@ def test_another_algorithms_state_dict_is_refused():
     opt = OPTIMIZERS["adamw"](params)
     with pytest.raises(ValueError, match="another optimizer"):
         opt.load_state_dict(torch.optim.SGD(params, lr=0.1, momentum=0.9).state_dict())
-    with pytest.raises(ValueError, match="L2"):
-        opt.load_state_dict(torch.optim.Adam(params, lr=0.1, weight_decay=0.01).state_dict())
+    adam_l2 = torch.optim.Adam(params, lr=0.1, weight_decay=0.01).state_dict()
+    if "decoupled_weight_decay" in adam_l2["param_groups"][0]:  # (torch < 2.7 does not record it)
+        with pytest.raises(ValueError, match="L2"):
+            opt.load_state_dict(adam_l2)
     nadam = torch.optim.NAdam(params, lr=0.1)
     for p in params:
         p.grad = torch.ones_like(p)
