@@ -536,7 +536,8 @@ def test_blocks_with_batchnorm_folded_beforehand_stay_float_and_warn():
 
 @pytest.mark.parametrize("stem, reason", [
     ("conv, BN and ReLU fused by torch.ao", "the stem conv1 is a ConvReLU2d"),
-    ("conv and BN fused by torch.ao", "the stem: Identity is not a BatchNorm2d"),
+    ("conv and BN fused by torch.ao", "the stem: Identity is not a BatchNorm2d (nor torchvision's "
+                                      "FrozenBatchNorm2d) (folded into the conv already, as torch.ao's fuse_modules"),
     ("deep", "the stem conv1 is a Sequential"),
     ("average pool", "the stem's pool is AvgPool2d"),
 ])

@@ -40,7 +40,9 @@ def folding_unsupported_reason(conv: nn.Module, bn: nn.Module) -> str:
     if type(conv) not in (nn.Conv2d, StockConv2d):
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if not _foldable_batchnorm(bn):
-        return f"{type(bn).__name__} is not a BatchNorm2d (nor torchvision's FrozenBatchNorm2d)"
+        folded_already = " (folded into the conv already, as torch.ao's fuse_modules does?)" if isinstance(
+            bn, nn.Identity) else ""
+        return f"{type(bn).__name__} is not a BatchNorm2d (nor torchvision's FrozenBatchNorm2d){folded_already}"
     if bn.running_mean is None or bn.running_var is None:
         return "BatchNorm without running statistics (track_running_stats=False) cannot be folded"
     if bn.running_mean.numel() != conv.out_channels:
