@@ -613,6 +613,11 @@ def test_float64_model_raises():
         tlcore.quantize(small_resnet().double(), [x.double() for x in batches()], progress=False)
 
 
+def test_a_fused_model_points_to_the_float_one():
+    with pytest.raises(TypeError, match="not one from tlcore.fuse .* quantize the model you passed to tlcore.fuse"):
+        tlcore.quantize(tlcore.fuse(small_resnet()), batches(), progress=False)
+
+
 def test_wrapped_resnet_points_inside():
     """A wrapper (here in its default train mode) around an eval'd ResNet: the error is the wrapper."""
     with pytest.raises(TypeError, match="got Sequential: quantize the ResNet inside a wrapper"):

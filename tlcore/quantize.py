@@ -270,6 +270,9 @@ def _check_resnet(model: nn.Module) -> None:
         raise TypeError(f"tlcore.quantize supports torchvision ResNet models (BasicBlock/Bottleneck) with their "
                         f"own forward, got {type(model).__name__}: quantize the ResNet inside a wrapper "
                         "(nn.Sequential, DataParallel); other architectures are not covered by its int8 scheme")
+    if any(isinstance(m, (FusedConv2dBNReLU, FusedResidualBlock)) for m in model.modules()):
+        raise TypeError("tlcore.quantize takes the float model, not one from tlcore.fuse (its BatchNorms are folded "
+                        "into fp16/bf16/fp32 kernels already): quantize the model you passed to tlcore.fuse")
     dtypes = {p.dtype for p in model.parameters()} - {torch.float32, torch.float16, torch.bfloat16}
     if dtypes:  # (its convs would all stay float, each with a warning)
         raise TypeError(f"tlcore.quantize takes fp32, fp16 or bf16 models, got parameters of "
