@@ -199,11 +199,45 @@ def test_autocast_runs_in_the_regions_dtype(device, backend, dtype):
     assert out.dtype == dtype and torch.equal(out, expected) and torch.equal(mixed, expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("with_residual,relu", [(True, True), (False, False)])
+def test_gradients_match_reference(device, backend, dtype, with_residual, relu):
+    """The gradient of every tensor input, against float64 autograd through the unfused ops: within 2x of
+    stock PyTorch's own error in the dtype (odd sizes, stride, padding and dilation differing by direction)."""
+    conv = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    x, weight, scale, shift, _ = make_case(device, dtype, 2, 5, 9, 11, 6, 3, 3, None)
+    residual = torch.randn(2, 6, 5, 11, device=device).to(dtype) if with_residual else None
+    inputs = [t for t in (x, weight, scale, shift, residual) if t is not None]
+    grad_out = torch.randn(2, 6, 5, 11, device=device).to(dtype)
+
+    def grads(fn, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in inputs]
+        x, weight, scale, shift, *residual = leaves
+        out = fn(x, weight, scale, shift, residual[0] if residual else None, relu, **conv)
+        return torch.autograd.grad(out, leaves, cast(grad_out))
+
+    def fused(x, weight, scale, shift, residual, relu, **conv):
+        return tlcore.ops.conv2d_bn_relu(x, weight, scale, shift, residual=residual, relu=relu, **conv)
+
+    with use_backend(backend):
+        got = grads(fused, lambda t: t)
+    expected = grads(reference, torch.Tensor.double)
+    unfused = grads(stock, lambda t: t)
+    for name, g, g_stock, g_ref in zip(("x", "weight", "scale", "shift", "residual"), got, unfused, expected):
+        assert g.dtype == g_stock.dtype
+        # (scale and shift are fp32: their floor is fp32's; stock's error there is its low-precision epilogue's)
+        assert_close_to_stock(g, g_stock, g_ref, dtype if g.dtype == dtype else torch.float32, what=name)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_opcheck(device, backend, with_residual):
     x, weight, scale, shift, _ = make_case(device, torch.float16, 2, 5, 6, 7, 6, 3, 3, None)
     residual = torch.randn(2, 6, 3, 4, device=device).to(torch.float16) if with_residual else None
+    for t in (x, weight, residual):  # (the autograd checks need inputs that require gradients)
+        if t is not None:
+            t.requires_grad_()
     args = (x, weight, scale, shift, residual, [2, 2], [1, 1], [1, 1], True)
     with use_backend(backend):
         torch.library.opcheck(torch.ops.tlcore.conv2d_bn_relu, args, test_utils=opcheck_utils(backend, device))

@@ -1,5 +1,6 @@
 """tlcore.fuse on torchvision ResNets and arbitrary models: same answers, explained structure."""
 import io
+import warnings
 
 import pytest
 import torch
@@ -400,6 +401,31 @@ def test_autocast_region_gives_stock_dtypes():
     torch.testing.assert_close(compiled, out, rtol=0, atol=0)
 
 
+def test_gradients_flow_through_fused_layers():
+    """Fine-tuning around a fused backbone, compiled or not (no torch.no_grad: a compiled ResNeXt failed to
+    trace its backward): the input's and the fc's gradients are stock's (its model in eval mode), within 2x
+    of stock's own error against float64. ResNeXt's stock grouped convs between fused layers need them."""
+    model = resnet("resnext50_32x4d", "cpu")
+    fused = tlcore.fuse(model)
+    x = torch.randn(2, 3, 32, 32)
+
+    def input_and_fc_grads(m, call):
+        m.zero_grad()
+        leaf = x.to(next(m.parameters()).dtype).requires_grad_()
+        call(leaf).square().sum().backward()
+        return leaf.grad, m.fc.weight.grad
+
+    model64 = _float64_copy(model)
+    ref = input_and_fc_grads(model64, model64)
+    stock = input_and_fc_grads(model, model)
+    with use_backend("torch"):
+        eager = input_and_fc_grads(fused, fused)
+        compiled = input_and_fc_grads(fused, torch.compile(fused, backend="aot_eager", fullgraph=True))
+    for got, what in ((eager, "eager"), (compiled, "compiled")):
+        for g, g_stock, g_ref, name in zip(got, stock, ref, ("x", "fc.weight")):
+            assert_close_to_stock(g, g_stock, g_ref, torch.float32, what=f"{what} {name}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="torch.compile over Triton ops needs a GPU")
 def test_compile_inductor_on_gpu():
@@ -583,24 +609,70 @@ def test_fused_modules_keep_their_class_attributes_and_indices():
             torch.testing.assert_close(fused[:depth](x), features[:depth](x), rtol=1e-4, atol=1e-5)
 
 
-class StockBatchNormFirst(nn.Module):
+class StockNormsAround(nn.Module):
+    """Normalization layers with running statistics ahead of a fusable chain, a BatchNorm that stays
+    stock behind it (its conv pads by reflection) and a head with its own BatchNorm."""
+
     def __init__(self):
         super().__init__()
+        self.in0 = nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
         self.bn0 = nn.BatchNorm2d(3)
         self.conv = nn.Conv2d(3, 4, 3)
         self.bn = nn.BatchNorm2d(4)
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.bn2 = nn.BatchNorm2d(4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8))
 
     def forward(self, x):
-        return self.bn(self.conv(self.bn0(x)))
+        return self.head(self.bn2(self.reflect(self.bn(self.conv(self.bn0(self.in0(x)))))))
+
+
+def _running_means(model):
+    return {name: m.running_mean.clone() for name, m in model.named_modules() if hasattr(m, "running_mean")}
 
 
 def test_a_refused_train_mode_call_changes_no_statistics():
-    fused = tlcore.fuse(_fx_model(StockBatchNormFirst))
-    before = fused.bn0.running_mean.clone()
+    fused = tlcore.fuse(_fx_model(StockNormsAround))
+    before = _running_means(fused)
+    assert set(before) == {"in0", "bn0", "bn2", "head.2"}  # (the stock ones)
     fused.train()
     with pytest.raises(RuntimeError, match="inference-only"):
         fused(torch.randn(2, 3, 6, 6))
-    assert torch.equal(fused.bn0.running_mean, before)
+    assert all(torch.equal(mean, before[name]) for name, mean in _running_means(fused).items())
+
+
+def test_stock_norms_train_while_the_fused_modules_are_frozen():
+    """A frozen fused backbone under a head in train mode (or model.train() and the backbone's modules
+    then eval()): the stock BatchNorms run as stock ones do."""
+    model = _fx_model(StockNormsAround)
+    fused = tlcore.fuse(model)
+    fused.head.train()
+    model.head.train()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.head[2].running_mean, model.head[2].running_mean)
+
+
+def test_fusing_a_fused_model_again_keeps_one_refusal_and_warns_of_nothing():
+    fused = tlcore.fuse(_fx_model(StockNormsAround))
+    fused.reflect = nn.Conv2d(4, 4, 3, padding=1).eval()  # now bn2 can fold into it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = tlcore.fuse(fused)
+    norms = [m for m in again.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    assert len(norms) == 3 and all(len(m._forward_pre_hooks) == 1 for m in norms)
+    again.train()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        again(torch.randn(2, 3, 6, 6))
+
+
+def test_strict_export_of_a_model_with_stock_norms():
+    fused = tlcore.fuse(_fx_model(StockNormsAround))
+    x = torch.randn(2, 3, 6, 6)
+    exported = torch.export.export(fused, (x,), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), fused(x))
 
 
 class ConvBN(nn.Module):

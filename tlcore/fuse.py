@@ -55,14 +55,16 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     The result computes the same function within the dtype's tolerance; inputs of any
     memory format work, channels_last is fastest. Modules keep their class, but for those whose
     residual add is fused through torch.fx, which come back as fx.GraphModules (module docstring).
-    A call in train mode raises before any running statistics change.
+    While a fused module is in train mode, a call raises before the normalization layers the result
+    kept (stock BatchNorms, say) update their running statistics.
     """
     fused = fuse_chains(model, inplace)
-    if any(isinstance(m, FusedConv2dBNReLU) for m in fused.modules()):
-        stock_batchnorms = (m for m in fused.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-        for batchnorm in stock_batchnorms:
-            if refuse_train_mode not in batchnorm._forward_pre_hooks.values():
-                batchnorm.register_forward_pre_hook(refuse_train_mode)
+    fused_modules = [m for m in fused.modules() if isinstance(m, FusedConv2dBNReLU)]
+    if fused_modules:
+        refuse = RefuseTrainMode(fused_modules)
+        for norm in fused.modules():
+            if isinstance(norm, nn.modules.batchnorm._NormBase):  # (BatchNorm, InstanceNorm: running statistics)
+                norm.register_forward_pre_hook(refuse)
     return fused
 
 
@@ -72,6 +74,7 @@ def fuse_chains(model: nn.Module, inplace: bool) -> nn.Module:
     require_eval(model, "tlcore.fuse folds BatchNorm running statistics and returns an inference model")
     if not inplace:
         model = copy.deepcopy(model)
+    _remove_train_mode_refusals(model)  # (a model fused before: fuse adds them again, for its fused modules)
     hooked = {name: m for name, m in model.named_modules() if has_hooks(m)}
     fused = _Fuser(model).tree(model).eval()  # new modules start in train mode
     kept = {id(m) for m in fused.modules()}
@@ -82,12 +85,24 @@ def fuse_chains(model: nn.Module, inplace: bool) -> nn.Module:
     return fused
 
 
-def refuse_train_mode(batchnorm: nn.Module, args) -> None:
-    """The forward pre-hook of the stock BatchNorms a fused model keeps: in train mode one ahead of the
-    first fused module would update its running statistics before that module raises. (On them, not
-    on the model: torch 2.6's strict torch.export fails on a model with a forward pre-hook of its own.)"""
-    if batchnorm.training:
-        raise RuntimeError(TRAIN_MODE_ERROR)
+class RefuseTrainMode:
+    """The forward pre-hook of the normalization layers a fused model keeps: it raises while any of the
+    model's fused modules is in train mode, which would raise only when the call reaches it, after a
+    stock BatchNorm ahead of it had updated its running statistics. (One hook on each such layer, not
+    one on the model: torch 2.6's strict torch.export fails on a model with a forward pre-hook.)"""
+
+    def __init__(self, fused_modules: list[nn.Module]):
+        self.fused_modules = tuple(fused_modules)
+
+    def __call__(self, norm: nn.Module, args) -> None:
+        if any(m.training for m in self.fused_modules):
+            raise RuntimeError(TRAIN_MODE_ERROR)
+
+
+def _remove_train_mode_refusals(model: nn.Module) -> None:
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_pre_hooks.items() if isinstance(hook, RefuseTrainMode)]:
+            del module._forward_pre_hooks[key]
 
 
 def hook_dicts(module: nn.Module) -> tuple[dict, ...]:

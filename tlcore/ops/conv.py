@@ -140,6 +140,40 @@ def _conv2d_bn_relu_fake(x, weight, scale, shift, residual, stride, padding, dil
                        memory_format=torch.channels_last)
 
 
+def _setup_backward(ctx, inputs, output):
+    x, weight, scale, shift, residual, stride, padding, dilation, relu = inputs
+    ctx.save_for_backward(x, weight, scale, output if relu else None)
+    ctx.conv_args = (stride, padding, dilation)
+
+
+def _backward(ctx, grad):
+    """Gradients of act(conv2d(x, weight) * scale + shift + residual) in PyTorch ops (not fused
+    kernels: the layers are built for inference; this lets gradients reach the layers around them).
+    Computed in x's dtype on GPU, fp32 on CPU (as the torch path's forward)."""
+    x, weight, scale, output = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv_args
+    if output is not None:
+        grad = grad * (output > 0)  # (torch.relu's rule: no gradient where the output is 0)
+    compute = x.dtype if x.device.type == "cuda" else torch.float32
+    grad_conv = (grad.float() * scale.view(1, -1, 1, 1)).to(compute)  # the gradient of conv2d(x, weight)
+    grad_x = grad_weight = grad_scale = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.nn.grad.conv2d_input(x.shape, weight.to(compute), grad_conv, stride, padding,
+                                            dilation).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_weight = torch.nn.grad.conv2d_weight(x.to(compute), weight.shape, grad_conv, stride, padding,
+                                                  dilation).to(weight.dtype)
+    if ctx.needs_input_grad[2]:
+        conv = F.conv2d(x.to(compute), weight.to(compute), None, stride, padding, dilation)
+        grad_scale = (grad.float() * conv.float()).sum((0, 2, 3))
+    grad_shift = grad.float().sum((0, 2, 3)) if ctx.needs_input_grad[3] else None
+    grad_residual = grad if ctx.needs_input_grad[4] else None
+    return grad_x, grad_weight, grad_scale, grad_shift, grad_residual, None, None, None, None
+
+
+_conv2d_bn_relu_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
 def _autocast_kernel(device_type: str):
     """conv2d_bn_relu inside `torch.autocast(device_type)`: x, weight and residual in the region's dtype,
     as stock autocast runs conv2d (fp64 stays fp64 there, and is refused here); scale and shift stay
@@ -190,7 +224,7 @@ def conv2d_bn_relu(
 
     Returns:
         (N, K, OH, OW) in x's dtype, channels_last. Inside torch.autocast, x, weight and residual are
-        first cast to the region's dtype (_autocast_kernel).
+        first cast to the region's dtype (_autocast_kernel). Differentiable in every tensor (_backward).
     """
     args = (x, weight, scale, shift, residual, int_pair(stride, "stride", _OP), int_pair(padding, "padding", _OP),
             int_pair(dilation, "dilation", _OP), relu)
