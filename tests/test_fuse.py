@@ -1,6 +1,9 @@
 """tlcore.fuse on torchvision ResNets and arbitrary models: same answers, explained structure."""
+import copy
+import gc
 import io
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -51,8 +54,6 @@ def check_model(model, fused, x, dtype, backend):
 
 
 def _float64_copy(model):
-    import copy
-
     return copy.deepcopy(model).double()
 
 
@@ -665,6 +666,34 @@ def test_fusing_a_fused_model_again_keeps_one_refusal_and_warns_of_nothing():
     again.train()
     with pytest.raises(RuntimeError, match="inference-only"):
         again(torch.randn(2, 3, 6, 6))
+
+
+def _refusal_targets(norm):
+    (hook,) = norm._forward_pre_hooks.values()
+    return hook.fused_modules()
+
+
+def test_copies_keep_the_refusal_and_parts_do_not_keep_the_backbone():
+    """Copies and pickles of a fused model refuse train mode with their own fused modules; a head copied
+    alone does not keep a copy of the fused modules, and a fused module the user replaces is freed."""
+    fused = tlcore.fuse(_fx_model(StockNormsAround))
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(fused), torch.load(buffer, weights_only=False)):
+        assert _refusal_targets(copied.head[2]) == [copied.conv]
+        before = _running_means(copied)
+        copied.train()
+        with pytest.raises(RuntimeError, match="inference-only"):
+            copied(torch.randn(2, 3, 6, 6))
+        assert all(torch.equal(mean, before[name]) for name, mean in _running_means(copied).items())
+    head = copy.deepcopy(fused.head)
+    gc.collect()
+    assert _refusal_targets(head[2]) == []
+    replaced = weakref.ref(fused.conv)
+    fused.conv = nn.Conv2d(3, 4, 3).eval()
+    gc.collect()
+    assert replaced() is None
 
 
 def test_strict_export_of_a_model_with_stock_norms():

@@ -23,6 +23,7 @@ import inspect
 import operator
 import textwrap
 import warnings
+import weakref
 from collections import Counter, defaultdict
 from typing import NamedTuple
 
@@ -86,17 +87,28 @@ def fuse_chains(model: nn.Module, inplace: bool) -> nn.Module:
 
 
 class RefuseTrainMode:
-    """The forward pre-hook of the normalization layers a fused model keeps: it raises while any of the
-    model's fused modules is in train mode, which would raise only when the call reaches it, after a
-    stock BatchNorm ahead of it had updated its running statistics. (One hook on each such layer, not
-    one on the model: torch 2.6's strict torch.export fails on a model with a forward pre-hook.)"""
+    """The forward pre-hook of the normalization layers a fused model keeps: a layer in train mode raises
+    while any of the model's fused modules is in train mode, which would raise only when the call reaches
+    it, after this layer had updated its running statistics. (One hook on each such layer, not one on the
+    model: torch 2.6's strict torch.export fails on a model with a forward pre-hook.)
+
+    It holds the fused modules by weak reference: a fused module the user replaces is not kept alive, and
+    a head copied alone does not keep a copy of the backbone. Copies and pickles of the model refer to
+    their own fused modules (__reduce__; a head pickled alone does carry them).
+    """
 
     def __init__(self, fused_modules: list[nn.Module]):
-        self.fused_modules = tuple(fused_modules)
+        self._fused = tuple(weakref.ref(m) for m in fused_modules)
+
+    def fused_modules(self) -> list[nn.Module]:
+        return [m for m in (ref() for ref in self._fused) if m is not None]
 
     def __call__(self, norm: nn.Module, args) -> None:
-        if any(m.training for m in self.fused_modules):
+        if norm.training and any(m.training for m in self.fused_modules()):
             raise RuntimeError(TRAIN_MODE_ERROR)
+
+    def __reduce__(self):
+        return RefuseTrainMode, (self.fused_modules(),)
 
 
 def _remove_train_mode_refusals(model: nn.Module) -> None:

@@ -153,7 +153,7 @@ def _backward(ctx, grad):
     x, weight, scale, output = ctx.saved_tensors
     stride, padding, dilation = ctx.conv_args
     if output is not None:
-        grad = grad * (output > 0)  # (torch.relu's rule: no gradient where the output is 0)
+        grad = grad.masked_fill(output <= 0, 0)  # (torch.relu's rule: none where the output is 0, NaN's passes)
     compute = x.dtype if x.device.type == "cuda" else torch.float32
     grad_conv = (grad.float() * scale.view(1, -1, 1, 1)).to(compute)  # the gradient of conv2d(x, weight)
     grad_x = grad_weight = grad_scale = None
