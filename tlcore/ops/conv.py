@@ -83,13 +83,18 @@ def _check_args(x, weight, scale, shift, residual, stride, padding, dilation) ->
     return oh, ow
 
 
+def _torch_path_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the PyTorch-op paths (forward and backward) compute in: x's on GPU, fp32 on CPU."""
+    return x.dtype if x.device.type == "cuda" else torch.float32
+
+
 def _conv2d_bn_act_torch(x, weight, scale, shift, residual, stride, padding, dilation, relu, out):
     """Reference path in PyTorch ops; returns `out` or a tensor of the same strides.
 
     The BN scale is folded into the weight in fp32 (so the conv's bias add carries the
-    shift): fewer passes than an fp32 epilogue. Computes in x's dtype on GPU, fp32 on CPU.
+    shift): fewer passes than an fp32 epilogue. Computes in _torch_path_dtype.
     """
-    compute = x.dtype if x.device.type == "cuda" else torch.float32
+    compute = _torch_path_dtype(x)
     folded = (weight.float() * scale.view(-1, 1, 1, 1)).to(compute)
     y = F.conv2d(x.to(compute), folded, shift.to(compute), stride, padding, dilation)
     if residual is not None:
@@ -149,12 +154,12 @@ def _setup_backward(ctx, inputs, output):
 def _backward(ctx, grad):
     """Gradients of act(conv2d(x, weight) * scale + shift + residual) in PyTorch ops (not fused
     kernels: the layers are built for inference; this lets gradients reach the layers around them).
-    Computed in x's dtype on GPU, fp32 on CPU (as the torch path's forward)."""
+    Computed in _torch_path_dtype, as the torch path's forward."""
     x, weight, scale, output = ctx.saved_tensors
     stride, padding, dilation = ctx.conv_args
     if output is not None:
         grad = grad.masked_fill(output <= 0, 0)  # (torch.relu's rule: none where the output is 0, NaN's passes)
-    compute = x.dtype if x.device.type == "cuda" else torch.float32
+    compute = _torch_path_dtype(x)
     grad_conv = (grad.float() * scale.view(1, -1, 1, 1)).to(compute)  # the gradient of conv2d(x, weight)
     grad_x = grad_weight = grad_scale = None
     if ctx.needs_input_grad[0]:
